@@ -1,0 +1,403 @@
+//! Applying a plan: phase by phase in the plan's order, each phase with bounded concurrency,
+//! recording in the agreement state what each successful operation changed. Partial failure is
+//! data: the report lists what succeeded, what failed and why, and what was skipped because
+//! something it depended on failed.
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use idsync_model::{
+    AgreementState, Attr, AttrValue, Capabilities, Journal, Kind, Observed, Op, Owned, Ownership,
+    PKey, PRef, Plan, PlanFile, Principal, Stage,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// What went wrong with one target call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TargetErrorKind {
+    /// The principal does not exist.
+    NotFound,
+    /// A principal with that key exists already.
+    AlreadyExists,
+    /// Credentials missing or wrong.
+    Unauthorized,
+    /// Authenticated, but not allowed.
+    Forbidden,
+    /// The target does not implement this (lakeFS without RBAC answers 501).
+    NotImplemented,
+    /// Throttled, after retries.
+    Throttled,
+    /// A server or network error, after retries.
+    Unavailable,
+    /// The target rejected the request as invalid.
+    Invalid,
+    /// The target answered something idsync cannot read.
+    Protocol,
+}
+
+/// An error from a target, with what to do about it in the message. Never contains a secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct TargetError {
+    /// The category.
+    pub kind: TargetErrorKind,
+    /// Human-readable, actionable.
+    pub message: String,
+}
+
+impl TargetError {
+    /// A new error.
+    pub fn new(kind: TargetErrorKind, message: impl Into<String>) -> Self {
+        TargetError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a successful operation returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A principal was created with this target id.
+    Created(String),
+    /// Done.
+    Done,
+}
+
+/// A system idsync writes principals to.
+#[async_trait]
+pub trait Target: Send + Sync {
+    /// What the target can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Reads every principal and membership in bulk.
+    async fn observe(&self) -> Result<Observed, TargetError>;
+
+    /// Executes one writing operation. Every [`PRef`] in it carries its target id. Must be
+    /// idempotent where the API allows: removing an absent member is not an error.
+    async fn execute(&self, op: &Op) -> Result<Outcome, TargetError>;
+}
+
+/// How to apply.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// Operations in flight at once.
+    pub workers: usize,
+    /// The stages to execute; the others are left pending (the dry-run levels).
+    pub stages: BTreeSet<Stage>,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            workers: 10,
+            stages: [Stage::Principals, Stage::Members, Stage::Deprovision].into(),
+        }
+    }
+}
+
+/// One operation that did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    /// The operation.
+    pub op: Op,
+    /// Why.
+    pub error: String,
+}
+
+/// What an apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    /// Operations that succeeded (including state-only ones).
+    pub applied: usize,
+    /// Target writes made.
+    pub writes: usize,
+    /// Operations that failed.
+    pub failed: Vec<Failure>,
+    /// Operations not attempted because an operation they depend on failed.
+    pub skipped: Vec<Failure>,
+    /// Operations left for a later run (stages not executed).
+    pub pending: usize,
+}
+
+impl ApplyReport {
+    /// True when everything attempted succeeded and nothing was skipped.
+    pub fn is_success(&self) -> bool {
+        self.failed.is_empty() && self.skipped.is_empty()
+    }
+}
+
+impl fmt::Display for ApplyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} applied ({} writes), {} failed, {} skipped, {} pending",
+            self.applied,
+            self.writes,
+            self.failed.len(),
+            self.skipped.len(),
+            self.pending
+        )
+    }
+}
+
+/// A stable identifier of a plan's content, for the journal.
+pub fn plan_id(plan: &Plan) -> String {
+    // FNV-1a over the canonical JSON: stable across runs and platforms, no extra dependency.
+    let bytes = serde_json::to_vec(plan).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Records, before the first write, which creates the apply is about to make, so a crash between
+/// a create and the state commit cannot turn idsync's own principal into a conflict.
+pub fn begin(plan: &Plan, caps: &Capabilities, state: &mut AgreementState) {
+    let mut pending: BTreeSet<PKey> = state
+        .journal
+        .take()
+        .map(|j| j.pending_creates)
+        .unwrap_or_default();
+    for op in &plan.ops {
+        if let Op::Create { principal, .. } = op {
+            pending.insert(caps.pkey(principal));
+        }
+    }
+    state.journal = Some(Journal {
+        plan_id: plan_id(plan),
+        pending_creates: pending,
+    });
+}
+
+/// Records the end of an apply. When every stage ran and nothing failed, the snapshot becomes the
+/// last applied one and the source cursors advance; otherwise they stay, so the next run reads the
+/// same changes again. Creates that failed stay in the journal: they may have happened.
+pub fn finish(
+    file: &PlanFile,
+    report: &ApplyReport,
+    caps: &Capabilities,
+    state: &mut AgreementState,
+    all_stages: bool,
+) {
+    let mut keep: BTreeSet<PKey> = BTreeSet::new();
+    for f in &report.failed {
+        if let Op::Create { principal, .. } = &f.op {
+            keep.insert(caps.pkey(principal));
+        }
+    }
+    state.journal = if keep.is_empty() {
+        None
+    } else {
+        Some(Journal {
+            plan_id: plan_id(&file.plan),
+            pending_creates: keep,
+        })
+    };
+    if all_stages && report.is_success() {
+        state.last_applied = Some(file.snapshot.clone());
+        state.cursors = file.cursors.clone();
+    }
+}
+
+/// Applies the plan's operations of the chosen stages to the target, updating `state` with every
+/// success. Never stops at the first error: independent operations still run.
+pub async fn apply(
+    plan: &Plan,
+    target: &dyn Target,
+    state: &mut AgreementState,
+    opts: &ApplyOptions,
+) -> ApplyReport {
+    let mut report = ApplyReport::default();
+    let mut created: BTreeMap<(Kind, String), String> = BTreeMap::new();
+    let workers = opts.workers.max(1);
+
+    let mut phases: BTreeMap<u8, Vec<&Op>> = BTreeMap::new();
+    for op in &plan.ops {
+        if opts.stages.contains(&op.stage()) {
+            phases.entry(op.phase()).or_default().push(op);
+        } else {
+            report.pending += 1;
+        }
+    }
+
+    for (_, ops) in phases {
+        let mut runnable = Vec::with_capacity(ops.len());
+        for op in ops {
+            match resolve(op, &created) {
+                Ok((resolved, dropped)) => {
+                    for d in dropped {
+                        report.skipped.push(Failure {
+                            op: op.clone(),
+                            error: format!("member {d} was not created, so it is not added"),
+                        });
+                    }
+                    runnable.push(resolved);
+                }
+                Err(dep) => report.skipped.push(Failure {
+                    op: op.clone(),
+                    error: format!("{dep} was not created, so this was not attempted"),
+                }),
+            }
+        }
+        let results: Vec<(Op, Result<Outcome, TargetError>)> = futures::stream::iter(runnable)
+            .map(|op| async move {
+                let r = if op.writes() {
+                    target.execute(&op).await
+                } else {
+                    Ok(Outcome::Done)
+                };
+                (op, r)
+            })
+            .buffer_unordered(workers)
+            .collect()
+            .await;
+        let mut results = results;
+        results.sort_by_cached_key(|(op, _)| op.sort_key());
+        for (op, r) in results {
+            match r {
+                Ok(outcome) => {
+                    report.applied += 1;
+                    if op.writes() {
+                        report.writes += 1;
+                    }
+                    record(&op, &outcome, state, &mut created);
+                }
+                Err(e) => {
+                    tracing::warn!(op = ?op.subject(), error = %e, "operation failed");
+                    report.failed.push(Failure {
+                        op,
+                        error: e.message,
+                    });
+                }
+            }
+        }
+    }
+    report
+}
+
+/// Fills in target ids of principals created earlier in this apply. Members whose create failed
+/// are dropped (and returned); a subject whose create failed makes the whole operation unrunnable.
+fn resolve(op: &Op, created: &BTreeMap<(Kind, String), String>) -> Result<(Op, Vec<PRef>), PRef> {
+    let fill = |r: &PRef| -> Option<PRef> {
+        if r.id.is_some() {
+            return Some(r.clone());
+        }
+        created.get(&(r.kind, r.key.clone())).map(|id| PRef {
+            id: Some(id.clone()),
+            ..r.clone()
+        })
+    };
+    let mut op = op.clone();
+    let mut dropped = Vec::new();
+    match &mut op {
+        Op::Create { .. } => {}
+        Op::Adopt { target, .. }
+        | Op::Forget { target }
+        | Op::Update { target, .. }
+        | Op::Deactivate { target }
+        | Op::Delete { target } => *target = fill(target).ok_or_else(|| target.clone())?,
+        Op::AttachPolicies { group, .. } => *group = fill(group).ok_or_else(|| group.clone())?,
+        Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
+            *group = fill(group).ok_or_else(|| group.clone())?;
+            let mut kept = Vec::with_capacity(members.len());
+            for m in members.iter() {
+                match fill(m) {
+                    Some(m) => kept.push(m),
+                    None => dropped.push(m.clone()),
+                }
+            }
+            if kept.is_empty() {
+                return Err(dropped.swap_remove(0));
+            }
+            *members = kept;
+        }
+    }
+    Ok((op, dropped))
+}
+
+fn record(
+    op: &Op,
+    outcome: &Outcome,
+    state: &mut AgreementState,
+    created: &mut BTreeMap<(Kind, String), String>,
+) {
+    let link = |state: &mut AgreementState, kind: Kind, source: &str, tid: &str| {
+        // One source principal → one target principal, and back.
+        state.links.get_mut(kind).retain(|_, t| t != tid);
+        state
+            .links
+            .get_mut(kind)
+            .insert(source.to_owned(), tid.to_owned());
+    };
+    match (op, outcome) {
+        (Op::Create { principal, source }, Outcome::Created(id)) => {
+            created.insert((principal.kind, principal.key.clone()), id.clone());
+            link(state, principal.kind, &source.id, id);
+            state.owned.get_mut(principal.kind).insert(
+                id.clone(),
+                Owned {
+                    key: principal.key.clone(),
+                    how: Ownership::Created,
+                },
+            );
+        }
+        (Op::Adopt { target, source }, _) => {
+            let Some(id) = &target.id else { return };
+            link(state, target.kind, &source.id, id);
+            state
+                .owned
+                .get_mut(target.kind)
+                .entry(id.clone())
+                .or_insert(Owned {
+                    key: target.key.clone(),
+                    how: Ownership::Adopted,
+                });
+        }
+        (
+            Op::Update {
+                target,
+                source,
+                changes,
+            },
+            _,
+        ) => {
+            let Some(id) = &target.id else { return };
+            link(state, target.kind, &source.id, id);
+            if let Some(AttrValue::Text(Some(k))) =
+                changes.iter().find(|c| c.attr == Attr::Key).map(|c| &c.to)
+            {
+                if let Some(o) = state.owned.get_mut(target.kind).get_mut(id) {
+                    o.key = k.clone();
+                }
+            }
+        }
+        (Op::Delete { target } | Op::Forget { target }, _) => {
+            let Some(id) = &target.id else { return };
+            state.owned.get_mut(target.kind).remove(id);
+            state.links.get_mut(target.kind).retain(|_, t| t != id);
+        }
+        _ => {}
+    }
+}
+
+/// Applies an operation to a principal's attributes, as a target would.
+pub fn apply_changes(p: &mut Principal, op: &Op) {
+    if let Op::Update { changes, .. } = op {
+        for c in changes {
+            p.set(c.attr, &c.to);
+        }
+    }
+}
+
+/// Refuses a plan a safety guard halted. Call before [`begin`]: a halted plan writes nothing.
+pub fn check(plan: &Plan) -> Result<(), idsync_model::Halt> {
+    match &plan.halt {
+        Some(h) => Err(h.clone()),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,21 @@
+//! idsync's engine. [`plan()`] is pure and synchronous: from the desired state (a mapped source
+//! snapshot), the observed target, the agreement's state and a policy, it computes a [`Plan`].
+//! [`apply()`] executes a plan against a [`Target`] in order, with bounded concurrency, and records
+//! in the state what succeeded. Everything else here (mapping, scope, flattening) is pure too.
+//!
+//! [`Plan`]: idsync_model::Plan
+
+pub mod apply;
+pub mod flatten;
+pub mod mapping;
+pub mod memory;
+pub mod plan;
+pub mod scope;
+pub mod template;
+
+pub use apply::{ApplyOptions, ApplyReport, Outcome, Target, TargetError, TargetErrorKind, apply};
+pub use mapping::{Mapping, map_snapshot};
+pub use memory::MemoryTarget;
+pub use plan::{Deprovision, OnConflict, Policy, plan};
+pub use scope::Scope;
+pub use template::Template;

@@ -1,0 +1,322 @@
+//! From a source snapshot to the principals idsync wants in one target.
+
+use crate::template::{Template, TemplateError};
+use idsync_model::{
+    Capabilities, Desired, DesiredPrincipal, Group, HeldBack, Kind, Member, PKey, Principal,
+    ServicePrincipal, Snapshot, SourceRef, User, UserType,
+};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Variables a user template may use (besides any key of the user's `attributes`).
+pub const USER_VARS: &[&str] = &[
+    "id",
+    "userName",
+    "userPrincipalName",
+    "mail",
+    "displayName",
+    "externalId",
+];
+/// Variables a service-principal template may use.
+pub const SP_VARS: &[&str] = &["id", "appId", "applicationId", "displayName"];
+/// Variables a group template may use.
+pub const GROUP_VARS: &[&str] = &["id", "displayName", "description"];
+
+/// How source principals become target principals, per target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// The user's key (`userName` in SCIM, the user id in lakeFS).
+    pub user_name: Template,
+    /// The key for guests, when it differs (guests' UPNs are `x_corp#EXT#@...`).
+    pub guest_user_name: Option<Template>,
+    /// The user's display name.
+    pub user_display_name: Template,
+    /// The user's external id, if the target stores one.
+    pub user_external_id: Option<Template>,
+    /// The service principal's key.
+    pub service_principal_key: Template,
+    /// The service principal's display name.
+    pub service_principal_display_name: Template,
+    /// The group's key (name).
+    pub group_name: Template,
+    /// The group's display name, when the key is not the name (lakeFS).
+    pub group_display_name: Option<Template>,
+    /// The group's external id.
+    pub group_external_id: Option<Template>,
+    /// The group's description.
+    pub group_description: Option<Template>,
+    /// Policies every group idsync manages should have (lakeFS default policies).
+    pub group_policies: BTreeSet<String>,
+}
+
+fn user_var_ok(name: &str) -> bool {
+    // Attribute names are free-form (LDAP, extension attributes), so any identifier is allowed for
+    // users; a missing one renders as an error per user, which the plan reports.
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+fn parse_with(text: &str, vars: &'static [&'static str]) -> Result<Template, TemplateError> {
+    Template::parse(text, |n| vars.contains(&n))
+}
+
+impl Mapping {
+    /// Parses a user template.
+    pub fn user_template(text: &str) -> Result<Template, TemplateError> {
+        Template::parse(text, user_var_ok)
+    }
+    /// Parses a service-principal template.
+    pub fn sp_template(text: &str) -> Result<Template, TemplateError> {
+        parse_with(text, SP_VARS)
+    }
+    /// Parses a group template.
+    pub fn group_template(text: &str) -> Result<Template, TemplateError> {
+        parse_with(text, GROUP_VARS)
+    }
+
+    /// The defaults: users by userName (guests by mail), service principals by appId, groups by
+    /// display name, the source id as external id.
+    #[allow(clippy::expect_used)]
+    pub fn defaults() -> Mapping {
+        let u = |t: &str| Mapping::user_template(t).expect("built-in template");
+        let s = |t: &str| Mapping::sp_template(t).expect("built-in template");
+        let g = |t: &str| Mapping::group_template(t).expect("built-in template");
+        Mapping {
+            user_name: u("{userName}"),
+            guest_user_name: Some(u("{mail}")),
+            user_display_name: u("{displayName}"),
+            user_external_id: Some(u("{id}")),
+            service_principal_key: s("{appId}"),
+            service_principal_display_name: s("{displayName}"),
+            group_name: g("{displayName}"),
+            group_display_name: None,
+            group_external_id: Some(g("{id}")),
+            group_description: None,
+            group_policies: BTreeSet::new(),
+        }
+    }
+}
+
+fn user_var<'a>(u: &'a User, name: &str) -> Option<&'a str> {
+    match name {
+        "id" => Some(&u.id),
+        "userName" | "userPrincipalName" => Some(&u.user_name),
+        "mail" => u.emails.first().map(String::as_str),
+        "displayName" => Some(&u.display_name),
+        "externalId" => u.external_id.as_deref(),
+        other => u.attributes.get(other).map(String::as_str),
+    }
+}
+
+fn sp_var<'a>(s: &'a ServicePrincipal, name: &str) -> Option<&'a str> {
+    match name {
+        "id" => Some(&s.id),
+        "appId" | "applicationId" => Some(&s.app_id),
+        "displayName" => Some(&s.display_name),
+        _ => None,
+    }
+}
+
+fn group_var<'a>(g: &'a Group, name: &str) -> Option<&'a str> {
+    match name {
+        "id" => Some(&g.id),
+        "displayName" => Some(&g.display_name),
+        "description" => g.description.as_deref(),
+        _ => None,
+    }
+}
+
+/// Renders an optional template; an empty value just leaves the attribute unset.
+fn optional<'a>(t: &Option<Template>, lookup: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
+    t.as_ref().and_then(|t| t.render(lookup).ok())
+}
+
+struct Builder<'c> {
+    caps: &'c Capabilities,
+    desired: Desired,
+    by_source: BTreeMap<SourceRef, PKey>,
+    claimed: BTreeMap<PKey, Vec<SourceRef>>,
+}
+
+impl Builder<'_> {
+    fn add(&mut self, source: SourceRef, principal: Principal, policies: BTreeSet<String>) {
+        let key = self.caps.pkey(&principal);
+        self.claimed
+            .entry(key.clone())
+            .or_default()
+            .push(source.clone());
+        self.by_source.insert(source.clone(), key.clone());
+        self.desired.principals.insert(
+            key,
+            DesiredPrincipal {
+                source,
+                principal,
+                policies,
+            },
+        );
+    }
+
+    fn hold(&mut self, source: SourceRef, key: Option<PKey>, reason: String) {
+        self.desired
+            .held_back
+            .insert(source, HeldBack { key, reason });
+    }
+}
+
+/// Maps a snapshot to the desired target state. Principals whose templates cannot be rendered, and
+/// principals that collide on one key, are held back (reported, never written, never treated as
+/// gone). Members are kept direct; [`crate::plan`] flattens them for targets that do not nest.
+pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities) -> Desired {
+    let mut b = Builder {
+        caps,
+        desired: Desired::default(),
+        by_source: BTreeMap::new(),
+        claimed: BTreeMap::new(),
+    };
+
+    for u in snapshot.users.values() {
+        let source = SourceRef {
+            kind: Kind::User,
+            id: u.id.clone(),
+        };
+        let key_t = match (u.user_type, &mapping.guest_user_name) {
+            (UserType::Guest, Some(t)) => t,
+            _ => &mapping.user_name,
+        };
+        let lookup = |n: &str| user_var(u, n);
+        let key = match key_t.render(lookup) {
+            Ok(k) => k,
+            Err(e) => {
+                b.hold(source, None, format!("user name template {key_t}: {e}"));
+                continue;
+            }
+        };
+        let p = Principal {
+            kind: Kind::User,
+            key,
+            display_name: mapping.user_display_name.render(lookup).ok(),
+            emails: u.emails.clone(),
+            active: u.active,
+            external_id: optional(&mapping.user_external_id, lookup),
+            description: None,
+        };
+        b.add(source, p, BTreeSet::new());
+    }
+
+    if caps.service_principals {
+        for s in snapshot.service_principals.values() {
+            let source = SourceRef {
+                kind: Kind::ServicePrincipal,
+                id: s.id.clone(),
+            };
+            let lookup = |n: &str| sp_var(s, n);
+            let key = match mapping.service_principal_key.render(lookup) {
+                Ok(k) => k,
+                Err(e) => {
+                    let t = &mapping.service_principal_key;
+                    b.hold(
+                        source,
+                        None,
+                        format!("service principal key template {t}: {e}"),
+                    );
+                    continue;
+                }
+            };
+            let p = Principal {
+                kind: Kind::ServicePrincipal,
+                key,
+                display_name: mapping.service_principal_display_name.render(lookup).ok(),
+                emails: Vec::new(),
+                active: s.active,
+                external_id: None,
+                description: None,
+            };
+            b.add(source, p, BTreeSet::new());
+        }
+    }
+
+    for g in snapshot.groups.values() {
+        let source = SourceRef {
+            kind: Kind::Group,
+            id: g.id.clone(),
+        };
+        let lookup = |n: &str| group_var(g, n);
+        let key = match mapping.group_name.render(lookup) {
+            Ok(k) => k,
+            Err(e) => {
+                b.hold(
+                    source,
+                    None,
+                    format!("group name template {}: {e}", mapping.group_name),
+                );
+                continue;
+            }
+        };
+        let p = Principal {
+            kind: Kind::Group,
+            display_name: optional(&mapping.group_display_name, lookup),
+            key,
+            emails: Vec::new(),
+            active: true,
+            external_id: optional(&mapping.group_external_id, lookup),
+            description: optional(&mapping.group_description, lookup),
+        };
+        let policies = if caps.group_policies {
+            mapping.group_policies.clone()
+        } else {
+            BTreeSet::new()
+        };
+        b.add(source, p, policies);
+    }
+
+    // Keys claimed by more than one source principal: hold all of them back.
+    let dupes: Vec<(PKey, Vec<SourceRef>)> = b
+        .claimed
+        .iter()
+        .filter(|(_, s)| s.len() > 1)
+        .map(|(k, s)| (k.clone(), s.clone()))
+        .collect();
+    for (key, sources) in dupes {
+        b.desired.principals.remove(&key);
+        let names: Vec<String> = sources.iter().map(|s| s.id.clone()).collect();
+        for s in sources {
+            b.by_source.remove(&s);
+            let reason = format!(
+                "{} source principals map to {key} (source ids {}); rename one in the source or change the mapping",
+                names.len(),
+                names.join(", ")
+            );
+            b.hold(s, Some(key.clone()), reason);
+        }
+    }
+
+    for g in snapshot.groups.values() {
+        let gref = SourceRef {
+            kind: Kind::Group,
+            id: g.id.clone(),
+        };
+        let Some(gkey) = b.by_source.get(&gref).cloned() else {
+            continue;
+        };
+        let mut members = BTreeSet::new();
+        for Member { kind, id } in &g.members {
+            let mref = SourceRef {
+                kind: *kind,
+                id: id.clone(),
+            };
+            match b.by_source.get(&mref) {
+                Some(k) => {
+                    members.insert(k.clone());
+                }
+                None if snapshot.contains(*kind, id) => {} // held back or unsupported: reported there
+                None => b.desired.dangling_members += 1,
+            }
+        }
+        if snapshot.incomplete_groups.contains(&g.id) {
+            b.desired.incomplete_groups.insert(gkey.clone());
+        }
+        b.desired.members.insert(gkey, members);
+    }
+    b.desired
+}

@@ -1,0 +1,313 @@
+//! An in-memory target: the reference behaviour of [`Target`], used by the property tests, the
+//! file target and the demo. It enforces what real targets enforce (unique keys, existing members,
+//! allowed member kinds) so a plan that works here is a plan that is well-formed.
+
+use crate::apply::{Outcome, Target, TargetError, TargetErrorKind};
+use async_trait::async_trait;
+use idsync_model::{Capabilities, Kind, Observed, ObservedPrincipal, Op, PRef, Principal};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+/// The content of a memory target, serialisable (the file target stores exactly this).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryData {
+    /// Next numeric id.
+    pub next_id: u64,
+    /// Principals.
+    pub principals: Vec<ObservedPrincipal>,
+    /// Memberships: group id → members.
+    pub members: BTreeMap<String, BTreeSet<MemberId>>,
+}
+
+/// A member reference inside a memory target.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MemberId {
+    /// Kind.
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// Target id.
+    pub id: String,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: u64,
+    principals: BTreeMap<(Kind, String), ObservedPrincipal>,
+    members: BTreeMap<String, BTreeSet<(Kind, String)>>,
+    writes: usize,
+    fail_after: Option<usize>,
+}
+
+/// An in-memory target.
+#[derive(Debug)]
+pub struct MemoryTarget {
+    caps: Capabilities,
+    inner: Mutex<Inner>,
+}
+
+fn err(kind: TargetErrorKind, msg: String) -> TargetError {
+    TargetError::new(kind, msg)
+}
+
+impl MemoryTarget {
+    /// An empty target with these capabilities.
+    pub fn new(caps: Capabilities) -> Self {
+        MemoryTarget {
+            caps,
+            inner: Mutex::new(Inner {
+                next_id: 1,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// A target holding `data`.
+    pub fn from_data(caps: Capabilities, data: MemoryData) -> Self {
+        let t = MemoryTarget::new(caps);
+        {
+            let mut i = t.lock();
+            i.next_id = data.next_id.max(1);
+            for p in data.principals {
+                i.principals.insert((p.principal.kind, p.id.clone()), p);
+            }
+            for (g, ms) in data.members {
+                i.members
+                    .insert(g, ms.into_iter().map(|m| (m.kind, m.id)).collect());
+            }
+        }
+        t
+    }
+
+    /// Its content, for saving.
+    pub fn data(&self) -> MemoryData {
+        let i = self.lock();
+        MemoryData {
+            next_id: i.next_id,
+            principals: i.principals.values().cloned().collect(),
+            members: i
+                .members
+                .iter()
+                .map(|(g, ms)| {
+                    (
+                        g.clone(),
+                        ms.iter()
+                            .map(|(k, id)| MemberId {
+                                kind: *k,
+                                id: id.clone(),
+                            })
+                            .collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Makes every write after the next `n` fail, as if the process died there.
+    pub fn fail_after(&self, n: Option<usize>) {
+        let mut i = self.lock();
+        i.fail_after = n.map(|n| i.writes + n);
+    }
+
+    /// Writes executed so far.
+    pub fn writes(&self) -> usize {
+        self.lock().writes
+    }
+
+    /// Inserts a principal directly, as if someone created it outside idsync. Returns its id.
+    pub fn insert(&self, p: Principal) -> String {
+        let mut i = self.lock();
+        let id = format!("{}", i.next_id);
+        i.next_id += 1;
+        i.principals.insert(
+            (p.kind, id.clone()),
+            ObservedPrincipal {
+                id: id.clone(),
+                principal: p,
+                policies: BTreeSet::new(),
+            },
+        );
+        id
+    }
+
+    /// Adds a member directly (outside idsync).
+    pub fn insert_member(&self, group_id: &str, kind: Kind, id: &str) {
+        self.lock()
+            .members
+            .entry(group_id.to_owned())
+            .or_default()
+            .insert((kind, id.to_owned()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock only means another test thread panicked; the data is still consistent
+        // because every mutation below completes before it can panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn id_of(r: &PRef) -> Result<&str, TargetError> {
+    r.id.as_deref()
+        .ok_or_else(|| err(TargetErrorKind::Invalid, format!("{r} has no target id")))
+}
+
+impl Inner {
+    fn key_taken(&self, caps: &Capabilities, kind: Kind, key: &str, except: Option<&str>) -> bool {
+        let k = caps.fold(key);
+        self.principals.iter().any(|((pk, id), p)| {
+            *pk == kind && Some(id.as_str()) != except && caps.fold(&p.principal.key) == k
+        })
+    }
+
+    fn get_mut(&mut self, r: &PRef) -> Result<&mut ObservedPrincipal, TargetError> {
+        let id = id_of(r)?.to_owned();
+        self.principals
+            .get_mut(&(r.kind, id.clone()))
+            .ok_or_else(|| {
+                err(
+                    TargetErrorKind::NotFound,
+                    format!("{r} (id {id}) not found"),
+                )
+            })
+    }
+}
+
+#[async_trait]
+impl Target for MemoryTarget {
+    fn capabilities(&self) -> Capabilities {
+        self.caps.clone()
+    }
+
+    async fn observe(&self) -> Result<Observed, TargetError> {
+        let i = self.lock();
+        Ok(Observed {
+            principals: i.principals.clone(),
+            members: i.members.clone(),
+        })
+    }
+
+    async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {
+        let caps = &self.caps;
+        let mut i = self.lock();
+        if i.fail_after.is_some_and(|n| i.writes >= n) {
+            return Err(err(
+                TargetErrorKind::Unavailable,
+                "connection reset (injected)".into(),
+            ));
+        }
+        let out = match op {
+            Op::Create { principal, .. } => {
+                if !caps.supports(principal.kind) {
+                    return Err(err(
+                        TargetErrorKind::Invalid,
+                        format!("this target has no {}s", principal.kind),
+                    ));
+                }
+                if i.key_taken(caps, principal.kind, &principal.key, None) {
+                    return Err(err(
+                        TargetErrorKind::AlreadyExists,
+                        format!("{} {:?} already exists", principal.kind, principal.key),
+                    ));
+                }
+                let id = format!("{}", i.next_id);
+                i.next_id += 1;
+                let p = ObservedPrincipal {
+                    id: id.clone(),
+                    principal: principal.clone(),
+                    policies: BTreeSet::new(),
+                };
+                i.principals.insert((principal.kind, id.clone()), p);
+                if principal.kind == Kind::Group {
+                    i.members.entry(id.clone()).or_default();
+                }
+                Outcome::Created(id)
+            }
+            Op::Update { target, .. } => {
+                let id = id_of(target)?.to_owned();
+                let mut p = i.get_mut(target)?.principal.clone();
+                crate::apply::apply_changes(&mut p, op);
+                if i.key_taken(caps, p.kind, &p.key, Some(&id)) {
+                    return Err(err(
+                        TargetErrorKind::AlreadyExists,
+                        format!("cannot rename {target}: {:?} is taken", p.key),
+                    ));
+                }
+                i.get_mut(target)?.principal = p;
+                Outcome::Done
+            }
+            Op::Deactivate { target } => {
+                i.get_mut(target)?.principal.active = false;
+                Outcome::Done
+            }
+            Op::Delete { target } => {
+                let id = id_of(target)?.to_owned();
+                if i.principals.remove(&(target.kind, id.clone())).is_none() {
+                    return Err(err(
+                        TargetErrorKind::NotFound,
+                        format!("{target} not found"),
+                    ));
+                }
+                if target.kind == Kind::Group {
+                    i.members.remove(&id);
+                }
+                for ms in i.members.values_mut() {
+                    ms.remove(&(target.kind, id.clone()));
+                }
+                Outcome::Done
+            }
+            Op::AttachPolicies { group, policies } => {
+                if !caps.group_policies {
+                    return Err(err(
+                        TargetErrorKind::NotImplemented,
+                        "this target has no policies".into(),
+                    ));
+                }
+                i.get_mut(group)?.policies.extend(policies.iter().cloned());
+                Outcome::Done
+            }
+            Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
+                let gid = id_of(group)?.to_owned();
+                i.get_mut(group)?;
+                if members.len() > caps.max_members_per_write {
+                    return Err(err(
+                        TargetErrorKind::Invalid,
+                        format!(
+                            "{} members in one write; the most is {}",
+                            members.len(),
+                            caps.max_members_per_write
+                        ),
+                    ));
+                }
+                let adding = matches!(op, Op::AddMembers { .. });
+                for m in members {
+                    let mid = id_of(m)?.to_owned();
+                    if adding {
+                        if !caps.member_allowed(m.kind) {
+                            return Err(err(
+                                TargetErrorKind::Invalid,
+                                format!("a group cannot hold a {}", m.kind),
+                            ));
+                        }
+                        if !i.principals.contains_key(&(m.kind, mid.clone())) {
+                            return Err(err(
+                                TargetErrorKind::NotFound,
+                                format!("member {m} (id {mid}) not found"),
+                            ));
+                        }
+                        i.members
+                            .entry(gid.clone())
+                            .or_default()
+                            .insert((m.kind, mid));
+                    } else if let Some(ms) = i.members.get_mut(&gid) {
+                        ms.remove(&(m.kind, mid));
+                    }
+                }
+                Outcome::Done
+            }
+            Op::Adopt { .. } | Op::Forget { .. } => Outcome::Done,
+        };
+        i.writes += 1;
+        Ok(out)
+    }
+}

@@ -1,0 +1,598 @@
+//! `plan(desired, observed, state, policy, caps) -> Plan`: pure, synchronous and deterministic.
+
+use idsync_model::{
+    AgreementState, Attr, AttrChange, Capabilities, Conflict, Desired, DesiredPrincipal, Halt,
+    HaltReason, Kind, Observed, Op, PKey, PRef, Plan, ReadMode, SourceRef, Summary,
+    plan::PLAN_FORMAT,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What happens to a principal idsync owns when it leaves the source (or the scope).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deprovision {
+    /// Nothing: it stays as it is. The default; nothing is ever deleted.
+    #[default]
+    None,
+    /// Users and service principals are deactivated; groups are kept.
+    Deactivate,
+    /// It is deleted.
+    Delete,
+}
+
+/// What a conflict does to the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnConflict {
+    /// The plan halts before any write and the target is left as it was. The default.
+    #[default]
+    Halt,
+    /// The conflicting principals are left out; everything else is applied.
+    Skip,
+}
+
+/// The rules a plan follows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// What happens to owned principals that left the source.
+    pub deprovision: Deprovision,
+    /// Adopt every existing target principal whose key a source principal maps to.
+    pub adopt: bool,
+    /// Adopt these target principals (folded keys) even when `adopt` is off.
+    pub adopt_keys: BTreeSet<PKey>,
+    /// What a conflict does.
+    pub on_conflict: OnConflict,
+    /// Attributes yielded to the target: set on create, never updated afterwards.
+    pub yield_attributes: BTreeSet<Attr>,
+    /// Group membership yielded to the target: members are added, never removed.
+    pub yield_members: bool,
+    /// Most deletions and deactivations a run may make without approval.
+    pub max_deletions: Option<usize>,
+    /// Most deletions and deactivations, as a percentage of the principals idsync owns.
+    pub max_deletions_percent: Option<u32>,
+    /// Deletions and deactivations approved for this run (`--approve-deletions N`).
+    pub approved_deletions: usize,
+    /// Allow a plan computed from an empty source snapshot (for decommissioning on purpose).
+    pub allow_empty_source: bool,
+}
+
+/// How one desired principal resolved against the target.
+#[derive(Clone, Debug)]
+enum Res {
+    /// It exists (owned, or adopted in this plan) with this target id.
+    Existing(String),
+    /// It will be created.
+    New,
+    /// It is in conflict and left alone; the id is the unowned principal holding its key, if any.
+    Skipped(Option<String>),
+}
+
+struct Ctx<'a> {
+    desired: &'a Desired,
+    observed: &'a Observed,
+    state: &'a AgreementState,
+    policy: &'a Policy,
+    caps: &'a Capabilities,
+    ops: Vec<Op>,
+    conflicts: Vec<Conflict>,
+    notes: Vec<String>,
+    summary: Summary,
+}
+
+/// Computes the operations that bring the target in line with `desired`, within `policy` and
+/// `caps`. Pure: the same inputs give the same plan, byte for byte.
+pub fn plan(
+    desired: &Desired,
+    observed: &Observed,
+    state: &AgreementState,
+    policy: &Policy,
+    caps: &Capabilities,
+    mode: ReadMode,
+) -> Plan {
+    let mut cx = Ctx {
+        desired,
+        observed,
+        state,
+        policy,
+        caps,
+        ops: Vec::new(),
+        conflicts: Vec::new(),
+        notes: Vec::new(),
+        summary: Summary {
+            owned: state.owned_count(),
+            ..Summary::default()
+        },
+    };
+    let res = cx.resolve();
+    cx.attributes(&res);
+    cx.memberships(&res);
+    cx.orphans(&res);
+    cx.held_back();
+    if desired.dangling_members > 0 {
+        cx.notes.push(format!(
+            "{} membership(s) point at principals outside the scope and are not synced (raise the group search depth to include nested groups)",
+            desired.dangling_members
+        ));
+    }
+    let Ctx {
+        mut ops,
+        mut conflicts,
+        notes,
+        mut summary,
+        ..
+    } = cx;
+    ops.sort_by_cached_key(Op::sort_key);
+    conflicts.sort();
+    tally(&ops, &mut summary);
+    let halt = halt(desired, state, policy, &conflicts, &summary);
+    Plan {
+        format: PLAN_FORMAT,
+        agreement: state.agreement.clone(),
+        state_version: state.version,
+        mode,
+        ops,
+        conflicts,
+        notes,
+        halt,
+        summary,
+    }
+}
+
+fn pref(kind: Kind, key: &str, id: Option<&str>) -> PRef {
+    PRef {
+        kind,
+        key: key.to_owned(),
+        id: id.map(str::to_owned),
+    }
+}
+
+impl Ctx<'_> {
+    /// Links first (the id map survives renames), then keys, then creation.
+    fn resolve(&mut self) -> BTreeMap<PKey, Res> {
+        let caps = self.caps;
+        let mut by_key: BTreeMap<PKey, Vec<&str>> = BTreeMap::new();
+        for ((_, id), o) in &self.observed.principals {
+            by_key.entry(caps.pkey(&o.principal)).or_default().push(id);
+        }
+        let mut res: BTreeMap<PKey, Res> = BTreeMap::new();
+        let mut claimed: BTreeSet<(Kind, &str)> = BTreeSet::new();
+
+        for (key, dp) in &self.desired.principals {
+            let kind = key.kind;
+            let Some(tid) = self.state.link(kind, &dp.source.id) else {
+                continue;
+            };
+            match self.observed.get(kind, tid) {
+                Some(o) if self.state.owns(kind, tid) => {
+                    let same_key = caps.pkey(&o.principal) == *key;
+                    if same_key || caps.renamable.contains(&kind) {
+                        claimed.insert((kind, tid));
+                        res.insert(key.clone(), Res::Existing(tid.to_owned()));
+                    } else {
+                        self.notes.push(format!(
+                            "{} changed its key from {:?} to {:?}; this target cannot rename a {kind}, so a new one is created and the old one is handled by the deprovision policy",
+                            dp.source, o.principal.key, dp.principal.key
+                        ));
+                    }
+                }
+                Some(_) => {}
+                None => self.notes.push(format!(
+                    "{} was linked to {kind} id {tid}, which is gone from the target: the link is repaired",
+                    dp.source
+                )),
+            }
+        }
+
+        for (key, dp) in &self.desired.principals {
+            if res.contains_key(key) {
+                continue;
+            }
+            let candidates: Vec<&str> = by_key
+                .get(key)
+                .map(|v| {
+                    v.iter()
+                        .copied()
+                        .filter(|id| !claimed.contains(&(key.kind, *id)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let r = match candidates.as_slice() {
+                [] => Res::New,
+                [tid] => self.claim_by_key(key, dp, tid),
+                many => {
+                    self.conflicts.push(Conflict {
+                        key: key.clone(),
+                        sources: vec![dp.source.clone()],
+                        target_id: None,
+                        reason: format!(
+                            "the target holds {} principals with this key (ids {}); remove the duplicates",
+                            many.len(),
+                            many.join(", ")
+                        ),
+                    });
+                    Res::Skipped(None)
+                }
+            };
+            if let Res::Existing(tid) = &r {
+                if let Some(((_, id), _)) = self
+                    .observed
+                    .principals
+                    .get_key_value(&(key.kind, tid.clone()))
+                {
+                    claimed.insert((key.kind, id.as_str()));
+                }
+            }
+            res.insert(key.clone(), r);
+        }
+        res
+    }
+
+    fn claim_by_key(&mut self, key: &PKey, dp: &DesiredPrincipal, tid: &str) -> Res {
+        let kind = key.kind;
+        let target = pref(kind, &dp.principal.key, Some(tid));
+        let adopt_op = Op::Adopt {
+            target,
+            source: dp.source.clone(),
+        };
+        if self.state.owns(kind, tid) {
+            // Ours, linked to another source id before (the source object was re-created).
+            self.notes.push(format!(
+                "{} takes over {key}, which idsync already owns",
+                dp.source
+            ));
+            self.ops.push(adopt_op);
+            return Res::Existing(tid.to_owned());
+        }
+        if self.state.pending_create(key) {
+            self.notes.push(format!(
+                "{key} was created by an apply that did not finish; idsync recognises it as its own"
+            ));
+            self.ops.push(adopt_op);
+            return Res::Existing(tid.to_owned());
+        }
+        if self.policy.adopt || self.policy.adopt_keys.contains(key) {
+            self.ops.push(adopt_op);
+            return Res::Existing(tid.to_owned());
+        }
+        self.conflicts.push(Conflict {
+            key: key.clone(),
+            sources: vec![dp.source.clone()],
+            target_id: Some(tid.to_owned()),
+            reason: format!(
+                "{key} already exists in the target (id {tid}) and idsync did not create it; to let idsync manage it, set adopt = true or list \"{}:{}\" in adopt_keys; otherwise rename or exclude one of them",
+                kind, dp.principal.key
+            ),
+        });
+        Res::Skipped(Some(tid.to_owned()))
+    }
+
+    fn attributes(&mut self, res: &BTreeMap<PKey, Res>) {
+        for (key, r) in res {
+            let Some(dp) = self.desired.principals.get(key) else {
+                continue;
+            };
+            match r {
+                Res::New => {
+                    self.ops.push(Op::Create {
+                        principal: dp.principal.clone(),
+                        source: dp.source.clone(),
+                    });
+                    if !dp.policies.is_empty() {
+                        let group = pref(key.kind, &dp.principal.key, None);
+                        self.ops.push(Op::AttachPolicies {
+                            group,
+                            policies: dp.policies.iter().cloned().collect(),
+                        });
+                    }
+                }
+                Res::Existing(tid) => {
+                    let Some(o) = self.observed.get(key.kind, tid) else {
+                        continue;
+                    };
+                    let mut changes = Vec::new();
+                    for attr in &self.caps.attributes {
+                        if self.policy.yield_attributes.contains(attr) {
+                            continue;
+                        }
+                        let (from, to) = (o.principal.get(*attr), dp.principal.get(*attr));
+                        let differs = match attr {
+                            Attr::Key => {
+                                self.caps.renamable.contains(&key.kind)
+                                    && self.caps.pkey(&o.principal) != *key
+                            }
+                            _ => from != to,
+                        };
+                        if differs && (key.kind != Kind::Group || *attr != Attr::Active) {
+                            changes.push(AttrChange {
+                                attr: *attr,
+                                from,
+                                to,
+                            });
+                        }
+                    }
+                    if !changes.is_empty() {
+                        let target = pref(key.kind, &o.principal.key, Some(tid));
+                        self.ops.push(Op::Update {
+                            target,
+                            source: dp.source.clone(),
+                            changes,
+                        });
+                    }
+                    let missing: Vec<String> =
+                        dp.policies.difference(&o.policies).cloned().collect();
+                    if !missing.is_empty() {
+                        let group = pref(key.kind, &dp.principal.key, Some(tid));
+                        self.ops.push(Op::AttachPolicies {
+                            group,
+                            policies: missing,
+                        });
+                    }
+                }
+                Res::Skipped(_) => {}
+            }
+        }
+    }
+
+    /// A reference to the target principal a desired key resolves to, for membership operations.
+    fn member_ref(&self, key: &PKey, res: &BTreeMap<PKey, Res>) -> Option<PRef> {
+        let dp = self.desired.principals.get(key)?;
+        match res.get(key)? {
+            Res::Existing(tid) | Res::Skipped(Some(tid)) => {
+                Some(pref(key.kind, &dp.principal.key, Some(tid)))
+            }
+            Res::New => Some(pref(key.kind, &dp.principal.key, None)),
+            Res::Skipped(None) => None,
+        }
+    }
+
+    fn memberships(&mut self, res: &BTreeMap<PKey, Res>) {
+        let members = if self.caps.nested_groups {
+            self.desired.members.clone()
+        } else {
+            crate::flatten::flatten(&self.desired.members)
+        };
+        for (gkey, wanted) in &members {
+            let Some(dp) = self.desired.principals.get(gkey) else {
+                continue;
+            };
+            let gid = match res.get(gkey) {
+                Some(Res::Existing(tid)) => Some(tid.as_str()),
+                Some(Res::New) => None,
+                _ => continue,
+            };
+            let group = pref(Kind::Group, &dp.principal.key, gid);
+            let have: BTreeSet<(Kind, String)> = gid
+                .and_then(|g| self.observed.members.get(g))
+                .cloned()
+                .unwrap_or_default();
+            let mut want_ids: BTreeSet<(Kind, String)> = BTreeSet::new();
+            let mut add = Vec::new();
+            for m in wanted {
+                if !self.caps.member_allowed(m.kind) || m == gkey {
+                    continue;
+                }
+                let Some(r) = self.member_ref(m, res) else {
+                    continue;
+                };
+                match &r.id {
+                    Some(id) => {
+                        let wanted_id = (m.kind, id.clone());
+                        if !have.contains(&wanted_id) {
+                            add.push(r.clone());
+                        }
+                        want_ids.insert(wanted_id);
+                    }
+                    None => add.push(r),
+                }
+            }
+            let keep_all =
+                self.policy.yield_members || self.desired.incomplete_groups.contains(gkey);
+            let mut remove = Vec::new();
+            if !keep_all {
+                for (mk, mid) in &have {
+                    if !want_ids.contains(&(*mk, mid.clone())) {
+                        let key = self
+                            .observed
+                            .get(*mk, mid)
+                            .map_or(mid.as_str(), |o| &o.principal.key);
+                        remove.push(pref(*mk, key, Some(mid)));
+                    }
+                }
+            }
+            if !remove.is_empty() {
+                remove.sort();
+                self.ops.push(Op::RemoveMembers {
+                    group: group.clone(),
+                    members: remove,
+                });
+            }
+            if !add.is_empty() {
+                add.sort();
+                self.ops.push(Op::AddMembers {
+                    group,
+                    members: add,
+                });
+            }
+        }
+    }
+
+    fn orphans(&mut self, res: &BTreeMap<PKey, Res>) {
+        let claimed: BTreeSet<(Kind, &str)> = res
+            .iter()
+            .filter_map(|(k, r)| match r {
+                Res::Existing(t) => Some((k.kind, t.as_str())),
+                _ => None,
+            })
+            .collect();
+        let protected: BTreeSet<(Kind, &str)> = self
+            .desired
+            .held_back
+            .keys()
+            .filter_map(|s| self.state.link(s.kind, &s.id).map(|t| (s.kind, t)))
+            .collect();
+        let partial = !self.desired.incomplete_groups.is_empty();
+        let mut partial_kept = 0;
+        for kind in Kind::ALL {
+            for (tid, owned) in self.state.owned.get(kind) {
+                if claimed.contains(&(kind, tid.as_str())) {
+                    continue;
+                }
+                let Some(o) = self.observed.get(kind, tid) else {
+                    self.notes.push(format!(
+                        "{kind} {:?} (id {tid}) that idsync owned is gone from the target; idsync forgets it",
+                        owned.key
+                    ));
+                    self.ops.push(Op::Forget {
+                        target: pref(kind, &owned.key, Some(tid)),
+                    });
+                    continue;
+                };
+                if protected.contains(&(kind, tid.as_str())) {
+                    continue;
+                }
+                if partial {
+                    partial_kept += 1;
+                    continue;
+                }
+                let target = pref(kind, &o.principal.key, Some(tid));
+                match self.policy.deprovision {
+                    Deprovision::None => self.summary.kept += 1,
+                    Deprovision::Delete => self.ops.push(Op::Delete { target }),
+                    Deprovision::Deactivate if kind == Kind::Group || !self.caps.deactivate => {
+                        self.summary.kept += 1;
+                    }
+                    Deprovision::Deactivate => {
+                        if o.principal.active {
+                            self.ops.push(Op::Deactivate { target });
+                        }
+                    }
+                }
+            }
+        }
+        if partial_kept > 0 {
+            self.notes.push(format!(
+                "the source read was incomplete for {} group(s); {partial_kept} principal(s) missing from it are not deprovisioned this run",
+                self.desired.incomplete_groups.len()
+            ));
+        }
+        if self.policy.deprovision == Deprovision::Deactivate && !self.caps.deactivate {
+            self.notes.push(
+                "this target cannot deactivate principals: deprovision = \"deactivate\" keeps them; use \"delete\" to remove them".into(),
+            );
+        }
+    }
+
+    fn held_back(&mut self) {
+        let mut dup: BTreeMap<PKey, Vec<SourceRef>> = BTreeMap::new();
+        for (s, h) in &self.desired.held_back {
+            match &h.key {
+                Some(k) => dup.entry(k.clone()).or_default().push(s.clone()),
+                None => self.notes.push(format!("{s} is not synced: {}", h.reason)),
+            }
+        }
+        for (key, sources) in dup {
+            let reason = self
+                .desired
+                .held_back
+                .get(&sources[0])
+                .map(|h| h.reason.clone())
+                .unwrap_or_default();
+            self.conflicts.push(Conflict {
+                key,
+                sources,
+                target_id: None,
+                reason,
+            });
+        }
+    }
+}
+
+fn tally(ops: &[Op], s: &mut Summary) {
+    for op in ops {
+        let (kind, _) = op.subject();
+        let name = match op {
+            Op::Adopt { .. } => "adopt",
+            Op::Forget { .. } => "forget",
+            Op::Update { .. } => "update",
+            Op::Create { .. } => "create",
+            Op::AttachPolicies { .. } => "attachPolicies",
+            Op::RemoveMembers { members, .. } => {
+                s.members_removed += members.len();
+                "removeMembers"
+            }
+            Op::AddMembers { members, .. } => {
+                s.members_added += members.len();
+                "addMembers"
+            }
+            Op::Deactivate { .. } => "deactivate",
+            Op::Delete { .. } => "delete",
+        };
+        *s.ops.entry(format!("{name} {kind}")).or_default() += 1;
+        if op.is_destructive() {
+            s.destructive += 1;
+        }
+    }
+}
+
+fn halt(
+    desired: &Desired,
+    state: &AgreementState,
+    policy: &Policy,
+    conflicts: &[Conflict],
+    summary: &Summary,
+) -> Option<Halt> {
+    let had_something =
+        state.owned_count() > 0 || state.last_applied.as_ref().is_some_and(|s| !s.is_empty());
+    if desired.principals.is_empty()
+        && desired.held_back.is_empty()
+        && had_something
+        && !policy.allow_empty_source
+    {
+        return Some(Halt {
+            reason: HaltReason::EmptySource,
+            message: format!(
+                "the source returned no principals, but idsync manages {} in this target; an empty read is never taken to mean that everyone left. Check the source scope and credentials; if the source really is empty, re-run with --allow-empty-source",
+                state.owned_count()
+            ),
+        });
+    }
+    if !conflicts.is_empty() && policy.on_conflict == OnConflict::Halt {
+        return Some(Halt {
+            reason: HaltReason::Conflicts,
+            message: format!(
+                "{} conflict(s): the target was left as it was. Resolve each one as its line says, or set on_conflict = \"skip\" to sync everything else",
+                conflicts.len()
+            ),
+        });
+    }
+    let n = summary.destructive;
+    if n > policy.approved_deletions {
+        let mut over = Vec::new();
+        if let Some(max) = policy.max_deletions {
+            if n > max {
+                over.push(format!("max_deletions = {max}"));
+            }
+        }
+        if let Some(pct) = policy.max_deletions_percent {
+            let base = summary.owned.max(1);
+            // n / base > pct / 100, in integers.
+            if (n as u128) * 100 > (pct as u128) * (base as u128) {
+                over.push(format!(
+                    "max_deletions_percent = {pct}% of the {} principals idsync owns",
+                    summary.owned
+                ));
+            }
+        }
+        if !over.is_empty() {
+            return Some(Halt {
+                reason: HaltReason::Threshold,
+                message: format!(
+                    "{n} deletion(s)/deactivation(s) exceed {}. Nothing was written. Review the plan; to approve, re-run with --approve-deletions {n}",
+                    over.join(" and ")
+                ),
+            });
+        }
+    }
+    None
+}

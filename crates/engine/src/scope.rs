@@ -1,0 +1,346 @@
+//! Which part of a directory an agreement syncs: selected groups, their nested groups down to a
+//! search depth, and the users and service principals they reach. Pure: sources that read a whole
+//! directory (a file, LDAP) select with [`select`]; sources with server-side queries (Graph) apply
+//! the same rules in their requests.
+
+use idsync_model::{Kind, Member, Snapshot};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The selection rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    /// Groups selected by display name (the `groups_to_sync.json` list).
+    pub group_names: BTreeSet<String>,
+    /// Groups selected by source id.
+    pub group_ids: BTreeSet<String>,
+    /// Groups selected by an fnmatch pattern on the display name (`GROUP_FILTER`).
+    pub group_filter: Option<String>,
+    /// 1 = only the selected groups; 2 = also groups nested directly in them; and so on.
+    pub search_depth: u32,
+    /// Also sync groups that are not security-enabled (distribution lists, Microsoft 365 groups).
+    pub include_non_security: bool,
+    /// Sync every user of the directory, not only those reached through memberships.
+    pub all_users: bool,
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            group_names: BTreeSet::new(),
+            group_ids: BTreeSet::new(),
+            group_filter: None,
+            search_depth: 1,
+            include_non_security: false,
+            all_users: false,
+        }
+    }
+}
+
+impl Scope {
+    /// True when no selector is set: every group is selected.
+    pub fn selects_all(&self) -> bool {
+        self.group_names.is_empty() && self.group_ids.is_empty() && self.group_filter.is_none()
+    }
+}
+
+/// The result of a selection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// The scoped snapshot.
+    pub snapshot: Snapshot,
+    /// The search depth at which each selected group was found (1 = selected directly).
+    pub depth: BTreeMap<String, u32>,
+    /// Names and ids asked for that the directory does not have, and other remarks.
+    pub notes: Vec<String>,
+}
+
+/// Selects the scope from a whole directory.
+pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
+    let mut notes = Vec::new();
+    let eligible = |g: &idsync_model::Group| g.security_enabled || scope.include_non_security;
+    let mut depth: BTreeMap<String, u32> = BTreeMap::new();
+    let mut found_names: BTreeSet<&str> = BTreeSet::new();
+    for g in dir.groups.values() {
+        let named = scope.group_names.contains(&g.display_name);
+        if named {
+            found_names.insert(&g.display_name);
+        }
+        let hit = scope.selects_all()
+            || named
+            || scope.group_ids.contains(&g.id)
+            || scope
+                .group_filter
+                .as_deref()
+                .is_some_and(|p| fnmatch(p, &g.display_name));
+        if hit && eligible(g) {
+            depth.insert(g.id.clone(), 1);
+        } else if hit {
+            notes.push(format!(
+                "group {:?} is not security-enabled and is skipped (set include_non_security = true to sync it)",
+                g.display_name
+            ));
+        }
+    }
+    for n in &scope.group_names {
+        if !found_names.contains(n.as_str()) {
+            notes.push(format!(
+                "group {n:?} was asked for but does not exist in the source"
+            ));
+        }
+    }
+    for id in &scope.group_ids {
+        if !dir.groups.contains_key(id) {
+            notes.push(format!(
+                "group id {id} was asked for but does not exist in the source"
+            ));
+        }
+    }
+
+    let mut frontier: Vec<String> = depth.keys().cloned().collect();
+    for level in 2..=scope.search_depth {
+        let mut next = Vec::new();
+        for gid in &frontier {
+            let Some(g) = dir.groups.get(gid) else {
+                continue;
+            };
+            for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+                if let Some(child) = dir.groups.get(&m.id) {
+                    if eligible(child) && !depth.contains_key(&m.id) {
+                        depth.insert(m.id.clone(), level);
+                        next.push(m.id.clone());
+                    }
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        frontier = next;
+    }
+
+    let mut out = Snapshot::default();
+    let mut reached: BTreeSet<&Member> = BTreeSet::new();
+    for gid in depth.keys() {
+        if let Some(g) = dir.groups.get(gid) {
+            reached.extend(g.members.iter());
+            out.groups.insert(gid.clone(), g.clone());
+            if dir.incomplete_groups.contains(gid) {
+                out.incomplete_groups.insert(gid.clone());
+            }
+        }
+    }
+    for u in dir.users.values() {
+        if scope.all_users || reached.contains(&Member::user(u.id.as_str())) {
+            out.users.insert(u.id.clone(), u.clone());
+        }
+    }
+    for s in dir.service_principals.values() {
+        if reached.contains(&Member::service_principal(s.id.as_str())) {
+            out.service_principals.insert(s.id.clone(), s.clone());
+        }
+    }
+    Selection {
+        snapshot: out,
+        depth,
+        notes,
+    }
+}
+
+/// Shell-style matching as Python's `fnmatch.fnmatchcase`: `*`, `?`, `[abc]`, `[a-z]`, `[!abc]`.
+pub fn fnmatch(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    // Iterative matcher with backtracking to the last '*': linear in practice, no recursion.
+    let (mut pi, mut ti) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() {
+            match p[pi] {
+                '*' => {
+                    star = Some((pi, ti));
+                    pi += 1;
+                    continue;
+                }
+                '?' => {
+                    pi += 1;
+                    ti += 1;
+                    continue;
+                }
+                '[' => {
+                    if let Some((matched, next)) = class(&p, pi, t[ti]) {
+                        if matched {
+                            pi = next;
+                            ti += 1;
+                            continue;
+                        }
+                    } else if t[ti] == '[' {
+                        // An unterminated '[' is a literal.
+                        pi += 1;
+                        ti += 1;
+                        continue;
+                    }
+                }
+                c if c == t[ti] => {
+                    pi += 1;
+                    ti += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        match star {
+            Some((sp, st)) => {
+                pi = sp + 1;
+                ti = st + 1;
+                star = Some((sp, st + 1));
+            }
+            None => return false,
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// Matches `c` against the class starting at `p[start] == '['`. Returns (matched, index after
+/// the class), or None when the class is not terminated.
+fn class(p: &[char], start: usize, c: char) -> Option<(bool, usize)> {
+    let mut i = start + 1;
+    let negate = i < p.len() && p[i] == '!';
+    if negate {
+        i += 1;
+    }
+    let first = i;
+    let mut matched = false;
+    while i < p.len() {
+        if p[i] == ']' && i > first {
+            return Some((matched != negate, i + 1));
+        }
+        if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+            if p[i] <= c && c <= p[i + 2] {
+                matched = true;
+            }
+            i += 3;
+        } else {
+            if p[i] == c {
+                matched = true;
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idsync_model::{Directory, Group, User};
+
+    #[test]
+    fn fnmatch_matches_like_python() {
+        for (p, t, want) in [
+            ("LakeFSProject*", "LakeFSProject-a", true),
+            ("LakeFSProject*", "lakefsproject-a", false),
+            ("team??-eng", "team01-eng", true),
+            ("team??-eng", "team1-eng", false),
+            ("team[0-9]*", "team7x", true),
+            ("team[!0-9]*", "team7x", false),
+            ("*", "", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("[", "[", true),
+            ("O'Brien*", "O'Brien's team", true),
+            ("Équipe*", "Équipe données", true),
+        ] {
+            assert_eq!(fnmatch(p, t), want, "{p} vs {t}");
+        }
+    }
+
+    fn dir() -> Snapshot {
+        let g = |id: &str, members: Vec<Member>| Group {
+            id: id.into(),
+            display_name: id.to_uppercase(),
+            description: None,
+            security_enabled: id != "dl",
+            mail_enabled: id == "dl",
+            members: members.into_iter().collect(),
+        };
+        let u = |id: &str| User {
+            id: id.into(),
+            user_name: format!("{id}@x"),
+            display_name: id.into(),
+            emails: vec![],
+            active: true,
+            user_type: Default::default(),
+            external_id: None,
+            attributes: Default::default(),
+        };
+        Directory {
+            users: vec![u("a"), u("b"), u("c"), u("loner")],
+            service_principals: vec![],
+            groups: vec![
+                g("top", vec![Member::user("a"), Member::group("mid")]),
+                g("mid", vec![Member::user("b"), Member::group("low")]),
+                g("low", vec![Member::user("c"), Member::group("top")]),
+                g("dl", vec![Member::user("loner")]),
+            ],
+            incomplete_groups: Default::default(),
+        }
+        .try_into()
+        .unwrap()
+    }
+
+    #[test]
+    fn search_depth_walks_nested_groups_through_cycles() {
+        let d = dir();
+        let mut s = Scope {
+            group_names: ["TOP".to_string()].into(),
+            ..Scope::default()
+        };
+        let ids = |sel: &Selection| sel.snapshot.users.keys().cloned().collect::<Vec<_>>();
+        let sel = select(&d, &s);
+        assert_eq!(sel.depth, BTreeMap::from([("top".into(), 1)]));
+        assert_eq!(ids(&sel), ["a"]);
+        s.search_depth = 2;
+        let sel = select(&d, &s);
+        assert_eq!(
+            sel.depth,
+            BTreeMap::from([("top".into(), 1), ("mid".into(), 2)])
+        );
+        assert_eq!(ids(&sel), ["a", "b"]);
+        s.search_depth = 10;
+        let sel = select(&d, &s);
+        assert_eq!(sel.depth.len(), 3);
+        assert_eq!(ids(&sel), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn non_security_groups_and_missing_names_are_reported() {
+        let d = dir();
+        let s = Scope {
+            group_names: ["DL".to_string(), "NOPE".to_string()].into(),
+            ..Scope::default()
+        };
+        let sel = select(&d, &s);
+        assert!(sel.snapshot.groups.is_empty());
+        assert_eq!(sel.notes.len(), 2, "{:?}", sel.notes);
+        let s = Scope {
+            include_non_security: true,
+            ..s
+        };
+        assert_eq!(
+            select(&d, &s).snapshot.users.keys().collect::<Vec<_>>(),
+            ["loner"]
+        );
+    }
+
+    #[test]
+    fn all_users_and_select_all() {
+        let d = dir();
+        let s = Scope {
+            all_users: true,
+            ..Scope::default()
+        };
+        let sel = select(&d, &s);
+        assert_eq!(sel.snapshot.groups.len(), 3);
+        assert_eq!(sel.snapshot.users.len(), 4);
+    }
+}

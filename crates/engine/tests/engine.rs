@@ -1,0 +1,723 @@
+//! Table-driven tests of the plan engine: every operation and every policy, on small snapshots,
+//! applied to the in-memory reference target.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use common::*;
+use idsync_engine::{Deprovision, Mapping, MemoryTarget, OnConflict, Policy, Target};
+use idsync_model::{
+    AgreementState, Capabilities, HaltReason, Kind, Member, Op, PKey, Principal, UserType,
+};
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}
+
+fn base() -> idsync_model::Snapshot {
+    snap(
+        vec![
+            user("u1", "alice@x"),
+            user("u2", "bob@x"),
+            user("u3", "kevin@x"),
+        ],
+        vec![sp("s1", "app-1")],
+        vec![
+            group(
+                "g1",
+                "TEAM_ALPHA",
+                &[
+                    Member::user("u1"),
+                    Member::service_principal("s1"),
+                    Member::group("g2"),
+                ],
+            ),
+            group("g2", "TEAM_ETA", &[Member::user("u3")]),
+            group("g3", "TEAM_ZETA", &[Member::user("u2")]),
+        ],
+    )
+}
+
+#[test]
+fn first_run_creates_everything_then_second_run_is_empty() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        let r = sync(&base(), &t, &mut st, &Policy::default()).await;
+        assert_eq!(
+            ops(&r.plan),
+            [
+                "create user \"alice@x\"",
+                "create user \"bob@x\"",
+                "create user \"kevin@x\"",
+                "create servicePrincipal \"app-1\"",
+                "create group \"TEAM_ALPHA\"",
+                "create group \"TEAM_ETA\"",
+                "create group \"TEAM_ZETA\"",
+                "addMembers group \"TEAM_ALPHA\" [\"alice@x\", \"app-1\", \"TEAM_ETA\"]",
+                "addMembers group \"TEAM_ETA\" [\"kevin@x\"]",
+                "addMembers group \"TEAM_ZETA\" [\"bob@x\"]",
+            ]
+        );
+        let rep = r.report.unwrap();
+        assert!(rep.is_success(), "{rep:?}");
+        assert_eq!(rep.writes, 10);
+        assert_eq!(st.owned_count(), 7);
+        assert!(st.journal.is_none());
+        let again = sync(&base(), &t, &mut st, &Policy::default()).await;
+        assert!(again.plan.ops.is_empty(), "{:?}", ops(&again.plan));
+        assert_eq!(again.report.unwrap().writes, 0);
+    })
+}
+
+#[test]
+fn plans_are_deterministic() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let st = AgreementState::new("t");
+        let a = plan_only(&base(), &t, &st, &Policy::default(), &Mapping::defaults()).await;
+        let b = plan_only(&base(), &t, &st, &Policy::default(), &Mapping::defaults()).await;
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            serde_json::to_string(&b).unwrap()
+        );
+    })
+}
+
+#[test]
+fn attribute_changes_renames_and_reactivation() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        sync(&base(), &t, &mut st, &Policy::default()).await;
+        let mut s = base();
+        s.users.get_mut("u1").unwrap().display_name = "Alice Liddell".into();
+        s.users.get_mut("u2").unwrap().user_name = "robert@x".into();
+        s.groups.get_mut("g3").unwrap().display_name = "TEAM_ZETA_2".into();
+        let r = sync(&s, &t, &mut st, &Policy::default()).await;
+        assert_eq!(
+            ops(&r.plan),
+            [
+                "update user \"alice@x\"",
+                "update user \"bob@x\"",
+                "update group \"TEAM_ZETA\""
+            ]
+        );
+        let Op::Update { changes, .. } = &r.plan.ops[1] else {
+            panic!()
+        };
+        assert_eq!(
+            changes.iter().map(|c| c.attr.as_str()).collect::<Vec<_>>(),
+            ["key"]
+        );
+        assert!(
+            sync(&s, &t, &mut st, &Policy::default())
+                .await
+                .plan
+                .ops
+                .is_empty()
+        );
+    })
+}
+
+#[test]
+fn a_rename_on_a_target_that_cannot_rename_is_create_plus_deprovision() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities {
+            renamable: [Kind::Group].into(),
+            ..Capabilities::full()
+        });
+        let mut st = AgreementState::new("t");
+        sync(&base(), &t, &mut st, &Policy::default()).await;
+        let mut s = base();
+        s.users.get_mut("u2").unwrap().user_name = "robert@x".into();
+        let policy = Policy {
+            deprovision: Deprovision::Deactivate,
+            ..Policy::default()
+        };
+        let r = sync(&s, &t, &mut st, &policy).await;
+        assert_eq!(
+            ops(&r.plan),
+            [
+                "create user \"robert@x\"",
+                "removeMembers group \"TEAM_ZETA\" [\"bob@x\"]",
+                "addMembers group \"TEAM_ZETA\" [\"robert@x\"]",
+                "deactivate user \"bob@x\"",
+            ]
+        );
+        assert!(
+            r.plan.notes.iter().any(|n| n.contains("cannot rename")),
+            "{:?}",
+            r.plan.notes
+        );
+    })
+}
+
+#[test]
+fn deprovision_policies() {
+    for (policy, want, kept) in [
+        // bob, kevin and TEAM_ETA leave the source.
+        (
+            Deprovision::None,
+            vec!["removeMembers group \"TEAM_ZETA\" [\"bob@x\"]"],
+            3,
+        ),
+        (
+            Deprovision::Deactivate,
+            vec![
+                "removeMembers group \"TEAM_ZETA\" [\"bob@x\"]",
+                "deactivate user \"bob@x\"",
+            ],
+            1, // the users are deactivated; the group cannot be: kept
+        ),
+        (
+            Deprovision::Delete,
+            vec![
+                "removeMembers group \"TEAM_ZETA\" [\"bob@x\"]",
+                "delete group \"TEAM_ETA\"",
+                "delete user \"bob@x\"",
+            ],
+            0,
+        ),
+    ] {
+        block(async {
+            let t = MemoryTarget::new(Capabilities::full());
+            let mut st = AgreementState::new("t");
+            sync(&base(), &t, &mut st, &Policy::default()).await;
+            // bob leaves every group; TEAM_ETA leaves the source.
+            let mut s = base();
+            s.users.remove("u2");
+            s.groups.get_mut("g3").unwrap().members.clear();
+            s.groups
+                .get_mut("g1")
+                .unwrap()
+                .members
+                .remove(&Member::group("g2"));
+            s.groups.remove("g2");
+            s.users.remove("u3");
+            let p = Policy {
+                deprovision: policy,
+                ..Policy::default()
+            };
+            let r = plan_only(&s, &t, &st, &p, &Mapping::defaults()).await;
+            let mut got = ops(&r);
+            got.retain(|o| !o.contains("TEAM_ALPHA") && !o.contains("kevin"));
+            assert_eq!(got, want, "{policy:?}");
+            let r = sync(&s, &t, &mut st, &p).await;
+            assert!(r.report.unwrap().is_success());
+            assert_eq!(r.plan.summary.kept, kept, "{policy:?}");
+            // Everything converges.
+            assert!(
+                sync(&s, &t, &mut st, &p).await.plan.ops.is_empty(),
+                "{policy:?}"
+            );
+        });
+    }
+}
+
+#[test]
+fn a_user_disabled_in_the_source_is_deactivated_and_counts_as_destructive() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        sync(&base(), &t, &mut st, &Policy::default()).await;
+        let mut s = base();
+        s.users.get_mut("u1").unwrap().active = false;
+        let r = sync(&s, &t, &mut st, &Policy::default()).await;
+        assert_eq!(ops(&r.plan), ["update user \"alice@x\""]);
+        assert_eq!(r.plan.summary.destructive, 1);
+    })
+}
+
+fn outsider_target() -> (MemoryTarget, String) {
+    let t = MemoryTarget::new(Capabilities::full());
+    let mut p = Principal::new(Kind::User, "alice@x");
+    p.display_name = Some("made by hand".into());
+    let id = t.insert(p);
+    (t, id)
+}
+
+#[test]
+fn an_unowned_principal_with_the_same_key_is_a_conflict_that_halts() {
+    block(async {
+        let (t, id) = outsider_target();
+        let mut st = AgreementState::new("t");
+        let r = sync(&base(), &t, &mut st, &Policy::default()).await;
+        assert_eq!(r.plan.conflicts.len(), 1);
+        assert_eq!(r.plan.conflicts[0].target_id.as_deref(), Some(id.as_str()));
+        assert!(r.plan.conflicts[0].reason.contains("adopt"));
+        assert_eq!(r.plan.halt.as_ref().unwrap().reason, HaltReason::Conflicts);
+        assert!(r.report.is_none());
+        assert_eq!(t.writes(), 0, "a halted plan writes nothing");
+    })
+}
+
+#[test]
+fn on_conflict_skip_leaves_the_unowned_principal_alone_and_syncs_the_rest() {
+    block(async {
+        let (t, id) = outsider_target();
+        let mut st = AgreementState::new("t");
+        let policy = Policy {
+            on_conflict: OnConflict::Skip,
+            deprovision: Deprovision::Delete,
+            ..Policy::default()
+        };
+        let r = sync(&base(), &t, &mut st, &policy).await;
+        assert!(r.plan.halt.is_none());
+        assert!(
+            !ops(&r.plan)
+                .iter()
+                .any(|o| o.starts_with("create user \"alice@x\"") || o.starts_with("update"))
+        );
+        assert!(r.report.unwrap().is_success());
+        let o = t.observe().await.unwrap();
+        let alice = o.get(Kind::User, &id).unwrap();
+        assert_eq!(
+            alice.principal.display_name.as_deref(),
+            Some("made by hand")
+        );
+        assert!(!st.owns(Kind::User, &id));
+        // Membership is the group's attribute: our group may hold the unowned user.
+        let again = sync(&base(), &t, &mut st, &policy).await;
+        assert!(again.plan.ops.is_empty(), "{:?}", ops(&again.plan));
+    })
+}
+
+#[test]
+fn adopt_globally_or_per_entry() {
+    for policy in [
+        Policy {
+            adopt: true,
+            ..Policy::default()
+        },
+        Policy {
+            adopt_keys: [PKey::new(Kind::User, "alice@x")].into(),
+            ..Policy::default()
+        },
+    ] {
+        block(async {
+            let (t, id) = outsider_target();
+            let mut st = AgreementState::new("t");
+            let r = sync(&base(), &t, &mut st, &policy).await;
+            assert!(r.plan.conflicts.is_empty());
+            let o = ops(&r.plan);
+            assert_eq!(o[0], "adopt user \"alice@x\"");
+            assert_eq!(o[1], "update user \"alice@x\"");
+            assert!(st.owns(Kind::User, &id));
+            assert_eq!(st.owned.users[&id].how, idsync_model::Ownership::Adopted);
+        });
+    }
+}
+
+#[test]
+fn unowned_principals_are_never_deprovisioned() {
+    block(async {
+        let (t, id) = outsider_target();
+        let mut st = AgreementState::new("t");
+        let mut s = base();
+        s.users.remove("u1");
+        for g in s.groups.values_mut() {
+            g.members.remove(&Member::user("u1"));
+        }
+        let policy = Policy {
+            deprovision: Deprovision::Delete,
+            ..Policy::default()
+        };
+        let r = sync(&s, &t, &mut st, &policy).await;
+        assert!(r.report.unwrap().is_success());
+        assert!(t.observe().await.unwrap().get(Kind::User, &id).is_some());
+    })
+}
+
+fn ten_users() -> idsync_model::Snapshot {
+    let users: Vec<_> = (0..10)
+        .map(|i| user(&format!("u{i}"), &format!("user{i}@x")))
+        .collect();
+    let members: Vec<Member> = (0..10).map(|i| Member::user(format!("u{i}"))).collect();
+    snap(users, vec![], vec![group("g", "ALL", &members)])
+}
+
+#[test]
+fn the_threshold_halts_before_any_write_and_approval_lets_it_through() {
+    // 11 owned principals; 4 users leave.
+    let cases = [
+        (Some(3), None, 0, true),
+        (Some(4), None, 0, false),
+        (None, Some(30), 0, true), // 4 / 11 = 36 % > 30 %
+        (None, Some(40), 0, false),
+        (Some(3), Some(30), 4, false), // approved
+        (Some(3), None, 3, true),      // approved fewer than needed
+    ];
+    for (max, pct, approved, halts) in cases {
+        block(async {
+            let t = MemoryTarget::new(Capabilities::full());
+            let mut st = AgreementState::new("t");
+            sync(&ten_users(), &t, &mut st, &Policy::default()).await;
+            let writes = t.writes();
+            let mut s = ten_users();
+            for i in 0..4 {
+                s.users.remove(&format!("u{i}"));
+            }
+            s.groups
+                .get_mut("g")
+                .unwrap()
+                .members
+                .retain(|m| s.users.contains_key(&m.id));
+            let policy = Policy {
+                deprovision: Deprovision::Delete,
+                max_deletions: max,
+                max_deletions_percent: pct,
+                approved_deletions: approved,
+                ..Policy::default()
+            };
+            let r = sync(&s, &t, &mut st, &policy).await;
+            let case = format!("{max:?} {pct:?} {approved}");
+            assert_eq!(r.plan.summary.destructive, 4, "{case}");
+            if halts {
+                let h = r.plan.halt.as_ref().expect(&case);
+                assert_eq!(h.reason, HaltReason::Threshold);
+                assert!(h.message.contains("--approve-deletions 4"), "{}", h.message);
+                assert_eq!(t.writes(), writes, "{case}: halted plans write nothing");
+            } else {
+                assert!(r.plan.halt.is_none(), "{case}");
+                assert!(r.report.unwrap().is_success());
+            }
+        });
+    }
+}
+
+#[test]
+fn an_empty_source_is_never_taken_to_mean_everyone_left() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        let policy = Policy {
+            deprovision: Deprovision::Delete,
+            ..Policy::default()
+        };
+        // First run on an empty source with nothing managed yet: fine, nothing to do.
+        let r = sync(&snap(vec![], vec![], vec![]), &t, &mut st, &policy).await;
+        assert!(r.plan.halt.is_none());
+        sync(&base(), &t, &mut st, &policy).await;
+        let r = sync(&snap(vec![], vec![], vec![]), &t, &mut st, &policy).await;
+        assert_eq!(r.plan.halt.unwrap().reason, HaltReason::EmptySource);
+        assert_eq!(t.observe().await.unwrap().principals.len(), 7);
+        let allow = Policy {
+            allow_empty_source: true,
+            ..policy
+        };
+        let r = plan_only(
+            &snap(vec![], vec![], vec![]),
+            &t,
+            &st,
+            &allow,
+            &Mapping::defaults(),
+        )
+        .await;
+        assert!(r.halt.is_none());
+        assert_eq!(r.summary.destructive, 7);
+    })
+}
+
+#[test]
+fn an_incomplete_group_read_removes_nobody() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        let policy = Policy {
+            deprovision: Deprovision::Delete,
+            ..Policy::default()
+        };
+        sync(&base(), &t, &mut st, &policy).await;
+        let mut s = base();
+        s.groups.get_mut("g3").unwrap().members.clear();
+        s.users.remove("u2");
+        s.incomplete_groups.insert("g3".into());
+        let r = sync(&s, &t, &mut st, &policy).await;
+        assert!(r.plan.ops.is_empty(), "{:?}", ops(&r.plan));
+        assert!(r.plan.notes.iter().any(|n| n.contains("incomplete")));
+    })
+}
+
+#[test]
+fn flattening_for_targets_that_do_not_nest_is_safe_through_cycles() {
+    block(async {
+        let t = MemoryTarget::new(flat_caps());
+        let mut st = AgreementState::new("t");
+        let mut s = base();
+        // Cycle: TEAM_ETA contains TEAM_ALPHA, which contains TEAM_ETA.
+        s.groups
+            .get_mut("g2")
+            .unwrap()
+            .members
+            .insert(Member::group("g1"));
+        let r = sync(&s, &t, &mut st, &Policy::default()).await;
+        assert_eq!(
+            ops(&r.plan),
+            [
+                "create user \"alice@x\"",
+                "create user \"bob@x\"",
+                "create user \"kevin@x\"",
+                "create group \"TEAM_ALPHA\"",
+                "create group \"TEAM_ETA\"",
+                "create group \"TEAM_ZETA\"",
+                // The service principal is not a member here: lakeFS-like groups hold only users.
+                "addMembers group \"TEAM_ALPHA\" [\"alice@x\", \"kevin@x\"]",
+                "addMembers group \"TEAM_ETA\" [\"alice@x\", \"kevin@x\"]",
+                "addMembers group \"TEAM_ZETA\" [\"bob@x\"]",
+            ]
+        );
+        assert!(r.report.unwrap().is_success());
+        // Moving kevin out of the nested group removes him from both flattened groups.
+        s.groups
+            .get_mut("g2")
+            .unwrap()
+            .members
+            .remove(&Member::user("u3"));
+        s.groups
+            .get_mut("g3")
+            .unwrap()
+            .members
+            .insert(Member::user("u3"));
+        let r = sync(&s, &t, &mut st, &Policy::default()).await;
+        assert_eq!(
+            ops(&r.plan),
+            [
+                "removeMembers group \"TEAM_ALPHA\" [\"kevin@x\"]",
+                "removeMembers group \"TEAM_ETA\" [\"kevin@x\"]",
+                "addMembers group \"TEAM_ZETA\" [\"kevin@x\"]",
+            ]
+        );
+    })
+}
+
+#[test]
+fn duplicate_keys_are_conflicts_for_every_claimant() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities {
+            case_insensitive_keys: true,
+            ..Capabilities::full()
+        });
+        let mut st = AgreementState::new("t");
+        let mut s = base();
+        s.groups.insert("g4".into(), group("g4", "team_alpha", &[]));
+        let p = Policy {
+            on_conflict: OnConflict::Skip,
+            ..Policy::default()
+        };
+        let r = sync(&s, &t, &mut st, &p).await;
+        assert_eq!(r.plan.conflicts.len(), 1);
+        assert_eq!(r.plan.conflicts[0].sources.len(), 2);
+        assert!(
+            !ops(&r.plan)
+                .iter()
+                .any(|o| o.to_lowercase().contains("team_alpha"))
+        );
+    })
+}
+
+#[test]
+fn stale_links_and_vanished_principals_heal() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        sync(&base(), &t, &mut st, &Policy::default()).await;
+        // Someone deletes alice and TEAM_ZETA in the target, behind idsync's back.
+        let alice = st.link(Kind::User, "u1").unwrap().to_owned();
+        let zeta = st.link(Kind::Group, "g3").unwrap().to_owned();
+        for (k, key, id) in [
+            (Kind::User, "alice@x", &alice),
+            (Kind::Group, "TEAM_ZETA", &zeta),
+        ] {
+            let target = idsync_model::PRef {
+                kind: k,
+                key: key.into(),
+                id: Some(id.clone()),
+            };
+            t.execute(&Op::Delete { target }).await.unwrap();
+        }
+        let r = sync(&base(), &t, &mut st, &Policy::default()).await;
+        assert_eq!(
+            ops(&r.plan),
+            [
+                "forget user \"alice@x\"",
+                "forget group \"TEAM_ZETA\"",
+                "create user \"alice@x\"",
+                "create group \"TEAM_ZETA\"",
+                "addMembers group \"TEAM_ALPHA\" [\"alice@x\"]",
+                "addMembers group \"TEAM_ZETA\" [\"bob@x\"]",
+            ]
+        );
+        assert!(r.report.unwrap().is_success());
+        assert!(!st.owns(Kind::User, &alice));
+        assert_ne!(st.link(Kind::User, "u1").unwrap(), alice);
+        // An owned principal gone from the target and from the source is forgotten.
+        let mut s = base();
+        s.users.remove("u2");
+        s.groups.get_mut("g3").unwrap().members.clear();
+        let bob = st.link(Kind::User, "u2").unwrap().to_owned();
+        let target = idsync_model::PRef {
+            kind: Kind::User,
+            key: "bob@x".into(),
+            id: Some(bob.clone()),
+        };
+        t.execute(&Op::Delete { target }).await.unwrap();
+        let r = sync(&s, &t, &mut st, &Policy::default()).await;
+        assert_eq!(ops(&r.plan), ["forget user \"bob@x\""]);
+        assert!(!st.owns(Kind::User, &bob));
+    })
+}
+
+#[test]
+fn a_crash_in_the_middle_of_an_apply_resumes_cleanly() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        t.fail_after(Some(4));
+        let r = sync(&base(), &t, &mut st, &Policy::default()).await;
+        let rep = r.report.unwrap();
+        assert!(!rep.is_success());
+        assert_eq!(rep.writes, 4);
+        // The crash happened before the state learnt of the creates: simulate the worst case, a
+        // state that still has only the journal written before the first write.
+        let mut crashed = AgreementState::new("t");
+        idsync_engine::apply::begin(&r.plan, &t.capabilities(), &mut crashed);
+        t.fail_after(None);
+        let r = sync(&base(), &t, &mut crashed, &Policy::default()).await;
+        assert!(r.plan.conflicts.is_empty(), "{:?}", r.plan.conflicts);
+        assert!(r.plan.notes.iter().any(|n| n.contains("did not finish")));
+        assert!(r.report.unwrap().is_success());
+        let o = t.observe().await.unwrap();
+        assert_eq!(o.principals.len(), 7, "nothing duplicated");
+        assert!(crashed.journal.is_none());
+        assert!(
+            sync(&base(), &t, &mut crashed, &Policy::default())
+                .await
+                .plan
+                .ops
+                .is_empty()
+        );
+    })
+}
+
+#[test]
+fn yielded_attributes_and_members_are_left_to_the_target() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        sync(&base(), &t, &mut st, &Policy::default()).await;
+        let mut s = base();
+        s.users.get_mut("u1").unwrap().display_name = "changed".into();
+        s.groups.get_mut("g3").unwrap().members.clear();
+        let policy = Policy {
+            yield_attributes: [idsync_model::Attr::DisplayName].into(),
+            yield_members: true,
+            ..Policy::default()
+        };
+        assert!(sync(&s, &t, &mut st, &policy).await.plan.ops.is_empty());
+    })
+}
+
+#[test]
+fn default_policies_are_attached_to_groups() {
+    block(async {
+        let caps = Capabilities {
+            group_policies: true,
+            ..flat_caps()
+        };
+        let t = MemoryTarget::new(caps);
+        let mut st = AgreementState::new("t");
+        let mut mapping = Mapping::defaults();
+        mapping.group_policies = [
+            "AuthManageOwnCredentials".to_string(),
+            "FSReadAll".to_string(),
+        ]
+        .into();
+        let r = sync_with(&base(), &t, &mut st, &Policy::default(), &mapping).await;
+        assert_eq!(
+            r.plan
+                .ops
+                .iter()
+                .filter(|o| matches!(o, Op::AttachPolicies { .. }))
+                .count(),
+            3
+        );
+        assert!(r.report.unwrap().is_success());
+        mapping.group_policies.insert("FSWriteAll".into());
+        let r = sync_with(&base(), &t, &mut st, &Policy::default(), &mapping).await;
+        assert_eq!(r.plan.ops.len(), 3);
+        assert!(r.plan.ops.iter().all(
+            |o| matches!(o, Op::AttachPolicies { policies, .. } if policies == &["FSWriteAll"])
+        ));
+    })
+}
+
+#[test]
+fn members_added_outside_idsync_to_an_owned_group_are_removed() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        sync(&base(), &t, &mut st, &Policy::default()).await;
+        let stranger = t.insert(Principal::new(Kind::User, "stranger@x"));
+        let zeta = st.link(Kind::Group, "g3").unwrap().to_owned();
+        t.insert_member(&zeta, Kind::User, &stranger);
+        let r = sync(&base(), &t, &mut st, &Policy::default()).await;
+        assert_eq!(
+            ops(&r.plan),
+            ["removeMembers group \"TEAM_ZETA\" [\"stranger@x\"]"]
+        );
+        // The stranger itself is not idsync's and stays.
+        assert!(
+            t.observe()
+                .await
+                .unwrap()
+                .get(Kind::User, &stranger)
+                .is_some()
+        );
+    })
+}
+
+#[test]
+fn guests_map_by_mail_and_unmappable_principals_are_held_back_not_deprovisioned() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        let mut s = base();
+        let g = s.users.get_mut("u2").unwrap();
+        g.user_type = UserType::Guest;
+        g.user_name = "bob_ext#EXT#@corp.onmicrosoft.com".into();
+        g.emails = vec!["bob@partner.example".into()];
+        let policy = Policy {
+            deprovision: Deprovision::Delete,
+            ..Policy::default()
+        };
+        let r = sync(&s, &t, &mut st, &policy).await;
+        assert!(ops(&r.plan).contains(&"create user \"bob@partner.example\"".to_string()));
+        // The guest's mail disappears: the user cannot be mapped, so it is held back, not deleted.
+        s.users.get_mut("u2").unwrap().emails.clear();
+        let r = sync(&s, &t, &mut st, &policy).await;
+        assert!(
+            !ops(&r.plan).iter().any(|o| o.starts_with("delete")),
+            "{:?}",
+            ops(&r.plan)
+        );
+        assert!(
+            r.plan.notes.iter().any(|n| n.contains("{mail} is empty")),
+            "{:?}",
+            r.plan.notes
+        );
+    })
+}
+
+#[test]
+fn lakefs_style_user_ids_from_templates() {
+    block(async {
+        let t = MemoryTarget::new(flat_caps());
+        let mut st = AgreementState::new("t");
+        let mut mapping = Mapping::defaults();
+        mapping.user_name = Mapping::user_template("waad|{id}").unwrap();
+        mapping.guest_user_name = None;
+        let r = sync_with(&base(), &t, &mut st, &Policy::default(), &mapping).await;
+        assert!(ops(&r.plan).contains(&"create user \"waad|u1\"".to_string()));
+    })
+}

@@ -1,0 +1,433 @@
+//! What a source (Entra ID, LDAP, a file) says about people: users, service principals and
+//! groups with typed, possibly nested, members. A [`Snapshot`] is one read of a source scope.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// The three kinds of principal idsync synchronises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Kind {
+    /// A person (or a guest).
+    User,
+    /// An application identity (Entra service principal, Databricks service principal).
+    ServicePrincipal,
+    /// A group; its members are users, service principals and groups.
+    Group,
+}
+
+impl Kind {
+    /// All kinds, in the order creates are applied.
+    pub const ALL: [Kind; 3] = [Kind::User, Kind::ServicePrincipal, Kind::Group];
+
+    /// The name used in plans, state and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::ServicePrincipal => "servicePrincipal",
+            Kind::Group => "group",
+        }
+    }
+
+    /// Parses `user`, `servicePrincipal` (or `sp`, `service_principal`) and `group`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "user" | "users" => Some(Kind::User),
+            "servicePrincipal" | "service_principal" | "sp" | "servicePrincipals" => {
+                Some(Kind::ServicePrincipal)
+            }
+            "group" | "groups" => Some(Kind::Group),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a user is a member of the tenant or an invited guest.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum UserType {
+    /// A regular member of the directory.
+    #[default]
+    Member,
+    /// An invited external user (Entra B2B). Usually mapped by mail, not by UPN.
+    Guest,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// A user as the source knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct User {
+    /// Stable source id (Entra object id, LDAP entryUUID / objectGUID). Never changes.
+    pub id: String,
+    /// Login name (Entra userPrincipalName, LDAP uid / sAMAccountName).
+    #[serde(alias = "userPrincipalName")]
+    pub user_name: String,
+    /// Display name.
+    #[serde(default)]
+    pub display_name: String,
+    /// Mail addresses, the primary one first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emails: Vec<String>,
+    /// Whether the account is enabled (Entra accountEnabled).
+    #[serde(
+        default = "yes",
+        skip_serializing_if = "is_true",
+        alias = "accountEnabled"
+    )]
+    pub active: bool,
+    /// Member or guest.
+    #[serde(default, skip_serializing_if = "is_member")]
+    pub user_type: UserType,
+    /// The source's external id, if any (Entra onPremisesImmutableId, an HR id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    /// Any other attribute a mapping template may use (`dn`, `employeeId`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+fn is_member(t: &UserType) -> bool {
+    *t == UserType::Member
+}
+
+/// A service principal (an application's identity).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePrincipal {
+    /// Stable source id (the service principal's object id).
+    pub id: String,
+    /// The application (client) id; Databricks calls it applicationId.
+    pub app_id: String,
+    /// Display name.
+    #[serde(default)]
+    pub display_name: String,
+    /// Whether sign-in is enabled.
+    #[serde(
+        default = "yes",
+        skip_serializing_if = "is_true",
+        alias = "accountEnabled"
+    )]
+    pub active: bool,
+}
+
+/// A typed reference to a member of a group.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// What the member is.
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// The member's stable source id.
+    pub id: String,
+}
+
+impl Member {
+    /// A user member.
+    pub fn user(id: impl Into<String>) -> Self {
+        Member {
+            kind: Kind::User,
+            id: id.into(),
+        }
+    }
+    /// A service principal member.
+    pub fn service_principal(id: impl Into<String>) -> Self {
+        Member {
+            kind: Kind::ServicePrincipal,
+            id: id.into(),
+        }
+    }
+    /// A nested group.
+    pub fn group(id: impl Into<String>) -> Self {
+        Member {
+            kind: Kind::Group,
+            id: id.into(),
+        }
+    }
+}
+
+/// A group with its direct members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Group {
+    /// Stable source id.
+    pub id: String,
+    /// Display name (not unique in Entra: duplicates are reported, not merged).
+    pub display_name: String,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Security-enabled (Entra). Non-security groups are synced only when asked.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub security_enabled: bool,
+    /// Mail-enabled (Entra distribution lists, Microsoft 365 groups).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mail_enabled: bool,
+    /// Direct members, by type and source id.
+    #[serde(default)]
+    pub members: BTreeSet<Member>,
+}
+
+/// A directory as a file holds it: lists, in the Graph-like camelCase shape. This is the fixture
+/// format of the `file` source and the emulators, and how a snapshot is serialised.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Directory {
+    /// Users.
+    #[serde(default)]
+    pub users: Vec<User>,
+    /// Service principals.
+    #[serde(default)]
+    pub service_principals: Vec<ServicePrincipal>,
+    /// Groups.
+    #[serde(default)]
+    pub groups: Vec<Group>,
+    /// Groups whose member list could not be read completely. Their members are never removed.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub incomplete_groups: BTreeSet<String>,
+}
+
+/// One consistent read of a source scope, indexed by source id. Ordered, so that everything derived
+/// from it is deterministic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "Directory", try_from = "Directory")]
+pub struct Snapshot {
+    /// Users by source id.
+    pub users: BTreeMap<String, User>,
+    /// Service principals by source id.
+    pub service_principals: BTreeMap<String, ServicePrincipal>,
+    /// Groups by source id.
+    pub groups: BTreeMap<String, Group>,
+    /// Groups whose members were not read completely (a failed or truncated read): the engine never
+    /// removes members from them.
+    pub incomplete_groups: BTreeSet<String>,
+}
+
+/// A directory that cannot become a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryError(pub String);
+
+impl fmt::Display for DirectoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DirectoryError {}
+
+impl TryFrom<Directory> for Snapshot {
+    type Error = DirectoryError;
+    fn try_from(d: Directory) -> Result<Self, DirectoryError> {
+        let mut s = Snapshot {
+            incomplete_groups: d.incomplete_groups,
+            ..Snapshot::default()
+        };
+        for u in d.users {
+            let id = u.id.clone();
+            if s.users.insert(id.clone(), u).is_some() {
+                return Err(DirectoryError(format!("duplicate user id {id:?}")));
+            }
+        }
+        for sp in d.service_principals {
+            let id = sp.id.clone();
+            if s.service_principals.insert(id.clone(), sp).is_some() {
+                return Err(DirectoryError(format!(
+                    "duplicate service principal id {id:?}"
+                )));
+            }
+        }
+        for g in d.groups {
+            let id = g.id.clone();
+            if s.groups.insert(id.clone(), g).is_some() {
+                return Err(DirectoryError(format!("duplicate group id {id:?}")));
+            }
+        }
+        Ok(s)
+    }
+}
+
+impl From<Snapshot> for Directory {
+    fn from(s: Snapshot) -> Self {
+        Directory {
+            users: s.users.into_values().collect(),
+            service_principals: s.service_principals.into_values().collect(),
+            groups: s.groups.into_values().collect(),
+            incomplete_groups: s.incomplete_groups,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Number of principals of every kind.
+    pub fn len(&self) -> usize {
+        self.users.len() + self.service_principals.len() + self.groups.len()
+    }
+
+    /// True when the snapshot holds no principal at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a principal with this kind and id is in the snapshot.
+    pub fn contains(&self, kind: Kind, id: &str) -> bool {
+        match kind {
+            Kind::User => self.users.contains_key(id),
+            Kind::ServicePrincipal => self.service_principals.contains_key(id),
+            Kind::Group => self.groups.contains_key(id),
+        }
+    }
+
+    /// Total number of direct memberships.
+    pub fn membership_count(&self) -> usize {
+        self.groups.values().map(|g| g.members.len()).sum()
+    }
+
+    /// Applies one change from a source's change feed. Changes to groups the snapshot does not hold
+    /// are ignored (they are out of scope); a member may reference a principal the snapshot does not
+    /// hold yet: the source sends its upsert in the same change set.
+    pub fn apply_change(&mut self, change: &Change) {
+        match change {
+            Change::UpsertUser(u) => {
+                self.users.insert(u.id.clone(), u.clone());
+            }
+            Change::UpsertServicePrincipal(sp) => {
+                self.service_principals.insert(sp.id.clone(), sp.clone());
+            }
+            Change::UpsertGroup {
+                id,
+                display_name,
+                description,
+            } => {
+                let g = self.groups.entry(id.clone()).or_insert_with(|| Group {
+                    id: id.clone(),
+                    display_name: display_name.clone(),
+                    description: None,
+                    security_enabled: true,
+                    mail_enabled: false,
+                    members: BTreeSet::new(),
+                });
+                g.display_name = display_name.clone();
+                g.description = description.clone();
+            }
+            Change::ReplaceMembers { group, members } => {
+                if let Some(g) = self.groups.get_mut(group) {
+                    g.members = members.clone();
+                    self.incomplete_groups.remove(group);
+                }
+            }
+            Change::Remove(m) => {
+                match m.kind {
+                    Kind::User => {
+                        self.users.remove(&m.id);
+                    }
+                    Kind::ServicePrincipal => {
+                        self.service_principals.remove(&m.id);
+                    }
+                    Kind::Group => {
+                        self.groups.remove(&m.id);
+                        self.incomplete_groups.remove(&m.id);
+                    }
+                }
+                for g in self.groups.values_mut() {
+                    g.members.remove(m);
+                }
+            }
+            Change::AddMember { group, member } => {
+                if let Some(g) = self.groups.get_mut(group) {
+                    g.members.insert(member.clone());
+                }
+            }
+            Change::RemoveMember { group, member } => {
+                if let Some(g) = self.groups.get_mut(group) {
+                    g.members.remove(member);
+                }
+            }
+        }
+    }
+
+    /// Drops users and service principals that no group of the snapshot reaches any more (they left
+    /// every synced group). Used when the scope is "principals reached through memberships".
+    pub fn prune_unreachable(&mut self) {
+        let mut reached: BTreeSet<&Member> = BTreeSet::new();
+        for g in self.groups.values() {
+            reached.extend(g.members.iter());
+        }
+        let users: BTreeSet<String> = self
+            .users
+            .keys()
+            .filter(|id| !reached.contains(&Member::user(id.as_str())))
+            .cloned()
+            .collect();
+        let sps: BTreeSet<String> = self
+            .service_principals
+            .keys()
+            .filter(|id| !reached.contains(&Member::service_principal(id.as_str())))
+            .cloned()
+            .collect();
+        for id in users {
+            self.users.remove(&id);
+        }
+        for id in sps {
+            self.service_principals.remove(&id);
+        }
+    }
+}
+
+/// One entry of a source's change feed (Graph delta, LDAP syncrepl, a demo's edits).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "change")]
+pub enum Change {
+    /// A user was created or changed (all attributes given).
+    UpsertUser(User),
+    /// A service principal was created or changed.
+    UpsertServicePrincipal(ServicePrincipal),
+    /// A group was created or its attributes changed; members are unchanged.
+    #[serde(rename_all = "camelCase")]
+    UpsertGroup {
+        /// Source id.
+        id: String,
+        /// New display name.
+        display_name: String,
+        /// New description.
+        description: Option<String>,
+    },
+    /// A group's members were read in full (a group new to the scope, or after a reset).
+    ReplaceMembers {
+        /// Group source id.
+        group: String,
+        /// Its direct members.
+        members: BTreeSet<Member>,
+    },
+    /// A principal was deleted in the source (or left the scope).
+    Remove(Member),
+    /// A member was added to a group.
+    AddMember {
+        /// Group source id.
+        group: String,
+        /// The member.
+        member: Member,
+    },
+    /// A member was removed from a group.
+    RemoveMember {
+        /// Group source id.
+        group: String,
+        /// The member.
+        member: Member,
+    },
+}

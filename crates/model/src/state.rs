@@ -1,0 +1,156 @@
+//! What idsync remembers about one agreement (one source × one target) between runs.
+
+use crate::source::{Kind, Snapshot};
+use crate::target::PKey;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The version of the state format this build writes. A newer one is refused, never overwritten.
+pub const STATE_FORMAT: u32 = 1;
+
+/// A value kept per principal kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PerKind<T> {
+    /// For users.
+    #[serde(default)]
+    pub users: T,
+    /// For service principals.
+    #[serde(default)]
+    pub service_principals: T,
+    /// For groups.
+    #[serde(default)]
+    pub groups: T,
+}
+
+impl<T> PerKind<T> {
+    /// The value for a kind.
+    pub fn get(&self, kind: Kind) -> &T {
+        match kind {
+            Kind::User => &self.users,
+            Kind::ServicePrincipal => &self.service_principals,
+            Kind::Group => &self.groups,
+        }
+    }
+
+    /// The value for a kind, mutably.
+    pub fn get_mut(&mut self, kind: Kind) -> &mut T {
+        match kind {
+            Kind::User => &mut self.users,
+            Kind::ServicePrincipal => &mut self.service_principals,
+            Kind::Group => &mut self.groups,
+        }
+    }
+}
+
+/// How idsync came to own a target principal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Ownership {
+    /// idsync created it.
+    Created,
+    /// It existed and was adopted (`adopt = true`, or named in `adopt_keys`).
+    Adopted,
+}
+
+/// One owned target principal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owned {
+    /// Its key when last seen, for messages and for `state show`.
+    pub key: String,
+    /// How idsync came to own it.
+    pub how: Ownership,
+}
+
+/// Where the agreement stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AgreementStatus {
+    /// idsync has authority over what it owns.
+    #[default]
+    Active,
+    /// Authority was handed to the target: idsync owns nothing and will not sync again.
+    Finalised,
+    /// What idsync created was removed and the agreement ended.
+    Terminated,
+}
+
+/// The journal of an apply in progress. Written before the first write and cleared after the last,
+/// so a run that crashed in between recognises the principals it created as its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Journal {
+    /// Identifies the apply (the plan's hash).
+    pub plan_id: String,
+    /// Creates that were started and not confirmed, by folded key.
+    pub pending_creates: BTreeSet<PKey>,
+}
+
+/// Everything idsync remembers about one agreement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgreementState {
+    /// Format version ([`STATE_FORMAT`]).
+    pub format: u32,
+    /// The agreement's name.
+    pub agreement: String,
+    /// Incremented on every commit; plans record it as their precondition.
+    pub version: u64,
+    /// Active, finalised or terminated.
+    #[serde(default)]
+    pub status: AgreementStatus,
+    /// Source id → target id, per kind.
+    #[serde(default)]
+    pub links: PerKind<BTreeMap<String, String>>,
+    /// Target principals idsync created or adopted, by target id, per kind.
+    #[serde(default)]
+    pub owned: PerKind<BTreeMap<String, Owned>>,
+    /// The source snapshot last applied in full (the base for change feeds).
+    #[serde(default)]
+    pub last_applied: Option<Snapshot>,
+    /// Change-feed cursors (delta tokens), advanced only after a successful apply.
+    #[serde(default)]
+    pub cursors: BTreeMap<String, String>,
+    /// The apply in progress, if a run stopped in the middle of one.
+    #[serde(default)]
+    pub journal: Option<Journal>,
+}
+
+impl AgreementState {
+    /// A fresh state for an agreement.
+    pub fn new(agreement: impl Into<String>) -> Self {
+        AgreementState {
+            format: STATE_FORMAT,
+            agreement: agreement.into(),
+            version: 0,
+            status: AgreementStatus::Active,
+            links: PerKind::default(),
+            owned: PerKind::default(),
+            last_applied: None,
+            cursors: BTreeMap::new(),
+            journal: None,
+        }
+    }
+
+    /// Whether idsync owns the target principal with this kind and id.
+    pub fn owns(&self, kind: Kind, target_id: &str) -> bool {
+        self.owned.get(kind).contains_key(target_id)
+    }
+
+    /// Number of owned principals.
+    pub fn owned_count(&self) -> usize {
+        Kind::ALL.iter().map(|k| self.owned.get(*k).len()).sum()
+    }
+
+    /// The target id linked to a source principal.
+    pub fn link(&self, kind: Kind, source_id: &str) -> Option<&str> {
+        self.links.get(kind).get(source_id).map(String::as_str)
+    }
+
+    /// Whether a create of this key was started by an apply that did not finish.
+    pub fn pending_create(&self, key: &PKey) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|j| j.pending_creates.contains(key))
+    }
+}
