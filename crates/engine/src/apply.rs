@@ -225,7 +225,13 @@ pub async fn apply(
         }
     }
 
-    for (_, ops) in phases {
+    for (phase, ops) in phases {
+        // Renames run one at a time in plan order: each may free the key the next one takes.
+        let width = if phase == idsync_model::plan::RENAME_PHASE {
+            1
+        } else {
+            workers
+        };
         let mut runnable = Vec::with_capacity(ops.len());
         for op in ops {
             match resolve(op, &created) {
@@ -253,7 +259,7 @@ pub async fn apply(
                 };
                 (op, r)
             })
-            .buffer_unordered(workers)
+            .buffered(width)
             .collect()
             .await;
         let mut results = results;
@@ -300,7 +306,7 @@ fn resolve(op: &Op, created: &BTreeMap<(Kind, String), String>) -> Result<(Op, V
         | Op::Forget { target }
         | Op::Update { target, .. }
         | Op::Deactivate { target }
-        | Op::Delete { target } => *target = fill(target).ok_or_else(|| target.clone())?,
+        | Op::Delete { target, .. } => *target = fill(target).ok_or_else(|| target.clone())?,
         Op::AttachPolicies { group, .. } => *group = fill(group).ok_or_else(|| group.clone())?,
         Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
             *group = fill(group).ok_or_else(|| group.clone())?;
@@ -376,7 +382,7 @@ fn record(
                 }
             }
         }
-        (Op::Delete { target } | Op::Forget { target }, _) => {
+        (Op::Delete { target, .. } | Op::Forget { target }, _) => {
             let Some(id) = &target.id else { return };
             state.owned.get_mut(target.kind).remove(id);
             state.links.get_mut(target.kind).retain(|_, t| t != id);

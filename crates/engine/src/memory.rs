@@ -240,7 +240,7 @@ impl Target for MemoryTarget {
                 i.get_mut(target)?.principal.active = false;
                 Outcome::Done
             }
-            Op::Delete { target } => {
+            Op::Delete { target, .. } => {
                 let id = id_of(target)?.to_owned();
                 if i.principals.remove(&(target.kind, id.clone())).is_none() {
                     return Err(err(

@@ -104,10 +104,11 @@ pub fn plan(
             ..Summary::default()
         },
     };
-    let res = cx.resolve();
+    let mut res = cx.resolve();
     cx.attributes(&res);
-    cx.memberships(&res);
     cx.orphans(&res);
+    let rename_order = cx.check_renames(&mut res);
+    cx.memberships(&res);
     cx.held_back();
     if desired.dangling_members > 0 {
         cx.notes.push(format!(
@@ -123,6 +124,7 @@ pub fn plan(
         ..
     } = cx;
     ops.sort_by_cached_key(Op::sort_key);
+    order_renames(&mut ops, &rename_order);
     conflicts.sort();
     tally(&ops, &mut summary);
     let halt = halt(desired, state, policy, &conflicts, &summary);
@@ -334,6 +336,183 @@ impl Ctx<'_> {
         }
     }
 
+    /// Makes key changes safe: a rename into a key another principal holds waits for that one to
+    /// be renamed away (the returned order), and is a conflict when the holder stays (it is not
+    /// idsync's, or idsync keeps it) or when renames form a cycle (a swap). A blocked rename keeps
+    /// its other attribute changes. Returns the rank of each rename by its old folded key.
+    fn check_renames(&mut self, res: &mut BTreeMap<PKey, Res>) -> BTreeMap<(Kind, String), usize> {
+        let caps = self.caps;
+        let mut holder: BTreeMap<PKey, &str> = BTreeMap::new();
+        for ((_, id), o) in &self.observed.principals {
+            holder.insert(caps.pkey(&o.principal), id);
+        }
+        // old folded key → (op index, new folded key, target id)
+        let mut renames: BTreeMap<PKey, (usize, PKey, String)> = BTreeMap::new();
+        for (i, op) in self.ops.iter().enumerate() {
+            if let Op::Update {
+                target, changes, ..
+            } = op
+            {
+                if let Some(c) = changes.iter().find(|c| c.attr == Attr::Key) {
+                    if let idsync_model::AttrValue::Text(Some(new)) = &c.to {
+                        let old = PKey::new(target.kind, caps.fold(&target.key));
+                        let new = PKey::new(target.kind, caps.fold(new));
+                        renames.insert(old, (i, new, target.id.clone().unwrap_or_default()));
+                    }
+                }
+            }
+        }
+        // Owned principals this plan deletes anyway: deleting them first frees their keys.
+        let deleted: BTreeMap<String, usize> = self
+            .ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, op)| match op {
+                Op::Delete { target, .. } => target.id.clone().map(|id| (id, i)),
+                _ => None,
+            })
+            .collect();
+        let mut early_deletes: BTreeSet<usize> = BTreeSet::new();
+        let mut blocked: BTreeMap<usize, String> = BTreeMap::new();
+        let mut rank: BTreeMap<(Kind, String), usize> = BTreeMap::new();
+        for (old, (i, new, _)) in &renames {
+            // Follow the chain of holders: new key → its holder's rename → ...
+            let mut chain = vec![old.clone()];
+            let mut at = new.clone();
+            let verdict = loop {
+                match holder.get(&at) {
+                    None => break Ok(()),
+                    Some(h) if deleted.contains_key(*h) => {
+                        early_deletes.insert(deleted[*h]);
+                        break Ok(());
+                    }
+                    Some(h) => match renames.get(&at) {
+                        Some(_) if chain.contains(&at) => {
+                            break Err(format!(
+                                "renames between {} form a cycle (a swap of keys); rename one of them to a temporary name in the source first",
+                                chain
+                                    .iter()
+                                    .map(ToString::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ));
+                        }
+                        Some((_, next, _)) => {
+                            chain.push(at.clone());
+                            at = next.clone();
+                        }
+                        None => {
+                            let why = if self.state.owns(at.kind, h) {
+                                "idsync owns it, but it left the source and the deprovision policy keeps it"
+                            } else {
+                                "idsync does not own it"
+                            };
+                            break Err(format!(
+                                "the rename to {at} is blocked: target id {h} holds that key and {why}"
+                            ));
+                        }
+                    },
+                }
+            };
+            match verdict {
+                Ok(()) => {
+                    if let Op::Update { target, .. } = &self.ops[*i] {
+                        rank.insert((target.kind, target.key.clone()), chain.len());
+                    }
+                }
+                Err(reason) => {
+                    blocked.insert(*i, reason);
+                }
+            }
+        }
+        // A rename that waits on a blocked one is blocked too; repeat until nothing changes.
+        loop {
+            let mut more = Vec::new();
+            for (old, (i, new, _)) in &renames {
+                if blocked.contains_key(i) {
+                    continue;
+                }
+                if let Some((j, _, _)) = renames.get(new) {
+                    if blocked.contains_key(j) {
+                        more.push((*i, format!("the rename of {old} waits on a blocked rename")));
+                    }
+                }
+            }
+            if more.is_empty() {
+                break;
+            }
+            blocked.extend(more);
+        }
+        for &i in &early_deletes {
+            if let Op::Delete { target, frees_key } = &mut self.ops[i] {
+                *frees_key = true;
+                rank.insert((target.kind, target.key.clone()), 0);
+            }
+        }
+        // Keys that stay taken after the rename phase: held by a principal that is not renamed.
+        let mut still_held: BTreeSet<PKey> = holder
+            .keys()
+            .filter(|k| !renames.contains_key(*k))
+            .cloned()
+            .collect();
+        for i in &early_deletes {
+            if let Op::Delete { target, .. } = &self.ops[*i] {
+                still_held.remove(&PKey::new(target.kind, caps.fold(&target.key)));
+            }
+        }
+        for (i, reason) in blocked.into_iter().rev() {
+            if let Op::Update {
+                target,
+                source,
+                changes,
+            } = &mut self.ops[i]
+            {
+                changes.retain(|c| c.attr != Attr::Key);
+                still_held.insert(PKey::new(target.kind, caps.fold(&target.key)));
+                self.conflicts.push(Conflict {
+                    key: PKey::new(target.kind, caps.fold(&target.key)),
+                    sources: vec![source.clone()],
+                    target_id: target.id.clone(),
+                    reason,
+                });
+                rank.remove(&(target.kind, target.key.clone()));
+                if changes.is_empty() {
+                    self.ops.remove(i);
+                }
+            }
+        }
+        // A create whose key is still taken (by a principal whose rename was blocked) cannot run.
+        let mut dropped: BTreeSet<PKey> = BTreeSet::new();
+        for op in &self.ops {
+            if let Op::Create { principal, source } = op {
+                let key = caps.pkey(principal);
+                if still_held.contains(&key) {
+                    self.conflicts.push(Conflict {
+                        key: key.clone(),
+                        sources: vec![source.clone()],
+                        target_id: None,
+                        reason: format!("{key} is still taken by a principal whose rename is blocked (see its conflict); resolve that one first"),
+                    });
+                    dropped.insert(key);
+                }
+            }
+        }
+        if !dropped.is_empty() {
+            self.ops.retain(|op| match op {
+                Op::Create { principal, .. } => !dropped.contains(&caps.pkey(principal)),
+                Op::AttachPolicies { group, .. } => {
+                    group.id.is_some()
+                        || !dropped.contains(&PKey::new(group.kind, caps.fold(&group.key)))
+                }
+                _ => true,
+            });
+            for k in dropped {
+                res.insert(k, Res::Skipped(None));
+            }
+        }
+        rank
+    }
+
     /// A reference to the target principal a desired key resolves to, for membership operations.
     fn member_ref(&self, key: &PKey, res: &BTreeMap<PKey, Res>) -> Option<PRef> {
         let dp = self.desired.principals.get(key)?;
@@ -458,7 +637,10 @@ impl Ctx<'_> {
                 let target = pref(kind, &o.principal.key, Some(tid));
                 match self.policy.deprovision {
                     Deprovision::None => self.summary.kept += 1,
-                    Deprovision::Delete => self.ops.push(Op::Delete { target }),
+                    Deprovision::Delete => self.ops.push(Op::Delete {
+                        target,
+                        frees_key: false,
+                    }),
                     Deprovision::Deactivate if kind == Kind::Group || !self.caps.deactivate => {
                         self.summary.kept += 1;
                     }
@@ -506,6 +688,24 @@ impl Ctx<'_> {
             });
         }
     }
+}
+
+/// Orders the rename phase so that a rename runs after the rename that frees its key (the rank is
+/// the length of the chain from it to a free key: the shortest chains go first).
+fn order_renames(ops: &mut [Op], rank: &BTreeMap<(Kind, String), usize>) {
+    let start = ops
+        .iter()
+        .position(|o| o.phase() == idsync_model::plan::RENAME_PHASE);
+    let Some(start) = start else { return };
+    let end = start
+        + ops[start..]
+            .iter()
+            .take_while(|o| o.phase() == idsync_model::plan::RENAME_PHASE)
+            .count();
+    ops[start..end].sort_by_cached_key(|o| {
+        let (kind, key) = o.subject();
+        rank.get(&(kind, key.to_owned())).copied().unwrap_or(0)
+    });
 }
 
 fn tally(ops: &[Op], s: &mut Summary) {

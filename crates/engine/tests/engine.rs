@@ -97,13 +97,14 @@ fn attribute_changes_renames_and_reactivation() {
         let r = sync(&s, &t, &mut st, &Policy::default()).await;
         assert_eq!(
             ops(&r.plan),
+            // Renames first (they free keys), then other attribute changes.
             [
-                "update user \"alice@x\"",
                 "update user \"bob@x\"",
-                "update group \"TEAM_ZETA\""
+                "update group \"TEAM_ZETA\"",
+                "update user \"alice@x\""
             ]
         );
-        let Op::Update { changes, .. } = &r.plan.ops[1] else {
+        let Op::Update { changes, .. } = &r.plan.ops[0] else {
             panic!()
         };
         assert_eq!(
@@ -534,7 +535,12 @@ fn stale_links_and_vanished_principals_heal() {
                 key: key.into(),
                 id: Some(id.clone()),
             };
-            t.execute(&Op::Delete { target }).await.unwrap();
+            t.execute(&Op::Delete {
+                target,
+                frees_key: false,
+            })
+            .await
+            .unwrap();
         }
         let r = sync(&base(), &t, &mut st, &Policy::default()).await;
         assert_eq!(
@@ -561,7 +567,12 @@ fn stale_links_and_vanished_principals_heal() {
             key: "bob@x".into(),
             id: Some(bob.clone()),
         };
-        t.execute(&Op::Delete { target }).await.unwrap();
+        t.execute(&Op::Delete {
+            target,
+            frees_key: false,
+        })
+        .await
+        .unwrap();
         let r = sync(&s, &t, &mut st, &Policy::default()).await;
         assert_eq!(ops(&r.plan), ["forget user \"bob@x\""]);
         assert!(!st.owns(Kind::User, &bob));

@@ -10,6 +10,9 @@ use std::fmt;
 /// The version of the plan file format.
 pub const PLAN_FORMAT: u32 = 1;
 
+/// The phase of key changes: its operations run one at a time, in plan order.
+pub const RENAME_PHASE: u8 = 1;
+
 /// A reference to a target principal: its folded key, and its target id once it exists (a
 /// principal created by the same plan gets its id during apply).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -99,9 +102,14 @@ pub enum Op {
         target: PRef,
     },
     /// Delete a principal idsync owns that left the source (`deprovision = "delete"`).
+    #[serde(rename_all = "camelCase")]
     Delete {
         /// The principal.
         target: PRef,
+        /// Another principal is renamed to this one's key in the same plan: the deletion runs in
+        /// the rename phase, before that rename, instead of last.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        frees_key: bool,
     },
 }
 
@@ -118,18 +126,26 @@ pub enum Stage {
 }
 
 impl Op {
-    /// The order in which operations run: adopt, update (renames free keys), create, policies,
-    /// member removals (they break cycles), member additions, deactivations, deletions.
+    /// The order in which operations run: adopt and forget, renames (one at a time, in the plan's
+    /// order, so a rename that frees a key runs before the one that takes it), other updates,
+    /// creates, policies, member removals (they break cycles), member additions, deactivations,
+    /// deletions.
     pub fn phase(&self) -> u8 {
         match self {
             Op::Adopt { .. } | Op::Forget { .. } => 0,
-            Op::Update { .. } => 1,
-            Op::Create { .. } => 2,
-            Op::AttachPolicies { .. } => 3,
-            Op::RemoveMembers { .. } => 4,
-            Op::AddMembers { .. } => 5,
-            Op::Deactivate { .. } => 6,
-            Op::Delete { .. } => 7,
+            Op::Update { changes, .. } if changes.iter().any(|c| c.attr == Attr::Key) => {
+                RENAME_PHASE
+            }
+            Op::Delete {
+                frees_key: true, ..
+            } => RENAME_PHASE,
+            Op::Update { .. } => 2,
+            Op::Create { .. } => 3,
+            Op::AttachPolicies { .. } => 4,
+            Op::RemoveMembers { .. } => 5,
+            Op::AddMembers { .. } => 6,
+            Op::Deactivate { .. } => 7,
+            Op::Delete { .. } => 8,
         }
     }
 
@@ -153,7 +169,7 @@ impl Op {
             | Op::Forget { target }
             | Op::Update { target, .. }
             | Op::Deactivate { target }
-            | Op::Delete { target } => (target.kind, &target.key),
+            | Op::Delete { target, .. } => (target.kind, &target.key),
             Op::Create { principal, .. } => (principal.kind, &principal.key),
             Op::AttachPolicies { group, .. }
             | Op::RemoveMembers { group, .. }

@@ -1,0 +1,313 @@
+//! Property tests of the plan engine, on random directories, targets and policies:
+//! - applying a plan to the in-memory target and planning again gives an empty plan;
+//! - plans are deterministic;
+//! - a principal idsync does not own (and did not adopt) is never modified;
+//! - the deletion threshold halts before the first write.
+//!
+//! Each property runs 1,000 cases by default (`PROPTEST_CASES` overrides it).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use common::*;
+use idsync_engine::{Deprovision, Mapping, MemoryTarget, OnConflict, Policy, Target};
+use idsync_model::{
+    AgreementState, Capabilities, Kind, Member, Op, PKey, Principal, Snapshot, UserType,
+};
+use proptest::prelude::*;
+use std::collections::BTreeSet;
+
+const USER_NAMES: [&str; 7] = ["a@x", "A@x", "b@x", "c@x", "d@x", "e@x", "f@x"];
+const APP_IDS: [&str; 3] = ["app-1", "app-2", "APP-1"];
+const GROUP_NAMES: [&str; 6] = ["G1", "g1", "G2", "G3", "G4", "G5"];
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+/// A random directory over a fixed id space (u0..u5, s0..s2, g0..g4), so two draws share ids and
+/// differ like a directory that changed: renames, removals, new members, disabled accounts.
+fn directory() -> impl Strategy<Value = Snapshot> {
+    let users = prop::collection::vec(
+        (
+            any::<bool>(),
+            0..USER_NAMES.len(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+        6,
+    );
+    let sps = prop::collection::vec((any::<bool>(), 0..APP_IDS.len(), any::<bool>()), 3);
+    let groups = prop::collection::vec(
+        (
+            any::<bool>(),
+            0..GROUP_NAMES.len(),
+            prop::collection::vec(0usize..14, 0..6),
+        ),
+        5,
+    );
+    (users, sps, groups).prop_map(|(users, sps, groups)| {
+        let mut s = Snapshot::default();
+        for (i, (present, name, active, guest, mail)) in users.into_iter().enumerate() {
+            if !present {
+                continue;
+            }
+            let mut u = user(&format!("u{i}"), USER_NAMES[name]);
+            u.active = active;
+            if guest {
+                u.user_type = UserType::Guest;
+                u.emails = if mail {
+                    vec![format!("guest{i}@partner")]
+                } else {
+                    vec![]
+                };
+            }
+            s.users.insert(u.id.clone(), u);
+        }
+        for (i, (present, app, active)) in sps.into_iter().enumerate() {
+            if present {
+                let mut p = sp(&format!("s{i}"), APP_IDS[app]);
+                p.active = active;
+                s.service_principals.insert(p.id.clone(), p);
+            }
+        }
+        for (i, (present, name, members)) in groups.into_iter().enumerate() {
+            if !present {
+                continue;
+            }
+            let ms: Vec<Member> = members
+                .into_iter()
+                .map(|m| match m {
+                    0..=5 => Member::user(format!("u{m}")),
+                    6..=8 => Member::service_principal(format!("s{}", m - 6)),
+                    _ => Member::group(format!("g{}", m - 9)), // may be itself, or a cycle
+                })
+                .collect();
+            s.groups.insert(
+                format!("g{i}"),
+                group(&format!("g{i}"), GROUP_NAMES[name], &ms),
+            );
+        }
+        s
+    })
+}
+
+fn capabilities() -> impl Strategy<Value = Capabilities> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(nested, sps, sp_members, ci, rename_users, deactivate)| {
+            let mut renamable: BTreeSet<Kind> = [Kind::Group, Kind::ServicePrincipal].into();
+            if rename_users {
+                renamable.insert(Kind::User);
+            }
+            Capabilities {
+                nested_groups: nested,
+                service_principals: sps,
+                service_principal_members: sp_members,
+                case_insensitive_keys: ci,
+                renamable,
+                deactivate,
+                ..Capabilities::full()
+            }
+        })
+}
+
+/// Principals someone created in the target by hand.
+fn outsiders() -> impl Strategy<Value = Vec<(Kind, usize)>> {
+    prop::collection::vec(
+        prop_oneof![
+            (0..USER_NAMES.len()).prop_map(|i| (Kind::User, i)),
+            (0..APP_IDS.len()).prop_map(|i| (Kind::ServicePrincipal, i)),
+            (0..GROUP_NAMES.len()).prop_map(|i| (Kind::Group, i)),
+        ],
+        0..3,
+    )
+}
+
+fn policy() -> impl Strategy<Value = Policy> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        0..3u8,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(adopt, skip, dep, yield_members, yield_name)| Policy {
+            adopt,
+            on_conflict: if skip {
+                OnConflict::Skip
+            } else {
+                OnConflict::Halt
+            },
+            deprovision: [
+                Deprovision::None,
+                Deprovision::Deactivate,
+                Deprovision::Delete,
+            ][dep as usize],
+            yield_members,
+            yield_attributes: if yield_name {
+                [idsync_model::Attr::DisplayName].into()
+            } else {
+                BTreeSet::new()
+            },
+            ..Policy::default()
+        })
+}
+
+fn insert_outsiders(t: &MemoryTarget, o: &[(Kind, usize)]) -> Vec<(Kind, String, Principal)> {
+    o.iter()
+        .map(|(k, i)| {
+            let key = match k {
+                Kind::User => USER_NAMES[*i],
+                Kind::ServicePrincipal => APP_IDS[*i],
+                Kind::Group => GROUP_NAMES[*i],
+            };
+            let mut p = Principal::new(*k, key);
+            p.display_name = Some("by hand".into());
+            let id = t.insert(p.clone());
+            (*k, id, p)
+        })
+        .collect()
+}
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    /// Two syncs in a row (the directory changes in between); after each applied plan, planning
+    /// again yields no operation, and principals idsync does not own are untouched.
+    #[test]
+    fn apply_then_plan_again_is_empty_and_outsiders_are_untouched(
+        s1 in directory(),
+        s2 in directory(),
+        caps in capabilities(),
+        outside in outsiders(),
+        policy in policy(),
+    ) {
+        block(async {
+            let t = MemoryTarget::new(caps.clone());
+            let before = insert_outsiders(&t, &outside);
+            let mut st = AgreementState::new("prop");
+            let mapping = Mapping::defaults();
+            let mut adopted: BTreeSet<(Kind, String)> = BTreeSet::new();
+            for s in [&s1, &s2] {
+                let a = plan_only(s, &t, &st, &policy, &mapping).await;
+                let b = plan_only(s, &t, &st, &policy, &mapping).await;
+                prop_assert_eq!(&a, &b, "plans are deterministic");
+                let r = sync_with(s, &t, &mut st, &policy, &mapping).await;
+                let Some(rep) = r.report else {
+                    // Halted by a guard: nothing may have been written.
+                    prop_assert!(r.plan.halt.is_some());
+                    continue;
+                };
+                prop_assert!(rep.is_success(), "apply failed: {:?}\nplan: {:?}", rep, ops(&r.plan));
+                let again = plan_only(s, &t, &st, &policy, &mapping).await;
+                prop_assert!(again.ops.is_empty(), "not converged: {:?}\nfirst: {:?}", ops(&again), ops(&r.plan));
+                for (kind, id, _) in &before {
+                    if st.owns(*kind, id) {
+                        adopted.insert((*kind, id.clone()));
+                    }
+                }
+            }
+            let now = t.observe().await.unwrap();
+            for (kind, id, p) in &before {
+                if adopted.contains(&(*kind, id.clone())) {
+                    prop_assert!(policy.adopt, "{} {} was adopted without adopt = true", kind, id);
+                    continue; // adopted on purpose: idsync may manage it from then on
+                }
+                let o = now.get(*kind, id);
+                prop_assert!(o.is_some(), "unowned {kind} {id} was deleted");
+                prop_assert_eq!(&o.unwrap().principal, p, "unowned {} {} was modified", kind, id);
+                if *kind == Kind::Group {
+                    prop_assert!(now.members.get(id).is_none_or(|m| m.is_empty()), "unowned group's members changed");
+                }
+            }
+            Ok(())
+        })?;
+    }
+
+    /// With a deletion threshold, a second run that would delete or deactivate more than allowed
+    /// halts before its first write; one within the limit is not halted by the threshold.
+    #[test]
+    fn the_threshold_halts_before_the_first_write(
+        s1 in directory(),
+        s2 in directory(),
+        caps in capabilities(),
+        max in 0usize..4,
+        dep in prop_oneof![Just(Deprovision::Deactivate), Just(Deprovision::Delete)],
+    ) {
+        block(async {
+            let t = MemoryTarget::new(caps);
+            let mut st = AgreementState::new("prop");
+            let open = Policy { on_conflict: OnConflict::Skip, deprovision: dep, ..Policy::default() };
+            sync(&s1, &t, &mut st, &open).await;
+            let writes = t.writes();
+            let guarded = Policy { max_deletions: Some(max), allow_empty_source: true, ..open };
+            let r = sync(&s2, &t, &mut st, &guarded).await;
+            if r.plan.summary.destructive > max {
+                prop_assert_eq!(r.plan.halt.as_ref().map(|h| h.reason.clone()), Some(idsync_model::HaltReason::Threshold));
+                prop_assert_eq!(t.writes(), writes, "a halted plan wrote");
+            } else {
+                prop_assert!(r.plan.halt.is_none());
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[test]
+fn rename_chains_run_in_order_and_swaps_are_conflicts() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        let s = snap(vec![user("u1", "a@x"), user("u2", "b@x")], vec![], vec![]);
+        sync(&s, &t, &mut st, &Policy::default()).await;
+        // Chain: a → b while b → c.
+        let chain = snap(vec![user("u1", "b@x"), user("u2", "c@x")], vec![], vec![]);
+        let r = sync(&chain, &t, &mut st, &Policy::default()).await;
+        let order: Vec<&str> = r
+            .plan
+            .ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Update { target, .. } => Some(target.key.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, ["b@x", "a@x"], "b must move out of the way first");
+        assert!(r.report.unwrap().is_success());
+        // Swap: b ↔ c is a cycle: a conflict, nothing renamed.
+        let swap = snap(vec![user("u1", "c@x"), user("u2", "b@x")], vec![], vec![]);
+        let p = Policy {
+            on_conflict: OnConflict::Skip,
+            ..Policy::default()
+        };
+        let r = sync(&swap, &t, &mut st, &p).await;
+        assert_eq!(r.plan.conflicts.len(), 2, "{:?}", r.plan.conflicts);
+        assert!(r.plan.conflicts[0].reason.contains("cycle"));
+        // Renaming onto a principal idsync does not own is a conflict too.
+        let held = t.insert(Principal::new(Kind::User, "z@x"));
+        let onto = snap(vec![user("u1", "z@x"), user("u2", "c@x")], vec![], vec![]);
+        let r = sync(&onto, &t, &mut st, &p).await;
+        assert!(
+            r.plan.conflicts.iter().any(|c| c.reason.contains(&held)),
+            "{:?}",
+            r.plan.conflicts
+        );
+        assert!(r.report.unwrap().is_success());
+        assert_eq!(PKey::new(Kind::User, "b@x").key, "b@x");
+    })
+}
