@@ -1,1 +1,5 @@
-//! placeholder
+//! idsync's connectors: sources under [`source`], targets under [`target`], one module each.
+//! Sources implement [`idsync_engine::Source`]; targets implement [`idsync_engine::Target`].
+
+pub mod source;
+pub mod target;

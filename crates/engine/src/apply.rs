@@ -78,6 +78,11 @@ pub trait Target: Send + Sync {
     /// Executes one writing operation. Every [`PRef`] in it carries its target id. Must be
     /// idempotent where the API allows: removing an absent member is not an error.
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError>;
+
+    /// Called once after an apply, whatever its outcome (a file target saves here).
+    async fn flush(&self) -> Result<(), TargetError> {
+        Ok(())
+    }
 }
 
 /// How to apply.

@@ -11,6 +11,7 @@ pub mod mapping;
 pub mod memory;
 pub mod plan;
 pub mod scope;
+pub mod source;
 pub mod template;
 
 pub use apply::{ApplyOptions, ApplyReport, Outcome, Target, TargetError, TargetErrorKind, apply};
@@ -18,4 +19,5 @@ pub use mapping::{Mapping, map_snapshot};
 pub use memory::MemoryTarget;
 pub use plan::{Deprovision, OnConflict, Policy, plan};
 pub use scope::Scope;
+pub use source::{Changes, Read, Source, SourceError};
 pub use template::Template;

@@ -110,7 +110,8 @@ impl MemoryTarget {
         i.fail_after = n.map(|n| i.writes + n);
     }
 
-    /// Writes executed so far.
+    /// Writes executed so far (a membership operation counts once per chunk of
+    /// `max_members_per_write`, as a real target's requests would).
     pub fn writes(&self) -> usize {
         self.lock().writes
     }
@@ -267,6 +268,9 @@ impl Target for MemoryTarget {
                 Outcome::Done
             }
             Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
+                // A real target sends one request per chunk of `max_members_per_write`.
+                let chunks = members.len().div_ceil(caps.max_members_per_write.max(1));
+                i.writes += chunks.saturating_sub(1);
                 let gid = id_of(group)?.to_owned();
                 i.get_mut(group)?;
                 if members.len() > caps.max_members_per_write {

@@ -1,0 +1,4 @@
+//! Sources.
+
+pub mod file;
+pub mod memory;

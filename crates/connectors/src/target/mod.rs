@@ -1,0 +1,3 @@
+//! Targets.
+
+pub mod file;

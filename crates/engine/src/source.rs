@@ -1,0 +1,65 @@
+//! The source side: a [`Source`] reads a scope in full, and, where it has a change feed, reads only
+//! what changed since the cursors stored after the last successful apply.
+
+use crate::scope::Scope;
+use async_trait::async_trait;
+use idsync_model::{ReadMode, Snapshot};
+use std::collections::BTreeMap;
+
+/// One read of a source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Read {
+    /// The scoped snapshot (for a change read: the base with the changes applied).
+    pub snapshot: Snapshot,
+    /// The cursors to store once this read has been applied.
+    pub cursors: BTreeMap<String, String>,
+    /// Full or incremental.
+    pub mode: ReadMode,
+    /// Search depth per group (1 = selected directly).
+    pub depth: BTreeMap<String, u32>,
+    /// Remarks for the plan output (missing groups, skipped groups, ...).
+    pub notes: Vec<String>,
+}
+
+/// The outcome of asking for changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// The changes, applied to the base.
+    Read(Read),
+    /// The source has no change feed: read in full.
+    Unsupported,
+    /// The cursor is no longer valid (expired delta token): read in full. The reason is shown.
+    Expired(String),
+}
+
+/// What went wrong with a source. Messages never contain secrets.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    /// Human-readable, actionable.
+    pub message: String,
+}
+
+impl SourceError {
+    /// A new error.
+    pub fn new(message: impl Into<String>) -> Self {
+        SourceError {
+            message: message.into(),
+        }
+    }
+}
+
+/// A system idsync reads principals from.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// Reads the whole scope.
+    async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError>;
+
+    /// Reads what changed since `cursors`, applied to `base` (the snapshot last applied).
+    async fn read_changes(
+        &self,
+        scope: &Scope,
+        base: &Snapshot,
+        cursors: &BTreeMap<String, String>,
+    ) -> Result<Changes, SourceError>;
+}
