@@ -1,1 +1,531 @@
-fn main() {}
+//! The `idsync` command: keeps the identities of data platforms in step with an identity provider.
+//!
+//! Exit codes: 0 in sync or applied; 1 error; 2 changes pending (plan, dry runs); 3 halted by a
+//! safety guard before any write; 4 another run holds the agreement's lease.
+
+mod config;
+mod demo;
+mod output;
+mod run;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand};
+use config::{Config, Env, SourceConfig, TargetConfig};
+use idsync_connectors::source::file::FileSource;
+use idsync_connectors::target::file::FileTarget;
+use idsync_engine::{Source, Target};
+use idsync_model::Kind;
+use idsync_state::{LocalStore, StateStore};
+use output::Printer;
+use run::{Agreement, Mode, PlanBundle, ReadCache, RunOptions, exit};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "idsync",
+    version,
+    about = "Keeps the identities of data platforms in step with your identity provider.",
+    after_help = "Exit codes: 0 in sync or applied, 1 error, 2 changes pending, 3 halted by a safety guard, 4 another run holds the lease."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Configuration file [default: ./idsync.toml when it exists; otherwise the environment alone].
+    #[arg(long, short, global = true, env = "IDSYNC_CONFIG")]
+    config: Option<PathBuf>,
+    /// A .env file to read variables from (repeatable) [default: ./.env when it exists].
+    #[arg(long = "env-file", global = true)]
+    env_files: Vec<PathBuf>,
+    /// Also log principals that did not change, and show every member in plans.
+    #[arg(long, global = true)]
+    verbose: bool,
+    /// Log in detail, including requests.
+    #[arg(long, global = true)]
+    debug: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check the configuration (no network) and report every problem at once.
+    Validate,
+    /// Compute and show the plan; write nothing. Exit 2 when changes are pending.
+    Plan {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Save the plan as JSON, for review and `idsync apply PLAN`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Apply a saved plan (refused if the state moved since it was made), or plan and apply.
+    Apply {
+        /// A plan saved with `idsync plan --out`.
+        plan: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Plan and apply.
+    Sync {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Inspect or reset idsync's state.
+    State {
+        #[command(subcommand)]
+        cmd: StateCmd,
+    },
+    /// Run the whole job on an embedded sample directory: full sync, a change, incremental sync.
+    Demo {
+        /// Where to keep the demo's state and targets.
+        #[arg(long, default_value = ".idsync-demo")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCmd {
+    /// Show each agreement's state.
+    Show {
+        /// Only this agreement.
+        agreement: Option<String>,
+        /// State location [default: from the configuration].
+        #[arg(long)]
+        state: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget an agreement's state: the next run treats every existing principal as not its own.
+    Reset {
+        /// The agreement.
+        agreement: String,
+        /// State location [default: from the configuration].
+        #[arg(long)]
+        state: Option<String>,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args, Clone, Debug, Default)]
+struct RunArgs {
+    /// Only these targets (repeatable) [default: all].
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// Read the whole scope instead of the changes since the last run.
+    #[arg(long)]
+    full_sync: bool,
+    /// Show user, service principal and group changes; apply nothing.
+    #[arg(long)]
+    dry_run_security_principals: bool,
+    /// Apply principal changes; show membership changes without applying them.
+    #[arg(long)]
+    dry_run_members: bool,
+    /// A JSON list of group names to sync (added to the configured scope).
+    #[arg(long)]
+    groups_json_file: Option<PathBuf>,
+    /// 1 = only the listed groups; 2 = also groups nested in them; and so on.
+    #[arg(long)]
+    group_search_depth: Option<u32>,
+    /// Only read the source and summarise it; no target is touched.
+    #[arg(long)]
+    query_graph_only: bool,
+    /// Save what was read from the source as JSON.
+    #[arg(long)]
+    save_graph_response_json: Option<PathBuf>,
+    /// Concurrent requests per target [default: 10, or run.worker_threads].
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    /// Approve up to N deletions and deactivations above the configured threshold.
+    #[arg(long, default_value_t = 0)]
+    approve_deletions: usize,
+    /// Allow a plan from an empty source read (decommissioning on purpose).
+    #[arg(long)]
+    allow_empty_source: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = if cli.debug {
+        "debug"
+    } else if cli.verbose {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IDSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(run::code_of(&e))
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let mut env_files = cli.env_files.clone();
+    if env_files.is_empty() && Path::new(".env").is_file() {
+        env_files.push(PathBuf::from(".env"));
+    }
+    let env = Env::load(&env_files)?;
+    let path = cli
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from("idsync.toml")).filter(|p| p.is_file()));
+    Ok(config::load(path.as_deref(), &env)?)
+}
+
+async fn dispatch(cli: Cli) -> Result<u8> {
+    match &cli.cmd {
+        Cmd::Demo { dir } => demo::run(dir, cli.verbose).await,
+        Cmd::Validate => {
+            let cfg = load_config(&cli)?;
+            println!(
+                "configuration OK: source {}, {} target(s): {}",
+                match &cfg.source {
+                    SourceConfig::File { path } => format!("file {}", path.display()),
+                    SourceConfig::Entra(e) => format!("entra tenant {}", e.tenant_id),
+                },
+                cfg.agreements.len(),
+                cfg.agreements
+                    .iter()
+                    .map(|a| format!("{} ({})", a.name, a.target.kind()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(exit::OK)
+        }
+        Cmd::State { cmd } => state_cmd(&cli, cmd),
+        Cmd::Plan { run, out } => {
+            let mode = Mode::Plan;
+            run_all(&cli, run, mode, out.as_deref()).await
+        }
+        Cmd::Sync { run } => {
+            let mode = mode_of(run);
+            run_all(&cli, run, mode, None).await
+        }
+        Cmd::Apply {
+            plan: Some(path),
+            run,
+        } => apply_saved(&cli, path, run).await,
+        Cmd::Apply { plan: None, run } => {
+            let mode = mode_of(run);
+            run_all(&cli, run, mode, None).await
+        }
+    }
+}
+
+fn mode_of(run: &RunArgs) -> Mode {
+    if run.dry_run_security_principals {
+        Mode::Plan
+    } else if run.dry_run_members {
+        Mode::PrincipalsOnly
+    } else {
+        Mode::Sync
+    }
+}
+
+fn build_source(cfg: &Config) -> Result<Box<dyn Source>> {
+    match &cfg.source {
+        SourceConfig::File { path } => Ok(Box::new(FileSource::new(path))),
+        SourceConfig::Entra(_) => Err(anyhow!(
+            "the Entra ID source is not in this build of idsync yet"
+        )),
+    }
+}
+
+/// Registered targets: one line per kind.
+fn build_target(t: &TargetConfig) -> Result<(Box<dyn Target>, String)> {
+    match t {
+        TargetConfig::File { path, profile } => Ok((
+            Box::new(FileTarget::open(path, *profile)?),
+            format!("file {} ({profile:?} profile)", path.display()),
+        )),
+        other => Err(anyhow!(
+            "the {} target is not in this build of idsync yet",
+            other.kind()
+        )),
+    }
+}
+
+fn store_for(url: &str) -> LocalStore {
+    LocalStore::new(url)
+}
+
+async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) -> Result<u8> {
+    let mut cfg = load_config(cli)?;
+    if cfg.dry_run {
+        mode = Mode::Plan;
+    }
+    if let Some(f) = &args.groups_json_file {
+        cfg.scope
+            .group_names
+            .extend(config::read_groups_file(f).map_err(|e| anyhow!(e))?);
+    }
+    if let Some(d) = args.group_search_depth {
+        if d == 0 {
+            return Err(anyhow!("--group-search-depth must be at least 1"));
+        }
+        cfg.scope.search_depth = d;
+    }
+    let source = build_source(&cfg)?;
+    let mut printer = Printer::stdout(cli.verbose);
+
+    if args.query_graph_only || args.save_graph_response_json.is_some() {
+        let read = source
+            .read_full(&cfg.scope)
+            .await
+            .context("reading the source")?;
+        let s = &read.snapshot;
+        printer.heading("Source read");
+        printer.note(&format!(
+            "{} users, {} service principals, {} groups, {} memberships",
+            s.users.len(),
+            s.service_principals.len(),
+            s.groups.len(),
+            s.membership_count()
+        ));
+        for (gid, depth) in &read.depth {
+            if let Some(g) = s.groups.get(gid) {
+                printer.note(&format!(
+                    "group {:?} (search depth {depth}, {} direct members)",
+                    g.display_name,
+                    g.members.len()
+                ));
+            }
+        }
+        for n in &read.notes {
+            printer.note(n);
+        }
+        if let Some(path) = &args.save_graph_response_json {
+            let json = serde_json::to_vec_pretty(s)?;
+            std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+            printer.note(&format!("saved to {}", path.display()));
+        }
+        if args.query_graph_only {
+            return Ok(exit::OK);
+        }
+    }
+
+    for t in &args.targets {
+        if !cfg.agreements.iter().any(|a| &a.name == t) {
+            return Err(anyhow!("no target named {t:?} in the configuration"));
+        }
+    }
+    let store = store_for(&cfg.state_url);
+    let opts = RunOptions {
+        full_sync: args.full_sync,
+        mode,
+        approve_deletions: args.approve_deletions,
+        allow_empty_source: args.allow_empty_source,
+        workers: args.worker_threads.unwrap_or(cfg.worker_threads).max(1),
+        lease: Duration::from_secs(cfg.lease_seconds),
+    };
+    let mut cache = ReadCache::default();
+    let mut worst = exit::OK;
+    let mut files = Vec::new();
+    for a in cfg
+        .agreements
+        .iter()
+        .filter(|a| args.targets.is_empty() || args.targets.contains(&a.name))
+    {
+        let (target, describe) = build_target(&a.target)?;
+        let agreement = Agreement {
+            name: &a.name,
+            target: target.as_ref(),
+            mapping: &a.mapping,
+            policy: &a.policy,
+            describe,
+        };
+        let outcome = run::run_agreement(
+            &agreement,
+            &store,
+            source.as_ref(),
+            &cfg.scope,
+            &mut cache,
+            &opts,
+            &mut printer,
+        )
+        .await
+        .with_context(|| format!("target {}", a.name))?;
+        worst = worst.max(outcome.code);
+        files.extend(outcome.file);
+    }
+    if let Some(path) = out {
+        let bundle = PlanBundle {
+            format: idsync_model::plan::PLAN_FORMAT,
+            plans: files,
+        };
+        let json = serde_json::to_vec_pretty(&bundle)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        printer.note(&format!(
+            "plan saved to {}; apply it with: idsync apply {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(worst)
+}
+
+async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
+    let cfg = load_config(cli)?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading the plan {}", path.display()))?;
+    let bundle: PlanBundle = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} is not a plan saved by `idsync plan --out`",
+            path.display()
+        )
+    })?;
+    if bundle.format > idsync_model::plan::PLAN_FORMAT {
+        return Err(anyhow!(
+            "{} was written by a newer idsync (plan format {})",
+            path.display(),
+            bundle.format
+        ));
+    }
+    let store = store_for(&cfg.state_url);
+    let opts = RunOptions {
+        full_sync: false,
+        mode: Mode::Sync,
+        approve_deletions: 0,
+        allow_empty_source: false,
+        workers: args.worker_threads.unwrap_or(cfg.worker_threads).max(1),
+        lease: Duration::from_secs(cfg.lease_seconds),
+    };
+    let mut printer = Printer::stdout(cli.verbose);
+    let mut worst = exit::OK;
+    for file in &bundle.plans {
+        let name = &file.plan.agreement;
+        let a = cfg
+            .agreements
+            .iter()
+            .find(|a| &a.name == name)
+            .ok_or_else(|| {
+                anyhow!("the plan is for target {name:?}, which the configuration does not have")
+            })?;
+        let (target, describe) = build_target(&a.target)?;
+        let agreement = Agreement {
+            name,
+            target: target.as_ref(),
+            mapping: &a.mapping,
+            policy: &a.policy,
+            describe,
+        };
+        let code = run::apply_saved(file, &agreement, &store, &opts, &mut printer)
+            .await
+            .with_context(|| format!("target {name}"))?;
+        worst = worst.max(code);
+    }
+    Ok(worst)
+}
+
+fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
+    let url = |explicit: &Option<String>| -> Result<String> {
+        match explicit {
+            Some(u) => Ok(u.clone()),
+            None => Ok(load_config(cli)?.state_url),
+        }
+    };
+    match cmd {
+        StateCmd::Show {
+            agreement,
+            state,
+            json,
+        } => {
+            let store = store_for(&url(state)?);
+            let names = match agreement {
+                Some(a) => vec![a.clone()],
+                None => store.list()?,
+            };
+            if names.is_empty() {
+                println!("no state in {}", store.describe());
+            }
+            for name in names {
+                let Some(st) = store.load(&name)? else {
+                    println!("{name}: no state in {}", store.describe());
+                    continue;
+                };
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&st)?);
+                    continue;
+                }
+                println!("{name} ({})", store.describe());
+                println!("  version {}, {:?}", st.version, st.status);
+                for k in Kind::ALL {
+                    let owned = st.owned.get(k);
+                    let adopted = owned
+                        .values()
+                        .filter(|o| o.how == idsync_model::Ownership::Adopted)
+                        .count();
+                    println!(
+                        "  {k}s: {} owned ({adopted} adopted), {} linked",
+                        owned.len(),
+                        st.links.get(k).len()
+                    );
+                }
+                match &st.last_applied {
+                    Some(s) => println!(
+                        "  last applied: {} users, {} service principals, {} groups, {} memberships",
+                        s.users.len(),
+                        s.service_principals.len(),
+                        s.groups.len(),
+                        s.membership_count()
+                    ),
+                    None => println!("  last applied: nothing yet"),
+                }
+                for (k, v) in &st.cursors {
+                    let short: String = v.chars().take(40).collect();
+                    println!(
+                        "  cursor {k}: {short}{}",
+                        if v.chars().count() > 40 { "…" } else { "" }
+                    );
+                }
+                if let Some(j) = &st.journal {
+                    println!(
+                        "  interrupted apply {}: {} create(s) unconfirmed; the next run recognises them",
+                        j.plan_id,
+                        j.pending_creates.len()
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+        StateCmd::Reset {
+            agreement,
+            state,
+            yes,
+        } => {
+            if !yes {
+                return Err(anyhow!(
+                    "resetting forgets which principals idsync owns; re-run with --yes to confirm"
+                ));
+            }
+            let store = store_for(&url(state)?);
+            store.delete(agreement)?;
+            println!("state of {agreement} removed from {}", store.describe());
+            Ok(exit::OK)
+        }
+    }
+}

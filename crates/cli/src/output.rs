@@ -1,0 +1,316 @@
+//! Human-readable output: plans grouped by kind with a summary line, apply reports, halts. Colour
+//! only when stdout is a terminal and `NO_COLOR` is unset.
+
+use crate::run::Mode;
+use idsync_engine::ApplyReport;
+use idsync_model::{Halt, Kind, Op, PRef, Plan, ReadMode, Stage};
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+
+/// Writes human output to stdout.
+pub struct Printer {
+    colour: bool,
+    verbose: bool,
+    out: Box<dyn Write>,
+}
+
+const MEMBER_PREVIEW: usize = 8;
+
+impl Printer {
+    /// A printer on stdout.
+    pub fn stdout(verbose: bool) -> Self {
+        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        Printer {
+            colour,
+            verbose,
+            out: Box::new(std::io::stdout()),
+        }
+    }
+
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.colour {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_owned()
+        }
+    }
+
+    fn emit(&mut self, s: &str) {
+        let _ = self.out.write_all(s.as_bytes());
+        let _ = self.out.flush();
+    }
+
+    /// A heading line.
+    pub fn heading(&mut self, s: &str) {
+        let line = format!("\n{}\n", self.paint("1", s));
+        self.emit(&line);
+    }
+
+    /// A remark.
+    pub fn note(&mut self, s: &str) {
+        let line = format!("  · {s}\n");
+        self.emit(&line);
+    }
+
+    /// Prints a plan.
+    pub fn plan(&mut self, plan: &Plan, target: &str, mode: Mode) {
+        let read = match plan.mode {
+            ReadMode::Full => "full read",
+            ReadMode::Incremental => "incremental read",
+        };
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\n{} {} ({read}, state version {}) → {target}",
+            self.paint("1", "Plan for"),
+            self.paint("1", &plan.agreement),
+            plan.state_version
+        );
+        let sections: [(&str, Box<dyn Fn(&Op) -> bool>); 6] = [
+            (
+                "users",
+                Box::new(|o: &Op| o.stage() == Stage::Principals && o.subject().0 == Kind::User),
+            ),
+            (
+                "service principals",
+                Box::new(|o: &Op| {
+                    o.stage() == Stage::Principals && o.subject().0 == Kind::ServicePrincipal
+                }),
+            ),
+            (
+                "groups",
+                Box::new(|o: &Op| o.stage() == Stage::Principals && o.subject().0 == Kind::Group),
+            ),
+            (
+                "memberships",
+                Box::new(|o: &Op| o.stage() == Stage::Members),
+            ),
+            (
+                "deprovisioning",
+                Box::new(|o: &Op| o.stage() == Stage::Deprovision),
+            ),
+            ("", Box::new(|_: &Op| false)),
+        ];
+        for (title, pick) in &sections {
+            let ops: Vec<&Op> = plan.ops.iter().filter(|o| pick(o)).collect();
+            if ops.is_empty() {
+                continue;
+            }
+            let _ = writeln!(s, "  {title}");
+            for op in ops {
+                let _ = writeln!(s, "    {}", self.op_line(op));
+            }
+        }
+        if !plan.conflicts.is_empty() {
+            let _ = writeln!(
+                s,
+                "  {}",
+                self.paint("31;1", &format!("conflicts ({})", plan.conflicts.len()))
+            );
+            for c in &plan.conflicts {
+                let _ = writeln!(s, "    {} {}: {}", self.paint("31", "!"), c.key, c.reason);
+            }
+        }
+        if !plan.notes.is_empty() {
+            let _ = writeln!(s, "  notes");
+            for n in &plan.notes {
+                let _ = writeln!(s, "    · {n}");
+            }
+        }
+        let _ = writeln!(s, "  {}", self.summary(plan));
+        match mode {
+            Mode::Plan if !plan.is_empty() => {
+                let _ = writeln!(s, "  (plan only: nothing was written)");
+            }
+            Mode::PrincipalsOnly if plan.stage_ops(Stage::Members).next().is_some() => {
+                let _ = writeln!(
+                    s,
+                    "  (--dry-run-members: principals are applied; membership changes above are not)"
+                );
+            }
+            _ => {}
+        }
+        self.emit(&s);
+    }
+
+    fn summary(&self, plan: &Plan) -> String {
+        if plan.is_empty() && plan.conflicts.is_empty() {
+            return self.paint("32", "in sync: nothing to do");
+        }
+        let count = |name: &str| -> usize {
+            plan.summary
+                .ops
+                .iter()
+                .filter(|(k, _)| k.split(' ').next() == Some(name))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let mut parts = vec![
+            format!("{} to create", count("create")),
+            format!("{} to update", count("update")),
+            format!(
+                "+{} / -{} members",
+                plan.summary.members_added, plan.summary.members_removed
+            ),
+        ];
+        if count("adopt") > 0 {
+            parts.push(format!("{} to adopt", count("adopt")));
+        }
+        if count("attachPolicies") > 0 {
+            parts.push(format!("{} policy attachments", count("attachPolicies")));
+        }
+        parts.push(format!("{} to deactivate", count("deactivate")));
+        parts.push(format!("{} to delete", count("delete")));
+        if plan.summary.kept > 0 {
+            parts.push(format!("{} kept (deprovision = none)", plan.summary.kept));
+        }
+        if !plan.conflicts.is_empty() {
+            parts.push(format!("{} conflicts", plan.conflicts.len()));
+        }
+        format!("summary: {}", parts.join(", "))
+    }
+
+    fn members(&self, ms: &[PRef]) -> String {
+        let shown = if self.verbose {
+            ms.len()
+        } else {
+            ms.len().min(MEMBER_PREVIEW)
+        };
+        let mut names: Vec<String> = ms[..shown].iter().map(|m| m.key.clone()).collect();
+        if shown < ms.len() {
+            names.push(format!(
+                "… and {} more (--verbose shows all)",
+                ms.len() - shown
+            ));
+        }
+        names.join(", ")
+    }
+
+    fn op_line(&self, op: &Op) -> String {
+        match op {
+            Op::Create { principal, .. } => {
+                let mut extra = Vec::new();
+                if let Some(d) = &principal.display_name {
+                    extra.push(format!("displayName {d:?}"));
+                }
+                if !principal.active {
+                    extra.push("inactive".into());
+                }
+                let extra = if extra.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", extra.join(", "))
+                };
+                format!(
+                    "{} create  {:?}{extra}",
+                    self.paint("32", "+"),
+                    principal.key
+                )
+            }
+            Op::Update {
+                target, changes, ..
+            } => {
+                let cs: Vec<String> = changes
+                    .iter()
+                    .map(|c| format!("{}: {} → {}", c.attr, c.from, c.to))
+                    .collect();
+                format!(
+                    "{} update  {:?}  {}",
+                    self.paint("33", "~"),
+                    target.key,
+                    cs.join("; ")
+                )
+            }
+            Op::Adopt { target, .. } => {
+                format!(
+                    "{} adopt   {:?} (id {})",
+                    self.paint("36", "&"),
+                    target.key,
+                    target.id.as_deref().unwrap_or("?")
+                )
+            }
+            Op::Forget { target } => format!(
+                "{} forget  {:?} (gone from the target)",
+                self.paint("36", "·"),
+                target.key
+            ),
+            Op::AttachPolicies { group, policies } => {
+                format!(
+                    "{} attach  {:?}  policies {}",
+                    self.paint("32", "+"),
+                    group.key,
+                    policies.join(", ")
+                )
+            }
+            Op::AddMembers { group, members } => {
+                format!(
+                    "{} {:?} += {}",
+                    self.paint("32", "+"),
+                    group.key,
+                    self.members(members)
+                )
+            }
+            Op::RemoveMembers { group, members } => {
+                format!(
+                    "{} {:?} -= {}",
+                    self.paint("31", "-"),
+                    group.key,
+                    self.members(members)
+                )
+            }
+            Op::Deactivate { target } => format!(
+                "{} deactivate  {} {:?}",
+                self.paint("31", "-"),
+                target.kind,
+                target.key
+            ),
+            Op::Delete { target, .. } => format!(
+                "{} delete  {} {:?}",
+                self.paint("31", "-"),
+                target.kind,
+                target.key
+            ),
+        }
+    }
+
+    /// Prints an apply report.
+    pub fn report(&mut self, r: &ApplyReport) {
+        let mut s = String::new();
+        let line = format!("  applied: {r}");
+        let _ = writeln!(
+            s,
+            "{}",
+            if r.is_success() {
+                self.paint("32", &line)
+            } else {
+                self.paint("31", &line)
+            }
+        );
+        for f in &r.failed {
+            let (k, key) = f.op.subject();
+            let _ = writeln!(
+                s,
+                "    {} {k} {key:?}: {}",
+                self.paint("31", "failed"),
+                f.error
+            );
+        }
+        for f in &r.skipped {
+            let (k, key) = f.op.subject();
+            let _ = writeln!(s, "    skipped {k} {key:?}: {}", f.error);
+        }
+        if !r.is_success() {
+            let _ = writeln!(
+                s,
+                "  the state records what succeeded; the next run retries the rest"
+            );
+        }
+        self.emit(&s);
+    }
+
+    /// Prints why a run halted.
+    pub fn halt(&mut self, h: &Halt) {
+        let s = format!("  {} {}\n", self.paint("31;1", "halted:"), h.message);
+        self.emit(&s);
+    }
+}

@@ -1,0 +1,319 @@
+//! One run of one agreement: lease, state, source read, plan, apply, commit. `idsync plan`, `sync`,
+//! `apply` and `demo` all go through here.
+
+use crate::output::Printer;
+use anyhow::{Context, Result, anyhow};
+use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
+use idsync_engine::{Changes, Mapping, Policy, Read, Scope, Source, Target, map_snapshot};
+use idsync_model::{AgreementState, AgreementStatus, PlanFile, Stage};
+use idsync_state::{StateError, StateStore};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Exit codes.
+pub mod exit {
+    /// In sync, or applied.
+    pub const OK: u8 = 0;
+    /// An error.
+    pub const ERROR: u8 = 1;
+    /// Changes pending (plan, dry runs).
+    pub const PENDING: u8 = 2;
+    /// A safety guard halted the run before any write.
+    pub const HALTED: u8 = 3;
+    /// Another run holds the agreement's lease.
+    pub const BUSY: u8 = 4;
+}
+
+/// How far a run goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Plan and show; write nothing (also `--dry-run-security-principals` and `DRY_RUN`).
+    Plan,
+    /// Apply principals; show membership changes (`--dry-run-members`).
+    PrincipalsOnly,
+    /// Plan and apply everything.
+    Sync,
+}
+
+/// Per-run options.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Ignore the change-feed cursors and read the whole scope.
+    pub full_sync: bool,
+    /// How far to go.
+    pub mode: Mode,
+    /// Deletions approved for this run.
+    pub approve_deletions: usize,
+    /// Allow an empty source.
+    pub allow_empty_source: bool,
+    /// Concurrency.
+    pub workers: usize,
+    /// Lease length.
+    pub lease: Duration,
+}
+
+/// A saved set of plans (`idsync plan --out plan.json`), one per agreement.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlanBundle {
+    /// Format version.
+    pub format: u32,
+    /// One per agreement.
+    pub plans: Vec<PlanFile>,
+}
+
+/// What one agreement's run came to.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The exit code this agreement asks for.
+    pub code: u8,
+    /// The plan, for `--out`.
+    pub file: Option<PlanFile>,
+}
+
+/// Reads the source once per distinct starting point: agreements at the same cursor share a read.
+#[derive(Default)]
+pub struct ReadCache {
+    reads: BTreeMap<String, Read>,
+}
+
+impl ReadCache {
+    /// A full or incremental read for this state.
+    pub async fn read(
+        &mut self,
+        source: &dyn Source,
+        scope: &Scope,
+        state: &AgreementState,
+        full: bool,
+        printer: &mut Printer,
+    ) -> Result<Read> {
+        let incremental = !full && !state.cursors.is_empty() && state.last_applied.is_some();
+        let key = if incremental {
+            serde_json::to_string(&state.cursors).unwrap_or_default()
+        } else {
+            "full".to_owned()
+        };
+        if let Some(r) = self.reads.get(&key) {
+            return Ok(r.clone());
+        }
+        let read = match (incremental, &state.last_applied) {
+            (true, Some(base)) => match source.read_changes(scope, base, &state.cursors).await? {
+                Changes::Read(r) => r,
+                Changes::Unsupported => source.read_full(scope).await?,
+                Changes::Expired(why) => {
+                    printer.note(&format!("{why}; reading the whole scope instead"));
+                    source.read_full(scope).await?
+                }
+            },
+            _ => source.read_full(scope).await?,
+        };
+        self.reads.insert(key, read.clone());
+        Ok(read)
+    }
+}
+
+fn load_state(store: &dyn StateStore, name: &str) -> Result<AgreementState> {
+    let st = store
+        .load(name)?
+        .unwrap_or_else(|| AgreementState::new(name));
+    match st.status {
+        AgreementStatus::Active => Ok(st),
+        other => Err(anyhow!(
+            "agreement {name:?} is {other:?}: idsync no longer syncs it; `idsync state reset {name}` starts a new agreement"
+        )),
+    }
+}
+
+fn holder() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    format!("idsync pid {} on {host}", std::process::id())
+}
+
+/// Maps a state error to an exit code when it has its own.
+pub fn code_of(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<StateError>() {
+        Some(StateError::LeaseHeld { .. }) => exit::BUSY,
+        _ => exit::ERROR,
+    }
+}
+
+/// Everything one agreement's run needs.
+pub struct Agreement<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its target.
+    pub target: &'a dyn Target,
+    /// How to map.
+    pub mapping: &'a Mapping,
+    /// Its policy from the config.
+    pub policy: &'a Policy,
+    /// Where the target is, for messages.
+    pub describe: String,
+}
+
+/// Plans one agreement and, per `opts.mode`, applies it.
+pub async fn run_agreement(
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    source: &dyn Source,
+    scope: &Scope,
+    cache: &mut ReadCache,
+    opts: &RunOptions,
+    printer: &mut Printer,
+) -> Result<Outcome> {
+    let lease = if opts.mode == Mode::Plan {
+        None
+    } else {
+        Some(store.acquire(a.name, &holder(), opts.lease)?)
+    };
+    let result = plan_and_apply(a, store, source, scope, cache, opts, printer).await;
+    if let Some(l) = lease {
+        if let Err(e) = store.release(&l) {
+            tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+        }
+    }
+    result
+}
+
+async fn plan_and_apply(
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    source: &dyn Source,
+    scope: &Scope,
+    cache: &mut ReadCache,
+    opts: &RunOptions,
+    printer: &mut Printer,
+) -> Result<Outcome> {
+    let state = load_state(store, a.name)?;
+    let read = cache
+        .read(source, scope, &state, opts.full_sync, printer)
+        .await
+        .context("reading the source")?;
+    let caps = a.target.capabilities();
+    let desired = map_snapshot(&read.snapshot, a.mapping, &caps);
+    let observed = a
+        .target
+        .observe()
+        .await
+        .map_err(|e| anyhow!("observing target {} ({}): {e}", a.name, a.describe))?;
+    let policy = Policy {
+        approved_deletions: opts.approve_deletions,
+        allow_empty_source: opts.allow_empty_source || a.policy.allow_empty_source,
+        ..a.policy.clone()
+    };
+    let mut plan = idsync_engine::plan(&desired, &observed, &state, &policy, &caps, read.mode);
+    plan.notes.splice(0..0, read.notes.iter().cloned());
+    let file = PlanFile {
+        plan,
+        snapshot: read.snapshot.clone(),
+        cursors: read.cursors.clone(),
+    };
+    printer.plan(&file.plan, &a.describe, opts.mode);
+
+    if let Some(h) = &file.plan.halt {
+        printer.halt(h);
+        return Ok(Outcome {
+            code: exit::HALTED,
+            file: Some(file),
+        });
+    }
+    if opts.mode == Mode::Plan {
+        let code = if file.plan.is_empty() {
+            exit::OK
+        } else {
+            exit::PENDING
+        };
+        return Ok(Outcome {
+            code,
+            file: Some(file),
+        });
+    }
+    let stages: Vec<Stage> = match opts.mode {
+        Mode::PrincipalsOnly => vec![Stage::Principals],
+        _ => vec![Stage::Principals, Stage::Members, Stage::Deprovision],
+    };
+    let report = apply_file(&file, a, store, state, &stages, opts.workers).await?;
+    printer.report(&report);
+    let code = if !report.is_success() {
+        exit::ERROR
+    } else if report.pending > 0 {
+        exit::PENDING
+    } else {
+        exit::OK
+    };
+    Ok(Outcome {
+        code,
+        file: Some(file),
+    })
+}
+
+/// Applies a plan (fresh or saved) whose precondition the caller checked: journal, apply, flush,
+/// record, commit.
+pub async fn apply_file(
+    file: &PlanFile,
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    mut state: AgreementState,
+    stages: &[Stage],
+    workers: usize,
+) -> Result<ApplyReport> {
+    let caps = a.target.capabilities();
+    let all = [Stage::Principals, Stage::Members, Stage::Deprovision]
+        .iter()
+        .all(|s| stages.contains(s));
+    let writes = file.plan.ops.iter().any(|o| stages.contains(&o.stage()));
+    if writes {
+        apply::begin(&file.plan, &caps, &mut state);
+        state.version = store
+            .commit(&state)
+            .context("recording the apply journal")?;
+    }
+    let opts = ApplyOptions {
+        workers,
+        stages: stages.iter().copied().collect(),
+    };
+    let report = apply::apply(&file.plan, a.target, &mut state, &opts).await;
+    let flushed = a.target.flush().await;
+    apply::finish(file, &report, &caps, &mut state, all);
+    store
+        .commit(&state)
+        .context("saving the state after the apply")?;
+    flushed.map_err(|e| anyhow!("finishing the writes to target {}: {e}", a.name))?;
+    Ok(report)
+}
+
+/// Applies a saved plan after checking it is still current.
+pub async fn apply_saved(
+    file: &PlanFile,
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    opts: &RunOptions,
+    printer: &mut Printer,
+) -> Result<u8> {
+    let lease = store.acquire(a.name, &holder(), opts.lease)?;
+    let result = async {
+        let state = load_state(store, a.name)?;
+        if state.version != file.plan.state_version {
+            return Err(anyhow!(
+                "the saved plan for {:?} was computed from state version {}, but the state is now at version {}: something ran since. Nothing was applied; run `idsync plan` again",
+                a.name,
+                file.plan.state_version,
+                state.version
+            ));
+        }
+        if let Some(h) = &file.plan.halt {
+            printer.halt(h);
+            return Ok(exit::HALTED);
+        }
+        printer.plan(&file.plan, &a.describe, Mode::Sync);
+        let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
+        let report = apply_file(file, a, store, state, &stages, opts.workers).await?;
+        printer.report(&report);
+        Ok(if report.is_success() { exit::OK } else { exit::ERROR })
+    }
+    .await;
+    if let Err(e) = store.release(&lease) {
+        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+    }
+    result
+}
