@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod flatten;
+pub mod fnv;
 pub mod mapping;
 pub mod memory;
 pub mod plan;

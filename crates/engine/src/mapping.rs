@@ -1,6 +1,8 @@
 //! From a source snapshot to the principals idsync wants in one target.
 
+use crate::fnv::FnvMap as HashMap;
 use crate::template::{Template, TemplateError};
+use idsync_model::PerKind;
 use idsync_model::{
     Capabilities, Desired, DesiredPrincipal, Group, HeldBack, Kind, Member, PKey, Principal,
     ServicePrincipal, Snapshot, SourceRef, User, UserType,
@@ -132,29 +134,37 @@ fn optional<'a>(t: &Option<Template>, lookup: impl Fn(&str) -> Option<&'a str>) 
     t.as_ref().and_then(|t| t.render(lookup).ok())
 }
 
-struct Builder<'c> {
+struct Builder<'c, 's> {
     caps: &'c Capabilities,
     desired: Desired,
-    by_source: BTreeMap<SourceRef, PKey>,
-    claimed: BTreeMap<PKey, Vec<SourceRef>>,
+    /// Source id → key, per kind, borrowing the snapshot's ids (no allocation per member lookup).
+    by_source: PerKind<HashMap<&'s str, PKey>>,
+    /// Keys more than one source principal maps to (rare: only these are tracked).
+    dupes: BTreeMap<PKey, Vec<SourceRef>>,
 }
 
-impl Builder<'_> {
-    fn add(&mut self, source: SourceRef, principal: Principal, policies: BTreeSet<String>) {
+impl<'s> Builder<'_, 's> {
+    fn add(
+        &mut self,
+        id: &'s str,
+        source: SourceRef,
+        principal: Principal,
+        policies: BTreeSet<String>,
+    ) {
         let key = self.caps.pkey(&principal);
-        self.claimed
-            .entry(key.clone())
-            .or_default()
-            .push(source.clone());
-        self.by_source.insert(source.clone(), key.clone());
-        self.desired.principals.insert(
-            key,
-            DesiredPrincipal {
-                source,
-                principal,
-                policies,
-            },
-        );
+        self.by_source.get_mut(source.kind).insert(id, key.clone());
+        let mine = source.clone();
+        let dp = DesiredPrincipal {
+            source,
+            principal,
+            policies,
+        };
+        if let Some(prev) = self.desired.principals.insert(key.clone(), dp) {
+            self.dupes
+                .entry(key)
+                .or_insert_with(|| vec![prev.source])
+                .push(mine);
+        }
     }
 
     fn hold(&mut self, source: SourceRef, key: Option<PKey>, reason: String) {
@@ -171,8 +181,8 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
     let mut b = Builder {
         caps,
         desired: Desired::default(),
-        by_source: BTreeMap::new(),
-        claimed: BTreeMap::new(),
+        by_source: PerKind::default(),
+        dupes: BTreeMap::new(),
     };
 
     for u in snapshot.users.values() {
@@ -201,7 +211,7 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
             external_id: optional(&mapping.user_external_id, lookup),
             description: None,
         };
-        b.add(source, p, BTreeSet::new());
+        b.add(&u.id, source, p, BTreeSet::new());
     }
 
     if caps.service_principals {
@@ -232,7 +242,7 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
                 external_id: None,
                 description: None,
             };
-            b.add(source, p, BTreeSet::new());
+            b.add(&s.id, source, p, BTreeSet::new());
         }
     }
 
@@ -267,21 +277,16 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
         } else {
             BTreeSet::new()
         };
-        b.add(source, p, policies);
+        b.add(&g.id, source, p, policies);
     }
 
     // Keys claimed by more than one source principal: hold all of them back.
-    let dupes: Vec<(PKey, Vec<SourceRef>)> = b
-        .claimed
-        .iter()
-        .filter(|(_, s)| s.len() > 1)
-        .map(|(k, s)| (k.clone(), s.clone()))
-        .collect();
+    let dupes = std::mem::take(&mut b.dupes);
     for (key, sources) in dupes {
         b.desired.principals.remove(&key);
         let names: Vec<String> = sources.iter().map(|s| s.id.clone()).collect();
         for s in sources {
-            b.by_source.remove(&s);
+            b.by_source.get_mut(s.kind).remove(s.id.as_str());
             let reason = format!(
                 "{} source principals map to {key} (source ids {}); rename one in the source or change the mapping",
                 names.len(),
@@ -292,20 +297,12 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
     }
 
     for g in snapshot.groups.values() {
-        let gref = SourceRef {
-            kind: Kind::Group,
-            id: g.id.clone(),
-        };
-        let Some(gkey) = b.by_source.get(&gref).cloned() else {
+        let Some(gkey) = b.by_source.groups.get(g.id.as_str()).cloned() else {
             continue;
         };
         let mut members = BTreeSet::new();
         for Member { kind, id } in &g.members {
-            let mref = SourceRef {
-                kind: *kind,
-                id: id.clone(),
-            };
-            match b.by_source.get(&mref) {
+            match b.by_source.get(*kind).get(id.as_str()) {
                 Some(k) => {
                     members.insert(k.clone());
                 }

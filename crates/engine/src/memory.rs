@@ -182,10 +182,17 @@ impl Target for MemoryTarget {
 
     async fn observe(&self) -> Result<Observed, TargetError> {
         let i = self.lock();
-        Ok(Observed {
-            principals: i.principals.clone(),
-            members: i.members.clone(),
-        })
+        let mut o = Observed::default();
+        for p in i.principals.values() {
+            o.insert(p.clone());
+        }
+        for (g, ms) in &i.members {
+            let set = o.members.entry(g.clone()).or_default();
+            for (k, id) in ms {
+                set.insert(*k, id.clone());
+            }
+        }
+        Ok(o)
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {

@@ -1,5 +1,6 @@
 //! `plan(desired, observed, state, policy, caps) -> Plan`: pure, synchronous and deterministic.
 
+use crate::fnv::{FnvMap as HashMap, FnvSet};
 use idsync_model::{
     AgreementState, Attr, AttrChange, Capabilities, Conflict, Desired, DesiredPrincipal, Halt,
     HaltReason, Kind, Observed, Op, PKey, PRef, Plan, ReadMode, SourceRef, Summary,
@@ -151,13 +152,10 @@ fn pref(kind: Kind, key: &str, id: Option<&str>) -> PRef {
 
 impl Ctx<'_> {
     /// Links first (the id map survives renames), then keys, then creation.
-    fn resolve(&mut self) -> BTreeMap<PKey, Res> {
+    fn resolve(&mut self) -> HashMap<PKey, Res> {
         let caps = self.caps;
-        let mut by_key: BTreeMap<PKey, Vec<&str>> = BTreeMap::new();
-        for ((_, id), o) in &self.observed.principals {
-            by_key.entry(caps.pkey(&o.principal)).or_default().push(id);
-        }
-        let mut res: BTreeMap<PKey, Res> = BTreeMap::new();
+        let mut res: HashMap<PKey, Res> = HashMap::default();
+        res.reserve(self.desired.principals.len());
         let mut claimed: BTreeSet<(Kind, &str)> = BTreeSet::new();
 
         for (key, dp) in &self.desired.principals {
@@ -167,7 +165,7 @@ impl Ctx<'_> {
             };
             match self.observed.get(kind, tid) {
                 Some(o) if self.state.owns(kind, tid) => {
-                    let same_key = caps.pkey(&o.principal) == *key;
+                    let same_key = caps.folds_to(&o.principal.key, &key.key);
                     if same_key || caps.renamable.contains(&kind) {
                         claimed.insert((kind, tid));
                         res.insert(key.clone(), Res::Existing(tid.to_owned()));
@@ -186,6 +184,14 @@ impl Ctx<'_> {
             }
         }
 
+        // The key index is needed only for principals no link resolved: in a steady state, none.
+        if res.len() == self.desired.principals.len() {
+            return res;
+        }
+        let mut by_key: BTreeMap<PKey, Vec<&str>> = BTreeMap::new();
+        for (_, id, o) in self.observed.iter() {
+            by_key.entry(caps.pkey(&o.principal)).or_default().push(id);
+        }
         for (key, dp) in &self.desired.principals {
             if res.contains_key(key) {
                 continue;
@@ -217,10 +223,11 @@ impl Ctx<'_> {
                 }
             };
             if let Res::Existing(tid) = &r {
-                if let Some(((_, id), _)) = self
+                if let Some((id, _)) = self
                     .observed
                     .principals
-                    .get_key_value(&(key.kind, tid.clone()))
+                    .get(key.kind)
+                    .get_key_value(tid.as_str())
                 {
                     claimed.insert((key.kind, id.as_str()));
                 }
@@ -232,7 +239,11 @@ impl Ctx<'_> {
 
     fn claim_by_key(&mut self, key: &PKey, dp: &DesiredPrincipal, tid: &str) -> Res {
         let kind = key.kind;
-        let target = pref(kind, &dp.principal.key, Some(tid));
+        let current = self
+            .observed
+            .get(kind, tid)
+            .map_or(dp.principal.key.as_str(), |o| o.principal.key.as_str());
+        let target = pref(kind, current, Some(tid));
         let adopt_op = Op::Adopt {
             target,
             source: dp.source.clone(),
@@ -269,9 +280,10 @@ impl Ctx<'_> {
         Res::Skipped(Some(tid.to_owned()))
     }
 
-    fn attributes(&mut self, res: &BTreeMap<PKey, Res>) {
-        for (key, r) in res {
-            let Some(dp) = self.desired.principals.get(key) else {
+    fn attributes(&mut self, res: &HashMap<PKey, Res>) {
+        // In key order (not the map's), so the plan is built deterministically.
+        for (key, dp) in &self.desired.principals {
+            let Some(r) = res.get(key) else {
                 continue;
             };
             match r {
@@ -297,19 +309,18 @@ impl Ctx<'_> {
                         if self.policy.yield_attributes.contains(attr) {
                             continue;
                         }
-                        let (from, to) = (o.principal.get(*attr), dp.principal.get(*attr));
                         let differs = match attr {
                             Attr::Key => {
                                 self.caps.renamable.contains(&key.kind)
                                     && self.caps.pkey(&o.principal) != *key
                             }
-                            _ => from != to,
+                            _ => !o.principal.same(&dp.principal, *attr),
                         };
                         if differs && (key.kind != Kind::Group || *attr != Attr::Active) {
                             changes.push(AttrChange {
                                 attr: *attr,
-                                from,
-                                to,
+                                from: o.principal.get(*attr),
+                                to: dp.principal.get(*attr),
                             });
                         }
                     }
@@ -340,10 +351,18 @@ impl Ctx<'_> {
     /// be renamed away (the returned order), and is a conflict when the holder stays (it is not
     /// idsync's, or idsync keeps it) or when renames form a cycle (a swap). A blocked rename keeps
     /// its other attribute changes. Returns the rank of each rename by its old folded key.
-    fn check_renames(&mut self, res: &mut BTreeMap<PKey, Res>) -> BTreeMap<(Kind, String), usize> {
+    fn check_renames(&mut self, res: &mut HashMap<PKey, Res>) -> BTreeMap<(Kind, String), usize> {
         let caps = self.caps;
+        let any_rename = self
+            .ops
+            .iter()
+            .any(|o| o.phase() == idsync_model::plan::RENAME_PHASE);
+        if !any_rename {
+            // Without renames every create's key is free: an observed holder would have matched it.
+            return BTreeMap::new();
+        }
         let mut holder: BTreeMap<PKey, &str> = BTreeMap::new();
-        for ((_, id), o) in &self.observed.principals {
+        for (_, id, o) in self.observed.iter() {
             holder.insert(caps.pkey(&o.principal), id);
         }
         // old folded key → (op index, new folded key, target id)
@@ -514,7 +533,7 @@ impl Ctx<'_> {
     }
 
     /// A reference to the target principal a desired key resolves to, for membership operations.
-    fn member_ref(&self, key: &PKey, res: &BTreeMap<PKey, Res>) -> Option<PRef> {
+    fn member_ref(&self, key: &PKey, res: &HashMap<PKey, Res>) -> Option<PRef> {
         let dp = self.desired.principals.get(key)?;
         match res.get(key)? {
             Res::Existing(tid) | Res::Skipped(Some(tid)) => {
@@ -525,13 +544,16 @@ impl Ctx<'_> {
         }
     }
 
-    fn memberships(&mut self, res: &BTreeMap<PKey, Res>) {
+    fn memberships(&mut self, res: &HashMap<PKey, Res>) {
+        let flattened;
         let members = if self.caps.nested_groups {
-            self.desired.members.clone()
+            &self.desired.members
         } else {
-            crate::flatten::flatten(&self.desired.members)
+            flattened = crate::flatten::flatten(&self.desired.members);
+            &flattened
         };
-        for (gkey, wanted) in &members {
+        let none = idsync_model::MemberIds::default();
+        for (gkey, wanted) in members {
             let Some(dp) = self.desired.principals.get(gkey) else {
                 continue;
             };
@@ -540,63 +562,65 @@ impl Ctx<'_> {
                 Some(Res::New) => None,
                 _ => continue,
             };
-            let group = pref(Kind::Group, &dp.principal.key, gid);
-            let have: BTreeSet<(Kind, String)> = gid
+            let have = gid
                 .and_then(|g| self.observed.members.get(g))
-                .cloned()
-                .unwrap_or_default();
-            let mut want_ids: BTreeSet<(Kind, String)> = BTreeSet::new();
+                .unwrap_or(&none);
+            // Only additions and removals allocate; members already there are looked up by &str.
+            let mut want: Vec<(Kind, &str)> = Vec::with_capacity(wanted.len());
+            let mut found = 0usize;
             let mut add = Vec::new();
             for m in wanted {
                 if !self.caps.member_allowed(m.kind) || m == gkey {
                     continue;
                 }
-                let Some(r) = self.member_ref(m, res) else {
-                    continue;
-                };
-                match &r.id {
-                    Some(id) => {
-                        let wanted_id = (m.kind, id.clone());
-                        if !have.contains(&wanted_id) {
-                            add.push(r.clone());
+                match res.get(m) {
+                    Some(Res::Existing(tid) | Res::Skipped(Some(tid))) => {
+                        want.push((m.kind, tid.as_str()));
+                        if have.contains(m.kind, tid) {
+                            found += 1;
+                        } else {
+                            add.extend(self.member_ref(m, res));
                         }
-                        want_ids.insert(wanted_id);
                     }
-                    None => add.push(r),
+                    Some(Res::New) => add.extend(self.member_ref(m, res)),
+                    _ => {}
                 }
             }
             let keep_all =
                 self.policy.yield_members || self.desired.incomplete_groups.contains(gkey);
             let mut remove = Vec::new();
-            if !keep_all {
-                for (mk, mid) in &have {
-                    if !want_ids.contains(&(*mk, mid.clone())) {
+            // Every member there is wanted when all of them were found: nothing to remove.
+            if !keep_all && found < have.len() {
+                let want: FnvSet<(Kind, &str)> = want.into_iter().collect();
+                for (mk, mid) in have.iter() {
+                    if !want.contains(&(mk, mid)) {
                         let key = self
                             .observed
-                            .get(*mk, mid)
-                            .map_or(mid.as_str(), |o| &o.principal.key);
-                        remove.push(pref(*mk, key, Some(mid)));
+                            .get(mk, mid)
+                            .map_or(mid, |o| o.principal.key.as_str());
+                        remove.push(pref(mk, key, Some(mid)));
                     }
                 }
             }
+            let group = || pref(Kind::Group, &dp.principal.key, gid);
             if !remove.is_empty() {
                 remove.sort();
                 self.ops.push(Op::RemoveMembers {
-                    group: group.clone(),
+                    group: group(),
                     members: remove,
                 });
             }
             if !add.is_empty() {
                 add.sort();
                 self.ops.push(Op::AddMembers {
-                    group,
+                    group: group(),
                     members: add,
                 });
             }
         }
     }
 
-    fn orphans(&mut self, res: &BTreeMap<PKey, Res>) {
+    fn orphans(&mut self, res: &HashMap<PKey, Res>) {
         let claimed: BTreeSet<(Kind, &str)> = res
             .iter()
             .filter_map(|(k, r)| match r {

@@ -402,7 +402,7 @@ fn an_empty_source_is_never_taken_to_mean_everyone_left() {
         sync(&base(), &t, &mut st, &policy).await;
         let r = sync(&snap(vec![], vec![], vec![]), &t, &mut st, &policy).await;
         assert_eq!(r.plan.halt.unwrap().reason, HaltReason::EmptySource);
-        assert_eq!(t.observe().await.unwrap().principals.len(), 7);
+        assert_eq!(t.observe().await.unwrap().len(), 7);
         let allow = Policy {
             allow_empty_source: true,
             ..policy
@@ -599,7 +599,7 @@ fn a_crash_in_the_middle_of_an_apply_resumes_cleanly() {
         assert!(r.plan.notes.iter().any(|n| n.contains("did not finish")));
         assert!(r.report.unwrap().is_success());
         let o = t.observe().await.unwrap();
-        assert_eq!(o.principals.len(), 7, "nothing duplicated");
+        assert_eq!(o.len(), 7, "nothing duplicated");
         assert!(crashed.journal.is_none());
         assert!(
             sync(&base(), &t, &mut crashed, &Policy::default())

@@ -16,6 +16,6 @@ pub use source::{
 };
 pub use state::{AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind};
 pub use target::{
-    Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, Observed,
+    Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, MemberIds, Observed,
     ObservedPrincipal, PKey, Principal, SourceRef,
 };

@@ -2,6 +2,7 @@
 //! hold: principals keyed by their natural key in the target, and memberships between them.
 
 use crate::source::Kind;
+use crate::state::PerKind;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -80,6 +81,18 @@ impl Principal {
             Attr::Active => AttrValue::Bool(self.active),
             Attr::ExternalId => AttrValue::Text(self.external_id.clone()),
             Attr::Description => AttrValue::Text(self.description.clone()),
+        }
+    }
+
+    /// Whether one attribute is equal in both, without copying anything (the diff's hot path).
+    pub fn same(&self, other: &Principal, attr: Attr) -> bool {
+        match attr {
+            Attr::Key => self.key == other.key,
+            Attr::DisplayName => self.display_name == other.display_name,
+            Attr::Emails => self.emails == other.emails,
+            Attr::Active => self.active == other.active,
+            Attr::ExternalId => self.external_id == other.external_id,
+            Attr::Description => self.description == other.description,
         }
     }
 
@@ -226,6 +239,15 @@ impl Capabilities {
         }
     }
 
+    /// Whether `key` folds to `folded`, without allocating.
+    pub fn folds_to(&self, key: &str, folded: &str) -> bool {
+        if self.case_insensitive_keys {
+            key.chars().flat_map(char::to_lowercase).eq(folded.chars())
+        } else {
+            key == folded
+        }
+    }
+
     /// The folded [`PKey`] of a principal.
     pub fn pkey(&self, p: &Principal) -> PKey {
         PKey::new(p.kind, self.fold(&p.key))
@@ -313,18 +335,97 @@ pub struct ObservedPrincipal {
     pub policies: BTreeSet<String>,
 }
 
-/// The target as observed in one bulk read: principals by target id, memberships by target id.
+/// Members of one group by kind: target ids. Looked up with `&str`, so diffing a million
+/// memberships allocates only for the changes.
+pub type MemberIds = PerKind<BTreeSet<String>>;
+
+impl MemberIds {
+    /// Whether the member is there.
+    pub fn contains(&self, kind: Kind, id: &str) -> bool {
+        self.get(kind).contains(id)
+    }
+
+    /// Adds a member; false if it was there.
+    pub fn insert(&mut self, kind: Kind, id: impl Into<String>) -> bool {
+        self.get_mut(kind).insert(id.into())
+    }
+
+    /// Removes a member; false if it was not there.
+    pub fn remove(&mut self, kind: Kind, id: &str) -> bool {
+        self.get_mut(kind).remove(id)
+    }
+
+    /// Every member, users first.
+    pub fn iter(&self) -> impl Iterator<Item = (Kind, &str)> {
+        Kind::ALL
+            .into_iter()
+            .flat_map(move |k| self.get(k).iter().map(move |id| (k, id.as_str())))
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        Kind::ALL.iter().map(|k| self.get(*k).len()).sum()
+    }
+
+    /// True when the group has no member.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl FromIterator<(Kind, String)> for MemberIds {
+    fn from_iter<I: IntoIterator<Item = (Kind, String)>>(iter: I) -> Self {
+        let mut m = MemberIds::default();
+        for (k, id) in iter {
+            m.insert(k, id);
+        }
+        m
+    }
+}
+
+/// The target as observed in one bulk read: principals by kind and target id, memberships by
+/// group target id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
-    /// Principals by (kind, target id).
-    pub principals: BTreeMap<(Kind, String), ObservedPrincipal>,
-    /// Direct members of each group: group target id → member (kind, target id).
-    pub members: BTreeMap<String, BTreeSet<(Kind, String)>>,
+    /// Principals by kind, then target id.
+    pub principals: PerKind<BTreeMap<String, ObservedPrincipal>>,
+    /// Direct members of each group: group target id → members.
+    pub members: BTreeMap<String, MemberIds>,
 }
 
 impl Observed {
     /// The observed principal with this kind and target id.
     pub fn get(&self, kind: Kind, id: &str) -> Option<&ObservedPrincipal> {
-        self.principals.get(&(kind, id.to_owned()))
+        self.principals.get(kind).get(id)
+    }
+
+    /// Adds a principal.
+    pub fn insert(&mut self, p: ObservedPrincipal) {
+        self.principals
+            .get_mut(p.principal.kind)
+            .insert(p.id.clone(), p);
+    }
+
+    /// Every principal with its kind and target id, in a stable order.
+    pub fn iter(&self) -> impl Iterator<Item = (Kind, &str, &ObservedPrincipal)> {
+        Kind::ALL.into_iter().flat_map(move |k| {
+            self.principals
+                .get(k)
+                .iter()
+                .map(move |(id, p)| (k, id.as_str(), p))
+        })
+    }
+
+    /// Number of principals.
+    pub fn len(&self) -> usize {
+        Kind::ALL
+            .iter()
+            .map(|k| self.principals.get(*k).len())
+            .sum()
+    }
+
+    /// True when nothing was observed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

@@ -141,7 +141,7 @@ mod tests {
         assert!(matches!(t.execute(&op).await.unwrap(), Outcome::Created(_)));
         t.flush().await.unwrap();
         let again = FileTarget::open(&p, Profile::Lakefs).unwrap();
-        assert_eq!(again.observe().await.unwrap().principals.len(), 1);
+        assert_eq!(again.observe().await.unwrap().len(), 1);
         std::fs::write(&p, "<html>oops</html>").unwrap();
         let e = FileTarget::open(&p, Profile::Lakefs).unwrap_err();
         assert!(e.message.contains("not valid"), "{e}");
