@@ -16,6 +16,26 @@ pub struct Printer {
 
 const MEMBER_PREVIEW: usize = 8;
 
+/// The sections of a printed plan, in order.
+const SECTIONS: [&str; 5] = [
+    "users",
+    "service principals",
+    "groups",
+    "memberships",
+    "deprovisioning",
+];
+
+/// Which of [`SECTIONS`] an operation is shown under.
+fn section(op: &Op) -> usize {
+    match (op.stage(), op.subject().0) {
+        (Stage::Principals, Kind::User) => 0,
+        (Stage::Principals, Kind::ServicePrincipal) => 1,
+        (Stage::Principals, Kind::Group) => 2,
+        (Stage::Members, _) => 3,
+        (Stage::Deprovision, _) => 4,
+    }
+}
+
 impl Printer {
     /// A printer on stdout.
     pub fn stdout(verbose: bool) -> Self {
@@ -66,33 +86,8 @@ impl Printer {
             self.paint("1", &plan.agreement),
             plan.state_version
         );
-        let sections: [(&str, Box<dyn Fn(&Op) -> bool>); 6] = [
-            (
-                "users",
-                Box::new(|o: &Op| o.stage() == Stage::Principals && o.subject().0 == Kind::User),
-            ),
-            (
-                "service principals",
-                Box::new(|o: &Op| {
-                    o.stage() == Stage::Principals && o.subject().0 == Kind::ServicePrincipal
-                }),
-            ),
-            (
-                "groups",
-                Box::new(|o: &Op| o.stage() == Stage::Principals && o.subject().0 == Kind::Group),
-            ),
-            (
-                "memberships",
-                Box::new(|o: &Op| o.stage() == Stage::Members),
-            ),
-            (
-                "deprovisioning",
-                Box::new(|o: &Op| o.stage() == Stage::Deprovision),
-            ),
-            ("", Box::new(|_: &Op| false)),
-        ];
-        for (title, pick) in &sections {
-            let ops: Vec<&Op> = plan.ops.iter().filter(|o| pick(o)).collect();
+        for (i, title) in SECTIONS.iter().enumerate() {
+            let ops: Vec<&Op> = plan.ops.iter().filter(|o| section(o) == i).collect();
             if ops.is_empty() {
                 continue;
             }

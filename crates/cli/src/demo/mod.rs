@@ -16,6 +16,9 @@ use std::time::Duration;
 
 const DIRECTORY: &str = include_str!("directory.json");
 
+/// Edits made to the directory between two steps.
+type Edit = fn(&MemorySource, &Snapshot);
+
 fn id(dir: &Snapshot, name: &str) -> String {
     dir.users
         .values()
@@ -78,7 +81,7 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
     p.note(&format!("state and targets: {}", dir.display()));
 
     let mut worst = run::exit::OK;
-    let steps: [(&str, Option<fn(&MemorySource, &Snapshot)>); 3] = [
+    let steps: [(&str, Option<Edit>); 3] = [
         (
             "Step 1 of 3: full sync (no state yet, so the whole scope is read)",
             None,

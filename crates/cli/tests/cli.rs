@@ -1,0 +1,434 @@
+//! Runs the real `idsync` binary against temporary folders: exit codes, saved plans, the moved-state
+//! precondition, configuration errors, dry runs, leases, secrets.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+const DIRECTORY: &str = r#"{
+  "users": [
+    { "id": "u1", "userName": "alice@corp.example", "displayName": "Alice", "emails": ["alice@corp.example"] },
+    { "id": "u2", "userName": "bob@corp.example", "displayName": "Bob", "emails": ["bob@corp.example"] },
+    { "id": "u3", "userName": "chloé@corp.example", "displayName": "Chloé O'Hara", "emails": ["chloé@corp.example"] },
+    { "id": "u4", "userName": "kevin@corp.example", "displayName": "Kevin" }
+  ],
+  "servicePrincipals": [ { "id": "s1", "appId": "app-1", "displayName": "ci" } ],
+  "groups": [
+    { "id": "g1", "displayName": "Data \"Eng\"", "members": [
+      { "type": "user", "id": "u1" }, { "type": "user", "id": "u2" }, { "type": "servicePrincipal", "id": "s1" }, { "type": "group", "id": "g2" } ] },
+    { "id": "g2", "displayName": "Platform", "members": [ { "type": "user", "id": "u4" } ] },
+    { "id": "g3", "displayName": "Équipe", "members": [ { "type": "user", "id": "u3" } ] }
+  ]
+}"#;
+
+impl Sandbox {
+    fn new(extra_config: &str) -> Sandbox {
+        let s = Sandbox {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.write("directory.json", DIRECTORY);
+        s.write(
+            "idsync.toml",
+            &format!(
+                r#"
+[state]
+url = "state"
+
+[source]
+kind = "file"
+path = "directory.json"
+
+[scope]
+search_depth = 2
+
+[targets.dbx]
+kind = "file"
+profile = "databricks"
+path = "dbx.json"
+{extra_config}
+"#
+            ),
+        );
+        s
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+
+    fn write(&self, f: &str, text: &str) {
+        std::fs::write(self.path(f), text).unwrap();
+    }
+
+    fn read(&self, f: &str) -> String {
+        std::fs::read_to_string(self.path(f)).unwrap_or_default()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_idsync"));
+        c.args(args).current_dir(self.dir.path());
+        for var in [
+            "DRY_RUN",
+            "GROUP_FILTER",
+            "IDSYNC_STATE",
+            "IDSYNC_CONFIG",
+            "ENTRA_TENANT_ID",
+            "AZURE_TENANT_ID",
+            "ARM_TENANT_ID",
+            "ENTRA_APPLICATION_ID",
+            "AZURE_CLIENT_ID",
+            "ARM_CLIENT_ID",
+            "ENTRA_CLIENT_SECRET_VALUE",
+            "AZURE_CLIENT_SECRET",
+            "ARM_CLIENT_SECRET",
+            "LAKEFS_ENDPOINT",
+            "LAKEFS_ACCESS_KEY_ID",
+            "LAKEFS_SECRET_ACCESS_KEY",
+            "LAKEFS_DEFAULT_POLICIES",
+            "DATABRICKS_HOST",
+            "DATABRICKS_ACCOUNT_ID",
+            "DATABRICKS_TOKEN",
+        ] {
+            c.env_remove(var);
+        }
+        c.env("NO_COLOR", "1");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn owned(dir: &Path) -> usize {
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state/dbx.json")).unwrap()).unwrap();
+    ["users", "servicePrincipals", "groups"]
+        .iter()
+        .map(|k| s["owned"][k].as_object().map_or(0, |o| o.len()))
+        .sum()
+}
+
+#[test]
+fn exit_codes_plan_sync_and_in_sync() {
+    let s = Sandbox::new("");
+    let p = s.run(&["plan"]);
+    assert_eq!(code(&p), 2, "{}", text(&p));
+    assert!(
+        text(&p).contains("create  \"chloé@corp.example\""),
+        "{}",
+        text(&p)
+    );
+    assert!(text(&p).contains("Data \\\"Eng\\\""), "{}", text(&p));
+    assert!(
+        !s.path("dbx.json").exists(),
+        "plan must not write the target"
+    );
+    assert!(
+        !s.path("state/dbx.json").exists(),
+        "plan must not write state"
+    );
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(owned(s.dir.path()), 8);
+    let again = s.run(&["plan"]);
+    assert_eq!(code(&again), 0, "{}", text(&again));
+    assert!(text(&again).contains("in sync"));
+}
+
+#[test]
+fn a_saved_plan_applies_and_a_moved_state_refuses_it() {
+    let s = Sandbox::new("");
+    let p = s.run(&["plan", "--out", "plan.json"]);
+    assert_eq!(code(&p), 2, "{}", text(&p));
+    let plan: serde_json::Value = serde_json::from_str(&s.read("plan.json")).unwrap();
+    assert_eq!(plan["plans"][0]["plan"]["stateVersion"], 0);
+    let a = s.run(&["apply", "plan.json"]);
+    assert_eq!(code(&a), 0, "{}", text(&a));
+    assert_eq!(code(&s.run(&["plan"])), 0);
+
+    // A plan made, then the state moves (another sync), then the old plan is refused.
+    let mut dir: serde_json::Value = serde_json::from_str(DIRECTORY).unwrap();
+    dir["users"][0]["displayName"] = "Alice Liddell".into();
+    s.write("directory.json", &dir.to_string());
+    assert_eq!(code(&s.run(&["plan", "--out", "stale.json"])), 2);
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    let before = s.read("dbx.json");
+    let r = s.run(&["apply", "stale.json"]);
+    assert_eq!(code(&r), 1, "{}", text(&r));
+    assert!(
+        text(&r).contains("was computed from state version"),
+        "{}",
+        text(&r)
+    );
+    assert_eq!(s.read("dbx.json"), before, "a refused plan writes nothing");
+}
+
+#[test]
+fn a_config_with_three_errors_reports_all_three() {
+    let s = Sandbox::new(
+        "colour = \"blue\"\n\n[policy]\ndeprovision = \"sometimes\"\nmax_deletions = -1\n",
+    );
+    let o = s.run(&["validate"]);
+    assert_eq!(code(&o), 1);
+    let t = text(&o);
+    assert!(t.contains("the configuration has 3 errors"), "{t}");
+    assert!(
+        t.contains("idsync.toml:16: targets.dbx.colour: unknown field"),
+        "{t}"
+    );
+    assert!(
+        t.contains("idsync.toml:19: policy.deprovision: \"sometimes\""),
+        "{t}"
+    );
+    assert!(t.contains("idsync.toml:20: policy.max_deletions"), "{t}");
+    let ok = Sandbox::new("");
+    let o = ok.run(&["validate"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+}
+
+#[test]
+fn the_deletion_threshold_halts_with_exit_3_until_approved() {
+    let s = Sandbox::new("[policy]\ndeprovision = \"delete\"\nmax_deletions = 1\n");
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    let mut dir: serde_json::Value = serde_json::from_str(DIRECTORY).unwrap();
+    dir["groups"][0]["members"] = serde_json::json!([]); // alice, bob and ci leave every group
+    s.write("directory.json", &dir.to_string());
+    let before = s.read("dbx.json");
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(text(&o).contains("--approve-deletions 3"), "{}", text(&o));
+    assert_eq!(s.read("dbx.json"), before, "halted before any write");
+    let o = s.run(&["sync", "--approve-deletions", "3"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("delete  user \"alice@corp.example\""),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn an_empty_source_never_deprovisions() {
+    let s = Sandbox::new("[policy]\ndeprovision = \"delete\"\n");
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    s.write("directory.json", "{}");
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(
+        text(&o).contains("never taken to mean that everyone left"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_principal_idsync_does_not_own_is_a_conflict() {
+    let s = Sandbox::new("");
+    // Someone created bob in the target by hand.
+    s.write(
+        "dbx.json",
+        r#"{"nextId": 100, "principals": [{"id": "99", "principal": {"kind": "user", "key": "BOB@corp.example", "active": true}}], "members": {}}"#,
+    );
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(
+        text(&o).contains("idsync did not create it"),
+        "{}",
+        text(&o)
+    );
+    let s2 = Sandbox::new("[policy]\nadopt_keys = [\"user:bob@corp.example\"]\n");
+    s2.write("dbx.json", &s.read("dbx.json"));
+    let o = s2.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("adopt   \"BOB@corp.example\" (id 99)"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn dry_run_levels() {
+    let s = Sandbox::new("");
+    let o = s.run(&["sync", "--dry-run-security-principals"]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    assert!(!s.path("dbx.json").exists());
+    let o = s.run(&["sync", "--dry-run-members"]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    let target: serde_json::Value = serde_json::from_str(&s.read("dbx.json")).unwrap();
+    assert_eq!(
+        target["principals"].as_array().unwrap().len(),
+        8,
+        "principals applied"
+    );
+    assert!(
+        target["members"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|m| m.as_array().unwrap().is_empty()),
+        "members not applied"
+    );
+    let state: serde_json::Value = serde_json::from_str(&s.read("state/dbx.json")).unwrap();
+    assert!(
+        state["lastApplied"].is_null(),
+        "a partial apply does not record the snapshot"
+    );
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(text(&o).contains("0 to create"), "{}", text(&o));
+    let env = s.run_env(&["sync"], &[("DRY_RUN", "true")]);
+    assert_eq!(code(&env), 0, "{}", text(&env));
+}
+
+#[test]
+fn a_second_run_fails_fast_while_the_lease_is_held() {
+    let s = Sandbox::new("");
+    std::fs::create_dir_all(s.path("state")).unwrap();
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    s.write(
+        "state/dbx.lease",
+        &format!(
+            r#"{{"agreement":"dbx","holder":"idsync pid 1 on ci","token":"t","until":{until}}}"#
+        ),
+    );
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 4, "{}", text(&o));
+    assert!(
+        text(&o).contains("being synced by another run (idsync pid 1 on ci)"),
+        "{}",
+        text(&o)
+    );
+    // plan reads only and needs no lease.
+    assert_eq!(code(&s.run(&["plan"])), 2);
+}
+
+#[test]
+fn secrets_never_reach_output_state_or_plans() {
+    let s = Sandbox::new("");
+    let env = [
+        ("ENTRA_TENANT_ID", "tenant-1"),
+        ("ENTRA_CLIENT_SECRET_VALUE", "entra-SECRET-value-123"),
+        ("LAKEFS_ENDPOINT", "https://lakefs.invalid"),
+        ("LAKEFS_ACCESS_KEY_ID", "AKIAIDSYNCTEST"),
+        ("LAKEFS_SECRET_ACCESS_KEY", "lakefs-SECRET-value-456"),
+        ("DATABRICKS_TOKEN", "dapi-SECRET-value-789"),
+    ];
+    let o = s.run_env(&["validate"], &env);
+    let t = text(&o);
+    assert_eq!(code(&o), 1, "{t}");
+    assert!(t.contains("not in this build"), "{t}");
+    for (_, v) in &env[1..] {
+        if v.contains("SECRET") {
+            assert!(!t.contains(v), "secret leaked: {t}");
+        }
+    }
+    // A .env file works like the environment.
+    s.write(".env", "GROUP_FILTER=Data*\n");
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(text(&o).contains("Data \\\"Eng\\\""));
+    assert!(
+        !text(&o).contains("Équipe"),
+        "GROUP_FILTER from .env narrows the scope: {}",
+        text(&o)
+    );
+}
+
+#[test]
+fn source_flags_of_the_existing_tool() {
+    let s = Sandbox::new("");
+    s.write("groups_to_sync.json", r#"["Data \"Eng\""]"#);
+    let o = s.run(&[
+        "plan",
+        "--groups-json-file",
+        "groups_to_sync.json",
+        "--group-search-depth",
+        "1",
+        "--query-graph-only",
+        "--save-graph-response-json",
+        "read.json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let t = text(&o);
+    // Depth 1: Platform (nested in Data "Eng") is not searched, so kevin is not reached.
+    assert!(t.contains("2 users, 1 service principals, 1 groups"), "{t}");
+    let saved: serde_json::Value = serde_json::from_str(&s.read("read.json")).unwrap();
+    assert_eq!(saved["groups"].as_array().unwrap().len(), 1);
+    assert!(!s.path("state").exists());
+}
+
+#[test]
+fn state_show_and_reset() {
+    let s = Sandbox::new("");
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    let o = s.run(&["state", "show"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("users: 4 owned (0 adopted), 4 linked"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(code(&s.run(&["state", "reset", "dbx"])), 1, "needs --yes");
+    assert_eq!(code(&s.run(&["state", "reset", "dbx", "--yes"])), 0);
+    assert!(!s.path("state/dbx.json").exists());
+}
+
+#[test]
+fn the_demo_prints_a_full_and_an_incremental_plan() {
+    let s = Sandbox::new("");
+    let o = s.run(&["demo", "--dir", "demo"]);
+    let t = text(&o);
+    assert_eq!(code(&o), 0, "{t}");
+    assert!(t.contains("(full read, state version 0)"), "{t}");
+    assert!(t.contains("(incremental read, state version 2)"), "{t}");
+    assert!(
+        t.contains("key: \"TEAM_ETA\" → \"TEAM_ETA_PLATFORM\""),
+        "{t}"
+    );
+    assert_eq!(t.matches("in sync: nothing to do").count(), 2, "{t}");
+    // A second demo starts from scratch.
+    let again = s.run(&["demo", "--dir", "demo"]);
+    assert_eq!(code(&again), 0);
+    assert!(text(&again).contains("(full read, state version 0)"));
+}
+
+#[test]
+fn the_example_configuration_in_the_readme_runs() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/file");
+    let s = Sandbox {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    for f in ["idsync.toml", "directory.json", "groups_to_sync.json"] {
+        std::fs::copy(src.join(f), s.path(f)).unwrap();
+    }
+    let o = s.run(&["validate"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&s.run(&["plan"])), 0);
+}
