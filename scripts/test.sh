@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what idsync's tests need and runs them: formatting, lints, and every test of the
+# workspace (unit, property, and the real binary against temporary folders).
+#
+# CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
+# except the package registries (crates.io) for the first build.
+#
+# Environment:
+#   PROPTEST_CASES   cases per property test (default 1000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo is required; install Rust from https://rustup.rs" >&2
+  exit 1
+fi
+
+# rustfmt and clippy ship with rustup's default profile; add them when a minimal toolchain lacks them.
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component"
+  fi
+done
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo test (PROPTEST_CASES=${PROPTEST_CASES:-1000})"
+PROPTEST_CASES="${PROPTEST_CASES:-1000}" cargo test --workspace --locked
