@@ -99,6 +99,7 @@ fn main() {
             Owned {
                 key: dp.principal.key.clone(),
                 how: Ownership::Created,
+                source: Some(dp.source.id.clone()),
             },
         );
     }

@@ -110,6 +110,23 @@ pub struct Failure {
     pub op: Op,
     /// Why.
     pub error: String,
+    /// The target's error category (none for operations skipped for a failed dependency).
+    pub kind: Option<TargetErrorKind>,
+}
+
+impl Failure {
+    /// Whether the operation may have happened although it failed (a timeout, a reset connection,
+    /// an unreadable answer). Only such creates stay in the journal.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self.kind,
+            Some(
+                TargetErrorKind::Unavailable
+                    | TargetErrorKind::Throttled
+                    | TargetErrorKind::Protocol
+            )
+        )
+    }
 }
 
 /// What an apply did.
@@ -181,7 +198,7 @@ pub fn begin(plan: &Plan, caps: &Capabilities, state: &mut AgreementState) {
 
 /// Records the end of an apply. When every stage ran and nothing failed, the snapshot becomes the
 /// last applied one and the source cursors advance; otherwise they stay, so the next run reads the
-/// same changes again. Creates that failed stay in the journal: they may have happened.
+/// same changes again. Creates whose outcome is unknown stay in the journal: they may have happened.
 pub fn finish(
     file: &PlanFile,
     report: &ApplyReport,
@@ -189,8 +206,10 @@ pub fn finish(
     state: &mut AgreementState,
     all_stages: bool,
 ) {
+    // A create the target refused (it exists, it is invalid, not allowed) did not happen: it must
+    // not be remembered as idsync's, or idsync would later adopt whatever holds that key.
     let mut keep: BTreeSet<PKey> = BTreeSet::new();
-    for f in &report.failed {
+    for f in report.failed.iter().filter(|f| f.outcome_unknown()) {
         if let Op::Create { principal, .. } = &f.op {
             keep.insert(caps.pkey(principal));
         }
@@ -245,6 +264,7 @@ pub async fn apply(
                         report.skipped.push(Failure {
                             op: op.clone(),
                             error: format!("member {d} was not created, so it is not added"),
+                            kind: None,
                         });
                     }
                     runnable.push(resolved);
@@ -252,6 +272,7 @@ pub async fn apply(
                 Err(dep) => report.skipped.push(Failure {
                     op: op.clone(),
                     error: format!("{dep} was not created, so this was not attempted"),
+                    kind: None,
                 }),
             }
         }
@@ -283,6 +304,7 @@ pub async fn apply(
                     report.failed.push(Failure {
                         op,
                         error: e.message,
+                        kind: Some(e.kind),
                     });
                 }
             }
@@ -354,20 +376,23 @@ fn record(
                 Owned {
                     key: principal.key.clone(),
                     how: Ownership::Created,
+                    source: Some(source.id.clone()),
                 },
             );
         }
         (Op::Adopt { target, source }, _) => {
             let Some(id) = &target.id else { return };
             link(state, target.kind, &source.id, id);
-            state
+            let owned = state
                 .owned
                 .get_mut(target.kind)
                 .entry(id.clone())
                 .or_insert(Owned {
                     key: target.key.clone(),
                     how: Ownership::Adopted,
+                    source: None,
                 });
+            owned.source = Some(source.id.clone());
         }
         (
             Op::Update {
@@ -381,10 +406,9 @@ fn record(
             link(state, target.kind, &source.id, id);
             if let Some(AttrValue::Text(Some(k))) =
                 changes.iter().find(|c| c.attr == Attr::Key).map(|c| &c.to)
+                && let Some(o) = state.owned.get_mut(target.kind).get_mut(id)
             {
-                if let Some(o) = state.owned.get_mut(target.kind).get_mut(id) {
-                    o.key = k.clone();
-                }
+                o.key = k.clone();
             }
         }
         (Op::Delete { target, .. } | Op::Forget { target }, _) => {

@@ -58,6 +58,57 @@ pub struct Policy {
     pub allow_empty_source: bool,
 }
 
+/// Reverse lookups needed only when some principal did not resolve through its link.
+struct KeyIndex<'a> {
+    /// Owned target id → the source id it was made for, per kind.
+    reverse: HashMap<(Kind, &'a str), &'a str>,
+    /// Source ids in the desired state, per kind.
+    sources: FnvSet<(Kind, &'a str)>,
+    /// Source ids held back (unmappable, duplicate keys), per kind.
+    held: FnvSet<(Kind, &'a str)>,
+}
+
+impl<'a> KeyIndex<'a> {
+    fn new(desired: &'a Desired, state: &'a AgreementState) -> Self {
+        let mut reverse = HashMap::default();
+        for kind in Kind::ALL {
+            for (tid, owned) in state.owned.get(kind) {
+                if let Some(src) = &owned.source {
+                    reverse.insert((kind, tid.as_str()), src.as_str());
+                }
+            }
+        }
+        let sources = desired
+            .principals
+            .values()
+            .map(|d| (d.source.kind, d.source.id.as_str()))
+            .collect();
+        let held = desired
+            .held_back
+            .keys()
+            .map(|s| (s.kind, s.id.as_str()))
+            .collect();
+        KeyIndex {
+            reverse,
+            sources,
+            held,
+        }
+    }
+
+    fn linked_source(&self, kind: Kind, tid: &str) -> Option<&'a str> {
+        self.reverse.get(&(kind, tid)).copied()
+    }
+
+    /// In the source: mapped, or held back.
+    fn in_source(&self, kind: Kind, id: &str) -> bool {
+        self.sources.contains(&(kind, id)) || self.held.contains(&(kind, id))
+    }
+
+    fn held_back(&self, kind: Kind, id: &str) -> bool {
+        self.held.contains(&(kind, id))
+    }
+}
+
 /// How one desired principal resolved against the target.
 #[derive(Clone, Debug)]
 enum Res {
@@ -192,6 +243,7 @@ impl Ctx<'_> {
         for (_, id, o) in self.observed.iter() {
             by_key.entry(caps.pkey(&o.principal)).or_default().push(id);
         }
+        let idx = KeyIndex::new(self.desired, self.state);
         for (key, dp) in &self.desired.principals {
             if res.contains_key(key) {
                 continue;
@@ -207,7 +259,7 @@ impl Ctx<'_> {
                 .unwrap_or_default();
             let r = match candidates.as_slice() {
                 [] => Res::New,
-                [tid] => self.claim_by_key(key, dp, tid),
+                [tid] => self.claim_by_key(key, dp, tid, &idx),
                 many => {
                     self.conflicts.push(Conflict {
                         key: key.clone(),
@@ -222,49 +274,98 @@ impl Ctx<'_> {
                     Res::Skipped(None)
                 }
             };
-            if let Res::Existing(tid) = &r {
-                if let Some((id, _)) = self
+            if let Res::Existing(tid) = &r
+                && let Some((id, _)) = self
                     .observed
                     .principals
                     .get(key.kind)
                     .get_key_value(tid.as_str())
-                {
-                    claimed.insert((key.kind, id.as_str()));
-                }
+            {
+                claimed.insert((key.kind, id.as_str()));
             }
             res.insert(key.clone(), r);
         }
         res
     }
 
-    fn claim_by_key(&mut self, key: &PKey, dp: &DesiredPrincipal, tid: &str) -> Res {
+    fn claim_by_key(
+        &mut self,
+        key: &PKey,
+        dp: &DesiredPrincipal,
+        tid: &str,
+        idx: &KeyIndex<'_>,
+    ) -> Res {
         let kind = key.kind;
-        let current = self
-            .observed
-            .get(kind, tid)
-            .map_or(dp.principal.key.as_str(), |o| o.principal.key.as_str());
+        let observed = self.observed.get(kind, tid);
+        let current = observed.map_or(dp.principal.key.as_str(), |o| o.principal.key.as_str());
         let target = pref(kind, current, Some(tid));
         let adopt_op = Op::Adopt {
             target,
             source: dp.source.clone(),
         };
         if self.state.owns(kind, tid) {
-            // Ours, linked to another source id before (the source object was re-created).
-            self.notes.push(format!(
-                "{} takes over {key}, which idsync already owns",
-                dp.source
-            ));
-            self.ops.push(adopt_op);
-            return Res::Existing(tid.to_owned());
+            // Ours. Take it over only if the source principal it stands for is gone (the source
+            // object was deleted and re-created): if that one is still in the source under another
+            // key, this key now belongs to someone else, and handing them the account would give
+            // them its history and grants.
+            match idx.linked_source(kind, tid) {
+                // It will be deleted in this plan (an orphan, not protected, the read complete):
+                // delete it first, and give the new source principal a fresh one.
+                Some(other)
+                    if other != dp.source.id
+                        && idx.in_source(kind, other)
+                        && !idx.held_back(kind, other)
+                        && self.policy.deprovision == Deprovision::Delete
+                        && self.desired.incomplete_groups.is_empty() =>
+                {
+                    self.notes.push(format!(
+                        "{key} was idsync's principal for source {kind} {other}, which moved to another key; it is deleted and {} gets a new one",
+                        dp.source
+                    ));
+                    return Res::New;
+                }
+                Some(other) if other != dp.source.id && idx.in_source(kind, other) => {
+                    self.conflicts.push(Conflict {
+                        key: key.clone(),
+                        sources: vec![dp.source.clone(), SourceRef { kind, id: other.to_owned() }],
+                        target_id: Some(tid.to_owned()),
+                        reason: format!(
+                            "{key} is idsync's principal for source {kind} {other}, which is still in the source under another key; this target cannot rename it, so the key cannot be handed to {} (remove or rename the old principal in the target first)",
+                            dp.source
+                        ),
+                    });
+                    return Res::Skipped(Some(tid.to_owned()));
+                }
+                _ => {
+                    self.notes.push(format!(
+                        "{} takes over {key}, which idsync already owns",
+                        dp.source
+                    ));
+                    self.ops.push(adopt_op);
+                    return Res::Existing(tid.to_owned());
+                }
+            }
         }
         if self.state.pending_create(key) {
-            self.notes.push(format!(
-                "{key} was created by an apply that did not finish; idsync recognises it as its own"
-            ));
-            self.ops.push(adopt_op);
-            return Res::Existing(tid.to_owned());
+            // Created by an apply that died before recording it, unless what is there now says it
+            // stands for someone else.
+            let contradicts = match (
+                observed.and_then(|o| o.principal.external_id.as_deref()),
+                dp.principal.external_id.as_deref(),
+            ) {
+                (Some(there), Some(wanted)) => there != wanted,
+                _ => false,
+            };
+            if !contradicts {
+                self.notes.push(format!(
+                    "{key} was created by an apply that did not finish; idsync recognises it as its own"
+                ));
+                self.ops.push(adopt_op);
+                return Res::Existing(tid.to_owned());
+            }
         }
-        if self.policy.adopt || self.policy.adopt_keys.contains(key) {
+        let folded = |k: &PKey| PKey::new(k.kind, self.caps.fold(&k.key));
+        if self.policy.adopt || self.policy.adopt_keys.iter().any(|k| folded(k) == *key) {
             self.ops.push(adopt_op);
             return Res::Existing(tid.to_owned());
         }
@@ -357,7 +458,9 @@ impl Ctx<'_> {
             .ops
             .iter()
             .any(|o| o.phase() == idsync_model::plan::RENAME_PHASE);
-        if !any_rename {
+        let creates_and_deletes = self.ops.iter().any(|o| matches!(o, Op::Create { .. }))
+            && self.ops.iter().any(|o| matches!(o, Op::Delete { .. }));
+        if !any_rename && !creates_and_deletes {
             // Without renames every create's key is free: an observed holder would have matched it.
             return BTreeMap::new();
         }
@@ -371,14 +474,12 @@ impl Ctx<'_> {
             if let Op::Update {
                 target, changes, ..
             } = op
+                && let Some(c) = changes.iter().find(|c| c.attr == Attr::Key)
+                && let idsync_model::AttrValue::Text(Some(new)) = &c.to
             {
-                if let Some(c) = changes.iter().find(|c| c.attr == Attr::Key) {
-                    if let idsync_model::AttrValue::Text(Some(new)) = &c.to {
-                        let old = PKey::new(target.kind, caps.fold(&target.key));
-                        let new = PKey::new(target.kind, caps.fold(new));
-                        renames.insert(old, (i, new, target.id.clone().unwrap_or_default()));
-                    }
-                }
+                let old = PKey::new(target.kind, caps.fold(&target.key));
+                let new = PKey::new(target.kind, caps.fold(new));
+                renames.insert(old, (i, new, target.id.clone().unwrap_or_default()));
             }
         }
         // Owned principals this plan deletes anyway: deleting them first frees their keys.
@@ -451,16 +552,25 @@ impl Ctx<'_> {
                 if blocked.contains_key(i) {
                     continue;
                 }
-                if let Some((j, _, _)) = renames.get(new) {
-                    if blocked.contains_key(j) {
-                        more.push((*i, format!("the rename of {old} waits on a blocked rename")));
-                    }
+                if let Some((j, _, _)) = renames.get(new)
+                    && blocked.contains_key(j)
+                {
+                    more.push((*i, format!("the rename of {old} waits on a blocked rename")));
                 }
             }
             if more.is_empty() {
                 break;
             }
             blocked.extend(more);
+        }
+        // A create whose key is held by a principal this plan deletes: delete it first.
+        for op in &self.ops {
+            if let Op::Create { principal, .. } = op
+                && let Some(h) = holder.get(&caps.pkey(principal))
+                && let Some(i) = deleted.get(*h)
+            {
+                early_deletes.insert(*i);
+            }
         }
         for &i in &early_deletes {
             if let Op::Delete { target, frees_key } = &mut self.ops[i] {
@@ -553,6 +663,19 @@ impl Ctx<'_> {
             &flattened
         };
         let none = idsync_model::MemberIds::default();
+        // A flattened group is only as complete as every group nested in it.
+        let incomplete = if self.caps.nested_groups {
+            self.desired.incomplete_groups.clone()
+        } else {
+            incomplete_closure(&self.desired.members, &self.desired.incomplete_groups)
+        };
+        // Principals held back keep whatever memberships they have: they are not gone.
+        let held: FnvSet<(Kind, &str)> = self
+            .desired
+            .held_back
+            .keys()
+            .filter_map(|s| self.state.link(s.kind, &s.id).map(|t| (s.kind, t)))
+            .collect();
         for (gkey, wanted) in members {
             let Some(dp) = self.desired.principals.get(gkey) else {
                 continue;
@@ -586,14 +709,13 @@ impl Ctx<'_> {
                     _ => {}
                 }
             }
-            let keep_all =
-                self.policy.yield_members || self.desired.incomplete_groups.contains(gkey);
+            let keep_all = self.policy.yield_members || incomplete.contains(gkey);
             let mut remove = Vec::new();
             // Every member there is wanted when all of them were found: nothing to remove.
             if !keep_all && found < have.len() {
                 let want: FnvSet<(Kind, &str)> = want.into_iter().collect();
                 for (mk, mid) in have.iter() {
-                    if !want.contains(&(mk, mid)) {
+                    if !want.contains(&(mk, mid)) && !held.contains(&(mk, mid)) {
                         let key = self
                             .observed
                             .get(mk, mid)
@@ -714,6 +836,30 @@ impl Ctx<'_> {
     }
 }
 
+/// Groups that are incomplete themselves or reach an incomplete group through nesting.
+fn incomplete_closure(
+    direct: &BTreeMap<PKey, BTreeSet<PKey>>,
+    incomplete: &BTreeSet<PKey>,
+) -> BTreeSet<PKey> {
+    let mut out = incomplete.clone();
+    if out.is_empty() {
+        return out;
+    }
+    loop {
+        let more: Vec<PKey> = direct
+            .iter()
+            .filter(|(g, ms)| {
+                !out.contains(*g) && ms.iter().any(|m| m.kind == Kind::Group && out.contains(m))
+            })
+            .map(|(g, _)| g.clone())
+            .collect();
+        if more.is_empty() {
+            return out;
+        }
+        out.extend(more);
+    }
+}
+
 /// Orders the rename phase so that a rename runs after the rename that frees its key (the rank is
 /// the length of the chain from it to a free key: the shortest chains go first).
 fn order_renames(ops: &mut [Op], rank: &BTreeMap<(Kind, String), usize>) {
@@ -790,13 +936,28 @@ fn halt(
             ),
         });
     }
+    let forgotten = summary
+        .ops
+        .iter()
+        .filter(|(k, _)| k.starts_with("forget "))
+        .map(|(_, v)| *v)
+        .sum::<usize>();
+    if forgotten > 0 && forgotten * 2 > summary.owned && forgotten > policy.approved_deletions {
+        return Some(Halt {
+            reason: HaltReason::TargetVanished,
+            message: format!(
+                "{forgotten} of the {} principals idsync owns are missing from the target: is this the right target, with the right credentials? Nothing was written. If they really were removed, re-run with --approve-deletions {forgotten} to let idsync forget them and create them again",
+                summary.owned
+            ),
+        });
+    }
     let n = summary.destructive;
     if n > policy.approved_deletions {
         let mut over = Vec::new();
-        if let Some(max) = policy.max_deletions {
-            if n > max {
-                over.push(format!("max_deletions = {max}"));
-            }
+        if let Some(max) = policy.max_deletions
+            && n > max
+        {
+            over.push(format!("max_deletions = {max}"));
         }
         if let Some(pct) = policy.max_deletions_percent {
             let base = summary.owned.max(1);

@@ -104,11 +104,12 @@ pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
                 continue;
             };
             for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
-                if let Some(child) = dir.groups.get(&m.id) {
-                    if eligible(child) && !depth.contains_key(&m.id) {
-                        depth.insert(m.id.clone(), level);
-                        next.push(m.id.clone());
-                    }
+                if let Some(child) = dir.groups.get(&m.id)
+                    && eligible(child)
+                    && !depth.contains_key(&m.id)
+                {
+                    depth.insert(m.id.clone(), level);
+                    next.push(m.id.clone());
                 }
             }
         }

@@ -157,6 +157,10 @@ impl Op {
             | Op::Update { .. }
             | Op::Create { .. }
             | Op::AttachPolicies { .. } => Stage::Principals,
+            // A deletion that frees a key for a rename runs with the renames.
+            Op::Delete {
+                frees_key: true, ..
+            } => Stage::Principals,
             Op::RemoveMembers { .. } | Op::AddMembers { .. } => Stage::Members,
             Op::Deactivate { .. } | Op::Delete { .. } => Stage::Deprovision,
         }
@@ -233,6 +237,8 @@ pub enum HaltReason {
     Conflicts,
     /// The source read returned nothing although idsync manages principals.
     EmptySource,
+    /// Most of what idsync owns is missing from the target (a wrong target or credentials?).
+    TargetVanished,
 }
 
 /// A safety guard stopped the plan before any write.

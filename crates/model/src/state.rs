@@ -60,6 +60,11 @@ pub struct Owned {
     pub key: String,
     /// How idsync came to own it.
     pub how: Ownership,
+    /// The source principal it was created or adopted for. Kept when that source principal moves
+    /// to another target principal (a rename the target cannot do), so this one is never handed
+    /// to someone else while the original is still in the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Where the agreement stands.
