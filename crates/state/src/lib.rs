@@ -63,6 +63,16 @@ pub enum StateError {
         /// When the lease expires (unix seconds).
         until: u64,
     },
+    /// This run's lease expired and another run took it over.
+    #[error(
+        "this run's lease on agreement {agreement:?} expired and another run ({holder}) took it over; this run stopped without saving. Raise [state] lease_seconds if runs take longer than it"
+    )]
+    LeaseLost {
+        /// The agreement.
+        agreement: String,
+        /// Who holds it now.
+        holder: String,
+    },
     /// File-system trouble.
     #[error("{action} {path}: {source}")]
     Io {
@@ -102,6 +112,10 @@ pub trait StateStore: Send + Sync {
     /// lease (a crashed run) is taken over.
     fn acquire(&self, agreement: &str, holder: &str, ttl: Duration) -> Result<Lease, StateError>;
 
+    /// Extends a lease this run still holds by `ttl` from now; fails with
+    /// [`StateError::LeaseLost`] when another run took it over (after it expired).
+    fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StateError>;
+
     /// Gives a lease back. Releasing a lease someone else took over does nothing.
     fn release(&self, lease: &Lease) -> Result<(), StateError>;
 
@@ -115,8 +129,8 @@ pub trait StateStore: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// State in a local folder: `<dir>/<agreement>.json`, `.lock` during a commit, `.lease` during a
-/// run.
+/// State in a local folder: `<dir>/<agreement>.json`, `<agreement>.lock` (an advisory lock taken
+/// during a commit), `<agreement>.lease` during a run.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     dir: PathBuf,
@@ -136,9 +150,8 @@ fn io<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// A lock file older than this was left by a process that died mid-commit (a commit takes
-/// milliseconds).
-const STALE_LOCK: Duration = Duration::from_secs(60);
+/// How long a commit waits for another process's commit (each takes milliseconds).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Checks that an agreement name is safe as a file name.
 fn check_name(agreement: &str) -> Result<(), StateError> {
@@ -193,46 +206,43 @@ impl LocalStore {
         fs::create_dir_all(&self.dir).map_err(io("create the state folder", &self.dir))
     }
 
-    /// Runs `f` while holding the agreement's lock file.
+    /// Runs `f` while holding the agreement's lock: an advisory OS lock on `<agreement>.lock`,
+    /// released by the kernel when the holder exits, so a crashed process never leaves it behind.
     fn locked<T>(
         &self,
         agreement: &str,
         f: impl FnOnce() -> Result<T, StateError>,
     ) -> Result<T, StateError> {
         self.ensure_dir()?;
-        let lock = self.path(agreement, "lock");
+        let path = self.path(agreement, "lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
         let mut waited = Duration::ZERO;
         loop {
-            match OpenOptions::new().write(true).create_new(true).open(&lock) {
-                Ok(mut f) => {
-                    let _ = writeln!(f, "{}", std::process::id());
-                    break;
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if waited < LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    waited += Duration::from_millis(10);
                 }
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                    let age = fs::metadata(&lock)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|m| SystemTime::now().duration_since(m).ok())
-                        .unwrap_or_default();
-                    if age > STALE_LOCK {
-                        tracing::warn!(lock = %lock.display(), "removing a stale lock file");
-                        let _ = fs::remove_file(&lock);
-                        continue;
-                    }
-                    if waited > Duration::from_secs(10) {
-                        return Err(io("lock", &lock)(std::io::Error::new(
-                            ErrorKind::WouldBlock,
-                            "another process holds the lock; if none is running, delete this file",
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                    waited += Duration::from_millis(20);
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(io("lock", &path)(std::io::Error::new(
+                        ErrorKind::WouldBlock,
+                        format!(
+                            "another idsync process has held this lock for over {}s",
+                            LOCK_WAIT.as_secs()
+                        ),
+                    )));
                 }
-                Err(e) => return Err(io("create", &lock)(e)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", &path)(e)),
             }
         }
         let out = f();
-        let _ = fs::remove_file(&lock);
+        let _ = file.unlock();
         out
     }
 
@@ -307,17 +317,17 @@ impl StateStore for LocalStore {
         let path = self.path(agreement, "lease");
         self.locked(agreement, || {
             let t = now();
-            if let Ok(bytes) = fs::read(&path) {
-                if let Ok(l) = serde_json::from_slice::<Lease>(&bytes) {
-                    if l.until > t {
-                        return Err(StateError::LeaseHeld {
-                            agreement: agreement.to_owned(),
-                            holder: l.holder,
-                            until: l.until,
-                        });
-                    }
-                    tracing::warn!(holder = %l.holder, "taking over an expired lease");
+            if let Ok(bytes) = fs::read(&path)
+                && let Ok(l) = serde_json::from_slice::<Lease>(&bytes)
+            {
+                if l.until > t {
+                    return Err(StateError::LeaseHeld {
+                        agreement: agreement.to_owned(),
+                        holder: l.holder,
+                        until: l.until,
+                    });
                 }
+                tracing::warn!(holder = %l.holder, "taking over an expired lease");
             }
             let lease = Lease {
                 agreement: agreement.to_owned(),
@@ -328,6 +338,30 @@ impl StateStore for LocalStore {
             let bytes = serde_json::to_vec(&lease).unwrap_or_default();
             self.write_atomic(&path, &bytes)?;
             Ok(lease)
+        })
+    }
+
+    fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StateError> {
+        let path = self.path(&lease.agreement, "lease");
+        self.locked(&lease.agreement, || {
+            let current = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Lease>(&b).ok());
+            match current {
+                Some(l) if l.token == lease.token => {
+                    let renewed = Lease {
+                        until: now() + ttl.as_secs().max(1),
+                        ..l
+                    };
+                    let bytes = serde_json::to_vec(&renewed).unwrap_or_default();
+                    self.write_atomic(&path, &bytes)?;
+                    Ok(renewed)
+                }
+                other => Err(StateError::LeaseLost {
+                    agreement: lease.agreement.clone(),
+                    holder: other.map_or_else(|| "nobody".to_owned(), |l| l.holder),
+                }),
+            }
         })
     }
 
@@ -474,6 +508,27 @@ mod tests {
         // The crashed run releasing late does not remove the new holder's lease.
         s.release(&l2).unwrap();
         assert!(s.acquire("a", "run-4", Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn a_lease_is_renewed_by_its_holder_and_lost_after_a_takeover() {
+        let (d, s) = store();
+        let l = s.acquire("a", "run-1", Duration::from_secs(60)).unwrap();
+        let l = s.renew(&l, Duration::from_secs(120)).unwrap();
+        assert!(l.until >= now() + 119);
+        // It expires; another run takes over; the first one's renewal fails.
+        let mut expired = l.clone();
+        expired.until = 1;
+        fs::write(
+            d.path().join("a.lease"),
+            serde_json::to_vec(&expired).unwrap(),
+        )
+        .unwrap();
+        s.acquire("a", "run-2", Duration::from_secs(60)).unwrap();
+        match s.renew(&l, Duration::from_secs(60)) {
+            Err(StateError::LeaseLost { holder, .. }) => assert_eq!(holder, "run-2"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
