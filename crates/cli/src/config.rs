@@ -335,11 +335,7 @@ impl Env {
                             Ok((k, v)) => {
                                 vars.insert(k, v);
                             }
-                            Err(e) => errors.push(ConfigError {
-                                location: f.display().to_string(),
-                                key: String::new(),
-                                message: format!("cannot parse: {e}"),
-                            }),
+                            Err(e) => errors.push(dotenv_error(f, &e)),
                         }
                     }
                 }
@@ -380,6 +376,39 @@ impl Env {
                 .filter(|v| !v.is_empty())
                 .map(|v| (*n, v.as_str()))
         })
+    }
+}
+
+/// A `.env` problem, without the line's content: it may hold a secret.
+fn dotenv_error(file: &Path, e: &dotenvy::Error) -> ConfigError {
+    let location = match e {
+        dotenvy::Error::LineParse(line, _) => {
+            let n = std::fs::read_to_string(file)
+                .ok()
+                .and_then(|t| {
+                    // An unterminated quote makes the "line" run to the end of the file.
+                    let first = line.lines().next().unwrap_or(line);
+                    t.lines().position(|l| l == first)
+                })
+                .map(|i| i + 1);
+            n.map_or_else(
+                || file.display().to_string(),
+                |n| format!("{}:{n}", file.display()),
+            )
+        }
+        _ => file.display().to_string(),
+    };
+    let message = match e {
+        dotenvy::Error::LineParse(..) => {
+            "cannot parse this line (check its quotes and escapes); it is not shown, as it may hold a secret".to_owned()
+        }
+        dotenvy::Error::Io(io) => format!("cannot read: {io}"),
+        _ => "cannot parse".to_owned(),
+    };
+    ConfigError {
+        location,
+        key: String::new(),
+        message,
     }
 }
 
@@ -538,10 +567,9 @@ impl Validator<'_> {
                     if let Some(field) = msg
                         .strip_prefix("unknown field `")
                         .and_then(|r| r.split('`').next())
+                        && path.last().map(String::as_str) != Some(field)
                     {
-                        if path.last().map(String::as_str) != Some(field) {
-                            path.push(field.to_owned());
-                        }
+                        path.push(field.to_owned());
                     }
                     let key = path.join(".");
                     let msg = msg.replace(", expected one of", "; the known keys are");
@@ -743,7 +771,10 @@ impl Validator<'_> {
         };
 
         // Environment overrides.
+        // Entra variables configure an Entra source; with another source kind they are not ours
+        // (Azure workload identity injects AZURE_CLIENT_ID and friends into every pod).
         let src = raw.source.get_or_insert_with(RawSource::default);
+        let entra_source = matches!(src.kind.as_deref(), None | Some("entra"));
         let entra_vars = [
             (
                 &["ENTRA_TENANT_ID", "AZURE_TENANT_ID", "ARM_TENANT_ID"][..],
@@ -765,16 +796,22 @@ impl Validator<'_> {
         ];
         let mut any_entra = false;
         for (names, slot) in entra_vars {
+            if !entra_source {
+                break;
+            }
             if let Some((_, v)) = env.first(names) {
                 *slot = Some(v.to_owned());
                 any_entra = true;
             }
         }
-        if let Some((_, v)) = env.first(&[
-            "ENTRA_CLIENT_SECRET_VALUE",
-            "AZURE_CLIENT_SECRET",
-            "ARM_CLIENT_SECRET",
-        ]) {
+        if let Some((_, v)) = env
+            .first(&[
+                "ENTRA_CLIENT_SECRET_VALUE",
+                "AZURE_CLIENT_SECRET",
+                "ARM_CLIENT_SECRET",
+            ])
+            .filter(|_| entra_source)
+        {
             src.client_secret = Some(Secret::new(v));
             any_entra = true;
         }
@@ -787,18 +824,16 @@ impl Validator<'_> {
         if let Some((_, s)) = env.first(&["IDSYNC_STATE"]) {
             raw.state.get_or_insert_with(RawState::default).url = Some(s.to_owned());
         }
+        // Targets come from the environment alone only when the file names none: a configured
+        // target is never replaced or added to behind the user's back.
+        let no_targets = raw.targets.is_empty();
         let lakefs_env = [
             "LAKEFS_ENDPOINT",
             "LAKEFS_ACCESS_KEY_ID",
             "LAKEFS_SECRET_ACCESS_KEY",
             "LAKEFS_DEFAULT_POLICIES",
         ];
-        if env.first(&lakefs_env).is_some()
-            && !raw
-                .targets
-                .values()
-                .any(|t| t.kind.as_deref() == Some("lakefs"))
-        {
+        if env.first(&lakefs_env).is_some() && no_targets {
             raw.targets.insert(
                 "lakefs".into(),
                 RawTarget {
@@ -812,12 +847,7 @@ impl Validator<'_> {
             "DATABRICKS_ACCOUNT_ID",
             "DATABRICKS_TOKEN",
         ];
-        if env.first(&dbx_env).is_some()
-            && !raw
-                .targets
-                .values()
-                .any(|t| t.kind.as_deref() == Some("databricks"))
-        {
+        if env.first(&dbx_env).is_some() && no_targets {
             raw.targets.insert(
                 "databricks".into(),
                 RawTarget {
@@ -1388,6 +1418,40 @@ user_name = "{nope"
         assert_eq!(c.scope.group_filter.as_deref(), Some("team-*"));
         assert_eq!(c.state_url, "/tmp/st");
         assert!(c.dry_run);
+    }
+
+    #[test]
+    fn environment_never_replaces_configured_targets_or_sources() {
+        // Databricks CLI users have DATABRICKS_HOST set; Azure workload identity injects AZURE_*.
+        let env = Env::from_pairs([
+            ("DATABRICKS_HOST", "https://accounts.azuredatabricks.net"),
+            ("AZURE_CLIENT_ID", "pod-identity"),
+            ("AZURE_TENANT_ID", "tenant"),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
+            ("LAKEFS_ENDPOINT", "https://lakefs.invalid"),
+        ]);
+        let text = GOOD
+            .replace("[targets.lake]", "[targets.databricks]")
+            .replace("targets.lake.mapping", "targets.databricks.mapping");
+        let c = parse_str(&text, &env).unwrap();
+        assert_eq!(c.agreements.len(), 1);
+        assert_eq!(c.agreements[0].name, "databricks");
+        assert_eq!(c.agreements[0].target.kind(), "file");
+        assert!(matches!(c.source, SourceConfig::File { .. }));
+    }
+
+    #[test]
+    fn a_malformed_env_file_never_shows_its_secret() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join(".env");
+        std::fs::write(
+            &f,
+            "GROUP_FILTER=x\nLAKEFS_SECRET_ACCESS_KEY=\"abc-secret-123\n",
+        )
+        .unwrap();
+        let e = Env::load(&[f]).unwrap_err().to_string();
+        assert!(!e.contains("abc-secret-123"), "{e}");
+        assert!(e.contains(".env:2: cannot parse this line"), "{e}");
     }
 
     #[test]

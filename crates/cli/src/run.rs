@@ -6,7 +6,7 @@ use anyhow::{Context, Result, anyhow};
 use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
 use idsync_engine::{Changes, Mapping, Policy, Read, Scope, Source, Target, map_snapshot};
 use idsync_model::{AgreementState, AgreementStatus, PlanFile, Stage};
-use idsync_state::{StateError, StateStore};
+use idsync_state::{Lease, StateError, StateStore};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -132,7 +132,7 @@ fn holder() -> String {
 /// Maps a state error to an exit code when it has its own.
 pub fn code_of(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<StateError>() {
-        Some(StateError::LeaseHeld { .. }) => exit::BUSY,
+        Some(StateError::LeaseHeld { .. } | StateError::LeaseLost { .. }) => exit::BUSY,
         _ => exit::ERROR,
     }
 }
@@ -166,15 +166,26 @@ pub async fn run_agreement(
     } else {
         Some(store.acquire(a.name, &holder(), opts.lease)?)
     };
-    let result = plan_and_apply(a, store, source, scope, cache, opts, printer).await;
-    if let Some(l) = lease {
-        if let Err(e) = store.release(&l) {
-            tracing::warn!(error = %e, "could not release the lease; it expires on its own");
-        }
+    let result = plan_and_apply(
+        a,
+        store,
+        source,
+        scope,
+        cache,
+        opts,
+        lease.as_ref(),
+        printer,
+    )
+    .await;
+    if let Some(l) = lease
+        && let Err(e) = store.release(&l)
+    {
+        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
     }
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn plan_and_apply(
     a: &Agreement<'_>,
     store: &dyn StateStore,
@@ -182,6 +193,7 @@ async fn plan_and_apply(
     scope: &Scope,
     cache: &mut ReadCache,
     opts: &RunOptions,
+    lease: Option<&Lease>,
     printer: &mut Printer,
 ) -> Result<Outcome> {
     let state = load_state(store, a.name)?;
@@ -232,7 +244,8 @@ async fn plan_and_apply(
         Mode::PrincipalsOnly => vec![Stage::Principals],
         _ => vec![Stage::Principals, Stage::Members, Stage::Deprovision],
     };
-    let report = apply_file(&file, a, store, state, &stages, opts.workers).await?;
+    let lease = lease.map(|l| (l, opts.lease));
+    let report = apply_file(&file, a, store, state, &stages, opts.workers, lease).await?;
     printer.report(&report);
     let code = if !report.is_success() {
         exit::ERROR
@@ -247,8 +260,10 @@ async fn plan_and_apply(
     })
 }
 
-/// Applies a plan (fresh or saved) whose precondition the caller checked: journal, apply, flush,
-/// record, commit.
+/// Applies a plan (fresh or saved) whose precondition the caller checked: journal, apply (renewing
+/// the lease meanwhile), flush, record, commit. A lost lease stops the apply and saves nothing: the
+/// run that took over owns the agreement now, and the journal already committed covers what this
+/// run may have created.
 pub async fn apply_file(
     file: &PlanFile,
     a: &Agreement<'_>,
@@ -256,6 +271,7 @@ pub async fn apply_file(
     mut state: AgreementState,
     stages: &[Stage],
     workers: usize,
+    lease: Option<(&Lease, Duration)>,
 ) -> Result<ApplyReport> {
     let caps = a.target.capabilities();
     let all = [Stage::Principals, Stage::Members, Stage::Deprovision]
@@ -268,13 +284,43 @@ pub async fn apply_file(
             .commit(&state)
             .context("recording the apply journal")?;
     }
+    // If the target cannot make the writes durable (flush fails), none of them counts: the state
+    // goes back to what it was before the apply, with every create in the journal.
+    let at_begin = state.clone();
     let opts = ApplyOptions {
         workers,
         stages: stages.iter().copied().collect(),
     };
-    let report = apply::apply(&file.plan, a.target, &mut state, &opts).await;
+    let report = {
+        let work = apply::apply(&file.plan, a.target, &mut state, &opts);
+        match lease {
+            None => work.await,
+            Some((l, ttl)) => {
+                let every = (ttl / 3).max(Duration::from_secs(1));
+                let keep_alive = async {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        if let Err(e) = store.renew(l, ttl) {
+                            return e;
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = work => r,
+                    lost = keep_alive => return Err(lost.into()),
+                }
+            }
+        }
+    };
     let flushed = a.target.flush().await;
-    apply::finish(file, &report, &caps, &mut state, all);
+    if flushed.is_ok() {
+        apply::finish(file, &report, &caps, &mut state, all);
+    } else {
+        state = at_begin;
+    }
+    if let Some((l, ttl)) = lease {
+        store.renew(l, ttl)?;
+    }
     store
         .commit(&state)
         .context("saving the state after the apply")?;
@@ -303,11 +349,12 @@ pub async fn apply_saved(
         }
         if let Some(h) = &file.plan.halt {
             printer.halt(h);
+            printer.note("this plan was saved halted, and a saved plan is applied as it is: make a new one with the approval (for example `idsync plan --approve-deletions N --out plan.json`) and apply that");
             return Ok(exit::HALTED);
         }
         printer.plan(&file.plan, &a.describe, Mode::Sync);
         let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
-        let report = apply_file(file, a, store, state, &stages, opts.workers).await?;
+        let report = apply_file(file, a, store, state, &stages, opts.workers, Some((&lease, opts.lease))).await?;
         printer.report(&report);
         Ok(if report.is_success() { exit::OK } else { exit::ERROR })
     }

@@ -338,6 +338,8 @@ fn secrets_never_reach_output_state_or_plans() {
         ("LAKEFS_SECRET_ACCESS_KEY", "lakefs-SECRET-value-456"),
         ("DATABRICKS_TOKEN", "dapi-SECRET-value-789"),
     ];
+    // The environment alone (no configuration file): the existing scripts' way.
+    std::fs::remove_file(s.path("idsync.toml")).unwrap();
     let o = s.run_env(&["validate"], &env);
     let t = text(&o);
     assert_eq!(code(&o), 1, "{t}");
@@ -348,6 +350,7 @@ fn secrets_never_reach_output_state_or_plans() {
         }
     }
     // A .env file works like the environment.
+    let s = Sandbox::new("");
     s.write(".env", "GROUP_FILTER=Data*\n");
     let o = s.run(&["sync"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
@@ -431,4 +434,56 @@ fn the_example_configuration_in_the_readme_runs() {
     let o = s.run(&["sync"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     assert_eq!(code(&s.run(&["plan"])), 0);
+}
+
+#[test]
+fn a_failed_flush_does_not_record_a_successful_apply() {
+    let s = Sandbox::new("");
+    // The file target writes dbx.tmp and renames it: a directory in the way makes the write fail.
+    std::fs::create_dir(s.path("dbx.tmp")).unwrap();
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        text(&o).contains("finishing the writes to target dbx"),
+        "{}",
+        text(&o)
+    );
+    let state: serde_json::Value = serde_json::from_str(&s.read("state/dbx.json")).unwrap();
+    assert!(
+        state["lastApplied"].is_null(),
+        "nothing recorded as applied"
+    );
+    assert_eq!(
+        state["journal"]["pendingCreates"].as_array().map(Vec::len),
+        Some(8),
+        "creates unconfirmed"
+    );
+    std::fs::remove_dir(s.path("dbx.tmp")).unwrap();
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&s.run(&["plan"])), 0);
+    let target: serde_json::Value = serde_json::from_str(&s.read("dbx.json")).unwrap();
+    assert_eq!(
+        target["principals"].as_array().unwrap().len(),
+        8,
+        "nothing duplicated"
+    );
+}
+
+#[test]
+fn a_halted_saved_plan_says_to_plan_again_with_the_approval() {
+    let s = Sandbox::new("[policy]\ndeprovision = \"delete\"\nmax_deletions = 0\n");
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    s.write(
+        "directory.json",
+        r#"{"groups":[{"id":"g3","displayName":"Équipe","members":[]}]}"#,
+    );
+    assert_eq!(code(&s.run(&["plan", "--out", "p.json"])), 3);
+    let o = s.run(&["apply", "p.json"]);
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(
+        text(&o).contains("idsync plan --approve-deletions N --out"),
+        "{}",
+        text(&o)
+    );
 }
