@@ -177,12 +177,17 @@ pub async fn run_agreement(
         printer,
     )
     .await;
-    if let Some(l) = lease
-        && let Err(e) = store.release(&l)
-    {
-        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+    if let Some(l) = lease {
+        give_back(store, &l);
     }
     result
+}
+
+/// Releases a lease; a failure only means it expires on its own, so it is logged, not fatal.
+fn give_back(store: &dyn StateStore, lease: &Lease) {
+    if let Err(e) = store.release(lease) {
+        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -359,8 +364,6 @@ pub async fn apply_saved(
         Ok(if report.is_success() { exit::OK } else { exit::ERROR })
     }
     .await;
-    if let Err(e) = store.release(&lease) {
-        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
-    }
+    give_back(store, &lease);
     result
 }
