@@ -1,0 +1,137 @@
+//! `idsync-emulator`: serves an emulated API on 127.0.0.1, or generates a tenant file.
+//!
+//! ```text
+//! idsync-emulator graph --tenant tenant.json --port 8400
+//! idsync-emulator generate --preset large --out large.json
+//! ```
+
+use idsync_emulators::generator::{self, Params};
+use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, Tenant};
+use idsync_model::Directory;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage:\n  idsync-emulator graph [--tenant FILE | --preset small|medium|large] [--port N]\n  idsync-emulator generate (--preset small|medium|large | --users N --groups N --memberships N [--service-principals N] [--nesting-depth N] [--seed N]) --out FILE"
+    );
+    ExitCode::from(2)
+}
+
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn params(args: &[String]) -> Result<Params, String> {
+    let mut p = match arg(args, "--preset") {
+        Some(name) => Params::preset(name).ok_or_else(|| format!("unknown preset {name:?}"))?,
+        None => Params::default(),
+    };
+    let num = |name: &str| -> Result<Option<usize>, String> {
+        arg(args, name)
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| format!("{name} takes a number, not {v:?}"))
+            })
+            .transpose()
+    };
+    if let Some(n) = num("--users")? {
+        p.users = n;
+    }
+    if let Some(n) = num("--groups")? {
+        p.groups = n;
+    }
+    if let Some(n) = num("--memberships")? {
+        p.memberships = n;
+    }
+    if let Some(n) = num("--service-principals")? {
+        p.service_principals = n;
+    }
+    if let Some(n) = num("--nesting-depth")? {
+        p.nesting_depth = n;
+    }
+    if let Some(n) = num("--seed")? {
+        p.seed = n as u64;
+    }
+    Ok(p)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("generate") => {
+            let Some(out) = arg(&args, "--out") else {
+                return usage();
+            };
+            let p = match params(&args) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return usage();
+                }
+            };
+            let t = std::time::Instant::now();
+            let dir: Directory = generator::generate(&p).into();
+            let json = match serde_json::to_vec(&dir) {
+                Ok(j) => j,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Err(e) = std::fs::write(PathBuf::from(out), json) {
+                eprintln!("error: cannot write {out}: {e}");
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "generated {} users, {} groups in {:?} into {out}",
+                dir.users.len(),
+                dir.groups.len(),
+                t.elapsed()
+            );
+            ExitCode::SUCCESS
+        }
+        Some("graph") => {
+            let tenant = match (arg(&args, "--tenant"), arg(&args, "--preset")) {
+                (Some(f), _) => match Tenant::from_file(&PathBuf::from(f)) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                (None, Some(_)) => match params(&args) {
+                    Ok(p) => Tenant::new(generator::generate(&p)),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return usage();
+                    }
+                },
+                (None, None) => Tenant::new(generator::generate(&Params::default())),
+            };
+            let port = match arg(&args, "--port").map(str::parse::<u16>) {
+                None => 0,
+                Some(Ok(p)) => p,
+                Some(Err(_)) => return usage(),
+            };
+            let tenant_id = tenant.tenant_id.clone();
+            let g = match idsync_emulators::Graph::start_on(tenant, port).await {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("error: cannot listen on 127.0.0.1:{port}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!("graph {}", g.graph_url());
+            println!("token {}", g.token_url());
+            println!("tenant {tenant_id} client {DEFAULT_CLIENT_ID}");
+            let _ = tokio::signal::ctrl_c().await;
+            ExitCode::SUCCESS
+        }
+        _ => usage(),
+    }
+}

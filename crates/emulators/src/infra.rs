@@ -1,0 +1,251 @@
+//! What every emulator has: request accounting, fault injection and throttling, as one axum
+//! middleware, switchable at run time (in process, or through `/_admin/faults`).
+
+use crate::generator::Rng;
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Requests counted by `"METHOD /route/{template}"`.
+#[derive(Debug, Default)]
+pub struct Accounting {
+    counts: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Accounting {
+    /// Counts one request.
+    pub fn record(&self, key: String) {
+        *lock(&self.counts).entry(key).or_default() += 1;
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        lock(&self.counts).clone()
+    }
+
+    /// All requests so far.
+    pub fn total(&self) -> u64 {
+        lock(&self.counts).values().sum()
+    }
+
+    /// Starts counting from zero.
+    pub fn reset(&self) {
+        lock(&self.counts).clear();
+    }
+}
+
+/// Faults to inject, per request. Rates are probabilities from 0.0 to 1.0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added to every request.
+    pub latency_ms: u64,
+    /// Up to this much more, at random.
+    pub jitter_ms: u64,
+    /// Answer a 5xx with the API's error body.
+    pub error_rate: f64,
+    /// Answer a 502 with an HTML page, as a proxy in front of the API would.
+    pub html_rate: f64,
+    /// Send the response's headers and half its body, then drop the connection.
+    pub truncate_rate: f64,
+    /// Send the headers, then drop the connection before any body.
+    pub reset_rate: f64,
+    /// Only requests whose path contains this are affected (all when empty).
+    pub path_contains: String,
+}
+
+/// A token bucket: `capacity` requests at once, refilled at `per_second`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThrottleConfig {
+    /// Bucket size.
+    pub capacity: f64,
+    /// Tokens added per second.
+    pub per_second: f64,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    config: ThrottleConfig,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.config.per_second).min(self.config.capacity);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - self.tokens) / self.config.per_second.max(1e-9);
+            Err(Duration::from_secs_f64(wait))
+        }
+    }
+}
+
+/// Builds an error response in the API's own shape: (status, code, message) → response.
+pub type ErrorFormat = fn(StatusCode, &str, &str) -> Response;
+
+/// The shared machinery of one emulator.
+#[derive(Debug)]
+pub struct Infra {
+    /// Request counts.
+    pub accounting: Accounting,
+    faults: Mutex<Faults>,
+    throttle: Mutex<Option<Bucket>>,
+    rng: Mutex<Rng>,
+    error: ErrorFormat,
+}
+
+impl Infra {
+    /// New machinery answering errors with `error`.
+    pub fn new(error: ErrorFormat) -> Arc<Self> {
+        Arc::new(Infra {
+            accounting: Accounting::default(),
+            faults: Mutex::new(Faults::default()),
+            throttle: Mutex::new(None),
+            rng: Mutex::new(Rng::new(7)),
+            error,
+        })
+    }
+
+    /// Sets the faults to inject.
+    pub fn set_faults(&self, f: Faults) {
+        *lock(&self.faults) = f;
+    }
+
+    /// The faults being injected.
+    pub fn faults(&self) -> Faults {
+        lock(&self.faults).clone()
+    }
+
+    /// Turns throttling on (or off, with `None`).
+    pub fn set_throttle(&self, t: Option<ThrottleConfig>) {
+        *lock(&self.throttle) = t.map(|config| Bucket {
+            tokens: config.capacity,
+            config,
+            at: Instant::now(),
+        });
+    }
+
+    /// Takes a throttling token, or returns the 429 to send.
+    pub fn throttle(&self) -> Result<(), Response> {
+        let mut t = lock(&self.throttle);
+        let Some(bucket) = t.as_mut() else {
+            return Ok(());
+        };
+        bucket.take().map_err(|wait| {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let mut r = (self.error)(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequests",
+                "Too many requests; retry after the time in Retry-After",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            r
+        })
+    }
+
+    /// The error response in the API's shape.
+    pub fn error(&self, status: StatusCode, code: &str, message: &str) -> Response {
+        (self.error)(status, code, message)
+    }
+
+    fn roll(&self) -> f64 {
+        lock(&self.rng).unit()
+    }
+}
+
+/// The middleware: counts, delays, injects faults, throttles. `/_admin` is exempt from all of it.
+pub async fn layer(State(infra): State<Arc<Infra>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    if path.starts_with("/_admin") {
+        return next.run(req).await;
+    }
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| path.clone(), |m| m.as_str().to_owned());
+    // A request replayed from a batch: counted and throttled on its own, but not faulted again
+    // (the batch request itself was).
+    if req.headers().contains_key(crate::graph::batch::BATCH_ITEM) {
+        infra
+            .accounting
+            .record(format!("BATCH {} {route}", req.method()));
+        if let Err(r) = infra.throttle() {
+            return r;
+        }
+        return next.run(req).await;
+    }
+    infra.accounting.record(format!("{} {route}", req.method()));
+
+    let f = infra.faults();
+    let applies = f.path_contains.is_empty() || path.contains(&f.path_contains);
+    if applies && (f.latency_ms > 0 || f.jitter_ms > 0) {
+        let jitter = if f.jitter_ms > 0 {
+            (infra.roll() * f.jitter_ms as f64) as u64
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(f.latency_ms + jitter)).await;
+    }
+    if applies && infra.roll() < f.error_rate {
+        let status = [
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::GATEWAY_TIMEOUT,
+        ][(infra.roll() * 4.0) as usize % 4];
+        return infra.error(status, "serviceNotAvailable", "injected server error");
+    }
+    if applies && infra.roll() < f.html_rate {
+        let page = "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1><p>The upstream server did not answer.</p></body></html>";
+        return (
+            StatusCode::BAD_GATEWAY,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            page,
+        )
+            .into_response();
+    }
+    if let Err(r) = infra.throttle() {
+        return r;
+    }
+    let truncate = applies && infra.roll() < f.truncate_rate;
+    let reset = applies && infra.roll() < f.reset_rate;
+    let resp = next.run(req).await;
+    if !(truncate || reset) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let keep = if reset { 0 } else { bytes.len() / 2 };
+    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(bytes.slice(..keep)),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "injected connection drop",
+        )),
+    ];
+    let mut r = Response::from_parts(parts, Body::from_stream(futures::stream::iter(chunks)));
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    r
+}

@@ -1,0 +1,93 @@
+//! Stateful emulators of the SaaS APIs idsync talks to, for tests, the demo and benchmarks: so far
+//! Microsoft Graph with the Microsoft identity platform's token endpoint ([`graph`]). Each serves
+//! HTTP on 127.0.0.1 only, in process ([`Graph::start`]) or from the `idsync-emulator` binary, with
+//! fault injection, throttling and request accounting ([`infra`]) and a deterministic tenant
+//! generator ([`generator`]).
+
+// Handler helpers return the error response to send (`Result<_, Response>`), as axum code does;
+// one is built per failed request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+pub mod generator;
+pub mod graph;
+pub mod infra;
+pub mod tenant;
+
+use axum::Router;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+/// A server running on 127.0.0.1; stopped when dropped.
+#[derive(Debug)]
+pub struct Running {
+    /// `http://127.0.0.1:PORT`.
+    pub base_url: String,
+    /// The bound address.
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Serves `app` on 127.0.0.1 (`port` 0 picks a free one). Never binds another address.
+pub async fn serve(app: Router, port: u16) -> std::io::Result<Running> {
+    let listener =
+        tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let server = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = rx.await;
+        });
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "emulator server stopped");
+        }
+    });
+    Ok(Running {
+        base_url: format!("http://{addr}"),
+        addr,
+        shutdown: Some(tx),
+    })
+}
+
+/// A running Graph emulator.
+pub struct Graph {
+    /// Its state: the tenant, settings, accounting, faults.
+    pub state: Arc<graph::GraphState>,
+    /// The server.
+    pub server: Running,
+}
+
+impl Graph {
+    /// Starts a Graph emulator for `tenant` on a free port of 127.0.0.1.
+    pub async fn start(tenant: tenant::Tenant) -> std::io::Result<Graph> {
+        Graph::start_on(tenant, 0).await
+    }
+
+    /// Starts it on a given port.
+    pub async fn start_on(tenant: tenant::Tenant, port: u16) -> std::io::Result<Graph> {
+        let state = graph::GraphState::new(tenant);
+        let server = serve(graph::router(state.clone()), port).await?;
+        Ok(Graph { state, server })
+    }
+
+    /// Graph's base URL (`http://127.0.0.1:PORT/v1.0`).
+    pub fn graph_url(&self) -> String {
+        format!("{}/v1.0", self.server.base_url)
+    }
+
+    /// The v2 token endpoint of the tenant.
+    pub fn token_url(&self) -> String {
+        format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.server.base_url,
+            self.state.tenant().tenant_id
+        )
+    }
+}
