@@ -330,6 +330,24 @@ fn full_json(t: &Tenant, c: Collection, id: &str) -> Option<Value> {
     }
 }
 
+/// The selected properties of one object, built directly (no full JSON).
+fn rendered(t: &Tenant, c: Collection, id: &str, select: Option<&[String]>) -> Option<Value> {
+    match c {
+        Collection::Users => t
+            .users
+            .get(id)
+            .map(|u| resources::render(c, select, |k| resources::user_field(u, k))),
+        Collection::Groups => t
+            .groups
+            .get(id)
+            .map(|g| resources::render(c, select, |k| resources::group_field(g, k))),
+        Collection::ServicePrincipals => t
+            .service_principals
+            .get(id)
+            .map(|s| resources::render(c, select, |k| resources::sp_field(s, k))),
+    }
+}
+
 fn ids_after<'t>(
     t: &'t Tenant,
     c: Collection,
@@ -371,17 +389,20 @@ async fn list(
     let mut last = None;
     let mut more = false;
     for id in ids_after(&t, c, after.as_deref()) {
-        let Some(full) = full_json(&t, c, id) else {
-            continue;
-        };
-        if o.filter.as_ref().is_some_and(|f| !f.matches(&full)) {
-            continue;
+        if let Some(f) = &o.filter {
+            // Filtering needs the whole object; without a filter only what is selected is built.
+            if full_json(&t, c, id).is_none_or(|full| !f.matches(&full)) {
+                continue;
+            }
         }
         if page.len() == o.top {
             more = true;
             break;
         }
-        page.push(project(c, &full, o.select.as_deref()));
+        let Some(v) = rendered(&t, c, id, o.select.as_deref()) else {
+            continue;
+        };
+        page.push(v);
         last = Some(id.clone());
     }
     let mut body = json!({"@odata.context": context(headers, uri, c.segment()), "value": page});
@@ -499,23 +520,19 @@ async fn members(
     let start = after.as_ref().map_or(Bound::Unbounded, Bound::Excluded);
     for m in all.range((start, Bound::Unbounded)).filter(visible) {
         let c = Collection::of(m.kind);
-        let Some(full) = full_json(&t, c, &m.id) else {
-            continue;
-        };
-        if o.filter.as_ref().is_some_and(|f| !f.matches(&full)) {
-            continue;
+        if let Some(f) = &o.filter {
+            if full_json(&t, c, &m.id).is_none_or(|full| !f.matches(&full)) {
+                continue;
+            }
         }
         if page.len() == o.top {
             more = true;
             break;
         }
-        let sel: Option<Vec<String>> = o.select.as_ref().map(|s| {
-            s.iter()
-                .filter(|p| c.properties().contains(&p.as_str()))
-                .cloned()
-                .collect()
-        });
-        let mut v = project(c, &full, sel.as_deref());
+        // Properties a member's type does not have are left out, as Graph does.
+        let Some(mut v) = rendered(&t, c, &m.id, o.select.as_deref()) else {
+            continue;
+        };
         v["@odata.type"] = json!(format!("#{}", c.type_name()));
         page.push(v);
         last = Some(m.clone());
