@@ -520,10 +520,10 @@ async fn members(
     let start = after.as_ref().map_or(Bound::Unbounded, Bound::Excluded);
     for m in all.range((start, Bound::Unbounded)).filter(visible) {
         let c = Collection::of(m.kind);
-        if let Some(f) = &o.filter {
-            if full_json(&t, c, &m.id).is_none_or(|full| !f.matches(&full)) {
-                continue;
-            }
+        if let Some(f) = &o.filter
+            && full_json(&t, c, &m.id).is_none_or(|full| !f.matches(&full))
+        {
+            continue;
         }
         if page.len() == o.top {
             more = true;

@@ -224,10 +224,10 @@ pub fn render(
         out.insert("id".into(), id);
     }
     let mut put = |k: &str| {
-        if k != "id" {
-            if let Some(v) = field(k) {
-                out.insert(k.to_owned(), v);
-            }
+        if k != "id"
+            && let Some(v) = field(k)
+        {
+            out.insert(k.to_owned(), v);
         }
     };
     match select {
