@@ -1,5 +1,6 @@
-//! Stateful emulators of the SaaS APIs idsync talks to, for tests, the demo and benchmarks: so far
-//! Microsoft Graph with the Microsoft identity platform's token endpoint ([`graph`]). Each serves
+//! Stateful emulators of the SaaS APIs idsync talks to, for tests, the demo and benchmarks:
+//! Microsoft Graph with the Microsoft identity platform's token endpoint ([`graph`]), the lakeFS
+//! auth API ([`lakefs`]) and the Databricks account SCIM API ([`databricks`]). Each serves
 //! HTTP on 127.0.0.1 only, in process ([`Graph::start`]) or from the `idsync-emulator` binary, with
 //! fault injection, throttling and request accounting ([`infra`]) and a deterministic tenant
 //! generator ([`generator`]).
@@ -8,9 +9,11 @@
 // one is built per failed request, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod databricks;
 pub mod generator;
 pub mod graph;
 pub mod infra;
+pub mod lakefs;
 pub mod tenant;
 
 use axum::Router;
@@ -54,6 +57,57 @@ pub async fn serve(app: Router, port: u16) -> std::io::Result<Running> {
         addr,
         shutdown: Some(tx),
     })
+}
+
+/// A running lakeFS auth API emulator.
+pub struct Lakefs {
+    /// Its state.
+    pub state: Arc<lakefs::LakefsState>,
+    /// The server.
+    pub server: Running,
+}
+
+impl Lakefs {
+    /// Starts one on a free port of 127.0.0.1 (or `port`).
+    pub async fn start_on(port: u16) -> std::io::Result<Lakefs> {
+        let state = lakefs::LakefsState::new();
+        let server = serve(lakefs::router(state.clone()), port).await?;
+        Ok(Lakefs { state, server })
+    }
+
+    /// The API base URL (`http://127.0.0.1:PORT/api/v1`).
+    pub fn api_url(&self) -> String {
+        format!("{}/api/v1", self.server.base_url)
+    }
+}
+
+/// A running Databricks account SCIM emulator.
+pub struct Databricks {
+    /// Its state.
+    pub state: Arc<databricks::DatabricksState>,
+    /// The server.
+    pub server: Running,
+}
+
+impl Databricks {
+    /// Starts one on a free port of 127.0.0.1 (or `port`); it accepts Entra tokens from `entra`.
+    pub async fn start_on(
+        port: u16,
+        entra: Option<Arc<graph::GraphState>>,
+    ) -> std::io::Result<Databricks> {
+        let state = databricks::DatabricksState::new(entra);
+        let server = serve(databricks::router(state.clone()), port).await?;
+        Ok(Databricks { state, server })
+    }
+
+    /// The SCIM base URL of the account.
+    pub fn scim_url(&self) -> String {
+        format!(
+            "{}/api/2.0/accounts/{}/scim/v2",
+            self.server.base_url,
+            databricks::ACCOUNT_ID
+        )
+    }
 }
 
 /// A running Graph emulator.

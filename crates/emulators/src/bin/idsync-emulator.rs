@@ -2,8 +2,13 @@
 //!
 //! ```text
 //! idsync-emulator graph --tenant tenant.json --port 8400
+//! idsync-emulator lakefs --port 8401
+//! idsync-emulator databricks --port 8402
+//! idsync-emulator all --tenant tenant.json          # all three, on free ports
 //! idsync-emulator generate --preset large --out large.json
 //! ```
+//!
+//! Every server listens on 127.0.0.1 only. Ctrl-C stops it.
 
 use idsync_emulators::generator::{self, Params};
 use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, Tenant};
@@ -13,7 +18,7 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage:\n  idsync-emulator graph [--tenant FILE | --preset small|medium|large] [--port N]\n  idsync-emulator generate (--preset small|medium|large | --users N --groups N --memberships N [--service-principals N] [--nesting-depth N] [--seed N]) --out FILE"
+        "usage:\n  idsync-emulator graph|all [--tenant FILE | --preset small|medium|large] [--port N]\n  idsync-emulator lakefs|databricks [--port N]\n  idsync-emulator generate (--preset small|medium|large | --users N --groups N --memberships N [--service-principals N] [--nesting-depth N] [--seed N]) --out FILE"
     );
     ExitCode::from(2)
 }
@@ -95,41 +100,92 @@ async fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Some("graph") => {
-            let tenant = match (arg(&args, "--tenant"), arg(&args, "--preset")) {
-                (Some(f), _) => match Tenant::from_file(&PathBuf::from(f)) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-                (None, Some(_)) => match params(&args) {
-                    Ok(p) => Tenant::new(generator::generate(&p)),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return usage();
-                    }
-                },
-                (None, None) => Tenant::new(generator::generate(&Params::default())),
-            };
+        Some(cmd @ ("graph" | "all" | "lakefs" | "databricks")) => {
             let port = match arg(&args, "--port").map(str::parse::<u16>) {
                 None => 0,
                 Some(Ok(p)) => p,
                 Some(Err(_)) => return usage(),
             };
-            let tenant_id = tenant.tenant_id.clone();
-            let g = match idsync_emulators::Graph::start_on(tenant, port).await {
-                Ok(g) => g,
-                Err(e) => {
-                    eprintln!("error: cannot listen on 127.0.0.1:{port}: {e}");
-                    return ExitCode::FAILURE;
+            let mut graph = None;
+            if cmd == "graph" || cmd == "all" {
+                let tenant = match (arg(&args, "--tenant"), arg(&args, "--preset")) {
+                    (Some(f), _) => match Tenant::from_file(&PathBuf::from(f)) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                    (None, Some(_)) => match params(&args) {
+                        Ok(p) => Tenant::new(generator::generate(&p)),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return usage();
+                        }
+                    },
+                    (None, None) => Tenant::new(generator::generate(&Params::default())),
+                };
+                let tenant_id = tenant.tenant_id.clone();
+                let g = match idsync_emulators::Graph::start_on(
+                    tenant,
+                    if cmd == "all" { 0 } else { port },
+                )
+                .await
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        eprintln!("error: cannot listen on 127.0.0.1:{port}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                println!("graph {}", g.graph_url());
+                println!("token {}", g.token_url());
+                println!("tenant {tenant_id} client {DEFAULT_CLIENT_ID}");
+                graph = Some(g);
+            }
+            let mut lakefs = None;
+            if cmd == "lakefs" || cmd == "all" {
+                match idsync_emulators::Lakefs::start_on(if cmd == "all" { 0 } else { port }).await
+                {
+                    Ok(l) => {
+                        println!(
+                            "lakefs {} key {}",
+                            l.api_url(),
+                            idsync_emulators::lakefs::ACCESS_KEY_ID
+                        );
+                        lakefs = Some(l);
+                    }
+                    Err(e) => {
+                        eprintln!("error: cannot listen on 127.0.0.1:{port}: {e}");
+                        return ExitCode::FAILURE;
+                    }
                 }
-            };
-            println!("graph {}", g.graph_url());
-            println!("token {}", g.token_url());
-            println!("tenant {tenant_id} client {DEFAULT_CLIENT_ID}");
+            }
+            let mut databricks = None;
+            if cmd == "databricks" || cmd == "all" {
+                let entra = graph.as_ref().map(|g| g.state.clone());
+                match idsync_emulators::Databricks::start_on(
+                    if cmd == "all" { 0 } else { port },
+                    entra,
+                )
+                .await
+                {
+                    Ok(d) => {
+                        println!(
+                            "databricks {} account {}",
+                            d.server.base_url,
+                            idsync_emulators::databricks::ACCOUNT_ID
+                        );
+                        databricks = Some(d);
+                    }
+                    Err(e) => {
+                        eprintln!("error: cannot listen on 127.0.0.1:{port}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             let _ = tokio::signal::ctrl_c().await;
+            drop((graph, lakefs, databricks));
             ExitCode::SUCCESS
         }
         _ => usage(),

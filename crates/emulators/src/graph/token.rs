@@ -32,7 +32,8 @@ fn aadsts(status: StatusCode, error: &str, code: u32, text: &str) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-fn b64url_decode(s: &str) -> Option<Vec<u8>> {
+/// Decodes base64 (URL-safe or standard alphabet, padding optional).
+pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let (mut acc, mut bits) = (0u32, 0u32);
     for c in s.bytes() {
@@ -59,8 +60,8 @@ fn b64url_decode(s: &str) -> Option<Vec<u8>> {
 /// The header and claims of a JWT, unverified.
 fn jwt_parts(jwt: &str) -> Option<(Value, Value)> {
     let mut it = jwt.split('.');
-    let h = serde_json::from_slice(&b64url_decode(it.next()?)?).ok()?;
-    let c = serde_json::from_slice(&b64url_decode(it.next()?)?).ok()?;
+    let h = serde_json::from_slice(&b64_decode(it.next()?)?).ok()?;
+    let c = serde_json::from_slice(&b64_decode(it.next()?)?).ok()?;
     it.next()?;
     Some((h, c))
 }
@@ -94,7 +95,7 @@ fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(b64url_decode)
+        .and_then(b64_decode)
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| s.split_once(':').map(|(a, b)| (a.to_owned(), b.to_owned())));
     let client_id = f
@@ -356,9 +357,9 @@ mod tests {
 
     #[test]
     fn base64url_decodes_with_and_without_padding() {
-        assert_eq!(b64url_decode("aGVsbG8").unwrap(), b"hello");
-        assert_eq!(b64url_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(b64url_decode("eyJ9").unwrap(), b"{\"}");
-        assert!(b64url_decode("a*b").is_none());
+        assert_eq!(b64_decode("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(b64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(b64_decode("eyJ9").unwrap(), b"{\"}");
+        assert!(b64_decode("a*b").is_none());
     }
 }

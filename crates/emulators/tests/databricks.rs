@@ -1,0 +1,366 @@
+//! The Databricks account SCIM emulator over real HTTP on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use idsync_emulators::databricks::{ACCOUNT_ID, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, TOKEN};
+use idsync_emulators::infra::ThrottleConfig;
+use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+use idsync_emulators::{Databricks, Graph};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+struct T {
+    d: Databricks,
+    http: reqwest::Client,
+    token: String,
+}
+
+impl T {
+    async fn call(&self, m: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut r = self
+            .http
+            .request(m, format!("{}{path}", self.d.scim_url()))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let s = resp.status();
+        let text = resp.text().await.unwrap();
+        (s, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+async fn t() -> T {
+    T {
+        d: Databricks::start_on(0, None).await.unwrap(),
+        http: reqwest::Client::new(),
+        token: TOKEN.into(),
+    }
+}
+
+#[tokio::test]
+async fn create_list_filter_and_conflicts() {
+    let t = t().await;
+    let (s, u) = t.call(Method::POST, "/Users", Some(json!({"userName": "Jane.Doe@corp.example", "displayName": "Jane", "emails": [{"value": "jane@corp.example", "primary": true}]}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{u}");
+    assert_eq!(u["active"], true);
+    let (s, e) = t
+        .call(
+            Method::POST,
+            "/Users",
+            Some(json!({"userName": "jane.doe@corp.example"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(
+        e["detail"],
+        "User with email jane.doe@corp.example already exists in this account"
+    );
+    assert_eq!(e["status"], "409");
+    let (_, sp) = t
+        .call(
+            Method::POST,
+            "/ServicePrincipals",
+            Some(json!({"applicationId": "app-1", "displayName": "ci"})),
+        )
+        .await;
+    for i in 0..5 {
+        t.call(
+            Method::POST,
+            "/Users",
+            Some(json!({"userName": format!("user{i}@corp.example")})),
+        )
+        .await;
+    }
+    let (_, l) = t
+        .call(
+            Method::GET,
+            "/Users?filter=userName%20eq%20%22jane.doe%40corp.example%22",
+            None,
+        )
+        .await;
+    assert_eq!(l["totalResults"], 1);
+    assert_eq!(l["Resources"][0]["id"], u["id"]);
+    let (_, l) = t
+        .call(
+            Method::GET,
+            "/Users?filter=userName%20sw%20'user'&startIndex=3&count=2",
+            None,
+        )
+        .await;
+    assert_eq!(l["totalResults"], 5);
+    assert_eq!(l["Resources"].as_array().unwrap().len(), 2);
+    let (_, end) = t
+        .call(Method::GET, "/Users?startIndex=100&count=10", None)
+        .await;
+    assert_eq!(
+        end["Resources"],
+        json!([]),
+        "past the end: an empty page, where the SDK stops"
+    );
+    let (s, e) = t
+        .call(Method::GET, "/Users?filter=userName%20gt%20%22a%22", None)
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Given filter operator is not supported")
+    );
+
+    // Groups with users, service principals and groups as members; listed without members.
+    let (_, inner) = t
+        .call(
+            Method::POST,
+            "/Groups",
+            Some(json!({"displayName": "inner"})),
+        )
+        .await;
+    let members = json!([{"value": u["id"]}, {"value": sp["id"]}, {"value": inner["id"]}]);
+    let (s, g) = t
+        .call(
+            Method::POST,
+            "/Groups",
+            Some(json!({"displayName": "O'Brien \"Équipe\"", "members": members})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{g}");
+    let (_, l) = t
+        .call(
+            Method::GET,
+            "/Groups?filter=displayName%20eq%20%22O'Brien%20%5C%22%C3%89quipe%5C%22%22",
+            None,
+        )
+        .await;
+    assert_eq!(l["totalResults"], 1, "{l}");
+    assert!(
+        l["Resources"][0].get("members").is_none(),
+        "listed without members"
+    );
+    let (_, one) = t
+        .call(
+            Method::GET,
+            &format!("/Groups/{}", g["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(one["members"].as_array().unwrap().len(), 3);
+    let (s, _) = t
+        .call(
+            Method::POST,
+            "/Groups",
+            Some(json!({"displayName": "x", "members": [{"value": "999999"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn patch_members_deactivation_and_the_username_rule() {
+    let t = t().await;
+    let (_, a) = t
+        .call(Method::POST, "/Users", Some(json!({"userName": "a@x"})))
+        .await;
+    let (_, b) = t
+        .call(Method::POST, "/Users", Some(json!({"userName": "b@x"})))
+        .await;
+    let (_, g) = t
+        .call(Method::POST, "/Groups", Some(json!({"displayName": "g"})))
+        .await;
+    let gp = format!("/Groups/{}", g["id"].as_str().unwrap());
+    let op = |ops: Value| json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": ops});
+    let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "add", "value": {"members": [{"value": a["id"]}, {"value": b["id"]}]}}])))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, r) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "remove", "path": format!("members[value eq \"{}\"]", a["id"].as_str().unwrap())}])))).await;
+    assert_eq!(r["members"], json!([{"value": b["id"]}]));
+    // Removing an absent member is a no-op.
+    let (s, _) = t
+        .call(
+            Method::PATCH,
+            &gp,
+            Some(op(
+                json!([{"op": "remove", "path": "members[value eq \"424242\"]"}]),
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    // A failing operation leaves the resource as it was.
+    let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "add", "path": "members", "value": [{"value": a["id"]}]}, {"op": "add", "path": "members", "value": [{"value": "999"}]}])))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.call(Method::GET, &gp, None).await.1["members"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let (_, r) = t
+        .call(
+            Method::PATCH,
+            &gp,
+            Some(op(
+                json!([{"op": "Replace", "path": "displayName", "value": "renamed"}]),
+            )),
+        )
+        .await;
+    assert_eq!(r["displayName"], "renamed");
+
+    let ap = format!("/Users/{}", a["id"].as_str().unwrap());
+    let (_, r) = t
+        .call(
+            Method::PATCH,
+            &ap,
+            Some(op(
+                json!([{"op": "replace", "path": "active", "value": false}]),
+            )),
+        )
+        .await;
+    assert_eq!(r["active"], false);
+    let (_, r) = t
+        .call(
+            Method::PATCH,
+            &ap,
+            Some(op(
+                json!([{"op": "replace", "path": "active", "value": "true"}]),
+            )),
+        )
+        .await;
+    assert_eq!(r["active"], true);
+    // The SDK bug that drops `value: false`: refused, not silently applied.
+    let (s, _) = t
+        .call(
+            Method::PATCH,
+            &ap,
+            Some(op(json!([{"op": "replace", "path": "active"}]))),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (_, r) = t
+        .call(
+            Method::PATCH,
+            &ap,
+            Some(op(
+                json!([{"op": "replace", "path": "userName", "value": "new@x"}]),
+            )),
+        )
+        .await;
+    assert_eq!(r["userName"], "a@x", "userName cannot change");
+    assert_eq!(
+        t.call(Method::DELETE, &ap, None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        t.call(Method::DELETE, &ap, None).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn auth_pat_oauth_m2m_entra_and_throttling() {
+    let t = t().await;
+    let r = t
+        .http
+        .get(format!("{}/Users", t.d.scim_url()))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // OAuth M2M: discovery, then the token endpoint with HTTP Basic.
+    let disc: Value = t
+        .http
+        .get(format!(
+            "{}/oidc/accounts/{ACCOUNT_ID}/.well-known/oauth-authorization-server",
+            t.d.server.base_url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tok_url = disc["token_endpoint"].as_str().unwrap();
+    let r = t
+        .http
+        .post(tok_url)
+        .basic_auth(OAUTH_CLIENT_ID, Some("wrong"))
+        .form(&[("grant_type", "client_credentials"), ("scope", "all-apis")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let tok: Value = t
+        .http
+        .post(tok_url)
+        .basic_auth(OAUTH_CLIENT_ID, Some(OAUTH_CLIENT_SECRET))
+        .form(&[("grant_type", "client_credentials"), ("scope", "all-apis")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = t
+        .http
+        .get(format!("{}/Users", t.d.scim_url()))
+        .bearer_auth(tok["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // An Entra token for the Azure Databricks resource, from the Graph emulator's v1 endpoint.
+    let g = Graph::start(Tenant::new(Default::default())).await.unwrap();
+    let d = Databricks::start_on(0, Some(g.state.clone()))
+        .await
+        .unwrap();
+    let v1 = g.token_url().replace("/oauth2/v2.0/token", "/oauth2/token");
+    let e: Value = t
+        .http
+        .post(v1)
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", DEFAULT_CLIENT_ID),
+            ("client_secret", DEFAULT_CLIENT_SECRET),
+            ("resource", "2ff814a6-3304-4ab8-85cb-cd0e6f879c1d"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = t
+        .http
+        .get(format!("{}/Users", d.scim_url()))
+        .bearer_auth(e["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // 429 with Retry-After in integer seconds and a SCIM error body.
+    t.d.state.infra.set_throttle(Some(ThrottleConfig {
+        capacity: 1.0,
+        per_second: 0.2,
+    }));
+    assert_eq!(t.call(Method::GET, "/Groups", None).await.0, StatusCode::OK);
+    let r = t
+        .http
+        .get(format!("{}/Groups", t.d.scim_url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "429");
+}
