@@ -82,6 +82,8 @@ pub struct DatabricksState {
     next_id: AtomicU64,
     oauth_tokens: Mutex<BTreeSet<String>>,
     entra: Option<Arc<GraphState>>,
+    /// Served over HTTPS: discovery documents say `https://`.
+    pub(crate) tls: std::sync::atomic::AtomicBool,
 }
 
 /// The SCIM error body.
@@ -112,6 +114,7 @@ impl DatabricksState {
             next_id: AtomicU64::new(100_000),
             oauth_tokens: Mutex::new(BTreeSet::new()),
             entra,
+            tls: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -729,7 +732,11 @@ async fn patch(
 
 // OAuth M2M.
 
-async fn oauth_discovery(Path(acct): Path<String>, headers: axum::http::HeaderMap) -> Response {
+async fn oauth_discovery(
+    State(st): State<Arc<DatabricksState>>,
+    Path(acct): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     if let Err(r) = account(&acct) {
         return r;
     }
@@ -737,7 +744,12 @@ async fn oauth_discovery(Path(acct): Path<String>, headers: axum::http::HeaderMa
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("127.0.0.1");
-    let base = format!("http://{host}/oidc/accounts/{acct}");
+    let scheme = if st.tls.load(Ordering::Relaxed) {
+        "https"
+    } else {
+        "http"
+    };
+    let base = format!("{scheme}://{host}/oidc/accounts/{acct}");
     axum::Json(json!({"issuer": base, "token_endpoint": format!("{base}/v1/token"), "authorization_endpoint": format!("{base}/v1/authorize")})).into_response()
 }
 

@@ -20,6 +20,102 @@ use axum::Router;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+/// A self-signed certificate for `localhost` and `127.0.0.1`, and the TLS configuration that
+/// serves it. Clients trust it through its PEM (`REQUESTS_CA_BUNDLE`, `SSL_CERT_FILE`, or idsync's
+/// own CA bundle setting).
+#[derive(Clone)]
+pub struct Tls {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls(self-signed for localhost, 127.0.0.1)")
+    }
+}
+
+impl Tls {
+    /// Generates a fresh certificate and key.
+    pub fn generate() -> Result<Tls, String> {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ])
+        .map_err(|e| format!("cannot generate a certificate: {e}"))?;
+        let cert = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| format!("cannot use the certificate: {e}"))?;
+        Ok(Tls {
+            cert_pem: ck.cert.pem(),
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// Accepts TCP connections on 127.0.0.1 and completes the TLS handshake; failed handshakes
+/// (a client that does not trust the certificate) are dropped and logged.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.tcp.accept().await {
+                Ok((stream, addr)) => match self.acceptor.accept(stream).await {
+                    Ok(tls) => return (tls, addr),
+                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Serves `app` over HTTPS on 127.0.0.1 (`port` 0 picks a free one).
+pub async fn serve_tls(app: Router, port: u16, tls: &Tls) -> std::io::Result<Running> {
+    let tcp = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+    let addr = tcp.local_addr()?;
+    let listener = TlsListener {
+        tcp,
+        acceptor: tokio_rustls::TlsAcceptor::from(tls.config.clone()),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let server = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = rx.await;
+        });
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "emulator server stopped");
+        }
+    });
+    Ok(Running {
+        base_url: format!("https://{addr}"),
+        addr,
+        shutdown: Some(tx),
+    })
+}
+
 /// A server running on 127.0.0.1; stopped when dropped.
 #[derive(Debug)]
 pub struct Running {
@@ -126,8 +222,25 @@ impl Graph {
 
     /// Starts it on a given port.
     pub async fn start_on(tenant: tenant::Tenant, port: u16) -> std::io::Result<Graph> {
+        Graph::start_with(tenant, port, None).await
+    }
+
+    /// Starts it on a given port, over HTTPS when `tls` is given (msal and azure-identity refuse
+    /// plain-http authorities).
+    pub async fn start_with(
+        tenant: tenant::Tenant,
+        port: u16,
+        tls: Option<&Tls>,
+    ) -> std::io::Result<Graph> {
         let state = graph::GraphState::new(tenant);
-        let server = serve(graph::router(state.clone()), port).await?;
+        let app = graph::router(state.clone());
+        let server = match tls {
+            Some(t) => {
+                state.tls.store(true, std::sync::atomic::Ordering::Relaxed);
+                serve_tls(app, port, t).await?
+            }
+            None => serve(app, port).await?,
+        };
         Ok(Graph { state, server })
     }
 

@@ -451,6 +451,18 @@ async fn group_delta_rounds_report_member_changes_and_expire() {
     let delta_link = last["@odata.deltaLink"].as_str().unwrap().to_owned();
     assert!(last.get("@odata.nextLink").is_none());
 
+    // msgraph-sdk calls the function form, `delta()`: the same round.
+    let (fn_items, fn_last) = t
+        .all("/v1.0/groups/delta()?$select=displayName,members")
+        .await;
+    assert_eq!(fn_items.len(), items.len());
+    assert!(
+        fn_last["@odata.deltaLink"]
+            .as_str()
+            .unwrap()
+            .contains("/groups/delta()?")
+    );
+
     // Nothing changed: an empty round and a new deltaLink.
     let (none, last2) = t.all(&delta_link).await;
     assert!(none.is_empty());

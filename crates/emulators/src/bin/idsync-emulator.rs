@@ -5,6 +5,7 @@
 //! idsync-emulator lakefs --port 8401
 //! idsync-emulator databricks --port 8402
 //! idsync-emulator all --tenant tenant.json          # all three, on free ports
+//! idsync-emulator all --tls --cert-out cert.pem --ports-file ports.json
 //! idsync-emulator generate --preset large --out large.json
 //! ```
 //!
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage:\n  idsync-emulator graph|all [--tenant FILE | --preset small|medium|large] [--port N]\n  idsync-emulator lakefs|databricks [--port N]\n  idsync-emulator generate (--preset small|medium|large | --users N --groups N --memberships N [--service-principals N] [--nesting-depth N] [--seed N]) --out FILE"
+        "usage:\n  idsync-emulator graph|all [--tenant FILE | --preset small|medium|large] [--port N] [--tls --cert-out FILE] [--ports-file FILE]\n  idsync-emulator lakefs|databricks [--port N] [--ports-file FILE]\n  idsync-emulator generate (--preset small|medium|large | --users N --groups N --memberships N [--service-principals N] [--nesting-depth N] [--seed N]) --out FILE"
     );
     ExitCode::from(2)
 }
@@ -106,6 +107,27 @@ async fn main() -> ExitCode {
                 Some(Ok(p)) => p,
                 Some(Err(_)) => return usage(),
             };
+            // --tls: Graph and its token endpoint over HTTPS (msal and azure-identity refuse http
+            // authorities), with a fresh self-signed certificate written to --cert-out.
+            let tls = if args.iter().any(|a| a == "--tls") {
+                let t = match idsync_emulators::Tls::generate() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if let Some(f) = arg(&args, "--cert-out")
+                    && let Err(e) = std::fs::write(f, &t.cert_pem)
+                {
+                    eprintln!("error: cannot write {f}: {e}");
+                    return ExitCode::FAILURE;
+                }
+                Some(t)
+            } else {
+                None
+            };
+            let mut ports = serde_json::Map::new();
             let mut graph = None;
             if cmd == "graph" || cmd == "all" {
                 let tenant = match (arg(&args, "--tenant"), arg(&args, "--preset")) {
@@ -126,9 +148,10 @@ async fn main() -> ExitCode {
                     (None, None) => Tenant::new(generator::generate(&Params::default())),
                 };
                 let tenant_id = tenant.tenant_id.clone();
-                let g = match idsync_emulators::Graph::start_on(
+                let g = match idsync_emulators::Graph::start_with(
                     tenant,
                     if cmd == "all" { 0 } else { port },
+                    tls.as_ref(),
                 )
                 .await
                 {
@@ -141,6 +164,14 @@ async fn main() -> ExitCode {
                 println!("graph {}", g.graph_url());
                 println!("token {}", g.token_url());
                 println!("tenant {tenant_id} client {DEFAULT_CLIENT_ID}");
+                ports.insert("graph".into(), g.graph_url().into());
+                ports.insert("authority".into(), g.server.base_url.clone().into());
+                ports.insert("tenant".into(), tenant_id.into());
+                ports.insert("clientId".into(), DEFAULT_CLIENT_ID.into());
+                ports.insert(
+                    "clientSecret".into(),
+                    idsync_emulators::tenant::DEFAULT_CLIENT_SECRET.into(),
+                );
                 graph = Some(g);
             }
             let mut lakefs = None;
@@ -152,6 +183,15 @@ async fn main() -> ExitCode {
                             "lakefs {} key {}",
                             l.api_url(),
                             idsync_emulators::lakefs::ACCESS_KEY_ID
+                        );
+                        ports.insert("lakefs".into(), l.api_url().into());
+                        ports.insert(
+                            "lakefsKey".into(),
+                            idsync_emulators::lakefs::ACCESS_KEY_ID.into(),
+                        );
+                        ports.insert(
+                            "lakefsSecret".into(),
+                            idsync_emulators::lakefs::SECRET_ACCESS_KEY.into(),
                         );
                         lakefs = Some(l);
                     }
@@ -176,12 +216,33 @@ async fn main() -> ExitCode {
                             d.server.base_url,
                             idsync_emulators::databricks::ACCOUNT_ID
                         );
+                        ports.insert("databricks".into(), d.server.base_url.clone().into());
+                        ports.insert(
+                            "account".into(),
+                            idsync_emulators::databricks::ACCOUNT_ID.into(),
+                        );
+                        ports.insert(
+                            "databricksToken".into(),
+                            idsync_emulators::databricks::TOKEN.into(),
+                        );
                         databricks = Some(d);
                     }
                     Err(e) => {
                         eprintln!("error: cannot listen on 127.0.0.1:{port}: {e}");
                         return ExitCode::FAILURE;
                     }
+                }
+            }
+            if let Some(f) = arg(&args, "--ports-file") {
+                // Written last and atomically: its presence means every server is up.
+                let tmp = format!("{f}.tmp");
+                let json = serde_json::Value::Object(ports).to_string();
+                if std::fs::write(&tmp, json)
+                    .and_then(|()| std::fs::rename(&tmp, f))
+                    .is_err()
+                {
+                    eprintln!("error: cannot write {f}");
+                    return ExitCode::FAILURE;
                 }
             }
             let _ = tokio::signal::ctrl_c().await;

@@ -70,6 +70,8 @@ pub struct GraphState {
     rounds: Mutex<BTreeMap<String, Round>>,
     counter: AtomicU64,
     router: OnceLock<Router>,
+    /// Served over HTTPS: links it builds say `https://`.
+    pub(crate) tls: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,6 +89,7 @@ impl GraphState {
             rounds: Mutex::new(BTreeMap::new()),
             counter: AtomicU64::new(1),
             router: OnceLock::new(),
+            tls: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -276,12 +279,18 @@ fn options(
     Ok(o)
 }
 
-fn base(headers: &HeaderMap) -> String {
+/// The scheme and host the client used, for absolute links.
+pub(crate) fn base(st: &GraphState, headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("127.0.0.1");
-    format!("http://{host}")
+    let scheme = if st.tls.load(Ordering::Relaxed) {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{host}")
 }
 
 /// Percent-encodes a query value.
@@ -298,7 +307,13 @@ fn enc(s: &str) -> String {
 }
 
 /// The same URL with every original option and a new `$skiptoken`, as Graph's nextLink.
-fn next_link(headers: &HeaderMap, uri: &Uri, raw: &[(String, String)], skip: &str) -> String {
+fn next_link(
+    st: &GraphState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    raw: &[(String, String)],
+    skip: &str,
+) -> String {
     let mut q: Vec<String> = raw
         .iter()
         .filter(|(k, _)| {
@@ -307,16 +322,16 @@ fn next_link(headers: &HeaderMap, uri: &Uri, raw: &[(String, String)], skip: &st
         .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
         .collect();
     q.push(format!("$skiptoken={skip}"));
-    format!("{}{}?{}", base(headers), uri.path(), q.join("&"))
+    format!("{}{}?{}", base(st, headers), uri.path(), q.join("&"))
 }
 
-fn context(headers: &HeaderMap, uri: &Uri, what: &str) -> String {
+fn context(st: &GraphState, headers: &HeaderMap, uri: &Uri, what: &str) -> String {
     let version = if uri.path().starts_with("/beta/") {
         "beta"
     } else {
         "v1.0"
     };
-    format!("{}/{version}/$metadata#{what}", base(headers))
+    format!("{}/{version}/$metadata#{what}", base(st, headers))
 }
 
 fn full_json(t: &Tenant, c: Collection, id: &str) -> Option<Value> {
@@ -405,7 +420,7 @@ async fn list(
         page.push(v);
         last = Some(id.clone());
     }
-    let mut body = json!({"@odata.context": context(headers, uri, c.segment()), "value": page});
+    let mut body = json!({"@odata.context": context(st, headers, uri, c.segment()), "value": page});
     if o.count {
         let n = ids_after(&t, c, None)
             .filter(|id| {
@@ -416,7 +431,7 @@ async fn list(
         body["@odata.count"] = json!(n);
     }
     if let (true, Some(last)) = (more, last) {
-        body["@odata.nextLink"] = json!(next_link(headers, uri, &o.raw, &encode_token(&last)));
+        body["@odata.nextLink"] = json!(next_link(st, headers, uri, &o.raw, &encode_token(&last)));
     }
     axum::Json(body).into_response()
 }
@@ -438,7 +453,12 @@ async fn get_one(
         None => not_found(c.type_name(), id),
         Some(full) => {
             let mut v = project(c, &full, o.select.as_deref());
-            v["@odata.context"] = json!(context(headers, uri, &format!("{}/$entity", c.segment())));
+            v["@odata.context"] = json!(context(
+                st,
+                headers,
+                uri,
+                &format!("{}/$entity", c.segment())
+            ));
             axum::Json(v).into_response()
         }
     }
@@ -538,12 +558,13 @@ async fn members(
         last = Some(m.clone());
     }
     let mut body =
-        json!({"@odata.context": context(headers, uri, "directoryObjects"), "value": page});
+        json!({"@odata.context": context(st, headers, uri, "directoryObjects"), "value": page});
     if o.count {
         body["@odata.count"] = json!(all.iter().filter(visible).count());
     }
     if let (true, Some(m)) = (more, last) {
         body["@odata.nextLink"] = json!(next_link(
+            st,
             headers,
             uri,
             &o.raw,
@@ -622,8 +643,8 @@ async fn delta(
                     t.seq(),
                     select.as_deref().unwrap_or_default().join(",")
                 ));
-                let link = format!("{}{}?$deltatoken={token}", base(headers), uri.path());
-                return axum::Json(json!({"@odata.context": context(headers, uri, resource), "@odata.deltaLink": link, "value": []})).into_response();
+                let link = format!("{}{}?$deltatoken={token}", base(st, headers), uri.path());
+                return axum::Json(json!({"@odata.context": context(st, headers, uri, resource), "@odata.deltaLink": link, "value": []})).into_response();
             }
             Some(tok) => {
                 let parts = decode_token(tok);
@@ -783,9 +804,10 @@ fn delta_page(
     let end = (offset + size.max(1)).min(round.items.len());
     let page: Vec<Value> = round.items.get(offset..end).unwrap_or_default().to_vec();
     let resource = uri.path().rsplit('/').nth(1).unwrap_or_default().to_owned();
-    let mut body = json!({"@odata.context": context(headers, uri, &resource), "value": page});
+    let mut body = json!({"@odata.context": context(st, headers, uri, &resource), "value": page});
     if end < round.items.len() {
         body["@odata.nextLink"] = json!(next_link(
+            st,
             headers,
             uri,
             raw,
@@ -794,7 +816,7 @@ fn delta_page(
     } else {
         body["@odata.deltaLink"] = json!(format!(
             "{}{}?$deltatoken={}",
-            base(headers),
+            base(st, headers),
             uri.path(),
             round.delta_token
         ));
@@ -1035,10 +1057,13 @@ pub fn router(st: Arc<GraphState>) -> Router {
         api = api
             .route(&format!("{v}/users"), get(users))
             .route(&format!("{v}/users/delta"), get(users_delta))
+            // msgraph-sdk calls the delta function with OData's call syntax: `delta()`.
+            .route(&format!("{v}/users/delta()"), get(users_delta))
             .route(&format!("{v}/users/$count"), get(count))
             .route(&format!("{v}/users/{{id}}"), get(user_one))
             .route(&format!("{v}/groups"), get(groups))
             .route(&format!("{v}/groups/delta"), get(groups_delta))
+            .route(&format!("{v}/groups/delta()"), get(groups_delta))
             .route(&format!("{v}/groups/$count"), get(count))
             .route(&format!("{v}/groups/{{id}}"), get(group_one))
             .route(&format!("{v}/groups/{{id}}/members"), get(group_members))
@@ -1064,6 +1089,7 @@ pub fn router(st: Arc<GraphState>) -> Router {
             )
             .route(&format!("{v}/servicePrincipals"), get(sps))
             .route(&format!("{v}/servicePrincipals/delta"), get(sps_delta))
+            .route(&format!("{v}/servicePrincipals/delta()"), get(sps_delta))
             .route(&format!("{v}/servicePrincipals/$count"), get(count))
             .route(&format!("{v}/servicePrincipals/{{id}}"), get(sp_one))
             .route(&format!("{v}/$batch"), post(batch::batch));

@@ -320,11 +320,7 @@ async fn openid(
             &format!("Tenant '{tenant}' not found."),
         );
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("127.0.0.1");
-    let base = format!("http://{host}/{tenant}");
+    let base = format!("{}/{tenant}", super::base(&st, &headers));
     axum::Json(json!({
         "issuer": format!("{base}/v2.0"),
         "token_endpoint": format!("{base}/oauth2/v2.0/token"),
