@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs what idsync's tests need and runs them: formatting, lints, and every test of the
-# workspace (unit, property, and the real binary against temporary folders).
+# Installs what idsync's tests need and runs them: formatting, lints, every test of the
+# workspace (unit, property, the real binary against temporary folders), and the emulators'
+# conformance suite (the vendors' Python clients, installed into .venv from PyPI).
 #
 # CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
-# except the package registries (crates.io) for the first build.
+# except the package registries (crates.io, PyPI) for the first build and install.
 #
 # Environment:
 #   PROPTEST_CASES   cases per property test (default 1000)
@@ -30,3 +31,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test (PROPTEST_CASES=${PROPTEST_CASES:-1000})"
 PROPTEST_CASES="${PROPTEST_CASES:-1000}" cargo test --workspace --locked
+
+echo "== emulator conformance (the vendors' official Python clients against idsync-emulator)"
+scripts/conformance.sh
