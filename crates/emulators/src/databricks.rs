@@ -268,6 +268,20 @@ pub fn parse_filter(s: &str) -> Result<Filter, String> {
         ))
     }
     let t = scim_tokens(s)?;
+    // Databricks: "SCIM filter expressions are limited to 200 nodes"; deeper nesting is refused too.
+    let nodes = t
+        .iter()
+        .filter(|w| w.eq_ignore_ascii_case("and") || w.eq_ignore_ascii_case("or"))
+        .count()
+        * 2
+        + 1;
+    let depth = t.iter().scan(0i32, |d, w| {
+        *d += i32::from(w == "(") - i32::from(w == ")");
+        Some(*d)
+    });
+    if nodes > 200 || depth.max().unwrap_or(0) > 32 {
+        return Err("INVALID_FILTER: the filter has more than 200 nodes".into());
+    }
     let mut at = 0;
     let f = expr(&t, &mut at)?;
     if at != t.len() {
@@ -342,6 +356,23 @@ impl Filter {
 
 // ------------------------------------------------------------------------------------------
 // Handlers.
+
+/// Reads a JSON object body, answering a SCIM error for anything else.
+fn object_body(bytes: &[u8]) -> Result<Value, Response> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(scim_error(
+            StatusCode::BAD_REQUEST,
+            "invalidSyntax",
+            "The request body must be a JSON object.",
+        )),
+        Err(e) => Err(scim_error(
+            StatusCode::BAD_REQUEST,
+            "invalidSyntax",
+            &format!("Malformed JSON: {e}"),
+        )),
+    }
+}
 
 fn typ(s: &str) -> Result<Type, Response> {
     Type::parse(s)
@@ -449,10 +480,14 @@ fn check_members(
 async fn create(
     State(st): State<Arc<DatabricksState>>,
     Path((acct, t)): Path<(String, String)>,
-    axum::Json(mut body): axum::Json<Value>,
+    bytes: axum::body::Bytes,
 ) -> Response {
     let t = match account(&acct).and_then(|()| typ(&t)) {
         Ok(t) => t,
+        Err(r) => return r,
+    };
+    let mut body = match object_body(&bytes) {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let (key, msg) = t.unique();
@@ -468,33 +503,28 @@ async fn create(
             &format!("{key} is required"),
         );
     };
-    {
-        let d = st.data();
-        if d.get(&t)
-            .is_some_and(|m| m.values().any(|v| ci_eq(&v[key], &k)))
-        {
-            return scim_error(StatusCode::CONFLICT, "uniqueness", &msg.replace("{}", &k));
-        }
-        if t == Type::Groups
-            && let Err(r) = check_members(&d, &body["members"])
-        {
-            return r;
-        }
-    }
     if t != Type::Groups && body.get("active").is_none() {
         body["active"] = json!(true);
     }
     if let Some(o) = body.as_object_mut() {
         o.remove("schemas");
     }
-    let id = st.insert(t, body);
-    let v = st
-        .data()
-        .get(&t)
-        .and_then(|m| m.get(&id))
-        .cloned()
-        .unwrap_or_default();
-    (StatusCode::CREATED, axum::Json(present(t, &v, false))).into_response()
+    // Check and insert under one lock: two concurrent creates of one name cannot both succeed.
+    let mut d = st.data_mut();
+    if d.get(&t)
+        .is_some_and(|m| m.values().any(|v| ci_eq(&v[key], &k)))
+    {
+        return scim_error(StatusCode::CONFLICT, "uniqueness", &msg.replace("{}", &k));
+    }
+    if t == Type::Groups
+        && let Err(r) = check_members(&d, &body["members"])
+    {
+        return r;
+    }
+    let id = st.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+    body["id"] = json!(id);
+    d.entry(t).or_default().insert(id, body.clone());
+    (StatusCode::CREATED, axum::Json(present(t, &body, false))).into_response()
 }
 
 async fn get_one(
@@ -544,10 +574,14 @@ async fn delete_one(
 async fn replace(
     State(st): State<Arc<DatabricksState>>,
     Path((acct, t, id)): Path<(String, String, String)>,
-    axum::Json(mut body): axum::Json<Value>,
+    bytes: axum::body::Bytes,
 ) -> Response {
     let t = match account(&acct).and_then(|()| typ(&t)) {
         Ok(t) => t,
+        Err(r) => return r,
+    };
+    let mut body = match object_body(&bytes) {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let mut d = st.data_mut();
@@ -561,6 +595,18 @@ async fn replace(
     if t == Type::Users {
         // userName cannot change: any supplied change is ignored.
         body["userName"] = cur["userName"].clone();
+    }
+    let (key, msg) = t.unique();
+    if let Some(k) = body.get(key).and_then(Value::as_str)
+        && d.get(&t)
+            .is_some_and(|m| m.iter().any(|(other, v)| *other != id && ci_eq(&v[key], k)))
+    {
+        return scim_error(StatusCode::CONFLICT, "uniqueness", &msg.replace("{}", k));
+    }
+    if t == Type::Groups
+        && let Err(r) = check_members(&d, &body["members"])
+    {
+        return r;
     }
     body["id"] = json!(id);
     if let Some(o) = body.as_object_mut() {
@@ -652,6 +698,13 @@ fn patch_op(
             };
             match p {
                 "active" => {
+                    // terraform sends [{"value": "false"}]; unwrap that form first.
+                    let v = match &v {
+                        Value::Array(a) if a.len() == 1 => {
+                            a[0].get("value").cloned().unwrap_or(Value::Null)
+                        }
+                        other => other.clone(),
+                    };
                     let b = match &v {
                         Value::Bool(b) => *b,
                         Value::String(s)
@@ -686,10 +739,14 @@ fn patch_op(
 async fn patch(
     State(st): State<Arc<DatabricksState>>,
     Path((acct, t, id)): Path<(String, String, String)>,
-    axum::Json(body): axum::Json<Value>,
+    bytes: axum::body::Bytes,
 ) -> Response {
     let t = match account(&acct).and_then(|()| typ(&t)) {
         Ok(t) => t,
+        Err(r) => return r,
+    };
+    let body = match object_body(&bytes) {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let Some(ops) = body.get("Operations").and_then(Value::as_array).cloned() else {

@@ -184,7 +184,11 @@ pub async fn layer(State(infra): State<Arc<Infra>>, req: Request, next: Next) ->
         .map_or_else(|| path.clone(), |m| m.as_str().to_owned());
     // A request replayed from a batch: counted and throttled on its own, but not faulted again
     // (the batch request itself was).
-    if req.headers().contains_key(crate::graph::batch::BATCH_ITEM) {
+    let batch_item = req
+        .headers()
+        .get(crate::graph::batch::BATCH_ITEM)
+        .is_some_and(|v| v.as_bytes() == crate::graph::batch::batch_marker().as_bytes());
+    if batch_item {
         infra
             .accounting
             .record(format!("BATCH {} {route}", req.method()));

@@ -201,6 +201,16 @@ fn paginate(items: Vec<(String, Value)>, p: &Page) -> Response {
         .into_response()
 }
 
+/// Reads a JSON body of type `T`, answering lakeFS's `{"message": ...}` 400 otherwise.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            &format!("request body has an error: {e}"),
+        )
+    })
+}
+
 fn user_json(u: &LUser) -> Value {
     let mut v = json!({"id": u.id, "creation_date": u.creation_date});
     if let Some(f) = &u.friendly_name {
@@ -260,10 +270,11 @@ struct UserCreation {
     invite_user: bool,
 }
 
-async fn create_user(
-    State(st): State<Arc<LakefsState>>,
-    axum::Json(b): axum::Json<UserCreation>,
-) -> Response {
+async fn create_user(State(st): State<Arc<LakefsState>>, bytes: axum::body::Bytes) -> Response {
+    let b: UserCreation = match body(&bytes) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     if let Err(r) = valid_name("User", &b.id) {
         return r;
     }
@@ -339,10 +350,11 @@ struct GroupCreation {
     description: Option<String>,
 }
 
-async fn create_group(
-    State(st): State<Arc<LakefsState>>,
-    axum::Json(b): axum::Json<GroupCreation>,
-) -> Response {
+async fn create_group(State(st): State<Arc<LakefsState>>, bytes: axum::body::Bytes) -> Response {
+    let b: GroupCreation = match body(&bytes) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     if let Err(r) = valid_name("Group", &b.id) {
         return r;
     }
@@ -448,10 +460,11 @@ async fn list_policies(State(st): State<Arc<LakefsState>>, Query(p): Query<Page>
     )
 }
 
-async fn create_policy(
-    State(st): State<Arc<LakefsState>>,
-    axum::Json(mut b): axum::Json<Value>,
-) -> Response {
+async fn create_policy(State(st): State<Arc<LakefsState>>, bytes: axum::body::Bytes) -> Response {
+    let mut b: Value = match body(&bytes) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let id = b["id"].as_str().unwrap_or_default().to_owned();
     if let Err(r) = valid_name("Policy", &id) {
         return r;

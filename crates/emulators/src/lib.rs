@@ -61,11 +61,15 @@ impl Tls {
     }
 }
 
-/// Accepts TCP connections on 127.0.0.1 and completes the TLS handshake; failed handshakes
-/// (a client that does not trust the certificate) are dropped and logged.
+/// Hands axum connections whose TLS handshake completed. Handshakes run in their own tasks with a
+/// time limit, so a client that connects and says nothing delays nobody else; failed handshakes (a
+/// client that does not trust the certificate) are dropped and logged.
 struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    addr: SocketAddr,
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -73,22 +77,15 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.tcp.accept().await {
-                Ok((stream, addr)) => match self.acceptor.accept(stream).await {
-                    Ok(tls) => return (tls, addr),
-                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            }
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accept loop is gone: nothing more will come.
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        Ok(self.addr)
     }
 }
 
@@ -96,11 +93,42 @@ impl axum::serve::Listener for TlsListener {
 pub async fn serve_tls(app: Router, port: u16, tls: &Tls) -> std::io::Result<Running> {
     let tcp = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
     let addr = tcp.local_addr()?;
-    let listener = TlsListener {
-        tcp,
-        acceptor: tokio_rustls::TlsAcceptor::from(tls.config.clone()),
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+    let (tx, ready) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = tcp.accept() => a,
+                // The server stopped (its listener, holding the receiver, was dropped).
+                () = tx.closed() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    acceptor.accept(stream),
+                )
+                .await
+                {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let listener = TlsListener { ready, addr };
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(async {
             let _ = rx.await;
@@ -112,7 +140,7 @@ pub async fn serve_tls(app: Router, port: u16, tls: &Tls) -> std::io::Result<Run
     Ok(Running {
         base_url: format!("https://{addr}"),
         addr,
-        shutdown: Some(tx),
+        shutdown: Some(stop),
     })
 }
 

@@ -343,7 +343,7 @@ async fn auth_pat_oauth_m2m_entra_and_throttling() {
     // 429 with Retry-After in integer seconds and a SCIM error body.
     t.d.state.infra.set_throttle(Some(ThrottleConfig {
         capacity: 1.0,
-        per_second: 0.2,
+        per_second: 0.01,
     }));
     assert_eq!(t.call(Method::GET, "/Groups", None).await.0, StatusCode::OK);
     let r = t
@@ -363,4 +363,74 @@ async fn auth_pat_oauth_m2m_entra_and_throttling() {
             >= 1
     );
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "429");
+}
+
+#[tokio::test]
+async fn bad_bodies_filters_and_put_are_scim_errors() {
+    let t = t().await;
+    let raw = |m: Method, path: &str, body: &'static str| {
+        let req = t
+            .http
+            .request(m, format!("{}{path}", t.d.scim_url()))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, b) = raw(Method::POST, "/Users", "{").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(b["status"], "400");
+    let (_, u) = t
+        .call(Method::POST, "/Users", Some(json!({"userName": "a@x"})))
+        .await;
+    let (s, _) = raw(
+        Method::PUT,
+        &format!("/Users/{}", u["id"].as_str().unwrap()),
+        "[]",
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "a non-object body is refused, not a crash"
+    );
+    let (_, g1) = t
+        .call(Method::POST, "/Groups", Some(json!({"displayName": "one"})))
+        .await;
+    t.call(Method::POST, "/Groups", Some(json!({"displayName": "two"})))
+        .await;
+    let (s, _) = t
+        .call(
+            Method::PUT,
+            &format!("/Groups/{}", g1["id"].as_str().unwrap()),
+            Some(json!({"displayName": "TWO"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "PUT keeps names unique");
+    let many = vec!["userName eq \"x\""; 120].join(" or ");
+    let (s, b) = t
+        .call(
+            Method::GET,
+            &format!(
+                "/Users?filter={}",
+                many.replace(' ', "%20").replace('"', "%22")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b["detail"].as_str().unwrap().contains("INVALID_FILTER"));
+    // terraform's form of a deactivation.
+    let op = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "path": "active", "value": [{"value": "false"}]}]});
+    let (_, r) = t
+        .call(
+            Method::PATCH,
+            &format!("/Users/{}", u["id"].as_str().unwrap()),
+            Some(op),
+        )
+        .await;
+    assert_eq!(r["active"], false);
 }

@@ -551,13 +551,13 @@ async fn user_and_service_principal_delta_report_disables_and_deletes() {
         changes,
         vec![
             json!({"id": "u-alice", "accountEnabled": false, "userPrincipalName": "alice@contoso.example"}),
-            json!({"id": "u-dave", "@removed": {"reason": "deleted"}}),
+            json!({"id": "u-dave", "@removed": {"reason": "changed"}}), /* soft-deleted: restorable */
         ]
     );
     let (sp_changes, _) = t.all(&sp_link).await;
     assert_eq!(
         sp_changes,
-        vec![json!({"id": "s-ci", "@removed": {"reason": "deleted"}})]
+        vec![json!({"id": "s-ci", "@removed": {"reason": "changed"}})]
     );
 }
 
@@ -639,7 +639,7 @@ async fn throttling_faults_and_accounting() {
     t.g.state.infra.accounting.reset();
     t.g.state.infra.set_throttle(Some(ThrottleConfig {
         capacity: 2.0,
-        per_second: 0.5,
+        per_second: 0.01,
     }));
     assert_eq!(t.get("/v1.0/users").await.0, StatusCode::OK);
     assert_eq!(t.get("/v1.0/groups/g-1/members").await.0, StatusCode::OK);
@@ -766,4 +766,94 @@ async fn throttling_faults_and_accounting() {
         .await
         .unwrap();
     assert!(counts["GET /v1.0/users"].as_u64().unwrap() >= 3);
+}
+
+#[tokio::test]
+async fn delta_pages_can_be_fetched_again_and_tokens_keep_the_filter() {
+    let t = T::new().await;
+    t.g.state.set_settings(Settings {
+        delta_page_size: 2,
+        ..Settings::default()
+    });
+    // The last page of a round, fetched twice (its first response was lost): the same answer.
+    let (_, first) = t.get("/v1.0/users/delta?$select=id").await;
+    let mut next = first["@odata.nextLink"].as_str().unwrap().to_owned();
+    let last = loop {
+        let (s, b) = t.get(&next).await;
+        assert_eq!(s, StatusCode::OK);
+        match b["@odata.nextLink"].as_str() {
+            Some(n) => next = n.to_owned(),
+            None => break b,
+        }
+    };
+    let (s, again) = t.get(&next).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(again["@odata.deltaLink"], last["@odata.deltaLink"]);
+
+    // A round started with $filter keeps it in its deltaLink: changes to others do not show.
+    let (_, r) = t
+        .get("/v1.0/users/delta?$select=id,displayName&$filter=id%20eq%20'u-alice'")
+        .await;
+    assert_eq!(r["value"].as_array().unwrap().len(), 1);
+    let link = r["@odata.deltaLink"].as_str().unwrap().to_owned();
+    {
+        let mut ten = t.g.state.tenant_mut();
+        for id in ["u-alice", "u-carol"] {
+            let mut u = ten.users[id].clone();
+            u.display_name = format!("{id} renamed");
+            ten.upsert_user(u);
+        }
+    }
+    let (_, changes) = t.get(&link).await;
+    let ids: Vec<&str> = changes["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["u-alice"]);
+    assert_eq!(
+        changes["value"][0]["displayName"], "u-alice renamed",
+        "the token kept the $select too"
+    );
+}
+
+#[tokio::test]
+async fn hostile_queries_are_rejected_not_fatal() {
+    let t = T::new().await;
+    let deep = format!("{}id%20eq%20'a'{}", "(".repeat(5000), ")".repeat(5000));
+    let (s, _) = t.get(&format!("/v1.0/users?$filter={deep}")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = t.get("/v1.0/users?$skip=10").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = t
+        .get_with(
+            "/v1.0/users?$filter=id%20ne%20'a'",
+            &[("ConsistencyLevel", "eventual")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "ne needs $count=true as well");
+    let (s, _) = t
+        .get_with(
+            "/v1.0/users?$filter=id%20ne%20'a'&$count=true",
+            &[("ConsistencyLevel", "eventual")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let huge = odata_skip(u64::MAX);
+    let (s, _) = t.get(&format!("/v1.0/users/delta?$skiptoken={huge}")).await;
+    assert!(s.is_client_error(), "{s}");
+    // A client cannot claim to be a batch item to dodge faults.
+    t.g.state.infra.set_faults(idsync_emulators::infra::Faults {
+        error_rate: 1.0,
+        ..Default::default()
+    });
+    let (s, _) = t
+        .get_with("/v1.0/users", &[("x-emulator-batch-item", "1")])
+        .await;
+    assert!(s.is_server_error(), "{s}");
+}
+
+fn odata_skip(offset: u64) -> String {
+    idsync_emulators::graph::odata::encode_token(&format!("r1|{offset}"))
 }

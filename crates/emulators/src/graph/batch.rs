@@ -16,6 +16,18 @@ use tower::ServiceExt;
 /// The header marking a request replayed from a batch.
 pub const BATCH_ITEM: &str = "x-emulator-batch-item";
 
+/// The header's value: random per process, so a client cannot claim to be a batch item and skip
+/// fault injection.
+pub fn batch_marker() -> &'static str {
+    static MARKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARKER.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{:x}", t ^ u128::from(std::process::id()) << 64)
+    })
+}
+
 #[derive(Deserialize)]
 struct Envelope {
     requests: Vec<Item>,
@@ -108,7 +120,7 @@ pub async fn batch(
                 req = req.header(k, v);
             }
         }
-        req = req.header(BATCH_ITEM, "1");
+        req = req.header(BATCH_ITEM, batch_marker());
         let body = item
             .body
             .as_ref()

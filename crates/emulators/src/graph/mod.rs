@@ -58,7 +58,13 @@ struct Issued {
 struct Round {
     items: Vec<Value>,
     delta_token: String,
+    used: Instant,
 }
+
+/// Rounds kept at most, and for how long after their last page was read: a client may fetch a
+/// page again (its response was lost), so a round outlives its last page for a while.
+const MAX_ROUNDS: usize = 64;
+const ROUND_TTL: Duration = Duration::from_secs(600);
 
 /// The emulator's state.
 pub struct GraphState {
@@ -120,6 +126,7 @@ impl GraphState {
     /// Issues an access token for an audience.
     pub fn issue_token(&self, audience: &str) -> (String, u64) {
         let ttl = self.settings().token_ttl_secs;
+        lock(&self.tokens).retain(|_, i| i.expires > Instant::now());
         let tok = format!(
             "emu.{}.{:x}",
             audience.len(),
@@ -243,7 +250,10 @@ fn options(
             "$filter" => {
                 let f = parse_filter(v)
                     .map_err(|m| bad("BadRequest", &format!("Invalid filter clause: {m}")))?;
-                if f.advanced() && !eventual(headers) {
+                let count_true = q.iter().any(|(k, v)| {
+                    k.eq_ignore_ascii_case("$count") && v.eq_ignore_ascii_case("true")
+                });
+                if f.advanced() && !(eventual(headers) && count_true) {
                     return Err(bad(
                         "Request_UnsupportedQuery",
                         "Unsupported query: 'ne' requires the ConsistencyLevel: eventual header and $count=true.",
@@ -266,6 +276,12 @@ fn options(
             "$count" => o.count = v.eq_ignore_ascii_case("true") && eventual(headers),
             "$skiptoken" => o.skip = Some(v.clone()),
             "$deltatoken" => o.delta = Some(v.clone()),
+            "$skip" => {
+                return Err(bad(
+                    "Request_BadRequest",
+                    "'$skip' is not supported by this API; follow @odata.nextLink.",
+                ));
+            }
             "$expand" | "$orderby" | "$search" => {
                 return Err(bad(
                     "Request_UnsupportedQuery",
@@ -617,6 +633,28 @@ async fn delta(
     }
     // A delta token carries the options of the round that issued it (Graph: "don't repeat them");
     // a `$select` on the request replaces them.
+    let token_filter: Option<String> = o
+        .delta
+        .as_deref()
+        .filter(|d| *d != "latest")
+        .and_then(decode_token)
+        .and_then(|p| {
+            p.split('|')
+                .nth(5)
+                .and_then(decode_token)
+                .filter(|f| !f.is_empty())
+        });
+    let filter_text: Option<String> = o
+        .raw
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("$filter"))
+        .map(|(_, v)| v.clone())
+        .or(token_filter);
+    let filter: Option<Filter> = match filter_text.as_deref().map(parse_filter) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(m)) => return bad("BadRequest", &format!("Invalid filter clause: {m}")),
+    };
     let token_select: Option<Vec<String>> = o
         .delta
         .as_deref()
@@ -624,7 +662,7 @@ async fn delta(
         .and_then(decode_token)
         .and_then(|p| {
             let f: Vec<&str> = p.split('|').collect();
-            (f.len() == 5 && !f[4].is_empty()).then(|| f[4].split(',').map(str::to_owned).collect())
+            (f.len() == 6 && !f[4].is_empty()).then(|| f[4].split(',').map(str::to_owned).collect())
         });
     let select = o.select.clone().or(token_select);
     let (items, seq, epoch) = {
@@ -638,10 +676,11 @@ async fn delta(
             None => None,
             Some("latest") => {
                 let token = encode_token(&format!(
-                    "d1|{}|{}|{resource}|{}",
+                    "d1|{}|{}|{resource}|{}|{}",
                     t.epoch,
                     t.seq(),
-                    select.as_deref().unwrap_or_default().join(",")
+                    select.as_deref().unwrap_or_default().join(","),
+                    encode_token(filter_text.as_deref().unwrap_or_default())
                 ));
                 let link = format!("{}{}?$deltatoken={token}", base(st, headers), uri.path());
                 return axum::Json(json!({"@odata.context": context(st, headers, uri, resource), "@odata.deltaLink": link, "value": []})).into_response();
@@ -650,7 +689,7 @@ async fn delta(
                 let parts = decode_token(tok);
                 let parsed = parts.as_deref().and_then(|p| {
                     let f: Vec<&str> = p.split('|').collect();
-                    (f.len() == 5 && f[0] == "d1" && f[3] == resource)
+                    (f.len() == 6 && f[0] == "d1" && f[3] == resource)
                         .then(|| (f[1].parse::<u64>().ok(), f[2].parse::<u64>().ok()))
                 });
                 match parsed {
@@ -681,7 +720,7 @@ async fn delta(
                     let Some(full) = full_json(&t, c, id) else {
                         continue;
                     };
-                    if o.filter.as_ref().is_some_and(|f| !f.matches(&full)) {
+                    if filter.as_ref().is_some_and(|f| !f.matches(&full)) {
                         continue;
                     }
                     if tracks_members {
@@ -710,8 +749,9 @@ async fn delta(
                 let mut order: Vec<String> = Vec::new();
                 let mut removed: BTreeSet<String> = BTreeSet::new();
                 let mut member_changes: BTreeMap<String, BTreeMap<Member, bool>> = BTreeMap::new();
-                let touch = |id: &str, order: &mut Vec<String>| {
-                    if !order.iter().any(|o| o == id) {
+                let mut seen: BTreeSet<String> = BTreeSet::new();
+                let mut touch = |id: &str, order: &mut Vec<String>| {
+                    if seen.insert(id.to_owned()) {
                         order.push(id.to_owned());
                     }
                 };
@@ -748,13 +788,20 @@ async fn delta(
                 }
                 for id in order {
                     if removed.contains(&id) || full_json(&t, c, &id).is_none() {
-                        items.push(json!({"id": id, "@removed": {"reason": "deleted"}}));
+                        // Users and service principals are soft-deleted (restorable): "changed"; groups here are
+                        // deleted for good: "deleted".
+                        let reason = if c == Collection::Groups {
+                            "deleted"
+                        } else {
+                            "changed"
+                        };
+                        items.push(json!({"id": id, "@removed": {"reason": reason}}));
                         continue;
                     }
                     let Some(full) = full_json(&t, c, &id) else {
                         continue;
                     };
-                    if o.filter.as_ref().is_some_and(|f| !f.matches(&full)) {
+                    if filter.as_ref().is_some_and(|f| !f.matches(&full)) {
                         continue;
                     }
                     let mut v = proj(&full);
@@ -770,9 +817,33 @@ async fn delta(
         (items, t.seq(), t.epoch)
     };
     let select = select.unwrap_or_default().join(",");
-    let delta_token = encode_token(&format!("d1|{epoch}|{seq}|{resource}|{select}"));
+    let delta_token = encode_token(&format!(
+        "d1|{epoch}|{seq}|{resource}|{select}|{}",
+        encode_token(filter_text.as_deref().unwrap_or_default())
+    ));
     let round_id = format!("r{}", st.unique());
-    lock(&st.rounds).insert(round_id.clone(), Round { items, delta_token });
+    {
+        let mut rounds = lock(&st.rounds);
+        rounds.retain(|_, r| r.used.elapsed() < ROUND_TTL);
+        while rounds.len() >= MAX_ROUNDS {
+            let oldest = rounds
+                .iter()
+                .min_by_key(|(_, r)| r.used)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => rounds.remove(&k),
+                None => break,
+            };
+        }
+        rounds.insert(
+            round_id.clone(),
+            Round {
+                items,
+                delta_token,
+                used: Instant::now(),
+            },
+        );
+    }
     delta_page(
         st,
         &round_id,
@@ -794,14 +865,15 @@ fn delta_page(
     size: usize,
 ) -> Response {
     let mut rounds = lock(&st.rounds);
-    let Some(round) = rounds.get(round_id) else {
+    let Some(round) = rounds.get_mut(round_id) else {
         return graph_error(
             StatusCode::GONE,
             "syncStateNotFound",
             "The delta round is no longer available; start a new round.",
         );
     };
-    let end = (offset + size.max(1)).min(round.items.len());
+    round.used = Instant::now();
+    let end = offset.saturating_add(size.max(1)).min(round.items.len());
     let page: Vec<Value> = round.items.get(offset..end).unwrap_or_default().to_vec();
     let resource = uri.path().rsplit('/').nth(1).unwrap_or_default().to_owned();
     let mut body = json!({"@odata.context": context(st, headers, uri, &resource), "value": page});
@@ -820,7 +892,6 @@ fn delta_page(
             uri.path(),
             round.delta_token
         ));
-        rounds.remove(round_id);
     }
     axum::Json(body).into_response()
 }

@@ -200,12 +200,33 @@ impl Parser {
     }
 }
 
+/// Deepest nesting of parentheses a filter may have.
+const MAX_DEPTH: usize = 32;
+/// Most tokens a filter may have.
+const MAX_TOKENS: usize = 400;
+
 /// Parses a `$filter` expression.
 pub fn parse_filter(s: &str) -> Result<Filter, String> {
-    let mut p = Parser {
-        toks: tokenize(s)?,
-        at: 0,
-    };
+    let toks = tokenize(s)?;
+    // The parser recurses once per parenthesis: bound it, so a hostile filter is a 400 and not a
+    // stack overflow.
+    let mut depth = 0usize;
+    for t in &toks {
+        match t {
+            Tok::Open => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(format!("the filter nests deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            Tok::Close => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if toks.len() > MAX_TOKENS {
+        return Err("the filter is too complex".into());
+    }
+    let mut p = Parser { toks, at: 0 };
     let f = p.expr()?;
     if p.at < p.toks.len() {
         return Err(format!("syntax error: unexpected {:?}", p.toks[p.at]));
@@ -300,7 +321,9 @@ mod tests {
         ] {
             assert_eq!(parse_filter(f).unwrap().matches(&o), want, "{f}");
         }
+        let deep = format!("{}id eq 'a'{}", "(".repeat(10_000), ")".repeat(10_000));
         for bad in [
+            deep.as_str(),
             "displayName eq 'unterminated",
             "displayName gt 'x'",
             "id eq",
