@@ -1,5 +1,7 @@
 //! idsync's connectors: sources under [`source`], targets under [`target`], one module each.
-//! Sources implement [`idsync_engine::Source`]; targets implement [`idsync_engine::Target`].
+//! Sources implement [`idsync_engine::Source`]; targets implement [`idsync_engine::Target`]; both
+//! talk HTTP through [`http`].
 
+pub mod http;
 pub mod source;
 pub mod target;

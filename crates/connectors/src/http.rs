@@ -1,0 +1,605 @@
+//! The HTTP client every connector uses: retries that honour `Retry-After`, a concurrency limit
+//! shared by all requests to one service that halves on a 429 and grows back with successes,
+//! jittered backoff for 5xx and dropped connections, a custom CA bundle, and errors that name the
+//! service's error code and request id and never carry a secret.
+
+use bytes::Bytes;
+use idsync_model::Secret;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// How to talk to one service.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// The service's name, for messages ("Microsoft Graph", "lakeFS").
+    pub service: String,
+    /// Extra CA certificates (PEM) to trust, besides the system's.
+    pub ca_bundle: Option<PathBuf>,
+    /// Per-request time limit.
+    pub timeout: Duration,
+    /// Requests in flight at most (`--worker-threads`); lowered on throttling, raised back after.
+    pub max_concurrency: usize,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// First backoff; doubled per attempt, with full jitter.
+    pub base_backoff: Duration,
+    /// Longest single wait, `Retry-After` included.
+    pub max_backoff: Duration,
+}
+
+impl HttpConfig {
+    /// Defaults for a service.
+    pub fn new(service: &str) -> Self {
+        HttpConfig {
+            service: service.to_owned(),
+            ca_bundle: None,
+            timeout: Duration::from_secs(60),
+            max_concurrency: 10,
+            max_attempts: 8,
+            base_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How a request authenticates.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// Nothing.
+    None,
+    /// `Authorization: Bearer ...`.
+    Bearer(Secret),
+    /// HTTP Basic.
+    Basic(String, Secret),
+}
+
+/// What kind of failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 401: credentials missing or wrong.
+    Unauthorized,
+    /// 403.
+    Forbidden,
+    /// 404.
+    NotFound,
+    /// 409.
+    Conflict,
+    /// 410 (an expired delta token, a vanished round).
+    Gone,
+    /// Other 4xx: the request was refused as invalid.
+    Invalid,
+    /// 501: the service does not implement this.
+    NotImplemented,
+    /// Still throttled after every retry.
+    Throttled,
+    /// 5xx or a network failure, after every retry.
+    Unavailable,
+    /// An answer that cannot be read (truncated, not JSON, an HTML page).
+    Protocol,
+}
+
+/// A failed request. Its message names the service, the request, the status, the service's
+/// error code and request id; never a credential.
+#[derive(Clone, Debug)]
+pub struct HttpError {
+    /// The category.
+    pub kind: ErrorKind,
+    /// HTTP status, if an answer came.
+    pub status: Option<u16>,
+    /// The service's error code (`Request_ResourceNotFound`, `syncStateNotFound`, ...).
+    pub code: Option<String>,
+    /// The service's request id, for its support.
+    pub request_id: Option<String>,
+    /// The whole message.
+    pub message: String,
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+/// A successful answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as JSON, or a protocol error that says what came instead.
+    pub fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        service: &str,
+        what: &str,
+    ) -> Result<T, HttpError> {
+        serde_json::from_slice(&self.body).map_err(|e| HttpError {
+            kind: ErrorKind::Protocol,
+            status: Some(self.status.as_u16()),
+            code: None,
+            request_id: request_id(&self.headers),
+            message: format!("{service}: the answer to {what} is not the JSON expected ({e}); it began with {:?}", preview(&self.body)),
+        })
+    }
+}
+
+/// The concurrency limit shared by all requests to one service: halved on a 429, raised by one
+/// after `limit` successes in a row; and a shared "not before" instant from `Retry-After`.
+#[derive(Debug)]
+struct Limiter {
+    sem: Semaphore,
+    state: Mutex<LimitState>,
+    max: usize,
+}
+
+#[derive(Debug)]
+struct LimitState {
+    limit: usize,
+    /// Permits to swallow as they come back (the limit shrank below what is in flight).
+    debt: usize,
+    streak: usize,
+    not_before: Option<Instant>,
+}
+
+impl Limiter {
+    fn new(max: usize) -> Self {
+        let max = max.max(1);
+        Limiter {
+            sem: Semaphore::new(max),
+            state: Mutex::new(LimitState {
+                limit: max,
+                debt: 0,
+                streak: 0,
+                not_before: None,
+            }),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LimitState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn throttled(&self, wait: Duration) {
+        let mut s = self.lock();
+        let until = Instant::now() + wait;
+        s.not_before = Some(s.not_before.map_or(until, |n| n.max(until)));
+        s.streak = 0;
+        let target = (s.limit / 2).max(1);
+        s.debt += s.limit - target;
+        s.limit = target;
+    }
+
+    fn succeeded(&self) {
+        let mut s = self.lock();
+        s.streak += 1;
+        if s.streak >= s.limit && s.limit < self.max {
+            s.streak = 0;
+            s.limit += 1;
+            if s.debt > 0 {
+                s.debt -= 1;
+            } else {
+                self.sem.add_permits(1);
+            }
+        }
+    }
+
+    /// Returns a permit, unless the limit shrank and it must be swallowed.
+    fn give_back(&self, permit: tokio::sync::SemaphorePermit<'_>) {
+        let mut s = self.lock();
+        if s.debt > 0 {
+            s.debt -= 1;
+            permit.forget();
+        }
+    }
+
+    fn current(&self) -> usize {
+        self.lock().limit
+    }
+
+    fn not_before(&self) -> Option<Instant> {
+        self.lock().not_before.filter(|t| *t > Instant::now())
+    }
+}
+
+/// An HTTP client for one service.
+#[derive(Debug)]
+pub struct Http {
+    client: reqwest::Client,
+    cfg: HttpConfig,
+    limiter: Limiter,
+    rng: Mutex<u64>,
+}
+
+fn request_id(h: &HeaderMap) -> Option<String> {
+    [
+        "request-id",
+        "x-ms-request-id",
+        "x-request-id",
+        "x-databricks-request-id",
+        "x-amz-request-id",
+    ]
+    .iter()
+    .find_map(|n| h.get(*n).and_then(|v| v.to_str().ok()).map(str::to_owned))
+}
+
+fn preview(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&b[..b.len().min(120)]).into_owned();
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The service's error code and message, from the error body shapes idsync meets: Graph
+/// (`{"error": {"code", "message"}}`), OAuth (`{"error", "error_description"}`), SCIM (`{"detail",
+/// "scimType"}`), lakeFS (`{"message"}`), Databricks (`{"error_code", "message"}`).
+fn service_error(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        let text = String::from_utf8_lossy(body);
+        if text.trim_start().starts_with('<') {
+            return (
+                None,
+                Some(
+                    "an HTML page instead of the API's answer (a proxy or gateway in the way?)"
+                        .into(),
+                ),
+            );
+        }
+        return (None, (!text.trim().is_empty()).then(|| preview(body)));
+    };
+    let s = |x: &serde_json::Value| x.as_str().map(str::to_owned);
+    if let Some(e) = v.get("error").filter(|e| e.is_object()) {
+        return (s(&e["code"]), s(&e["message"]));
+    }
+    if let Some(code) = s(&v["error"]) {
+        return (Some(code), s(&v["error_description"]));
+    }
+    if v.get("detail").is_some() {
+        return (s(&v["scimType"]), s(&v["detail"]));
+    }
+    (s(&v["error_code"]), s(&v["message"]))
+}
+
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+impl Http {
+    /// A client for a service. Fails only on an unreadable CA bundle.
+    pub fn new(cfg: HttpConfig) -> Result<Http, HttpError> {
+        // One crypto provider for the process (ring); installing twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut b = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .user_agent(concat!("idsync/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &cfg.ca_bundle {
+            let pem = std::fs::read(path).map_err(|e| HttpError {
+                kind: ErrorKind::Invalid,
+                status: None,
+                code: None,
+                request_id: None,
+                message: format!("cannot read the CA bundle {}: {e}", path.display()),
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| HttpError {
+                kind: ErrorKind::Invalid,
+                status: None,
+                code: None,
+                request_id: None,
+                message: format!(
+                    "the CA bundle {} is not PEM certificates: {e}",
+                    path.display()
+                ),
+            })?;
+            if certs.is_empty() {
+                return Err(HttpError {
+                    kind: ErrorKind::Invalid,
+                    status: None,
+                    code: None,
+                    request_id: None,
+                    message: format!("the CA bundle {} holds no PEM certificate", path.display()),
+                });
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let client = b.build().map_err(|e| HttpError {
+            kind: ErrorKind::Invalid,
+            status: None,
+            code: None,
+            request_id: None,
+            message: format!("cannot set up HTTPS for {}: {e}", cfg.service),
+        })?;
+        let seed = Instant::now().elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+        Ok(Http {
+            client,
+            limiter: Limiter::new(cfg.max_concurrency),
+            cfg,
+            rng: Mutex::new(seed | 1),
+        })
+    }
+
+    /// The current concurrency limit (lowered by throttling).
+    pub fn concurrency(&self) -> usize {
+        self.limiter.current()
+    }
+
+    fn jitter(&self, attempt: u32) -> Duration {
+        let cap = self
+            .cfg
+            .base_backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.cfg.max_backoff);
+        let mut r = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        *r ^= *r << 13;
+        *r ^= *r >> 7;
+        *r ^= *r << 17;
+        cap.mul_f64((*r % 1000) as f64 / 1000.0)
+    }
+
+    /// Sends a request and returns a 2xx answer, retrying what may be retried: 429 (after
+    /// `Retry-After`), 5xx, and failures to connect or to read the whole answer. A non-idempotent
+    /// request (`idempotent = false`, e.g. a create) is retried only when it surely did not reach
+    /// the service (connect errors) or the service said to (429).
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        auth: &Auth,
+        headers: &[(&str, &str)],
+        body: Option<(&str, Vec<u8>)>,
+        idempotent: bool,
+    ) -> Result<Answer, HttpError> {
+        let what = format!("{method} {}", url.split('?').next().unwrap_or(url));
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            if let Some(t) = self.limiter.not_before() {
+                tokio::time::sleep_until(t.into()).await;
+            }
+            let permit = self.limiter.sem.acquire().await.map_err(|_| {
+                self.fail(
+                    ErrorKind::Unavailable,
+                    None,
+                    &what,
+                    "the client is shutting down".into(),
+                    None,
+                    None,
+                )
+            })?;
+            let mut req = self.client.request(method.clone(), url);
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (HeaderName::try_from(*k), HeaderValue::try_from(*v)) {
+                    req = req.header(k, v);
+                }
+            }
+            req = match auth {
+                Auth::None => req,
+                Auth::Bearer(t) => req.bearer_auth(t.expose()),
+                Auth::Basic(u, p) => req.basic_auth(u, Some(p.expose())),
+            };
+            if let Some((ctype, bytes)) = &body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, *ctype)
+                    .body(bytes.clone());
+            }
+            let result = req.send().await;
+            let outcome = match result {
+                Err(e) => {
+                    let sent = !(e.is_connect() || e.is_builder());
+                    Err((ErrorKind::Unavailable, None, transport_message(e), sent))
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let h = resp.headers().clone();
+                    match resp.bytes().await {
+                        Ok(body) => Ok((status, h, body)),
+                        Err(e) => Err((
+                            ErrorKind::Protocol,
+                            Some(status),
+                            format!("the answer was cut off ({})", transport_message(e)),
+                            true,
+                        )),
+                    }
+                }
+            };
+            self.limiter.give_back(permit);
+            let last = attempt >= self.cfg.max_attempts;
+            match outcome {
+                Ok((status, h, body)) if status.is_success() => {
+                    self.limiter.succeeded();
+                    return Ok(Answer {
+                        status,
+                        headers: h,
+                        body,
+                    });
+                }
+                Ok((status, h, body)) if status == StatusCode::TOO_MANY_REQUESTS => {
+                    let wait = retry_after(&h)
+                        .unwrap_or_else(|| self.jitter(attempt))
+                        .min(self.cfg.max_backoff);
+                    self.limiter.throttled(wait);
+                    tracing::info!(service = %self.cfg.service, request = %what, wait_ms = wait.as_millis() as u64, "throttled");
+                    if last {
+                        let (code, msg) = service_error(&body);
+                        return Err(self.fail(
+                            ErrorKind::Throttled,
+                            Some(status),
+                            &what,
+                            msg.unwrap_or_default(),
+                            code,
+                            request_id(&h),
+                        ));
+                    }
+                }
+                Ok((status, h, body))
+                    if status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED =>
+                {
+                    let (code, msg) = service_error(&body);
+                    if last || !idempotent {
+                        return Err(self.fail(
+                            ErrorKind::Unavailable,
+                            Some(status),
+                            &what,
+                            msg.unwrap_or_default(),
+                            code,
+                            request_id(&h),
+                        ));
+                    }
+                    let wait = retry_after(&h)
+                        .unwrap_or_else(|| self.jitter(attempt))
+                        .min(self.cfg.max_backoff);
+                    tracing::info!(service = %self.cfg.service, request = %what, status = status.as_u16(), "server error; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Ok((status, h, body)) => {
+                    let (code, msg) = service_error(&body);
+                    let kind = match status.as_u16() {
+                        401 => ErrorKind::Unauthorized,
+                        403 => ErrorKind::Forbidden,
+                        404 => ErrorKind::NotFound,
+                        409 => ErrorKind::Conflict,
+                        410 => ErrorKind::Gone,
+                        501 => ErrorKind::NotImplemented,
+                        _ => ErrorKind::Invalid,
+                    };
+                    return Err(self.fail(
+                        kind,
+                        Some(status),
+                        &what,
+                        msg.unwrap_or_default(),
+                        code,
+                        request_id(&h),
+                    ));
+                }
+                Err((kind, status, msg, sent)) => {
+                    if last || (sent && !idempotent) {
+                        return Err(self.fail(kind, status, &what, msg, None, None));
+                    }
+                    tracing::info!(service = %self.cfg.service, request = %what, error = %msg, "retrying");
+                    tokio::time::sleep(self.jitter(attempt)).await;
+                }
+            }
+        }
+    }
+
+    fn fail(
+        &self,
+        kind: ErrorKind,
+        status: Option<StatusCode>,
+        what: &str,
+        detail: String,
+        code: Option<String>,
+        rid: Option<String>,
+    ) -> HttpError {
+        let mut m = format!("{}: {what}", self.cfg.service);
+        if let Some(s) = status {
+            m.push_str(&format!(" answered {}", s.as_u16()));
+        } else {
+            m.push_str(" failed");
+        }
+        if let Some(c) = &code {
+            m.push_str(&format!(" {c}"));
+        }
+        if !detail.is_empty() {
+            m.push_str(&format!(": {detail}"));
+        }
+        if let Some(r) = &rid {
+            m.push_str(&format!(" (request-id {r})"));
+        }
+        let hint = match kind {
+            ErrorKind::Unauthorized => {
+                " Check the credentials (and that they are for this tenant or account)."
+            }
+            ErrorKind::Throttled => {
+                " The service kept throttling; lower --worker-threads or run later."
+            }
+            ErrorKind::Unavailable => {
+                " The service or the network failed repeatedly; the next run retries what is left."
+            }
+            _ => "",
+        };
+        m.push_str(hint);
+        HttpError {
+            kind,
+            status: status.map(|s| s.as_u16()),
+            code,
+            request_id: rid,
+            message: m,
+        }
+    }
+}
+
+/// A transport error's message without the URL (which may hold a token in its query).
+fn transport_message(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut m = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        m.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_of_every_service_are_read() {
+        let g = br#"{"error":{"code":"Request_ResourceNotFound","message":"gone"}}"#;
+        assert_eq!(
+            service_error(g),
+            (Some("Request_ResourceNotFound".into()), Some("gone".into()))
+        );
+        let o = br#"{"error":"invalid_client","error_description":"AADSTS7000215: bad"}"#;
+        assert_eq!(service_error(o).0.as_deref(), Some("invalid_client"));
+        let scim = br#"{"detail":"exists","scimType":"uniqueness","status":"409"}"#;
+        assert_eq!(
+            service_error(scim),
+            (Some("uniqueness".into()), Some("exists".into()))
+        );
+        assert_eq!(
+            service_error(br#"{"message":"user not found"}"#)
+                .1
+                .as_deref(),
+            Some("user not found")
+        );
+        assert!(
+            service_error(b"<html><body>502</body></html>")
+                .1
+                .unwrap()
+                .contains("HTML page")
+        );
+    }
+
+    #[test]
+    fn the_limit_halves_on_throttling_and_grows_back() {
+        let l = Limiter::new(8);
+        l.throttled(Duration::from_millis(1));
+        assert_eq!(l.current(), 4);
+        l.throttled(Duration::from_millis(1));
+        l.throttled(Duration::from_millis(1));
+        l.throttled(Duration::from_millis(1));
+        assert_eq!(l.current(), 1, "never below one");
+        for _ in 0..1 {
+            l.succeeded();
+        }
+        assert_eq!(l.current(), 2);
+    }
+}

@@ -1,0 +1,224 @@
+//! The shared HTTP client against the emulators' fault injection and throttling, on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use idsync_connectors::http::{Auth, ErrorKind, Http, HttpConfig};
+use idsync_emulators::infra::{Faults, ThrottleConfig};
+use idsync_emulators::tenant::Tenant;
+use idsync_emulators::{Graph, Tls};
+use idsync_model::Secret;
+use reqwest::Method;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn cfg() -> HttpConfig {
+    HttpConfig {
+        base_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_secs(2),
+        ..HttpConfig::new("Microsoft Graph")
+    }
+}
+
+async fn graph() -> (Graph, Auth) {
+    let g = Graph::start(Tenant::new(idsync_emulators::generator::generate(
+        &Default::default(),
+    )))
+    .await
+    .unwrap();
+    let (tok, _) = g.state.issue_token(idsync_emulators::graph::GRAPH_AUDIENCE);
+    (g, Auth::Bearer(Secret::new(tok)))
+}
+
+fn requests(g: &Graph, key: &str) -> u64 {
+    g.state
+        .infra
+        .accounting
+        .snapshot()
+        .get(key)
+        .copied()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_429_storm_converges_and_lowers_the_shared_limit() {
+    let (g, auth) = graph().await;
+    g.state.infra.set_throttle(Some(ThrottleConfig {
+        capacity: 2.0,
+        per_second: 40.0,
+    }));
+    let http = Arc::new(
+        Http::new(HttpConfig {
+            max_concurrency: 8,
+            ..cfg()
+        })
+        .unwrap(),
+    );
+    let url = format!("{}/users?$top=5&$select=id", g.graph_url());
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (http, url, auth) = (http.clone(), url.clone(), auth.clone());
+        tasks.push(tokio::spawn(async move {
+            http.send(Method::GET, &url, &auth, &[], None, true).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("every request gets through");
+    }
+    assert!(
+        requests(&g, "GET /v1.0/users") > 16,
+        "some were throttled and retried"
+    );
+    assert!(
+        http.concurrency() < 8,
+        "the shared limit came down: {}",
+        http.concurrency()
+    );
+}
+
+#[tokio::test]
+async fn server_errors_and_cut_off_answers_are_retried_for_reads_only() {
+    let (g, auth) = graph().await;
+    let http = Http::new(cfg()).unwrap();
+    let url = format!("{}/users?$top=2&$select=id", g.graph_url());
+    g.state.infra.set_faults(Faults {
+        error_rate: 0.3,
+        truncate_rate: 0.2,
+        reset_rate: 0.1,
+        ..Faults::default()
+    });
+    for _ in 0..20 {
+        let a = http
+            .send(Method::GET, &url, &auth, &[], None, true)
+            .await
+            .unwrap();
+        let v: serde_json::Value = a.json("Microsoft Graph", "a page").unwrap();
+        assert_eq!(v["value"].as_array().unwrap().len(), 2);
+    }
+    assert!(requests(&g, "GET /v1.0/users") > 20);
+    // A POST that reached the service and failed is not repeated (it might have happened).
+    g.state.infra.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    });
+    g.state.infra.accounting.reset();
+    let batch = format!("{}/$batch", g.graph_url());
+    let e = http
+        .send(
+            Method::POST,
+            &batch,
+            &auth,
+            &[],
+            Some(("application/json", b"{\"requests\":[]}".to_vec())),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable);
+    assert_eq!(requests(&g, "POST /v1.0/$batch"), 1);
+}
+
+#[tokio::test]
+async fn errors_name_the_code_and_request_id_and_never_the_token() {
+    let (g, _) = graph().await;
+    let http = Http::new(cfg()).unwrap();
+    let secret = "eyJ0eXAiOiJKV1QiLCJ-very-secret-token";
+    let e = http
+        .send(
+            Method::GET,
+            &format!("{}/users", g.graph_url()),
+            &Auth::Bearer(Secret::new(secret)),
+            &[],
+            None,
+            true,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unauthorized);
+    assert_eq!(e.code.as_deref(), Some("InvalidAuthenticationToken"));
+    assert!(e.request_id.is_some());
+    assert!(
+        e.message.contains("Microsoft Graph: GET") && e.message.contains("answered 401"),
+        "{}",
+        e.message
+    );
+    assert!(!e.message.contains(secret), "{}", e.message);
+
+    let (g, auth) = graph().await;
+    g.state.infra.set_faults(Faults {
+        html_rate: 1.0,
+        ..Faults::default()
+    });
+    let e = Http::new(HttpConfig {
+        max_attempts: 2,
+        ..cfg()
+    })
+    .unwrap()
+    .send(
+        Method::GET,
+        &format!("{}/users", g.graph_url()),
+        &auth,
+        &[],
+        None,
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable);
+    assert!(e.message.contains("HTML page"), "{}", e.message);
+
+    // Nothing listening: a clear error, after the attempts, not a hang.
+    let closed = format!("http://127.0.0.1:{}/v1.0/users", g.server.addr.port());
+    drop(g);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e = Http::new(HttpConfig {
+        max_attempts: 3,
+        ..cfg()
+    })
+    .unwrap()
+    .send(Method::GET, &closed, &auth, &[], None, true)
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable);
+}
+
+#[tokio::test]
+async fn a_custom_ca_bundle_is_trusted_and_nothing_else_is() {
+    let tls = Tls::generate().unwrap();
+    let g = Graph::start_with(Tenant::new(Default::default()), 0, Some(&tls))
+        .await
+        .unwrap();
+    let (tok, _) = g.state.issue_token(idsync_emulators::graph::GRAPH_AUDIENCE);
+    let auth = Auth::Bearer(Secret::new(tok));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &tls.cert_pem).unwrap();
+    let url = format!("{}/users", g.graph_url());
+    assert!(url.starts_with("https://127.0.0.1:"));
+    let trusted = Http::new(HttpConfig {
+        ca_bundle: Some(ca),
+        ..cfg()
+    })
+    .unwrap();
+    trusted
+        .send(Method::GET, &url, &auth, &[], None, true)
+        .await
+        .unwrap();
+    let untrusted = Http::new(HttpConfig {
+        max_attempts: 1,
+        ..cfg()
+    })
+    .unwrap();
+    let e = untrusted
+        .send(Method::GET, &url, &auth, &[], None, true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable, "{}", e.message);
+    let bad = dir.path().join("bad.pem");
+    std::fs::write(&bad, "not a certificate").unwrap();
+    assert!(
+        Http::new(HttpConfig {
+            ca_bundle: Some(bad),
+            ..cfg()
+        })
+        .is_err()
+    );
+}
