@@ -11,8 +11,10 @@ mod run;
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
 use config::{Config, Env, SourceConfig, TargetConfig};
+use idsync_connectors::http::HttpConfig;
 use idsync_connectors::source::file::FileSource;
 use idsync_connectors::target::file::FileTarget;
+use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_engine::{Source, Target};
 use idsync_model::Kind;
 use idsync_state::{LocalStore, StateStore};
@@ -256,8 +258,30 @@ fn build_source(cfg: &Config) -> Result<Box<dyn Source>> {
 }
 
 /// Registered targets: one line per kind.
-fn build_target(t: &TargetConfig) -> Result<(Box<dyn Target>, String)> {
+fn build_target(t: &TargetConfig, workers: usize) -> Result<(Box<dyn Target>, String)> {
     match t {
+        TargetConfig::Lakefs {
+            endpoint,
+            access_key_id,
+            secret_access_key,
+            ca_bundle,
+        } => {
+            let http = HttpConfig {
+                max_concurrency: workers,
+                ca_bundle: ca_bundle.clone(),
+                ..HttpConfig::new("lakeFS")
+            };
+            let cfg = LakefsConfig {
+                endpoint: endpoint.clone(),
+                access_key_id: access_key_id.clone(),
+                secret_access_key: secret_access_key.clone(),
+                http,
+            };
+            Ok((
+                Box::new(LakefsTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
+                format!("lakeFS {endpoint}"),
+            ))
+        }
         TargetConfig::File { path, profile } => Ok((
             Box::new(FileTarget::open(path, *profile)?),
             format!("file {} ({profile:?} profile)", path.display()),
@@ -350,7 +374,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         .iter()
         .filter(|a| args.targets.is_empty() || args.targets.contains(&a.name))
     {
-        let (target, describe) = build_target(&a.target)?;
+        let (target, describe) = build_target(&a.target, opts.workers)?;
         let agreement = Agreement {
             name: &a.name,
             target: target.as_ref(),
@@ -425,7 +449,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             .ok_or_else(|| {
                 anyhow!("the plan is for target {name:?}, which the configuration does not have")
             })?;
-        let (target, describe) = build_target(&a.target)?;
+        let (target, describe) = build_target(&a.target, opts.workers)?;
         let agreement = Agreement {
             name,
             target: target.as_ref(),

@@ -487,3 +487,45 @@ fn a_halted_saved_plan_says_to_plan_again_with_the_approval() {
         text(&o)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_a_directory_into_the_lakefs_emulator() {
+    use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    let l = idsync_emulators::Lakefs::start_on(0).await.unwrap();
+    let extra = format!(
+        "\n[targets.lake]\nkind = \"lakefs\"\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\n\n[targets.lake.mapping]\nuser_name = \"waad|{{id}}\"\n",
+        l.server.base_url
+    );
+    let s = Sandbox::new(&extra);
+    let (s, first, second) = tokio::task::spawn_blocking(move || {
+        let env = [("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)];
+        let first = s.run_env(&["sync", "--target", "lake"], &env);
+        let second = s.run_env(&["plan", "--target", "lake"], &env);
+        (s, first, second)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&first), 0, "{}", text(&first));
+    assert!(
+        text(&first).contains("→ lakeFS http://127.0.0.1:"),
+        "{}",
+        text(&first)
+    );
+    assert_eq!(code(&second), 0, "in sync: {}", text(&second));
+    let d = l.state.data();
+    assert!(
+        d.users.contains_key("waad|u3"),
+        "{:?}",
+        d.users.keys().collect::<Vec<_>>()
+    );
+    let g = d
+        .groups
+        .values()
+        .find(|g| g.name == "Data \"Eng\"")
+        .unwrap();
+    // Flattened: alice, bob, and kevin through the nested Platform group; no service principal.
+    assert_eq!(g.members.len(), 3, "{:?}", g.members);
+    assert_eq!(g.policies.len(), 2, "the default policies");
+    assert!(!text(&first).contains(SECRET_ACCESS_KEY));
+    drop(s);
+}

@@ -1,3 +1,4 @@
 //! Targets.
 
 pub mod file;
+pub mod lakefs;

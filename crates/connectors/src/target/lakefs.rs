@@ -1,0 +1,354 @@
+//! The lakeFS auth API (`/api/v1/auth`) as a target: users, groups, memberships and group policies,
+//! as lakeFS Cloud and Enterprise serve them. lakeFS groups hold only users (nested groups are
+//! flattened by the engine); users and groups cannot be renamed; users have no attributes idsync can
+//! set through the API, so only their existence and memberships are managed. Default policies are
+//! attached to the groups idsync creates (`LAKEFS_DEFAULT_POLICIES`).
+
+use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError};
+use async_trait::async_trait;
+use futures::StreamExt;
+use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
+use idsync_model::{
+    Capabilities, Kind, MemberIds, Observed, ObservedPrincipal, Op, PRef, Principal, Secret,
+};
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::BTreeSet;
+
+/// Where and how to reach lakeFS.
+#[derive(Clone, Debug)]
+pub struct LakefsConfig {
+    /// The lakeFS URL (`https://org.region.lakefscloud.io`); `/api/v1` is added when missing.
+    pub endpoint: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: Secret,
+    /// HTTP settings.
+    pub http: HttpConfig,
+}
+
+/// The lakeFS target.
+#[derive(Debug)]
+pub struct LakefsTarget {
+    http: Http,
+    base: String,
+    auth: Auth,
+    workers: usize,
+}
+
+#[derive(Deserialize)]
+struct Pagination {
+    has_more: bool,
+    next_offset: String,
+}
+
+#[derive(Deserialize)]
+struct Page<T> {
+    pagination: Pagination,
+    results: Vec<T>,
+}
+
+#[derive(Deserialize)]
+struct LUser {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct LGroup {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LPolicy {
+    id: String,
+}
+
+/// Percent-encodes one path segment (user ids like `waad|...` or LDAP DNs).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn target_error(e: HttpError) -> TargetError {
+    let (kind, hint) = match e.kind {
+        ErrorKind::Unauthorized => (
+            TargetErrorKind::Unauthorized,
+            " lakeFS rejected the access key pair: check LAKEFS_ACCESS_KEY_ID and LAKEFS_SECRET_ACCESS_KEY, and that this user may manage auth (AuthFullAccess or the auth:* actions).",
+        ),
+        ErrorKind::NotImplemented => (
+            TargetErrorKind::NotImplemented,
+            " This lakeFS has no RBAC: open-source lakeFS answers 501 for groups and policies. Groups need lakeFS Cloud or Enterprise.",
+        ),
+        ErrorKind::NotFound => (TargetErrorKind::NotFound, ""),
+        ErrorKind::Conflict => (TargetErrorKind::AlreadyExists, ""),
+        ErrorKind::Forbidden => (TargetErrorKind::Forbidden, ""),
+        ErrorKind::Throttled => (TargetErrorKind::Throttled, ""),
+        ErrorKind::Unavailable => (TargetErrorKind::Unavailable, ""),
+        ErrorKind::Protocol => (TargetErrorKind::Protocol, ""),
+        ErrorKind::Invalid | ErrorKind::Gone => (TargetErrorKind::Invalid, ""),
+    };
+    TargetError::new(kind, format!("{}{hint}", e.message))
+}
+
+fn id_of(r: &PRef) -> Result<&str, TargetError> {
+    r.id.as_deref()
+        .ok_or_else(|| TargetError::new(TargetErrorKind::Invalid, format!("{r} has no lakeFS id")))
+}
+
+impl LakefsTarget {
+    /// A target for this lakeFS.
+    pub fn new(cfg: LakefsConfig) -> Result<Self, TargetError> {
+        let workers = cfg.http.max_concurrency.max(1);
+        let http = Http::new(cfg.http).map_err(target_error)?;
+        let root = cfg.endpoint.trim_end_matches('/');
+        let base = if root.ends_with("/api/v1") {
+            root.to_owned()
+        } else {
+            format!("{root}/api/v1")
+        };
+        Ok(LakefsTarget {
+            http,
+            base,
+            auth: Auth::Basic(cfg.access_key_id, cfg.secret_access_key),
+            workers,
+        })
+    }
+
+    async fn get_all<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+    ) -> Result<Vec<T>, TargetError> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let url = format!("{}{path}?amount=1000&after={}", self.base, seg(&after));
+            let a = self
+                .http
+                .send(Method::GET, &url, &self.auth, &[], None, true)
+                .await
+                .map_err(target_error)?;
+            let page: Page<T> = a.json("lakeFS", what).map_err(target_error)?;
+            out.extend(page.results);
+            if !page.pagination.has_more
+                || page.pagination.next_offset.is_empty()
+                || page.pagination.next_offset == after
+            {
+                return Ok(out);
+            }
+            after = page.pagination.next_offset;
+        }
+    }
+
+    async fn group_details(&self, id: String) -> Result<(Vec<LUser>, Vec<LPolicy>), TargetError> {
+        let p = seg(&id);
+        let members = self
+            .get_all::<LUser>(
+                &format!("/auth/groups/{p}/members"),
+                "listing group members",
+            )
+            .await?;
+        let policies = self
+            .get_all::<LPolicy>(
+                &format!("/auth/groups/{p}/policies"),
+                "listing group policies",
+            )
+            .await?;
+        Ok((members, policies))
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        idempotent: bool,
+    ) -> Result<crate::http::Answer, TargetError> {
+        let url = format!("{}{path}", self.base);
+        let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
+        self.http
+            .send(method, &url, &self.auth, &[], body, idempotent)
+            .await
+            .map_err(target_error)
+    }
+}
+
+#[async_trait]
+impl Target for LakefsTarget {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            nested_groups: false,
+            service_principals: false,
+            service_principal_members: false,
+            renamable: BTreeSet::new(),
+            deactivate: false,
+            case_insensitive_keys: false,
+            attributes: BTreeSet::new(),
+            group_policies: true,
+            max_members_per_write: 1,
+        }
+    }
+
+    async fn observe(&self) -> Result<Observed, TargetError> {
+        let mut o = Observed::default();
+        for u in self
+            .get_all::<LUser>("/auth/users", "listing users")
+            .await?
+        {
+            o.insert(ObservedPrincipal {
+                id: u.id.clone(),
+                principal: Principal::new(Kind::User, u.id),
+                policies: BTreeSet::new(),
+            });
+        }
+        let groups = self
+            .get_all::<LGroup>("/auth/groups", "listing groups")
+            .await?;
+        // Members and policies of every group, a few groups at a time.
+        let ids: Vec<String> = groups.iter().map(|g| g.id.clone()).collect();
+        let details = futures::stream::iter(ids.into_iter().map(|id| self.group_details(id)))
+            .buffered(self.workers)
+            .collect::<Vec<_>>()
+            .await;
+        for (g, d) in groups.into_iter().zip(details) {
+            let (members, policies) = d?;
+            let mut p = Principal::new(Kind::Group, g.name.clone().unwrap_or_else(|| g.id.clone()));
+            p.description = g.description;
+            o.members.insert(
+                g.id.clone(),
+                members
+                    .into_iter()
+                    .map(|m| (Kind::User, m.id))
+                    .collect::<MemberIds>(),
+            );
+            o.insert(ObservedPrincipal {
+                id: g.id,
+                principal: p,
+                policies: policies.into_iter().map(|p| p.id).collect(),
+            });
+        }
+        Ok(o)
+    }
+
+    async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {
+        match op {
+            Op::Create { principal, .. } => match principal.kind {
+                Kind::User => {
+                    self.call(
+                        Method::POST,
+                        "/auth/users",
+                        Some(json!({"id": principal.key})),
+                        false,
+                    )
+                    .await?;
+                    Ok(Outcome::Created(principal.key.clone()))
+                }
+                Kind::Group => {
+                    let body = json!({"id": principal.key, "description": principal.description});
+                    let a = self
+                        .call(Method::POST, "/auth/groups", Some(body), false)
+                        .await?;
+                    let g: LGroup = a.json("lakeFS", "creating a group").map_err(target_error)?;
+                    Ok(Outcome::Created(g.id))
+                }
+                Kind::ServicePrincipal => Err(TargetError::new(
+                    TargetErrorKind::Invalid,
+                    "lakeFS has no service principals",
+                )),
+            },
+            Op::Delete { target, .. } => {
+                let path = match target.kind {
+                    Kind::User => format!("/auth/users/{}", seg(id_of(target)?)),
+                    Kind::Group => format!("/auth/groups/{}", seg(id_of(target)?)),
+                    Kind::ServicePrincipal => return Ok(Outcome::Done),
+                };
+                match self.call(Method::DELETE, &path, None, true).await {
+                    Err(e) if e.kind == TargetErrorKind::NotFound => Ok(Outcome::Done),
+                    other => other.map(|_| Outcome::Done),
+                }
+            }
+            Op::AddMembers { group, members } => {
+                let g = seg(id_of(group)?);
+                for m in members {
+                    self.call(
+                        Method::PUT,
+                        &format!("/auth/groups/{g}/members/{}", seg(id_of(m)?)),
+                        None,
+                        true,
+                    )
+                    .await?;
+                }
+                Ok(Outcome::Done)
+            }
+            Op::RemoveMembers { group, members } => {
+                let g = seg(id_of(group)?);
+                for m in members {
+                    // Removing a member that is already gone is not an error.
+                    match self
+                        .call(
+                            Method::DELETE,
+                            &format!("/auth/groups/{g}/members/{}", seg(id_of(m)?)),
+                            None,
+                            true,
+                        )
+                        .await
+                    {
+                        Err(e) if e.kind != TargetErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+                Ok(Outcome::Done)
+            }
+            Op::AttachPolicies { group, policies } => {
+                let g = seg(id_of(group)?);
+                for p in policies {
+                    self.call(
+                        Method::PUT,
+                        &format!("/auth/groups/{g}/policies/{}", seg(p)),
+                        None,
+                        true,
+                    )
+                    .await?;
+                }
+                Ok(Outcome::Done)
+            }
+            Op::Update { target, .. } => Err(TargetError::new(
+                TargetErrorKind::Invalid,
+                format!("lakeFS cannot change {target}: its API has no update for users or groups"),
+            )),
+            Op::Deactivate { target } => Err(TargetError::new(
+                TargetErrorKind::Invalid,
+                format!("lakeFS cannot deactivate {target}; use deprovision = \"delete\""),
+            )),
+            Op::Adopt { .. } | Op::Forget { .. } => Ok(Outcome::Done),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seg;
+
+    #[test]
+    fn path_segments_are_encoded() {
+        assert_eq!(seg("waad|0b6f"), "waad%7C0b6f");
+        assert_eq!(
+            seg("uid=jane,ou=people,dc=corp"),
+            "uid%3Djane%2Cou%3Dpeople%2Cdc%3Dcorp"
+        );
+        assert_eq!(seg("Équipe Data"), "%C3%89quipe%20Data");
+    }
+}

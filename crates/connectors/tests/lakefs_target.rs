@@ -1,0 +1,171 @@
+//! The lakeFS target against the lakeFS emulator, driven by the real engine: a first sync, a second
+//! run that writes nothing, a 429 storm, a failed half then a re-run, and the 401 / 501 messages.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use idsync_connectors::http::HttpConfig;
+use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
+use idsync_emulators::Lakefs;
+use idsync_emulators::infra::{Faults, ThrottleConfig};
+use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
+use idsync_engine::{Mapping, Policy, Target, TargetErrorKind, map_snapshot, plan};
+use idsync_model::{AgreementState, Directory, Plan, PlanFile, ReadMode, Secret, Snapshot};
+use std::time::Duration;
+
+fn directory() -> Snapshot {
+    let d: Directory =
+        serde_json::from_str(include_str!("../../cli/src/demo/directory.json")).unwrap();
+    let mut s: Snapshot = d.try_into().unwrap();
+    s.groups.retain(|_, g| g.display_name != "OTHER_TEAM");
+    s.users
+        .retain(|_, u| u.user_name != "olga@company.com" && u.user_name != "frank@company.com");
+    s
+}
+
+fn target(l: &Lakefs, secret: &str) -> LakefsTarget {
+    LakefsTarget::new(LakefsConfig {
+        endpoint: l.server.base_url.clone(),
+        access_key_id: ACCESS_KEY_ID.into(),
+        secret_access_key: Secret::new(secret),
+        http: HttpConfig {
+            base_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_secs(2),
+            ..HttpConfig::new("lakeFS")
+        },
+    })
+    .unwrap()
+}
+
+fn mapping() -> Mapping {
+    let mut m = Mapping::defaults();
+    m.user_name = Mapping::user_template("waad|{id}").unwrap();
+    m.guest_user_name = None;
+    m.group_policies = [
+        "AuthManageOwnCredentials".to_string(),
+        "FSReadAll".to_string(),
+    ]
+    .into();
+    m
+}
+
+async fn sync(t: &LakefsTarget, s: &Snapshot, st: &mut AgreementState) -> (Plan, ApplyReport) {
+    let caps = t.capabilities();
+    let desired = map_snapshot(s, &mapping(), &caps);
+    let observed = t.observe().await.unwrap();
+    let p = plan(
+        &desired,
+        &observed,
+        st,
+        &Policy::default(),
+        &caps,
+        ReadMode::Full,
+    );
+    assert!(p.halt.is_none(), "{:?}", p.halt);
+    apply::begin(&p, &caps, st);
+    let r = idsync_engine::apply(
+        &p,
+        t,
+        st,
+        &ApplyOptions {
+            workers: 4,
+            ..ApplyOptions::default()
+        },
+    )
+    .await;
+    let file = PlanFile {
+        plan: p.clone(),
+        snapshot: s.clone(),
+        cursors: Default::default(),
+    };
+    apply::finish(&file, &r, &caps, st, true);
+    st.version += 1;
+    (p, r)
+}
+
+fn writes(l: &Lakefs) -> u64 {
+    l.state
+        .infra
+        .accounting
+        .snapshot()
+        .iter()
+        .filter(|(k, _)| !k.starts_with("GET "))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test]
+async fn syncs_flattens_attaches_policies_and_then_writes_nothing() {
+    let l = Lakefs::start_on(0).await.unwrap();
+    let t = target(&l, SECRET_ACCESS_KEY);
+    let mut st = AgreementState::new("lakefs");
+    let (p, r) = sync(&t, &directory(), &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    assert_eq!(p.summary.ops["create user"], 7);
+    assert_eq!(p.summary.ops["create group"], 4);
+    let zeta = l.state.group_by_name("TEAM_ZETA").unwrap();
+    // TEAM_ETA (alice, kevin) is nested in TEAM_ZETA (erin): flattened.
+    let mut members: Vec<&str> = zeta.members.iter().map(String::as_str).collect();
+    members.sort();
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(members.iter().all(|m| m.starts_with("waad|")));
+    assert_eq!(zeta.policies.len(), 2);
+    let before = writes(&l);
+    let (p, r) = sync(&t, &directory(), &mut st).await;
+    assert!(p.ops.is_empty(), "{:?}", p.ops);
+    assert_eq!(r.writes, 0);
+    assert_eq!(writes(&l), before, "a second run writes nothing");
+}
+
+#[tokio::test]
+async fn a_429_storm_and_a_failed_half_converge_without_duplicates() {
+    let l = Lakefs::start_on(0).await.unwrap();
+    let t = target(&l, SECRET_ACCESS_KEY);
+    let mut st = AgreementState::new("lakefs");
+    // Every membership write fails: users and groups are made, memberships are not.
+    l.state.infra.set_faults(Faults {
+        error_rate: 1.0,
+        path_contains: "/members/".into(),
+        ..Faults::default()
+    });
+    let (_, r) = sync(&t, &directory(), &mut st).await;
+    assert!(!r.is_success());
+    assert!(!r.failed.is_empty());
+    l.state.infra.set_faults(Faults::default());
+    // A throttled re-run finishes the job and duplicates nothing.
+    l.state.infra.set_throttle(Some(ThrottleConfig {
+        capacity: 3.0,
+        per_second: 200.0,
+    }));
+    let (p, r) = sync(&t, &directory(), &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    assert!(
+        !p.summary.ops.keys().any(|k| k.starts_with("create")),
+        "{:?}",
+        p.summary.ops
+    );
+    l.state.infra.set_throttle(None);
+    {
+        let d = l.state.data();
+        assert_eq!(d.users.len(), 8, "admin + 7, no duplicate");
+        assert_eq!(d.groups.len(), 4);
+    }
+    let (p, _) = sync(&t, &directory(), &mut st).await;
+    assert!(p.ops.is_empty());
+}
+
+#[tokio::test]
+async fn wrong_keys_and_open_source_lakefs_say_what_to_do() {
+    let l = Lakefs::start_on(0).await.unwrap();
+    let e = target(&l, "wrong").observe().await.unwrap_err();
+    assert_eq!(e.kind, TargetErrorKind::Unauthorized);
+    assert!(
+        e.message.contains("LAKEFS_SECRET_ACCESS_KEY"),
+        "{}",
+        e.message
+    );
+    assert!(!e.message.contains("wrong"), "{}", e.message);
+    l.state.set_rbac(false);
+    let e = target(&l, SECRET_ACCESS_KEY).observe().await.unwrap_err();
+    assert_eq!(e.kind, TargetErrorKind::NotImplemented);
+    assert!(e.message.contains("no RBAC"), "{}", e.message);
+}
