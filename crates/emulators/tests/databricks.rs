@@ -33,7 +33,7 @@ impl T {
 async fn t() -> T {
     T {
         d: Databricks::start_on(0, None).await.unwrap(),
-        http: reqwest::Client::new(),
+        http: client(),
         token: TOKEN.into(),
     }
 }
@@ -433,4 +433,11 @@ async fn bad_bodies_filters_and_put_are_scim_errors() {
         )
         .await;
     assert_eq!(r["active"], false);
+}
+
+/// A client for the tests. The workspace builds reqwest without a default TLS crypto provider
+/// (the connectors install ring's), so install it here too, as idsync does.
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }

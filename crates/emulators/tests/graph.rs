@@ -41,7 +41,7 @@ struct T {
 impl T {
     async fn new() -> T {
         let g = Graph::start(Tenant::new(fixture())).await.unwrap();
-        let http = reqwest::Client::new();
+        let http = client();
         let token = token(
             &http,
             &g.token_url(),
@@ -856,4 +856,11 @@ async fn hostile_queries_are_rejected_not_fatal() {
 
 fn odata_skip(offset: u64) -> String {
     idsync_emulators::graph::odata::encode_token(&format!("r1|{offset}"))
+}
+
+/// A client for the tests. The workspace builds reqwest without a default TLS crypto provider
+/// (the connectors install ring's), so install it here too, as idsync does.
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }

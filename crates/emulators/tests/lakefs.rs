@@ -15,7 +15,7 @@ impl T {
     async fn new() -> T {
         T {
             l: Lakefs::start_on(0).await.unwrap(),
-            http: reqwest::Client::new(),
+            http: client(),
         }
     }
 
@@ -253,4 +253,11 @@ async fn wrong_keys_are_401_and_open_source_lakefs_is_501() {
     );
     let counts = t.l.state.infra.accounting.snapshot();
     assert_eq!(counts["GET /api/v1/auth/users"], 2);
+}
+
+/// A client for the tests. The workspace builds reqwest without a default TLS crypto provider
+/// (the connectors install ring's), so install it here too, as idsync does.
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
