@@ -161,6 +161,9 @@ struct RawTarget {
     token: Option<Secret>,
     // lakefs, databricks, scim
     ca_bundle: Option<String>,
+    // databricks (OAuth M2M)
+    client_id: Option<String>,
+    client_secret: Option<Secret>,
     // scim
     url: Option<String>,
     mapping: Option<RawMapping>,
@@ -230,8 +233,12 @@ pub enum TargetConfig {
         host: String,
         /// Account id.
         account_id: String,
-        /// Token, when not using Entra or OAuth credentials.
+        /// A token (PAT or SCIM provisioning token).
         token: Option<Secret>,
+        /// OAuth M2M client id and secret, when no token is given.
+        oauth: Option<(String, Secret)>,
+        /// Extra CA certificates (PEM).
+        ca_bundle: Option<PathBuf>,
     },
     /// A SCIM 2.0 service provider.
     Scim {
@@ -289,7 +296,7 @@ pub struct Config {
 /// Source kinds this build can run.
 pub const SOURCE_KINDS: &[&str] = &["file"];
 /// Target kinds this build can run.
-pub const TARGET_KINDS: &[&str] = &["file", "lakefs"];
+pub const TARGET_KINDS: &[&str] = &["file", "lakefs", "databricks"];
 /// Kinds the configuration understands whose connectors are not in this build yet.
 const PLANNED_KINDS: &[&str] = &["entra", "ldap", "lakefs", "databricks", "scim", "kanidm"];
 
@@ -323,6 +330,8 @@ const ENV_NAMES: &[&str] = &[
     "DATABRICKS_HOST",
     "DATABRICKS_ACCOUNT_ID",
     "DATABRICKS_TOKEN",
+    "DATABRICKS_CLIENT_ID",
+    "DATABRICKS_CLIENT_SECRET",
 ];
 
 impl Env {
@@ -891,6 +900,12 @@ impl Validator<'_> {
                     if let Some((_, v)) = env.first(&["DATABRICKS_TOKEN"]) {
                         t.token = Some(Secret::new(v));
                     }
+                    if let Some((_, v)) = env.first(&["DATABRICKS_CLIENT_ID"]) {
+                        t.client_id = Some(v.to_owned());
+                    }
+                    if let Some((_, v)) = env.first(&["DATABRICKS_CLIENT_SECRET"]) {
+                        t.client_secret = Some(Secret::new(v));
+                    }
                 }
                 _ => {}
             }
@@ -1046,6 +1061,8 @@ impl Validator<'_> {
                 ("token", t.token.is_some()),
                 ("url", t.url.is_some()),
                 ("ca_bundle", t.ca_bundle.is_some()),
+                ("client_id", t.client_id.is_some()),
+                ("client_secret", t.client_secret.is_some()),
             ];
             let common = ["kind", "mapping", "policy"];
             let mut tmapping = t.mapping.as_ref().map_or_else(
@@ -1151,7 +1168,18 @@ impl Validator<'_> {
                         &prefix,
                         "databricks",
                         &set,
-                        &[&common[..], &["host", "account_id", "token"]].concat(),
+                        &[
+                            &common[..],
+                            &[
+                                "host",
+                                "account_id",
+                                "token",
+                                "client_id",
+                                "client_secret",
+                                "ca_bundle",
+                            ],
+                        ]
+                        .concat(),
                     );
                     let host = self.required(
                         &key("host"),
@@ -1165,11 +1193,25 @@ impl Validator<'_> {
                     );
                     self.unavailable(&key("kind"), "databricks", TARGET_KINDS);
                     match (host, acct) {
-                        (Some(h), Some(a)) => Some(TargetConfig::Databricks {
-                            host: h.clone(),
-                            account_id: a.clone(),
-                            token: t.token.clone(),
-                        }),
+                        (Some(h), Some(a)) => {
+                            let oauth = match (&t.client_id, &t.client_secret) {
+                                (Some(i), Some(sec)) => Some((i.clone(), sec.clone())),
+                                _ => None,
+                            };
+                            if t.token.is_none() && oauth.is_none() {
+                                self.err(
+                                    Origin::File(&key("token")),
+                                    "no credentials: set DATABRICKS_TOKEN (an account SCIM or admin token), or DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (OAuth M2M)",
+                                );
+                            }
+                            Some(TargetConfig::Databricks {
+                                host: h.clone(),
+                                account_id: a.clone(),
+                                token: t.token.clone(),
+                                oauth,
+                                ca_bundle: t.ca_bundle.as_deref().map(resolve),
+                            })
+                        }
                         _ => None,
                     }
                 }

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use config::{Config, Env, SourceConfig, TargetConfig};
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::source::file::FileSource;
+use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
 use idsync_connectors::target::file::FileTarget;
 use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_engine::{Source, Target};
@@ -260,6 +261,38 @@ fn build_source(cfg: &Config) -> Result<Box<dyn Source>> {
 /// Registered targets: one line per kind.
 fn build_target(t: &TargetConfig, workers: usize) -> Result<(Box<dyn Target>, String)> {
     match t {
+        TargetConfig::Databricks {
+            host,
+            account_id,
+            token,
+            oauth,
+            ca_bundle,
+        } => {
+            let auth = match (token, oauth) {
+                (Some(t), _) => DatabricksAuth::Token(t.clone()),
+                (None, Some((id, secret))) => DatabricksAuth::OAuth {
+                    client_id: id.clone(),
+                    client_secret: secret.clone(),
+                },
+                (None, None) => return Err(anyhow!("the Databricks target has no credentials")),
+            };
+            let http = HttpConfig {
+                max_concurrency: workers,
+                ca_bundle: ca_bundle.clone(),
+                ..HttpConfig::new("Databricks")
+            };
+            let cfg = DatabricksConfig {
+                host: host.clone(),
+                account_id: account_id.clone(),
+                auth,
+                http,
+                member_chunk: 100,
+            };
+            Ok((
+                Box::new(DatabricksTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
+                format!("Databricks account {account_id} at {host}"),
+            ))
+        }
         TargetConfig::Lakefs {
             endpoint,
             access_key_id,

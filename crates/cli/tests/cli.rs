@@ -96,6 +96,8 @@ path = "dbx.json"
             "DATABRICKS_HOST",
             "DATABRICKS_ACCOUNT_ID",
             "DATABRICKS_TOKEN",
+            "DATABRICKS_CLIENT_ID",
+            "DATABRICKS_CLIENT_SECRET",
         ] {
             c.env_remove(var);
         }
@@ -527,5 +529,45 @@ async fn syncs_a_directory_into_the_lakefs_emulator() {
     assert_eq!(g.members.len(), 3, "{:?}", g.members);
     assert_eq!(g.policies.len(), 2, "the default policies");
     assert!(!text(&first).contains(SECRET_ACCESS_KEY));
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_a_directory_into_the_databricks_emulator() {
+    use idsync_emulators::databricks::{ACCOUNT_ID, TOKEN, Type};
+    let d = idsync_emulators::Databricks::start_on(0, None)
+        .await
+        .unwrap();
+    let extra = format!(
+        "\n[targets.dbx2]\nkind = \"databricks\"\nhost = \"{}\"\naccount_id = \"{ACCOUNT_ID}\"\n",
+        d.server.base_url
+    );
+    let s = Sandbox::new(&extra);
+    let (s, first, second, missing) = tokio::task::spawn_blocking(move || {
+        let env = [("DATABRICKS_TOKEN", TOKEN)];
+        let first = s.run_env(&["sync", "--target", "dbx2"], &env);
+        let second = s.run_env(&["plan", "--target", "dbx2"], &env);
+        let missing = s.run(&["validate"]);
+        (s, first, second, missing)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&first), 0, "{}", text(&first));
+    assert_eq!(code(&second), 0, "in sync: {}", text(&second));
+    assert_eq!(code(&missing), 1);
+    assert!(
+        text(&missing).contains("set DATABRICKS_TOKEN"),
+        "{}",
+        text(&missing)
+    );
+    let data = d.state.data();
+    let eng = data[&Type::Groups]
+        .values()
+        .find(|g| g["displayName"] == "Data \"Eng\"")
+        .unwrap();
+    // Nested, not flattened: alice, bob, the service principal and the Platform group.
+    assert_eq!(eng["members"].as_array().unwrap().len(), 4, "{eng}");
+    assert_eq!(data[&Type::ServicePrincipals].len(), 1);
+    assert!(!text(&first).contains(TOKEN));
     drop(s);
 }

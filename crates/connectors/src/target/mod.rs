@@ -1,4 +1,5 @@
 //! Targets.
 
+pub mod databricks;
 pub mod file;
 pub mod lakefs;

@@ -1,0 +1,199 @@
+//! The Databricks account SCIM target against the Databricks emulator, driven by the real engine:
+//! nested groups with users and service principals, a second run that writes nothing, a group
+//! rename and a deactivation, a 429 storm, OAuth M2M.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use idsync_connectors::http::HttpConfig;
+use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
+use idsync_emulators::Databricks;
+use idsync_emulators::databricks::{ACCOUNT_ID, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, TOKEN, Type};
+use idsync_emulators::infra::ThrottleConfig;
+use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
+use idsync_engine::{Mapping, Policy, Target, TargetErrorKind, map_snapshot, plan};
+use idsync_model::{AgreementState, Directory, Plan, PlanFile, ReadMode, Secret, Snapshot};
+use serde_json::Value;
+use std::time::Duration;
+
+fn directory() -> Snapshot {
+    let d: Directory =
+        serde_json::from_str(include_str!("../../cli/src/demo/directory.json")).unwrap();
+    let mut s: Snapshot = d.try_into().unwrap();
+    s.groups.retain(|_, g| g.display_name != "OTHER_TEAM");
+    s.users
+        .retain(|_, u| u.user_name != "olga@company.com" && u.user_name != "frank@company.com");
+    s
+}
+
+fn target(d: &Databricks, auth: DatabricksAuth) -> DatabricksTarget {
+    DatabricksTarget::new(DatabricksConfig {
+        host: d.server.base_url.clone(),
+        account_id: ACCOUNT_ID.into(),
+        auth,
+        http: HttpConfig {
+            base_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_secs(2),
+            ..HttpConfig::new("Databricks")
+        },
+        member_chunk: 2,
+    })
+    .unwrap()
+}
+
+async fn sync(t: &DatabricksTarget, s: &Snapshot, st: &mut AgreementState) -> (Plan, ApplyReport) {
+    let caps = t.capabilities();
+    let desired = map_snapshot(s, &Mapping::defaults(), &caps);
+    let observed = t.observe().await.unwrap();
+    let p = plan(
+        &desired,
+        &observed,
+        st,
+        &Policy::default(),
+        &caps,
+        ReadMode::Full,
+    );
+    assert!(p.halt.is_none(), "{:?}", p.halt);
+    apply::begin(&p, &caps, st);
+    let r = idsync_engine::apply(
+        &p,
+        t,
+        st,
+        &ApplyOptions {
+            workers: 4,
+            ..ApplyOptions::default()
+        },
+    )
+    .await;
+    let file = PlanFile {
+        plan: p.clone(),
+        snapshot: s.clone(),
+        cursors: Default::default(),
+    };
+    apply::finish(&file, &r, &caps, st, true);
+    st.version += 1;
+    (p, r)
+}
+
+fn group(d: &Databricks, name: &str) -> Value {
+    d.state.data()[&Type::Groups]
+        .values()
+        .find(|g| g["displayName"] == name)
+        .cloned()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn nested_groups_service_principals_renames_and_deactivation() {
+    let d = Databricks::start_on(0, None).await.unwrap();
+    let t = target(&d, DatabricksAuth::Token(Secret::new(TOKEN)));
+    let mut st = AgreementState::new("databricks");
+    let (p, r) = sync(&t, &directory(), &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    assert_eq!(p.summary.ops["create servicePrincipal"], 1);
+    // TEAM_ALPHA: alice, bob and the service principal; TEAM_ZETA: erin and the nested TEAM_ETA.
+    assert_eq!(
+        group(&d, "TEAM_ALPHA")["members"].as_array().unwrap().len(),
+        3
+    );
+    let eta_id = group(&d, "TEAM_ETA")["id"].clone();
+    assert!(
+        group(&d, "TEAM_ZETA")["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["value"] == eta_id)
+    );
+    let writes = r.writes;
+    assert!(writes > 10);
+
+    let (p, r) = sync(&t, &directory(), &mut st).await;
+    assert!(p.ops.is_empty(), "{:?}", p.ops);
+    assert_eq!(r.writes, 0);
+
+    // A group renamed, a user disabled, a member leaving.
+    let mut s = directory();
+    let eta = s
+        .groups
+        .values_mut()
+        .find(|g| g.display_name == "TEAM_ETA")
+        .unwrap();
+    eta.display_name = "TEAM_ETA_PLATFORM".into();
+    let bob = s
+        .users
+        .values_mut()
+        .find(|u| u.user_name == "bob@company.com")
+        .unwrap();
+    bob.active = false;
+    let bob_id = bob.id.clone();
+    s.groups
+        .values_mut()
+        .find(|g| g.display_name == "TEAM_ALPHA")
+        .unwrap()
+        .members
+        .remove(&idsync_model::Member::user(bob_id));
+    let (p, r) = sync(&t, &s, &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    assert_eq!(p.ops.len(), 3, "{:?}", p.ops);
+    assert_eq!(
+        group(&d, "TEAM_ETA_PLATFORM")["id"],
+        eta_id,
+        "renamed in place"
+    );
+    assert_eq!(
+        group(&d, "TEAM_ALPHA")["members"].as_array().unwrap().len(),
+        2
+    );
+    let bob = d.state.data()[&Type::Users]
+        .values()
+        .find(|u| u["userName"] == "bob@company.com")
+        .cloned()
+        .unwrap();
+    assert_eq!(bob["active"], false);
+    let (p, _) = sync(&t, &s, &mut st).await;
+    assert!(p.ops.is_empty(), "{:?}", p.ops);
+}
+
+#[tokio::test]
+async fn oauth_m2m_and_a_429_storm() {
+    let d = Databricks::start_on(0, None).await.unwrap();
+    d.state.infra.set_throttle(Some(ThrottleConfig {
+        capacity: 4.0,
+        per_second: 200.0,
+    }));
+    let t = target(
+        &d,
+        DatabricksAuth::OAuth {
+            client_id: OAUTH_CLIENT_ID.into(),
+            client_secret: Secret::new(OAUTH_CLIENT_SECRET),
+        },
+    );
+    let mut st = AgreementState::new("databricks");
+    let (_, r) = sync(&t, &directory(), &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    let token_requests = d
+        .state
+        .infra
+        .accounting
+        .snapshot()
+        .get("POST /oidc/accounts/{acct}/v1/token")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        (1..=3).contains(&token_requests),
+        "the OAuth token is reused: {token_requests}"
+    );
+    d.state.infra.set_throttle(None);
+    let (p, _) = sync(&t, &directory(), &mut st).await;
+    assert!(p.ops.is_empty());
+
+    let bad = target(
+        &d,
+        DatabricksAuth::OAuth {
+            client_id: OAUTH_CLIENT_ID.into(),
+            client_secret: Secret::new("wrong-secret"),
+        },
+    );
+    let e = bad.observe().await.unwrap_err();
+    assert_eq!(e.kind, TargetErrorKind::Unauthorized);
+    assert!(!e.message.contains("wrong-secret"), "{}", e.message);
+    assert!(e.message.contains("DATABRICKS"), "{}", e.message);
+}
