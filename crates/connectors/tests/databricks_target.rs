@@ -3,26 +3,17 @@
 //! rename and a deactivation, a 429 storm, OAuth M2M.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
 use idsync_emulators::Databricks;
 use idsync_emulators::databricks::{ACCOUNT_ID, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, TOKEN, Type};
 use idsync_emulators::infra::ThrottleConfig;
-use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
-use idsync_engine::{Mapping, Policy, Target, TargetErrorKind, map_snapshot, plan};
-use idsync_model::{AgreementState, Directory, Plan, PlanFile, ReadMode, Secret, Snapshot};
+use idsync_engine::{Mapping, Target, TargetErrorKind};
+use idsync_model::{AgreementState, Secret};
 use serde_json::Value;
 use std::time::Duration;
-
-fn directory() -> Snapshot {
-    let d: Directory =
-        serde_json::from_str(include_str!("../../cli/src/demo/directory.json")).unwrap();
-    let mut s: Snapshot = d.try_into().unwrap();
-    s.groups.retain(|_, g| g.display_name != "OTHER_TEAM");
-    s.users
-        .retain(|_, u| u.user_name != "olga@company.com" && u.user_name != "frank@company.com");
-    s
-}
 
 fn target(d: &Databricks, auth: DatabricksAuth) -> DatabricksTarget {
     DatabricksTarget::new(DatabricksConfig {
@@ -39,40 +30,6 @@ fn target(d: &Databricks, auth: DatabricksAuth) -> DatabricksTarget {
     .unwrap()
 }
 
-async fn sync(t: &DatabricksTarget, s: &Snapshot, st: &mut AgreementState) -> (Plan, ApplyReport) {
-    let caps = t.capabilities();
-    let desired = map_snapshot(s, &Mapping::defaults(), &caps);
-    let observed = t.observe().await.unwrap();
-    let p = plan(
-        &desired,
-        &observed,
-        st,
-        &Policy::default(),
-        &caps,
-        ReadMode::Full,
-    );
-    assert!(p.halt.is_none(), "{:?}", p.halt);
-    apply::begin(&p, &caps, st);
-    let r = idsync_engine::apply(
-        &p,
-        t,
-        st,
-        &ApplyOptions {
-            workers: 4,
-            ..ApplyOptions::default()
-        },
-    )
-    .await;
-    let file = PlanFile {
-        plan: p.clone(),
-        snapshot: s.clone(),
-        cursors: Default::default(),
-    };
-    apply::finish(&file, &r, &caps, st, true);
-    st.version += 1;
-    (p, r)
-}
-
 fn group(d: &Databricks, name: &str) -> Value {
     d.state.data()[&Type::Groups]
         .values()
@@ -86,7 +43,7 @@ async fn nested_groups_service_principals_renames_and_deactivation() {
     let d = Databricks::start_on(0, None).await.unwrap();
     let t = target(&d, DatabricksAuth::Token(Secret::new(TOKEN)));
     let mut st = AgreementState::new("databricks");
-    let (p, r) = sync(&t, &directory(), &mut st).await;
+    let (p, r) = common::sync(&t, &common::directory(), &Mapping::defaults(), &mut st).await;
     assert!(r.is_success(), "{r:?}");
     assert_eq!(p.summary.ops["create servicePrincipal"], 1);
     // TEAM_ALPHA: alice, bob and the service principal; TEAM_ZETA: erin and the nested TEAM_ETA.
@@ -105,12 +62,12 @@ async fn nested_groups_service_principals_renames_and_deactivation() {
     let writes = r.writes;
     assert!(writes > 10);
 
-    let (p, r) = sync(&t, &directory(), &mut st).await;
+    let (p, r) = common::sync(&t, &common::directory(), &Mapping::defaults(), &mut st).await;
     assert!(p.ops.is_empty(), "{:?}", p.ops);
     assert_eq!(r.writes, 0);
 
     // A group renamed, a user disabled, a member leaving.
-    let mut s = directory();
+    let mut s = common::directory();
     let eta = s
         .groups
         .values_mut()
@@ -130,7 +87,7 @@ async fn nested_groups_service_principals_renames_and_deactivation() {
         .unwrap()
         .members
         .remove(&idsync_model::Member::user(bob_id));
-    let (p, r) = sync(&t, &s, &mut st).await;
+    let (p, r) = common::sync(&t, &s, &Mapping::defaults(), &mut st).await;
     assert!(r.is_success(), "{r:?}");
     assert_eq!(p.ops.len(), 3, "{:?}", p.ops);
     assert_eq!(
@@ -148,7 +105,7 @@ async fn nested_groups_service_principals_renames_and_deactivation() {
         .cloned()
         .unwrap();
     assert_eq!(bob["active"], false);
-    let (p, _) = sync(&t, &s, &mut st).await;
+    let (p, _) = common::sync(&t, &s, &Mapping::defaults(), &mut st).await;
     assert!(p.ops.is_empty(), "{:?}", p.ops);
 }
 
@@ -167,7 +124,7 @@ async fn oauth_m2m_and_a_429_storm() {
         },
     );
     let mut st = AgreementState::new("databricks");
-    let (_, r) = sync(&t, &directory(), &mut st).await;
+    let (_, r) = common::sync(&t, &common::directory(), &Mapping::defaults(), &mut st).await;
     assert!(r.is_success(), "{r:?}");
     let token_requests = d
         .state
@@ -182,7 +139,7 @@ async fn oauth_m2m_and_a_429_storm() {
         "the OAuth token is reused: {token_requests}"
     );
     d.state.infra.set_throttle(None);
-    let (p, _) = sync(&t, &directory(), &mut st).await;
+    let (p, _) = common::sync(&t, &common::directory(), &Mapping::defaults(), &mut st).await;
     assert!(p.ops.is_empty());
 
     let bad = target(

@@ -2,25 +2,16 @@
 //! run that writes nothing, a 429 storm, a failed half then a re-run, and the 401 / 501 messages.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_emulators::Lakefs;
 use idsync_emulators::infra::{Faults, ThrottleConfig};
 use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
-use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
-use idsync_engine::{Mapping, Policy, Target, TargetErrorKind, map_snapshot, plan};
-use idsync_model::{AgreementState, Directory, Plan, PlanFile, ReadMode, Secret, Snapshot};
+use idsync_engine::{Mapping, Target, TargetErrorKind};
+use idsync_model::{AgreementState, Secret};
 use std::time::Duration;
-
-fn directory() -> Snapshot {
-    let d: Directory =
-        serde_json::from_str(include_str!("../../cli/src/demo/directory.json")).unwrap();
-    let mut s: Snapshot = d.try_into().unwrap();
-    s.groups.retain(|_, g| g.display_name != "OTHER_TEAM");
-    s.users
-        .retain(|_, u| u.user_name != "olga@company.com" && u.user_name != "frank@company.com");
-    s
-}
 
 fn target(l: &Lakefs, secret: &str) -> LakefsTarget {
     LakefsTarget::new(LakefsConfig {
@@ -48,40 +39,6 @@ fn mapping() -> Mapping {
     m
 }
 
-async fn sync(t: &LakefsTarget, s: &Snapshot, st: &mut AgreementState) -> (Plan, ApplyReport) {
-    let caps = t.capabilities();
-    let desired = map_snapshot(s, &mapping(), &caps);
-    let observed = t.observe().await.unwrap();
-    let p = plan(
-        &desired,
-        &observed,
-        st,
-        &Policy::default(),
-        &caps,
-        ReadMode::Full,
-    );
-    assert!(p.halt.is_none(), "{:?}", p.halt);
-    apply::begin(&p, &caps, st);
-    let r = idsync_engine::apply(
-        &p,
-        t,
-        st,
-        &ApplyOptions {
-            workers: 4,
-            ..ApplyOptions::default()
-        },
-    )
-    .await;
-    let file = PlanFile {
-        plan: p.clone(),
-        snapshot: s.clone(),
-        cursors: Default::default(),
-    };
-    apply::finish(&file, &r, &caps, st, true);
-    st.version += 1;
-    (p, r)
-}
-
 fn writes(l: &Lakefs) -> u64 {
     l.state
         .infra
@@ -98,7 +55,7 @@ async fn syncs_flattens_attaches_policies_and_then_writes_nothing() {
     let l = Lakefs::start_on(0).await.unwrap();
     let t = target(&l, SECRET_ACCESS_KEY);
     let mut st = AgreementState::new("lakefs");
-    let (p, r) = sync(&t, &directory(), &mut st).await;
+    let (p, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
     assert!(r.is_success(), "{r:?}");
     assert_eq!(p.summary.ops["create user"], 7);
     assert_eq!(p.summary.ops["create group"], 4);
@@ -110,7 +67,7 @@ async fn syncs_flattens_attaches_policies_and_then_writes_nothing() {
     assert!(members.iter().all(|m| m.starts_with("waad|")));
     assert_eq!(zeta.policies.len(), 2);
     let before = writes(&l);
-    let (p, r) = sync(&t, &directory(), &mut st).await;
+    let (p, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
     assert!(p.ops.is_empty(), "{:?}", p.ops);
     assert_eq!(r.writes, 0);
     assert_eq!(writes(&l), before, "a second run writes nothing");
@@ -127,7 +84,7 @@ async fn a_429_storm_and_a_failed_half_converge_without_duplicates() {
         path_contains: "/members/".into(),
         ..Faults::default()
     });
-    let (_, r) = sync(&t, &directory(), &mut st).await;
+    let (_, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
     assert!(!r.is_success());
     assert!(!r.failed.is_empty());
     l.state.infra.set_faults(Faults::default());
@@ -136,7 +93,7 @@ async fn a_429_storm_and_a_failed_half_converge_without_duplicates() {
         capacity: 3.0,
         per_second: 200.0,
     }));
-    let (p, r) = sync(&t, &directory(), &mut st).await;
+    let (p, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
     assert!(r.is_success(), "{r:?}");
     assert!(
         !p.summary.ops.keys().any(|k| k.starts_with("create")),
@@ -149,7 +106,7 @@ async fn a_429_storm_and_a_failed_half_converge_without_duplicates() {
         assert_eq!(d.users.len(), 8, "admin + 7, no duplicate");
         assert_eq!(d.groups.len(), 4);
     }
-    let (p, _) = sync(&t, &directory(), &mut st).await;
+    let (p, _) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
     assert!(p.ops.is_empty());
 }
 
