@@ -164,6 +164,11 @@ struct RawTarget {
     // databricks (OAuth M2M)
     client_id: Option<String>,
     client_secret: Option<Secret>,
+    // databricks (an Entra app's credentials, for the Azure Databricks resource)
+    azure_tenant_id: Option<String>,
+    azure_client_id: Option<String>,
+    azure_client_secret: Option<Secret>,
+    azure_authority_host: Option<String>,
     // scim
     url: Option<String>,
     mapping: Option<RawMapping>,
@@ -237,6 +242,8 @@ pub enum TargetConfig {
         token: Option<Secret>,
         /// OAuth M2M client id and secret, when no token is given.
         oauth: Option<(String, Secret)>,
+        /// An Entra app (authority, tenant, client id, secret), when neither is given.
+        entra: Option<(String, String, String, Secret)>,
         /// Extra CA certificates (PEM).
         ca_bundle: Option<PathBuf>,
     },
@@ -906,6 +913,19 @@ impl Validator<'_> {
                     if let Some((_, v)) = env.first(&["DATABRICKS_CLIENT_SECRET"]) {
                         t.client_secret = Some(Secret::new(v));
                     }
+                    // databricks-sdk's Azure service-principal variables.
+                    if let Some((_, v)) = env.first(&["ARM_TENANT_ID"]) {
+                        t.azure_tenant_id = Some(v.to_owned());
+                    }
+                    if let Some((_, v)) = env.first(&["ARM_CLIENT_ID"]) {
+                        t.azure_client_id = Some(v.to_owned());
+                    }
+                    if let Some((_, v)) = env.first(&["ARM_CLIENT_SECRET"]) {
+                        t.azure_client_secret = Some(Secret::new(v));
+                    }
+                    if let Some((_, v)) = env.first(&["AZURE_AUTHORITY_HOST"]) {
+                        t.azure_authority_host = Some(v.to_owned());
+                    }
                 }
                 _ => {}
             }
@@ -1063,6 +1083,10 @@ impl Validator<'_> {
                 ("ca_bundle", t.ca_bundle.is_some()),
                 ("client_id", t.client_id.is_some()),
                 ("client_secret", t.client_secret.is_some()),
+                ("azure_tenant_id", t.azure_tenant_id.is_some()),
+                ("azure_client_id", t.azure_client_id.is_some()),
+                ("azure_client_secret", t.azure_client_secret.is_some()),
+                ("azure_authority_host", t.azure_authority_host.is_some()),
             ];
             let common = ["kind", "mapping", "policy"];
             let mut tmapping = t.mapping.as_ref().map_or_else(
@@ -1176,6 +1200,10 @@ impl Validator<'_> {
                                 "token",
                                 "client_id",
                                 "client_secret",
+                                "azure_tenant_id",
+                                "azure_client_id",
+                                "azure_client_secret",
+                                "azure_authority_host",
                                 "ca_bundle",
                             ],
                         ]
@@ -1198,10 +1226,25 @@ impl Validator<'_> {
                                 (Some(i), Some(sec)) => Some((i.clone(), sec.clone())),
                                 _ => None,
                             };
-                            if t.token.is_none() && oauth.is_none() {
+                            let entra = match (
+                                &t.azure_tenant_id,
+                                &t.azure_client_id,
+                                &t.azure_client_secret,
+                            ) {
+                                (Some(tn), Some(ci), Some(cs)) => Some((
+                                    t.azure_authority_host.clone().unwrap_or_else(|| {
+                                        "https://login.microsoftonline.com".into()
+                                    }),
+                                    tn.clone(),
+                                    ci.clone(),
+                                    cs.clone(),
+                                )),
+                                _ => None,
+                            };
+                            if t.token.is_none() && oauth.is_none() && entra.is_none() {
                                 self.err(
                                     Origin::File(&key("token")),
-                                    "no credentials: set DATABRICKS_TOKEN (an account SCIM or admin token), or DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (OAuth M2M)",
+                                    "no credentials: set DATABRICKS_TOKEN (an account SCIM or admin token), or DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (OAuth M2M), or ARM_TENANT_ID, ARM_CLIENT_ID and ARM_CLIENT_SECRET (an Entra app, for Azure Databricks)",
                                 );
                             }
                             Some(TargetConfig::Databricks {
@@ -1209,6 +1252,7 @@ impl Validator<'_> {
                                 account_id: a.clone(),
                                 token: t.token.clone(),
                                 oauth,
+                                entra,
                                 ca_bundle: t.ca_bundle.as_deref().map(resolve),
                             })
                         }
@@ -1484,6 +1528,44 @@ user_name = "{nope"
         assert_eq!(c.agreements[0].name, "databricks");
         assert_eq!(c.agreements[0].target.kind(), "file");
         assert!(matches!(c.source, SourceConfig::File { .. }));
+    }
+
+    #[test]
+    fn databricks_takes_an_entra_app_from_the_arm_variables() {
+        let env = Env::from_pairs([
+            ("ARM_TENANT_ID", "tenant-1"),
+            ("ARM_CLIENT_ID", "app-1"),
+            ("ARM_CLIENT_SECRET", "arm-secret"),
+        ]);
+        let text = GOOD.replace(
+            "[targets.lake]\nkind = \"file\"\nprofile = \"lakefs\"\npath = \"lake.json\"\ndefault_policies = [\"FSReadAll\"]",
+            "[targets.lake]\nkind = \"databricks\"\nhost = \"https://accounts.azuredatabricks.net\"\naccount_id = \"acct\"",
+        );
+        let c = parse_str(&text, &env).unwrap();
+        match &c.agreements[0].target {
+            TargetConfig::Databricks {
+                token: None,
+                oauth: None,
+                entra: Some((authority, tenant, client, secret)),
+                ..
+            } => {
+                assert_eq!(authority, "https://login.microsoftonline.com");
+                assert_eq!(
+                    (tenant.as_str(), client.as_str(), secret.expose()),
+                    ("tenant-1", "app-1", "arm-secret")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse_str(&text, &Env::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("ARM_TENANT_ID, ARM_CLIENT_ID and ARM_CLIENT_SECRET"),
+            "{e}"
+        );
+        assert!(
+            !format!("{c:?}").contains("arm-secret"),
+            "Debug never shows a secret"
+        );
     }
 
     #[test]

@@ -266,6 +266,7 @@ fn build_target(t: &TargetConfig, workers: usize) -> Result<(Box<dyn Target>, St
             account_id,
             token,
             oauth,
+            entra,
             ca_bundle,
         } => {
             let auth = match (token, oauth) {
@@ -274,7 +275,17 @@ fn build_target(t: &TargetConfig, workers: usize) -> Result<(Box<dyn Target>, St
                     client_id: id.clone(),
                     client_secret: secret.clone(),
                 },
-                (None, None) => return Err(anyhow!("the Databricks target has no credentials")),
+                (None, None) => match entra {
+                    Some((authority, tenant_id, client_id, client_secret)) => {
+                        DatabricksAuth::Entra {
+                            authority: authority.clone(),
+                            tenant_id: tenant_id.clone(),
+                            client_id: client_id.clone(),
+                            client_secret: client_secret.clone(),
+                        }
+                    }
+                    None => return Err(anyhow!("the Databricks target has no credentials")),
+                },
             };
             let http = HttpConfig {
                 max_concurrency: workers,

@@ -154,3 +154,45 @@ async fn oauth_m2m_and_a_429_storm() {
     assert!(!e.message.contains("wrong-secret"), "{}", e.message);
     assert!(e.message.contains("DATABRICKS"), "{}", e.message);
 }
+
+#[tokio::test]
+async fn entra_tokens_for_the_azure_databricks_resource() {
+    use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+    let g = idsync_emulators::Graph::start(Tenant::new(Default::default()))
+        .await
+        .unwrap();
+    let d = Databricks::start_on(0, Some(g.state.clone()))
+        .await
+        .unwrap();
+    let tenant = g.state.tenant().tenant_id.clone();
+    let entra = |secret: &str| DatabricksAuth::Entra {
+        authority: g.server.base_url.clone(),
+        tenant_id: tenant.clone(),
+        client_id: DEFAULT_CLIENT_ID.into(),
+        client_secret: Secret::new(secret),
+    };
+    let t = target(&d, entra(DEFAULT_CLIENT_SECRET));
+    let mut st = AgreementState::new("databricks");
+    let (_, r) = common::sync(&t, &common::directory(), &Mapping::defaults(), &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    let tokens = g
+        .state
+        .infra
+        .accounting
+        .snapshot()
+        .get("POST /{tenant}/oauth2/token")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(tokens, 1, "one Entra token for the whole run");
+    let e = target(&d, entra("not-the-secret"))
+        .observe()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, TargetErrorKind::Unauthorized);
+    assert!(
+        e.message.contains("7000215") || e.message.contains("invalid_client"),
+        "{}",
+        e.message
+    );
+    assert!(!e.message.contains("not-the-secret"), "{}", e.message);
+}

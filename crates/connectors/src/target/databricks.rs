@@ -32,6 +32,35 @@ pub enum DatabricksAuth {
         /// Client secret.
         client_secret: Secret,
     },
+    /// An Entra ID token for the Azure Databricks resource, from an Entra app's client secret
+    /// (`ARM_TENANT_ID`, `ARM_CLIENT_ID`, `ARM_CLIENT_SECRET`), through the v1 token endpoint as
+    /// databricks-sdk does.
+    Entra {
+        /// Authority host (`https://login.microsoftonline.com`, a national cloud, an emulator).
+        authority: String,
+        /// Directory (tenant) id.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// Client secret.
+        client_secret: Secret,
+    },
+}
+
+/// The Azure Databricks resource id: the audience of Entra tokens for Databricks.
+pub const AZURE_DATABRICKS_RESOURCE: &str = "2ff814a6-3304-4ab8-85cb-cd0e6f879c1d";
+
+/// Form-encodes one value.
+fn form(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Where and how to reach the account.
@@ -128,15 +157,43 @@ impl DatabricksTarget {
         )
     }
 
-    /// The bearer token: the configured one, or an OAuth token fetched (again) when it is within a
-    /// minute of expiring.
+    /// The bearer token: the configured one, or a token fetched (again) when it is within a minute
+    /// of expiring: from Databricks OAuth, or from Entra ID for the Azure Databricks resource.
     async fn auth(&self) -> Result<Auth, TargetError> {
-        let (client_id, client_secret) = match &self.cfg.auth {
+        let (url, auth, body, service) = match &self.cfg.auth {
             DatabricksAuth::Token(t) => return Ok(Auth::Bearer(t.clone())),
             DatabricksAuth::OAuth {
                 client_id,
                 client_secret,
-            } => (client_id, client_secret),
+            } => (
+                format!(
+                    "{}/oidc/accounts/{}/v1/token",
+                    self.cfg.host.trim_end_matches('/'),
+                    self.cfg.account_id
+                ),
+                Auth::Basic(client_id.clone(), client_secret.clone()),
+                "grant_type=client_credentials&scope=all-apis".to_owned(),
+                "Databricks OAuth",
+            ),
+            DatabricksAuth::Entra {
+                authority,
+                tenant_id,
+                client_id,
+                client_secret,
+            } => (
+                format!(
+                    "{}/{}/oauth2/token",
+                    authority.trim_end_matches('/'),
+                    form(tenant_id)
+                ),
+                Auth::None,
+                format!(
+                    "grant_type=client_credentials&client_id={}&client_secret={}&resource={AZURE_DATABRICKS_RESOURCE}",
+                    form(client_id),
+                    form(client_secret.expose())
+                ),
+                "Entra ID",
+            ),
         };
         let mut cached = self.token.lock().await;
         if let Some((t, exp)) = cached.as_ref()
@@ -144,34 +201,33 @@ impl DatabricksTarget {
         {
             return Ok(Auth::Bearer(t.clone()));
         }
-        let url = format!(
-            "{}/oidc/accounts/{}/v1/token",
-            self.cfg.host.trim_end_matches('/'),
-            self.cfg.account_id
-        );
-        let body = b"grant_type=client_credentials&scope=all-apis".to_vec();
         let a = self
             .http
             .send(
                 Method::POST,
                 &url,
-                &Auth::Basic(client_id.clone(), client_secret.clone()),
+                &auth,
                 &[],
-                Some(("application/x-www-form-urlencoded", body)),
+                Some(("application/x-www-form-urlencoded", body.into_bytes())),
                 true,
             )
             .await
             .map_err(target_error)?;
-        let v: Value = a
-            .json("Databricks OAuth", "the token request")
-            .map_err(target_error)?;
+        let v: Value = a.json(service, "the token request").map_err(target_error)?;
         let token = text(&v, "access_token").ok_or_else(|| {
             TargetError::new(
                 TargetErrorKind::Protocol,
-                "Databricks OAuth answered without an access_token",
+                format!("{service} answered without an access_token"),
             )
         })?;
-        let ttl = v.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
+        // The v1 Entra endpoint sends expires_in as a string.
+        let ttl = v
+            .get("expires_in")
+            .and_then(|x| {
+                x.as_u64()
+                    .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+            })
+            .unwrap_or(3600);
         let secret = Secret::new(token);
         *cached = Some((secret.clone(), Instant::now() + Duration::from_secs(ttl)));
         Ok(Auth::Bearer(secret))
