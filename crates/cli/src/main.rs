@@ -12,6 +12,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
 use config::{Config, Env, SourceConfig, TargetConfig};
 use idsync_connectors::http::HttpConfig;
+use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
 use idsync_connectors::source::file::FileSource;
 use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
 use idsync_connectors::target::file::FileTarget;
@@ -252,9 +253,27 @@ fn mode_of(run: &RunArgs) -> Mode {
 fn build_source(cfg: &Config) -> Result<Box<dyn Source>> {
     match &cfg.source {
         SourceConfig::File { path } => Ok(Box::new(FileSource::new(path))),
-        SourceConfig::Entra(_) => Err(anyhow!(
-            "the Entra ID source is not in this build of idsync yet"
-        )),
+        SourceConfig::Entra(e) => {
+            let secret = e
+                .client_secret
+                .clone()
+                .ok_or_else(|| anyhow!("the Entra source has no client secret"))?;
+            let http = HttpConfig {
+                max_concurrency: cfg.worker_threads,
+                ca_bundle: e.ca_bundle.as_ref().map(PathBuf::from),
+                ..HttpConfig::new("Microsoft Graph")
+            };
+            let src = EntraSource::new(EntraSourceConfig {
+                authority: e.authority_host.clone(),
+                graph: e.graph_url.clone(),
+                tenant_id: e.tenant_id.clone(),
+                client_id: e.client_id.clone().unwrap_or_default(),
+                client_secret: secret,
+                http,
+            })
+            .map_err(|e| anyhow!(e.message))?;
+            Ok(Box::new(src))
+        }
     }
 }
 

@@ -345,7 +345,7 @@ fn secrets_never_reach_output_state_or_plans() {
     let o = s.run_env(&["validate"], &env);
     let t = text(&o);
     assert_eq!(code(&o), 1, "{t}");
-    assert!(t.contains("not in this build"), "{t}");
+    assert!(t.contains("source.client_id: missing"), "{t}");
     for (_, v) in &env[1..] {
         if v.contains("SECRET") {
             assert!(!t.contains(v), "secret leaked: {t}");
@@ -569,5 +569,120 @@ async fn syncs_a_directory_into_the_databricks_emulator() {
     assert_eq!(eng["members"].as_array().unwrap().len(), 4, "{eng}");
     assert_eq!(data[&Type::ServicePrincipals].len(), 1);
     assert!(!text(&first).contains(TOKEN));
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_an_emulated_entra_tenant_into_lakefs_and_databricks_then_writes_nothing() {
+    use idsync_emulators::databricks::{ACCOUNT_ID, TOKEN, Type};
+    use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+    let dir: idsync_model::Directory =
+        serde_json::from_str(include_str!("../src/demo/directory.json")).unwrap();
+    let graph = idsync_emulators::Graph::start(Tenant::new(dir.try_into().unwrap()))
+        .await
+        .unwrap();
+    let lake = idsync_emulators::Lakefs::start_on(0).await.unwrap();
+    let dbx = idsync_emulators::Databricks::start_on(0, None)
+        .await
+        .unwrap();
+    let tenant = graph.state.tenant().tenant_id.clone();
+    let s = Sandbox {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    s.write(
+        "idsync.toml",
+        &format!(
+            r#"
+[state]
+url = "state"
+
+[source]
+kind = "entra"
+tenant_id = "{tenant}"
+client_id = "{DEFAULT_CLIENT_ID}"
+authority_host = "{g}"
+graph_url = "{g}"
+
+[scope]
+groups = ["TEAM_ALPHA", "TEAM_EPSILON", "TEAM_ZETA"]
+search_depth = 2
+
+[targets.lakefs]
+kind = "lakefs"
+endpoint = "{l}"
+access_key_id = "{ACCESS_KEY_ID}"
+
+[targets.lakefs.mapping]
+user_name = "waad|{{id}}"
+
+[targets.databricks]
+kind = "databricks"
+host = "{d}"
+account_id = "{ACCOUNT_ID}"
+"#,
+            g = graph.server.base_url,
+            l = lake.server.base_url,
+            d = dbx.server.base_url,
+        ),
+    );
+    let env = [
+        ("ENTRA_CLIENT_SECRET_VALUE", DEFAULT_CLIENT_SECRET),
+        ("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
+        ("DATABRICKS_TOKEN", TOKEN),
+    ];
+    let (s, first) = tokio::task::spawn_blocking(move || {
+        let o = s.run_env(&["sync"], &env);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&first), 0, "{}", text(&first));
+    let writes = |counts: std::collections::BTreeMap<String, u64>| -> u64 {
+        counts
+            .iter()
+            .filter(|(k, _)| !k.starts_with("GET "))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let (lw, dw) = (
+        writes(lake.state.infra.accounting.snapshot()),
+        writes(dbx.state.infra.accounting.snapshot()),
+    );
+    assert!(lw > 10 && dw > 10, "{lw} {dw}");
+    {
+        let d = dbx.state.data();
+        assert_eq!(d[&Type::Groups].len(), 4, "TEAM_ETA found at depth 2");
+        assert_eq!(d[&Type::ServicePrincipals].len(), 1);
+        let l = lake.state.data();
+        assert_eq!(l.groups.len(), 4);
+        assert!(l.users.keys().any(|u| u.starts_with("waad|")));
+    }
+    let (s, second) = tokio::task::spawn_blocking(move || {
+        let o = s.run_env(&["sync"], &env);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&second), 0, "{}", text(&second));
+    assert_eq!(
+        text(&second).matches("in sync: nothing to do").count(),
+        2,
+        "{}",
+        text(&second)
+    );
+    assert_eq!(
+        writes(lake.state.infra.accounting.snapshot()),
+        lw,
+        "the second run wrote nothing to lakeFS"
+    );
+    assert_eq!(
+        writes(dbx.state.infra.accounting.snapshot()),
+        dw,
+        "the second run wrote nothing to Databricks"
+    );
+    for secret in [DEFAULT_CLIENT_SECRET, SECRET_ACCESS_KEY, TOKEN] {
+        assert!(!text(&first).contains(secret) && !text(&second).contains(secret));
+    }
     drop(s);
 }

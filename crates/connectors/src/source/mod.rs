@@ -1,4 +1,5 @@
 //! Sources.
 
+pub mod entra;
 pub mod file;
 pub mod memory;

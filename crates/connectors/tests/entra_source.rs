@@ -1,0 +1,179 @@
+//! The Entra source's full read against the Graph emulator: scope by name, id and filter, search
+//! depth, service principals through beta, guests, quotes and non-ASCII names, errors, throttling.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use idsync_connectors::http::HttpConfig;
+use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
+use idsync_emulators::Graph;
+use idsync_emulators::infra::ThrottleConfig;
+use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+use idsync_engine::{Scope, Source};
+use idsync_model::{Directory, Kind, Member, Secret, Snapshot, UserType};
+use std::time::Duration;
+
+fn tenant() -> Snapshot {
+    let mut d: Directory =
+        serde_json::from_str(include_str!("../../cli/src/demo/directory.json")).unwrap();
+    // A name with a quote and non-ASCII letters, and a cycle: TEAM_ETA also holds TEAM_ZETA.
+    for g in &mut d.groups {
+        if g.display_name == "TEAM_EPSILON" {
+            g.display_name = "O'Brien Équipe".into();
+        }
+    }
+    let zeta = d
+        .groups
+        .iter()
+        .find(|g| g.display_name == "TEAM_ZETA")
+        .unwrap()
+        .id
+        .clone();
+    d.groups
+        .iter_mut()
+        .find(|g| g.display_name == "TEAM_ETA")
+        .unwrap()
+        .members
+        .insert(Member::group(zeta));
+    d.try_into().unwrap()
+}
+
+fn source(g: &Graph, secret: &str) -> EntraSource {
+    EntraSource::new(EntraSourceConfig {
+        authority: g.server.base_url.clone(),
+        graph: g.server.base_url.clone(),
+        tenant_id: g.state.tenant().tenant_id.clone(),
+        client_id: DEFAULT_CLIENT_ID.into(),
+        client_secret: Secret::new(secret),
+        http: HttpConfig {
+            base_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_secs(2),
+            ..HttpConfig::new("Microsoft Graph")
+        },
+    })
+    .unwrap()
+}
+
+fn names(s: &Snapshot) -> Vec<String> {
+    let mut v: Vec<String> = s.groups.values().map(|g| g.display_name.clone()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn reads_the_scope_by_name_with_depth_and_service_principals() {
+    let g = Graph::start(Tenant::new(tenant())).await.unwrap();
+    let src = source(&g, DEFAULT_CLIENT_SECRET);
+    let scope = |depth| Scope {
+        group_names: ["TEAM_ALPHA", "O'Brien Équipe", "TEAM_ZETA", "NO_SUCH_GROUP"]
+            .map(String::from)
+            .into(),
+        search_depth: depth,
+        ..Scope::default()
+    };
+    let r = src.read_full(&scope(1)).await.unwrap();
+    assert_eq!(
+        names(&r.snapshot),
+        ["O'Brien Équipe", "TEAM_ALPHA", "TEAM_ZETA"]
+    );
+    assert!(
+        r.notes.iter().any(|n| n.contains("NO_SUCH_GROUP")),
+        "{:?}",
+        r.notes
+    );
+    assert!(
+        !r.snapshot
+            .users
+            .values()
+            .any(|u| u.user_name == "kevin@company.com"),
+        "kevin is only in the nested TEAM_ETA"
+    );
+    // The service principal is a member of TEAM_ALPHA: read through beta.
+    assert_eq!(r.snapshot.service_principals.len(), 1);
+    let alpha = r
+        .snapshot
+        .groups
+        .values()
+        .find(|g| g.display_name == "TEAM_ALPHA")
+        .unwrap();
+    assert!(
+        alpha
+            .members
+            .iter()
+            .any(|m| m.kind == Kind::ServicePrincipal)
+    );
+    let gus = r
+        .snapshot
+        .users
+        .values()
+        .find(|u| u.display_name == "Gus (Partner)")
+        .unwrap();
+    assert_eq!(gus.user_type, UserType::Guest);
+    assert_eq!(gus.emails, ["gus@partner.example"]);
+
+    let r = src.read_full(&scope(3)).await.unwrap();
+    assert_eq!(
+        names(&r.snapshot),
+        ["O'Brien Équipe", "TEAM_ALPHA", "TEAM_ETA", "TEAM_ZETA"],
+        "depth 2 found TEAM_ETA; the cycle back to TEAM_ZETA stops"
+    );
+    assert!(
+        r.snapshot
+            .users
+            .values()
+            .any(|u| u.user_name == "kevin@company.com")
+    );
+    let eta = r
+        .snapshot
+        .groups
+        .values()
+        .find(|g| g.display_name == "TEAM_ETA")
+        .unwrap();
+    assert_eq!(r.depth[&eta.id], 2);
+
+    // What it cost: one token, one lookup per name, one member read per group.
+    let counts = g.state.infra.accounting.snapshot();
+    assert_eq!(counts["POST /{tenant}/oauth2/v2.0/token"], 1, "{counts:?}");
+    assert_eq!(counts["GET /v1.0/groups"], 8, "{counts:?}");
+    assert_eq!(counts["GET /beta/groups/{id}/members"], 3 + 4, "{counts:?}");
+}
+
+#[tokio::test]
+async fn filters_select_all_errors_and_throttling() {
+    let g = Graph::start(Tenant::new(tenant())).await.unwrap();
+    let src = source(&g, DEFAULT_CLIENT_SECRET);
+    let r = src
+        .read_full(&Scope {
+            group_filter: Some("TEAM_*".into()),
+            ..Scope::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(names(&r.snapshot), ["TEAM_ALPHA", "TEAM_ETA", "TEAM_ZETA"]);
+    let r = src.read_full(&Scope::default()).await.unwrap();
+    assert_eq!(r.snapshot.groups.len(), 5, "no selector: every group");
+
+    g.state.infra.set_throttle(Some(ThrottleConfig {
+        capacity: 2.0,
+        per_second: 100.0,
+    }));
+    let r = src
+        .read_full(&Scope {
+            search_depth: 3,
+            ..Scope::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.snapshot.groups.len(), 5);
+    g.state.infra.set_throttle(None);
+
+    let e = source(&g, "not-the-secret")
+        .read_full(&Scope::default())
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("7000215") || e.message.contains("invalid_client"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("ENTRA_"), "{}", e.message);
+    assert!(!e.message.contains("not-the-secret"), "{}", e.message);
+}
