@@ -671,6 +671,19 @@ account_id = "{ACCOUNT_ID}"
         "{}",
         text(&second)
     );
+    // The second run read only the changes since the first (Graph delta), for both targets.
+    assert_eq!(
+        text(&first).matches("(full read").count(),
+        2,
+        "{}",
+        text(&first)
+    );
+    assert_eq!(
+        text(&second).matches("(incremental read").count(),
+        2,
+        "{}",
+        text(&second)
+    );
     assert_eq!(
         writes(lake.state.infra.accounting.snapshot()),
         lw,

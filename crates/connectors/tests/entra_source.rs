@@ -177,3 +177,119 @@ async fn filters_select_all_errors_and_throttling() {
     assert!(e.message.contains("ENTRA_"), "{}", e.message);
     assert!(!e.message.contains("not-the-secret"), "{}", e.message);
 }
+
+#[tokio::test]
+async fn an_incremental_read_equals_a_full_read_after_changes() {
+    use idsync_engine::Changes;
+    use idsync_model::{Group, User};
+    let g = Graph::start(Tenant::new(tenant())).await.unwrap();
+    let src = source(&g, DEFAULT_CLIENT_SECRET);
+    let scope = Scope {
+        group_names: ["TEAM_ALPHA", "O'Brien Équipe", "TEAM_ZETA", "NEW_TEAM"]
+            .map(String::from)
+            .into(),
+        search_depth: 2,
+        ..Scope::default()
+    };
+    let full = src.read_full(&scope).await.unwrap();
+    assert_eq!(full.cursors.len(), 3);
+    let id_of = |t: &idsync_emulators::tenant::Tenant, name: &str| -> String {
+        t.users
+            .values()
+            .find(|u| u.user_name == name)
+            .map(|u| u.id.clone())
+            .or_else(|| {
+                t.groups
+                    .values()
+                    .find(|g| g.display_name == name)
+                    .map(|g| g.id.clone())
+            })
+            .unwrap()
+    };
+    {
+        let mut t = g.state.tenant_mut();
+        let alpha = id_of(&t, "TEAM_ALPHA");
+        let epsilon = id_of(&t, "O'Brien Équipe");
+        let zeta = id_of(&t, "TEAM_ZETA");
+        let eta = id_of(&t, "TEAM_ETA");
+        // A new user joins TEAM_ALPHA: not in the snapshot yet, so it is fetched.
+        t.upsert_user(User {
+            id: "new-user".into(),
+            user_name: "nina@company.com".into(),
+            display_name: "Nina".into(),
+            emails: vec!["nina@company.com".into()],
+            active: true,
+            user_type: UserType::Member,
+            external_id: None,
+            attributes: Default::default(),
+        });
+        t.add_member(&alpha, Member::user("new-user"));
+        // carol leaves her only group; dave is deleted; bob is disabled.
+        let carol = id_of(&t, "carol@company.com");
+        t.remove_member(&epsilon, &Member::user(carol));
+        let dave = id_of(&t, "dave@company.com");
+        t.remove(Kind::User, &dave);
+        let mut bob = t.users[&id_of(&t, "bob@company.com")].clone();
+        bob.active = false;
+        t.upsert_user(bob);
+        // The nested group is renamed; the service principal joins TEAM_ZETA too.
+        let mut g_eta = t.groups[&eta].clone();
+        g_eta.display_name = "TEAM_ETA_PLATFORM".into();
+        t.upsert_group(g_eta);
+        let sp = t.service_principals.keys().next().unwrap().clone();
+        t.add_member(&zeta, Member::service_principal(sp));
+        // A group with a name the scope asks for appears.
+        let alice = id_of(&t, "alice@company.com");
+        t.upsert_group(Group {
+            id: "new-team".into(),
+            display_name: "NEW_TEAM".into(),
+            description: None,
+            security_enabled: true,
+            mail_enabled: false,
+            members: [Member::user(alice)].into(),
+        });
+    }
+    g.state.infra.accounting.reset();
+    let Changes::Read(inc) = src
+        .read_changes(&scope, &full.snapshot, &full.cursors)
+        .await
+        .unwrap()
+    else {
+        panic!("expected changes")
+    };
+    let incremental_requests = g.state.infra.accounting.total();
+    let again = src.read_full(&scope).await.unwrap();
+    assert_eq!(inc.snapshot, again.snapshot, "incremental == full");
+    assert!(inc.snapshot.users.contains_key("new-user"));
+    assert!(
+        !inc.snapshot
+            .users
+            .values()
+            .any(|u| u.user_name == "carol@company.com"),
+        "carol left every synced group"
+    );
+    assert_ne!(inc.cursors, full.cursors);
+    assert!(
+        incremental_requests <= 8,
+        "the changes cost {incremental_requests} requests"
+    );
+
+    // A second incremental read with the new cursors sees nothing new.
+    let Changes::Read(quiet) = src
+        .read_changes(&scope, &inc.snapshot, &inc.cursors)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(quiet.snapshot, inc.snapshot);
+
+    // An expired token: the caller reads in full.
+    g.state.tenant_mut().expire_delta_tokens();
+    assert!(matches!(
+        src.read_changes(&scope, &inc.snapshot, &inc.cursors)
+            .await
+            .unwrap(),
+        Changes::Expired(_)
+    ));
+}

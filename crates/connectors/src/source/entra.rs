@@ -3,15 +3,21 @@
 //! names, then walked to the search depth; members are read from `/beta` (v1.0 leaves service
 //! principals out) with a minimal `$select`, so users and service principals come with the member
 //! lists and need no request of their own. Authentication here: a client secret, with the token
-//! cached and renewed before it expires. Change feeds (delta) are not read yet: every run reads the
-//! scope in full.
+//! cached and renewed before it expires.
+//!
+//! Incremental reads follow Graph's delta queries for groups (with `members@delta`, member by
+//! member), users and service principals: renames, disables and deletions, members joining and
+//! leaving, groups entering the scope (read in full). An expired token makes the caller read in
+//! full. The cursors are stored by the caller only after a successful apply.
 
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError};
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::scope::{Scope, fnmatch};
 use idsync_engine::{Changes, Read, Source, SourceError};
-use idsync_model::{Group, Member, ReadMode, Secret, ServicePrincipal, Snapshot, User, UserType};
+use idsync_model::{
+    Group, Kind, Member, ReadMode, Secret, ServicePrincipal, Snapshot, User, UserType,
+};
 use reqwest::Method;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -311,18 +317,39 @@ impl EntraSource {
     }
 }
 
-#[async_trait]
-impl Source for EntraSource {
-    async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError> {
-        let mut notes = Vec::new();
-        let mut snap = Snapshot::default();
-        let mut depth: BTreeMap<String, u32> = BTreeMap::new();
-        let mut frontier: Vec<Group> = self.roots(scope, &mut notes).await?;
-        for g in &frontier {
-            depth.insert(g.id.clone(), 1);
-        }
+/// Cursor names in the agreement state.
+const CURSOR_GROUPS: &str = "graph.groups";
+const CURSOR_USERS: &str = "graph.users";
+const CURSOR_SPS: &str = "graph.servicePrincipals";
+const GROUP_DELTA_SELECT: &str = "displayName,description,securityEnabled,mailEnabled,members";
+const USER_DELTA_SELECT: &str =
+    "displayName,userPrincipalName,mail,otherMails,accountEnabled,userType,onPremisesImmutableId";
+const SP_DELTA_SELECT: &str = "appId,displayName,accountEnabled";
+
+fn member_of(m: &Value) -> Option<Member> {
+    let id = text(m, "id")?;
+    Some(match m.get("@odata.type").and_then(Value::as_str)? {
+        "#microsoft.graph.user" => Member::user(id),
+        "#microsoft.graph.servicePrincipal" => Member::service_principal(id),
+        "#microsoft.graph.group" => Member::group(id),
+        _ => return None,
+    })
+}
+
+impl EntraSource {
+    /// Reads `frontier` and walks nested groups down to the search depth, adding what it finds.
+    async fn expand(
+        &self,
+        mut frontier: Vec<Group>,
+        mut level: u32,
+        scope: &Scope,
+        snap: &mut Snapshot,
+        depth: &mut BTreeMap<String, u32>,
+    ) -> Result<(), SourceError> {
         let workers = self.cfg.http.max_concurrency.max(1);
-        let mut level = 1u32;
+        for g in &frontier {
+            depth.insert(g.id.clone(), level);
+        }
         while !frontier.is_empty() {
             let ids: Vec<String> = frontier.iter().map(|g| g.id.clone()).collect();
             let reads = futures::stream::iter(ids.into_iter().map(|id| self.members(id)))
@@ -333,39 +360,148 @@ impl Source for EntraSource {
             for (mut g, r) in frontier.into_iter().zip(reads) {
                 let (_, members) = r?;
                 for m in &members {
-                    let Some(id) = text(m, "id") else { continue };
-                    match m.get("@odata.type").and_then(Value::as_str) {
-                        Some("#microsoft.graph.user") => {
+                    let Some(member) = member_of(m) else { continue }; // devices, contacts
+                    match member.kind {
+                        Kind::User => {
                             if let Some(u) = user_of(m) {
-                                snap.users.entry(id.clone()).or_insert(u);
+                                snap.users.entry(u.id.clone()).or_insert(u);
                             }
-                            g.members.insert(Member::user(id));
                         }
-                        Some("#microsoft.graph.servicePrincipal") => {
-                            if let Some(s) = sp_of(m) {
-                                snap.service_principals.entry(id.clone()).or_insert(s);
+                        Kind::ServicePrincipal => {
+                            if let Some(sp) = sp_of(m) {
+                                snap.service_principals.entry(sp.id.clone()).or_insert(sp);
                             }
-                            g.members.insert(Member::service_principal(id));
                         }
-                        Some("#microsoft.graph.group") => {
-                            g.members.insert(Member::group(id.clone()));
+                        Kind::Group => {
                             if level < scope.search_depth
-                                && !depth.contains_key(&id)
+                                && !depth.contains_key(&member.id)
+                                && !snap.groups.contains_key(&member.id)
                                 && let Some(child) = group_of(m)
                                     .filter(|c| c.security_enabled || scope.include_non_security)
                             {
-                                depth.insert(id, level + 1);
+                                depth.insert(member.id.clone(), level + 1);
                                 next.push(child);
                             }
                         }
-                        _ => {} // devices, contacts: not principals idsync syncs
                     }
+                    g.members.insert(member);
                 }
+                snap.incomplete_groups.remove(&g.id);
                 snap.groups.insert(g.id.clone(), g);
             }
             frontier = next;
             level += 1;
         }
+        Ok(())
+    }
+
+    /// A deltaLink that starts from now (`$deltatoken=latest`).
+    async fn latest(&self, path: &str, select: &str) -> Result<String, SourceError> {
+        let url = format!(
+            "{}/{path}/delta?$deltatoken=latest&$select={select}",
+            self.root()
+        );
+        let auth = self.auth().await?;
+        let a = self
+            .http
+            .send(Method::GET, &url, &auth, &[], None, true)
+            .await
+            .map_err(source_error)?;
+        let v: Value = a
+            .json("Microsoft Graph", "a delta token")
+            .map_err(source_error)?;
+        text(&v, "@odata.deltaLink").ok_or_else(|| {
+            SourceError::new("Microsoft Graph answered a delta request without a deltaLink")
+        })
+    }
+
+    /// The changes since a deltaLink, page by page, and the next deltaLink. `Ok(None)`: the token
+    /// expired (410, `syncStateNotFound`, `resyncRequired`).
+    async fn changes(&self, link: &str) -> Result<Option<(Vec<Value>, String)>, SourceError> {
+        let mut items = Vec::new();
+        let mut url = link.to_owned();
+        loop {
+            let auth = self.auth().await?;
+            let a = match self
+                .http
+                .send(Method::GET, &url, &auth, &[], None, true)
+                .await
+            {
+                Ok(a) => a,
+                Err(e)
+                    if e.kind == ErrorKind::Gone
+                        || matches!(
+                            e.code.as_deref(),
+                            Some("syncStateNotFound" | "resyncRequired")
+                        ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(source_error(e)),
+            };
+            let page: Value = a
+                .json("Microsoft Graph", "a delta page")
+                .map_err(source_error)?;
+            if let Some(v) = page.get("value").and_then(Value::as_array) {
+                items.extend(v.iter().cloned());
+            }
+            if let Some(next) = text(&page, "@odata.nextLink") {
+                url = next;
+            } else if let Some(delta) = text(&page, "@odata.deltaLink") {
+                return Ok(Some((items, delta)));
+            } else {
+                return Err(SourceError::new(
+                    "Microsoft Graph ended a delta round without a deltaLink",
+                ));
+            }
+        }
+    }
+
+    /// Users or service principals by id, 15 at a time (the most an `in` filter takes).
+    async fn by_ids(
+        &self,
+        path: &str,
+        ids: &[String],
+        select: &str,
+    ) -> Result<Vec<Value>, SourceError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(15) {
+            let list: Vec<String> = chunk.iter().map(|i| odata_literal(i)).collect();
+            let url = format!(
+                "{}/v1.0/{path}?$filter=id%20in%20({})&$select=id,{select}",
+                self.root(),
+                list.join(",")
+            );
+            out.extend(self.all(url).await?);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Source for EntraSource {
+    async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError> {
+        // Cursors first: a change made while the scope is read is replayed next time, not lost.
+        let cursors = BTreeMap::from([
+            (
+                CURSOR_GROUPS.to_owned(),
+                self.latest("beta/groups", GROUP_DELTA_SELECT).await?,
+            ),
+            (
+                CURSOR_USERS.to_owned(),
+                self.latest("v1.0/users", USER_DELTA_SELECT).await?,
+            ),
+            (
+                CURSOR_SPS.to_owned(),
+                self.latest("v1.0/servicePrincipals", SP_DELTA_SELECT)
+                    .await?,
+            ),
+        ]);
+        let mut notes = Vec::new();
+        let mut snap = Snapshot::default();
+        let mut depth: BTreeMap<String, u32> = BTreeMap::new();
+        let roots = self.roots(scope, &mut notes).await?;
+        self.expand(roots, 1, scope, &mut snap, &mut depth).await?;
         if scope.all_users {
             let url = format!(
                 "{}/v1.0/users?$select={MEMBER_SELECT}&$top=999",
@@ -377,7 +513,7 @@ impl Source for EntraSource {
         }
         Ok(Read {
             snapshot: snap,
-            cursors: BTreeMap::new(),
+            cursors,
             mode: ReadMode::Full,
             depth,
             notes,
@@ -386,11 +522,169 @@ impl Source for EntraSource {
 
     async fn read_changes(
         &self,
-        _scope: &Scope,
-        _base: &Snapshot,
-        _cursors: &BTreeMap<String, String>,
+        scope: &Scope,
+        base: &Snapshot,
+        cursors: &BTreeMap<String, String>,
     ) -> Result<Changes, SourceError> {
-        Ok(Changes::Unsupported)
+        let (Some(gl), Some(ul), Some(sl)) = (
+            cursors.get(CURSOR_GROUPS),
+            cursors.get(CURSOR_USERS),
+            cursors.get(CURSOR_SPS),
+        ) else {
+            return Ok(Changes::Unsupported);
+        };
+        let expired =
+            || Changes::Expired("the Graph delta token expired (Graph keeps them 7 days)".into());
+        let Some((groups, gl2)) = self.changes(gl).await? else {
+            return Ok(expired());
+        };
+        let Some((users, ul2)) = self.changes(ul).await? else {
+            return Ok(expired());
+        };
+        let Some((sps, sl2)) = self.changes(sl).await? else {
+            return Ok(expired());
+        };
+
+        let mut snap = base.clone();
+        let mut new_groups: Vec<Group> = Vec::new();
+        let mut need: BTreeSet<Member> = BTreeSet::new();
+        for item in &groups {
+            let Some(id) = text(item, "id") else { continue };
+            if item.get("@removed").is_some() {
+                snap.apply_change(&idsync_model::Change::Remove(Member::group(id)));
+                continue;
+            }
+            let Some(g) = group_of(item) else { continue };
+            if snap.groups.contains_key(&id) {
+                if item.get("displayName").is_some() {
+                    snap.apply_change(&idsync_model::Change::UpsertGroup {
+                        id: id.clone(),
+                        display_name: g.display_name.clone(),
+                        description: g.description.clone(),
+                    });
+                }
+                for m in item
+                    .get("members@delta")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let Some(member) = member_of(m) else { continue };
+                    if m.get("@removed").is_some() {
+                        snap.apply_change(&idsync_model::Change::RemoveMember {
+                            group: id.clone(),
+                            member,
+                        });
+                    } else {
+                        if !snap.contains(member.kind, &member.id) {
+                            need.insert(member.clone());
+                        }
+                        snap.apply_change(&idsync_model::Change::AddMember {
+                            group: id.clone(),
+                            member,
+                        });
+                    }
+                }
+            } else if scope.group_ids.contains(&id)
+                || scope.group_names.contains(&g.display_name)
+                || scope
+                    .group_filter
+                    .as_deref()
+                    .is_some_and(|p| fnmatch(p, &g.display_name))
+            {
+                // New to the scope: read it in full.
+                if g.security_enabled || scope.include_non_security {
+                    new_groups.push(g);
+                }
+            }
+        }
+        for item in &users {
+            let Some(id) = text(item, "id") else { continue };
+            if item.get("@removed").is_some() {
+                snap.apply_change(&idsync_model::Change::Remove(Member::user(id)));
+            } else if snap.users.contains_key(&id)
+                && let Some(u) = user_of(item)
+            {
+                snap.apply_change(&idsync_model::Change::UpsertUser(u));
+            }
+        }
+        for item in &sps {
+            let Some(id) = text(item, "id") else { continue };
+            if item.get("@removed").is_some() {
+                snap.apply_change(&idsync_model::Change::Remove(Member::service_principal(id)));
+            } else if snap.service_principals.contains_key(&id)
+                && let Some(sp) = sp_of(item)
+            {
+                snap.apply_change(&idsync_model::Change::UpsertServicePrincipal(sp));
+            }
+        }
+        // Members new to the snapshot: fetched by id; nested groups within the depth: read in full.
+        let ids = |k: Kind| {
+            need.iter()
+                .filter(|m| m.kind == k)
+                .map(|m| m.id.clone())
+                .collect::<Vec<_>>()
+        };
+        for u in self
+            .by_ids("users", &ids(Kind::User), USER_DELTA_SELECT)
+            .await?
+            .iter()
+            .filter_map(user_of)
+        {
+            snap.users.entry(u.id.clone()).or_insert(u);
+        }
+        for sp in self
+            .by_ids(
+                "servicePrincipals",
+                &ids(Kind::ServicePrincipal),
+                SP_DELTA_SELECT,
+            )
+            .await?
+            .iter()
+            .filter_map(sp_of)
+        {
+            snap.service_principals.entry(sp.id.clone()).or_insert(sp);
+        }
+        let mut depth: BTreeMap<String, u32> = snap.groups.keys().map(|g| (g.clone(), 1)).collect();
+        if scope.search_depth > 1 {
+            let nested: Vec<String> = ids(Kind::Group)
+                .into_iter()
+                .filter(|g| !snap.groups.contains_key(g))
+                .collect();
+            for chunk in nested.chunks(15) {
+                let list: Vec<String> = chunk.iter().map(|i| odata_literal(i)).collect();
+                let url = format!(
+                    "{}/v1.0/groups?$filter=id%20in%20({})&$select={GROUP_SELECT}",
+                    self.root(),
+                    list.join(",")
+                );
+                let found: Vec<Group> = self
+                    .all(url)
+                    .await?
+                    .iter()
+                    .filter_map(group_of)
+                    .filter(|g| g.security_enabled || scope.include_non_security)
+                    .collect();
+                self.expand(found, 2, scope, &mut snap, &mut depth).await?;
+            }
+        }
+        self.expand(new_groups, 1, scope, &mut snap, &mut depth)
+            .await?;
+        if !scope.all_users {
+            snap.prune_unreachable();
+        }
+        let cursors = BTreeMap::from([
+            (CURSOR_GROUPS.to_owned(), gl2),
+            (CURSOR_USERS.to_owned(), ul2),
+            (CURSOR_SPS.to_owned(), sl2),
+        ]);
+        Ok(Changes::Read(Read {
+            snapshot: snap,
+            cursors,
+            mode: ReadMode::Incremental,
+            depth,
+            notes: Vec::new(),
+        }))
     }
 }
 
