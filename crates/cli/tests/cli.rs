@@ -411,6 +411,13 @@ fn the_demo_prints_a_full_and_an_incremental_plan() {
     assert_eq!(code(&o), 0, "{t}");
     assert!(t.contains("(full read, state version 0)"), "{t}");
     assert!(t.contains("(incremental read, state version 2)"), "{t}");
+    // Through the emulators, with the real Entra source and lakeFS / Databricks targets.
+    assert!(
+        t.contains("→ Databricks account (emulated, http://127.0.0.1:"),
+        "{t}"
+    );
+    assert!(t.contains("→ lakeFS (emulated, http://127.0.0.1:"), "{t}");
+    assert!(t.contains("requests: Microsoft Graph"), "{t}");
     assert!(
         t.contains("key: \"TEAM_ETA\" → \"TEAM_ETA_PLATFORM\""),
         "{t}"

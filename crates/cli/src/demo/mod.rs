@@ -1,31 +1,34 @@
-//! `idsync demo`: the whole job on an embedded directory, with no cloud account. A full sync into
-//! two targets (one that nests groups like Databricks, one that holds only users like lakeFS), a
-//! few edits in the directory, an incremental sync that reads only those edits, and a last run that
-//! finds nothing to do. State and targets live in a local folder you can inspect afterwards.
+//! `idsync demo`: the whole job with no cloud account. It starts emulators of Microsoft Graph (with
+//! its token endpoint), the lakeFS auth API and the Databricks account SCIM API on 127.0.0.1,
+//! loads an embedded directory into the Graph one, and runs idsync's real Entra source and real
+//! lakeFS and Databricks targets against them: a full sync, a few edits in the directory, an
+//! incremental sync that reads only those edits (Graph delta), and a last run that finds nothing to
+//! do. State lives in a local folder you can inspect afterwards.
 
 use crate::output::Printer;
 use crate::run::{self, Agreement, Mode, ReadCache, RunOptions};
-use anyhow::{Context, Result};
-use idsync_connectors::source::memory::MemorySource;
-use idsync_connectors::target::file::{FileTarget, Profile};
+use anyhow::{Context, Result, anyhow};
+use idsync_connectors::http::HttpConfig;
+use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
+use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
+use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
+use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+use idsync_emulators::{Databricks, Graph, Lakefs};
 use idsync_engine::{Mapping, Policy, Scope, Target};
-use idsync_model::{Change, Directory, Member, Snapshot};
+use idsync_model::{Directory, Member, Secret, Snapshot};
 use idsync_state::{LocalStore, StateStore};
 use std::path::Path;
 use std::time::Duration;
 
 const DIRECTORY: &str = include_str!("directory.json");
 
-/// Edits made to the directory between two steps.
-type Edit = fn(&MemorySource, &Snapshot);
-
-fn id(dir: &Snapshot, name: &str) -> String {
-    dir.users
+fn id(t: &Tenant, name: &str) -> String {
+    t.users
         .values()
         .find(|u| u.user_name == name)
         .map(|u| u.id.clone())
         .or_else(|| {
-            dir.groups
+            t.groups
                 .values()
                 .find(|g| g.display_name == name)
                 .map(|g| g.id.clone())
@@ -33,23 +36,75 @@ fn id(dir: &Snapshot, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Runs the demo in `dir` (emptied of a previous demo's files first).
+/// Edits in the directory, as an administrator makes them in Entra ID.
+fn edit(g: &Graph) {
+    let mut t = g.state.tenant_mut();
+    let bob = id(&t, "bob@company.com");
+    if let Some(mut u) = t.users.get(&bob).cloned() {
+        u.active = false;
+        t.upsert_user(u);
+    }
+    let (alpha, frank) = (id(&t, "TEAM_ALPHA"), id(&t, "frank@company.com"));
+    t.add_member(&alpha, Member::user(frank));
+    let (eta, kevin) = (id(&t, "TEAM_ETA"), id(&t, "kevin@company.com"));
+    t.remove_member(&eta, &Member::user(kevin));
+    if let Some(mut grp) = t.groups.get(&eta).cloned() {
+        grp.display_name = "TEAM_ETA_PLATFORM".into();
+        t.upsert_group(grp);
+    }
+}
+
+/// Runs the demo, with its state in `dir` (emptied of a previous demo's state first).
 pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
     let mut p = Printer::stdout(verbose);
-    for f in ["state", "databricks.json", "lakefs.json"] {
-        let path = dir.join(f);
-        if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("clearing {}", path.display()))?;
-        } else if path.exists() {
-            std::fs::remove_file(&path).with_context(|| format!("clearing {}", path.display()))?;
-        }
+    let state_dir = dir.join("state");
+    if state_dir.is_dir() {
+        std::fs::remove_dir_all(&state_dir)
+            .with_context(|| format!("clearing {}", state_dir.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
     let directory: Directory = serde_json::from_str(DIRECTORY).context("the embedded directory")?;
     let directory: Snapshot = directory.try_into().context("the embedded directory")?;
-    let source = MemorySource::new(directory.clone());
+    let graph = Graph::start(Tenant::new(directory))
+        .await
+        .context("starting the Graph emulator")?;
+    let lake = Lakefs::start_on(0)
+        .await
+        .context("starting the lakeFS emulator")?;
+    let dbx = Databricks::start_on(0, None)
+        .await
+        .context("starting the Databricks emulator")?;
+
+    let http = |service: &str| HttpConfig {
+        max_concurrency: 4,
+        ..HttpConfig::new(service)
+    };
+    let source = EntraSource::new(EntraSourceConfig {
+        authority: graph.server.base_url.clone(),
+        graph: graph.server.base_url.clone(),
+        tenant_id: graph.state.tenant().tenant_id.clone(),
+        client_id: DEFAULT_CLIENT_ID.into(),
+        client_secret: Secret::new(DEFAULT_CLIENT_SECRET),
+        http: http("Microsoft Graph"),
+    })
+    .map_err(|e| anyhow!(e.message))?;
+    let lakefs = LakefsTarget::new(LakefsConfig {
+        endpoint: lake.server.base_url.clone(),
+        access_key_id: idsync_emulators::lakefs::ACCESS_KEY_ID.into(),
+        secret_access_key: Secret::new(idsync_emulators::lakefs::SECRET_ACCESS_KEY),
+        http: http("lakeFS"),
+    })
+    .map_err(|e| anyhow!(e.message))?;
+    let databricks = DatabricksTarget::new(DatabricksConfig {
+        host: dbx.server.base_url.clone(),
+        account_id: idsync_emulators::databricks::ACCOUNT_ID.into(),
+        auth: DatabricksAuth::Token(Secret::new(idsync_emulators::databricks::TOKEN)),
+        http: http("Databricks"),
+        member_chunk: 100,
+    })
+    .map_err(|e| anyhow!(e.message))?;
+
     let scope = Scope {
         group_names: ["TEAM_ALPHA", "TEAM_EPSILON", "TEAM_ZETA"]
             .map(String::from)
@@ -57,9 +112,7 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         search_depth: 2,
         ..Scope::default()
     };
-    let store = LocalStore::new(&dir.join("state").display().to_string());
-    let dbx_path = dir.join("databricks.json");
-    let lake_path = dir.join("lakefs.json");
+    let store = LocalStore::new(&state_dir.display().to_string());
     let dbx_mapping = Mapping::defaults();
     let mut lake_mapping = Mapping::defaults();
     lake_mapping.group_policies = ["AuthManageOwnCredentials", "FSReadAll"]
@@ -75,54 +128,57 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         lease: Duration::from_secs(300),
     };
 
-    p.heading("idsync demo: an embedded Entra-like directory synced into a Databricks-like and a lakeFS-like target");
+    p.heading("idsync demo: an Entra ID tenant synced into lakeFS and the Databricks account, all emulated on 127.0.0.1");
+    p.note(&format!(
+        "Microsoft Graph and its token endpoint: {}",
+        graph.server.base_url
+    ));
+    p.note(&format!("lakeFS auth API: {}", lake.api_url()));
+    p.note(&format!("Databricks account SCIM: {}", dbx.scim_url()));
     p.note("scope: groups TEAM_ALPHA, TEAM_EPSILON, TEAM_ZETA with --group-search-depth 2, so TEAM_ETA (nested in TEAM_ZETA) is found too");
-    p.note("the Databricks-like target nests groups and has service principals; the lakeFS-like one holds only users, so nested groups are flattened");
-    p.note(&format!("state and targets: {}", dir.display()));
+    p.note("Databricks nests groups and has service principals; lakeFS groups hold only users, so nested groups are flattened");
+    p.note(&format!("state: {}", state_dir.display()));
 
     let mut worst = run::exit::OK;
-    let steps: [(&str, Option<Edit>); 3] = [
+    let steps: [(&str, bool); 3] = [
         (
             "Step 1 of 3: full sync (no state yet, so the whole scope is read)",
-            None,
+            false,
         ),
         (
-            "Step 2 of 3: incremental sync after edits in the directory",
-            Some(edit),
+            "Step 2 of 3: incremental sync after edits in Entra ID (only the changes are read, from Graph delta)",
+            true,
         ),
-        ("Step 3 of 3: run again with no change", None),
+        ("Step 3 of 3: run again with no change", false),
     ];
     for (title, change) in steps {
         p.heading(title);
-        if let Some(change) = change {
-            change(&source, &directory);
+        if change {
+            edit(&graph);
             for line in [
                 "bob@company.com is disabled",
                 "frank@company.com joins TEAM_ALPHA",
                 "kevin@company.com leaves TEAM_ETA, his only group: he drops out of the scope and is kept, as deprovision = \"none\"",
-                "the nested TEAM_ETA is renamed TEAM_ETA_PLATFORM (renamed in place where the target can rename a group; a new group where it cannot)",
+                "the nested TEAM_ETA is renamed TEAM_ETA_PLATFORM (renamed in place in Databricks; lakeFS cannot rename a group, so a new one is made)",
             ] {
                 p.note(line);
             }
         }
         let mut cache = ReadCache::default();
-        // Each step opens the targets afresh, as a new process would.
-        let dbx = FileTarget::open(&dbx_path, Profile::Databricks)?;
-        let lake = FileTarget::open(&lake_path, Profile::Lakefs)?;
         let agreements = [
             Agreement {
                 name: "databricks",
-                target: &dbx as &dyn Target,
+                target: &databricks as &dyn Target,
                 mapping: &dbx_mapping,
                 policy: &policy,
-                describe: format!("file {} (Databricks-like)", dbx_path.display()),
+                describe: format!("Databricks account (emulated, {})", dbx.server.base_url),
             },
             Agreement {
                 name: "lakefs",
-                target: &lake as &dyn Target,
+                target: &lakefs as &dyn Target,
                 mapping: &lake_mapping,
                 policy: &policy,
-                describe: format!("file {} (lakeFS-like)", lake_path.display()),
+                describe: format!("lakeFS (emulated, {})", lake.server.base_url),
             },
         ];
         for a in &agreements {
@@ -135,43 +191,32 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
     for name in store.list()? {
         if let Some(st) = store.load(&name)? {
             p.note(&format!(
-                "{name}: state version {}, {} principals owned, cursor {:?}",
+                "{name}: state version {}, {} principals owned",
                 st.version,
-                st.owned_count(),
-                st.cursors
-                    .values()
-                    .next()
-                    .map(String::as_str)
-                    .unwrap_or("-")
+                st.owned_count()
             ));
         }
     }
+    let count = |c: std::collections::BTreeMap<String, u64>| {
+        (
+            c.values().sum::<u64>(),
+            c.iter()
+                .filter(|(k, _)| !k.starts_with("GET "))
+                .map(|(_, v)| v)
+                .sum::<u64>(),
+        )
+    };
+    let (gr, _) = count(graph.state.infra.accounting.snapshot());
+    let (lr, lw) = count(lake.state.infra.accounting.snapshot());
+    let (dr, dw) = count(dbx.state.infra.accounting.snapshot());
     p.note(&format!(
-        "inspect: idsync state show --state {}",
-        dir.join("state").display()
+        "requests: Microsoft Graph {gr}; lakeFS {lr} ({lw} writes); Databricks {dr} ({dw} writes)"
+    ));
+    p.note(&format!(
+        "inspect the state: idsync state show --state {}",
+        state_dir.display()
     ));
     Ok(worst)
-}
-
-fn edit(source: &MemorySource, dir: &Snapshot) {
-    let user = |name: &str| dir.users.get(&id(dir, name)).cloned();
-    if let Some(mut bob) = user("bob@company.com") {
-        bob.active = false;
-        source.edit(Change::UpsertUser(bob));
-    }
-    source.edit(Change::AddMember {
-        group: id(dir, "TEAM_ALPHA"),
-        member: Member::user(id(dir, "frank@company.com")),
-    });
-    source.edit(Change::RemoveMember {
-        group: id(dir, "TEAM_ETA"),
-        member: Member::user(id(dir, "kevin@company.com")),
-    });
-    source.edit(Change::UpsertGroup {
-        id: id(dir, "TEAM_ETA"),
-        display_name: "TEAM_ETA_PLATFORM".into(),
-        description: None,
-    });
 }
 
 #[cfg(test)]
@@ -181,6 +226,5 @@ mod tests {
         let d: idsync_model::Directory = serde_json::from_str(super::DIRECTORY).unwrap();
         let s: idsync_model::Snapshot = d.try_into().unwrap();
         assert_eq!(s.groups.len(), 5);
-        assert!(!super::id(&s, "TEAM_ETA").is_empty());
     }
 }
