@@ -544,6 +544,21 @@ impl Http {
     }
 }
 
+/// Percent-encodes `s` for a URL path segment, a query value or a form field: everything but the
+/// unreserved characters (RFC 3986) and those in `keep` is escaped, byte by byte (UTF-8).
+pub fn percent_encode(s: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || keep.contains(&b)
+        {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A transport error's message without the URL (which may hold a token in its query).
 fn transport_message(e: reqwest::Error) -> String {
     let e = e.without_url();

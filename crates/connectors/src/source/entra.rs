@@ -10,7 +10,7 @@
 //! leaving, groups entering the scope (read in full). An expired token makes the caller read in
 //! full. The cursors are stored by the caller only after a successful apply.
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError};
+use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::scope::{Scope, fnmatch};
@@ -54,16 +54,7 @@ const MEMBER_SELECT: &str = "id,displayName,description,securityEnabled,mailEnab
 
 /// Escapes a string literal for an OData `$filter` (`'` becomes `''`), and percent-encodes it.
 pub fn odata_literal(s: &str) -> String {
-    let quoted = format!("'{}'", s.replace('\'', "''"));
-    let mut out = String::new();
-    for b in quoted.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'\'') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encode(&format!("'{}'", s.replace('\'', "''")), b"'")
 }
 
 fn source_error(e: HttpError) -> SourceError {
@@ -161,17 +152,7 @@ impl EntraSource {
             self.cfg.authority.trim_end_matches('/'),
             self.cfg.tenant_id
         );
-        let form = |s: &str| {
-            s.bytes()
-                .map(|b| {
-                    if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                        (b as char).to_string()
-                    } else {
-                        format!("%{b:02X}")
-                    }
-                })
-                .collect::<String>()
-        };
+        let form = |s: &str| percent_encode(s, b"");
         let body = format!(
             "grant_type=client_credentials&client_id={}&client_secret={}&scope={}",
             form(&self.cfg.client_id),

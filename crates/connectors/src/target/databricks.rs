@@ -5,7 +5,7 @@
 //! added and removed by PATCH in chunks. Auth: a personal access / SCIM provisioning token, or
 //! Databricks OAuth machine-to-machine (client id and secret), refreshed before it expires.
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError};
+use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
@@ -49,19 +49,6 @@ pub enum DatabricksAuth {
 
 /// The Azure Databricks resource id: the audience of Entra tokens for Databricks.
 pub const AZURE_DATABRICKS_RESOURCE: &str = "2ff814a6-3304-4ab8-85cb-cd0e6f879c1d";
-
-/// Form-encodes one value.
-fn form(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 /// Where and how to reach the account.
 #[derive(Clone, Debug)]
@@ -184,13 +171,13 @@ impl DatabricksTarget {
                 format!(
                     "{}/{}/oauth2/token",
                     authority.trim_end_matches('/'),
-                    form(tenant_id)
+                    percent_encode(tenant_id, b"")
                 ),
                 Auth::None,
                 format!(
                     "grant_type=client_credentials&client_id={}&client_secret={}&resource={AZURE_DATABRICKS_RESOURCE}",
-                    form(client_id),
-                    form(client_secret.expose())
+                    percent_encode(client_id, b""),
+                    percent_encode(client_secret.expose(), b"")
                 ),
                 "Entra ID",
             ),

@@ -4,7 +4,8 @@
 //! set through the API, so only their existence and memberships are managed. Default policies are
 //! attached to the groups idsync creates (`LAKEFS_DEFAULT_POLICIES`).
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError};
+use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
+
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
@@ -15,6 +16,11 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::BTreeSet;
+
+/// Percent-encodes one path segment (user ids like `waad|...` or LDAP DNs).
+fn seg(s: &str) -> String {
+    percent_encode(s, b"")
+}
 
 /// Where and how to reach lakeFS.
 #[derive(Clone, Debug)]
@@ -67,19 +73,6 @@ struct LGroup {
 #[derive(Deserialize)]
 struct LPolicy {
     id: String,
-}
-
-/// Percent-encodes one path segment (user ids like `waad|...` or LDAP DNs).
-fn seg(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn target_error(e: HttpError) -> TargetError {
