@@ -544,6 +544,56 @@ impl Http {
     }
 }
 
+/// An access token from an OAuth token endpoint (a client-credentials form post), cached until
+/// `margin` before it expires. The Entra source and the Databricks target share it.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    cached: tokio::sync::Mutex<Option<(Secret, Instant)>>,
+}
+
+impl TokenCache {
+    /// The cached token, or a fresh one from `url`. The token endpoint's `expires_in` may be a
+    /// number (v2, OAuth) or a string (Entra's v1 endpoint).
+    pub async fn get(
+        &self,
+        http: &Http,
+        url: &str,
+        auth: &Auth,
+        form: String,
+        service: &str,
+        margin: Duration,
+    ) -> Result<Secret, HttpError> {
+        let mut cached = self.cached.lock().await;
+        if let Some((t, exp)) = cached.as_ref()
+            && *exp > Instant::now() + margin
+        {
+            return Ok(t.clone());
+        }
+        let body = Some(("application/x-www-form-urlencoded", form.into_bytes()));
+        let a = http.send(Method::POST, url, auth, &[], body, true).await?;
+        let v: serde_json::Value = a.json(service, "the token request")?;
+        let Some(token) = v.get("access_token").and_then(|t| t.as_str()) else {
+            return Err(HttpError {
+                kind: ErrorKind::Protocol,
+                status: Some(a.status.as_u16()),
+                code: None,
+                request_id: request_id(&a.headers),
+                message: format!("{service} answered the token request without an access_token"),
+            });
+        };
+        let ttl = v
+            .get("expires_in")
+            .and_then(|x| {
+                x.as_u64()
+                    .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+            })
+            .unwrap_or(3599);
+        let secret = Secret::new(token);
+        *cached = Some((secret.clone(), Instant::now() + Duration::from_secs(ttl)));
+        Ok(secret)
+    }
+}
+
 /// Percent-encodes `s` for a URL path segment, a query value or a form field: everything but the
 /// unreserved characters (RFC 3986) and those in `keep` is escaped, byte by byte (UTF-8).
 pub fn percent_encode(s: &str, keep: &[u8]) -> String {

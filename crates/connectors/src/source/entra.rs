@@ -10,7 +10,7 @@
 //! leaving, groups entering the scope (read in full). An expired token makes the caller read in
 //! full. The cursors are stored by the caller only after a successful apply.
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
+use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, TokenCache, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::scope::{Scope, fnmatch};
@@ -21,8 +21,7 @@ use idsync_model::{
 use reqwest::Method;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
+use std::time::Duration;
 
 /// Where and how to read Entra ID.
 #[derive(Clone, Debug)]
@@ -46,7 +45,7 @@ pub struct EntraSourceConfig {
 pub struct EntraSource {
     cfg: EntraSourceConfig,
     http: Http,
-    token: Mutex<Option<(Secret, Instant)>>,
+    token: TokenCache,
 }
 
 const GROUP_SELECT: &str = "id,displayName,description,securityEnabled,mailEnabled";
@@ -134,19 +133,13 @@ impl EntraSource {
         Ok(EntraSource {
             cfg,
             http,
-            token: Mutex::new(None),
+            token: TokenCache::default(),
         })
     }
 
     /// A Graph token, fetched again five minutes before it expires (a long run never uses a stale
     /// one).
     async fn auth(&self) -> Result<Auth, SourceError> {
-        let mut cached = self.token.lock().await;
-        if let Some((t, exp)) = cached.as_ref()
-            && *exp > Instant::now() + Duration::from_secs(300)
-        {
-            return Ok(Auth::Bearer(t.clone()));
-        }
         let url = format!(
             "{}/{}/oauth2/v2.0/token",
             self.cfg.authority.trim_end_matches('/'),
@@ -159,33 +152,13 @@ impl EntraSource {
             form(self.cfg.client_secret.expose()),
             form("https://graph.microsoft.com/.default")
         );
-        let a = self
-            .http
-            .send(
-                Method::POST,
-                &url,
-                &Auth::None,
-                &[],
-                Some(("application/x-www-form-urlencoded", body.into_bytes())),
-                true,
-            )
+        let margin = Duration::from_secs(300);
+        let token = self
+            .token
+            .get(&self.http, &url, &Auth::None, body, "Entra ID", margin)
             .await
             .map_err(source_error)?;
-        let v: Value = a
-            .json("Entra ID", "the token request")
-            .map_err(source_error)?;
-        let token = text(&v, "access_token")
-            .ok_or_else(|| SourceError::new("Entra ID answered without an access_token"))?;
-        let ttl = v
-            .get("expires_in")
-            .and_then(|x| {
-                x.as_u64()
-                    .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
-            })
-            .unwrap_or(3599);
-        let secret = Secret::new(token);
-        *cached = Some((secret.clone(), Instant::now() + Duration::from_secs(ttl)));
-        Ok(Auth::Bearer(secret))
+        Ok(Auth::Bearer(token))
     }
 
     /// Every item of a collection, following nextLinks.

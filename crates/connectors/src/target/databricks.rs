@@ -5,7 +5,7 @@
 //! added and removed by PATCH in chunks. Auth: a personal access / SCIM provisioning token, or
 //! Databricks OAuth machine-to-machine (client id and secret), refreshed before it expires.
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
+use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, TokenCache, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
@@ -17,8 +17,7 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
+use std::time::Duration;
 
 /// How idsync authenticates to the account.
 #[derive(Clone, Debug)]
@@ -70,7 +69,7 @@ pub struct DatabricksConfig {
 pub struct DatabricksTarget {
     http: Http,
     cfg: DatabricksConfig,
-    token: Mutex<Option<(Secret, Instant)>>,
+    token: TokenCache,
 }
 
 const SCHEMA_PATCH: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
@@ -132,7 +131,7 @@ impl DatabricksTarget {
         Ok(DatabricksTarget {
             http,
             cfg,
-            token: Mutex::new(None),
+            token: TokenCache::default(),
         })
     }
 
@@ -182,42 +181,19 @@ impl DatabricksTarget {
                 "Entra ID",
             ),
         };
-        let mut cached = self.token.lock().await;
-        if let Some((t, exp)) = cached.as_ref()
-            && *exp > Instant::now() + Duration::from_secs(60)
-        {
-            return Ok(Auth::Bearer(t.clone()));
-        }
-        let a = self
-            .http
-            .send(
-                Method::POST,
+        let token = self
+            .token
+            .get(
+                &self.http,
                 &url,
                 &auth,
-                &[],
-                Some(("application/x-www-form-urlencoded", body.into_bytes())),
-                true,
+                body,
+                service,
+                Duration::from_secs(60),
             )
             .await
             .map_err(target_error)?;
-        let v: Value = a.json(service, "the token request").map_err(target_error)?;
-        let token = text(&v, "access_token").ok_or_else(|| {
-            TargetError::new(
-                TargetErrorKind::Protocol,
-                format!("{service} answered without an access_token"),
-            )
-        })?;
-        // The v1 Entra endpoint sends expires_in as a string.
-        let ttl = v
-            .get("expires_in")
-            .and_then(|x| {
-                x.as_u64()
-                    .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
-            })
-            .unwrap_or(3600);
-        let secret = Secret::new(token);
-        *cached = Some((secret.clone(), Instant::now() + Duration::from_secs(ttl)));
-        Ok(Auth::Bearer(secret))
+        Ok(Auth::Bearer(token))
     }
 
     async fn call(
