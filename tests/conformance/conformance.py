@@ -8,6 +8,7 @@ Prints one line per check and ends with "N passed, M failed".
 
 import asyncio
 import json
+import os
 import sys
 import traceback
 
@@ -114,7 +115,53 @@ def graph_checks(p):
         added = [{k: str(v) for k, v in m.items()} for m in changed[0].additional_data.get("members@delta", [])]
         assert added == [{"@odata.type": "#microsoft.graph.user", "id": uid}], added
 
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "entra-test-client.pem")
+
+    def certificate():
+        from azure.identity import CertificateCredential
+
+        cred = CertificateCredential(
+            p["tenant"], p["clientId"], certificate_path=fixture, authority=p["authority"], disable_instance_discovery=True
+        )
+        assert cred.get_token("https://graph.microsoft.com/.default").token
+
+    def workload_identity():
+        import base64
+        import tempfile
+        import time
+        from azure.identity import WorkloadIdentityCredential
+
+        part = lambda v: base64.urlsafe_b64encode(json.dumps(v).encode()).rstrip(b"=").decode()
+        now = int(time.time())
+        jwt = ".".join([
+            part({"alg": "RS256", "typ": "JWT"}),
+            part({"iss": "https://oidc.example", "sub": "system:serviceaccount:idsync:idsync",
+                  "aud": "api://AzureADTokenExchange", "iat": now, "exp": now + 3600}),
+            "c2ln",
+        ])
+        with tempfile.NamedTemporaryFile("w", suffix=".jwt", delete=False) as f:
+            f.write(jwt)
+        cred = WorkloadIdentityCredential(
+            tenant_id=p["tenant"], client_id=p["clientId"], token_file_path=f.name,
+            authority=p["authority"], disable_instance_discovery=True,
+        )
+        assert cred.get_token("https://graph.microsoft.com/.default").token
+
+    def managed_identity():
+        from azure.identity import ManagedIdentityCredential
+
+        # azure-identity's IMDS override; the emulator's first managed identity is the system one.
+        os.environ["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = p["authority"]
+        try:
+            cred = ManagedIdentityCredential()
+            assert cred.get_token("https://graph.microsoft.com/.default").token
+        finally:
+            del os.environ["AZURE_POD_IDENTITY_AUTHORITY_HOST"]
+
     check("graph: azure-identity ClientSecretCredential gets a token from the emulated authority", token)
+    check("graph: azure-identity CertificateCredential's signed assertion is verified", certificate)
+    check("graph: azure-identity WorkloadIdentityCredential exchanges a federated token", workload_identity)
+    check("graph: azure-identity ManagedIdentityCredential gets a token from the emulated IMDS", managed_identity)
     check("graph: a wrong secret fails with AADSTS7000215", wrong_secret)
     check("graph: msgraph-sdk lists users across pages ($select, $top, nextLink)", lambda: asyncio.run(list_users_paging()))
     check("graph: msgraph-sdk runs a groups delta round, then reads one change", lambda: asyncio.run(delta_round()))

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// An application registered in the tenant, allowed to get tokens.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct App {
     /// Application (client) id.
     pub client_id: String,
@@ -17,9 +17,15 @@ pub struct App {
     /// Subjects of federated credentials (`sub` of an external token) it trusts.
     #[serde(default)]
     pub federated_subjects: Vec<String>,
-    /// SHA-256 thumbprints (base64url) of certificates it may sign assertions with.
+    /// Certificates (PEM) whose private keys may sign its client assertions.
     #[serde(default)]
-    pub certificate_thumbprints: Vec<String>,
+    pub certificates: Vec<String>,
+    /// A managed identity of the emulated host: the instance metadata endpoint issues its tokens.
+    #[serde(default)]
+    pub managed_identity: bool,
+    /// Public client flows (device code) allowed.
+    #[serde(default)]
+    pub public_client: bool,
 }
 
 /// One change, as delta queries report it.
@@ -68,18 +74,55 @@ pub const DEFAULT_TENANT_ID: &str = "0d0e5a1c-1d5c-4c5e-9a6e-1d5c0d0e5a1c";
 pub const DEFAULT_CLIENT_ID: &str = "9f3c1e2a-6b7d-4c8e-9f0a-1b2c3d4e5f60";
 /// The client secret of the default app registration.
 pub const DEFAULT_CLIENT_SECRET: &str = "emulator-client-secret";
+/// The repository's test client certificate and key (`tests/fixtures/entra-test-client.pem`; it
+/// protects nothing).
+const TEST_CLIENT_PEM: &str = include_str!("../../../tests/fixtures/entra-test-client.pem");
+
+/// The certificate (PEM, without its key) of the default app registration: the repository's
+/// test certificate.
+pub fn default_certificate() -> String {
+    let at = TEST_CLIENT_PEM
+        .find("-----BEGIN CERTIFICATE-----")
+        .unwrap_or(TEST_CLIENT_PEM.len());
+    TEST_CLIENT_PEM[at..].to_owned()
+}
+/// The client id of the emulated host's user-assigned managed identity. The host also has a
+/// system-assigned one: [`DEFAULT_SYSTEM_IDENTITY_ID`].
+pub const DEFAULT_MANAGED_IDENTITY_ID: &str = "5e1f0c3a-8d2b-4f6e-a1c9-7b3d5e0f2a41";
+/// The client id of the emulated host's system-assigned managed identity.
+pub const DEFAULT_SYSTEM_IDENTITY_ID: &str = "3a7c9e1b-2d4f-4a6c-8e0b-9d1f3b5a7c20";
 
 impl Tenant {
     /// A tenant holding `dir`, with the default app registration.
     pub fn new(dir: Snapshot) -> Self {
         Tenant {
             tenant_id: DEFAULT_TENANT_ID.to_owned(),
-            apps: vec![App {
-                client_id: DEFAULT_CLIENT_ID.to_owned(),
-                secrets: vec![DEFAULT_CLIENT_SECRET.to_owned()],
-                federated_subjects: vec!["system:serviceaccount:idsync:idsync".to_owned()],
-                certificate_thumbprints: Vec::new(),
-            }],
+            apps: vec![
+                App {
+                    client_id: DEFAULT_CLIENT_ID.to_owned(),
+                    secrets: vec![DEFAULT_CLIENT_SECRET.to_owned()],
+                    federated_subjects: vec!["system:serviceaccount:idsync:idsync".to_owned()],
+                    certificates: vec![default_certificate()],
+                    managed_identity: false,
+                    public_client: true,
+                },
+                App {
+                    client_id: DEFAULT_SYSTEM_IDENTITY_ID.to_owned(),
+                    secrets: Vec::new(),
+                    federated_subjects: Vec::new(),
+                    certificates: Vec::new(),
+                    managed_identity: true,
+                    public_client: false,
+                },
+                App {
+                    client_id: DEFAULT_MANAGED_IDENTITY_ID.to_owned(),
+                    secrets: Vec::new(),
+                    federated_subjects: Vec::new(),
+                    certificates: Vec::new(),
+                    managed_identity: true,
+                    public_client: false,
+                },
+            ],
             users: dir.users,
             service_principals: dir.service_principals,
             groups: dir.groups,
@@ -88,14 +131,67 @@ impl Tenant {
         }
     }
 
-    /// Loads a directory JSON file (the `file` source's format).
+    /// Loads a tenant fixture: a directory (the `file` source's format: `users`,
+    /// `servicePrincipals`, `groups` with typed members), optionally with the tenant's `tenantId`
+    /// and its `apps` (which replace the default app registrations). JSON, or YAML when the file
+    /// is named `.yaml` / `.yml`.
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let dir: Directory = serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not a directory: {e}", path.display()))?;
-        let snap = Snapshot::try_from(dir).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Tenant::new(snap))
+        let yaml = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        Tenant::parse(&text, yaml).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses a tenant fixture (see [`Tenant::from_file`]).
+    pub fn parse(text: &str, yaml: bool) -> Result<Self, String> {
+        let mut v: serde_json::Value = if yaml {
+            serde_norway::from_str(text).map_err(|e| format!("not YAML: {e}"))?
+        } else {
+            serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?
+        };
+        let Some(obj) = v.as_object_mut() else {
+            return Err("a tenant fixture is a mapping of users, servicePrincipals, groups (and optionally tenantId, apps)".into());
+        };
+        let tenant_id = match obj.remove("tenantId") {
+            None => None,
+            Some(serde_json::Value::String(t)) if !t.is_empty() => Some(t),
+            Some(_) => return Err("tenantId must be a non-empty string".into()),
+        };
+        let apps: Option<Vec<App>> = obj
+            .remove("apps")
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| format!("apps: {e}"))?;
+        let dir: Directory =
+            serde_json::from_value(v).map_err(|e| format!("not a directory: {e}"))?;
+        let snap = Snapshot::try_from(dir).map_err(|e| e.to_string())?;
+        // Graph has no dangling members: a fixture naming one has a typo.
+        for g in snap.groups.values() {
+            for m in &g.members {
+                let known = match m.kind {
+                    Kind::User => snap.users.contains_key(&m.id),
+                    Kind::ServicePrincipal => snap.service_principals.contains_key(&m.id),
+                    Kind::Group => snap.groups.contains_key(&m.id),
+                };
+                if !known {
+                    return Err(format!(
+                        "group {:?} has a member {} {:?} that the fixture does not define",
+                        g.display_name, m.kind, m.id
+                    ));
+                }
+            }
+        }
+        let mut t = Tenant::new(snap);
+        if let Some(id) = tenant_id {
+            t.tenant_id = id;
+        }
+        if let Some(apps) = apps {
+            t.apps = apps;
+        }
+        Ok(t)
     }
 
     /// The current sequence number (the number of changes so far).
@@ -245,6 +341,54 @@ mod tests {
             external_id: None,
             attributes: Default::default(),
         }
+    }
+
+    #[test]
+    fn yaml_and_json_fixtures_load_with_their_tenant_and_apps() {
+        let t =
+            Tenant::from_file(std::path::Path::new("../../examples/emulator/tenant.yaml")).unwrap();
+        assert_eq!(t.tenant_id, "11111111-2222-3333-4444-555555555555");
+        assert_eq!(t.apps.len(), 1);
+        assert_eq!(t.apps[0].secrets, ["fixture-secret"]);
+        assert_eq!(t.users.len(), 3);
+        let g = t
+            .groups
+            .values()
+            .find(|g| g.display_name == "O'Brien Équipe")
+            .unwrap();
+        assert!(g.members.contains(&Member::group("g-nested")));
+        assert!(g.members.contains(&Member::service_principal("sp-1")));
+
+        // The same directory as JSON, without tenantId and apps: the defaults.
+        let json = serde_json::to_string(&Directory::from(Snapshot {
+            users: t.users.clone(),
+            service_principals: t.service_principals.clone(),
+            groups: t.groups.clone(),
+            incomplete_groups: Default::default(),
+        }))
+        .unwrap();
+        let j = Tenant::parse(&json, false).unwrap();
+        assert_eq!(j.tenant_id, DEFAULT_TENANT_ID);
+        assert_eq!(j.groups, t.groups);
+        assert_eq!(j.apps[0].client_id, DEFAULT_CLIENT_ID);
+    }
+
+    #[test]
+    fn bad_fixtures_say_what_is_wrong() {
+        let e = Tenant::parse("users: [", true).unwrap_err();
+        assert!(e.starts_with("not YAML"), "{e}");
+        let e = Tenant::parse("[]", false).unwrap_err();
+        assert!(e.contains("mapping"), "{e}");
+        let e = Tenant::parse("apps:\n  - clientId: a\n    secret: typo\n", true).unwrap_err();
+        assert!(e.starts_with("apps:") && e.contains("secret"), "{e}");
+        let e = Tenant::parse("userz: []\n", true).unwrap_err();
+        assert!(e.contains("userz"), "{e}");
+        let e = Tenant::parse(
+            "groups:\n  - id: g\n    displayName: G\n    members: [{type: user, id: nobody}]\n",
+            true,
+        )
+        .unwrap_err();
+        assert!(e.contains("nobody"), "{e}");
     }
 
     #[test]

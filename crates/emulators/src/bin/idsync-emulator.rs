@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage:\n  idsync-emulator graph|all [--tenant FILE | --preset small|medium|large] [--port N] [--tls --cert-out FILE] [--ports-file FILE]\n  idsync-emulator lakefs|databricks [--port N] [--ports-file FILE]\n  idsync-emulator generate (--preset small|medium|large | --users N --groups N --memberships N [--service-principals N] [--nesting-depth N] [--seed N]) --out FILE"
+        "usage:\n  idsync-emulator graph|all [--tenant FILE.json|FILE.yaml | --preset small|medium|large] [--port N] [--tls --cert-out FILE] [--ports-file FILE]\n  idsync-emulator lakefs|databricks [--port N] [--ports-file FILE]\n  idsync-emulator generate (--preset small|medium|large | --users N --groups N --memberships N [--service-principals N] [--nesting-depth N] [--seed N]) --out FILE"
     );
     ExitCode::from(2)
 }

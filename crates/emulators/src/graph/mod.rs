@@ -76,11 +76,13 @@ pub struct GraphState {
     rounds: Mutex<BTreeMap<String, Round>>,
     counter: AtomicU64,
     router: OnceLock<Router>,
+    /// Device code sign-ins and refresh tokens.
+    pub(crate) sessions: Mutex<token::Sessions>,
     /// Served over HTTPS: links it builds say `https://`.
     pub(crate) tls: std::sync::atomic::AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -95,6 +97,7 @@ impl GraphState {
             rounds: Mutex::new(BTreeMap::new()),
             counter: AtomicU64::new(1),
             router: OnceLock::new(),
+            sessions: Mutex::new(token::Sessions::default()),
             tls: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -119,7 +122,7 @@ impl GraphState {
         *lock(&self.settings) = s;
     }
 
-    fn unique(&self) -> u64 {
+    pub(crate) fn unique(&self) -> u64 {
         self.counter.fetch_add(1, Ordering::Relaxed)
     }
 
