@@ -95,6 +95,11 @@ struct RawSource {
     client_secret: Option<Secret>,
     client_certificate_path: Option<String>,
     federated_token_file: Option<String>,
+    auth: Option<String>,
+    managed_identity_endpoint: Option<String>,
+    #[serde(skip)]
+    identity_header: Option<Secret>,
+    azure_cli_path: Option<String>,
     authority_host: Option<String>,
     graph_url: Option<String>,
     ca_bundle: Option<String>,
@@ -187,7 +192,7 @@ pub enum SourceConfig {
         path: PathBuf,
     },
     /// Microsoft Entra ID over Microsoft Graph.
-    Entra(EntraConfig),
+    Entra(Box<EntraConfig>),
 }
 
 /// Entra ID settings.
@@ -203,6 +208,15 @@ pub struct EntraConfig {
     pub client_certificate_path: Option<String>,
     /// Federated token file (workload identity).
     pub federated_token_file: Option<String>,
+    /// How to sign in.
+    pub method: EntraMethod,
+    /// The managed identity endpoint: IMDS (or its override), or the platform's
+    /// `IDENTITY_ENDPOINT`.
+    pub managed_identity_endpoint: String,
+    /// `IDENTITY_HEADER`, with the platform's `IDENTITY_ENDPOINT`.
+    pub identity_header: Option<Secret>,
+    /// The Azure CLI program.
+    pub azure_cli_path: String,
     /// Authority host (national clouds, emulators).
     pub authority_host: String,
     /// Graph base URL.
@@ -210,6 +224,33 @@ pub struct EntraConfig {
     /// Extra CA certificates (PEM).
     pub ca_bundle: Option<String>,
 }
+
+/// The Entra sign-in methods, by their `auth` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntraMethod {
+    /// `secret`: an app's client secret.
+    Secret,
+    /// `certificate`: an app's certificate (PEM with its key).
+    Certificate,
+    /// `workload_identity`: a federated token file.
+    WorkloadIdentity,
+    /// `managed_identity`: the host's managed identity.
+    ManagedIdentity,
+    /// `azure_cli`: the signed-in Azure CLI.
+    AzureCli,
+    /// `device_code`: a person signs in at a terminal.
+    DeviceCode,
+}
+
+/// The `auth` names, in the order they are inferred.
+pub const ENTRA_METHODS: &[(&str, EntraMethod)] = &[
+    ("secret", EntraMethod::Secret),
+    ("certificate", EntraMethod::Certificate),
+    ("workload_identity", EntraMethod::WorkloadIdentity),
+    ("managed_identity", EntraMethod::ManagedIdentity),
+    ("azure_cli", EntraMethod::AzureCli),
+    ("device_code", EntraMethod::DeviceCode),
+];
 
 /// Where a target is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -380,11 +421,11 @@ impl Env {
 
     /// An environment from explicit pairs (tests).
     #[cfg(test)]
-    pub fn from_pairs<const N: usize>(pairs: [(&str, &str); N]) -> Env {
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Env {
         Env {
             vars: pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
         }
     }
@@ -838,6 +879,16 @@ impl Validator<'_> {
         if any_entra && src.kind.is_none() {
             src.kind = Some("entra".into());
         }
+        // Managed identity endpoints: azure-identity's IMDS override, and the identity endpoint
+        // App Service and Container Apps set (used only when auth = "managed_identity").
+        if entra_source {
+            if let Some((_, v)) = env.first(&["IDENTITY_ENDPOINT"]) {
+                src.managed_identity_endpoint = Some(v.to_owned());
+                src.identity_header = env.first(&["IDENTITY_HEADER"]).map(|(_, h)| Secret::new(h));
+            } else if let Some((_, v)) = env.first(&["AZURE_POD_IDENTITY_AUTHORITY_HOST"]) {
+                src.managed_identity_endpoint = Some(v.to_owned());
+            }
+        }
         if let Some((_, f)) = env.first(&["GROUP_FILTER"]) {
             raw.scope.get_or_insert_with(RawScope::default).group_filter = Some(f.to_owned());
         }
@@ -975,6 +1026,8 @@ impl Validator<'_> {
                     ("client_secret", src.client_secret.is_some()),
                     ("graph_url", src.graph_url.is_some()),
                     ("authority_host", src.authority_host.is_some()),
+                    ("auth", src.auth.is_some()),
+                    ("azure_cli_path", src.azure_cli_path.is_some()),
                 ];
                 self.kind_fields("source", "file", &set, &["kind", "path"]);
                 self.required(
@@ -996,31 +1049,79 @@ impl Validator<'_> {
                     src.tenant_id.as_ref(),
                     "set tenant_id or ENTRA_TENANT_ID / AZURE_TENANT_ID",
                 );
-                self.required(
-                    "source.client_id",
-                    src.client_id.as_ref(),
-                    "set client_id or ENTRA_APPLICATION_ID / AZURE_CLIENT_ID",
-                );
-                if src.client_secret.as_ref().is_none_or(Secret::is_empty) {
-                    let other = if src.client_certificate_path.is_some()
-                        || src.federated_token_file.is_some()
-                    {
-                        "; certificates, workload identity and managed identity are not in this build yet"
-                    } else {
-                        ""
-                    };
-                    self.err(
+                let has_secret = src.client_secret.as_ref().is_some_and(|s| !s.is_empty());
+                let method = match src.auth.as_deref() {
+                    Some(name) => {
+                        let m = ENTRA_METHODS
+                            .iter()
+                            .find(|(n, _)| *n == name)
+                            .map(|(_, m)| *m);
+                        if m.is_none() {
+                            let names: Vec<&str> = ENTRA_METHODS.iter().map(|(n, _)| *n).collect();
+                            self.err(
+                                Origin::File("source.auth"),
+                                format!(
+                                    "unknown sign-in method {name:?} (one of: {})",
+                                    names.join(", ")
+                                ),
+                            );
+                        }
+                        m
+                    }
+                    None if has_secret => Some(EntraMethod::Secret),
+                    None if src.client_certificate_path.is_some() => Some(EntraMethod::Certificate),
+                    None if src.federated_token_file.is_some() => {
+                        Some(EntraMethod::WorkloadIdentity)
+                    }
+                    None => {
+                        self.err(
+                            Origin::File("source.auth"),
+                            "missing credentials: set ENTRA_CLIENT_SECRET_VALUE or AZURE_CLIENT_SECRET (keep secrets out of the file), AZURE_CLIENT_CERTIFICATE_PATH or AZURE_FEDERATED_TOKEN_FILE, or auth = \"managed_identity\", \"azure_cli\" or \"device_code\"",
+                        );
+                        None
+                    }
+                };
+                match method {
+                    Some(EntraMethod::Secret) if !has_secret => self.err(
                         Origin::File("source.client_secret"),
-                        format!("missing: set ENTRA_CLIENT_SECRET_VALUE or AZURE_CLIENT_SECRET (keep secrets out of the file){other}"),
+                        "missing: set ENTRA_CLIENT_SECRET_VALUE or AZURE_CLIENT_SECRET (keep secrets out of the file)",
+                    ),
+                    Some(EntraMethod::Certificate) if src.client_certificate_path.is_none() => self.err(
+                        Origin::File("source.client_certificate_path"),
+                        "missing: set client_certificate_path or AZURE_CLIENT_CERTIFICATE_PATH (a PEM file with the certificate and its private key)",
+                    ),
+                    Some(EntraMethod::WorkloadIdentity) if src.federated_token_file.is_none() => self.err(
+                        Origin::File("source.federated_token_file"),
+                        "missing: set federated_token_file or AZURE_FEDERATED_TOKEN_FILE",
+                    ),
+                    _ => {}
+                }
+                // The app's client id: needed by every method but the Azure CLI, and by a managed
+                // identity only when it is user-assigned.
+                if !matches!(
+                    method,
+                    None | Some(EntraMethod::AzureCli | EntraMethod::ManagedIdentity)
+                ) {
+                    self.required(
+                        "source.client_id",
+                        src.client_id.as_ref(),
+                        "set client_id or ENTRA_APPLICATION_ID / AZURE_CLIENT_ID",
                     );
                 }
-                let cfg = tenant.map(|t| {
-                    SourceConfig::Entra(EntraConfig {
+                let cfg = tenant.zip(method).map(|(t, method)| {
+                    SourceConfig::Entra(Box::new(EntraConfig {
                         tenant_id: t.clone(),
                         client_id: src.client_id.clone(),
                         client_secret: src.client_secret.clone(),
                         client_certificate_path: src.client_certificate_path.clone(),
                         federated_token_file: src.federated_token_file.clone(),
+                        method,
+                        managed_identity_endpoint: src
+                            .managed_identity_endpoint
+                            .clone()
+                            .unwrap_or_else(|| idsync_connectors::entra_auth::IMDS_ENDPOINT.into()),
+                        identity_header: src.identity_header.clone(),
+                        azure_cli_path: src.azure_cli_path.clone().unwrap_or_else(|| "az".into()),
                         authority_host: src
                             .authority_host
                             .clone()
@@ -1030,7 +1131,7 @@ impl Validator<'_> {
                             .clone()
                             .unwrap_or_else(|| "https://graph.microsoft.com".into()),
                         ca_bundle: src.ca_bundle.clone(),
-                    })
+                    }))
                 });
                 self.unavailable("source.kind", "entra", SOURCE_KINDS);
                 cfg
@@ -1513,6 +1614,84 @@ user_name = "{nope"
             !text.contains("s3cret-value") && !text.contains("lakefs-secret"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_entra_sign_in_method_is_chosen_from_the_settings() {
+        let base = [
+            ("AZURE_TENANT_ID", "tenant-1"),
+            ("LAKEFS_ENDPOINT", "https://lakefs.invalid"),
+            ("LAKEFS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+            ("LAKEFS_SECRET_ACCESS_KEY", "lakefs-secret"),
+        ];
+        let method = |file: &str, extra: &[(&'static str, &'static str)]| {
+            let env = Env::from_pairs(base.iter().chain(extra).copied());
+            parse_str(file, &env).map(|c| match c.source {
+                SourceConfig::Entra(e) => {
+                    (e.method, e.managed_identity_endpoint, e.identity_header)
+                }
+                other => panic!("{other:?}"),
+            })
+        };
+        // Inferred from what is set, in azure-identity's order.
+        let id = ("AZURE_CLIENT_ID", "app-1");
+        let m = method(
+            "",
+            &[
+                id,
+                ("AZURE_CLIENT_SECRET", "s"),
+                ("AZURE_CLIENT_CERTIFICATE_PATH", "c.pem"),
+            ],
+        );
+        assert_eq!(m.unwrap().0, EntraMethod::Secret);
+        let m = method("", &[id, ("AZURE_CLIENT_CERTIFICATE_PATH", "c.pem")]);
+        assert_eq!(m.unwrap().0, EntraMethod::Certificate);
+        let m = method("", &[id, ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token")]);
+        assert_eq!(m.unwrap().0, EntraMethod::WorkloadIdentity);
+        // Chosen: managed identity needs no client id, and takes the platform's endpoint.
+        let mi = "[source]\nkind = \"entra\"\nauth = \"managed_identity\"\n";
+        let (m, endpoint, header) = method(mi, &[]).unwrap();
+        assert_eq!(m, EntraMethod::ManagedIdentity);
+        assert_eq!(endpoint, "http://169.254.169.254");
+        assert!(header.is_none());
+        let (_, endpoint, header) = method(
+            mi,
+            &[
+                ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+                ("IDENTITY_HEADER", "h"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(endpoint, "http://localhost:42356/msi/token");
+        assert_eq!(header.unwrap().expose(), "h");
+        let cli = "[source]\nkind = \"entra\"\nauth = \"azure_cli\"\n";
+        assert_eq!(method(cli, &[]).unwrap().0, EntraMethod::AzureCli);
+        // Errors: nothing to sign in with; an unknown method; a method without its setting.
+        let e = method("[source]\nkind = \"entra\"\n", &[id])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing credentials") && e.contains("managed_identity"),
+            "{e}"
+        );
+        let e = method("[source]\nkind = \"entra\"\nauth = \"kerberos\"\n", &[id])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown sign-in method \"kerberos\"") && e.contains("idsync.toml:3"),
+            "{e}"
+        );
+        let e = method("[source]\nkind = \"entra\"\nauth = \"device_code\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("source.client_id"), "{e}");
+        let e = method(
+            "[source]\nkind = \"entra\"\nauth = \"certificate\"\n",
+            &[id],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("AZURE_CLIENT_CERTIFICATE_PATH"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,8 @@ mod run;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
-use config::{Config, Env, SourceConfig, TargetConfig};
+use config::{Config, EntraMethod, Env, SourceConfig, TargetConfig};
+use idsync_connectors::entra_auth::{ClientCertificate, EntraCredential};
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
 use idsync_connectors::source::file::FileSource;
@@ -254,10 +255,7 @@ fn build_source(cfg: &Config) -> Result<Box<dyn Source>> {
     match &cfg.source {
         SourceConfig::File { path } => Ok(Box::new(FileSource::new(path))),
         SourceConfig::Entra(e) => {
-            let secret = e
-                .client_secret
-                .clone()
-                .ok_or_else(|| anyhow!("the Entra source has no client secret"))?;
+            let credential = entra_credential(e)?;
             let http = HttpConfig {
                 max_concurrency: cfg.worker_threads,
                 ca_bundle: e.ca_bundle.as_ref().map(PathBuf::from),
@@ -267,14 +265,44 @@ fn build_source(cfg: &Config) -> Result<Box<dyn Source>> {
                 authority: e.authority_host.clone(),
                 graph: e.graph_url.clone(),
                 tenant_id: e.tenant_id.clone(),
-                client_id: e.client_id.clone().unwrap_or_default(),
-                client_secret: secret,
+                credential,
                 http,
             })
             .map_err(|e| anyhow!(e.message))?;
             Ok(Box::new(src))
         }
     }
+}
+
+/// The Entra credential the configuration chose (validated by the config: fields present).
+fn entra_credential(e: &config::EntraConfig) -> Result<EntraCredential> {
+    let client_id = e.client_id.clone().unwrap_or_default();
+    Ok(match e.method {
+        EntraMethod::Secret => EntraCredential::ClientSecret {
+            client_id,
+            secret: e.client_secret.clone().unwrap_or_default(),
+        },
+        EntraMethod::Certificate => {
+            let path = e.client_certificate_path.clone().unwrap_or_default();
+            EntraCredential::Certificate {
+                client_id,
+                certificate: ClientCertificate::load(Path::new(&path)).map_err(|m| anyhow!(m))?,
+            }
+        }
+        EntraMethod::WorkloadIdentity => EntraCredential::WorkloadIdentity {
+            client_id,
+            token_file: e.federated_token_file.clone().unwrap_or_default().into(),
+        },
+        EntraMethod::ManagedIdentity => EntraCredential::ManagedIdentity {
+            client_id: e.client_id.clone(),
+            endpoint: e.managed_identity_endpoint.clone(),
+            identity_header: e.identity_header.clone(),
+        },
+        EntraMethod::AzureCli => EntraCredential::AzureCli {
+            program: e.azure_cli_path.clone().into(),
+        },
+        EntraMethod::DeviceCode => EntraCredential::DeviceCode { client_id },
+    })
 }
 
 /// Registered targets: one line per kind.
@@ -299,8 +327,10 @@ fn build_target(t: &TargetConfig, workers: usize) -> Result<(Box<dyn Target>, St
                         DatabricksAuth::Entra {
                             authority: authority.clone(),
                             tenant_id: tenant_id.clone(),
-                            client_id: client_id.clone(),
-                            client_secret: client_secret.clone(),
+                            credential: EntraCredential::ClientSecret {
+                                client_id: client_id.clone(),
+                                secret: client_secret.clone(),
+                            },
                         }
                     }
                     None => return Err(anyhow!("the Databricks target has no credentials")),

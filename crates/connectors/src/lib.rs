@@ -2,6 +2,7 @@
 //! Sources implement [`idsync_engine::Source`]; targets implement [`idsync_engine::Target`]; both
 //! talk HTTP through [`http`].
 
+pub mod entra_auth;
 pub mod http;
 pub mod source;
 pub mod target;

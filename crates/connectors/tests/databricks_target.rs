@@ -5,6 +5,7 @@
 
 mod common;
 
+use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
 use idsync_emulators::Databricks;
@@ -168,8 +169,10 @@ async fn entra_tokens_for_the_azure_databricks_resource() {
     let entra = |secret: &str| DatabricksAuth::Entra {
         authority: g.server.base_url.clone(),
         tenant_id: tenant.clone(),
-        client_id: DEFAULT_CLIENT_ID.into(),
-        client_secret: Secret::new(secret),
+        credential: EntraCredential::ClientSecret {
+            client_id: DEFAULT_CLIENT_ID.into(),
+            secret: Secret::new(secret),
+        },
     };
     let t = target(&d, entra(DEFAULT_CLIENT_SECRET));
     let mut st = AgreementState::new("databricks");
@@ -180,7 +183,7 @@ async fn entra_tokens_for_the_azure_databricks_resource() {
         .infra
         .accounting
         .snapshot()
-        .get("POST /{tenant}/oauth2/token")
+        .get("POST /{tenant}/oauth2/v2.0/token")
         .copied()
         .unwrap_or(0);
     assert_eq!(tokens, 1, "one Entra token for the whole run");

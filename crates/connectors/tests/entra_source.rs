@@ -2,6 +2,7 @@
 //! depth, service principals through beta, guests, quotes and non-ASCII names, errors, throttling.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
 use idsync_emulators::Graph;
@@ -41,8 +42,10 @@ fn source(g: &Graph, secret: &str) -> EntraSource {
         authority: g.server.base_url.clone(),
         graph: g.server.base_url.clone(),
         tenant_id: g.state.tenant().tenant_id.clone(),
-        client_id: DEFAULT_CLIENT_ID.into(),
-        client_secret: Secret::new(secret),
+        credential: EntraCredential::ClientSecret {
+            client_id: DEFAULT_CLIENT_ID.into(),
+            secret: Secret::new(secret),
+        },
         http: HttpConfig {
             base_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_secs(2),

@@ -8,6 +8,7 @@
 use crate::output::Printer;
 use crate::run::{self, Agreement, Mode, ReadCache, RunOptions};
 use anyhow::{Context, Result, anyhow};
+use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
 use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
@@ -84,8 +85,10 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         authority: graph.server.base_url.clone(),
         graph: graph.server.base_url.clone(),
         tenant_id: graph.state.tenant().tenant_id.clone(),
-        client_id: DEFAULT_CLIENT_ID.into(),
-        client_secret: Secret::new(DEFAULT_CLIENT_SECRET),
+        credential: EntraCredential::ClientSecret {
+            client_id: DEFAULT_CLIENT_ID.into(),
+            secret: Secret::new(DEFAULT_CLIENT_SECRET),
+        },
         http: http("Microsoft Graph"),
     })
     .map_err(|e| anyhow!(e.message))?;

@@ -2,7 +2,7 @@
 //! selected by name (`displayName eq '...'`, OData-escaped), by id, or by an fnmatch filter on their
 //! names, then walked to the search depth; members are read from `/beta` (v1.0 leaves service
 //! principals out) with a minimal `$select`, so users and service principals come with the member
-//! lists and need no request of their own. Authentication here: a client secret, with the token
+//! lists and need no request of their own. Authentication: any [`EntraCredential`], the token
 //! cached and renewed before it expires.
 //!
 //! Incremental reads follow Graph's delta queries for groups (with `members@delta`, member by
@@ -10,18 +10,16 @@
 //! leaving, groups entering the scope (read in full). An expired token makes the caller read in
 //! full. The cursors are stored by the caller only after a successful apply.
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, TokenCache, percent_encode};
+use crate::entra_auth::{EntraAuth, EntraCredential, GRAPH_SCOPE};
+use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::scope::{Scope, fnmatch};
 use idsync_engine::{Changes, Read, Source, SourceError};
-use idsync_model::{
-    Group, Kind, Member, ReadMode, Secret, ServicePrincipal, Snapshot, User, UserType,
-};
+use idsync_model::{Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType};
 use reqwest::Method;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 /// Where and how to read Entra ID.
 #[derive(Clone, Debug)]
@@ -32,10 +30,8 @@ pub struct EntraSourceConfig {
     pub graph: String,
     /// Directory (tenant) id.
     pub tenant_id: String,
-    /// Application (client) id.
-    pub client_id: String,
-    /// Client secret.
-    pub client_secret: Secret,
+    /// How to sign in.
+    pub credential: EntraCredential,
     /// HTTP settings.
     pub http: HttpConfig,
 }
@@ -45,7 +41,7 @@ pub struct EntraSourceConfig {
 pub struct EntraSource {
     cfg: EntraSourceConfig,
     http: Http,
-    token: TokenCache,
+    auth: EntraAuth,
 }
 
 const GROUP_SELECT: &str = "id,displayName,description,securityEnabled,mailEnabled";
@@ -59,7 +55,7 @@ pub fn odata_literal(s: &str) -> String {
 fn source_error(e: HttpError) -> SourceError {
     let hint = match e.kind {
         ErrorKind::Unauthorized => {
-            " Check the tenant id, client id and secret (ENTRA_* or AZURE_* variables), and that the secret has not expired."
+            " Check the tenant id and the credentials of the sign-in method (ENTRA_* or AZURE_* variables): a client id, and a secret or certificate that has not expired, or a federated credential or managed identity granted to the app."
         }
         ErrorKind::Forbidden => {
             " The app needs the Graph application permissions GroupMember.Read.All, User.Read.All and Application.Read.All (or Directory.Read.All), with admin consent."
@@ -130,35 +126,24 @@ impl EntraSource {
     /// A source for this tenant.
     pub fn new(cfg: EntraSourceConfig) -> Result<Self, SourceError> {
         let http = Http::new(cfg.http.clone()).map_err(source_error)?;
-        Ok(EntraSource {
-            cfg,
-            http,
-            token: TokenCache::default(),
+        let login = Http::new(HttpConfig {
+            service: "Entra ID".into(),
+            ..cfg.http.clone()
         })
+        .map_err(source_error)?;
+        let auth = EntraAuth::new(
+            &cfg.authority,
+            &cfg.tenant_id,
+            cfg.credential.clone(),
+            login,
+        );
+        Ok(EntraSource { cfg, http, auth })
     }
 
     /// A Graph token, fetched again five minutes before it expires (a long run never uses a stale
     /// one).
     async fn auth(&self) -> Result<Auth, SourceError> {
-        let url = format!(
-            "{}/{}/oauth2/v2.0/token",
-            self.cfg.authority.trim_end_matches('/'),
-            self.cfg.tenant_id
-        );
-        let form = |s: &str| percent_encode(s, b"");
-        let body = format!(
-            "grant_type=client_credentials&client_id={}&client_secret={}&scope={}",
-            form(&self.cfg.client_id),
-            form(self.cfg.client_secret.expose()),
-            form("https://graph.microsoft.com/.default")
-        );
-        let margin = Duration::from_secs(300);
-        let token = self
-            .token
-            .get(&self.http, &url, &Auth::None, body, "Entra ID", margin)
-            .await
-            .map_err(source_error)?;
-        Ok(Auth::Bearer(token))
+        self.auth.bearer(GRAPH_SCOPE).await.map_err(source_error)
     }
 
     /// Every item of a collection, following nextLinks.

@@ -5,7 +5,8 @@
 //! added and removed by PATCH in chunks. Auth: a personal access / SCIM provisioning token, or
 //! Databricks OAuth machine-to-machine (client id and secret), refreshed before it expires.
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, TokenCache, percent_encode};
+use crate::entra_auth::{EntraAuth, EntraCredential};
+use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, TokenCache};
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
@@ -31,18 +32,16 @@ pub enum DatabricksAuth {
         /// Client secret.
         client_secret: Secret,
     },
-    /// An Entra ID token for the Azure Databricks resource, from an Entra app's client secret
-    /// (`ARM_TENANT_ID`, `ARM_CLIENT_ID`, `ARM_CLIENT_SECRET`), through the v1 token endpoint as
-    /// databricks-sdk does.
+    /// An Entra ID token for the Azure Databricks resource, by any Entra sign-in method (an app's
+    /// secret from `ARM_TENANT_ID`, `ARM_CLIENT_ID`, `ARM_CLIENT_SECRET` as databricks-sdk names
+    /// them, a certificate, workload or managed identity, the Azure CLI).
     Entra {
         /// Authority host (`https://login.microsoftonline.com`, a national cloud, an emulator).
         authority: String,
         /// Directory (tenant) id.
         tenant_id: String,
-        /// Application (client) id.
-        client_id: String,
-        /// Client secret.
-        client_secret: Secret,
+        /// How to sign in.
+        credential: EntraCredential,
     },
 }
 
@@ -70,6 +69,7 @@ pub struct DatabricksTarget {
     http: Http,
     cfg: DatabricksConfig,
     token: TokenCache,
+    entra: Option<EntraAuth>,
 }
 
 const SCHEMA_PATCH: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
@@ -128,10 +128,29 @@ impl DatabricksTarget {
     /// A target for this account.
     pub fn new(cfg: DatabricksConfig) -> Result<Self, TargetError> {
         let http = Http::new(cfg.http.clone()).map_err(target_error)?;
+        let entra = match &cfg.auth {
+            DatabricksAuth::Entra {
+                authority,
+                tenant_id,
+                credential,
+            } => {
+                let login = Http::new(HttpConfig {
+                    service: "Entra ID".into(),
+                    ..cfg.http.clone()
+                })
+                .map_err(target_error)?;
+                Some(
+                    EntraAuth::new(authority, tenant_id, credential.clone(), login)
+                        .with_margin(Duration::from_secs(60)),
+                )
+            }
+            _ => None,
+        };
         Ok(DatabricksTarget {
             http,
             cfg,
             token: TokenCache::default(),
+            entra,
         })
     }
 
@@ -161,25 +180,15 @@ impl DatabricksTarget {
                 "grant_type=client_credentials&scope=all-apis".to_owned(),
                 "Databricks OAuth",
             ),
-            DatabricksAuth::Entra {
-                authority,
-                tenant_id,
-                client_id,
-                client_secret,
-            } => (
-                format!(
-                    "{}/{}/oauth2/token",
-                    authority.trim_end_matches('/'),
-                    percent_encode(tenant_id, b"")
-                ),
-                Auth::None,
-                format!(
-                    "grant_type=client_credentials&client_id={}&client_secret={}&resource={AZURE_DATABRICKS_RESOURCE}",
-                    percent_encode(client_id, b""),
-                    percent_encode(client_secret.expose(), b"")
-                ),
-                "Entra ID",
-            ),
+            DatabricksAuth::Entra { .. } => {
+                let entra = self.entra.as_ref().ok_or_else(|| {
+                    TargetError::new(TargetErrorKind::Invalid, "no Entra credential".to_owned())
+                })?;
+                return entra
+                    .bearer(&format!("{AZURE_DATABRICKS_RESOURCE}/.default"))
+                    .await
+                    .map_err(target_error);
+            }
         };
         let token = self
             .token
