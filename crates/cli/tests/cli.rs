@@ -706,3 +706,180 @@ account_id = "{ACCOUNT_ID}"
     }
     drop(s);
 }
+
+/// Issue #4's bar: `idsync sync` reads a 10k-user tenant in full, then after 100 changes reads
+/// only those changes; a dry run in between does not advance the delta tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10k_user_tenant_is_read_in_full_then_only_its_100_changes() {
+    use idsync_emulators::generator::{Params, generate};
+    use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+    use idsync_model::{Kind, Member};
+    let graph =
+        idsync_emulators::Graph::start(Tenant::new(generate(&Params::preset("medium").unwrap())))
+            .await
+            .unwrap();
+    let tenant = graph.state.tenant().tenant_id.clone();
+    let s = Sandbox {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    s.write(
+        "idsync.toml",
+        &format!(
+            r#"
+[state]
+url = "state"
+
+[source]
+kind = "entra"
+tenant_id = "{tenant}"
+client_id = "{DEFAULT_CLIENT_ID}"
+authority_host = "{g}"
+graph_url = "{g}"
+
+[scope]
+search_depth = 3
+
+[policy]
+deprovision = "deactivate"
+max_deletions_percent = 100
+
+[targets.dbx]
+kind = "file"
+path = "dbx.json"
+profile = "databricks"
+"#,
+            g = graph.server.base_url,
+        ),
+    );
+    let env = [("ENTRA_CLIENT_SECRET_VALUE", DEFAULT_CLIENT_SECRET)];
+    // Graph requests on the wire: `$batch` items are counted apart, as "BATCH ...".
+    let requests = |g: &idsync_emulators::Graph| -> u64 {
+        g.state
+            .infra
+            .accounting
+            .snapshot()
+            .iter()
+            .filter(|(k, _)| !k.starts_with("BATCH "))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let run =
+        |s: Sandbox, args: &'static [&'static str], env: Vec<(&'static str, &'static str)>| {
+            tokio::task::spawn_blocking(move || {
+                let o = s.run_env(args, &env);
+                (s, o)
+            })
+        };
+
+    let (s, full) = run(s, &["sync"], env.to_vec()).await.unwrap();
+    assert_eq!(code(&full), 0, "{}", text(&full));
+    assert!(text(&full).contains("(full read"), "{}", text(&full));
+    let full_requests = requests(&graph);
+    let counts = graph.state.infra.accounting.snapshot();
+    // 1,000 groups: their members in 50 batches of 20, not 1,000 requests.
+    assert!(counts["POST /beta/$batch"] <= 60, "{counts:?}");
+    assert!(
+        full_requests < 200,
+        "the full read took {full_requests} requests: {counts:?}"
+    );
+
+    // 100 changes, as an administrator makes them: members added and removed, groups renamed,
+    // users disabled, renamed and deleted.
+    {
+        let mut t = graph.state.tenant_mut();
+        let users: Vec<String> = t.users.keys().cloned().collect();
+        let groups: Vec<String> = t.groups.keys().cloned().collect();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut pick = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut made = 0;
+        while made < 100 {
+            let (u, g) = (
+                users[pick(users.len())].clone(),
+                groups[pick(groups.len())].clone(),
+            );
+            let changed = match made % 5 {
+                0 => t.add_member(&g, Member::user(u.clone())),
+                1 => {
+                    let m = t.groups[&g]
+                        .members
+                        .iter()
+                        .find(|m| m.kind == Kind::User)
+                        .cloned();
+                    m.is_some_and(|m| t.remove_member(&g, &m))
+                }
+                2 => {
+                    let mut grp = t.groups[&g].clone();
+                    grp.display_name = format!("{} (renamed {made})", grp.display_name);
+                    t.upsert_group(grp);
+                    true
+                }
+                3 => match t.users.get(&u).cloned() {
+                    Some(mut user) if user.active => {
+                        user.active = false;
+                        t.upsert_user(user);
+                        true
+                    }
+                    _ => false,
+                },
+                _ if made % 10 == 4 => t.remove(Kind::User, &u),
+                _ => match t.users.get(&u).cloned() {
+                    Some(mut user) => {
+                        user.display_name = format!("{} (renamed)", user.display_name);
+                        t.upsert_user(user);
+                        true
+                    }
+                    None => false,
+                },
+            };
+            if changed {
+                made += 1;
+            }
+        }
+    }
+
+    // A dry run plans the changes but keeps the delta tokens where they were.
+    let mut dry_env = env.to_vec();
+    dry_env.push(("DRY_RUN", "true"));
+    let (s, dry) = run(s, &["sync"], dry_env).await.unwrap();
+    assert_eq!(code(&dry), 2, "changes pending: {}", text(&dry));
+    let before = s.read("dbx.json");
+
+    graph.state.infra.accounting.reset();
+    let (s, inc) = run(s, &["sync"], env.to_vec()).await.unwrap();
+    assert_eq!(code(&inc), 0, "{}", text(&inc));
+    assert!(text(&inc).contains("(incremental read"), "{}", text(&inc));
+    let inc_requests = requests(&graph);
+    let counts = graph.state.infra.accounting.snapshot();
+    assert!(
+        inc_requests <= 30,
+        "100 changes took {inc_requests} requests: {counts:?}"
+    );
+    assert!(
+        !counts.keys().any(|k| k.contains("/members")),
+        "no member list was read again: {counts:?}"
+    );
+    assert_ne!(
+        s.read("dbx.json"),
+        before,
+        "the changes the dry run saw were applied"
+    );
+
+    // The incremental result is what a full read gives: a full sync now finds nothing to do.
+    let (s, check) = run(s, &["sync", "--full-sync"], env.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(code(&check), 0, "{}", text(&check));
+    assert!(text(&check).contains("(full read"), "{}", text(&check));
+    assert!(
+        text(&check).contains("in sync: nothing to do"),
+        "{}",
+        text(&check)
+    );
+    eprintln!("full read: {full_requests} requests; 100 changes: {inc_requests} requests");
+    drop(s);
+}

@@ -132,11 +132,17 @@ async fn reads_the_scope_by_name_with_depth_and_service_principals() {
         .unwrap();
     assert_eq!(r.depth[&eta.id], 2);
 
-    // What it cost: one token, one lookup per name, one member read per group.
+    // What it cost: one token, one lookup per name, one member read per group, the groups of a
+    // level read together in a `$batch` (a level of one group reads it directly).
     let counts = g.state.infra.accounting.snapshot();
     assert_eq!(counts["POST /{tenant}/oauth2/v2.0/token"], 1, "{counts:?}");
     assert_eq!(counts["GET /v1.0/groups"], 8, "{counts:?}");
-    assert_eq!(counts["GET /beta/groups/{id}/members"], 3 + 4, "{counts:?}");
+    assert_eq!(
+        counts["BATCH GET /beta/groups/{id}/members"] + counts["GET /beta/groups/{id}/members"],
+        3 + 4,
+        "{counts:?}"
+    );
+    assert_eq!(counts["POST /beta/$batch"], 2, "{counts:?}");
 }
 
 #[tokio::test]
@@ -154,19 +160,30 @@ async fn filters_select_all_errors_and_throttling() {
     let r = src.read_full(&Scope::default()).await.unwrap();
     assert_eq!(r.snapshot.groups.len(), 5, "no selector: every group");
 
+    // A throttle that lets the batch in but answers 429 to most of its items: those items are
+    // read again on their own, and the read is the same as an unthrottled one.
+    let deep = Scope {
+        search_depth: 3,
+        ..Scope::default()
+    };
+    let calm = src.read_full(&deep).await.unwrap();
+    g.state.infra.accounting.reset();
     g.state.infra.set_throttle(Some(ThrottleConfig {
         capacity: 2.0,
         per_second: 100.0,
     }));
-    let r = src
-        .read_full(&Scope {
-            search_depth: 3,
-            ..Scope::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(r.snapshot.groups.len(), 5);
+    let r = src.read_full(&deep).await.unwrap();
     g.state.infra.set_throttle(None);
+    assert_eq!(r.snapshot, calm.snapshot);
+    let counts = g.state.infra.accounting.snapshot();
+    assert!(
+        counts
+            .get("GET /beta/groups/{id}/members")
+            .copied()
+            .unwrap_or(0)
+            >= 1,
+        "throttled batch items were read alone: {counts:?}"
+    );
 
     let e = source(&g, "not-the-secret")
         .read_full(&Scope::default())

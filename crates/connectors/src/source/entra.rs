@@ -247,14 +247,126 @@ impl EntraSource {
         Ok(out)
     }
 
-    async fn members(&self, gid: String) -> Result<(String, Vec<Value>), SourceError> {
+    /// One group's members, page by page.
+    async fn members(&self, gid: &str) -> Result<Vec<Value>, SourceError> {
         let url = format!(
-            "{}/beta/groups/{gid}/members?$select={MEMBER_SELECT}&$top=999",
-            self.root()
+            "{}/beta/groups/{}/members?$select={MEMBER_SELECT}&$top=999",
+            self.root(),
+            percent_encode(gid, b"")
         );
-        Ok((gid, self.all(url).await?))
+        self.all(url).await
+    }
+
+    /// The member lists of `gids`, in order: 20 groups to a `$batch` request, batches in
+    /// parallel up to the concurrency limit.
+    async fn members_of(&self, gids: &[String]) -> Result<Vec<Vec<Value>>, SourceError> {
+        let workers = self.cfg.http.max_concurrency.max(1);
+        let chunks: Vec<Vec<String>> = gids.chunks(BATCH_MAX).map(<[String]>::to_vec).collect();
+        let batches = futures::stream::iter(chunks.into_iter().map(|c| self.members_batch(c)))
+            .buffered(workers)
+            .collect::<Vec<_>>()
+            .await;
+        let mut out = Vec::with_capacity(gids.len());
+        for b in batches {
+            out.extend(b?);
+        }
+        Ok(out)
+    }
+
+    /// One `$batch` of member reads. A group with more members than one page continues with its
+    /// nextLink; an item that failed inside the batch (429, 5xx, a body that is not a page) is
+    /// read again on its own, after the item's `Retry-After`, with the client's retries.
+    async fn members_batch(&self, gids: Vec<String>) -> Result<Vec<Vec<Value>>, SourceError> {
+        if gids.len() == 1 {
+            return Ok(vec![self.members(&gids[0]).await?]);
+        }
+        let requests: Vec<Value> = gids
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                serde_json::json!({
+                    "id": i.to_string(),
+                    "method": "GET",
+                    "url": format!("/groups/{}/members?$select={MEMBER_SELECT}&$top=999", percent_encode(g, b"")),
+                })
+            })
+            .collect();
+        let body = serde_json::json!({ "requests": requests }).to_string();
+        let auth = self.auth().await?;
+        let a = self
+            .http
+            .send(
+                Method::POST,
+                &format!("{}/beta/$batch", self.root()),
+                &auth,
+                &[],
+                Some(("application/json", body.into_bytes())),
+                true, // only GETs inside
+            )
+            .await
+            .map_err(source_error)?;
+        let v: Value = a
+            .json("Microsoft Graph", "a $batch request")
+            .map_err(source_error)?;
+        let mut answers: BTreeMap<usize, Value> = v
+            .get("responses")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                let i = r.get("id")?.as_str()?.parse().ok()?;
+                Some((i, r.clone()))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(gids.len());
+        for (i, gid) in gids.iter().enumerate() {
+            let answer = answers.remove(&i);
+            let page = answer.as_ref().filter(|r| {
+                r.get("status").and_then(Value::as_u64) == Some(200)
+                    && r.pointer("/body/value").is_some_and(Value::is_array)
+            });
+            let Some(page) = page else {
+                let status = answer
+                    .as_ref()
+                    .and_then(|r| r.get("status"))
+                    .and_then(Value::as_u64);
+                let wait = answer
+                    .as_ref()
+                    .and_then(|r| r.get("headers"))
+                    .and_then(|h| {
+                        h.as_object()?
+                            .iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                            .and_then(|(_, v)| v.as_str()?.trim().parse::<u64>().ok())
+                    })
+                    .unwrap_or(0)
+                    .min(self.cfg.http.max_backoff.as_secs());
+                tracing::debug!(group = %gid, ?status, wait, "a $batch item failed; reading it alone");
+                if wait > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                }
+                out.push(self.members(gid).await?);
+                continue;
+            };
+            let mut items = page
+                .pointer("/body/value")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if let Some(next) = page
+                .pointer("/body/@odata.nextLink")
+                .and_then(Value::as_str)
+            {
+                items.extend(self.all(next.to_owned()).await?);
+            }
+            out.push(items);
+        }
+        Ok(out)
     }
 }
+
+/// Requests in one `$batch`: Graph's limit.
+const BATCH_MAX: usize = 20;
 
 /// Cursor names in the agreement state.
 const CURSOR_GROUPS: &str = "graph.groups";
@@ -285,19 +397,14 @@ impl EntraSource {
         snap: &mut Snapshot,
         depth: &mut BTreeMap<String, u32>,
     ) -> Result<(), SourceError> {
-        let workers = self.cfg.http.max_concurrency.max(1);
         for g in &frontier {
             depth.insert(g.id.clone(), level);
         }
         while !frontier.is_empty() {
             let ids: Vec<String> = frontier.iter().map(|g| g.id.clone()).collect();
-            let reads = futures::stream::iter(ids.into_iter().map(|id| self.members(id)))
-                .buffered(workers)
-                .collect::<Vec<_>>()
-                .await;
+            let reads = self.members_of(&ids).await?;
             let mut next = Vec::new();
-            for (mut g, r) in frontier.into_iter().zip(reads) {
-                let (_, members) = r?;
+            for (mut g, members) in frontier.into_iter().zip(reads) {
                 for m in &members {
                     let Some(member) = member_of(m) else { continue }; // devices, contacts
                     match member.kind {
