@@ -5,6 +5,7 @@
 
 mod config;
 mod demo;
+mod draw;
 mod output;
 mod run;
 
@@ -79,6 +80,21 @@ enum Cmd {
     State {
         #[command(subcommand)]
         cmd: StateCmd,
+    },
+    /// Read the source's scope and draw its groups and their nesting (search depth on each edge).
+    Graph {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "mermaid")]
+        format: draw::Format,
+        /// Write the drawing here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A JSON list of group names to draw (added to the configured scope).
+        #[arg(long)]
+        groups_json_file: Option<PathBuf>,
+        /// 1 = only the listed groups; 2 = also groups nested in them; and so on.
+        #[arg(long)]
+        group_search_depth: Option<u32>,
     },
     /// Run the whole job on an embedded sample directory: full sync, a change, incremental sync.
     Demo {
@@ -204,6 +220,39 @@ fn load_config(cli: &Cli) -> Result<Config> {
 async fn dispatch(cli: Cli) -> Result<u8> {
     match &cli.cmd {
         Cmd::Demo { dir } => demo::run(dir, cli.verbose).await,
+        Cmd::Graph {
+            format,
+            out,
+            groups_json_file,
+            group_search_depth,
+        } => {
+            let mut cfg = load_config(&cli)?;
+            if let Some(f) = groups_json_file {
+                cfg.scope
+                    .group_names
+                    .extend(config::read_groups_file(f).map_err(|e| anyhow!(e))?);
+            }
+            if let Some(d) = *group_search_depth {
+                if d == 0 {
+                    return Err(anyhow!("--group-search-depth must be at least 1"));
+                }
+                cfg.scope.search_depth = d;
+            }
+            let read = build_source(&cfg)?
+                .read_full(&cfg.scope)
+                .await
+                .context("reading the source")?;
+            for n in &read.notes {
+                eprintln!("note: {n}");
+            }
+            let picture = draw::draw(&read.snapshot, &read.depth, *format);
+            match out {
+                Some(path) => std::fs::write(path, picture)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{picture}"),
+            }
+            Ok(exit::OK)
+        }
         Cmd::Validate => {
             let cfg = load_config(&cli)?;
             println!(

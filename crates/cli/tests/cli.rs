@@ -388,6 +388,49 @@ fn source_flags_of_the_existing_tool() {
 }
 
 #[test]
+fn graph_draws_the_groups_and_their_nesting() {
+    let s = Sandbox::new("");
+    s.write("groups_to_sync.json", r#"["Data \"Eng\""]"#);
+    let o = s.run(&[
+        "graph",
+        "--format",
+        "dot",
+        "--groups-json-file",
+        "groups_to_sync.json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let dot = String::from_utf8_lossy(&o.stdout).to_string();
+    // Depth 2 (the configuration): Platform is found inside Data "Eng".
+    assert!(dot.starts_with("digraph groups {"), "{dot}");
+    assert!(
+        dot.contains(r#"label="Data \"Eng\"\n2 users, 1 service principals\ndepth 1""#),
+        "{dot}"
+    );
+    assert!(
+        dot.contains(r#"label="Platform\n1 users\ndepth 2""#),
+        "{dot}"
+    );
+    assert!(dot.contains(r#"-> n1 [label="depth 2"]"#), "{dot}");
+    assert!(!dot.contains("Équipe"), "not in the scope: {dot}");
+
+    // Depth 1 and Mermaid, to a file: the nested group is drawn as not read.
+    let o = s.run(&[
+        "graph",
+        "--groups-json-file",
+        "groups_to_sync.json",
+        "--group-search-depth",
+        "1",
+        "--out",
+        "groups.mmd",
+    ]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let m = s.read("groups.mmd");
+    assert!(m.starts_with("flowchart LR"), "{m}");
+    assert!(m.contains("n0 -.-> x1") && !m.contains("Platform"), "{m}");
+    assert!(!s.path("state").exists(), "drawing touches no state");
+}
+
+#[test]
 fn state_show_and_reset() {
     let s = Sandbox::new("");
     assert_eq!(code(&s.run(&["sync"])), 0);
