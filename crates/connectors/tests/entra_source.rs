@@ -304,6 +304,73 @@ async fn an_incremental_read_equals_a_full_read_after_changes() {
     };
     assert_eq!(quiet.snapshot, inc.snapshot);
 
+    // Round two: a group selected by name is renamed out of the selection (it and what only it
+    // reached leave, as a full read would have them leave); a group is nested under a group at
+    // the search depth (beyond it: not read); a group is nested under a root (read).
+    {
+        let mut t = g.state.tenant_mut();
+        let zeta = id_of(&t, "TEAM_ZETA");
+        let mut z = t.groups[&zeta].clone();
+        z.display_name = "TEAM_ZETA_ARCHIVED".into();
+        t.upsert_group(z);
+        let new_team = id_of(&t, "NEW_TEAM");
+        let alpha = id_of(&t, "TEAM_ALPHA");
+        let olga = id_of(&t, "olga@company.com");
+        for (id, name) in [("deep", "DEEP_TEAM"), ("side", "SIDE_TEAM")] {
+            t.upsert_group(Group {
+                id: id.into(),
+                display_name: name.into(),
+                description: None,
+                security_enabled: true,
+                mail_enabled: false,
+                members: [Member::user(olga.clone())].into(),
+            });
+        }
+        t.add_member(&alpha, Member::group("side"));
+        t.add_member("side", Member::group("deep"));
+        let _ = new_team;
+    }
+    let Changes::Read(round2) = src
+        .read_changes(&scope, &inc.snapshot, &inc.cursors)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let full2 = src.read_full(&scope).await.unwrap();
+    assert_eq!(
+        round2.snapshot, full2.snapshot,
+        "incremental == full, round two"
+    );
+    assert_eq!(round2.depth, full2.depth);
+    assert!(!names(&round2.snapshot).contains(&"TEAM_ZETA_ARCHIVED".to_owned()));
+    assert!(round2.snapshot.groups.contains_key("side"));
+    assert!(
+        !round2.snapshot.groups.contains_key("deep"),
+        "beyond the depth"
+    );
+
+    // Every group selected (no selector): a group created anywhere joins on the next read.
+    let all = Scope::default();
+    let base = src.read_full(&all).await.unwrap();
+    g.state.tenant_mut().upsert_group(Group {
+        id: "fresh".into(),
+        display_name: "FRESH".into(),
+        description: None,
+        security_enabled: true,
+        mail_enabled: false,
+        members: Default::default(),
+    });
+    let Changes::Read(after) = src
+        .read_changes(&all, &base.snapshot, &base.cursors)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(after.snapshot.groups.contains_key("fresh"));
+    assert_eq!(after.snapshot, src.read_full(&all).await.unwrap().snapshot);
+
     // An expired token: the caller reads in full.
     g.state.tenant_mut().expire_delta_tokens();
     assert!(matches!(

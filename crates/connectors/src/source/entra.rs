@@ -14,7 +14,7 @@ use crate::entra_auth::{EntraAuth, EntraCredential, GRAPH_SCOPE};
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
-use idsync_engine::scope::{Scope, fnmatch};
+use idsync_engine::scope::{Scope, Selection, fnmatch, select};
 use idsync_engine::{Changes, Read, Source, SourceError};
 use idsync_model::{Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType};
 use reqwest::Method;
@@ -594,6 +594,8 @@ impl Source for EntraSource {
         let mut snap = base.clone();
         let mut new_groups: Vec<Group> = Vec::new();
         let mut need: BTreeSet<Member> = BTreeSet::new();
+        // Groups newly nested into a group of the snapshot: child → a parent.
+        let mut nested_into: BTreeMap<String, String> = BTreeMap::new();
         for item in &groups {
             let Some(id) = text(item, "id") else { continue };
             if item.get("@removed").is_some() {
@@ -623,6 +625,9 @@ impl Source for EntraSource {
                         });
                     } else {
                         if !snap.contains(member.kind, &member.id) {
+                            if member.kind == Kind::Group {
+                                nested_into.insert(member.id.clone(), id.clone());
+                            }
                             need.insert(member.clone());
                         }
                         snap.apply_change(&idsync_model::Change::AddMember {
@@ -631,7 +636,8 @@ impl Source for EntraSource {
                         });
                     }
                 }
-            } else if scope.group_ids.contains(&id)
+            } else if scope.selects_all()
+                || scope.group_ids.contains(&id)
                 || scope.group_names.contains(&g.display_name)
                 || scope
                     .group_filter
@@ -648,7 +654,7 @@ impl Source for EntraSource {
             let Some(id) = text(item, "id") else { continue };
             if item.get("@removed").is_some() {
                 snap.apply_change(&idsync_model::Change::Remove(Member::user(id)));
-            } else if snap.users.contains_key(&id)
+            } else if (snap.users.contains_key(&id) || scope.all_users)
                 && let Some(u) = user_of(item)
             {
                 snap.apply_change(&idsync_model::Change::UpsertUser(u));
@@ -691,13 +697,21 @@ impl Source for EntraSource {
         {
             snap.service_principals.entry(sp.id.clone()).or_insert(sp);
         }
-        let mut depth: BTreeMap<String, u32> = snap.groups.keys().map(|g| (g.clone(), 1)).collect();
-        if scope.search_depth > 1 {
-            let nested: Vec<String> = ids(Kind::Group)
-                .into_iter()
-                .filter(|g| !snap.groups.contains_key(g))
-                .collect();
-            for chunk in nested.chunks(15) {
+        // Groups nested into the scope: read in full from the depth they are found at, when that
+        // is within the search depth.
+        let before = select(&snap, scope);
+        let mut depth = before.depth;
+        let mut nested: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (child, parent) in &nested_into {
+            if let Some(level) = depth.get(parent).map(|d| d + 1)
+                && level <= scope.search_depth
+                && !snap.groups.contains_key(child)
+            {
+                nested.entry(level).or_default().push(child.clone());
+            }
+        }
+        for (level, ids) in nested {
+            for chunk in ids.chunks(15) {
                 let list: Vec<String> = chunk.iter().map(|i| odata_literal(i)).collect();
                 let url = format!(
                     "{}/v1.0/groups?$filter=id%20in%20({})&$select={GROUP_SELECT}",
@@ -711,14 +725,19 @@ impl Source for EntraSource {
                     .filter_map(group_of)
                     .filter(|g| g.security_enabled || scope.include_non_security)
                     .collect();
-                self.expand(found, 2, scope, &mut snap, &mut depth).await?;
+                self.expand(found, level, scope, &mut snap, &mut depth)
+                    .await?;
             }
         }
         self.expand(new_groups, 1, scope, &mut snap, &mut depth)
             .await?;
-        if !scope.all_users {
-            snap.prune_unreachable();
-        }
+        // The scope again, as a full read would draw it: a group renamed out of the selection
+        // leaves (unless still nested within the depth), and so do members only it reached.
+        let Selection {
+            snapshot: snap,
+            depth,
+            notes,
+        } = select(&snap, scope);
         let cursors = BTreeMap::from([
             (CURSOR_GROUPS.to_owned(), gl2),
             (CURSOR_USERS.to_owned(), ul2),
@@ -729,7 +748,7 @@ impl Source for EntraSource {
             cursors,
             mode: ReadMode::Incremental,
             depth,
-            notes: Vec::new(),
+            notes,
         }))
     }
 }
