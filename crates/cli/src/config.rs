@@ -114,6 +114,7 @@ struct RawScope {
     #[serde(default)]
     group_ids: Vec<String>,
     group_filter: Option<String>,
+    group_regex: Option<String>,
     search_depth: Option<u32>,
     include_non_security: Option<bool>,
     all_users: Option<bool>,
@@ -1148,10 +1149,20 @@ impl Validator<'_> {
             group_names: rs.groups.into_iter().collect(),
             group_ids: rs.group_ids.into_iter().collect(),
             group_filter: rs.group_filter,
+            group_regex: None,
             search_depth: rs.search_depth.unwrap_or(1),
             include_non_security: rs.include_non_security.unwrap_or(false),
             all_users: rs.all_users.unwrap_or(false),
         };
+        if let Some(p) = &rs.group_regex {
+            match idsync_engine::scope::NameRegex::new(p) {
+                Ok(r) => scope.group_regex = Some(r),
+                Err(e) => self.err(
+                    Origin::File("scope.group_regex"),
+                    format!("not a regular expression: {e}"),
+                ),
+            }
+        }
         if scope.search_depth == 0 {
             self.err(
                 Origin::File("scope.search_depth"),
@@ -1692,6 +1703,27 @@ user_name = "{nope"
         .unwrap_err()
         .to_string();
         assert!(e.contains("AZURE_CLIENT_CERTIFICATE_PATH"), "{e}");
+    }
+
+    #[test]
+    fn a_group_regex_is_compiled_and_a_bad_one_reported_with_its_line() {
+        let env = Env::from_pairs([]);
+        let c = parse_str(
+            &GOOD.replace("[scope]\n", "[scope]\ngroup_regex = \"^data-(eng|ops)$\"\n"),
+            &env,
+        )
+        .unwrap();
+        assert!(c.scope.selects("x", "data-ops") && !c.scope.selects("x", "data-opsx"));
+        let e = parse_str(
+            &GOOD.replace("[scope]\n", "[scope]\ngroup_regex = \"data-(\"\n"),
+            &env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("scope.group_regex: not a regular expression"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
 use idsync_emulators::Graph;
 use idsync_emulators::infra::ThrottleConfig;
 use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+use idsync_engine::scope::NameRegex;
 use idsync_engine::{Scope, Source};
 use idsync_model::{Directory, Kind, Member, Secret, Snapshot, UserType};
 use std::time::Duration;
@@ -119,6 +120,12 @@ async fn reads_the_scope_by_name_with_depth_and_service_principals() {
         "depth 2 found TEAM_ETA; the cycle back to TEAM_ZETA stops"
     );
     assert!(
+        r.notes.iter().any(|n| n
+            == "groups \"TEAM_ETA\", \"TEAM_ZETA\" nest each other in a cycle; each is synced once"),
+        "{:?}",
+        r.notes
+    );
+    assert!(
         r.snapshot
             .users
             .values()
@@ -157,6 +164,26 @@ async fn filters_select_all_errors_and_throttling() {
         .await
         .unwrap();
     assert_eq!(names(&r.snapshot), ["TEAM_ALPHA", "TEAM_ETA", "TEAM_ZETA"]);
+    let r = src
+        .read_full(&Scope {
+            group_regex: Some(NameRegex::new("^TEAM_(ALPHA|ZETA)$").unwrap()),
+            ..Scope::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(names(&r.snapshot), ["TEAM_ALPHA", "TEAM_ZETA"]);
+    let r = src
+        .read_full(&Scope {
+            group_regex: Some(NameRegex::new("(?i)équipe").unwrap()),
+            ..Scope::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&r.snapshot),
+        ["O'Brien Équipe"],
+        "found anywhere, unicode-aware"
+    );
     let r = src.read_full(&Scope::default()).await.unwrap();
     assert_eq!(r.snapshot.groups.len(), 5, "no selector: every group");
 
@@ -379,4 +406,38 @@ async fn an_incremental_read_equals_a_full_read_after_changes() {
             .unwrap(),
         Changes::Expired(_)
     ));
+}
+
+#[tokio::test]
+async fn a_storm_of_errors_html_pages_and_cut_off_answers_reads_the_same() {
+    use idsync_emulators::infra::Faults;
+    let g = Graph::start(Tenant::new(tenant())).await.unwrap();
+    let src = source(&g, DEFAULT_CLIENT_SECRET);
+    let scope = Scope {
+        search_depth: 3,
+        ..Scope::default()
+    };
+    let calm = src.read_full(&scope).await.unwrap();
+    g.state.infra.accounting.reset();
+    g.state.infra.set_faults(Faults {
+        error_rate: 0.1,
+        html_rate: 0.05,
+        truncate_rate: 0.05,
+        reset_rate: 0.05,
+        ..Faults::default()
+    });
+    for _ in 0..5 {
+        let stormy = src.read_full(&scope).await.unwrap();
+        assert_eq!(stormy.snapshot, calm.snapshot);
+    }
+    g.state.infra.set_faults(Faults::default());
+
+    // Every answer an HTML page: a clear error that says so, after the retries.
+    g.state.infra.set_faults(Faults {
+        html_rate: 1.0,
+        path_contains: "/groups".into(),
+        ..Faults::default()
+    });
+    let e = src.read_full(&scope).await.unwrap_err();
+    assert!(e.message.contains("HTML"), "{}", e.message);
 }

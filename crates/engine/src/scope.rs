@@ -15,6 +15,9 @@ pub struct Scope {
     pub group_ids: BTreeSet<String>,
     /// Groups selected by an fnmatch pattern on the display name (`GROUP_FILTER`).
     pub group_filter: Option<String>,
+    /// Groups selected by a regular expression on the display name (found anywhere in it unless
+    /// anchored with `^...$`).
+    pub group_regex: Option<NameRegex>,
     /// 1 = only the selected groups; 2 = also groups nested directly in them; and so on.
     pub search_depth: u32,
     /// Also sync groups that are not security-enabled (distribution lists, Microsoft 365 groups).
@@ -29,6 +32,7 @@ impl Default for Scope {
             group_names: BTreeSet::new(),
             group_ids: BTreeSet::new(),
             group_filter: None,
+            group_regex: None,
             search_depth: 1,
             include_non_security: false,
             all_users: false,
@@ -39,9 +43,61 @@ impl Default for Scope {
 impl Scope {
     /// True when no selector is set: every group is selected.
     pub fn selects_all(&self) -> bool {
-        self.group_names.is_empty() && self.group_ids.is_empty() && self.group_filter.is_none()
+        self.group_names.is_empty()
+            && self.group_ids.is_empty()
+            && self.group_filter.is_none()
+            && self.group_regex.is_none()
+    }
+
+    /// True when a pattern (fnmatch or regex) selects groups by name: a source must list groups
+    /// to find them.
+    pub fn has_name_pattern(&self) -> bool {
+        self.group_filter.is_some() || self.group_regex.is_some()
+    }
+
+    /// True when the group is selected directly: every group when no selector is set, else by
+    /// name, id, fnmatch pattern or regex.
+    pub fn selects(&self, id: &str, name: &str) -> bool {
+        self.selects_all()
+            || self.group_names.contains(name)
+            || self.group_ids.contains(id)
+            || self
+                .group_filter
+                .as_deref()
+                .is_some_and(|p| fnmatch(p, name))
+            || self
+                .group_regex
+                .as_ref()
+                .is_some_and(|r| r.0.is_match(name))
     }
 }
+
+/// A compiled regular expression on group names, compared by its pattern.
+#[derive(Clone, Debug)]
+pub struct NameRegex(regex::Regex);
+
+impl NameRegex {
+    /// Compiles `pattern` (Rust `regex` syntax, close to Python's `re`); the error says where it
+    /// is wrong.
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        regex::Regex::new(pattern)
+            .map(NameRegex)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The pattern.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl PartialEq for NameRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for NameRegex {}
 
 /// The result of a selection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -61,17 +117,10 @@ pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
     let mut depth: BTreeMap<String, u32> = BTreeMap::new();
     let mut found_names: BTreeSet<&str> = BTreeSet::new();
     for g in dir.groups.values() {
-        let named = scope.group_names.contains(&g.display_name);
-        if named {
+        if scope.group_names.contains(&g.display_name) {
             found_names.insert(&g.display_name);
         }
-        let hit = scope.selects_all()
-            || named
-            || scope.group_ids.contains(&g.id)
-            || scope
-                .group_filter
-                .as_deref()
-                .is_some_and(|p| fnmatch(p, &g.display_name));
+        let hit = scope.selects(&g.id, &g.display_name);
         if hit && eligible(g) {
             depth.insert(g.id.clone(), 1);
         } else if hit {
@@ -140,11 +189,94 @@ pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
             out.service_principals.insert(s.id.clone(), s.clone());
         }
     }
+    notes.extend(cycle_notes(&out));
     Selection {
         snapshot: out,
         depth,
         notes,
     }
+}
+
+/// Notes on the nesting cycles among the snapshot's groups (groups that contain each other,
+/// directly or through others): each is synced once, and flattening stops at the cycle. One note
+/// per cycle, naming its groups in order of name.
+pub fn cycle_notes(s: &Snapshot) -> Vec<String> {
+    // Tarjan's strongly connected components, iterative (no recursion on deep nesting).
+    let ids: Vec<&str> = s.groups.keys().map(String::as_str).collect();
+    let index_of: BTreeMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let edges: Vec<Vec<usize>> = s
+        .groups
+        .values()
+        .map(|g| {
+            g.members
+                .iter()
+                .filter(|m| m.kind == Kind::Group)
+                .filter_map(|m| index_of.get(m.id.as_str()).copied())
+                .collect()
+        })
+        .collect();
+    let n = ids.len();
+    let (mut index, mut low, mut on_stack) = (vec![usize::MAX; n], vec![0; n], vec![false; n]);
+    let (mut stack, mut next_index, mut notes) = (Vec::new(), 0usize, Vec::new());
+    for start in 0..n {
+        if index[start] != usize::MAX {
+            continue;
+        }
+        // (node, next edge to look at)
+        let mut work = vec![(start, 0usize)];
+        index[start] = next_index;
+        low[start] = next_index;
+        next_index += 1;
+        stack.push(start);
+        on_stack[start] = true;
+        while let Some(&mut (v, ref mut e)) = work.last_mut() {
+            if let Some(&w) = edges[v].get(*e) {
+                *e += 1;
+                if index[w] == usize::MAX {
+                    index[w] = next_index;
+                    low[w] = next_index;
+                    next_index += 1;
+                    stack.push(w);
+                    on_stack[w] = true;
+                    work.push((w, 0));
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(&(parent, _)) = work.last() {
+                low[parent] = low[parent].min(low[v]);
+            }
+            if low[v] == index[v] {
+                let mut component = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w] = false;
+                    component.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                if component.len() > 1 || edges[v].contains(&v) {
+                    let mut names: Vec<&str> = component
+                        .iter()
+                        .map(|&i| s.groups[ids[i]].display_name.as_str())
+                        .collect();
+                    names.sort_unstable();
+                    notes.push(format!(
+                        "groups {} nest each other in a cycle; each is synced once",
+                        names
+                            .iter()
+                            .map(|n| format!("{n:?}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    notes.sort();
+    notes
 }
 
 /// Shell-style matching as Python's `fnmatch.fnmatchcase`: `*`, `?`, `[abc]`, `[a-z]`, `[!abc]`.
@@ -253,6 +385,60 @@ mod tests {
         ] {
             assert_eq!(fnmatch(p, t), want, "{p} vs {t}");
         }
+    }
+
+    #[test]
+    fn cycles_are_named_once_each_and_deep_chains_do_not_overflow() {
+        let g = |id: &str, members: &[&str]| Group {
+            id: id.into(),
+            display_name: id.to_uppercase(),
+            description: None,
+            security_enabled: true,
+            mail_enabled: false,
+            members: members.iter().map(|m| Member::group(*m)).collect(),
+        };
+        let mut s = Snapshot::default();
+        for grp in [
+            g("a", &["b"]),
+            g("b", &["c"]),
+            g("c", &["a", "d"]),
+            g("d", &[]),
+            g("self", &["self"]),
+            g("x", &["y"]),
+            g("y", &["x", "a"]),
+        ] {
+            s.groups.insert(grp.id.clone(), grp);
+        }
+        assert_eq!(
+            cycle_notes(&s),
+            [
+                "groups \"A\", \"B\", \"C\" nest each other in a cycle; each is synced once",
+                "groups \"SELF\" nest each other in a cycle; each is synced once",
+                "groups \"X\", \"Y\" nest each other in a cycle; each is synced once",
+            ]
+        );
+        // A chain 100,000 deep and closed into one cycle: no recursion, one note.
+        let mut chain = Snapshot::default();
+        let n = 100_000;
+        for i in 0..n {
+            let next = format!("g{}", (i + 1) % n);
+            let grp = g(&format!("g{i}"), &[next.as_str()]);
+            chain.groups.insert(grp.id.clone(), grp);
+        }
+        assert_eq!(cycle_notes(&chain).len(), 1);
+        chain.groups.get_mut("g0").unwrap().members.clear();
+        assert!(cycle_notes(&chain).is_empty());
+    }
+
+    #[test]
+    fn a_regex_selects_by_name() {
+        let scope = Scope {
+            group_regex: Some(NameRegex::new("^team-(a|b)$").unwrap()),
+            ..Scope::default()
+        };
+        assert!(!scope.selects_all() && scope.has_name_pattern());
+        assert!(scope.selects("1", "team-a") && !scope.selects("2", "team-ab"));
+        assert!(NameRegex::new("team-(").is_err());
     }
 
     fn dir() -> Snapshot {

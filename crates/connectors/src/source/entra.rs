@@ -14,7 +14,7 @@ use crate::entra_auth::{EntraAuth, EntraCredential, GRAPH_SCOPE};
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
-use idsync_engine::scope::{Scope, Selection, fnmatch, select};
+use idsync_engine::scope::{Scope, Selection, select};
 use idsync_engine::{Changes, Read, Source, SourceError};
 use idsync_model::{Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType};
 use reqwest::Method;
@@ -180,19 +180,14 @@ impl EntraSource {
     ) -> Result<Vec<Group>, SourceError> {
         let v1 = format!("{}/v1.0", self.root());
         let mut found: BTreeMap<String, Group> = BTreeMap::new();
-        if scope.selects_all() || scope.group_filter.is_some() {
+        if scope.selects_all() || scope.has_name_pattern() {
             for g in self
                 .all(format!("{v1}/groups?$select={GROUP_SELECT}&$top=999"))
                 .await?
                 .iter()
                 .filter_map(group_of)
             {
-                if scope.selects_all()
-                    || scope
-                        .group_filter
-                        .as_deref()
-                        .is_some_and(|p| fnmatch(p, &g.display_name))
-                {
+                if scope.selects(&g.id, &g.display_name) {
                     found.insert(g.id.clone(), g);
                 }
             }
@@ -557,6 +552,7 @@ impl Source for EntraSource {
                 snap.users.entry(u.id.clone()).or_insert(u);
             }
         }
+        notes.extend(idsync_engine::scope::cycle_notes(&snap));
         Ok(Read {
             snapshot: snap,
             cursors,
@@ -636,14 +632,7 @@ impl Source for EntraSource {
                         });
                     }
                 }
-            } else if scope.selects_all()
-                || scope.group_ids.contains(&id)
-                || scope.group_names.contains(&g.display_name)
-                || scope
-                    .group_filter
-                    .as_deref()
-                    .is_some_and(|p| fnmatch(p, &g.display_name))
-            {
+            } else if scope.selects(&id, &g.display_name) {
                 // New to the scope: read it in full.
                 if g.security_enabled || scope.include_non_security {
                     new_groups.push(g);

@@ -8,7 +8,7 @@
 //! renamed out of a name-based selection stays until the next full read.
 
 use async_trait::async_trait;
-use idsync_engine::scope::{self, Scope, fnmatch};
+use idsync_engine::scope::{self, Scope};
 use idsync_engine::{Changes, Read, Source, SourceError};
 use idsync_model::{Change, Kind, Member, ReadMode, Snapshot};
 use std::collections::BTreeMap;
@@ -71,12 +71,7 @@ impl MemorySource {
 }
 
 fn selected_by_name(scope: &Scope, id: &str, name: &str) -> bool {
-    scope.group_names.contains(name)
-        || scope.group_ids.contains(id)
-        || scope
-            .group_filter
-            .as_deref()
-            .is_some_and(|p| fnmatch(p, name))
+    scope.selects(id, name)
 }
 
 /// Adds a principal the snapshot does not hold yet, from the directory: a nested group only within
