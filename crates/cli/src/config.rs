@@ -175,6 +175,7 @@ struct RawTarget {
     azure_client_id: Option<String>,
     azure_client_secret: Option<Secret>,
     azure_authority_host: Option<String>,
+    azure_use_source: Option<bool>,
     // scim
     url: Option<String>,
     mapping: Option<RawMapping>,
@@ -286,6 +287,9 @@ pub enum TargetConfig {
         oauth: Option<(String, Secret)>,
         /// An Entra app (authority, tenant, client id, secret), when neither is given.
         entra: Option<(String, String, String, Secret)>,
+        /// An Entra token from the Entra source's sign-in (any method), when nothing else is
+        /// given.
+        entra_from_source: bool,
         /// Extra CA certificates (PEM).
         ca_bundle: Option<PathBuf>,
     },
@@ -1217,6 +1221,7 @@ impl Validator<'_> {
                 ("azure_client_id", t.azure_client_id.is_some()),
                 ("azure_client_secret", t.azure_client_secret.is_some()),
                 ("azure_authority_host", t.azure_authority_host.is_some()),
+                ("azure_use_source", t.azure_use_source.is_some()),
             ];
             let common = ["kind", "mapping", "policy"];
             let mut tmapping = t.mapping.as_ref().map_or_else(
@@ -1334,6 +1339,7 @@ impl Validator<'_> {
                                 "azure_client_id",
                                 "azure_client_secret",
                                 "azure_authority_host",
+                                "azure_use_source",
                                 "ca_bundle",
                             ],
                         ]
@@ -1371,10 +1377,22 @@ impl Validator<'_> {
                                 )),
                                 _ => None,
                             };
-                            if t.token.is_none() && oauth.is_none() && entra.is_none() {
+                            let from_source = t.azure_use_source.unwrap_or(false);
+                            let entra_source = matches!(source, Some(SourceConfig::Entra(_)));
+                            if from_source && !entra_source {
+                                self.err(
+                                    Origin::File(&key("azure_use_source")),
+                                    "the source is not Entra ID: there is no sign-in to reuse",
+                                );
+                            }
+                            if t.token.is_none()
+                                && oauth.is_none()
+                                && entra.is_none()
+                                && !from_source
+                            {
                                 self.err(
                                     Origin::File(&key("token")),
-                                    "no credentials: set DATABRICKS_TOKEN (an account SCIM or admin token), or DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (OAuth M2M), or ARM_TENANT_ID, ARM_CLIENT_ID and ARM_CLIENT_SECRET (an Entra app, for Azure Databricks)",
+                                    "no credentials: set DATABRICKS_TOKEN (an account SCIM or admin token), or DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (OAuth M2M), or ARM_TENANT_ID, ARM_CLIENT_ID and ARM_CLIENT_SECRET (an Entra app, for Azure Databricks), or azure_use_source = true (the Entra source's sign-in, any method)",
                                 );
                             }
                             Some(TargetConfig::Databricks {
@@ -1383,6 +1401,7 @@ impl Validator<'_> {
                                 token: t.token.clone(),
                                 oauth,
                                 entra,
+                                entra_from_source: from_source && entra_source,
                                 ca_bundle: t.ca_bundle.as_deref().map(resolve),
                             })
                         }
@@ -1794,6 +1813,16 @@ user_name = "{nope"
         assert!(
             !format!("{c:?}").contains("arm-secret"),
             "Debug never shows a secret"
+        );
+        // Reusing the source's sign-in needs an Entra source (GOOD reads a file).
+        let reuse = text.replace(
+            "account_id = \"acct\"",
+            "account_id = \"acct\"\nazure_use_source = true",
+        );
+        let e = parse_str(&reuse, &Env::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("azure_use_source: the source is not Entra ID"),
+            "{e}"
         );
     }
 

@@ -355,7 +355,11 @@ fn entra_credential(e: &config::EntraConfig) -> Result<EntraCredential> {
 }
 
 /// Registered targets: one line per kind.
-fn build_target(t: &TargetConfig, workers: usize) -> Result<(Box<dyn Target>, String)> {
+fn build_target(
+    t: &TargetConfig,
+    source: &SourceConfig,
+    workers: usize,
+) -> Result<(Box<dyn Target>, String)> {
     match t {
         TargetConfig::Databricks {
             host,
@@ -363,6 +367,7 @@ fn build_target(t: &TargetConfig, workers: usize) -> Result<(Box<dyn Target>, St
             token,
             oauth,
             entra,
+            entra_from_source,
             ca_bundle,
         } => {
             let auth = match (token, oauth) {
@@ -382,7 +387,14 @@ fn build_target(t: &TargetConfig, workers: usize) -> Result<(Box<dyn Target>, St
                             },
                         }
                     }
-                    None => return Err(anyhow!("the Databricks target has no credentials")),
+                    None => match source {
+                        SourceConfig::Entra(e) if *entra_from_source => DatabricksAuth::Entra {
+                            authority: e.authority_host.clone(),
+                            tenant_id: e.tenant_id.clone(),
+                            credential: entra_credential(e)?,
+                        },
+                        _ => return Err(anyhow!("the Databricks target has no credentials")),
+                    },
                 },
             };
             let http = HttpConfig {
@@ -516,7 +528,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         .iter()
         .filter(|a| args.targets.is_empty() || args.targets.contains(&a.name))
     {
-        let (target, describe) = build_target(&a.target, opts.workers)?;
+        let (target, describe) = build_target(&a.target, &cfg.source, opts.workers)?;
         let agreement = Agreement {
             name: &a.name,
             target: target.as_ref(),
@@ -591,7 +603,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             .ok_or_else(|| {
                 anyhow!("the plan is for target {name:?}, which the configuration does not have")
             })?;
-        let (target, describe) = build_target(&a.target, opts.workers)?;
+        let (target, describe) = build_target(&a.target, &cfg.source, opts.workers)?;
         let agreement = Agreement {
             name,
             target: target.as_ref(),

@@ -926,3 +926,67 @@ profile = "databricks"
     eprintln!("full read: {full_requests} requests; 100 changes: {inc_requests} requests");
     drop(s);
 }
+
+/// A managed identity signs in to Graph and, reused by the Databricks target, to Azure Databricks:
+/// no secret anywhere in the configuration or the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_identity_reads_entra_and_writes_databricks() {
+    use idsync_emulators::databricks::{ACCOUNT_ID, Type};
+    use idsync_emulators::tenant::Tenant;
+    let dir: idsync_model::Directory =
+        serde_json::from_str(include_str!("../src/demo/directory.json")).unwrap();
+    let graph = idsync_emulators::Graph::start(Tenant::new(dir.try_into().unwrap()))
+        .await
+        .unwrap();
+    let dbx = idsync_emulators::Databricks::start_on(0, Some(graph.state.clone()))
+        .await
+        .unwrap();
+    let tenant = graph.state.tenant().tenant_id.clone();
+    let s = Sandbox {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    s.write(
+        "idsync.toml",
+        &format!(
+            r#"
+[state]
+url = "state"
+
+[source]
+kind = "entra"
+auth = "managed_identity"
+tenant_id = "{tenant}"
+authority_host = "{g}"
+graph_url = "{g}"
+managed_identity_endpoint = "{g}"
+
+[scope]
+groups = ["TEAM_ALPHA"]
+
+[targets.databricks]
+kind = "databricks"
+host = "{d}"
+account_id = "{ACCOUNT_ID}"
+azure_use_source = true
+"#,
+            g = graph.server.base_url,
+            d = dbx.server.base_url,
+        ),
+    );
+    let (s, o) = tokio::task::spawn_blocking(move || {
+        let o = s.run(&["sync"]);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(dbx.state.data()[&Type::Groups].len(), 1);
+    let counts = graph.state.infra.accounting.snapshot();
+    // Two tokens from the metadata endpoint: Graph's and Azure Databricks'.
+    assert_eq!(
+        counts["GET /metadata/identity/oauth2/token"], 2,
+        "{counts:?}"
+    );
+    assert!(!counts.contains_key("POST /{tenant}/oauth2/v2.0/token"));
+    drop(s);
+}
