@@ -117,6 +117,31 @@ enum StateCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write an agreement's state as plain JSON (a backup, or a move to another store).
+    Export {
+        /// The agreement.
+        agreement: String,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// State location [default: from the configuration].
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Replace an agreement's state with an exported one (committed on top of the current
+    /// version, so a run in progress is never overwritten silently).
+    Import {
+        /// The agreement.
+        agreement: String,
+        /// The exported JSON (or a stored, compressed document).
+        file: PathBuf,
+        /// State location [default: from the configuration].
+        #[arg(long)]
+        state: Option<String>,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Forget an agreement's state: the next run treats every existing principal as not its own.
     Reset {
         /// The agreement.
@@ -270,7 +295,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             );
             Ok(exit::OK)
         }
-        Cmd::State { cmd } => state_cmd(&cli, cmd),
+        Cmd::State { cmd } => state_cmd(&cli, cmd).await,
         Cmd::Plan { run, out } => {
             let mode = Mode::Plan;
             run_all(&cli, run, mode, out.as_deref()).await
@@ -448,7 +473,7 @@ fn build_target(
 }
 
 fn store_for(url: &str) -> LocalStore {
-    LocalStore::new(url)
+    LocalStore::open(url)
 }
 
 async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) -> Result<u8> {
@@ -619,7 +644,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
     Ok(worst)
 }
 
-fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
+async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
     let url = |explicit: &Option<String>| -> Result<String> {
         match explicit {
             Some(u) => Ok(u.clone()),
@@ -635,13 +660,13 @@ fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             let store = store_for(&url(state)?);
             let names = match agreement {
                 Some(a) => vec![a.clone()],
-                None => store.list()?,
+                None => store.list().await?,
             };
             if names.is_empty() {
                 println!("no state in {}", store.describe());
             }
             for name in names {
-                let Some(st) = store.load(&name)? else {
+                let Some(st) = store.load(&name).await? else {
                     println!("{name}: no state in {}", store.describe());
                     continue;
                 };
@@ -690,6 +715,56 @@ fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             }
             Ok(exit::OK)
         }
+        StateCmd::Export {
+            agreement,
+            out,
+            state,
+        } => {
+            let store = store_for(&url(state)?);
+            let Some(st) = store.load(agreement).await? else {
+                return Err(anyhow!(
+                    "agreement {agreement:?} has no state in {}",
+                    store.describe()
+                ));
+            };
+            let json = serde_json::to_string_pretty(&st)?;
+            match out {
+                Some(p) => std::fs::write(p, json + "\n")
+                    .with_context(|| format!("writing {}", p.display()))?,
+                None => println!("{json}"),
+            }
+            Ok(exit::OK)
+        }
+        StateCmd::Import {
+            agreement,
+            file,
+            state,
+            yes,
+        } => {
+            if !yes {
+                return Err(anyhow!(
+                    "importing replaces what idsync knows about agreement {agreement:?} (ownership, delta tokens); re-run with --yes to confirm"
+                ));
+            }
+            let bytes =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let mut st = idsync_state::codec::decode(&bytes, &file.display().to_string())?;
+            let store = store_for(&url(state)?);
+            if st.agreement != *agreement {
+                eprintln!(
+                    "note: the file holds agreement {:?}; it is imported as {agreement:?}",
+                    st.agreement
+                );
+                st.agreement.clone_from(agreement);
+            }
+            st.version = store.load(agreement).await?.map_or(0, |s| s.version);
+            let v = store.commit(&st).await?;
+            println!(
+                "state of {agreement} imported into {} (version {v})",
+                store.describe()
+            );
+            Ok(exit::OK)
+        }
         StateCmd::Reset {
             agreement,
             state,
@@ -701,7 +776,7 @@ fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                 ));
             }
             let store = store_for(&url(state)?);
-            store.delete(agreement)?;
+            store.delete(agreement).await?;
             println!("state of {agreement} removed from {}", store.describe());
             Ok(exit::OK)
         }

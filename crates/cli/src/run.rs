@@ -112,9 +112,10 @@ impl ReadCache {
     }
 }
 
-fn load_state(store: &dyn StateStore, name: &str) -> Result<AgreementState> {
+async fn load_state(store: &dyn StateStore, name: &str) -> Result<AgreementState> {
     let st = store
-        .load(name)?
+        .load(name)
+        .await?
         .unwrap_or_else(|| AgreementState::new(name));
     match st.status {
         AgreementStatus::Active => Ok(st),
@@ -164,7 +165,7 @@ pub async fn run_agreement(
     let lease = if opts.mode == Mode::Plan {
         None
     } else {
-        Some(store.acquire(a.name, &holder(), opts.lease)?)
+        Some(store.acquire(a.name, &holder(), opts.lease).await?)
     };
     let result = plan_and_apply(
         a,
@@ -178,14 +179,14 @@ pub async fn run_agreement(
     )
     .await;
     if let Some(l) = lease {
-        give_back(store, &l);
+        give_back(store, &l).await;
     }
     result
 }
 
 /// Releases a lease; a failure only means it expires on its own, so it is logged, not fatal.
-fn give_back(store: &dyn StateStore, lease: &Lease) {
-    if let Err(e) = store.release(lease) {
+async fn give_back(store: &dyn StateStore, lease: &Lease) {
+    if let Err(e) = store.release(lease).await {
         tracing::warn!(error = %e, "could not release the lease; it expires on its own");
     }
 }
@@ -201,7 +202,7 @@ async fn plan_and_apply(
     lease: Option<&Lease>,
     printer: &mut Printer,
 ) -> Result<Outcome> {
-    let state = load_state(store, a.name)?;
+    let state = load_state(store, a.name).await?;
     let read = cache
         .read(source, scope, &state, opts.full_sync, printer)
         .await
@@ -287,6 +288,7 @@ pub async fn apply_file(
         apply::begin(&file.plan, &caps, &mut state);
         state.version = store
             .commit(&state)
+            .await
             .context("recording the apply journal")?;
     }
     // If the target cannot make the writes durable (flush fails), none of them counts: the state
@@ -305,7 +307,7 @@ pub async fn apply_file(
                 let keep_alive = async {
                     loop {
                         tokio::time::sleep(every).await;
-                        if let Err(e) = store.renew(l, ttl) {
+                        if let Err(e) = store.renew(l, ttl).await {
                             return e;
                         }
                     }
@@ -324,10 +326,11 @@ pub async fn apply_file(
         state = at_begin;
     }
     if let Some((l, ttl)) = lease {
-        store.renew(l, ttl)?;
+        store.renew(l, ttl).await?;
     }
     store
         .commit(&state)
+        .await
         .context("saving the state after the apply")?;
     flushed.map_err(|e| anyhow!("finishing the writes to target {}: {e}", a.name))?;
     Ok(report)
@@ -341,9 +344,9 @@ pub async fn apply_saved(
     opts: &RunOptions,
     printer: &mut Printer,
 ) -> Result<u8> {
-    let lease = store.acquire(a.name, &holder(), opts.lease)?;
+    let lease = store.acquire(a.name, &holder(), opts.lease).await?;
     let result = async {
-        let state = load_state(store, a.name)?;
+        let state = load_state(store, a.name).await?;
         if state.version != file.plan.state_version {
             return Err(anyhow!(
                 "the saved plan for {:?} was computed from state version {}, but the state is now at version {}: something ran since. Nothing was applied; run `idsync plan` again",
@@ -364,6 +367,6 @@ pub async fn apply_saved(
         Ok(if report.is_success() { exit::OK } else { exit::ERROR })
     }
     .await;
-    give_back(store, &lease);
+    give_back(store, &lease).await;
     result
 }

@@ -121,9 +121,15 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn owned(dir: &Path) -> usize {
-    let s: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("state/dbx.json")).unwrap()).unwrap();
+/// The agreement's state, through `idsync state export` (the stored document is compressed).
+fn state_of(s: &Sandbox, agreement: &str) -> serde_json::Value {
+    let o = s.run(&["state", "export", agreement]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn owned(s: &Sandbox) -> usize {
+    let s = state_of(s, "dbx");
     ["users", "servicePrincipals", "groups"]
         .iter()
         .map(|k| s["owned"][k].as_object().map_or(0, |o| o.len()))
@@ -146,12 +152,12 @@ fn exit_codes_plan_sync_and_in_sync() {
         "plan must not write the target"
     );
     assert!(
-        !s.path("state/dbx.json").exists(),
+        !s.path("state/dbx.state").exists(),
         "plan must not write state"
     );
     let o = s.run(&["sync"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
-    assert_eq!(owned(s.dir.path()), 8);
+    assert_eq!(owned(&s), 8);
     let again = s.run(&["plan"]);
     assert_eq!(code(&again), 0, "{}", text(&again));
     assert!(text(&again).contains("in sync"));
@@ -291,7 +297,7 @@ fn dry_run_levels() {
             .all(|m| m.as_array().unwrap().is_empty()),
         "members not applied"
     );
-    let state: serde_json::Value = serde_json::from_str(&s.read("state/dbx.json")).unwrap();
+    let state = state_of(&s, "dbx");
     assert!(
         state["lastApplied"].is_null(),
         "a partial apply does not record the snapshot"
@@ -443,7 +449,7 @@ fn state_show_and_reset() {
     );
     assert_eq!(code(&s.run(&["state", "reset", "dbx"])), 1, "needs --yes");
     assert_eq!(code(&s.run(&["state", "reset", "dbx", "--yes"])), 0);
-    assert!(!s.path("state/dbx.json").exists());
+    assert!(!s.path("state/dbx.state").exists());
 }
 
 #[test]
@@ -500,7 +506,7 @@ fn a_failed_flush_does_not_record_a_successful_apply() {
         "{}",
         text(&o)
     );
-    let state: serde_json::Value = serde_json::from_str(&s.read("state/dbx.json")).unwrap();
+    let state = state_of(&s, "dbx");
     assert!(
         state["lastApplied"].is_null(),
         "nothing recorded as applied"

@@ -115,7 +115,7 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         search_depth: 2,
         ..Scope::default()
     };
-    let store = LocalStore::new(&state_dir.display().to_string());
+    let store = LocalStore::open(&state_dir.display().to_string());
     let dbx_mapping = Mapping::defaults();
     let mut lake_mapping = Mapping::defaults();
     lake_mapping.group_policies = ["AuthManageOwnCredentials", "FSReadAll"]
@@ -191,8 +191,8 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         }
     }
     p.heading("Done");
-    for name in store.list()? {
-        if let Some(st) = store.load(&name)? {
+    for name in store.list().await? {
+        if let Some(st) = store.load(&name).await? {
             p.note(&format!(
                 "{name}: state version {}, {} principals owned",
                 st.version,

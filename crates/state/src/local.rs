@@ -1,0 +1,182 @@
+//! State in a local folder: `<dir>/<agreement>.state`, `<agreement>.lease`, and
+//! `<agreement>.lock`, an advisory OS lock held for the milliseconds of a conditional write (the
+//! kernel releases it when the holder exits, so a crashed process never leaves it behind). Writes
+//! go to a temporary file, are fsynced, and renamed into place.
+
+use crate::StateError;
+use crate::blob::{BlobStore, Blobs, Cond, Tag};
+use async_trait::async_trait;
+use std::fs::{self, File, OpenOptions};
+use std::hash::{Hash, Hasher};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// State in a local folder.
+pub type LocalStore = BlobStore<LocalBlobs>;
+
+impl LocalStore {
+    /// A store in `location` (a path or a `file://` URL; the folder is created on first write).
+    pub fn open(location: &str) -> Self {
+        BlobStore::new(LocalBlobs::new(location))
+    }
+}
+
+/// A folder of small files with conditional writes under an OS lock.
+#[derive(Debug, Clone)]
+pub struct LocalBlobs {
+    dir: PathBuf,
+}
+
+/// How long a write waits for another process's write (each takes milliseconds).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+fn io<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> StateError + 'p {
+    move |source| StateError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The version of a file's content.
+fn tag_of(bytes: &[u8]) -> Tag {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Tag(format!("{:x}-{:016x}", bytes.len(), h.finish()))
+}
+
+impl LocalBlobs {
+    /// A folder (a path or a `file://` URL).
+    pub fn new(location: &str) -> Self {
+        let p = location.strip_prefix("file://").unwrap_or(location);
+        LocalBlobs {
+            dir: PathBuf::from(p),
+        }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    fn read(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
+        match fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("read", path)(e)),
+        }
+    }
+
+    /// Runs `f` holding the lock of `key`'s agreement (`a.state` and `a.lease` share `a.lock`).
+    fn locked<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce() -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        fs::create_dir_all(&self.dir).map_err(io("create the state folder", &self.dir))?;
+        let stem = key.rsplit_once('.').map_or(key, |(s, _)| s);
+        let path = self.path(&format!("{stem}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        let mut waited = Duration::ZERO;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if waited < LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    waited += Duration::from_millis(10);
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(io("lock", &path)(std::io::Error::new(
+                        ErrorKind::WouldBlock,
+                        format!(
+                            "another idsync process has held this lock for over {}s",
+                            LOCK_WAIT.as_secs()
+                        ),
+                    )));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", &path)(e)),
+            }
+        }
+        let out = f();
+        let _ = file.unlock();
+        out
+    }
+
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(io("rename into place", path))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Blobs for LocalBlobs {
+    async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Tag)>, StateError> {
+        Ok(Self::read(&self.path(key))?.map(|b| {
+            let t = tag_of(&b);
+            (b, t)
+        }))
+    }
+
+    async fn put(&self, key: &str, bytes: Vec<u8>, cond: Cond) -> Result<bool, StateError> {
+        let path = self.path(key);
+        self.locked(key, || {
+            let current = Self::read(&path)?;
+            let holds = match (&cond, &current) {
+                (Cond::Absent, None) => true,
+                (Cond::Match(t), Some(b)) => *t == tag_of(b),
+                _ => false,
+            };
+            if holds {
+                self.write_atomic(&path, &bytes)?;
+            }
+            Ok(holds)
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StateError> {
+        let path = self.path(key);
+        self.locked(key, || match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("remove", &path)(e)),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<String>, StateError> {
+        let rd = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("list", &self.dir)(e)),
+        };
+        Ok(rd
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect())
+    }
+
+    fn location(&self, key: &str) -> String {
+        self.path(key).display().to_string()
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.dir.display())
+    }
+}

@@ -1,0 +1,178 @@
+//! The conformance suite every state backend runs (the local folder in unit tests; S3, Azure Blob
+//! and GCS against real or emulated servers in `tests/`): round trip, compare-and-swap with
+//! concurrent writers, leases (exclusive, renewed, expired and taken over, released late),
+//! corrupted and newer documents refused and kept.
+
+use crate::blob::{BlobStore, Blobs, Cond};
+use crate::{StateError, StateStore};
+use idsync_model::AgreementState;
+use std::time::Duration;
+
+fn assert_that(ok: bool, what: &str) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(what.to_owned()) }
+}
+
+/// Runs every check against `store`, in agreements named `<prefix>-...` (so a shared bucket can
+/// host several runs). Returns the first failure.
+pub async fn run<B: Blobs>(store: &BlobStore<B>, prefix: &str) -> Result<(), String> {
+    round_trip(store, &format!("{prefix}-rt")).await?;
+    compare_and_swap(store, &format!("{prefix}-cas")).await?;
+    leases(store, &format!("{prefix}-lease")).await?;
+    corrupted(store, &format!("{prefix}-bad")).await?;
+    Ok(())
+}
+
+async fn round_trip<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
+    let e = |e: StateError| e.to_string();
+    assert_that(
+        s.load(a).await.map_err(e)?.is_none(),
+        "a new agreement has no state",
+    )?;
+    let mut st = AgreementState::new(a);
+    st.cursors.insert("graph.users".into(), "token-1".into());
+    assert_that(
+        s.commit(&st).await.map_err(e)? == 1,
+        "the first commit is version 1",
+    )?;
+    let back = s
+        .load(a)
+        .await
+        .map_err(e)?
+        .ok_or("committed state is loaded")?;
+    assert_that(
+        back.version == 1 && back.cursors["graph.users"] == "token-1",
+        "round trip",
+    )?;
+    assert_that(
+        s.commit(&back).await.map_err(e)? == 2,
+        "the second commit is version 2",
+    )?;
+    assert_that(s.list().await.map_err(e)?.contains(&a.to_owned()), "listed")?;
+    s.delete(a).await.map_err(e)?;
+    assert_that(s.load(a).await.map_err(e)?.is_none(), "deleted")?;
+    s.delete(a).await.map_err(e)?;
+    Ok(())
+}
+
+async fn compare_and_swap<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
+    let e = |e: StateError| e.to_string();
+    s.commit(&AgreementState::new(a)).await.map_err(e)?;
+    let loaded = s.load(a).await.map_err(e)?.ok_or("state")?;
+    // Eight writers from the same version, at once: exactly one wins.
+    let results = futures::future::join_all((0..8).map(|_| s.commit(&loaded))).await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_that(
+        wins == 1,
+        &format!("exactly one of 8 concurrent commits wins, {wins} did"),
+    )?;
+    for r in &results {
+        if let Err(err) = r {
+            assert_that(
+                matches!(err, StateError::Conflict { expected: 1, .. }),
+                &format!("a losing commit is a conflict: {err}"),
+            )?;
+        }
+    }
+    match s.commit(&loaded).await {
+        Err(StateError::Conflict {
+            expected: 1,
+            found: 2,
+            ..
+        }) => {}
+        other => return Err(format!("a stale commit is refused: {other:?}")),
+    }
+    s.delete(a).await.map_err(e)
+}
+
+async fn leases<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
+    let e = |e: StateError| e.to_string();
+    let min = Duration::from_secs(60);
+    let l1 = s.acquire(a, "run-1", min).await.map_err(e)?;
+    match s.acquire(a, "run-2", min).await {
+        Err(StateError::LeaseHeld { holder, .. }) if holder == "run-1" => {}
+        other => return Err(format!("a held lease is refused to another run: {other:?}")),
+    }
+    let l1 = s.renew(&l1, Duration::from_secs(120)).await.map_err(e)?;
+    s.release(&l1).await.map_err(e)?;
+    let l2 = s.acquire(a, "run-2", min).await.map_err(e)?;
+
+    // run-2 crashes: its lease, expired, is taken over by run-3.
+    let key = format!("{a}.lease");
+    let (_, tag) = s
+        .blobs()
+        .get(&key)
+        .await
+        .map_err(e)?
+        .ok_or("lease object")?;
+    let stale = crate::Lease {
+        until: 1,
+        ..l2.clone()
+    };
+    let put = s
+        .blobs()
+        .put(
+            &key,
+            serde_json::to_vec(&stale).unwrap_or_default(),
+            Cond::Match(tag),
+        )
+        .await
+        .map_err(e)?;
+    assert_that(put, "a conditional write with the current version succeeds")?;
+    let l3 = s.acquire(a, "run-3", min).await.map_err(e)?;
+    // The crashed run's late renewal fails, and its late release does not free run-3's lease.
+    match s.renew(&l2, min).await {
+        Err(StateError::LeaseLost { holder, .. }) if holder == "run-3" => {}
+        other => return Err(format!("a taken-over lease cannot be renewed: {other:?}")),
+    }
+    s.release(&l2).await.map_err(e)?;
+    assert_that(
+        s.acquire(a, "run-4", min).await.is_err(),
+        "a late release leaves the new holder's lease",
+    )?;
+    s.release(&l3).await.map_err(e)?;
+
+    // Eight runs start at once: exactly one gets the lease.
+    let results = futures::future::join_all(
+        (0..8).map(|i| async move { s.acquire(a, &format!("racer-{i}"), min).await }),
+    )
+    .await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_that(
+        wins == 1,
+        &format!("exactly one of 8 concurrent acquisitions wins, {wins} did"),
+    )?;
+    for l in results.into_iter().flatten() {
+        s.release(&l).await.map_err(e)?;
+    }
+    Ok(())
+}
+
+async fn corrupted<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
+    let e = |e: StateError| e.to_string();
+    let key = format!("{a}.state");
+    let garbage = b"{\"format\": 1, \"agreem".to_vec();
+    let _ = s.blobs().delete(&key).await;
+    s.blobs()
+        .put(&key, garbage.clone(), Cond::Absent)
+        .await
+        .map_err(e)?;
+    match s.load(a).await {
+        Err(StateError::Corrupt { .. }) => {}
+        other => return Err(format!("a corrupted document is refused: {other:?}")),
+    }
+    assert_that(
+        s.commit(&AgreementState::new(a)).await.is_err(),
+        "a corrupted document is never overwritten by a commit",
+    )?;
+    let (kept, tag) = s.blobs().get(&key).await.map_err(e)?.ok_or("document")?;
+    assert_that(kept == garbage, "the corrupted document is kept as it was")?;
+    s.blobs()
+        .put(&key, br#"{"format": 99}"#.to_vec(), Cond::Match(tag))
+        .await
+        .map_err(e)?;
+    match s.load(a).await {
+        Err(StateError::NewerFormat { found: 99, .. }) => {}
+        other => return Err(format!("a newer format is refused: {other:?}")),
+    }
+    s.delete(a).await.map_err(e)
+}
