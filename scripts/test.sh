@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what idsync's tests need and runs them: formatting, lints, every test of the
-# workspace (unit, property, the real binary against temporary folders), and the emulators'
-# conformance suite (the vendors' Python clients, installed into .venv from PyPI).
+# workspace (unit, property, the real binary against temporary folders), the emulators'
+# conformance suite (the vendors' Python clients, installed into .venv from PyPI), and the state
+# backends against moto (PyPI) and Azurite (npm), started on 127.0.0.1 and stopped by pid.
 #
 # CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
-# except the package registries (crates.io, PyPI) for the first build and install.
+# except the package registries (crates.io, PyPI, npm) for the first build and install.
 #
 # Environment:
 #   PROPTEST_CASES   cases per property test (default 1000)
@@ -34,3 +35,6 @@ PROPTEST_CASES="${PROPTEST_CASES:-1000}" cargo test --workspace --locked
 
 echo "== emulator conformance (the vendors' official Python clients against idsync-emulator)"
 scripts/conformance.sh
+
+echo "== state backends against real storage servers (moto for S3 and STS, Azurite for Azure Blob)"
+scripts/storage.sh

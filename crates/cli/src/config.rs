@@ -74,6 +74,13 @@ struct Raw {
 struct RawState {
     url: Option<String>,
     lease_seconds: Option<u64>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    role_arn: Option<String>,
+    external_id: Option<String>,
+    sts_endpoint: Option<String>,
+    web_identity_token_file: Option<String>,
+    google_service_account: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -334,6 +341,8 @@ pub struct Config {
     pub state_url: String,
     /// How long a run's lease lasts.
     pub lease_seconds: u64,
+    /// Object store settings the URL cannot carry.
+    pub state_options: idsync_state::StoreOptions,
     /// The source.
     pub source: SourceConfig,
     /// What is synced.
@@ -1000,14 +1009,39 @@ impl Validator<'_> {
 
         // [state], [run]
         let state = raw.state.unwrap_or_default();
-        let state_url = state.url.unwrap_or_else(|| ".idsync/state".to_owned());
-        if let Some(scheme) = state_url
-            .split_once("://")
-            .map(|(s, _)| s)
-            .filter(|s| *s != "file")
-        {
-            self.err(Origin::File("state.url"), format!("{scheme}:// state is not available in this build yet; use a folder path or file://"));
+        let state_url = state
+            .url
+            .clone()
+            .unwrap_or_else(|| ".idsync/state".to_owned());
+        if let Some(scheme) = state_url.split_once("://").map(|(s, _)| s).filter(|s| {
+            !matches!(
+                *s,
+                "file" | "s3" | "az" | "abfs" | "abfss" | "azure" | "adl" | "gs"
+            )
+        }) {
+            self.err(
+                Origin::File("state.url"),
+                format!("{scheme}:// is not a state store: use a folder path, file://, s3://, az://, abfss:// or gs://"),
+            );
         }
+        let state_options = idsync_state::StoreOptions {
+            endpoint: state.endpoint.clone(),
+            region: state.region.clone(),
+            role_arn: state.role_arn.clone(),
+            external_id: state.external_id.clone(),
+            sts_endpoint: state.sts_endpoint.clone(),
+            web_identity_token_file: state
+                .web_identity_token_file
+                .as_deref()
+                .map(|p| resolve(p).display().to_string()),
+            google_service_account: state
+                .google_service_account
+                .as_deref()
+                .map(|p| resolve(p).display().to_string()),
+            azure_connection_string: env
+                .first(&["AZURE_STORAGE_CONNECTION_STRING"])
+                .map(|(_, v)| Secret::new(v)),
+        };
         let worker_threads = raw
             .run
             .as_ref()
@@ -1440,6 +1474,7 @@ impl Validator<'_> {
         Some(Config {
             state_url,
             lease_seconds: state.lease_seconds.unwrap_or(3600),
+            state_options,
             source,
             scope,
             agreements,

@@ -21,7 +21,7 @@ use idsync_connectors::target::file::FileTarget;
 use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_engine::{Source, Target};
 use idsync_model::Kind;
-use idsync_state::{LocalStore, StateStore};
+use idsync_state::StateStore;
 use output::Printer;
 use run::{Agreement, Mode, PlanBundle, ReadCache, RunOptions, exit};
 use std::path::{Path, PathBuf};
@@ -472,8 +472,8 @@ fn build_target(
     }
 }
 
-fn store_for(url: &str) -> LocalStore {
-    LocalStore::open(url)
+fn store_for(url: &str, opts: &idsync_state::StoreOptions) -> Result<Box<dyn StateStore>> {
+    Ok(idsync_state::open(url, opts)?)
 }
 
 async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) -> Result<u8> {
@@ -536,7 +536,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
             return Err(anyhow!("no target named {t:?} in the configuration"));
         }
     }
-    let store = store_for(&cfg.state_url);
+    let store = store_for(&cfg.state_url, &cfg.state_options)?;
     let opts = RunOptions {
         full_sync: args.full_sync,
         mode,
@@ -563,7 +563,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         };
         let outcome = run::run_agreement(
             &agreement,
-            &store,
+            store.as_ref(),
             source.as_ref(),
             &cfg.scope,
             &mut cache,
@@ -608,7 +608,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             bundle.format
         ));
     }
-    let store = store_for(&cfg.state_url);
+    let store = store_for(&cfg.state_url, &cfg.state_options)?;
     let opts = RunOptions {
         full_sync: false,
         mode: Mode::Sync,
@@ -636,7 +636,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             policy: &a.policy,
             describe,
         };
-        let code = run::apply_saved(file, &agreement, &store, &opts, &mut printer)
+        let code = run::apply_saved(file, &agreement, store.as_ref(), &opts, &mut printer)
             .await
             .with_context(|| format!("target {name}"))?;
         worst = worst.max(code);
@@ -645,10 +645,26 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
 }
 
 async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
-    let url = |explicit: &Option<String>| -> Result<String> {
+    // The state URL from --state or the configuration; the object store settings from the
+    // configuration when there is one (a bare --state URL takes its credentials from the
+    // environment).
+    let url = |explicit: &Option<String>| -> Result<(String, idsync_state::StoreOptions)> {
         match explicit {
-            Some(u) => Ok(u.clone()),
-            None => Ok(load_config(cli)?.state_url),
+            Some(u) => {
+                let opts = load_config(cli)
+                    .map(|c| c.state_options)
+                    .unwrap_or_else(|_| idsync_state::StoreOptions {
+                        azure_connection_string: std::env::var("AZURE_STORAGE_CONNECTION_STRING")
+                            .ok()
+                            .map(idsync_model::Secret::new),
+                        ..Default::default()
+                    });
+                Ok((u.clone(), opts))
+            }
+            None => {
+                let c = load_config(cli)?;
+                Ok((c.state_url, c.state_options))
+            }
         }
     };
     match cmd {
@@ -657,7 +673,8 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             state,
             json,
         } => {
-            let store = store_for(&url(state)?);
+            let (u, o) = url(state)?;
+            let store = store_for(&u, &o)?;
             let names = match agreement {
                 Some(a) => vec![a.clone()],
                 None => store.list().await?,
@@ -720,7 +737,8 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             out,
             state,
         } => {
-            let store = store_for(&url(state)?);
+            let (u, o) = url(state)?;
+            let store = store_for(&u, &o)?;
             let Some(st) = store.load(agreement).await? else {
                 return Err(anyhow!(
                     "agreement {agreement:?} has no state in {}",
@@ -749,7 +767,8 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             let bytes =
                 std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
             let mut st = idsync_state::codec::decode(&bytes, &file.display().to_string())?;
-            let store = store_for(&url(state)?);
+            let (u, o) = url(state)?;
+            let store = store_for(&u, &o)?;
             if st.agreement != *agreement {
                 eprintln!(
                     "note: the file holds agreement {:?}; it is imported as {agreement:?}",
@@ -775,7 +794,8 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                     "resetting forgets which principals idsync owns; re-run with --yes to confirm"
                 ));
             }
-            let store = store_for(&url(state)?);
+            let (u, o) = url(state)?;
+            let store = store_for(&u, &o)?;
             store.delete(agreement).await?;
             println!("state of {agreement} removed from {}", store.describe());
             Ok(exit::OK)

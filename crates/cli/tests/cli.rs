@@ -753,6 +753,24 @@ account_id = "{ACCOUNT_ID}"
     for secret in [DEFAULT_CLIENT_SECRET, SECRET_ACCESS_KEY, TOKEN] {
         assert!(!text(&first).contains(secret) && !text(&second).contains(secret));
     }
+    // No credential in the state either: neither the secrets nor an access token ("emu.").
+    let (s, states) = tokio::task::spawn_blocking(move || {
+        let o = [
+            s.run_env(&["state", "export", "lakefs"], &env),
+            s.run_env(&["state", "export", "databricks"], &env),
+        ];
+        (s, o)
+    })
+    .await
+    .unwrap();
+    for o in &states {
+        assert_eq!(code(o), 0, "{}", text(o));
+        let t = text(o);
+        assert!(t.contains("\"cursors\""), "{t}");
+        for secret in [DEFAULT_CLIENT_SECRET, SECRET_ACCESS_KEY, TOKEN, "emu."] {
+            assert!(!t.contains(secret), "{secret} in the state: {t}");
+        }
+    }
     drop(s);
 }
 
@@ -995,4 +1013,74 @@ azure_use_source = true
     );
     assert!(!counts.contains_key("POST /{tenant}/oauth2/v2.0/token"));
     drop(s);
+}
+
+/// State in a bucket: the GCS emulator, a service account key, two runs and `state show`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_lives_in_a_bucket_when_the_url_says_so() {
+    let key = include_str!("../../../tests/fixtures/entra-test-client.pem");
+    let block = |tag: &str| {
+        let (b, e) = (
+            format!("-----BEGIN {tag}-----"),
+            format!("-----END {tag}-----"),
+        );
+        format!(
+            "{}\n",
+            &key[key.find(&b).unwrap()..key.find(&e).unwrap() + e.len()]
+        )
+    };
+    let gcs = idsync_emulators::Gcs::start_on(0, &["idsync-state"])
+        .await
+        .unwrap();
+    gcs.state.require_signer(&block("CERTIFICATE"));
+    let s = Sandbox::new("");
+    s.write(
+        "sa.json",
+        &serde_json::json!({"type": "service_account", "private_key": block("PRIVATE KEY"),
+            "client_email": "idsync@test.iam.gserviceaccount.com", "private_key_id": "k"})
+        .to_string(),
+    );
+    let cfg = s.read("idsync.toml").replace(
+        "[state]\nurl = \"state\"",
+        &format!(
+            "[state]\nurl = \"gs://idsync-state/prod\"\nendpoint = \"{}\"\ngoogle_service_account = \"sa.json\"",
+            gcs.server.base_url
+        ),
+    );
+    assert!(cfg.contains("gs://"), "{cfg}");
+    s.write("idsync.toml", &cfg);
+    let (s, first) = tokio::task::spawn_blocking(move || {
+        let o = s.run(&["sync"]);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&first), 0, "{}", text(&first));
+    let (s, second) = tokio::task::spawn_blocking(move || {
+        let o = s.run(&["sync"]);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&second), 0, "{}", text(&second));
+    assert!(
+        text(&second).contains("in sync: nothing to do"),
+        "{}",
+        text(&second)
+    );
+    let (s, show) = tokio::task::spawn_blocking(move || {
+        let o = s.run(&["state", "show"]);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert!(
+        text(&show).contains("dbx (gs://idsync-state/prod)"),
+        "{}",
+        text(&show)
+    );
+    assert!(text(&show).contains("Active"), "{}", text(&show));
+    assert!(!s.path("state").exists(), "nothing written locally");
+    let counts = gcs.state.infra.accounting.snapshot();
+    assert!(counts["PUT /{bucket}/{*key}"] >= 4, "{counts:?}");
 }

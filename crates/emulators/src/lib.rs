@@ -10,6 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod databricks;
+pub mod gcs;
 pub mod generator;
 pub mod graph;
 pub mod infra;
@@ -181,6 +182,23 @@ pub async fn serve(app: Router, port: u16) -> std::io::Result<Running> {
         addr,
         shutdown: Some(tx),
     })
+}
+
+/// A running Google Cloud Storage (XML API) emulator.
+pub struct Gcs {
+    /// Its state.
+    pub state: Arc<gcs::GcsState>,
+    /// The server.
+    pub server: Running,
+}
+
+impl Gcs {
+    /// Starts one with these buckets on a free port of 127.0.0.1 (or `port`).
+    pub async fn start_on(port: u16, buckets: &[&str]) -> std::io::Result<Gcs> {
+        let state = gcs::GcsState::new(buckets);
+        let server = serve(gcs::router(state.clone()), port).await?;
+        Ok(Gcs { state, server })
+    }
 }
 
 /// A running lakeFS auth API emulator.

@@ -126,8 +126,14 @@ impl<B: Blobs> StateStore for BlobStore<B> {
         check_name(&state.agreement)?;
         let key = state_key(&state.agreement);
         // Reading first also means a corrupted document is reported, never overwritten.
-        let current = self.read_state(&state.agreement).await?;
-        let found = current.as_ref().map_or(0, |(s, _)| s.version);
+        let current = match self.blobs.get(&key).await? {
+            None => None,
+            Some((bytes, tag)) => Some((
+                codec::decode_version(&bytes, &self.blobs.location(&key))?,
+                tag,
+            )),
+        };
+        let found = current.as_ref().map_or(0, |(v, _)| *v);
         if found != state.version {
             return Err(StateError::Conflict {
                 agreement: state.agreement.clone(),
@@ -144,10 +150,10 @@ impl<B: Blobs> StateStore for BlobStore<B> {
             return Ok(next.version);
         }
         // Another run committed between our read and our write.
-        let found = self
-            .read_state(&state.agreement)
-            .await?
-            .map_or(0, |(s, _)| s.version);
+        let found = match self.blobs.get(&key).await? {
+            None => 0,
+            Some((bytes, _)) => codec::decode_version(&bytes, &self.blobs.location(&key))?,
+        };
         Err(StateError::Conflict {
             agreement: state.agreement.clone(),
             expected: state.version,

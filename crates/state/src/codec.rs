@@ -13,8 +13,8 @@
 
 use crate::StateError;
 use flate2::Compression;
+use flate2::GzBuilder;
 use flate2::read::GzDecoder;
-use flate2::write::GzEncoder;
 use idsync_model::AgreementState;
 use idsync_model::state::STATE_FORMAT;
 use serde::Deserialize;
@@ -23,14 +23,28 @@ use std::io::{Read, Write};
 /// The gzip magic number.
 const GZIP: [u8; 2] = [0x1f, 0x8b];
 
+/// Unique per commit: process, time, counter.
+fn nonce() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("idsync {} {t:x} {n:x}", std::process::id())
+}
+
 /// The stored bytes of `state`: its JSON, gzip-compressed.
 pub fn encode(state: &AgreementState, location: &str) -> Result<Vec<u8>, StateError> {
     let json = serde_json::to_vec(state).map_err(|e| StateError::Corrupt {
         path: location.to_owned(),
         detail: format!("cannot encode: {e}"),
     })?;
-    // Level 3: within a few percent of the best size for this JSON, several times faster.
-    let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 8), Compression::new(3));
+    // Level 3: within a few percent of the best size for this JSON, several times faster. The
+    // gzip header's comment holds a nonce, so that no two commits store the same bytes (a writer
+    // told its conditional write conflicted checks whether the stored bytes are its own).
+    let mut gz = GzBuilder::new()
+        .comment(nonce())
+        .write(Vec::with_capacity(json.len() / 8), Compression::new(3));
     gz.write_all(&json)
         .and_then(|()| gz.finish())
         .map_err(|e| StateError::Corrupt {
@@ -39,29 +53,40 @@ pub fn encode(state: &AgreementState, location: &str) -> Result<Vec<u8>, StateEr
         })
 }
 
-/// Decodes a stored document (gzip or plain JSON), refusing newer formats and reporting a
-/// corrupted one with what is wrong.
-pub fn decode(bytes: &[u8], location: &str) -> Result<AgreementState, StateError> {
-    let corrupt = |detail: String| StateError::Corrupt {
+fn corrupt(location: &str, detail: String) -> StateError {
+    StateError::Corrupt {
         path: location.to_owned(),
         detail,
-    };
-    let inflated;
-    let json: &[u8] = if bytes.starts_with(&GZIP) {
-        let mut out = Vec::with_capacity(bytes.len() * 8);
-        GzDecoder::new(bytes)
-            .read_to_end(&mut out)
-            .map_err(|e| corrupt(format!("not a complete gzip stream: {e}")))?;
-        inflated = out;
-        &inflated
-    } else {
-        bytes
-    };
-    #[derive(Deserialize)]
-    struct Head {
-        format: u32,
     }
-    let head: Head = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
+}
+
+/// The JSON of a stored document (inflated when compressed).
+fn json_of<'a>(
+    bytes: &'a [u8],
+    location: &str,
+    buf: &'a mut Vec<u8>,
+) -> Result<&'a [u8], StateError> {
+    if !bytes.starts_with(&GZIP) {
+        return Ok(bytes);
+    }
+    buf.reserve(bytes.len() * 8);
+    GzDecoder::new(bytes)
+        .read_to_end(buf)
+        .map_err(|e| corrupt(location, format!("not a complete gzip stream: {e}")))?;
+    Ok(buf)
+}
+
+#[derive(Deserialize)]
+struct Head {
+    format: u32,
+    #[serde(default)]
+    version: u64,
+}
+
+fn check_head(json: &[u8], location: &str) -> Result<Head, StateError> {
+    // Fields other than these two are skipped, not built: cheap even for a large document, and
+    // the whole text is still checked to be well-formed JSON.
+    let head: Head = serde_json::from_slice(json).map_err(|e| corrupt(location, e.to_string()))?;
     if head.format > STATE_FORMAT {
         return Err(StateError::NewerFormat {
             path: location.to_owned(),
@@ -69,7 +94,24 @@ pub fn decode(bytes: &[u8], location: &str) -> Result<AgreementState, StateError
             supported: STATE_FORMAT,
         });
     }
-    serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))
+    Ok(head)
+}
+
+/// Decodes a stored document (gzip or plain JSON), refusing newer formats and reporting a
+/// corrupted one with what is wrong.
+pub fn decode(bytes: &[u8], location: &str) -> Result<AgreementState, StateError> {
+    let mut buf = Vec::new();
+    let json = json_of(bytes, location, &mut buf)?;
+    check_head(json, location)?;
+    serde_json::from_slice(json).map_err(|e| corrupt(location, e.to_string()))
+}
+
+/// The version of a stored document, checked as [`decode`] checks it (well-formed, not newer)
+/// without building the state: what a commit needs to know before replacing it.
+pub fn decode_version(bytes: &[u8], location: &str) -> Result<u64, StateError> {
+    let mut buf = Vec::new();
+    let json = json_of(bytes, location, &mut buf)?;
+    Ok(check_head(json, location)?.version)
 }
 
 #[cfg(test)]
@@ -84,6 +126,11 @@ mod tests {
         assert!(bytes.starts_with(&GZIP));
         assert!(bytes.len() < serde_json::to_vec(&st).unwrap().len());
         assert_eq!(decode(&bytes, "a").unwrap(), st);
+        assert_ne!(
+            encode(&st, "a").unwrap(),
+            bytes,
+            "each commit's bytes are its own"
+        );
         assert_eq!(decode(&serde_json::to_vec(&st).unwrap(), "a").unwrap(), st);
     }
 

@@ -10,6 +10,8 @@
 pub mod blob;
 pub mod codec;
 pub mod local;
+pub mod object;
+pub mod sts;
 pub mod testing;
 
 use async_trait::async_trait;
@@ -19,6 +21,17 @@ use std::time::Duration;
 
 pub use blob::BlobStore;
 pub use local::LocalStore;
+pub use object::StoreOptions;
+
+/// Opens the store a state URL names: a folder path or `file://` URL, or an object store
+/// (`s3://`, `az://`, `abfss://`, `gs://`; see [`object`]).
+pub fn open(url: &str, opts: &StoreOptions) -> Result<Box<dyn StateStore>, StateError> {
+    match url.split_once("://") {
+        None => Ok(Box::new(LocalStore::open(url))),
+        Some(("file", _)) => Ok(Box::new(LocalStore::open(url))),
+        Some(_) => Ok(Box::new(object::open(url, opts)?)),
+    }
+}
 
 /// What can go wrong with state. Every message says what to do.
 #[derive(Debug, thiserror::Error)]

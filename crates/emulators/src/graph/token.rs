@@ -316,6 +316,29 @@ fn verify_signature(jwt: &str, head: &Value, app: &crate::tenant::App) -> Verdic
     Verdict::UnknownKey
 }
 
+/// True when `jwt` is signed (RS256) by the key of a certificate in `certificate_pem`.
+pub fn verify_rs256(jwt: &str, certificate_pem: &str) -> bool {
+    let Some((signed, sig)) = jwt.rsplit_once('.') else {
+        return false;
+    };
+    let Some(sig) = b64_decode(sig) else {
+        return false;
+    };
+    pem::parse_many(certificate_pem)
+        .unwrap_or_default()
+        .iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .filter_map(|b| rsa_public_key(b.contents()).map(<[u8]>::to_vec))
+        .any(|key| {
+            ring::signature::UnparsedPublicKey::new(
+                &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                key,
+            )
+            .verify(signed.as_bytes(), &sig)
+            .is_ok()
+        })
+}
+
 /// Device code sign-ins in progress and refresh tokens handed out.
 #[derive(Default)]
 pub struct Sessions {

@@ -1,0 +1,367 @@
+//! A Google Cloud Storage emulator for the XML API subset that state storage uses: objects put,
+//! read, stat and deleted with generations and `x-goog-if-generation-match` preconditions (0 =
+//! only if absent), and V2 listing by prefix. No emulator in the package registries honours
+//! those preconditions (fake-gcs-server ignores them), and compare-and-swap is exactly what
+//! idsync needs to test; see `shared/TEST-PEERS.md`.
+//!
+//! Authentication as `object_store` performs it with a service account key: a self-signed RS256
+//! JWT as the bearer token. When the emulator is given the account's certificate, it verifies
+//! the signature; without, it only requires a bearer token.
+
+use crate::infra::{self, Infra};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+struct Object {
+    bytes: Bytes,
+    generation: u64,
+    modified: u64,
+}
+
+/// The emulator's state.
+pub struct GcsState {
+    buckets: Mutex<BTreeSet<String>>,
+    objects: Mutex<BTreeMap<(String, String), Object>>,
+    generation: Mutex<u64>,
+    /// A certificate (PEM) whose key must sign bearer tokens; none = any bearer token.
+    pub signer_certificate: Mutex<Option<String>>,
+    /// Accounting and faults.
+    pub infra: Arc<Infra>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// GCS's XML error body.
+pub fn gcs_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = format!(
+        "<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{}</Message></Error>",
+        message.replace('&', "&amp;").replace('<', "&lt;")
+    );
+    (status, [(header::CONTENT_TYPE, "application/xml")], body).into_response()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// (year, month, day, hour, minute, second, weekday 0 = Sunday) of a unix time (UTC).
+fn civil(t: u64) -> (i64, u32, u32, u32, u32, u32, usize) {
+    let days = (t / 86_400) as i64;
+    let secs = t % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let weekday = (days + 4).rem_euclid(7) as usize;
+    (
+        y,
+        m,
+        d,
+        (secs / 3600) as u32,
+        (secs % 3600 / 60) as u32,
+        (secs % 60) as u32,
+        weekday,
+    )
+}
+
+fn http_date(t: u64) -> String {
+    let (y, m, d, hh, mm, ss, wd) = civil(t);
+    let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {d:02} {} {y} {hh:02}:{mm:02}:{ss:02} GMT",
+        days[wd],
+        months[(m - 1) as usize]
+    )
+}
+
+fn rfc3339(t: u64) -> String {
+    let (y, m, d, hh, mm, ss, _) = civil(t);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.000Z")
+}
+
+fn etag(bytes: &[u8], generation: u64) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("\"{h:016x}{generation:x}\"")
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+impl GcsState {
+    /// An emulator with these buckets.
+    pub fn new(buckets: &[&str]) -> Arc<Self> {
+        Arc::new(GcsState {
+            buckets: Mutex::new(buckets.iter().map(|b| (*b).to_owned()).collect()),
+            objects: Mutex::new(BTreeMap::new()),
+            generation: Mutex::new(1_700_000_000_000_000),
+            signer_certificate: Mutex::new(None),
+            infra: Infra::new(gcs_error),
+        })
+    }
+
+    /// Requires bearer tokens signed by the key of this certificate (PEM).
+    pub fn require_signer(&self, certificate_pem: &str) {
+        *lock(&self.signer_certificate) = Some(certificate_pem.to_owned());
+    }
+
+    /// Overwrites an object's bytes behind the client's back (a test corrupting state).
+    pub fn overwrite(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let generation = self.next_generation();
+        lock(&self.objects).insert(
+            (bucket.to_owned(), key.to_owned()),
+            Object {
+                bytes: Bytes::copy_from_slice(bytes),
+                generation,
+                modified: now(),
+            },
+        );
+    }
+
+    fn next_generation(&self) -> u64 {
+        let mut g = lock(&self.generation);
+        *g += 1;
+        *g
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> Result<(), Response> {
+        let denied = |why: &str| {
+            Err(gcs_error(
+                StatusCode::UNAUTHORIZED,
+                "AuthenticationRequired",
+                why,
+            ))
+        };
+        let Some(token) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return denied("Anonymous caller does not have storage.objects access.");
+        };
+        let cert = lock(&self.signer_certificate).clone();
+        match cert {
+            None => Ok(()),
+            Some(pem) if crate::graph::token::verify_rs256(token, &pem) => Ok(()),
+            Some(_) => denied("Invalid Credentials: the token's signature does not verify."),
+        }
+    }
+}
+
+fn with_meta(mut r: Response, o: &Object) -> Response {
+    let h = r.headers_mut();
+    let pairs = [
+        (header::ETAG.as_str(), etag(&o.bytes, o.generation)),
+        ("x-goog-generation", o.generation.to_string()),
+        ("x-goog-metageneration", "1".to_owned()),
+        (header::LAST_MODIFIED.as_str(), http_date(o.modified)),
+        (header::CONTENT_LENGTH.as_str(), o.bytes.len().to_string()),
+    ];
+    for (k, v) in pairs {
+        if let (Ok(k), Ok(v)) = (
+            axum::http::HeaderName::try_from(k),
+            HeaderValue::from_str(&v),
+        ) {
+            h.insert(k, v);
+        }
+    }
+    r
+}
+
+fn no_bucket(bucket: &str) -> Response {
+    gcs_error(
+        StatusCode::NOT_FOUND,
+        "NoSuchBucket",
+        &format!("The specified bucket {bucket} does not exist."),
+    )
+}
+
+async fn put_object(
+    State(st): State<Arc<GcsState>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = st.authorized(&headers) {
+        return r;
+    }
+    if !lock(&st.buckets).contains(&bucket) {
+        return no_bucket(&bucket);
+    }
+    let want: Option<u64> = headers
+        .get("x-goog-if-generation-match")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let generation = st.next_generation();
+    let mut objects = lock(&st.objects);
+    let k = (bucket, key);
+    let current = objects.get(&k).map(|o| o.generation);
+    if let Some(w) = want
+        && current.unwrap_or(0) != w
+    {
+        return gcs_error(
+            StatusCode::PRECONDITION_FAILED,
+            "PreconditionFailed",
+            "At least one of the pre-conditions you specified did not hold.",
+        );
+    }
+    let o = Object {
+        bytes: body,
+        generation,
+        modified: now(),
+    };
+    let r = with_meta(StatusCode::OK.into_response(), &o);
+    objects.insert(k, o);
+    r
+}
+
+async fn get_object(
+    State(st): State<Arc<GcsState>>,
+    Path((bucket, key)): Path<(String, String)>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = st.authorized(&headers) {
+        return r;
+    }
+    if !lock(&st.buckets).contains(&bucket) {
+        return no_bucket(&bucket);
+    }
+    let objects = lock(&st.objects);
+    let Some(o) = objects.get(&(bucket, key.clone())) else {
+        return gcs_error(
+            StatusCode::NOT_FOUND,
+            "NoSuchKey",
+            &format!("The specified key {key} does not exist."),
+        );
+    };
+    let body = if method == axum::http::Method::HEAD {
+        Bytes::new()
+    } else {
+        o.bytes.clone()
+    };
+    with_meta((StatusCode::OK, body).into_response(), o)
+}
+
+async fn delete_object(
+    State(st): State<Arc<GcsState>>,
+    Path((bucket, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = st.authorized(&headers) {
+        return r;
+    }
+    if !lock(&st.buckets).contains(&bucket) {
+        return no_bucket(&bucket);
+    }
+    match lock(&st.objects).remove(&(bucket, key.clone())) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => gcs_error(
+            StatusCode::NOT_FOUND,
+            "NoSuchKey",
+            &format!("The specified key {key} does not exist."),
+        ),
+    }
+}
+
+async fn list_objects(
+    State(st): State<Arc<GcsState>>,
+    Path(bucket): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = st.authorized(&headers) {
+        return r;
+    }
+    if !lock(&st.buckets).contains(&bucket) {
+        return no_bucket(&bucket);
+    }
+    let prefix = q.get("prefix").cloned().unwrap_or_default();
+    let after = q.get("start-after").cloned().unwrap_or_default();
+    let mut xml = format!(
+        "<?xml version='1.0' encoding='UTF-8'?><ListBucketResult xmlns=\"http://doc.s3.amazonaws.com/2006-03-01\"><Name>{}</Name><Prefix>{}</Prefix>",
+        xml_escape(&bucket),
+        xml_escape(&prefix)
+    );
+    let objects = lock(&st.objects);
+    let mut count = 0;
+    for ((b, k), o) in objects.iter() {
+        if *b != bucket || !k.starts_with(&prefix) || k.as_str() <= after.as_str() {
+            continue;
+        }
+        count += 1;
+        xml.push_str(&format!(
+            "<Contents><Key>{}</Key><Generation>{}</Generation><LastModified>{}</LastModified><ETag>{}</ETag><Size>{}</Size></Contents>",
+            xml_escape(k),
+            o.generation,
+            rfc3339(o.modified),
+            xml_escape(&etag(&o.bytes, o.generation)),
+            o.bytes.len()
+        ));
+    }
+    xml.push_str(&format!(
+        "<KeyCount>{count}</KeyCount><IsTruncated>false</IsTruncated></ListBucketResult>"
+    ));
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/xml")],
+        xml,
+    )
+        .into_response()
+}
+
+/// The emulator's routes.
+pub fn router(st: Arc<GcsState>) -> Router {
+    Router::new()
+        .route("/{bucket}", get(list_objects))
+        .route(
+            "/{bucket}/{*key}",
+            get(get_object)
+                .head(get_object)
+                .put(put_object)
+                .delete(delete_object),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            st.infra.clone(),
+            infra::layer,
+        ))
+        .with_state(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_formatted_in_utc() {
+        assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(rfc3339(1_795_377_600), "2026-11-22T20:00:00.000Z");
+        assert_eq!(http_date(1_795_377_600), "Sun, 22 Nov 2026 20:00:00 GMT");
+    }
+}

@@ -1,0 +1,65 @@
+//! State at issue #6's scale: 100k users, 2k service principals, 10k groups, 1M memberships (the
+//! emulators' large tenant as the last-applied snapshot, and an id map and owned set for every
+//! principal). Measures encode + save and load + decode through the local store, and the stored
+//! size. `cargo bench -p idsync-state --bench state`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use idsync_model::{AgreementState, Kind, Owned, Ownership};
+use idsync_state::{LocalStore, StateStore};
+use std::time::Instant;
+
+fn main() {
+    let snap = idsync_emulators::generator::generate(
+        &idsync_emulators::generator::Params::preset("large").unwrap(),
+    );
+    let mut st = AgreementState::new("bench");
+    let ids = |k: Kind| -> Vec<String> {
+        match k {
+            Kind::User => snap.users.keys().cloned().collect(),
+            Kind::ServicePrincipal => snap.service_principals.keys().cloned().collect(),
+            Kind::Group => snap.groups.keys().cloned().collect(),
+        }
+    };
+    for k in Kind::ALL {
+        for (i, id) in ids(k).into_iter().enumerate() {
+            let target = format!("{:016x}{:04}", i * 2_654_435_761, i % 9973);
+            st.links.get_mut(k).insert(id.clone(), target.clone());
+            st.owned.get_mut(k).insert(
+                target,
+                Owned {
+                    key: format!("{k}:{id}@contoso.example"),
+                    how: Ownership::Created,
+                    source: None,
+                },
+            );
+        }
+    }
+    let memberships = snap.membership_count();
+    st.last_applied = Some(snap);
+    st.cursors.insert("graph.groups".into(), "x".repeat(400));
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path().to_str().unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for round in 1..=3 {
+        let t = Instant::now();
+        st.version = rt.block_on(store.commit(&st)).unwrap();
+        let save = t.elapsed();
+        let t = Instant::now();
+        let back = rt.block_on(store.load("bench")).unwrap().unwrap();
+        let load = t.elapsed();
+        assert_eq!(back.version, st.version);
+        let size = std::fs::metadata(dir.path().join("bench.state"))
+            .unwrap()
+            .len();
+        println!(
+            "round {round}: {} memberships; save {:.2} s, load {:.2} s, stored {:.1} MB",
+            memberships,
+            save.as_secs_f64(),
+            load.as_secs_f64(),
+            size as f64 / 1e6
+        );
+    }
+}

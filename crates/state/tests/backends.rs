@@ -1,0 +1,167 @@
+//! The state conformance suite against each object store: the GCS emulator (in process, always),
+//! Azurite and moto (started by `scripts/services.sh`; those tests are `#[ignore]`d for a bare
+//! `cargo test` and run by `scripts/test.sh` with the services up).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use idsync_state::object::{self, StoreOptions};
+use idsync_state::{StateError, StateStore, testing};
+
+const KEY: &str = include_str!("../../../tests/fixtures/entra-test-client.pem");
+const OTHER: &str = include_str!("../../../tests/fixtures/other-test-key.pem");
+
+fn pem_block(pem: &str, tag: &str) -> String {
+    let begin = format!("-----BEGIN {tag}-----");
+    let end = format!("-----END {tag}-----");
+    let a = pem.find(&begin).unwrap();
+    let b = pem.find(&end).unwrap() + end.len();
+    format!("{}\n", &pem[a..b])
+}
+
+/// A service account key file signed with `pem`'s key.
+fn service_account(dir: &std::path::Path, pem: &str) -> String {
+    let sa = serde_json::json!({
+        "type": "service_account",
+        "project_id": "idsync-test",
+        "private_key_id": "k1",
+        "private_key": pem_block(pem, "PRIVATE KEY"),
+        "client_email": "idsync-state@idsync-test.iam.gserviceaccount.com",
+    });
+    let p = dir.join("sa.json");
+    std::fs::write(&p, sa.to_string()).unwrap();
+    p.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcs_with_a_service_account_key_passes_the_conformance_suite() {
+    let gcs = idsync_emulators::Gcs::start_on(0, &["idsync-state"])
+        .await
+        .unwrap();
+    gcs.state.require_signer(&pem_block(KEY, "CERTIFICATE"));
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        endpoint: Some(gcs.server.base_url.clone()),
+        google_service_account: Some(service_account(dir.path(), KEY)),
+        ..StoreOptions::default()
+    };
+    let s = object::open("gs://idsync-state/teams/ci", &opts).unwrap();
+    testing::run(&s, "gcs").await.unwrap();
+    assert_eq!(s.describe(), "gs://idsync-state/teams/ci");
+    // What is stored is compressed, under the prefix.
+    s.commit(&idsync_model::AgreementState::new("kept"))
+        .await
+        .unwrap();
+    let counts = gcs.state.infra.accounting.snapshot();
+    assert!(counts.contains_key("PUT /{bucket}/{*key}"), "{counts:?}");
+
+    // A key the emulator does not trust, and a bucket that does not exist: clear errors.
+    let wrong = StoreOptions {
+        google_service_account: Some(service_account(dir.path(), OTHER)),
+        ..opts.clone()
+    };
+    let e = object::open("gs://idsync-state/teams/ci", &wrong)
+        .unwrap()
+        .load("kept")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StateError::Backend { .. }), "{e}");
+    assert!(e.to_string().contains("credentials"), "{e}");
+    let e = object::open("gs://no-such-bucket/x", &opts)
+        .unwrap()
+        .load("kept")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("bucket"), "{e}");
+}
+
+/// `IDSYNC_TEST_AZURITE`: Azurite's blob endpoint with the account (`http://127.0.0.1:PORT/devstoreaccount1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Azurite: run scripts/test.sh"]
+async fn azurite_with_a_connection_string_and_a_key_passes_the_conformance_suite() {
+    let endpoint = std::env::var("IDSYNC_TEST_AZURITE").expect("IDSYNC_TEST_AZURITE");
+    let key =
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+    let cs = format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};BlobEndpoint={endpoint};"
+    );
+    let opts = StoreOptions {
+        azure_connection_string: Some(idsync_model::Secret::new(cs)),
+        ..StoreOptions::default()
+    };
+    let s = object::open("az://idsync-state/teams/ci", &opts).unwrap();
+    testing::run(&s, "azurite").await.unwrap();
+    assert_eq!(s.describe(), "az://idsync-state/teams/ci");
+
+    // A wrong key, and a container that does not exist.
+    let bad = StoreOptions {
+        azure_connection_string: Some(idsync_model::Secret::new(format!(
+            "AccountName=devstoreaccount1;AccountKey={};BlobEndpoint={endpoint};",
+            "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk="
+        ))),
+        ..StoreOptions::default()
+    };
+    let e = object::open("az://idsync-state/teams/ci", &bad)
+        .unwrap()
+        .load("x")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("credentials"), "{e}");
+    assert!(
+        !e.to_string().contains("d3Jvbmcta2V5"),
+        "no key in errors: {e}"
+    );
+    let e = object::open("az://no-such-container/x", &opts)
+        .unwrap()
+        .load("x")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("container"), "{e}");
+}
+
+/// `IDSYNC_TEST_MOTO`: moto server's endpoint (`http://127.0.0.1:PORT`), S3 and STS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs moto: run scripts/test.sh"]
+async fn moto_with_keys_an_external_id_role_and_a_web_identity_passes_the_suite() {
+    let endpoint = std::env::var("IDSYNC_TEST_MOTO").expect("IDSYNC_TEST_MOTO");
+    // Static keys come from the environment (moto accepts any), as the AWS tools read them.
+    assert!(
+        std::env::var("AWS_ACCESS_KEY_ID").is_ok(),
+        "set by scripts/test.sh"
+    );
+    let base = StoreOptions {
+        endpoint: Some(endpoint.clone()),
+        region: Some("us-east-1".into()),
+        ..StoreOptions::default()
+    };
+    let s = object::open("s3://idsync-state/teams/ci", &base).unwrap();
+    testing::run(&s, "moto").await.unwrap();
+
+    // Cross-account: AssumeRole with an external id, through STS.
+    let role = StoreOptions {
+        role_arn: Some("arn:aws:iam::123456789012:role/idsync-state".into()),
+        external_id: Some("idsync-external-id".into()),
+        sts_endpoint: Some(endpoint.clone()),
+        ..base.clone()
+    };
+    let s = object::open("s3://idsync-state/teams/role", &role).unwrap();
+    testing::run(&s, "moto-role").await.unwrap();
+
+    // Web identity: a token file (as on EKS, in CI, or an Entra ID token in Azure).
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJpZHN5bmMifQ.c2ln").unwrap();
+    let web = StoreOptions {
+        role_arn: Some("arn:aws:iam::123456789012:role/idsync-web".into()),
+        web_identity_token_file: Some(token.display().to_string()),
+        sts_endpoint: Some(endpoint.clone()),
+        ..base.clone()
+    };
+    let s = object::open("s3://idsync-state/teams/web", &web).unwrap();
+    testing::run(&s, "moto-web").await.unwrap();
+
+    let e = object::open("s3://no-such-bucket/x", &base)
+        .unwrap()
+        .load("x")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("bucket"), "{e}");
+}

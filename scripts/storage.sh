@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Runs the state backends' conformance suite against real storage servers on 127.0.0.1: moto
+# server (S3 and STS, from PyPI) and Azurite (Azure Blob, from npm, with --disableTelemetry). Both
+# are installed on first use (into .venv and .services/), started on free ports, given a bucket and
+# a container, and stopped by their pids on exit. The GCS backend runs against idsync's own
+# emulator inside `cargo test` (no emulator in the registries honours GCS preconditions).
+#
+# Environment: IDSYNC_VENV (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="${IDSYNC_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check -r tests/storage/requirements.txt
+
+# Azurite 3.35.0: the last release that runs on Node 20 (3.36 needs 21, 3.37 needs 22).
+if [ ! -x .services/node_modules/.bin/azurite-blob ]; then
+  mkdir -p .services
+  npm install --silent --no-audit --no-fund --prefix .services azurite@3.35.0 >/dev/null
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do
+    kill "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+  "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_for() { # url name log
+  for _ in $(seq 300); do
+    if curl -s -o /dev/null "$1"; then return 0; fi
+    sleep 0.1
+  done
+  echo "$2 did not start:"; cat "$3"; exit 1
+}
+
+moto_port=$(free_port)
+"$venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" > "$work/moto.log" 2>&1 &
+pids+=($!)
+azurite_port=$(free_port)
+.services/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$azurite_port" \
+  --location "$work/azurite" --skipApiVersionCheck --disableTelemetry --silent > "$work/azurite.log" 2>&1 &
+pids+=($!)
+
+wait_for "http://127.0.0.1:$moto_port/" moto "$work/moto.log"
+wait_for "http://127.0.0.1:$azurite_port/devstoreaccount1?comp=list" Azurite "$work/azurite.log"
+
+# The bucket and the container (object stores are not asked to create them).
+curl -sf -X PUT "http://127.0.0.1:$moto_port/idsync-state" > /dev/null
+"$venv/bin/python" - "$azurite_port" <<'PY'
+import sys
+from azure.storage.blob import BlobServiceClient
+key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+cs = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=" + key +
+      ";BlobEndpoint=http://127.0.0.1:%s/devstoreaccount1;" % sys.argv[1])
+BlobServiceClient.from_connection_string(cs).create_container("idsync-state")
+PY
+
+IDSYNC_TEST_MOTO="http://127.0.0.1:$moto_port" \
+IDSYNC_TEST_AZURITE="http://127.0.0.1:$azurite_port/devstoreaccount1" \
+AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
+  cargo test -q --locked -p idsync-state --test backends -- --ignored --test-threads 1
