@@ -57,16 +57,24 @@ wait_for "http://127.0.0.1:$azurite_port/devstoreaccount1?comp=list" Azurite "$w
 
 # The bucket and the container (object stores are not asked to create them).
 curl -sf -X PUT "http://127.0.0.1:$moto_port/idsync-state" > /dev/null
-"$venv/bin/python" - "$azurite_port" <<'PY'
-import sys
-from azure.storage.blob import BlobServiceClient
+# A container SAS (read, add, create, write, delete, list) for the SAS variant of the suite.
+sas=$("$venv/bin/python" - "$azurite_port" <<'PY'
+import datetime, sys
+from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 cs = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=" + key +
       ";BlobEndpoint=http://127.0.0.1:%s/devstoreaccount1;" % sys.argv[1])
 BlobServiceClient.from_connection_string(cs).create_container("idsync-state")
+print(generate_container_sas("devstoreaccount1", "idsync-state", account_key=key,
+      permission=ContainerSasPermissions(read=True, add=True, create=True, write=True, delete=True, list=True),
+      expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=2)))
 PY
+)
 
 IDSYNC_TEST_MOTO="http://127.0.0.1:$moto_port" \
 IDSYNC_TEST_AZURITE="http://127.0.0.1:$azurite_port/devstoreaccount1" \
+IDSYNC_TEST_AZURITE_SAS="$sas" \
+AZURE_STORAGE_ACCOUNT_NAME=devstoreaccount1 \
+AZURE_STORAGE_ACCOUNT_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==" \
 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
   cargo test -q --locked -p idsync-state --test backends -- --ignored --test-threads 1

@@ -227,6 +227,19 @@ fn connection_string(s: &str) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+/// The account a blob endpoint names: `https://ACCOUNT.blob.core.windows.net`, or an emulator's
+/// `http://127.0.0.1:10000/ACCOUNT`.
+fn account_of_endpoint(endpoint: &str) -> Option<String> {
+    let rest = endpoint.split_once("://")?.1.trim_end_matches('/');
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !path.is_empty() {
+        return path.split('/').next().map(str::to_owned);
+    }
+    host.split_once('.')
+        .map(|(a, _)| a.to_owned())
+        .filter(|a| !a.is_empty())
+}
+
 /// Opens the object store a state URL names.
 pub fn open(url: &str, opts: &StoreOptions) -> Result<ObjectStateStore, StateError> {
     // One crypto provider for the process (ring); installing twice is harmless.
@@ -259,12 +272,20 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<ObjectStateStore, StateErr
             Arc::new(b.build().map_err(fail)?)
         }
         Some("az" | "abfs" | "abfss" | "azure" | "adl") => {
-            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(&base)
-                .with_client_options(client);
+            // A connection string is the whole credential, as in Azure's own SDKs: the
+            // environment's keys do not mix into it.
+            let b = match &opts.azure_connection_string {
+                Some(_) => object_store::azure::MicrosoftAzureBuilder::new(),
+                None => object_store::azure::MicrosoftAzureBuilder::from_env(),
+            };
+            let mut b = b.with_url(&base).with_client_options(client);
             if let Some(cs) = &opts.azure_connection_string {
                 let cs = connection_string(cs.expose());
-                if let Some(a) = cs.get("accountname") {
+                if let Some(a) = cs
+                    .get("accountname")
+                    .cloned()
+                    .or_else(|| cs.get("blobendpoint").and_then(|e| account_of_endpoint(e)))
+                {
                     b = b.with_account(a);
                 }
                 if let Some(k) = cs.get("accountkey") {
@@ -326,6 +347,19 @@ mod tests {
         assert_eq!(split("gs://b").unwrap(), ("gs://b".into(), String::new()));
         assert!(split("s3:///x").is_err());
         assert!(split("bucket").is_err());
+    }
+
+    #[test]
+    fn accounts_are_read_from_blob_endpoints() {
+        assert_eq!(
+            account_of_endpoint("http://127.0.0.1:10000/devstoreaccount1").as_deref(),
+            Some("devstoreaccount1")
+        );
+        assert_eq!(
+            account_of_endpoint("https://acme.blob.core.windows.net/").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(account_of_endpoint("not a url"), None);
     }
 
     #[test]

@@ -91,6 +91,24 @@ async fn azurite_with_a_connection_string_and_a_key_passes_the_conformance_suite
     testing::run(&s, "azurite").await.unwrap();
     assert_eq!(s.describe(), "az://idsync-state/teams/ci");
 
+    // A container SAS in a connection string, and the account key from the environment
+    // (AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY, set by scripts/storage.sh).
+    let sas = std::env::var("IDSYNC_TEST_AZURITE_SAS").expect("IDSYNC_TEST_AZURITE_SAS");
+    let with_sas = StoreOptions {
+        azure_connection_string: Some(idsync_model::Secret::new(format!(
+            "BlobEndpoint={endpoint};SharedAccessSignature={sas}"
+        ))),
+        ..StoreOptions::default()
+    };
+    let s = object::open("az://idsync-state/teams/sas", &with_sas).unwrap();
+    testing::run(&s, "azurite-sas").await.unwrap();
+    let from_env = StoreOptions {
+        endpoint: Some(endpoint.clone()),
+        ..StoreOptions::default()
+    };
+    let s = object::open("az://idsync-state/teams/env", &from_env).unwrap();
+    testing::run(&s, "azurite-env").await.unwrap();
+
     // A wrong key, and a container that does not exist.
     let bad = StoreOptions {
         azure_connection_string: Some(idsync_model::Secret::new(format!(
