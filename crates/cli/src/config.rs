@@ -81,6 +81,7 @@ struct RawState {
     sts_endpoint: Option<String>,
     web_identity_token_file: Option<String>,
     google_service_account: Option<String>,
+    google_application_credentials: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1036,6 +1037,10 @@ impl Validator<'_> {
                 .map(|p| resolve(p).display().to_string()),
             google_service_account: state
                 .google_service_account
+                .as_deref()
+                .map(|p| resolve(p).display().to_string()),
+            google_application_credentials: state
+                .google_application_credentials
                 .as_deref()
                 .map(|p| resolve(p).display().to_string()),
             azure_connection_string: env

@@ -32,6 +32,8 @@ pub struct GcsState {
     generation: Mutex<u64>,
     /// A certificate (PEM) whose key must sign bearer tokens; none = any bearer token.
     pub signer_certificate: Mutex<Option<String>>,
+    /// Access tokens this emulator's STS and IAM credentials endpoints issued (always accepted).
+    issued: Mutex<BTreeSet<String>>,
     /// Accounting and faults.
     pub infra: Arc<Infra>,
 }
@@ -122,6 +124,7 @@ impl GcsState {
             objects: Mutex::new(BTreeMap::new()),
             generation: Mutex::new(1_700_000_000_000_000),
             signer_certificate: Mutex::new(None),
+            issued: Mutex::new(BTreeSet::new()),
             infra: Infra::new(gcs_error),
         })
     }
@@ -129,6 +132,13 @@ impl GcsState {
     /// Requires bearer tokens signed by the key of this certificate (PEM).
     pub fn require_signer(&self, certificate_pem: &str) {
         *lock(&self.signer_certificate) = Some(certificate_pem.to_owned());
+    }
+
+    /// An object's bytes, as stored.
+    pub fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        lock(&self.objects)
+            .get(&(bucket.to_owned(), key.to_owned()))
+            .map(|o| o.bytes.to_vec())
     }
 
     /// Overwrites an object's bytes behind the client's back (a test corrupting state).
@@ -165,6 +175,9 @@ impl GcsState {
         else {
             return denied("Anonymous caller does not have storage.objects access.");
         };
+        if lock(&self.issued).contains(token) {
+            return Ok(());
+        }
         let cert = lock(&self.signer_certificate).clone();
         match cert {
             None => Ok(()),
@@ -218,8 +231,8 @@ async fn put_object(
         .get("x-goog-if-generation-match")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok());
-    let generation = st.next_generation();
     let mut objects = lock(&st.objects);
+    let generation = st.next_generation();
     let k = (bucket, key);
     let current = objects.get(&k).map(|o| o.generation);
     if let Some(w) = want
@@ -336,9 +349,81 @@ async fn list_objects(
         .into_response()
 }
 
+fn issue(st: &GcsState, kind: &str) -> String {
+    let t = format!("emu-{kind}.{:x}", st.next_generation());
+    lock(&st.issued).insert(t.clone());
+    t
+}
+
+/// `POST /sts/v1/token`: Google's STS token exchange for workload identity federation (any
+/// non-empty subject token is accepted; the audience must name a workload identity provider).
+async fn sts_token(
+    State(st): State<Arc<GcsState>>,
+    axum::extract::Form(f): axum::extract::Form<BTreeMap<String, String>>,
+) -> Response {
+    let err = |code: &str, d: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({"error": code, "error_description": d})),
+        )
+            .into_response()
+    };
+    if f.get("grant_type").map(String::as_str)
+        != Some("urn:ietf:params:oauth:grant-type:token-exchange")
+    {
+        return err("invalid_request", "Invalid value for \"grant_type\".");
+    }
+    if !f
+        .get("audience")
+        .is_some_and(|a| a.contains("/workloadIdentityPools/") && a.contains("/providers/"))
+    {
+        return err("invalid_request", "Invalid value for \"audience\".");
+    }
+    if f.get("subject_token").is_none_or(|t| t.trim().is_empty()) {
+        return err("invalid_grant", "The subject token is empty.");
+    }
+    let token = issue(&st, "sts");
+    axum::Json(serde_json::json!({"access_token": token,
+        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "token_type": "Bearer", "expires_in": 3600}))
+    .into_response()
+}
+
+/// `POST /iam/v1/projects/-/serviceAccounts/{email}:generateAccessToken`: impersonation, for a
+/// token this emulator's STS issued.
+async fn generate_access_token(
+    State(st): State<Arc<GcsState>>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !rest.ends_with(":generateAccessToken") {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    if !bearer.starts_with("emu-sts.") || !lock(&st.issued).contains(bearer) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({"error": {"code": 401, "message": "Request had invalid authentication credentials.", "status": "UNAUTHENTICATED"}})),
+        )
+            .into_response();
+    }
+    let token = issue(&st, "sa");
+    axum::Json(serde_json::json!({"accessToken": token, "expireTime": rfc3339(now() + 3600)}))
+        .into_response()
+}
+
 /// The emulator's routes.
 pub fn router(st: Arc<GcsState>) -> Router {
     Router::new()
+        .route("/sts/v1/token", axum::routing::post(sts_token))
+        .route(
+            "/iam/v1/projects/-/serviceAccounts/{*rest}",
+            axum::routing::post(generate_access_token),
+        )
         .route("/{bucket}", get(list_objects))
         .route(
             "/{bucket}/{*key}",

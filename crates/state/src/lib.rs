@@ -9,6 +9,7 @@
 
 pub mod blob;
 pub mod codec;
+pub mod gcp_federation;
 pub mod local;
 pub mod object;
 pub mod sts;

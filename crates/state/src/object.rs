@@ -11,7 +11,6 @@
 use crate::StateError;
 use crate::blob::{BlobStore, Blobs, Cond, Tag};
 use async_trait::async_trait;
-use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{
     ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, UpdateVersion,
@@ -40,6 +39,9 @@ pub struct StoreOptions {
     /// A Google service account key file (else `GOOGLE_SERVICE_ACCOUNT`,
     /// `GOOGLE_APPLICATION_CREDENTIALS`, or the metadata server).
     pub google_service_account: Option<String>,
+    /// A Google credential file of any type, `external_account` (workload identity federation)
+    /// included (else `GOOGLE_APPLICATION_CREDENTIALS`).
+    pub google_application_credentials: Option<String>,
 }
 
 /// State in an object store.
@@ -72,6 +74,27 @@ fn backend(action: &'static str, location: &str, e: object_store::Error) -> Stat
         location: location.to_owned(),
         detail: format!("{e}{hint}"),
     }
+}
+
+/// Whether a listing failed because the bucket or container is not there.
+fn missing_bucket(e: &object_store::Error) -> bool {
+    if matches!(e, object_store::Error::NotFound { .. }) {
+        return true;
+    }
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    [
+        "NoSuchBucket",
+        "ContainerNotFound",
+        "404 Not Found",
+        "status: 404",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 fn encode_tag(e_tag: Option<String>, version: Option<String>) -> Tag {
@@ -107,7 +130,8 @@ impl ObjectBlobs {
                 self.bucket_seen.store(true, Ordering::Relaxed);
                 Ok(())
             }
-            Err(object_store::Error::NotFound { .. }) => Err(StateError::Backend {
+            // Listing errors come back as generic ones: the service's words tell a missing bucket.
+            Err(e) if missing_bucket(&e) => Err(StateError::Backend {
                 action: "open",
                 location: self.url.clone(),
                 detail: "the bucket or container does not exist: create it, or fix the URL".into(),
@@ -183,13 +207,13 @@ impl Blobs for ObjectBlobs {
     }
 
     async fn list(&self) -> Result<Vec<String>, StateError> {
-        let metas: Vec<_> = self
+        // This prefix's objects only, not those of deeper prefixes (other teams' state).
+        let r = self
             .store
-            .list(Some(&self.prefix))
-            .try_collect()
+            .list_with_delimiter(Some(&self.prefix))
             .await
             .map_err(|e| backend("list", &self.url, e))?;
-        Ok(metas
+        Ok(r.objects
             .into_iter()
             .filter_map(|m| m.location.filename().map(str::to_owned))
             .collect())
@@ -310,9 +334,28 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<ObjectStateStore, StateErr
             Arc::new(b.build().map_err(fail)?)
         }
         Some("gs") => {
-            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(&base)
-                .with_client_options(client);
+            let adc = opts
+                .google_application_credentials
+                .clone()
+                .or_else(|| std::env::var("GOOGLE_APPLICATION_CREDENTIALS").ok());
+            let federated = match &adc {
+                Some(p) => crate::gcp_federation::from_file(p)?,
+                None => None,
+            };
+            // object_store refuses external_account files: with one, it is not shown the file.
+            let b = if federated.is_some() {
+                object_store::gcp::GoogleCloudStorageBuilder::new()
+            } else {
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env();
+                match &opts.google_application_credentials {
+                    Some(p) => b.with_application_credentials(p),
+                    None => b,
+                }
+            };
+            let mut b = b.with_url(&base).with_client_options(client);
+            if let Some(p) = federated {
+                b = b.with_credentials(Arc::new(p));
+            }
             if let Some(e) = &opts.endpoint {
                 b = b.with_base_url(e.trim_end_matches('/'));
             }

@@ -26,7 +26,8 @@ fn service_account(dir: &std::path::Path, pem: &str) -> String {
         "private_key": pem_block(pem, "PRIVATE KEY"),
         "client_email": "idsync-state@idsync-test.iam.gserviceaccount.com",
     });
-    let p = dir.join("sa.json");
+    // One file per key: the tests open stores with both at once.
+    let p = dir.join(format!("sa-{}.json", pem.len()));
     std::fs::write(&p, sa.to_string()).unwrap();
     p.display().to_string()
 }
@@ -46,12 +47,20 @@ async fn gcs_with_a_service_account_key_passes_the_conformance_suite() {
     let s = object::open("gs://idsync-state/teams/ci", &opts).unwrap();
     testing::run(&s, "gcs").await.unwrap();
     assert_eq!(s.describe(), "gs://idsync-state/teams/ci");
-    // What is stored is compressed, under the prefix.
+    // What is stored is compressed (gzip), under the prefix.
     s.commit(&idsync_model::AgreementState::new("kept"))
         .await
         .unwrap();
-    let counts = gcs.state.infra.accounting.snapshot();
-    assert!(counts.contains_key("PUT /{bucket}/{*key}"), "{counts:?}");
+    let stored = gcs
+        .state
+        .object("idsync-state", "teams/ci/kept.state")
+        .unwrap();
+    assert_eq!(&stored[..2], &[0x1f, 0x8b], "gzip");
+    assert_eq!(
+        s.list().await.unwrap(),
+        ["kept"],
+        "only this prefix's agreements"
+    );
 
     // A key the emulator does not trust, and a bucket that does not exist: clear errors.
     let wrong = StoreOptions {
@@ -70,7 +79,43 @@ async fn gcs_with_a_service_account_key_passes_the_conformance_suite() {
         .load("kept")
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("bucket"), "{e}");
+    assert!(e.to_string().contains("does not exist"), "{e}");
+
+    // Workload identity federation: an external_account file, its token exchanged at STS, then a
+    // service account impersonated.
+    let token = dir.path().join("oidc-token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJpZHN5bmMifQ.c2ln").unwrap();
+    let base = &gcs.server.base_url;
+    let ext = serde_json::json!({
+        "type": "external_account",
+        "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/entra",
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "token_url": format!("{base}/sts/v1/token"),
+        "credential_source": {"file": token.display().to_string()},
+        "service_account_impersonation_url": format!("{base}/iam/v1/projects/-/serviceAccounts/idsync@p.iam.gserviceaccount.com:generateAccessToken"),
+    });
+    let ext_path = dir.path().join("external.json");
+    std::fs::write(&ext_path, ext.to_string()).unwrap();
+    let fed = StoreOptions {
+        endpoint: Some(base.clone()),
+        google_application_credentials: Some(ext_path.display().to_string()),
+        ..StoreOptions::default()
+    };
+    let s = object::open("gs://idsync-state/federated", &fed).unwrap();
+    testing::run(&s, "gcs-federated").await.unwrap();
+    let counts = gcs.state.infra.accounting.snapshot();
+    assert_eq!(
+        counts["POST /sts/v1/token"], 1,
+        "one exchange, cached: {counts:?}"
+    );
+    // An empty subject token is refused by STS, and says so.
+    std::fs::write(&token, "").unwrap();
+    let e = object::open("gs://idsync-state/federated", &fed)
+        .unwrap()
+        .load("x")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("Google STS refused"), "{e}");
 }
 
 /// `IDSYNC_TEST_AZURITE`: Azurite's blob endpoint with the account (`http://127.0.0.1:PORT/devstoreaccount1`).
@@ -132,7 +177,7 @@ async fn azurite_with_a_connection_string_and_a_key_passes_the_conformance_suite
         .load("x")
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("container"), "{e}");
+    assert!(e.to_string().contains("does not exist"), "{e}");
 }
 
 /// `IDSYNC_TEST_MOTO`: moto server's endpoint (`http://127.0.0.1:PORT`), S3 and STS.
@@ -181,5 +226,5 @@ async fn moto_with_keys_an_external_id_role_and_a_web_identity_passes_the_suite(
         .load("x")
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("bucket"), "{e}");
+    assert!(e.to_string().contains("does not exist"), "{e}");
 }
