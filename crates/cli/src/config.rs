@@ -897,9 +897,14 @@ impl Validator<'_> {
         // Managed identity endpoints: azure-identity's IMDS override, and the identity endpoint
         // App Service and Container Apps set (used only when auth = "managed_identity").
         if entra_source {
-            if let Some((_, v)) = env.first(&["IDENTITY_ENDPOINT"]) {
+            // Both, or it is not App Service's endpoint (Azure Arc sets IDENTITY_ENDPOINT alone,
+            // with another protocol).
+            if let (Some((_, v)), Some((_, h))) = (
+                env.first(&["IDENTITY_ENDPOINT"]),
+                env.first(&["IDENTITY_HEADER"]),
+            ) {
                 src.managed_identity_endpoint = Some(v.to_owned());
-                src.identity_header = env.first(&["IDENTITY_HEADER"]).map(|(_, h)| Secret::new(h));
+                src.identity_header = Some(Secret::new(h));
             } else if let Some((_, v)) = env.first(&["AZURE_POD_IDENTITY_AUTHORITY_HOST"]) {
                 src.managed_identity_endpoint = Some(v.to_owned());
             }
@@ -1157,8 +1162,14 @@ impl Validator<'_> {
                         tenant_id: t.clone(),
                         client_id: src.client_id.clone(),
                         client_secret: src.client_secret.clone(),
-                        client_certificate_path: src.client_certificate_path.clone(),
-                        federated_token_file: src.federated_token_file.clone(),
+                        client_certificate_path: src
+                            .client_certificate_path
+                            .as_deref()
+                            .map(|p| resolve(p).display().to_string()),
+                        federated_token_file: src
+                            .federated_token_file
+                            .as_deref()
+                            .map(|p| resolve(p).display().to_string()),
                         method,
                         managed_identity_endpoint: src
                             .managed_identity_endpoint

@@ -111,7 +111,8 @@ fn dot(nodes: &[(String, Node)], edges: &[(String, String, Option<u32>)], unread
 
 /// Mermaid labels: quotes and angle brackets as entities, line breaks as `<br/>`.
 fn mermaid_escape(s: &str) -> String {
-    s.replace('&', "#amp;")
+    s.replace('#', "#35;")
+        .replace('&', "#amp;")
         .replace('"', "#quot;")
         .replace('<', "#lt;")
         .replace('>', "#gt;")

@@ -651,9 +651,13 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
     let url = |explicit: &Option<String>| -> Result<(String, idsync_state::StoreOptions)> {
         match explicit {
             Some(u) => {
+                // The configuration's store settings belong to its URL; another URL (a move
+                // between stores) takes its credentials from the environment.
                 let opts = load_config(cli)
+                    .ok()
+                    .filter(|c| c.state_url == *u)
                     .map(|c| c.state_options)
-                    .unwrap_or_else(|_| idsync_state::StoreOptions {
+                    .unwrap_or_else(|| idsync_state::StoreOptions {
                         azure_connection_string: std::env::var("AZURE_STORAGE_CONNECTION_STRING")
                             .ok()
                             .map(idsync_model::Secret::new),
@@ -776,8 +780,11 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                 );
                 st.agreement.clone_from(agreement);
             }
-            st.version = store.load(agreement).await?.map_or(0, |s| s.version);
-            let v = store.commit(&st).await?;
+            let v = run::with_lease(store.as_ref(), agreement, async {
+                st.version = store.load(agreement).await?.map_or(0, |s| s.version);
+                Ok(store.commit(&st).await?)
+            })
+            .await?;
             println!(
                 "state of {agreement} imported into {} (version {v})",
                 store.describe()
@@ -796,7 +803,10 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             }
             let (u, o) = url(state)?;
             let store = store_for(&u, &o)?;
-            store.delete(agreement).await?;
+            run::with_lease(store.as_ref(), agreement, async {
+                Ok(store.delete(agreement).await?)
+            })
+            .await?;
             println!("state of {agreement} removed from {}", store.describe());
             Ok(exit::OK)
         }

@@ -125,6 +125,20 @@ async fn load_state(store: &dyn StateStore, name: &str) -> Result<AgreementState
     }
 }
 
+/// Runs `f` under the agreement's lease (state import and reset must not race a sync).
+pub async fn with_lease<T>(
+    store: &dyn StateStore,
+    agreement: &str,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let lease = store
+        .acquire(agreement, &holder(), Duration::from_secs(300))
+        .await?;
+    let out = f.await;
+    give_back(store, &lease).await;
+    out
+}
+
 fn holder() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
     format!("idsync pid {} on {host}", std::process::id())
@@ -304,11 +318,24 @@ pub async fn apply_file(
             None => work.await,
             Some((l, ttl)) => {
                 let every = (ttl / 3).max(Duration::from_secs(1));
+                // A lease taken over stops the apply; a renewal that failed on the way (a 5xx, the
+                // network) is tried again at the next tick, while the lease still runs.
                 let keep_alive = async {
+                    let mut until = l.until;
                     loop {
                         tokio::time::sleep(every).await;
-                        if let Err(e) = store.renew(l, ttl).await {
-                            return e;
+                        match store.renew(l, ttl).await {
+                            Ok(renewed) => until = renewed.until,
+                            Err(e @ StateError::LeaseLost { .. }) => return e,
+                            Err(e) => {
+                                let now = std::time::SystemTime::now()
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_secs());
+                                if now + every.as_secs() >= until {
+                                    return e;
+                                }
+                                tracing::warn!(error = %e, "renewing the lease failed; trying again");
+                            }
                         }
                     }
                 };

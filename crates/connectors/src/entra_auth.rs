@@ -255,6 +255,8 @@ impl EntraAuth {
             );
             e
         })?;
+        // A day at most: a lifetime from the server is trusted, not an absurd one.
+        let ttl = ttl.min(Duration::from_secs(86_400));
         cache.insert(scope.to_owned(), (token.clone(), Instant::now() + ttl));
         Ok(token)
     }
@@ -516,9 +518,9 @@ impl EntraAuth {
             )
         });
         eprintln!("{message}");
-        let mut interval = Duration::from_secs(number(&v, "interval").unwrap_or(5));
+        let mut interval = Duration::from_secs(number(&v, "interval").unwrap_or(5).clamp(1, 60));
         let deadline =
-            Instant::now() + Duration::from_secs(number(&v, "expires_in").unwrap_or(900));
+            Instant::now() + Duration::from_secs(number(&v, "expires_in").unwrap_or(900).min(3600));
         loop {
             tokio::time::sleep(interval).await;
             let form = format!(

@@ -377,6 +377,29 @@ async fn an_incremental_read_equals_a_full_read_after_changes() {
         "beyond the depth"
     );
 
+    // Round three: SIDE_TEAM is renamed into the selection (TEAM_ZETA is asked for by name), so it
+    // moves up to depth 1 and DEEP_TEAM, never read so far, comes within the depth.
+    {
+        let mut t = g.state.tenant_mut();
+        let mut side = t.groups["side"].clone();
+        side.display_name = "TEAM_ZETA".into();
+        t.upsert_group(side);
+    }
+    let Changes::Read(round3) = src
+        .read_changes(&scope, &round2.snapshot, &round2.cursors)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let full3 = src.read_full(&scope).await.unwrap();
+    assert_eq!(
+        round3.snapshot, full3.snapshot,
+        "incremental == full, round three"
+    );
+    assert_eq!(round3.depth, full3.depth);
+    assert_eq!(round3.depth.get("deep"), Some(&2));
+
     // Every group selected (no selector): a group created anywhere joins on the next read.
     let all = Scope::default();
     let base = src.read_full(&all).await.unwrap();
@@ -388,6 +411,15 @@ async fn an_incremental_read_equals_a_full_read_after_changes() {
         mail_enabled: false,
         members: Default::default(),
     });
+    // A distribution list appears too: not security-enabled, so not in the scope.
+    g.state.tenant_mut().upsert_group(Group {
+        id: "dl".into(),
+        display_name: "all-staff".into(),
+        description: None,
+        security_enabled: false,
+        mail_enabled: true,
+        members: Default::default(),
+    });
     let Changes::Read(after) = src
         .read_changes(&all, &base.snapshot, &base.cursors)
         .await
@@ -396,6 +428,7 @@ async fn an_incremental_read_equals_a_full_read_after_changes() {
         panic!()
     };
     assert!(after.snapshot.groups.contains_key("fresh"));
+    assert!(!after.snapshot.groups.contains_key("dl"));
     assert_eq!(after.snapshot, src.read_full(&all).await.unwrap().snapshot);
 
     // An expired token: the caller reads in full.

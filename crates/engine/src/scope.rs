@@ -110,8 +110,9 @@ pub struct Selection {
     pub notes: Vec<String>,
 }
 
-/// Selects the scope from a whole directory.
-pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
+/// The search depth of each group the scope reaches in `dir` (1 = selected directly), and the
+/// notes about names and ids not found: the first half of [`select`], without copying anything.
+pub fn depths(dir: &Snapshot, scope: &Scope) -> (BTreeMap<String, u32>, Vec<String>) {
     let mut notes = Vec::new();
     let eligible = |g: &idsync_model::Group| g.security_enabled || scope.include_non_security;
     let mut depth: BTreeMap<String, u32> = BTreeMap::new();
@@ -168,6 +169,12 @@ pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
         frontier = next;
     }
 
+    (depth, notes)
+}
+
+/// Selects the scope from a whole directory.
+pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
+    let (depth, mut notes) = depths(dir, scope);
     let mut out = Snapshot::default();
     let mut reached: BTreeSet<&Member> = BTreeSet::new();
     for gid in depth.keys() {

@@ -200,6 +200,20 @@ mod tests {
         assert_eq!(s.describe(), format!("file://{}", d.path().display()));
     }
 
+    #[tokio::test]
+    async fn state_written_by_earlier_builds_is_moved_not_forgotten() {
+        let d = tempfile::tempdir().unwrap();
+        let mut old = AgreementState::new("dbx");
+        old.version = 7;
+        old.cursors.insert("graph.users".into(), "t".into());
+        std::fs::write(d.path().join("dbx.json"), serde_json::to_vec(&old).unwrap()).unwrap();
+        let s = LocalStore::open(d.path().to_str().unwrap());
+        assert_eq!(s.load("dbx").await.unwrap().unwrap(), old);
+        assert!(!d.path().join("dbx.json").exists());
+        assert_eq!(s.commit(&old).await.unwrap(), 8);
+        assert_eq!(s.list().await.unwrap(), ["dbx"]);
+    }
+
     #[test]
     fn processes_racing_on_the_folder_let_exactly_one_commit_win() {
         let d = tempfile::tempdir().unwrap();

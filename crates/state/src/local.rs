@@ -129,6 +129,21 @@ impl LocalBlobs {
 #[async_trait]
 impl Blobs for LocalBlobs {
     async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Tag)>, StateError> {
+        // Builds before the state format had a name kept `<agreement>.json` (plain JSON, which the
+        // codec reads): moved into place once, so no state is ever silently forgotten.
+        if let Some(stem) = key.strip_suffix(".state") {
+            let legacy = self.path(&format!("{stem}.json"));
+            let path = self.path(key);
+            if legacy.exists() && !path.exists() {
+                self.locked(key, || {
+                    if !path.exists() {
+                        fs::rename(&legacy, &path).map_err(io("move the old state file", &legacy))?;
+                        tracing::info!(from = %legacy.display(), to = %path.display(), "moved state to its new name");
+                    }
+                    Ok(())
+                })?;
+            }
+        }
         Ok(Self::read(&self.path(key))?.map(|b| {
             let t = tag_of(&b);
             (b, t)

@@ -14,7 +14,7 @@ use crate::entra_auth::{EntraAuth, EntraCredential, GRAPH_SCOPE};
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
-use idsync_engine::scope::{Scope, Selection, select};
+use idsync_engine::scope::{Scope, Selection, depths, select};
 use idsync_engine::{Changes, Read, Source, SourceError};
 use idsync_model::{Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType};
 use reqwest::Method;
@@ -242,6 +242,28 @@ impl EntraSource {
         Ok(out)
     }
 
+    /// Groups by id (15 to a `$filter=id in (...)`), security-enabled unless the scope takes
+    /// others; ids that no longer exist are skipped.
+    async fn groups_by_id(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(15) {
+            let list: Vec<String> = chunk.iter().map(|i| odata_literal(i)).collect();
+            let url = format!(
+                "{}/v1.0/groups?$filter=id%20in%20({})&$select={GROUP_SELECT}",
+                self.root(),
+                list.join(",")
+            );
+            out.extend(
+                self.all(url)
+                    .await?
+                    .iter()
+                    .filter_map(group_of)
+                    .filter(|g| g.security_enabled || scope.include_non_security),
+            );
+        }
+        Ok(out)
+    }
+
     /// One group's members, page by page.
     async fn members(&self, gid: &str) -> Result<Vec<Value>, SourceError> {
         let url = format!(
@@ -313,7 +335,11 @@ impl EntraSource {
                 Some((i, r.clone()))
             })
             .collect();
-        let mut out = Vec::with_capacity(gids.len());
+        // Items that failed inside the batch wait once, for the longest Retry-After among them,
+        // then are read on their own, concurrently, with the client's retries.
+        let mut out: Vec<Option<Vec<Value>>> = Vec::with_capacity(gids.len());
+        let mut failed: Vec<usize> = Vec::new();
+        let mut wait = 0u64;
         for (i, gid) in gids.iter().enumerate() {
             let answer = answers.remove(&i);
             let page = answer.as_ref().filter(|r| {
@@ -325,7 +351,7 @@ impl EntraSource {
                     .as_ref()
                     .and_then(|r| r.get("status"))
                     .and_then(Value::as_u64);
-                let wait = answer
+                let after = answer
                     .as_ref()
                     .and_then(|r| r.get("headers"))
                     .and_then(|h| {
@@ -334,13 +360,11 @@ impl EntraSource {
                             .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
                             .and_then(|(_, v)| v.as_str()?.trim().parse::<u64>().ok())
                     })
-                    .unwrap_or(0)
-                    .min(self.cfg.http.max_backoff.as_secs());
-                tracing::debug!(group = %gid, ?status, wait, "a $batch item failed; reading it alone");
-                if wait > 0 {
-                    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
-                }
-                out.push(self.members(gid).await?);
+                    .unwrap_or(0);
+                tracing::debug!(group = %gid, ?status, after, "a $batch item failed; reading it alone");
+                wait = wait.max(after);
+                failed.push(i);
+                out.push(None);
                 continue;
             };
             let mut items = page
@@ -354,9 +378,20 @@ impl EntraSource {
             {
                 items.extend(self.all(next.to_owned()).await?);
             }
-            out.push(items);
+            out.push(Some(items));
         }
-        Ok(out)
+        if !failed.is_empty() {
+            let wait = wait.min(self.cfg.http.max_backoff.as_secs());
+            if wait > 0 {
+                tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+            }
+            let reads =
+                futures::future::join_all(failed.iter().map(|&i| self.members(&gids[i]))).await;
+            for (&i, r) in failed.iter().zip(reads) {
+                out[i] = Some(r?);
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 }
 
@@ -588,10 +623,12 @@ impl Source for EntraSource {
         };
 
         let mut snap = base.clone();
-        let mut new_groups: Vec<Group> = Vec::new();
+        // Groups that may be new to the scope; read by id below (a delta item may carry only the
+        // properties that changed, so its name and flags are not to be trusted as a whole).
+        let mut candidates: BTreeSet<String> = BTreeSet::new();
         let mut need: BTreeSet<Member> = BTreeSet::new();
-        // Groups newly nested into a group of the snapshot: child → a parent.
-        let mut nested_into: BTreeMap<String, String> = BTreeMap::new();
+        // Memberships added this round from a group of the snapshot to a group not in it.
+        let mut new_edges: BTreeSet<(String, String)> = BTreeSet::new();
         for item in &groups {
             let Some(id) = text(item, "id") else { continue };
             if item.get("@removed").is_some() {
@@ -622,7 +659,7 @@ impl Source for EntraSource {
                     } else {
                         if !snap.contains(member.kind, &member.id) {
                             if member.kind == Kind::Group {
-                                nested_into.insert(member.id.clone(), id.clone());
+                                new_edges.insert((id.clone(), member.id.clone()));
                             }
                             need.insert(member.clone());
                         }
@@ -632,11 +669,11 @@ impl Source for EntraSource {
                         });
                     }
                 }
-            } else if scope.selects(&id, &g.display_name) {
-                // New to the scope: read it in full.
-                if g.security_enabled || scope.include_non_security {
-                    new_groups.push(g);
-                }
+            } else if scope.selects_all()
+                || scope.group_ids.contains(&id)
+                || (item.get("displayName").is_some() && scope.selects(&id, &g.display_name))
+            {
+                candidates.insert(id);
             }
         }
         for item in &users {
@@ -686,40 +723,56 @@ impl Source for EntraSource {
         {
             snap.service_principals.entry(sp.id.clone()).or_insert(sp);
         }
-        // Groups nested into the scope: read in full from the depth they are found at, when that
-        // is within the search depth.
-        let before = select(&snap, scope);
-        let mut depth = before.depth;
-        let mut nested: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for (child, parent) in &nested_into {
-            if let Some(level) = depth.get(parent).map(|d| d + 1)
-                && level <= scope.search_depth
-                && !snap.groups.contains_key(child)
-            {
-                nested.entry(level).or_default().push(child.clone());
+        // Groups new to the scope, read by id and checked again with their real name and flags.
+        let before = depths(base, scope).0;
+        let mut depth: BTreeMap<String, u32> = BTreeMap::new();
+        let ids: Vec<String> = candidates.into_iter().collect();
+        let fresh: Vec<Group> = self
+            .groups_by_id(&ids, scope)
+            .await?
+            .into_iter()
+            .filter(|g| scope.selects(&g.id, &g.display_name))
+            .collect();
+        self.expand(fresh, 1, scope, &mut snap, &mut depth).await?;
+        // Nested groups the scope now reaches within the search depth and the snapshot lacks:
+        // through a membership added this round, or under a group that moved up (a parent newly
+        // selected). Read from the depth they are found at, level by level.
+        let mut attempted: BTreeSet<String> = BTreeSet::new();
+        for _ in 0..scope.search_depth {
+            let (now, _) = depths(&snap, scope);
+            let mut wanted: BTreeMap<String, u32> = BTreeMap::new();
+            for (p, &d) in &now {
+                if d >= scope.search_depth {
+                    continue;
+                }
+                let moved_up = before.get(p).is_none_or(|&old| d < old);
+                let Some(g) = snap.groups.get(p) else {
+                    continue;
+                };
+                for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+                    if snap.groups.contains_key(&m.id) || attempted.contains(&m.id) {
+                        continue;
+                    }
+                    if moved_up || new_edges.contains(&(p.clone(), m.id.clone())) {
+                        let e = wanted.entry(m.id.clone()).or_insert(d + 1);
+                        *e = (*e).min(d + 1);
+                    }
+                }
             }
-        }
-        for (level, ids) in nested {
-            for chunk in ids.chunks(15) {
-                let list: Vec<String> = chunk.iter().map(|i| odata_literal(i)).collect();
-                let url = format!(
-                    "{}/v1.0/groups?$filter=id%20in%20({})&$select={GROUP_SELECT}",
-                    self.root(),
-                    list.join(",")
-                );
-                let found: Vec<Group> = self
-                    .all(url)
-                    .await?
-                    .iter()
-                    .filter_map(group_of)
-                    .filter(|g| g.security_enabled || scope.include_non_security)
-                    .collect();
+            if wanted.is_empty() {
+                break;
+            }
+            let mut by_level: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+            for (id, level) in wanted {
+                attempted.insert(id.clone());
+                by_level.entry(level).or_default().push(id);
+            }
+            for (level, ids) in by_level {
+                let found = self.groups_by_id(&ids, scope).await?;
                 self.expand(found, level, scope, &mut snap, &mut depth)
                     .await?;
             }
         }
-        self.expand(new_groups, 1, scope, &mut snap, &mut depth)
-            .await?;
         // The scope again, as a full read would draw it: a group renamed out of the selection
         // leaves (unless still nested within the depth), and so do members only it reached.
         let Selection {

@@ -181,7 +181,10 @@ fn authenticate(
     }
     if claim("iss") == client_id && claim("sub") == client_id {
         // A certificate assertion: for this token endpoint, signed by a registered certificate.
-        if !claim("aud").ends_with("/oauth2/v2.0/token") && !claim("aud").ends_with("/oauth2/token")
+        // Entra wants the token endpoint of this tenant (v2 or v1) as the audience.
+        let aud = claim("aud");
+        if !aud.ends_with(&format!("/{tenant_id}/oauth2/v2.0/token"))
+            && !aud.ends_with(&format!("/{tenant_id}/oauth2/token"))
         {
             return Err(aadsts(
                 StatusCode::BAD_REQUEST,
