@@ -6,12 +6,13 @@
 //! they expire. `object_store` reads service account keys itself but not this file type.
 
 use crate::StateError;
+use crate::cache::{Cached, form};
 use async_trait::async_trait;
 use object_store::CredentialProvider;
 use object_store::gcp::GcpCredential;
 use serde::Deserialize;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 
@@ -38,7 +39,7 @@ pub struct ExternalAccountProvider {
     account: ExternalAccount,
     token_file: String,
     http: reqwest::Client,
-    cached: tokio::sync::Mutex<Option<(Arc<GcpCredential>, Instant)>>,
+    cached: Cached<GcpCredential>,
 }
 
 /// Reads `path` if it is an `external_account` file: `Ok(Some(provider))`; another credential
@@ -76,7 +77,7 @@ pub fn from_file(path: &str) -> Result<Option<ExternalAccountProvider>, StateErr
         account,
         token_file,
         http,
-        cached: tokio::sync::Mutex::new(None),
+        cached: Cached::new(),
     }))
 }
 
@@ -87,18 +88,6 @@ fn gcp_error(detail: String) -> object_store::Error {
     }
 }
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 impl ExternalAccountProvider {
     async fn fetch(&self) -> Result<(String, Duration), String> {
         let subject = std::fs::read_to_string(&self.token_file).map_err(|e| {
@@ -107,7 +96,7 @@ impl ExternalAccountProvider {
                 self.token_file
             )
         })?;
-        let form = [
+        let form = form(&[
             (
                 "grant_type",
                 "urn:ietf:params:oauth:grant-type:token-exchange",
@@ -123,11 +112,7 @@ impl ExternalAccountProvider {
                 "subject_token_type",
                 self.account.subject_token_type.as_str(),
             ),
-        ]
-        .iter()
-        .map(|(k, v)| format!("{k}={}", enc(v)))
-        .collect::<Vec<_>>()
-        .join("&");
+        ]);
         let r = self
             .http
             .post(&self.account.token_url)
@@ -188,15 +173,12 @@ impl CredentialProvider for ExternalAccountProvider {
     type Credential = GcpCredential;
 
     async fn get_credential(&self) -> object_store::Result<Arc<GcpCredential>> {
-        let mut cached = self.cached.lock().await;
-        if let Some((c, exp)) = cached.as_ref()
-            && *exp > Instant::now() + Duration::from_secs(300)
-        {
-            return Ok(c.clone());
-        }
-        let (bearer, ttl) = self.fetch().await.map_err(gcp_error)?;
-        let c = Arc::new(GcpCredential { bearer });
-        *cached = Some((c.clone(), Instant::now() + ttl));
-        Ok(c)
+        self.cached
+            .get(|| async {
+                let (bearer, ttl) = self.fetch().await?;
+                Ok((GcpCredential { bearer }, ttl))
+            })
+            .await
+            .map_err(gcp_error)
     }
 }

@@ -8,6 +8,7 @@
 //! document format is in [`codec`].
 
 pub mod blob;
+mod cache;
 pub mod codec;
 pub mod gcp_federation;
 pub mod local;

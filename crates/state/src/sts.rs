@@ -10,12 +10,13 @@
 //! credentials, the instance metadata service.
 
 use crate::StateError;
+use crate::cache::{Cached, form};
 use crate::object::StoreOptions;
 use async_trait::async_trait;
 use object_store::CredentialProvider;
 use object_store::aws::{AwsAuthorizer, AwsCredential, AwsCredentialProvider};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How credentials are obtained.
 #[derive(Debug, Clone)]
@@ -33,7 +34,7 @@ pub struct StsProvider {
     session: String,
     method: Method,
     http: reqwest::Client,
-    cached: tokio::sync::Mutex<Option<(Arc<AwsCredential>, Instant)>>,
+    cached: Cached<AwsCredential>,
 }
 
 fn sts_error(detail: String) -> object_store::Error {
@@ -90,7 +91,7 @@ pub fn provider(opts: &StoreOptions) -> Result<Option<AwsCredentialProvider>, St
         session: format!("idsync-{}", std::process::id()),
         method,
         http,
-        cached: tokio::sync::Mutex::new(None),
+        cached: Cached::new(),
     })))
 }
 
@@ -100,26 +101,6 @@ fn xml_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     let start = xml.find(&open)? + open.len();
     let end = xml[start..].find(&format!("</{tag}>"))? + start;
     Some(xml[start..end].trim())
-}
-
-fn form(pairs: &[(&str, &str)]) -> String {
-    pairs
-        .iter()
-        .map(|(k, v)| {
-            let enc: String = v
-                .bytes()
-                .map(|b| {
-                    if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                        (b as char).to_string()
-                    } else {
-                        format!("%{b:02X}")
-                    }
-                })
-                .collect();
-            format!("{k}={enc}")
-        })
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 impl StsProvider {
@@ -215,16 +196,7 @@ impl CredentialProvider for StsProvider {
     type Credential = AwsCredential;
 
     async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
-        let mut cached = self.cached.lock().await;
-        if let Some((c, exp)) = cached.as_ref()
-            && *exp > Instant::now() + Duration::from_secs(300)
-        {
-            return Ok(c.clone());
-        }
-        let (cred, ttl) = self.fetch().await.map_err(sts_error)?;
-        let cred = Arc::new(cred);
-        *cached = Some((cred.clone(), Instant::now() + ttl));
-        Ok(cred)
+        self.cached.get(|| self.fetch()).await.map_err(sts_error)
     }
 }
 
@@ -239,7 +211,7 @@ mod tests {
         assert_eq!(xml_text(xml, "SessionToken"), Some("tok"));
         assert_eq!(xml_text(xml, "Nope"), None);
         assert_eq!(
-            form(&[("RoleArn", "arn:aws:iam::1:role/x y")]),
+            crate::cache::form(&[("RoleArn", "arn:aws:iam::1:role/x y")]),
             "RoleArn=arn%3Aaws%3Aiam%3A%3A1%3Arole%2Fx%20y"
         );
     }

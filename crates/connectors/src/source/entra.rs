@@ -245,23 +245,14 @@ impl EntraSource {
     /// Groups by id (15 to a `$filter=id in (...)`), security-enabled unless the scope takes
     /// others; ids that no longer exist are skipped.
     async fn groups_by_id(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(15) {
-            let list: Vec<String> = chunk.iter().map(|i| odata_literal(i)).collect();
-            let url = format!(
-                "{}/v1.0/groups?$filter=id%20in%20({})&$select={GROUP_SELECT}",
-                self.root(),
-                list.join(",")
-            );
-            out.extend(
-                self.all(url)
-                    .await?
-                    .iter()
-                    .filter_map(group_of)
-                    .filter(|g| g.security_enabled || scope.include_non_security),
-            );
-        }
-        Ok(out)
+        let select = GROUP_SELECT.trim_start_matches("id,");
+        Ok(self
+            .by_ids("groups", ids, select)
+            .await?
+            .iter()
+            .filter_map(group_of)
+            .filter(|g| g.security_enabled || scope.include_non_security)
+            .collect())
     }
 
     /// One group's members, page by page.
