@@ -121,6 +121,25 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// A sandbox whose configuration reads the Graph emulator `graph`: `[state]`, then `[source]`
+/// (kind, tenant, authority and Graph URLs, plus `source_extra`, where `{g}` is the emulator's URL),
+/// then `rest`.
+fn entra_sandbox(graph: &idsync_emulators::Graph, source_extra: &str, rest: &str) -> Sandbox {
+    let s = Sandbox {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let g = &graph.server.base_url;
+    let tenant = graph.state.tenant().tenant_id.clone();
+    s.write(
+        "idsync.toml",
+        &format!(
+            "[state]\nurl = \"state\"\n\n[source]\nkind = \"entra\"\ntenant_id = \"{tenant}\"\nauthority_host = \"{g}\"\ngraph_url = \"{g}\"\n{}\n{rest}",
+            source_extra.replace("{g}", g)
+        ),
+    );
+    s
+}
+
 /// The agreement's state, through `idsync state export` (the stored document is compressed).
 fn state_of(s: &Sandbox, agreement: &str) -> serde_json::Value {
     let o = s.run(&["state", "export", agreement]);
@@ -642,24 +661,11 @@ async fn syncs_an_emulated_entra_tenant_into_lakefs_and_databricks_then_writes_n
     let dbx = idsync_emulators::Databricks::start_on(0, None)
         .await
         .unwrap();
-    let tenant = graph.state.tenant().tenant_id.clone();
-    let s = Sandbox {
-        dir: tempfile::tempdir().unwrap(),
-    };
-    s.write(
-        "idsync.toml",
+    let s = entra_sandbox(
+        &graph,
+        &format!("client_id = \"{DEFAULT_CLIENT_ID}\""),
         &format!(
             r#"
-[state]
-url = "state"
-
-[source]
-kind = "entra"
-tenant_id = "{tenant}"
-client_id = "{DEFAULT_CLIENT_ID}"
-authority_host = "{g}"
-graph_url = "{g}"
-
 [scope]
 groups = ["TEAM_ALPHA", "TEAM_EPSILON", "TEAM_ZETA"]
 search_depth = 2
@@ -677,7 +683,6 @@ kind = "databricks"
 host = "{d}"
 account_id = "{ACCOUNT_ID}"
 "#,
-            g = graph.server.base_url,
             l = lake.server.base_url,
             d = dbx.server.base_url,
         ),
@@ -785,24 +790,10 @@ async fn a_10k_user_tenant_is_read_in_full_then_only_its_100_changes() {
         idsync_emulators::Graph::start(Tenant::new(generate(&Params::preset("medium").unwrap())))
             .await
             .unwrap();
-    let tenant = graph.state.tenant().tenant_id.clone();
-    let s = Sandbox {
-        dir: tempfile::tempdir().unwrap(),
-    };
-    s.write(
-        "idsync.toml",
-        &format!(
-            r#"
-[state]
-url = "state"
-
-[source]
-kind = "entra"
-tenant_id = "{tenant}"
-client_id = "{DEFAULT_CLIENT_ID}"
-authority_host = "{g}"
-graph_url = "{g}"
-
+    let s = entra_sandbox(
+        &graph,
+        &format!("client_id = \"{DEFAULT_CLIENT_ID}\""),
+        r#"
 [scope]
 search_depth = 3
 
@@ -815,8 +806,6 @@ kind = "file"
 path = "dbx.json"
 profile = "databricks"
 "#,
-            g = graph.server.base_url,
-        ),
     );
     let env = [("ENTRA_CLIENT_SECRET_VALUE", DEFAULT_CLIENT_SECRET)];
     // Graph requests on the wire: `$batch` items are counted apart, as "BATCH ...".
@@ -965,25 +954,11 @@ async fn a_managed_identity_reads_entra_and_writes_databricks() {
     let dbx = idsync_emulators::Databricks::start_on(0, Some(graph.state.clone()))
         .await
         .unwrap();
-    let tenant = graph.state.tenant().tenant_id.clone();
-    let s = Sandbox {
-        dir: tempfile::tempdir().unwrap(),
-    };
-    s.write(
-        "idsync.toml",
+    let s = entra_sandbox(
+        &graph,
+        "auth = \"managed_identity\"\nmanaged_identity_endpoint = \"{g}\"",
         &format!(
             r#"
-[state]
-url = "state"
-
-[source]
-kind = "entra"
-auth = "managed_identity"
-tenant_id = "{tenant}"
-authority_host = "{g}"
-graph_url = "{g}"
-managed_identity_endpoint = "{g}"
-
 [scope]
 groups = ["TEAM_ALPHA"]
 
@@ -993,7 +968,6 @@ host = "{d}"
 account_id = "{ACCOUNT_ID}"
 azure_use_source = true
 "#,
-            g = graph.server.base_url,
             d = dbx.server.base_url,
         ),
     );

@@ -160,6 +160,16 @@ impl GcsState {
         *g
     }
 
+    /// The caller's token checked, then the bucket's existence.
+    fn admit(&self, headers: &HeaderMap, bucket: &str) -> Result<(), Response> {
+        self.authorized(headers)?;
+        if lock(&self.buckets).contains(bucket) {
+            Ok(())
+        } else {
+            Err(no_bucket(bucket))
+        }
+    }
+
     fn authorized(&self, headers: &HeaderMap) -> Result<(), Response> {
         let denied = |why: &str| {
             Err(gcs_error(
@@ -221,11 +231,8 @@ async fn put_object(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = st.authorized(&headers) {
+    if let Err(r) = st.admit(&headers, &bucket) {
         return r;
-    }
-    if !lock(&st.buckets).contains(&bucket) {
-        return no_bucket(&bucket);
     }
     let want: Option<u64> = headers
         .get("x-goog-if-generation-match")
@@ -260,11 +267,8 @@ async fn get_object(
     method: axum::http::Method,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = st.authorized(&headers) {
+    if let Err(r) = st.admit(&headers, &bucket) {
         return r;
-    }
-    if !lock(&st.buckets).contains(&bucket) {
-        return no_bucket(&bucket);
     }
     let objects = lock(&st.objects);
     let Some(o) = objects.get(&(bucket, key.clone())) else {
@@ -287,11 +291,8 @@ async fn delete_object(
     Path((bucket, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = st.authorized(&headers) {
+    if let Err(r) = st.admit(&headers, &bucket) {
         return r;
-    }
-    if !lock(&st.buckets).contains(&bucket) {
-        return no_bucket(&bucket);
     }
     match lock(&st.objects).remove(&(bucket, key.clone())) {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
@@ -309,11 +310,8 @@ async fn list_objects(
     Query(q): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = st.authorized(&headers) {
+    if let Err(r) = st.admit(&headers, &bucket) {
         return r;
-    }
-    if !lock(&st.buckets).contains(&bucket) {
-        return no_bucket(&bucket);
     }
     let prefix = q.get("prefix").cloned().unwrap_or_default();
     let after = q.get("start-after").cloned().unwrap_or_default();
