@@ -2,7 +2,8 @@
 # Installs what idsync's tests need and runs them: formatting, lints, every test of the
 # workspace (unit, property, the real binary against temporary folders), the emulators'
 # conformance suite (the vendors' Python clients, installed into .venv from PyPI), and the state
-# backends against moto (PyPI) and Azurite (npm), started on 127.0.0.1 and stopped by pid.
+# backends against moto (PyPI) and Azurite (npm) and the SCIM target against scim2-server (PyPI),
+# started on 127.0.0.1 and stopped by pid.
 #
 # CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
 # except the package registries (crates.io, PyPI, npm) for the first build and install.
@@ -36,5 +37,5 @@ PROPTEST_CASES="${PROPTEST_CASES:-1000}" cargo test --workspace --locked
 echo "== emulator conformance (the vendors' official Python clients against idsync-emulator)"
 scripts/conformance.sh
 
-echo "== state backends against real storage servers (moto for S3 and STS, Azurite for Azure Blob)"
-scripts/storage.sh
+echo "== against real servers: state on moto (S3, STS) and Azurite (Azure Blob); the SCIM target on scim2-server"
+scripts/servers.sh

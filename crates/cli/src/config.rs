@@ -186,6 +186,8 @@ struct RawTarget {
     azure_use_source: Option<bool>,
     // scim
     url: Option<String>,
+    member_chunk: Option<usize>,
+    nested_groups: Option<bool>,
     mapping: Option<RawMapping>,
     policy: Option<RawPolicy>,
 }
@@ -307,6 +309,12 @@ pub enum TargetConfig {
         url: String,
         /// Bearer token.
         token: Option<Secret>,
+        /// Members per PATCH.
+        member_chunk: usize,
+        /// The provider keeps groups in groups.
+        nested_groups: bool,
+        /// Extra CA certificates (PEM).
+        ca_bundle: Option<PathBuf>,
     },
 }
 
@@ -359,7 +367,7 @@ pub struct Config {
 /// Source kinds this build can run.
 pub const SOURCE_KINDS: &[&str] = &["file", "entra"];
 /// Target kinds this build can run.
-pub const TARGET_KINDS: &[&str] = &["file", "lakefs", "databricks"];
+pub const TARGET_KINDS: &[&str] = &["file", "lakefs", "databricks", "scim"];
 /// Kinds the configuration understands whose connectors are not in this build yet.
 const PLANNED_KINDS: &[&str] = &["entra", "ldap", "lakefs", "databricks", "scim", "kanidm"];
 
@@ -395,6 +403,11 @@ const ENV_NAMES: &[&str] = &[
     "DATABRICKS_TOKEN",
     "DATABRICKS_CLIENT_ID",
     "DATABRICKS_CLIENT_SECRET",
+    "SCIM_TOKEN",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+    "AZURE_STORAGE_CONNECTION_STRING",
 ];
 
 impl Env {
@@ -968,6 +981,11 @@ impl Validator<'_> {
                         );
                     }
                 }
+                Some("scim") => {
+                    if let Some((_, v)) = env.first(&["SCIM_TOKEN"]) {
+                        t.token = Some(Secret::new(v));
+                    }
+                }
                 Some("databricks") => {
                     if let Some((_, v)) = env.first(&["DATABRICKS_HOST"]) {
                         t.host = Some(v.to_owned());
@@ -1264,6 +1282,8 @@ impl Validator<'_> {
                 ("account_id", t.account_id.is_some()),
                 ("token", t.token.is_some()),
                 ("url", t.url.is_some()),
+                ("member_chunk", t.member_chunk.is_some()),
+                ("nested_groups", t.nested_groups.is_some()),
                 ("ca_bundle", t.ca_bundle.is_some()),
                 ("client_id", t.client_id.is_some()),
                 ("client_secret", t.client_secret.is_some()),
@@ -1463,13 +1483,34 @@ impl Validator<'_> {
                         &prefix,
                         "scim",
                         &set,
-                        &[&common[..], &["url", "token"]].concat(),
+                        &[
+                            &common[..],
+                            &["url", "token", "member_chunk", "nested_groups", "ca_bundle"],
+                        ]
+                        .concat(),
                     );
-                    let url = self.required(&key("url"), t.url.as_ref(), "the SCIM base URL");
+                    let url = self.required(
+                        &key("url"),
+                        t.url.as_ref(),
+                        "the SCIM base URL (e.g. https://scim.example.com/scim/v2)",
+                    );
+                    if t.token.as_ref().is_none_or(Secret::is_empty) {
+                        self.err(
+                            Origin::File(&key("token")),
+                            "missing: set SCIM_TOKEN (keep secrets out of the file)",
+                        );
+                    }
+                    let member_chunk = t.member_chunk.unwrap_or(100);
+                    if member_chunk == 0 {
+                        self.err(Origin::File(&key("member_chunk")), "must be at least 1");
+                    }
                     self.unavailable(&key("kind"), "scim", TARGET_KINDS);
                     url.map(|u| TargetConfig::Scim {
                         url: u.clone(),
                         token: t.token.clone(),
+                        member_chunk: member_chunk.max(1),
+                        nested_groups: t.nested_groups.unwrap_or(false),
+                        ca_bundle: t.ca_bundle.as_deref().map(resolve),
                     })
                 }
                 Some(other) => {

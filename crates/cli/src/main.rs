@@ -19,6 +19,7 @@ use idsync_connectors::source::file::FileSource;
 use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
 use idsync_connectors::target::file::FileTarget;
 use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
+use idsync_connectors::target::scim::{ScimConfig, ScimTarget};
 use idsync_engine::{Source, Target};
 use idsync_model::Kind;
 use idsync_state::StateStore;
@@ -465,10 +466,29 @@ fn build_target(
             Box::new(FileTarget::open(path, *profile)?),
             format!("file {} ({profile:?} profile)", path.display()),
         )),
-        other => Err(anyhow!(
-            "the {} target is not in this build of idsync yet",
-            other.kind()
-        )),
+        TargetConfig::Scim {
+            url,
+            token,
+            member_chunk,
+            nested_groups,
+            ca_bundle,
+        } => {
+            let cfg = ScimConfig {
+                url: url.clone(),
+                token: token.clone(),
+                http: HttpConfig {
+                    max_concurrency: workers,
+                    ca_bundle: ca_bundle.clone(),
+                    ..HttpConfig::new("the SCIM provider")
+                },
+                member_chunk: *member_chunk,
+                nested_groups: *nested_groups,
+            };
+            Ok((
+                Box::new(ScimTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
+                format!("SCIM {url}"),
+            ))
+        }
     }
 }
 

@@ -78,6 +78,7 @@ path = "dbx.json"
         for var in [
             "DRY_RUN",
             "GROUP_FILTER",
+            "SCIM_TOKEN",
             "IDSYNC_STATE",
             "IDSYNC_CONFIG",
             "ENTRA_TENANT_ID",
@@ -648,7 +649,7 @@ async fn syncs_a_directory_into_the_databricks_emulator() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn syncs_an_emulated_entra_tenant_into_lakefs_and_databricks_then_writes_nothing() {
+async fn syncs_an_emulated_entra_tenant_into_lakefs_databricks_and_scim_then_writes_nothing() {
     use idsync_emulators::databricks::{ACCOUNT_ID, TOKEN, Type};
     use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
     use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
@@ -659,6 +660,10 @@ async fn syncs_an_emulated_entra_tenant_into_lakefs_and_databricks_then_writes_n
         .unwrap();
     let lake = idsync_emulators::Lakefs::start_on(0).await.unwrap();
     let dbx = idsync_emulators::Databricks::start_on(0, None)
+        .await
+        .unwrap();
+    // A generic SCIM 2.0 provider: a second Databricks emulator, through its SCIM API only.
+    let scim = idsync_emulators::Databricks::start_on(0, None)
         .await
         .unwrap();
     let s = entra_sandbox(
@@ -682,15 +687,23 @@ user_name = "waad|{{id}}"
 kind = "databricks"
 host = "{d}"
 account_id = "{ACCOUNT_ID}"
+
+[targets.scim]
+kind = "scim"
+url = "{sc}/api/2.0/accounts/{ACCOUNT_ID}/scim/v2"
+nested_groups = false
+member_chunk = 2
 "#,
             l = lake.server.base_url,
             d = dbx.server.base_url,
+            sc = scim.server.base_url,
         ),
     );
     let env = [
         ("ENTRA_CLIENT_SECRET_VALUE", DEFAULT_CLIENT_SECRET),
         ("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
         ("DATABRICKS_TOKEN", TOKEN),
+        ("SCIM_TOKEN", TOKEN),
     ];
     let (s, first) = tokio::task::spawn_blocking(move || {
         let o = s.run_env(&["sync"], &env);
@@ -706,11 +719,29 @@ account_id = "{ACCOUNT_ID}"
             .map(|(_, v)| v)
             .sum()
     };
-    let (lw, dw) = (
+    let (lw, dw, sw) = (
         writes(lake.state.infra.accounting.snapshot()),
         writes(dbx.state.infra.accounting.snapshot()),
+        writes(scim.state.infra.accounting.snapshot()),
     );
-    assert!(lw > 10 && dw > 10, "{lw} {dw}");
+    assert!(lw > 10 && dw > 10 && sw > 10, "{lw} {dw} {sw}");
+    {
+        // SCIM without nesting: TEAM_ZETA holds TEAM_ETA's users, no group; no service principal.
+        let d = scim.state.data();
+        assert_eq!(d[&Type::Groups].len(), 4);
+        assert!(d[&Type::ServicePrincipals].is_empty());
+        let zeta = d[&Type::Groups]
+            .values()
+            .find(|g| g["displayName"] == "TEAM_ZETA")
+            .unwrap();
+        let members = zeta["members"].as_array().unwrap();
+        assert!(members.len() >= 3, "{zeta}");
+        assert!(
+            members
+                .iter()
+                .all(|m| d[&Type::Users].contains_key(m["value"].as_str().unwrap()))
+        );
+    }
     {
         let d = dbx.state.data();
         assert_eq!(d[&Type::Groups].len(), 4, "TEAM_ETA found at depth 2");
@@ -728,20 +759,20 @@ account_id = "{ACCOUNT_ID}"
     assert_eq!(code(&second), 0, "{}", text(&second));
     assert_eq!(
         text(&second).matches("in sync: nothing to do").count(),
-        2,
+        3,
         "{}",
         text(&second)
     );
     // The second run read only the changes since the first (Graph delta), for both targets.
     assert_eq!(
         text(&first).matches("(full read").count(),
-        2,
+        3,
         "{}",
         text(&first)
     );
     assert_eq!(
         text(&second).matches("(incremental read").count(),
-        2,
+        3,
         "{}",
         text(&second)
     );
@@ -754,6 +785,11 @@ account_id = "{ACCOUNT_ID}"
         writes(dbx.state.infra.accounting.snapshot()),
         dw,
         "the second run wrote nothing to Databricks"
+    );
+    assert_eq!(
+        writes(scim.state.infra.accounting.snapshot()),
+        sw,
+        "the second run wrote nothing to the SCIM provider"
     );
     for secret in [DEFAULT_CLIENT_SECRET, SECRET_ACCESS_KEY, TOKEN] {
         assert!(!text(&first).contains(secret) && !text(&second).contains(secret));
@@ -986,6 +1022,27 @@ azure_use_source = true
         "{counts:?}"
     );
     assert!(!counts.contains_key("POST /{tenant}/oauth2/v2.0/token"));
+
+    // On App Service / Container Apps the platform's variables name the endpoint and its header.
+    graph.state.infra.accounting.reset();
+    let endpoint = format!("{}/msi/token", graph.server.base_url);
+    let (s, o) = tokio::task::spawn_blocking(move || {
+        let env = [
+            ("IDENTITY_ENDPOINT", endpoint.as_str()),
+            (
+                "IDENTITY_HEADER",
+                idsync_emulators::graph::token::IDENTITY_HEADER,
+            ),
+        ];
+        let o = s.run_env(&["sync", "--full-sync"], &env);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let counts = graph.state.infra.accounting.snapshot();
+    assert_eq!(counts["GET /msi/token"], 2, "{counts:?}");
+    assert!(!counts.contains_key("GET /metadata/identity/oauth2/token"));
     drop(s);
 }
 

@@ -137,7 +137,7 @@ async fn azurite_with_a_connection_string_and_a_key_passes_the_conformance_suite
     assert_eq!(s.describe(), "az://idsync-state/teams/ci");
 
     // A container SAS in a connection string, and the account key from the environment
-    // (AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY, set by scripts/storage.sh).
+    // (AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY, set by scripts/servers.sh).
     let sas = std::env::var("IDSYNC_TEST_AZURITE_SAS").expect("IDSYNC_TEST_AZURITE_SAS");
     let with_sas = StoreOptions {
         azure_connection_string: Some(idsync_model::Secret::new(format!(

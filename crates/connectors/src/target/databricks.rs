@@ -7,15 +7,15 @@
 
 use crate::entra_auth::{EntraAuth, EntraCredential};
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, TokenCache};
+use crate::target::scim::{ListResponse, SCHEMA_PATCH, id_of, member_path, text};
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
 use idsync_model::{
-    Attr, AttrValue, Capabilities, Kind, MemberIds, Observed, ObservedPrincipal, Op, PRef,
-    Principal, Secret,
+    Attr, AttrValue, Capabilities, Kind, MemberIds, Observed, ObservedPrincipal, Op, Principal,
+    Secret,
 };
 use reqwest::Method;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -72,16 +72,6 @@ pub struct DatabricksTarget {
     entra: Option<EntraAuth>,
 }
 
-const SCHEMA_PATCH: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
-
-#[derive(Deserialize)]
-struct ListResponse {
-    #[serde(rename = "Resources", default)]
-    resources: Vec<Value>,
-    #[serde(rename = "totalResults", default)]
-    total_results: Option<usize>,
-}
-
 fn target_error(e: HttpError) -> TargetError {
     let (kind, hint) = match e.kind {
         ErrorKind::Unauthorized => (
@@ -109,19 +99,6 @@ fn resource(kind: Kind) -> &'static str {
         Kind::ServicePrincipal => "ServicePrincipals",
         Kind::Group => "Groups",
     }
-}
-
-fn id_of(r: &PRef) -> Result<&str, TargetError> {
-    r.id.as_deref().ok_or_else(|| {
-        TargetError::new(
-            TargetErrorKind::Invalid,
-            format!("{r} has no Databricks id"),
-        )
-    })
-}
-
-fn text(v: &Value, k: &str) -> Option<String> {
-    v.get(k).and_then(Value::as_str).map(str::to_owned)
 }
 
 impl DatabricksTarget {
@@ -451,7 +428,7 @@ impl Target for DatabricksTarget {
                 for chunk in members.chunks(self.cfg.member_chunk.max(1)) {
                     let ops: Result<Vec<Value>, TargetError> = chunk
                         .iter()
-                        .map(|m| Ok(json!({"op": "remove", "path": format!("members[value eq \"{}\"]", id_of(m)?.replace('"', "\\\""))})))
+                        .map(|m| Ok(json!({"op": "remove", "path": member_path(id_of(m)?)})))
                         .collect();
                     self.patch(Kind::Group, gid, ops?).await?;
                 }

@@ -3,3 +3,4 @@
 pub mod databricks;
 pub mod file;
 pub mod lakefs;
+pub mod scim;

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs the state backends' conformance suite against real storage servers on 127.0.0.1: moto
-# server (S3 and STS, from PyPI) and Azurite (Azure Blob, from npm, with --disableTelemetry). Both
-# are installed on first use (into .venv and .services/), started on free ports, given a bucket and
-# a container, and stopped by their pids on exit. The GCS backend runs against idsync's own
-# emulator inside `cargo test` (no emulator in the registries honours GCS preconditions).
+# Runs the tests that need real servers, on 127.0.0.1: the state backends' conformance suite
+# against moto server (S3 and STS, from PyPI) and Azurite (Azure Blob, from npm, with
+# --disableTelemetry), and the generic SCIM target against scim2-server (PyPI). They are installed on
+# first use (into .venv and .services/), started on free ports, given a bucket and a container, and
+# stopped by their pids on exit. The GCS backend runs against idsync's own emulator inside
+# `cargo test` (no emulator in the registries honours GCS preconditions).
 #
 # Environment: IDSYNC_VENV (default .venv).
 set -euo pipefail
@@ -13,7 +14,7 @@ venv="${IDSYNC_VENV:-.venv}"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install -q --disable-pip-version-check -r tests/storage/requirements.txt
+"$venv/bin/pip" install -q --disable-pip-version-check -r tests/servers/requirements.txt
 
 # Azurite 3.35.0: the last release that runs on Node 20 (3.36 needs 21, 3.37 needs 22).
 if [ ! -x .services/node_modules/.bin/azurite-blob ]; then
@@ -52,7 +53,14 @@ azurite_port=$(free_port)
   --location "$work/azurite" --skipApiVersionCheck --disableTelemetry --silent > "$work/azurite.log" 2>&1 &
 pids+=($!)
 
+scim_port=$(free_port)
+scim_token="idsync-test-$RANDOM$RANDOM"
+"$venv/bin/scim2-server" --hostname 127.0.0.1 --port "$scim_port" --bearer-token "$scim_token" \
+  > "$work/scim.log" 2>&1 &
+pids+=($!)
+
 wait_for "http://127.0.0.1:$moto_port/" moto "$work/moto.log"
+wait_for "http://127.0.0.1:$scim_port/ServiceProviderConfig" scim2-server "$work/scim.log"
 wait_for "http://127.0.0.1:$azurite_port/devstoreaccount1?comp=list" Azurite "$work/azurite.log"
 
 # The bucket and the container (object stores are not asked to create them).
@@ -78,3 +86,5 @@ AZURE_STORAGE_ACCOUNT_NAME=devstoreaccount1 \
 AZURE_STORAGE_ACCOUNT_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==" \
 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
   cargo test -q --locked -p idsync-state --test backends -- --ignored --test-threads 1
+IDSYNC_TEST_SCIM="http://127.0.0.1:$scim_port" IDSYNC_TEST_SCIM_TOKEN="$scim_token" \
+  cargo test -q --locked -p idsync-connectors --test scim_target -- --ignored
