@@ -199,3 +199,22 @@ async fn entra_tokens_for_the_azure_databricks_resource() {
     );
     assert!(!e.message.contains("not-the-secret"), "{}", e.message);
 }
+
+#[tokio::test]
+async fn the_target_conformance_suite() {
+    let d = Databricks::start_on(0, None).await.unwrap();
+    let t = target(&d, DatabricksAuth::Token(Secret::new(TOKEN)));
+    let subject = common::conformance::Subject {
+        target: &t,
+        mapping: Mapping::defaults(),
+        storm: Some(Box::new(|on: bool| {
+            d.state.infra.set_throttle(on.then_some(ThrottleConfig {
+                capacity: 3.0,
+                per_second: 200.0,
+            }))
+        })),
+    };
+    common::conformance::run(subject, common::directory())
+        .await
+        .unwrap();
+}

@@ -126,3 +126,22 @@ async fn wrong_keys_and_open_source_lakefs_say_what_to_do() {
     assert_eq!(e.kind, TargetErrorKind::NotImplemented);
     assert!(e.message.contains("no RBAC"), "{}", e.message);
 }
+
+#[tokio::test]
+async fn the_target_conformance_suite() {
+    let l = Lakefs::start_on(0).await.unwrap();
+    let t = target(&l, SECRET_ACCESS_KEY);
+    let subject = common::conformance::Subject {
+        target: &t,
+        mapping: mapping(),
+        storm: Some(Box::new(|on: bool| {
+            l.state.infra.set_throttle(on.then_some(ThrottleConfig {
+                capacity: 3.0,
+                per_second: 200.0,
+            }))
+        })),
+    };
+    common::conformance::run(subject, common::directory())
+        .await
+        .unwrap();
+}

@@ -1,6 +1,8 @@
 //! Shared by the target tests: the demo directory, and one sync cycle through the real engine.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod conformance;
+
 use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
 use idsync_engine::{Mapping, Policy, Target, map_snapshot, plan};
 use idsync_model::{AgreementState, Directory, Plan, PlanFile, ReadMode, Snapshot};
