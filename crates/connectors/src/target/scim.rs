@@ -3,7 +3,8 @@
 //! (`member_chunk`: 100 for AWS IAM Identity Center).
 //!
 //! What the provider supports is read from `/ServiceProviderConfig` once: PATCH (else resources are
-//! replaced with PUT after a read), ETags (then every write carries `If-Match` with the version
+//! replaced with PUT after a read), `/Bulk` (then a group's member chunks go in one request, up to
+//! its `maxOperations`), ETags (then every write carries `If-Match` with the version
 //! observed or last written, so a change made meanwhile by someone else fails the write instead of
 //! being overwritten), filters and the page size. Values in filters are escaped. Everything is
 //! observed in bulk, paginated; group members come with the group listing when the provider
@@ -27,6 +28,7 @@ use std::sync::Mutex;
 pub(crate) const SCHEMA_PATCH: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 const SCHEMA_USER: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 const SCHEMA_GROUP: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
+const SCHEMA_BULK: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
 
 /// A SCIM list response page.
 #[derive(Deserialize)]
@@ -81,6 +83,8 @@ struct Features {
     patch: bool,
     etag: bool,
     page: usize,
+    /// Operations per `/Bulk` request, when the provider offers it.
+    bulk: Option<usize>,
 }
 
 /// A SCIM 2.0 target.
@@ -180,10 +184,16 @@ impl ScimTarget {
                             .pointer("/filter/maxResults")
                             .and_then(Value::as_u64)
                             .map_or(100, |m| m.clamp(1, 1000) as usize);
+                        let bulk = on("/bulk/supported").then(|| {
+                            v.pointer("/bulk/maxOperations")
+                                .and_then(Value::as_u64)
+                                .map_or(10, |m| m.clamp(1, 1000) as usize)
+                        });
                         Ok(Features {
                             patch: on("/patch/supported"),
                             etag: on("/etag/supported"),
                             page: max,
+                            bulk,
                         })
                     }
                     Err(e) if e.kind == TargetErrorKind::NotFound => {
@@ -192,6 +202,7 @@ impl ScimTarget {
                             patch: true,
                             etag: false,
                             page: 100,
+                            bulk: None,
                         })
                     }
                     Err(e) => Err(e),
@@ -294,6 +305,104 @@ impl ScimTarget {
                 .await?
         };
         self.remember(id, &a);
+        Ok(())
+    }
+}
+
+impl ScimTarget {
+    /// Several PATCHes of one resource (member chunks): in `/Bulk` requests where the provider
+    /// offers them (the first operation carrying the version, `failOnErrors` 1), else one by one.
+    async fn modify_all(
+        &self,
+        kind: Kind,
+        id: &str,
+        patches: Vec<Vec<Value>>,
+    ) -> Result<(), TargetError> {
+        let f = self.features().await?.clone();
+        let Some(max) = f.bulk.filter(|_| f.patch && patches.len() > 1) else {
+            for ops in patches {
+                self.modify(kind, id, ops).await?;
+            }
+            return Ok(());
+        };
+        let path = format!("/{}/{}", resource(kind), percent_encode(id, b""));
+        for batch in patches.chunks(max) {
+            let version = self.version(kind, id).await?;
+            let operations: Vec<Value> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, ops)| {
+                    let mut op = json!({"method": "PATCH", "path": path,
+                        "data": {"schemas": [SCHEMA_PATCH], "Operations": ops}});
+                    if let (0, Some(v)) = (i, &version) {
+                        op["version"] = json!(v);
+                    }
+                    op
+                })
+                .collect();
+            let body =
+                json!({"schemas": [SCHEMA_BULK], "failOnErrors": 1, "Operations": operations});
+            let a = self
+                .call(Method::POST, "/Bulk", Some(body), None, false)
+                .await?;
+            let v: Value = a
+                .json("the SCIM provider", "a /Bulk request")
+                .map_err(target_error)?;
+            let results = v
+                .get("Operations")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for r in &results {
+                let status = r
+                    .get("status")
+                    .and_then(|s| {
+                        s.as_str()
+                            .map(str::to_owned)
+                            .or_else(|| s.as_u64().map(|n| n.to_string()))
+                    })
+                    .unwrap_or_default();
+                if !status.starts_with('2') {
+                    let detail = r
+                        .pointer("/response/detail")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no detail");
+                    let hint = if status == "412" {
+                        " The resource changed in the provider since it was observed (ETag): the next run sees the change and plans again."
+                    } else {
+                        ""
+                    };
+                    return Err(TargetError::new(
+                        TargetErrorKind::Invalid,
+                        format!(
+                            "the SCIM provider refused a /Bulk operation on {path} ({status}: {detail}).{hint}"
+                        ),
+                    ));
+                }
+            }
+            if results.len() < batch.len() {
+                return Err(TargetError::new(
+                    TargetErrorKind::Protocol,
+                    format!(
+                        "the SCIM provider answered {} of {} /Bulk operations",
+                        results.len(),
+                        batch.len()
+                    ),
+                ));
+            }
+            match results
+                .last()
+                .and_then(|r| r.get("version"))
+                .and_then(Value::as_str)
+            {
+                Some(v) => {
+                    self.versions().insert(id.to_owned(), v.to_owned());
+                }
+                None => {
+                    self.versions().remove(id);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -566,7 +675,7 @@ impl Target for ScimTarget {
                 }
             }
             Op::AddMembers { group, members } => {
-                let gid = id_of(group)?;
+                let mut patches = Vec::new();
                 for chunk in members.chunks(self.cfg.member_chunk.max(1)) {
                     let value: Result<Vec<Value>, TargetError> = chunk
                         .iter()
@@ -578,24 +687,23 @@ impl Target for ScimTarget {
                             Ok(v)
                         })
                         .collect();
-                    self.modify(
-                        Kind::Group,
-                        gid,
-                        vec![json!({"op": "add", "path": "members", "value": value?})],
-                    )
-                    .await?;
+                    patches.push(vec![
+                        json!({"op": "add", "path": "members", "value": value?}),
+                    ]);
                 }
+                self.modify_all(Kind::Group, id_of(group)?, patches).await?;
                 Ok(Outcome::Done)
             }
             Op::RemoveMembers { group, members } => {
-                let gid = id_of(group)?;
+                let mut patches = Vec::new();
                 for chunk in members.chunks(self.cfg.member_chunk.max(1)) {
                     let ops: Result<Vec<Value>, TargetError> = chunk
                         .iter()
                         .map(|m| Ok(json!({"op": "remove", "path": member_path(id_of(m)?)})))
                         .collect();
-                    self.modify(Kind::Group, gid, ops?).await?;
+                    patches.push(ops?);
                 }
+                self.modify_all(Kind::Group, id_of(group)?, patches).await?;
                 Ok(Outcome::Done)
             }
             Op::AttachPolicies { .. } => Err(TargetError::new(
