@@ -1115,3 +1115,37 @@ async fn state_lives_in_a_bucket_when_the_url_says_so() {
     let counts = gcs.state.infra.accounting.snapshot();
     assert!(counts["PUT /{bucket}/{*key}"] >= 4, "{counts:?}");
 }
+
+/// Issue #7's CI smoke test: the benchmark driver at the small size, no latency. Request counts
+/// and writes only, never a timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_small_benchmark_writes_nothing_when_nothing_changed() {
+    let report = idsync_emulators::bench::run(&idsync_emulators::bench::Options {
+        size: "small".into(),
+        idsync: env!("CARGO_BIN_EXE_idsync").into(),
+        latency_ms: 0,
+        changes: 100,
+        workers: 10,
+    })
+    .await
+    .unwrap();
+    let run = |name: &str| report.runs.iter().find(|r| r.name == name).unwrap();
+    let full = run("full sync into Databricks");
+    assert!(
+        full.writes["databricks"] as f64 <= 1.05 * report.databricks_write_floor as f64,
+        "{} writes against a floor of {}",
+        full.writes["databricks"],
+        report.databricks_write_floor
+    );
+    let quiet = run("no change (both)");
+    assert_eq!(quiet.writes["databricks"], 0, "{:?}", quiet.requests);
+    assert_eq!(quiet.writes["lakefs"], 0, "{:?}", quiet.requests);
+    let inc = run("incremental (both)");
+    let graph: u64 = inc.requests["graph"]
+        .iter()
+        .filter(|(k, _)| !k.starts_with("BATCH "))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(graph <= 30, "100 changes read with {graph} Graph requests");
+    assert!(inc.writes["databricks"] > 0, "the changes were applied");
+}

@@ -9,6 +9,7 @@
 // one is built per failed request, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod bench;
 pub mod databricks;
 pub mod gcs;
 pub mod generator;

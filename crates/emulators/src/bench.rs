@@ -1,0 +1,378 @@
+//! The benchmark driver (issue #7): a generated tenant in the Graph emulator, the Databricks and
+//! lakeFS emulators with a set latency per request, and the real `idsync` binary run against
+//! them — a full initial sync into each target, a run with no change, then 100 random changes and
+//! an incremental run. Each run records wall time, requests by endpoint and method, writes, and the
+//! idsync process's peak RSS. `idsync-bench` prints the table and writes JSON; the CLI's tests run
+//! the small size as a smoke test (request counts and zero writes, never a timing).
+
+use crate::databricks::{ACCOUNT_ID, TOKEN};
+use crate::generator::{Params, generate};
+use crate::infra::{Faults, Infra};
+use crate::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+use crate::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+use crate::{Databricks, Graph, Lakefs};
+use idsync_model::{Kind, Member};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `small`, `medium` or `large`.
+    pub size: String,
+    /// The idsync binary.
+    pub idsync: PathBuf,
+    /// Added to every emulator request.
+    pub latency_ms: u64,
+    /// Source changes between the no-change run and the incremental run.
+    pub changes: usize,
+    /// Concurrent requests per target (`--worker-threads`).
+    pub workers: usize,
+}
+
+/// One run of idsync.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    /// What the run was.
+    pub name: String,
+    /// Its exit code.
+    pub exit: i32,
+    /// Wall time.
+    pub seconds: f64,
+    /// Peak resident memory of the idsync process (MiB), sampled every 20 ms.
+    pub peak_rss_mib: f64,
+    /// Requests by emulator, then `METHOD /route`.
+    pub requests: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Requests other than GET, by emulator.
+    pub writes: BTreeMap<String, u64>,
+}
+
+/// The whole benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The size.
+    pub size: String,
+    /// Users, service principals, groups and direct memberships of the tenant.
+    pub tenant: BTreeMap<String, usize>,
+    /// Latency per request (ms).
+    pub latency_ms: u64,
+    /// The lower bound of Databricks writes for the first sync: one per principal plus the
+    /// member PATCHes at 100 members each.
+    pub databricks_write_floor: u64,
+    /// The runs, in order.
+    pub runs: Vec<RunResult>,
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Runs idsync with `args` in `dir`, sampling its peak RSS until it exits.
+fn run_idsync(
+    idsync: &Path,
+    dir: &Path,
+    args: &[&str],
+) -> std::io::Result<(i32, f64, f64, String)> {
+    let start = Instant::now();
+    let mut child = std::process::Command::new(idsync)
+        .args(args)
+        .current_dir(dir)
+        .env("ENTRA_CLIENT_SECRET_VALUE", DEFAULT_CLIENT_SECRET)
+        .env("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+        .env("DATABRICKS_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let mut peak = 0u64;
+    // Drain the output on threads so the child never blocks on a full pipe.
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_string(&mut s);
+        }
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let status = loop {
+        if let Some(k) = peak_rss_kib(pid) {
+            peak = peak.max(k);
+        }
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = reader.join().unwrap_or_default();
+    Ok((
+        status.code().unwrap_or(-1),
+        start.elapsed().as_secs_f64(),
+        peak as f64 / 1024.0,
+        text,
+    ))
+}
+
+fn writes(counts: &BTreeMap<String, u64>) -> u64 {
+    counts
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with("GET ") && !k.starts_with("BATCH ") && !k.contains("/oauth2/")
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// 100 changes an administrator makes: members added and removed, groups renamed, users disabled,
+/// renamed and deleted. Deterministic.
+pub fn change_tenant(t: &mut Tenant, n: usize) {
+    let users: Vec<String> = t.users.keys().cloned().collect();
+    let groups: Vec<String> = t.groups.keys().cloned().collect();
+    if users.is_empty() || groups.is_empty() {
+        return;
+    }
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut pick = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut made = 0;
+    let mut tries = 0;
+    while made < n && tries < n * 20 {
+        tries += 1;
+        let (u, g) = (
+            users[pick(users.len())].clone(),
+            groups[pick(groups.len())].clone(),
+        );
+        let changed = match made % 5 {
+            0 => t.add_member(&g, Member::user(u.clone())),
+            1 => {
+                let m = t.groups[&g]
+                    .members
+                    .iter()
+                    .find(|m| m.kind == Kind::User)
+                    .cloned();
+                m.is_some_and(|m| t.remove_member(&g, &m))
+            }
+            2 => {
+                let mut grp = t.groups[&g].clone();
+                grp.display_name = format!("{} (renamed {made})", grp.display_name);
+                t.upsert_group(grp);
+                true
+            }
+            3 => match t.users.get(&u).cloned() {
+                Some(mut user) if user.active => {
+                    user.active = false;
+                    t.upsert_user(user);
+                    true
+                }
+                _ => false,
+            },
+            _ if made % 10 == 4 => t.remove(Kind::User, &u),
+            _ => match t.users.get(&u).cloned() {
+                Some(mut user) => {
+                    user.display_name = format!("{} (renamed)", user.display_name);
+                    t.upsert_user(user);
+                    true
+                }
+                None => false,
+            },
+        };
+        if changed {
+            made += 1;
+        }
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(o: &Options) -> Result<Report, String> {
+    let params = Params::preset(&o.size).ok_or_else(|| format!("unknown size {:?}", o.size))?;
+    let idsync = std::fs::canonicalize(&o.idsync).map_err(|e| {
+        format!(
+            "the idsync binary {}: {e} (build it: cargo build --release -p idsync)",
+            o.idsync.display()
+        )
+    })?;
+    let snap = generate(&params);
+    let memberships = snap.membership_count();
+    let chunk = 100u64;
+    let floor = (snap.users.len() + snap.service_principals.len() + snap.groups.len()) as u64
+        + snap
+            .groups
+            .values()
+            .map(|g| (g.members.len() as u64).div_ceil(chunk))
+            .sum::<u64>();
+    let tenant_counts = BTreeMap::from([
+        ("users".to_owned(), snap.users.len()),
+        (
+            "servicePrincipals".to_owned(),
+            snap.service_principals.len(),
+        ),
+        ("groups".to_owned(), snap.groups.len()),
+        ("memberships".to_owned(), memberships),
+    ]);
+    let io = |e: std::io::Error| e.to_string();
+    let graph = Graph::start(Tenant::new(snap)).await.map_err(io)?;
+    let dbx = Databricks::start_on(0, None).await.map_err(io)?;
+    let lake = Lakefs::start_on(0).await.map_err(io)?;
+    let infras: [(&str, &Infra); 3] = [
+        ("graph", &graph.state.infra),
+        ("databricks", &dbx.state.infra),
+        ("lakefs", &lake.state.infra),
+    ];
+    for (_, i) in &infras {
+        i.set_faults(Faults {
+            latency_ms: o.latency_ms,
+            ..Faults::default()
+        });
+    }
+    let dir = std::env::temp_dir().join(format!("idsync-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let tenant = graph.state.tenant().tenant_id.clone();
+    let config = format!(
+        r#"[state]
+url = "state"
+
+[source]
+kind = "entra"
+tenant_id = "{tenant}"
+client_id = "{DEFAULT_CLIENT_ID}"
+authority_host = "{g}"
+graph_url = "{g}"
+
+[scope]
+search_depth = 3
+
+[run]
+worker_threads = {w}
+
+[targets.databricks]
+kind = "databricks"
+host = "{d}"
+account_id = "{ACCOUNT_ID}"
+
+[targets.lakefs]
+kind = "lakefs"
+endpoint = "{l}"
+access_key_id = "{ACCESS_KEY_ID}"
+"#,
+        g = graph.server.base_url,
+        d = dbx.server.base_url,
+        l = lake.server.base_url,
+        w = o.workers,
+    );
+    std::fs::write(dir.join("idsync.toml"), config).map_err(io)?;
+
+    let mut runs = Vec::new();
+    let steps: [(&str, &[&str]); 5] = [
+        (
+            "full sync into Databricks",
+            &["sync", "--target", "databricks"],
+        ),
+        ("full sync into lakeFS", &["sync", "--target", "lakefs"]),
+        ("no change (both)", &["sync"]),
+        ("changes", &[]),
+        ("incremental (both)", &["sync"]),
+    ];
+    for (name, args) in steps {
+        if args.is_empty() {
+            change_tenant(&mut graph.state.tenant_mut(), o.changes);
+            continue;
+        }
+        for (_, i) in &infras {
+            i.accounting.reset();
+        }
+        let idsync = idsync.clone();
+        let d = dir.clone();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let (exit, seconds, rss, text) = tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_idsync(&idsync, &d, &a)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(io)?;
+        if exit != 0 {
+            return Err(format!("{name}: idsync exited {exit}:\n{text}"));
+        }
+        let mut requests = BTreeMap::new();
+        let mut w = BTreeMap::new();
+        for (n, i) in &infras {
+            let c = i.accounting.snapshot();
+            w.insert((*n).to_owned(), writes(&c));
+            requests.insert((*n).to_owned(), c);
+        }
+        runs.push(RunResult {
+            name: name.to_owned(),
+            exit,
+            seconds,
+            peak_rss_mib: rss,
+            requests,
+            writes: w,
+        });
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Report {
+        size: o.size.clone(),
+        tenant: tenant_counts,
+        latency_ms: o.latency_ms,
+        databricks_write_floor: floor,
+        runs,
+    })
+}
+
+/// The report as a Markdown table.
+pub fn markdown(r: &Report) -> String {
+    let mut s = format!(
+        "### {} ({} users, {} service principals, {} groups, {} memberships; {} ms per request)\n\n| run | wall | peak RSS | Graph requests | Databricks requests (writes) | lakeFS requests (writes) |\n|---|---|---|---|---|---|\n",
+        r.size,
+        r.tenant["users"],
+        r.tenant["servicePrincipals"],
+        r.tenant["groups"],
+        r.tenant["memberships"],
+        r.latency_ms
+    );
+    for run in &r.runs {
+        let total = |n: &str| run.requests.get(n).map_or(0, |c| c.values().sum::<u64>());
+        let graph_http: u64 = run.requests.get("graph").map_or(0, |c| {
+            c.iter()
+                .filter(|(k, _)| !k.starts_with("BATCH "))
+                .map(|(_, v)| v)
+                .sum()
+        });
+        s.push_str(&format!(
+            "| {} | {:.1} s | {:.0} MiB | {} | {} ({}) | {} ({}) |\n",
+            run.name,
+            run.seconds,
+            run.peak_rss_mib,
+            graph_http,
+            total("databricks"),
+            run.writes.get("databricks").copied().unwrap_or(0),
+            total("lakefs"),
+            run.writes.get("lakefs").copied().unwrap_or(0),
+        ));
+    }
+    s.push_str(&format!(
+        "\nDatabricks writes on the first sync: {} against a floor of {} (one per principal, members at 100 per PATCH).\n",
+        r.runs
+            .first()
+            .and_then(|x| x.writes.get("databricks"))
+            .copied()
+            .unwrap_or(0),
+        r.databricks_write_floor
+    ));
+    s
+}
