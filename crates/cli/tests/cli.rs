@@ -821,7 +821,6 @@ member_chunk = 2
 async fn a_10k_user_tenant_is_read_in_full_then_only_its_100_changes() {
     use idsync_emulators::generator::{Params, generate};
     use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
-    use idsync_model::{Kind, Member};
     let graph =
         idsync_emulators::Graph::start(Tenant::new(generate(&Params::preset("medium").unwrap())))
             .await
@@ -876,63 +875,8 @@ profile = "databricks"
     );
 
     // 100 changes, as an administrator makes them: members added and removed, groups renamed,
-    // users disabled, renamed and deleted.
-    {
-        let mut t = graph.state.tenant_mut();
-        let users: Vec<String> = t.users.keys().cloned().collect();
-        let groups: Vec<String> = t.groups.keys().cloned().collect();
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut pick = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
-        let mut made = 0;
-        while made < 100 {
-            let (u, g) = (
-                users[pick(users.len())].clone(),
-                groups[pick(groups.len())].clone(),
-            );
-            let changed = match made % 5 {
-                0 => t.add_member(&g, Member::user(u.clone())),
-                1 => {
-                    let m = t.groups[&g]
-                        .members
-                        .iter()
-                        .find(|m| m.kind == Kind::User)
-                        .cloned();
-                    m.is_some_and(|m| t.remove_member(&g, &m))
-                }
-                2 => {
-                    let mut grp = t.groups[&g].clone();
-                    grp.display_name = format!("{} (renamed {made})", grp.display_name);
-                    t.upsert_group(grp);
-                    true
-                }
-                3 => match t.users.get(&u).cloned() {
-                    Some(mut user) if user.active => {
-                        user.active = false;
-                        t.upsert_user(user);
-                        true
-                    }
-                    _ => false,
-                },
-                _ if made % 10 == 4 => t.remove(Kind::User, &u),
-                _ => match t.users.get(&u).cloned() {
-                    Some(mut user) => {
-                        user.display_name = format!("{} (renamed)", user.display_name);
-                        t.upsert_user(user);
-                        true
-                    }
-                    None => false,
-                },
-            };
-            if changed {
-                made += 1;
-            }
-        }
-    }
+    // users disabled, renamed and deleted (the benchmark's changes).
+    idsync_emulators::bench::change_tenant(&mut graph.state.tenant_mut(), 100);
 
     // A dry run plans the changes but keeps the delta tokens where they were.
     let mut dry_env = env.to_vec();
