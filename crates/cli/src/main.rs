@@ -230,7 +230,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(cli: &Cli) -> Result<Config> {
+/// The configuration file (if any) and the environment (with `.env` files).
+fn config_inputs(cli: &Cli) -> Result<(Option<PathBuf>, Env)> {
     let mut env_files = cli.env_files.clone();
     if env_files.is_empty() && Path::new(".env").is_file() {
         env_files.push(PathBuf::from(".env"));
@@ -240,6 +241,11 @@ fn load_config(cli: &Cli) -> Result<Config> {
         .config
         .clone()
         .or_else(|| Some(PathBuf::from("idsync.toml")).filter(|p| p.is_file()));
+    Ok((path, env))
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let (path, env) = config_inputs(cli)?;
     Ok(config::load(path.as_deref(), &env)?)
 }
 
@@ -665,30 +671,23 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
 }
 
 async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
-    // The state URL from --state or the configuration; the object store settings from the
-    // configuration when there is one (a bare --state URL takes its credentials from the
-    // environment).
+    // The state URL from --state or the configuration's [state] table (the rest of the
+    // configuration need not be valid here: no source or target secret is needed to look at
+    // state); the store settings from that table when the URL is the configured one.
     let url = |explicit: &Option<String>| -> Result<(String, idsync_state::StoreOptions)> {
+        let (path, env) = config_inputs(cli)?;
+        let (configured, opts) = config::load_state(path.as_deref(), &env)?;
         match explicit {
-            Some(u) => {
-                // The configuration's store settings belong to its URL; another URL (a move
-                // between stores) takes its credentials from the environment.
-                let opts = load_config(cli)
-                    .ok()
-                    .filter(|c| c.state_url == *u)
-                    .map(|c| c.state_options)
-                    .unwrap_or_else(|| idsync_state::StoreOptions {
-                        azure_connection_string: std::env::var("AZURE_STORAGE_CONNECTION_STRING")
-                            .ok()
-                            .map(idsync_model::Secret::new),
-                        ..Default::default()
-                    });
-                Ok((u.clone(), opts))
-            }
-            None => {
-                let c = load_config(cli)?;
-                Ok((c.state_url, c.state_options))
-            }
+            Some(u) if *u != configured => Ok((
+                u.clone(),
+                idsync_state::StoreOptions {
+                    azure_connection_string: std::env::var("AZURE_STORAGE_CONNECTION_STRING")
+                        .ok()
+                        .map(idsync_model::Secret::new),
+                    ..Default::default()
+                },
+            )),
+            _ => Ok((configured, opts)),
         }
     };
     match cmd {
