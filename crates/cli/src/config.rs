@@ -1501,6 +1501,14 @@ impl Validator<'_> {
                                     "the source is not Entra ID: there is no sign-in to reuse",
                                 );
                             }
+                            if from_source
+                                && (t.token.is_some() || oauth.is_some() || entra.is_some())
+                            {
+                                self.err(
+                                    Origin::File(&key("azure_use_source")),
+                                    "other Databricks credentials are set too (DATABRICKS_TOKEN, DATABRICKS_CLIENT_ID/SECRET or ARM_*), which would win: remove them or azure_use_source",
+                                );
+                            }
                             if t.token.is_none()
                                 && oauth.is_none()
                                 && entra.is_none()
@@ -1960,6 +1968,12 @@ user_name = "{nope"
         let e = parse_str(&reuse, &Env::default()).unwrap_err().to_string();
         assert!(
             e.contains("azure_use_source: the source is not Entra ID"),
+            "{e}"
+        );
+        // With the ARM variables set as well, reusing the source's sign-in would silently lose.
+        let e = parse_str(&reuse, &env).unwrap_err().to_string();
+        assert!(
+            e.contains("other Databricks credentials are set too"),
             "{e}"
         );
     }
