@@ -273,36 +273,42 @@ impl Target for LakefsTarget {
                     other => other.map(|_| Outcome::Done),
                 }
             }
+            // lakeFS takes one member per request: a group's members go concurrently (the shared
+            // limiter bounds what is in flight), so a large group does not serialise the apply.
             Op::AddMembers { group, members } => {
                 let g = seg(id_of(group)?);
-                for m in members {
-                    self.call(
-                        Method::PUT,
-                        &format!("/auth/groups/{g}/members/{}", seg(id_of(m)?)),
-                        None,
-                        true,
-                    )
-                    .await?;
-                }
+                let paths: Vec<String> = members
+                    .iter()
+                    .map(|m| Ok(format!("/auth/groups/{g}/members/{}", seg(id_of(m)?))))
+                    .collect::<Result<_, TargetError>>()?;
+                let results: Vec<Result<(), TargetError>> = futures::stream::iter(paths)
+                    .map(|path| async move {
+                        self.call(Method::PUT, &path, None, true).await.map(|_| ())
+                    })
+                    .buffer_unordered(self.workers.max(1))
+                    .collect()
+                    .await;
+                results.into_iter().collect::<Result<(), _>>()?;
                 Ok(Outcome::Done)
             }
             Op::RemoveMembers { group, members } => {
                 let g = seg(id_of(group)?);
-                for m in members {
-                    // Removing a member that is already gone is not an error.
-                    match self
-                        .call(
-                            Method::DELETE,
-                            &format!("/auth/groups/{g}/members/{}", seg(id_of(m)?)),
-                            None,
-                            true,
-                        )
-                        .await
-                    {
-                        Err(e) if e.kind != TargetErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
-                }
+                let paths: Vec<String> = members
+                    .iter()
+                    .map(|m| Ok(format!("/auth/groups/{g}/members/{}", seg(id_of(m)?))))
+                    .collect::<Result<_, TargetError>>()?;
+                let results: Vec<Result<(), TargetError>> = futures::stream::iter(paths)
+                    .map(|path| async move {
+                        // Removing a member that is already gone is not an error.
+                        match self.call(Method::DELETE, &path, None, true).await {
+                            Err(e) if e.kind != TargetErrorKind::NotFound => Err(e),
+                            _ => Ok(()),
+                        }
+                    })
+                    .buffer_unordered(self.workers.max(1))
+                    .collect()
+                    .await;
+                results.into_iter().collect::<Result<(), _>>()?;
                 Ok(Outcome::Done)
             }
             Op::AttachPolicies { group, policies } => {
