@@ -10,6 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+for tool in python3 npm curl; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "error: $tool is required for the tests against real servers (Python 3.10+, Node.js 20+ with npm, curl)" >&2
+    exit 1
+  fi
+done
+
 venv="${IDSYNC_VENV:-.venv}"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

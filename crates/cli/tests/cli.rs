@@ -416,6 +416,10 @@ fn source_flags_of_the_existing_tool() {
 #[test]
 fn graph_draws_the_groups_and_their_nesting() {
     let s = Sandbox::new("");
+    // State exists (a sync ran): drawing must leave it, and the lease, as they are.
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    let state_before = std::fs::read(s.path("state/dbx.state")).unwrap();
+    let lease_before = std::fs::read(s.path("state/dbx.lease")).unwrap();
     s.write("groups_to_sync.json", r#"["Data \"Eng\""]"#);
     let o = s.run(&[
         "graph",
@@ -453,7 +457,16 @@ fn graph_draws_the_groups_and_their_nesting() {
     let m = s.read("groups.mmd");
     assert!(m.starts_with("flowchart LR"), "{m}");
     assert!(m.contains("n0 -.-> x1") && !m.contains("Platform"), "{m}");
-    assert!(!s.path("state").exists(), "drawing touches no state");
+    assert_eq!(
+        std::fs::read(s.path("state/dbx.state")).unwrap(),
+        state_before,
+        "drawing touches no state"
+    );
+    assert_eq!(
+        std::fs::read(s.path("state/dbx.lease")).unwrap(),
+        lease_before,
+        "nor the lease"
+    );
 }
 
 #[test]

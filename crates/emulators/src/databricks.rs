@@ -14,7 +14,7 @@ use axum::extract::{Form, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -846,24 +846,6 @@ async fn oauth_token(
     axum::Json(json!({"access_token": tok, "token_type": "Bearer", "expires_in": 3600, "scope": f.get("scope").cloned().unwrap_or_else(|| "all-apis".into())})).into_response()
 }
 
-async fn admin_requests(State(st): State<Arc<DatabricksState>>) -> Response {
-    axum::Json(st.infra.accounting.snapshot()).into_response()
-}
-async fn admin_faults(
-    State(st): State<Arc<DatabricksState>>,
-    axum::Json(f): axum::Json<infra::Faults>,
-) -> StatusCode {
-    st.infra.set_faults(f);
-    StatusCode::NO_CONTENT
-}
-async fn admin_throttle(
-    State(st): State<Arc<DatabricksState>>,
-    axum::Json(t): axum::Json<Option<infra::ThrottleConfig>>,
-) -> StatusCode {
-    st.infra.set_throttle(t);
-    StatusCode::NO_CONTENT
-}
-
 /// The emulator's routes.
 pub fn router(st: Arc<DatabricksState>) -> Router {
     let base = "/api/2.0/accounts/{acct}/scim/v2/{type}";
@@ -880,10 +862,7 @@ pub fn router(st: Arc<DatabricksState>) -> Router {
             get(oauth_discovery),
         )
         .route("/oidc/accounts/{acct}/v1/token", post(oauth_token));
-    let admin = Router::new()
-        .route("/_admin/requests", get(admin_requests))
-        .route("/_admin/faults", put(admin_faults))
-        .route("/_admin/throttle", put(admin_throttle));
+    let admin = infra::admin_router(st.infra.clone());
     api.merge(oauth)
         .merge(admin)
         .layer(middleware::from_fn_with_state(

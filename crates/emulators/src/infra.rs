@@ -172,6 +172,37 @@ impl Infra {
     }
 }
 
+/// The `/_admin` routes every emulator shares: `GET /_admin/requests` (the accounting),
+/// `POST /_admin/requests/reset`, `PUT /_admin/faults`, `PUT /_admin/throttle` (a config, or `null`
+/// to turn it off). Merged into an emulator's own router.
+pub fn admin_router<S: Clone + Send + Sync + 'static>(infra: Arc<Infra>) -> axum::Router<S> {
+    use axum::routing::{get, post, put};
+    async fn requests(State(i): State<Arc<Infra>>) -> Response {
+        axum::Json(i.accounting.snapshot()).into_response()
+    }
+    async fn reset(State(i): State<Arc<Infra>>) -> StatusCode {
+        i.accounting.reset();
+        StatusCode::NO_CONTENT
+    }
+    async fn faults(State(i): State<Arc<Infra>>, axum::Json(f): axum::Json<Faults>) -> StatusCode {
+        i.set_faults(f);
+        StatusCode::NO_CONTENT
+    }
+    async fn throttle(
+        State(i): State<Arc<Infra>>,
+        axum::Json(t): axum::Json<Option<ThrottleConfig>>,
+    ) -> StatusCode {
+        i.set_throttle(t);
+        StatusCode::NO_CONTENT
+    }
+    axum::Router::new()
+        .route("/_admin/requests", get(requests))
+        .route("/_admin/requests/reset", post(reset))
+        .route("/_admin/faults", put(faults))
+        .route("/_admin/throttle", put(throttle))
+        .with_state(infra)
+}
+
 /// The middleware: counts, delays, injects faults, throttles. `/_admin` is exempt from all of it.
 pub async fn layer(State(infra): State<Arc<Infra>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();

@@ -538,23 +538,6 @@ async fn detach(
     StatusCode::NO_CONTENT.into_response()
 }
 
-async fn admin_requests(State(st): State<Arc<LakefsState>>) -> Response {
-    axum::Json(st.infra.accounting.snapshot()).into_response()
-}
-async fn admin_faults(
-    State(st): State<Arc<LakefsState>>,
-    axum::Json(f): axum::Json<infra::Faults>,
-) -> StatusCode {
-    st.infra.set_faults(f);
-    StatusCode::NO_CONTENT
-}
-async fn admin_throttle(
-    State(st): State<Arc<LakefsState>>,
-    axum::Json(t): axum::Json<Option<infra::ThrottleConfig>>,
-) -> StatusCode {
-    st.infra.set_throttle(t);
-    StatusCode::NO_CONTENT
-}
 async fn admin_rbac(
     State(st): State<Arc<LakefsState>>,
     axum::Json(on): axum::Json<bool>,
@@ -592,10 +575,8 @@ pub fn router(st: Arc<LakefsState>) -> Router {
         .route("/api/v1/auth/policies/{id}", get(get_policy))
         .route_layer(middleware::from_fn_with_state(st.clone(), auth));
     let admin = Router::new()
-        .route("/_admin/requests", get(admin_requests))
-        .route("/_admin/faults", put(admin_faults))
-        .route("/_admin/throttle", put(admin_throttle))
-        .route("/_admin/rbac", post(admin_rbac));
+        .route("/_admin/rbac", post(admin_rbac))
+        .merge(infra::admin_router(st.infra.clone()));
     api.merge(admin)
         .layer(middleware::from_fn_with_state(
             st.infra.clone(),

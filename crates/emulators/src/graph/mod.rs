@@ -1038,27 +1038,6 @@ async fn group_transitive_cast(
 // ------------------------------------------------------------------------------------------
 // Admin: mutate the tenant as an administrator would, and read the accounting.
 
-async fn admin_requests(State(st): State<Arc<GraphState>>) -> Response {
-    axum::Json(st.infra.accounting.snapshot()).into_response()
-}
-async fn admin_requests_reset(State(st): State<Arc<GraphState>>) -> StatusCode {
-    st.infra.accounting.reset();
-    StatusCode::NO_CONTENT
-}
-async fn admin_faults(
-    State(st): State<Arc<GraphState>>,
-    axum::Json(f): axum::Json<infra::Faults>,
-) -> StatusCode {
-    st.infra.set_faults(f);
-    StatusCode::NO_CONTENT
-}
-async fn admin_throttle(
-    State(st): State<Arc<GraphState>>,
-    axum::Json(t): axum::Json<Option<infra::ThrottleConfig>>,
-) -> StatusCode {
-    st.infra.set_throttle(t);
-    StatusCode::NO_CONTENT
-}
 async fn admin_settings(
     State(st): State<Arc<GraphState>>,
     axum::Json(s): axum::Json<Settings>,
@@ -1170,10 +1149,7 @@ pub fn router(st: Arc<GraphState>) -> Router {
     }
     let api = api.route_layer(middleware::from_fn_with_state(st.clone(), auth));
     let admin = Router::new()
-        .route("/_admin/requests", get(admin_requests))
-        .route("/_admin/requests/reset", post(admin_requests_reset))
-        .route("/_admin/faults", put(admin_faults))
-        .route("/_admin/throttle", put(admin_throttle))
+        .merge(infra::admin_router(st.infra.clone()))
         .route("/_admin/settings", put(admin_settings))
         .route("/_admin/expire-delta-tokens", post(admin_expire))
         .route("/_admin/users", post(admin_user))
