@@ -75,6 +75,16 @@ pub trait Target: Send + Sync {
     /// Reads every principal and membership in bulk.
     async fn observe(&self) -> Result<Observed, TargetError>;
 
+    /// Reads only the principals asked for: by target id (groups with their members) and by
+    /// natural key. `Ok(None)` when the target cannot; the engine then observes in bulk.
+    async fn observe_some(
+        &self,
+        want: &crate::observe::Interest,
+    ) -> Result<Option<crate::observe::Partial>, TargetError> {
+        let _ = want;
+        Ok(None)
+    }
+
     /// Executes one writing operation. Every [`PRef`] in it carries its target id. Must be
     /// idempotent where the API allows: removing an absent member is not an error.
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError>;
@@ -194,6 +204,8 @@ pub fn begin(plan: &Plan, caps: &Capabilities, state: &mut AgreementState) {
         plan_id: plan_id(plan),
         pending_creates: pending,
     });
+    // Until the apply ends cleanly, the last applied snapshot no longer pictures the target.
+    state.trust = None;
 }
 
 /// Records the end of an apply. When every stage ran and nothing failed, the snapshot becomes the
@@ -225,6 +237,9 @@ pub fn finish(
     if all_stages && report.is_success() {
         state.last_applied = Some(file.snapshot.clone());
         state.cursors = file.cursors.clone();
+        state.trust = file.plan.trust.clone();
+    } else {
+        state.trust = None;
     }
 }
 

@@ -10,6 +10,7 @@ pub mod flatten;
 pub mod fnv;
 pub mod mapping;
 pub mod memory;
+pub mod observe;
 pub mod plan;
 pub mod scope;
 pub mod source;

@@ -3,6 +3,7 @@
 //! allowed member kinds) so a plan that works here is a plan that is well-formed.
 
 use crate::apply::{Outcome, Target, TargetError, TargetErrorKind};
+use crate::observe::{Interest, Partial};
 use async_trait::async_trait;
 use idsync_model::{Capabilities, Kind, Observed, ObservedPrincipal, Op, PRef, Principal};
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,8 @@ struct Inner {
     members: BTreeMap<String, BTreeSet<(Kind, String)>>,
     writes: usize,
     fail_after: Option<usize>,
+    bulk_reads: usize,
+    live_reads: usize,
 }
 
 /// An in-memory target.
@@ -116,6 +119,12 @@ impl MemoryTarget {
         self.lock().writes
     }
 
+    /// Bulk observations so far, and principals read one by one ([`Target::observe_some`]).
+    pub fn reads(&self) -> (usize, usize) {
+        let i = self.lock();
+        (i.bulk_reads, i.live_reads)
+    }
+
     /// Inserts a principal directly, as if someone created it outside idsync. Returns its id.
     pub fn insert(&self, p: Principal) -> String {
         let mut i = self.lock();
@@ -181,7 +190,8 @@ impl Target for MemoryTarget {
     }
 
     async fn observe(&self) -> Result<Observed, TargetError> {
-        let i = self.lock();
+        let mut i = self.lock();
+        i.bulk_reads += 1;
         let mut o = Observed::default();
         for p in i.principals.values() {
             o.insert(p.clone());
@@ -193,6 +203,38 @@ impl Target for MemoryTarget {
             }
         }
         Ok(o)
+    }
+
+    async fn observe_some(&self, want: &Interest) -> Result<Option<Partial>, TargetError> {
+        let mut i = self.lock();
+        i.live_reads += want.len();
+        let mut out = Partial::default();
+        let mut found: BTreeSet<(Kind, String)> = BTreeSet::new();
+        for (kind, id) in &want.ids {
+            if let Some(p) = i.principals.get(&(*kind, id.clone())) {
+                found.insert((*kind, id.clone()));
+                out.principals.push(p.clone());
+            }
+        }
+        for (kind, key) in &want.keys {
+            let k = self.caps.fold(key);
+            for ((pk, id), p) in &i.principals {
+                if pk == kind
+                    && self.caps.fold(&p.principal.key) == k
+                    && found.insert((*kind, id.clone()))
+                {
+                    out.principals.push(p.clone());
+                }
+            }
+        }
+        for (kind, id) in found {
+            if kind == Kind::Group {
+                let members = i.members.get(&id).into_iter().flatten();
+                let ids = members.map(|(_, m)| m.clone()).collect();
+                out.members.insert(id, ids);
+            }
+        }
+        Ok(Some(out))
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {

@@ -190,6 +190,8 @@ pub fn plan(
         notes,
         halt,
         summary,
+        observation: Default::default(),
+        trust: None,
     }
 }
 

@@ -8,13 +8,14 @@ pub mod state;
 pub mod target;
 
 pub use plan::{
-    AttrChange, Conflict, Halt, HaltReason, Op, PRef, Plan, PlanFile, ReadMode, Stage, Summary,
+    AttrChange, Conflict, Halt, HaltReason, Observation, Op, PRef, Plan, PlanFile, ReadMode, Stage,
+    Summary,
 };
 pub use secret::Secret;
 pub use source::{
     Change, Directory, Group, Kind, Member, ServicePrincipal, Snapshot, User, UserType,
 };
-pub use state::{AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind};
+pub use state::{AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind, Trust};
 pub use target::{
     Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, MemberIds, Observed,
     ObservedPrincipal, PKey, Principal, SourceRef,

@@ -301,6 +301,31 @@ pub struct Plan {
     pub halt: Option<Halt>,
     /// Counts.
     pub summary: Summary,
+    /// How the target was observed for this plan.
+    #[serde(default)]
+    pub observation: Observation,
+    /// The trust a clean, complete apply of this plan leaves in the state (none when the plan has
+    /// conflicts, held-back principals or an incomplete source read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<crate::state::Trust>,
+}
+
+/// How the target was observed for a plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "how")]
+pub enum Observation {
+    /// Every principal and membership was read.
+    #[default]
+    Full,
+    /// Only the principals the source changes touch were read; the rest is the last applied
+    /// snapshot, trusted since the full observation at `since` (seconds since the Unix epoch).
+    #[serde(rename_all = "camelCase")]
+    Incremental {
+        /// Principals read live (by id or key).
+        read: usize,
+        /// When the target was last observed in full.
+        since: u64,
+    },
 }
 
 impl Plan {

@@ -119,6 +119,23 @@ pub struct AgreementState {
     /// The apply in progress, if a run stopped in the middle of one.
     #[serde(default)]
     pub journal: Option<Journal>,
+    /// Whether the last applied snapshot is a faithful picture of the target, so an incremental
+    /// run may read only what changed. Set by a clean, complete apply; cleared when an apply
+    /// starts, fails, or stops between stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<Trust>,
+}
+
+/// What lets an incremental run trust the last applied snapshot instead of observing the whole
+/// target: the target was observed in full at `observed_at`, and every apply since then was clean
+/// and complete under the same mapping, capabilities and policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Trust {
+    /// When the target was last observed in full (seconds since the Unix epoch).
+    pub observed_at: u64,
+    /// A digest of the mapping, capabilities and policy the picture was made with.
+    pub fingerprint: String,
 }
 
 impl AgreementState {
@@ -134,6 +151,7 @@ impl AgreementState {
             last_applied: None,
             cursors: BTreeMap::new(),
             journal: None,
+            trust: None,
         }
     }
 

@@ -1,0 +1,330 @@
+//! Incremental observation: an incremental run reads from the target only the principals the
+//! source changes touch, and trusts the last applied snapshot for the rest.
+//!
+//! After a clean, complete apply the target holds what the last applied snapshot maps to, under
+//! the ids the state links. That *picture* stands in for a bulk observation: the engine plans
+//! against it, reads live every principal the plan would touch (by id, or by key for a create),
+//! lays what it read over the picture, and plans again until the plan touches nothing it has not
+//! read. Writes are therefore always computed from the target's real state; only drift on
+//! principals no source change touches waits for the next full observation, which
+//! `--full-sync`, any failure or conflict, a changed mapping or policy, and the reconcile interval
+//! all force.
+
+use crate::apply::{Target, TargetError};
+use crate::fnv::Fnv;
+use crate::plan::{Deprovision, Policy, plan};
+use crate::{Mapping, flatten};
+use idsync_model::{
+    AgreementState, Attr, AttrValue, Capabilities, Desired, Kind, MemberIds, Observed,
+    ObservedPrincipal, Op, Plan, Principal, ReadMode,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hasher;
+
+/// What to read live from a target.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Interest {
+    /// Principals by target id; a group comes with its members (and policies, where the target
+    /// has them). An id the target does not hold any more is simply left out of the answer.
+    pub ids: BTreeSet<(Kind, String)>,
+    /// Natural keys about to be created: whatever already holds one must be seen before writing.
+    pub keys: BTreeSet<(Kind, String)>,
+}
+
+impl Interest {
+    /// Principals to read, counting ids and keys.
+    pub fn len(&self) -> usize {
+        self.ids.len() + self.keys.len()
+    }
+
+    /// Nothing to read.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.keys.is_empty()
+    }
+
+    /// Everything a plan's operations touch: the target ids they name, and the keys they create.
+    pub fn of(plan: &Plan) -> Interest {
+        let mut i = Interest::default();
+        let mut id = |r: &idsync_model::PRef| {
+            if let Some(t) = &r.id {
+                i.ids.insert((r.kind, t.clone()));
+            }
+        };
+        for op in &plan.ops {
+            match op {
+                Op::Adopt { target, .. }
+                | Op::Forget { target }
+                | Op::Update { target, .. }
+                | Op::Deactivate { target }
+                | Op::Delete { target, .. } => id(target),
+                Op::AttachPolicies { group, .. }
+                | Op::RemoveMembers { group, .. }
+                | Op::AddMembers { group, .. } => id(group),
+                Op::Create { .. } => {}
+            }
+        }
+        for op in &plan.ops {
+            match op {
+                Op::Create { principal, .. } => {
+                    i.keys.insert((principal.kind, principal.key.clone()));
+                }
+                // Claimed by its key: every holder of that key must be seen.
+                Op::Adopt { target, .. } => {
+                    i.keys.insert((target.kind, target.key.clone()));
+                }
+                // A rename takes a key: whatever holds it must be seen too.
+                Op::Update {
+                    target, changes, ..
+                } => {
+                    for c in changes {
+                        if let (Attr::Key, AttrValue::Text(Some(k))) = (c.attr, &c.to) {
+                            i.keys.insert((target.kind, k.clone()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        i
+    }
+
+    /// What this asks that `seen` did not.
+    pub fn without(&self, seen: &Interest) -> Interest {
+        Interest {
+            ids: self.ids.difference(&seen.ids).cloned().collect(),
+            keys: self.keys.difference(&seen.keys).cloned().collect(),
+        }
+    }
+
+    fn extend(&mut self, other: Interest) {
+        self.ids.extend(other.ids);
+        self.keys.extend(other.keys);
+    }
+}
+
+/// What a target answered to an [`Interest`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Partial {
+    /// Every principal found, by id or by key.
+    pub principals: Vec<ObservedPrincipal>,
+    /// The members of every group found, as target ids (their kinds are resolved by the engine).
+    pub members: BTreeMap<String, Vec<String>>,
+}
+
+/// A digest of what shapes the picture: the mapping, the target's capabilities and the policy
+/// (without the per-run approvals). A picture made under another digest is not trusted.
+pub fn fingerprint(mapping: &Mapping, caps: &Capabilities, policy: &Policy) -> String {
+    let policy = Policy {
+        approved_deletions: 0,
+        allow_empty_source: false,
+        ..policy.clone()
+    };
+    let mut h = Fnv::default();
+    h.write(format!("{mapping:?}\n{caps:?}\n{policy:?}").as_bytes());
+    format!("{:016x}", h.finish())
+}
+
+/// What the target holds after a clean, complete apply of `prev` (the last applied snapshot,
+/// mapped): every linked principal with its desired attributes and memberships, and every owned
+/// principal that left the source as the deprovision policy left it.
+pub fn picture(
+    prev: &Desired,
+    state: &AgreementState,
+    caps: &Capabilities,
+    policy: &Policy,
+) -> Observed {
+    let mut o = Observed::default();
+    let mut ids = HashMap::with_capacity(prev.principals.len());
+    for (key, dp) in &prev.principals {
+        let Some(tid) = state.link(key.kind, &dp.source.id) else {
+            continue;
+        };
+        ids.insert(key, tid);
+        let mut principal = dp.principal.clone();
+        // The key as the target holds it: a case-insensitive target keeps the case it was
+        // created with when only the case changes in the source.
+        if let Some(owned) = state.owned.get(key.kind).get(tid) {
+            principal.key.clone_from(&owned.key);
+        }
+        o.insert(ObservedPrincipal {
+            id: tid.to_owned(),
+            principal,
+            policies: dp.policies.clone(),
+        });
+    }
+    let deactivated = policy.deprovision == Deprovision::Deactivate && caps.deactivate;
+    for kind in Kind::ALL {
+        for (tid, owned) in state.owned.get(kind) {
+            if o.get(kind, tid).is_none() {
+                let mut p = Principal::new(kind, owned.key.clone());
+                p.active = !(deactivated && kind != Kind::Group);
+                o.insert(ObservedPrincipal {
+                    id: tid.clone(),
+                    principal: p,
+                    policies: BTreeSet::new(),
+                });
+            }
+        }
+    }
+    let flattened;
+    let members = if caps.nested_groups {
+        &prev.members
+    } else {
+        flattened = flatten::flatten(&prev.members);
+        &flattened
+    };
+    for (g, ms) in members {
+        let Some(gid) = ids.get(g) else {
+            continue;
+        };
+        let set: MemberIds = ms
+            .iter()
+            .filter(|m| caps.member_allowed(m.kind) && *m != g)
+            .filter_map(|m| ids.get(m).map(|t| (m.kind, (*t).to_owned())))
+            .collect();
+        o.members.insert((*gid).to_owned(), set);
+    }
+    o
+}
+
+/// Lays what was read live over the picture: what was asked by id and not found is gone, what was
+/// found replaces the picture's entry, and a group found comes with its members.
+pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) {
+    let found: BTreeSet<(Kind, &str)> = live
+        .principals
+        .iter()
+        .map(|p| (p.principal.kind, p.id.as_str()))
+        .collect();
+    let gone: Vec<(Kind, String)> = asked
+        .ids
+        .iter()
+        .filter(|(k, id)| !found.contains(&(*k, id.as_str())))
+        .cloned()
+        .collect();
+    for (kind, id) in &gone {
+        pic.principals.get_mut(*kind).remove(id);
+        pic.members.remove(id);
+    }
+    if !gone.is_empty() {
+        for set in pic.members.values_mut() {
+            for (kind, id) in &gone {
+                set.remove(*kind, id);
+            }
+        }
+    }
+    for p in live.principals {
+        pic.insert(p);
+    }
+    for (gid, members) in live.members {
+        // A member whose kind neither the picture nor this read knows is outside what idsync
+        // sees, as in a bulk observation (which drops members it did not list).
+        let set: MemberIds = members
+            .into_iter()
+            .filter_map(|m| {
+                Kind::ALL
+                    .into_iter()
+                    .find(|k| pic.get(*k, &m).is_some())
+                    .map(|k| (k, m))
+            })
+            .collect();
+        pic.members.insert(gid, set);
+    }
+}
+
+/// Whether a clean, complete apply of `plan` leaves the target exactly as `desired` pictures it:
+/// no conflict, no guard, nothing held back, and a complete source read.
+pub fn leaves_a_faithful_picture(plan: &Plan, desired: &Desired) -> bool {
+    plan.conflicts.is_empty()
+        && plan.halt.is_none()
+        && desired.held_back.is_empty()
+        && desired.incomplete_groups.is_empty()
+}
+
+/// A plan computed from an incremental observation.
+#[derive(Debug)]
+pub struct Incremental {
+    /// The plan, with [`Plan::observation`] set.
+    pub plan: Plan,
+    /// Principals read live.
+    pub read: usize,
+}
+
+/// Plans against the picture, reading live whatever the plan touches, until the plan touches
+/// nothing unread. `Ok(None)` means observe in bulk instead: the target cannot read by id, or
+/// more than `limit` principals would be read (a bulk read is then cheaper), or the plan did not
+/// settle in a few rounds, or it has conflicts.
+#[allow(clippy::too_many_arguments)]
+pub async fn plan_incrementally(
+    target: &dyn Target,
+    desired: &Desired,
+    prev: &Desired,
+    state: &AgreementState,
+    policy: &Policy,
+    caps: &Capabilities,
+    mode: ReadMode,
+    since: u64,
+    limit: usize,
+) -> Result<Option<Incremental>, TargetError> {
+    let mut pic = picture(prev, state, caps, policy);
+    let mut asked = Interest::default();
+    // A principal that left the source and is back is linked to an owned principal whose
+    // attributes the picture does not know (the deprovision policy kept it as it was): read it.
+    let mut first = Interest::default();
+    let linked_by_prev: BTreeSet<(Kind, &str)> = prev
+        .principals
+        .values()
+        .filter_map(|dp| {
+            let tid = state.link(dp.source.kind, &dp.source.id)?;
+            Some((dp.source.kind, tid))
+        })
+        .collect();
+    if linked_by_prev.len() < state.owned_count() {
+        for dp in desired.principals.values() {
+            let kind = dp.source.kind;
+            if let Some(tid) = state.link(kind, &dp.source.id)
+                && state.owns(kind, tid)
+                && !linked_by_prev.contains(&(kind, tid))
+            {
+                first.ids.insert((kind, tid.to_owned()));
+            }
+        }
+    }
+    if !first.is_empty() {
+        if first.len() > limit {
+            return Ok(None);
+        }
+        let Some(live) = target.observe_some(&first).await? else {
+            return Ok(None);
+        };
+        overlay(&mut pic, &first, live);
+        asked.extend(first);
+    }
+    for _ in 0..4 {
+        let mut p = plan(desired, &pic, state, policy, caps, mode);
+        // A conflict is explained from the whole target (which principal holds a key, owned or
+        // not), and is rare: it is worth a bulk observation.
+        if !p.conflicts.is_empty() {
+            return Ok(None);
+        }
+        let want = Interest::of(&p).without(&asked);
+        if want.is_empty() {
+            p.observation = idsync_model::Observation::Incremental {
+                read: asked.len(),
+                since,
+            };
+            return Ok(Some(Incremental {
+                plan: p,
+                read: asked.len(),
+            }));
+        }
+        if asked.len() + want.len() > limit {
+            return Ok(None);
+        }
+        let Some(live) = target.observe_some(&want).await? else {
+            return Ok(None);
+        };
+        overlay(&mut pic, &want, live);
+        asked.extend(want);
+    }
+    Ok(None)
+}
