@@ -88,6 +88,7 @@ struct RawState {
 #[serde(deny_unknown_fields)]
 struct RawRun {
     worker_threads: Option<usize>,
+    reconcile_hours: Option<u64>,
     dry_run: Option<bool>,
 }
 
@@ -362,6 +363,10 @@ pub struct Config {
     pub dry_run: bool,
     /// Concurrent requests per target.
     pub worker_threads: usize,
+    /// How long an incremental run may trust the last applied snapshot as a picture of a target
+    /// before observing it in full again (`[run] reconcile_hours`, default 24; 0 observes every
+    /// target in full on every run).
+    pub reconcile_hours: u64,
 }
 
 /// Source kinds this build can run.
@@ -1124,6 +1129,11 @@ impl Validator<'_> {
         if worker_threads == 0 {
             self.err(Origin::File("run.worker_threads"), "must be at least 1");
         }
+        let reconcile_hours = raw
+            .run
+            .as_ref()
+            .and_then(|r| r.reconcile_hours)
+            .unwrap_or(24);
 
         // [source]
         let src = raw.source.unwrap_or_default();
@@ -1591,6 +1601,7 @@ impl Validator<'_> {
             agreements,
             dry_run,
             worker_threads: worker_threads.max(1),
+            reconcile_hours,
         })
     }
 

@@ -161,7 +161,8 @@ struct RunArgs {
     /// Only these targets (repeatable) [default: all].
     #[arg(long = "target")]
     targets: Vec<String>,
-    /// Read the whole scope instead of the changes since the last run.
+    /// Read the whole scope instead of the changes since the last run, and observe every target
+    /// in full instead of only what the changes touch.
     #[arg(long)]
     full_sync: bool,
     /// Show user, service principal and group changes; apply nothing.
@@ -570,6 +571,8 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         allow_empty_source: args.allow_empty_source,
         workers: args.worker_threads.unwrap_or(cfg.worker_threads).max(1),
         lease: Duration::from_secs(cfg.lease_seconds),
+        reconcile: (cfg.reconcile_hours > 0)
+            .then(|| Duration::from_secs(cfg.reconcile_hours * 3600)),
     };
     let mut cache = ReadCache::default();
     let mut worst = exit::OK;
@@ -642,6 +645,8 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
         allow_empty_source: false,
         workers: args.worker_threads.unwrap_or(cfg.worker_threads).max(1),
         lease: Duration::from_secs(cfg.lease_seconds),
+        reconcile: (cfg.reconcile_hours > 0)
+            .then(|| Duration::from_secs(cfg.reconcile_hours * 3600)),
     };
     let mut printer = Printer::stdout(cli.verbose);
     let mut worst = exit::OK;

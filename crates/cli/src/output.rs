@@ -3,7 +3,7 @@
 
 use crate::run::Mode;
 use idsync_engine::ApplyReport;
-use idsync_model::{Halt, Kind, Op, PRef, Plan, ReadMode, Stage};
+use idsync_model::{Halt, Kind, Observation, Op, PRef, Plan, ReadMode, Stage};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 
@@ -79,9 +79,16 @@ impl Printer {
             ReadMode::Incremental => "incremental read",
         };
         let mut s = String::new();
+        let observed = match &plan.observation {
+            Observation::Full => String::new(),
+            Observation::Incremental { read: 0, .. } => "; target as last applied".to_owned(),
+            Observation::Incremental { read, .. } => {
+                format!("; target as last applied, {read} principal(s) read live")
+            }
+        };
         let _ = writeln!(
             s,
-            "\n{} {} ({read}, state version {}) → {target}",
+            "\n{} {} ({read}, state version {}{observed}) → {target}",
             self.paint("1", "Plan for"),
             self.paint("1", &plan.agreement),
             plan.state_version

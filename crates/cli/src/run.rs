@@ -4,8 +4,8 @@
 use crate::output::Printer;
 use anyhow::{Context, Result, anyhow};
 use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
-use idsync_engine::{Changes, Mapping, Policy, Read, Scope, Source, Target, map_snapshot};
-use idsync_model::{AgreementState, AgreementStatus, PlanFile, Stage};
+use idsync_engine::{Changes, Mapping, Policy, Read, Scope, Source, Target, map_snapshot, observe};
+use idsync_model::{AgreementState, AgreementStatus, PlanFile, Stage, Trust};
 use idsync_state::{Lease, StateError, StateStore};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -51,6 +51,9 @@ pub struct RunOptions {
     pub workers: usize,
     /// Lease length.
     pub lease: Duration,
+    /// How long the last applied snapshot may stand in for a full observation of a target
+    /// (`None`: observe every target in full on every run).
+    pub reconcile: Option<Duration>,
 }
 
 /// A saved set of plans (`idsync plan --out plan.json`), one per agreement.
@@ -223,17 +226,12 @@ async fn plan_and_apply(
         .context("reading the source")?;
     let caps = a.target.capabilities();
     let desired = map_snapshot(&read.snapshot, a.mapping, &caps);
-    let observed = a
-        .target
-        .observe()
-        .await
-        .map_err(|e| anyhow!("observing target {} ({}): {e}", a.name, a.describe))?;
     let policy = Policy {
         approved_deletions: opts.approve_deletions,
         allow_empty_source: opts.allow_empty_source || a.policy.allow_empty_source,
         ..a.policy.clone()
     };
-    let mut plan = idsync_engine::plan(&desired, &observed, &state, &policy, &caps, read.mode);
+    let mut plan = observe_and_plan(a, &desired, &state, &policy, read.mode, opts).await?;
     plan.notes.splice(0..0, read.notes.iter().cloned());
     let file = PlanFile {
         plan,
@@ -278,6 +276,71 @@ async fn plan_and_apply(
         code,
         file: Some(file),
     })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Observes the target (incrementally when the state's picture may be trusted, else in full) and
+/// plans. The plan records how the target was observed and the trust a clean apply leaves.
+async fn observe_and_plan(
+    a: &Agreement<'_>,
+    desired: &idsync_model::Desired,
+    state: &AgreementState,
+    policy: &Policy,
+    mode: idsync_model::ReadMode,
+    opts: &RunOptions,
+) -> Result<idsync_model::Plan> {
+    let caps = a.target.capabilities();
+    let fingerprint = observe::fingerprint(a.mapping, &caps, policy);
+    let now = unix_now();
+    let fresh = |t: &Trust| {
+        opts.reconcile
+            .is_some_and(|r| now < t.observed_at.saturating_add(r.as_secs()))
+    };
+    let trusted = match (&state.trust, &state.last_applied) {
+        (Some(t), Some(prev))
+            if !opts.full_sync
+                && state.journal.is_none()
+                && t.fingerprint == fingerprint
+                && fresh(t) =>
+        {
+            Some((t.observed_at, prev))
+        }
+        _ => None,
+    };
+    let mut incremental = None;
+    if let Some((since, prev)) = trusted {
+        let prev = map_snapshot(prev, a.mapping, &caps);
+        // Beyond this many live reads, one bulk observation is cheaper.
+        let limit = 1000.max(state.owned_count() / 10);
+        incremental = observe::plan_incrementally(
+            a.target, desired, &prev, state, policy, &caps, mode, since, limit,
+        )
+        .await
+        .map_err(|e| anyhow!("reading target {} ({}): {e}", a.name, a.describe))?
+        .map(|i| (i.plan, since));
+    }
+    let (mut plan, observed_at) = match incremental {
+        Some(done) => done,
+        None => {
+            let observed = a
+                .target
+                .observe()
+                .await
+                .map_err(|e| anyhow!("observing target {} ({}): {e}", a.name, a.describe))?;
+            let plan = idsync_engine::plan(desired, &observed, state, policy, &caps, mode);
+            (plan, now)
+        }
+    };
+    plan.trust = observe::leaves_a_faithful_picture(&plan, desired).then_some(Trust {
+        observed_at,
+        fingerprint,
+    });
+    Ok(plan)
 }
 
 /// Applies a plan (fresh or saved) whose precondition the caller checked: journal, apply (renewing

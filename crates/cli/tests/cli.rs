@@ -184,6 +184,56 @@ fn exit_codes_plan_sync_and_in_sync() {
 }
 
 #[test]
+fn incremental_runs_read_what_changed_and_full_observations_find_drift() {
+    let s = Sandbox::new("");
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    // Drift: someone renames Bob by hand in the target; then Alice changes in the source.
+    let mut target: serde_json::Value = serde_json::from_str(&s.read("dbx.json")).unwrap();
+    let bob = target["principals"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["principal"]["key"] == "bob@corp.example")
+        .unwrap();
+    bob["principal"]["displayName"] = "Bobby (by hand)".into();
+    s.write("dbx.json", &target.to_string());
+    let mut dir: serde_json::Value = serde_json::from_str(DIRECTORY).unwrap();
+    dir["users"][0]["displayName"] = "Alice Liddell".into();
+    s.write("directory.json", &dir.to_string());
+
+    // The run reads only Alice from the target, so Bob's drift waits for a full observation.
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("target as last applied, 1 principal(s) read live"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("\"Alice Liddell\""), "{}", text(&o));
+    assert!(s.read("dbx.json").contains("Bobby (by hand)"));
+    let drift = "displayName: \"Bobby (by hand)\" → \"Bob\"";
+    let full = s.run(&["plan", "--full-sync"]);
+    assert_eq!(code(&full), 2, "{}", text(&full));
+    assert!(text(&full).contains(drift), "{}", text(&full));
+    let calm = s.run(&["plan"]);
+    assert_eq!(code(&calm), 0, "{}", text(&calm));
+    assert!(
+        text(&calm).contains("target as last applied)"),
+        "{}",
+        text(&calm)
+    );
+
+    // With reconcile_hours = 0 every run observes in full, and repairs the drift.
+    let config = s.read("idsync.toml") + "\n[run]\nreconcile_hours = 0\n";
+    s.write("idsync.toml", &config);
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(text(&o).contains(drift), "{}", text(&o));
+    assert!(!text(&o).contains("as last applied"), "{}", text(&o));
+    assert!(!s.read("dbx.json").contains("Bobby (by hand)"));
+}
+
+#[test]
 fn a_saved_plan_applies_and_a_moved_state_refuses_it() {
     let s = Sandbox::new("");
     let p = s.run(&["plan", "--out", "plan.json"]);
@@ -492,7 +542,19 @@ fn the_demo_prints_a_full_and_an_incremental_plan() {
     let t = text(&o);
     assert_eq!(code(&o), 0, "{t}");
     assert!(t.contains("(full read, state version 0)"), "{t}");
-    assert!(t.contains("(incremental read, state version 2)"), "{t}");
+    // The changes read only what they touch from each target; the unchanged run reads nothing.
+    assert_eq!(
+        t.matches("(incremental read, state version 2; target as last applied, ")
+            .count(),
+        2,
+        "{t}"
+    );
+    assert_eq!(
+        t.matches("(incremental read, state version 4; target as last applied)")
+            .count(),
+        2,
+        "{t}"
+    );
     // Through the emulators, with the real Entra source and lakeFS / Databricks targets.
     assert!(
         t.contains("→ Databricks account (emulated, http://127.0.0.1:"),
@@ -738,6 +800,12 @@ member_chunk = 2
         writes(scim.state.infra.accounting.snapshot()),
     );
     assert!(lw > 10 && dw > 10 && sw > 10, "{lw} {dw} {sw}");
+    let all = |counts: std::collections::BTreeMap<String, u64>| -> u64 { counts.values().sum() };
+    let requests_after_first = (
+        all(lake.state.infra.accounting.snapshot()),
+        all(dbx.state.infra.accounting.snapshot()),
+        all(scim.state.infra.accounting.snapshot()),
+    );
     {
         // SCIM without nesting: TEAM_ZETA holds TEAM_ETA's users, no group; no service principal.
         let d = scim.state.data();
@@ -787,6 +855,17 @@ member_chunk = 2
         text(&second).matches("(incremental read").count(),
         3,
         "{}",
+        text(&second)
+    );
+    // Nothing changed, and the first apply was clean: no target is even read.
+    assert_eq!(
+        (
+            all(lake.state.infra.accounting.snapshot()),
+            all(dbx.state.infra.accounting.snapshot()),
+            all(scim.state.infra.accounting.snapshot()),
+        ),
+        requests_after_first,
+        "the second run sent requests to a target: {}",
         text(&second)
     );
     assert_eq!(

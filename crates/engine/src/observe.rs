@@ -328,3 +328,35 @@ pub async fn plan_incrementally(
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_changes_with_mapping_capabilities_and_policy_not_with_approvals() {
+        let m = Mapping::defaults();
+        let caps = Capabilities::full();
+        let p = Policy::default();
+        let base = fingerprint(&m, &caps, &p);
+        let approved = Policy {
+            approved_deletions: 7,
+            allow_empty_source: true,
+            ..p.clone()
+        };
+        assert_eq!(fingerprint(&m, &caps, &approved), base);
+        let mut other = m.clone();
+        other.group_policies.insert("FSReadAll".into());
+        assert_ne!(fingerprint(&other, &caps, &p), base);
+        let flat = Capabilities {
+            nested_groups: false,
+            ..caps.clone()
+        };
+        assert_ne!(fingerprint(&m, &flat, &p), base);
+        let deactivate = Policy {
+            deprovision: Deprovision::Deactivate,
+            ..p
+        };
+        assert_ne!(fingerprint(&m, &caps, &deactivate), base);
+    }
+}

@@ -129,6 +129,7 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         allow_empty_source: false,
         workers: 4,
         lease: Duration::from_secs(300),
+        reconcile: Some(Duration::from_secs(24 * 3600)),
     };
 
     p.heading("idsync demo: an Entra ID tenant synced into lakeFS and the Databricks account, all emulated on 127.0.0.1");

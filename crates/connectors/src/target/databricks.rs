@@ -7,9 +7,12 @@
 
 use crate::entra_auth::{EntraAuth, EntraCredential};
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, TokenCache};
-use crate::target::scim::{ListResponse, SCHEMA_PATCH, id_of, member_path, text};
+use crate::target::scim::{
+    ListResponse, SCHEMA_PATCH, id_of, member_ids, member_path, read_some, text,
+};
 use async_trait::async_trait;
 use futures::StreamExt;
+use idsync_engine::observe::{Interest, Partial};
 use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
 use idsync_model::{
     Attr, AttrValue, Capabilities, Kind, MemberIds, Observed, ObservedPrincipal, Op, Principal,
@@ -91,6 +94,26 @@ fn target_error(e: HttpError) -> TargetError {
         ErrorKind::Invalid | ErrorKind::Gone => (TargetErrorKind::Invalid, ""),
     };
     TargetError::new(kind, format!("{}{hint}", e.message))
+}
+
+/// A user, service principal or group resource as a principal (`None` without an id or a key).
+fn principal(kind: Kind, v: &Value) -> Option<ObservedPrincipal> {
+    let id = text(v, "id")?;
+    let key = match kind {
+        Kind::User => "userName",
+        Kind::ServicePrincipal => "applicationId",
+        Kind::Group => "displayName",
+    };
+    let mut p = Principal::new(kind, text(v, key)?);
+    if kind != Kind::Group {
+        p.display_name = text(v, "displayName");
+        p.active = v.get("active").and_then(Value::as_bool).unwrap_or(true);
+    }
+    Some(ObservedPrincipal {
+        id,
+        principal: p,
+        policies: BTreeSet::new(),
+    })
 }
 
 fn resource(kind: Kind) -> &'static str {
@@ -241,12 +264,7 @@ impl DatabricksTarget {
         let g: Value = a
             .json("Databricks", "reading a group")
             .map_err(target_error)?;
-        let members = g
-            .get("members")
-            .and_then(Value::as_array)
-            .map(|ms| ms.iter().filter_map(|m| text(m, "value")).collect())
-            .unwrap_or_default();
-        Ok((id, members))
+        Ok((id, member_ids(&g)))
     }
 }
 
@@ -269,54 +287,26 @@ impl Target for DatabricksTarget {
     async fn observe(&self) -> Result<Observed, TargetError> {
         let mut o = Observed::default();
         let mut kinds = std::collections::BTreeMap::new();
-        for v in self
-            .list(Kind::User, "id,userName,displayName,active")
-            .await?
-        {
-            let (Some(id), Some(name)) = (text(&v, "id"), text(&v, "userName")) else {
-                continue;
-            };
-            let mut p = Principal::new(Kind::User, name);
-            p.display_name = text(&v, "displayName");
-            p.active = v.get("active").and_then(Value::as_bool).unwrap_or(true);
-            kinds.insert(id.clone(), Kind::User);
-            o.insert(ObservedPrincipal {
-                id,
-                principal: p,
-                policies: BTreeSet::new(),
-            });
-        }
-        for v in self
-            .list(
+        for (kind, attributes) in [
+            (Kind::User, "id,userName,displayName,active"),
+            (
                 Kind::ServicePrincipal,
                 "id,applicationId,displayName,active",
-            )
-            .await?
-        {
-            let (Some(id), Some(app)) = (text(&v, "id"), text(&v, "applicationId")) else {
-                continue;
-            };
-            let mut p = Principal::new(Kind::ServicePrincipal, app);
-            p.display_name = text(&v, "displayName");
-            p.active = v.get("active").and_then(Value::as_bool).unwrap_or(true);
-            kinds.insert(id.clone(), Kind::ServicePrincipal);
-            o.insert(ObservedPrincipal {
-                id,
-                principal: p,
-                policies: BTreeSet::new(),
-            });
+            ),
+        ] {
+            for v in self.list(kind, attributes).await? {
+                if let Some(p) = principal(kind, &v) {
+                    kinds.insert(p.id.clone(), kind);
+                    o.insert(p);
+                }
+            }
         }
         let groups = self.list(Kind::Group, "id,displayName").await?;
         for v in &groups {
-            let (Some(id), Some(name)) = (text(v, "id"), text(v, "displayName")) else {
-                continue;
-            };
-            kinds.insert(id.clone(), Kind::Group);
-            o.insert(ObservedPrincipal {
-                id,
-                principal: Principal::new(Kind::Group, name),
-                policies: BTreeSet::new(),
-            });
+            if let Some(p) = principal(Kind::Group, v) {
+                kinds.insert(p.id.clone(), Kind::Group);
+                o.insert(p);
+            }
         }
         let ids: Vec<String> = groups.iter().filter_map(|v| text(v, "id")).collect();
         let reads = futures::stream::iter(ids.into_iter().map(|id| self.group_members(id)))
@@ -333,6 +323,19 @@ impl Target for DatabricksTarget {
             o.members.insert(gid, set);
         }
         Ok(o)
+    }
+
+    async fn observe_some(&self, want: &Interest) -> Result<Option<Partial>, TargetError> {
+        let get = |path: String| async move { self.call(Method::GET, &path, None, true).await };
+        let key_attr = |kind: Kind| match kind {
+            Kind::User => "userName",
+            Kind::ServicePrincipal => "applicationId",
+            Kind::Group => "displayName",
+        };
+        let concurrency = self.cfg.http.max_concurrency;
+        read_some(want, concurrency, get, key_attr, principal)
+            .await
+            .map(Some)
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {

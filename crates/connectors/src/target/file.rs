@@ -102,6 +102,13 @@ impl Target for FileTarget {
         self.inner.observe().await
     }
 
+    async fn observe_some(
+        &self,
+        want: &idsync_engine::observe::Interest,
+    ) -> Result<Option<idsync_engine::observe::Partial>, TargetError> {
+        self.inner.observe_some(want).await
+    }
+
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {
         self.inner.execute(op).await
     }

@@ -8,6 +8,7 @@ use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use idsync_engine::observe::{Interest, Partial};
 use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
 use idsync_model::{
     Capabilities, Kind, MemberIds, Observed, ObservedPrincipal, Op, PRef, Principal, Secret,
@@ -94,6 +95,17 @@ fn target_error(e: HttpError) -> TargetError {
         ErrorKind::Invalid | ErrorKind::Gone => (TargetErrorKind::Invalid, ""),
     };
     TargetError::new(kind, format!("{}{hint}", e.message))
+}
+
+/// A group as a principal: keyed by its name (its id when it has none), with its policies.
+fn group_principal(g: LGroup, policies: Vec<LPolicy>) -> ObservedPrincipal {
+    let mut p = Principal::new(Kind::Group, g.name.unwrap_or_else(|| g.id.clone()));
+    p.description = g.description;
+    ObservedPrincipal {
+        id: g.id,
+        principal: p,
+        policies: policies.into_iter().map(|p| p.id).collect(),
+    }
 }
 
 fn id_of(r: &PRef) -> Result<&str, TargetError> {
@@ -218,8 +230,6 @@ impl Target for LakefsTarget {
             .await;
         for (g, d) in groups.into_iter().zip(details) {
             let (members, policies) = d?;
-            let mut p = Principal::new(Kind::Group, g.name.clone().unwrap_or_else(|| g.id.clone()));
-            p.description = g.description;
             o.members.insert(
                 g.id.clone(),
                 members
@@ -227,13 +237,80 @@ impl Target for LakefsTarget {
                     .map(|m| (Kind::User, m.id))
                     .collect::<MemberIds>(),
             );
-            o.insert(ObservedPrincipal {
-                id: g.id,
-                principal: p,
-                policies: policies.into_iter().map(|p| p.id).collect(),
-            });
+            o.insert(group_principal(g, policies));
         }
         Ok(o)
+    }
+
+    async fn observe_some(&self, want: &Interest) -> Result<Option<Partial>, TargetError> {
+        let mut ids = want.ids.clone();
+        let mut group_keys = BTreeSet::new();
+        for (kind, key) in &want.keys {
+            match kind {
+                Kind::User => {
+                    ids.insert((Kind::User, key.clone()));
+                }
+                Kind::Group => {
+                    group_keys.insert(key.as_str());
+                }
+                Kind::ServicePrincipal => {}
+            }
+        }
+        // A group's key is its name, which need not be its id: one listing finds them all.
+        if !group_keys.is_empty() {
+            for g in self
+                .get_all::<LGroup>("/auth/groups", "listing groups")
+                .await?
+            {
+                if group_keys.contains(g.name.as_deref().unwrap_or(&g.id)) {
+                    ids.insert((Kind::Group, g.id));
+                }
+            }
+        }
+        let reads = futures::stream::iter(ids.into_iter().map(|(kind, id)| async move {
+            let path = match kind {
+                Kind::User => format!("/auth/users/{}", seg(&id)),
+                Kind::Group => format!("/auth/groups/{}", seg(&id)),
+                Kind::ServicePrincipal => return Ok(None),
+            };
+            let a = match self.call(Method::GET, &path, None, true).await {
+                Ok(a) => a,
+                Err(e) if e.kind == TargetErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if kind == Kind::User {
+                let u: LUser = a.json("lakeFS", "reading a user").map_err(target_error)?;
+                let p = ObservedPrincipal {
+                    id: u.id.clone(),
+                    principal: Principal::new(Kind::User, u.id),
+                    policies: BTreeSet::new(),
+                };
+                return Ok(Some((p, None)));
+            }
+            // lakeFS answers a group's display name as `id` here (no `name`): keep the id asked.
+            let one: LGroup = a.json("lakeFS", "reading a group").map_err(target_error)?;
+            let g = LGroup {
+                name: Some(one.name.unwrap_or(one.id)),
+                id,
+                description: one.description,
+            };
+            let (members, policies) = self.group_details(g.id.clone()).await?;
+            let members: Vec<String> = members.into_iter().map(|m| m.id).collect();
+            Ok::<_, TargetError>(Some((group_principal(g, policies), Some(members))))
+        }))
+        .buffer_unordered(self.workers)
+        .collect::<Vec<_>>()
+        .await;
+        let mut out = Partial::default();
+        for r in reads {
+            if let Some((p, members)) = r? {
+                if let Some(m) = members {
+                    out.members.insert(p.id.clone(), m);
+                }
+                out.principals.push(p);
+            }
+        }
+        Ok(Some(out))
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {

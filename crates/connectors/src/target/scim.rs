@@ -13,6 +13,7 @@
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
+use idsync_engine::observe::{Interest, Partial};
 use idsync_engine::{Outcome, Target, TargetError, TargetErrorKind};
 use idsync_model::{
     Attr, AttrValue, Capabilities, Kind, MemberIds, Observed, ObservedPrincipal, Op, PRef,
@@ -41,6 +42,108 @@ pub(crate) struct ListResponse {
 
 pub(crate) fn text(v: &Value, k: &str) -> Option<String> {
     v.get(k).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Group members' ids as a SCIM group resource lists them.
+pub(crate) fn member_ids(v: &Value) -> Vec<String> {
+    v.get("members")
+        .and_then(Value::as_array)
+        .map(|ms| ms.iter().filter_map(|m| text(m, "value")).collect())
+        .unwrap_or_default()
+}
+
+/// Reads the principals an [`Interest`] names from a SCIM-shaped API: `GET /{type}/{id}` for each
+/// id (absent when 404), and `GET /{type}?filter={attr} eq "{key}"` for each key, then each group
+/// found by key read by id for its members. `get` sends one GET to a path under the base;
+/// `parse` turns a resource into a principal; `key_attr` names the key attribute of a kind.
+pub(crate) async fn read_some<G, F>(
+    want: &Interest,
+    concurrency: usize,
+    get: G,
+    key_attr: fn(Kind) -> &'static str,
+    parse: impl Fn(Kind, &Value) -> Option<ObservedPrincipal>,
+) -> Result<Partial, TargetError>
+where
+    G: Fn(String) -> F,
+    F: std::future::Future<Output = Result<crate::http::Answer, TargetError>>,
+{
+    let read = |path: String| {
+        let answer = get(path);
+        async move {
+            match answer.await {
+                Ok(a) => a
+                    .json::<Value>("the SCIM provider", "reading a principal")
+                    .map(Some)
+                    .map_err(target_error),
+                Err(e) if e.kind == TargetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let resource = |kind: Kind| match kind {
+        Kind::User => "Users",
+        Kind::ServicePrincipal => "ServicePrincipals",
+        Kind::Group => "Groups",
+    };
+    let mut ids: BTreeSet<(Kind, String)> = want.ids.clone();
+    let keys: Vec<(Kind, String)> = want
+        .keys
+        .iter()
+        .map(|(kind, key)| {
+            let filter = format!("{} eq {}", key_attr(*kind), scim_string(key));
+            let path = format!(
+                "/{}?filter={}",
+                resource(*kind),
+                percent_encode(&filter, b"")
+            );
+            (*kind, path)
+        })
+        .collect();
+    let lookups = futures::stream::iter(keys.into_iter().map(|(kind, path)| {
+        let read = &read;
+        async move { Ok::<_, TargetError>((kind, read(path).await?)) }
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .collect::<Vec<_>>()
+    .await;
+    for r in lookups {
+        let (kind, page) = r?;
+        let page: ListResponse = match page {
+            Some(v) => serde_json::from_value(v).map_err(|e| {
+                TargetError::new(
+                    TargetErrorKind::Protocol,
+                    format!(
+                        "the SCIM provider answered a filtered list that is not a ListResponse: {e}"
+                    ),
+                )
+            })?,
+            None => continue,
+        };
+        for v in &page.resources {
+            if let Some(id) = text(v, "id") {
+                ids.insert((kind, id));
+            }
+        }
+    }
+    let reads = futures::stream::iter(ids.into_iter().map(|(kind, id)| {
+        let path = format!("/{}/{}", resource(kind), percent_encode(&id, b""));
+        let read = &read;
+        async move { Ok::<_, TargetError>((kind, read(path).await?)) }
+    }))
+    .buffer_unordered(concurrency.max(1))
+    .collect::<Vec<_>>()
+    .await;
+    let mut out = Partial::default();
+    for r in reads {
+        let (kind, v) = r?;
+        let Some(v) = v else { continue };
+        let Some(p) = parse(kind, &v) else { continue };
+        if kind == Kind::Group {
+            out.members.insert(p.id.clone(), member_ids(&v));
+        }
+        out.principals.push(p);
+    }
+    Ok(out)
 }
 
 pub(crate) fn id_of(r: &PRef) -> Result<&str, TargetError> {
@@ -120,6 +223,40 @@ fn target_error(e: HttpError) -> TargetError {
         ErrorKind::Invalid | ErrorKind::Gone => (TargetErrorKind::Invalid, ""),
     };
     TargetError::new(kind, format!("{}{hint}", e.message))
+}
+
+/// A user or group resource as a principal (`None` without an id or a key).
+fn principal(kind: Kind, v: &Value) -> Option<ObservedPrincipal> {
+    let id = text(v, "id")?;
+    let mut p = match kind {
+        Kind::Group => Principal::new(Kind::Group, text(v, "displayName")?),
+        _ => {
+            let mut p = Principal::new(Kind::User, text(v, "userName")?);
+            p.display_name = text(v, "displayName");
+            p.active = v.get("active").and_then(Value::as_bool).unwrap_or(true);
+            let mut emails: Vec<(bool, String)> = v
+                .get("emails")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    Some((
+                        e.get("primary").and_then(Value::as_bool).unwrap_or(false),
+                        text(e, "value")?,
+                    ))
+                })
+                .collect();
+            emails.sort_by_key(|(primary, _)| !primary);
+            p.emails = emails.into_iter().map(|(_, e)| e).collect();
+            p
+        }
+    };
+    p.external_id = text(v, "externalId");
+    Some(ObservedPrincipal {
+        id,
+        principal: p,
+        policies: BTreeSet::new(),
+    })
 }
 
 fn resource(kind: Kind) -> &'static str {
@@ -478,59 +615,26 @@ impl Target for ScimTarget {
             )
             .await?
         {
-            let (Some(id), Some(name)) = (text(&v, "id"), text(&v, "userName")) else {
+            let Some(p) = principal(Kind::User, &v) else {
                 continue;
             };
-            let mut p = Principal::new(Kind::User, name);
-            p.display_name = text(&v, "displayName");
-            p.active = v.get("active").and_then(Value::as_bool).unwrap_or(true);
-            p.external_id = text(&v, "externalId");
-            let mut emails: Vec<(bool, String)> = v
-                .get("emails")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| {
-                    Some((
-                        e.get("primary").and_then(Value::as_bool).unwrap_or(false),
-                        text(e, "value")?,
-                    ))
-                })
-                .collect();
-            emails.sort_by_key(|(primary, _)| !primary);
-            p.emails = emails.into_iter().map(|(_, e)| e).collect();
-            remember(&v, &id);
-            kinds.insert(id.clone(), Kind::User);
-            o.insert(ObservedPrincipal {
-                id,
-                principal: p,
-                policies: BTreeSet::new(),
-            });
+            remember(&v, &p.id);
+            kinds.insert(p.id.clone(), Kind::User);
+            o.insert(p);
         }
         let groups = self
             .list(Kind::Group, "id,displayName,externalId,members,meta")
             .await?;
         for v in &groups {
-            let (Some(id), Some(name)) = (text(v, "id"), text(v, "displayName")) else {
+            let Some(p) = principal(Kind::Group, v) else {
                 continue;
             };
-            let mut p = Principal::new(Kind::Group, name);
-            p.external_id = text(v, "externalId");
-            remember(v, &id);
-            kinds.insert(id.clone(), Kind::Group);
-            o.insert(ObservedPrincipal {
-                id,
-                principal: p,
-                policies: BTreeSet::new(),
-            });
+            remember(v, &p.id);
+            kinds.insert(p.id.clone(), Kind::Group);
+            o.insert(p);
         }
         // Members: from the listing when the provider includes them, else one read per group.
-        let members_of = |v: &Value| -> Vec<String> {
-            v.get("members")
-                .and_then(Value::as_array)
-                .map(|ms| ms.iter().filter_map(|m| text(m, "value")).collect())
-                .unwrap_or_default()
-        };
+        let members_of = member_ids;
         let listed = groups.iter().any(|v| v.get("members").is_some());
         let mut lists: Vec<(String, Vec<String>)> = Vec::new();
         if listed || groups.is_empty() {
@@ -572,6 +676,27 @@ impl Target for ScimTarget {
             o.members.insert(gid, set);
         }
         Ok(o)
+    }
+
+    async fn observe_some(&self, want: &Interest) -> Result<Option<Partial>, TargetError> {
+        let etag = self.features().await?.etag;
+        let get =
+            |path: String| async move { self.call(Method::GET, &path, None, None, true).await };
+        let key_attr = |kind: Kind| match kind {
+            Kind::Group => "displayName",
+            _ => "userName",
+        };
+        let parse = |kind: Kind, v: &Value| {
+            let p = principal(kind, v)?;
+            if etag && let Some(ver) = v.pointer("/meta/version").and_then(Value::as_str) {
+                self.versions().insert(p.id.clone(), ver.to_owned());
+            }
+            Some(p)
+        };
+        let concurrency = self.cfg.http.max_concurrency;
+        read_some(want, concurrency, get, key_attr, parse)
+            .await
+            .map(Some)
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {
