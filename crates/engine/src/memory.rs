@@ -210,29 +210,33 @@ impl Target for MemoryTarget {
         i.live_reads += want.len();
         let mut out = Partial::default();
         let mut found: BTreeSet<(Kind, String)> = BTreeSet::new();
+        let mut with_members: BTreeSet<String> = BTreeSet::new();
         for (kind, id) in &want.ids {
             if let Some(p) = i.principals.get(&(*kind, id.clone())) {
                 found.insert((*kind, id.clone()));
                 out.principals.push(p.clone());
+                if want.members.contains(id) {
+                    with_members.insert(id.clone());
+                }
             }
         }
         for (kind, key) in &want.keys {
             let k = self.caps.fold(key);
             for ((pk, id), p) in &i.principals {
-                if pk == kind
-                    && self.caps.fold(&p.principal.key) == k
-                    && found.insert((*kind, id.clone()))
-                {
-                    out.principals.push(p.clone());
+                if pk == kind && self.caps.fold(&p.principal.key) == k {
+                    if *kind == Kind::Group {
+                        with_members.insert(id.clone());
+                    }
+                    if found.insert((*kind, id.clone())) {
+                        out.principals.push(p.clone());
+                    }
                 }
             }
         }
-        for (kind, id) in found {
-            if kind == Kind::Group {
-                let members = i.members.get(&id).into_iter().flatten();
-                let ids = members.map(|(_, m)| m.clone()).collect();
-                out.members.insert(id, ids);
-            }
+        for id in with_members {
+            let members = i.members.get(&id).into_iter().flatten();
+            let ids = members.map(|(_, m)| m.clone()).collect();
+            out.members.insert(id, ids);
         }
         Ok(Some(out))
     }

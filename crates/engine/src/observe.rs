@@ -24,10 +24,16 @@ use std::hash::Hasher;
 /// What to read live from a target.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Interest {
-    /// Principals by target id; a group comes with its members (and policies, where the target
-    /// has them). An id the target does not hold any more is simply left out of the answer.
+    /// Principals by target id. An id the target does not hold any more is left out of the answer.
     pub ids: BTreeSet<(Kind, String)>,
-    /// Natural keys about to be created: whatever already holds one must be seen before writing.
+    /// The key the picture holds for each id in `ids`: a target that reads best by key (one
+    /// filtered list for many keys) may look the id up by it, and fall back to the id when the key
+    /// no longer finds it.
+    pub hints: BTreeMap<String, String>,
+    /// Groups in `ids` whose members must be read too (the picture does not know them).
+    pub members: BTreeSet<String>,
+    /// Natural keys about to be created, adopted or renamed to: whatever holds one must be seen
+    /// before writing. A group found by key comes with its members.
     pub keys: BTreeSet<(Kind, String)>,
 }
 
@@ -42,62 +48,83 @@ impl Interest {
         self.ids.is_empty() && self.keys.is_empty()
     }
 
-    /// Everything a plan's operations touch: the target ids they name, and the keys they create.
-    pub fn of(plan: &Plan) -> Interest {
+    /// What a plan's operations need seen live: the principals they update, deprovision, adopt
+    /// or forget (by id), and the keys they create, adopt or rename to. Member and policy changes
+    /// need no read: they are written as differences, and adding a member already there or
+    /// removing one already gone changes nothing in any target. Except with `groups`: then the
+    /// groups whose members change are read with their members (when membership is yielded to
+    /// the target, the picture does not know the members the target kept).
+    pub fn of(plan: &Plan, groups: bool) -> Interest {
         let mut i = Interest::default();
-        let mut id = |r: &idsync_model::PRef| {
-            if let Some(t) = &r.id {
-                i.ids.insert((r.kind, t.clone()));
-            }
-        };
         for op in &plan.ops {
             match op {
-                Op::Adopt { target, .. }
-                | Op::Forget { target }
-                | Op::Update { target, .. }
-                | Op::Deactivate { target }
-                | Op::Delete { target, .. } => id(target),
-                Op::AttachPolicies { group, .. }
-                | Op::RemoveMembers { group, .. }
-                | Op::AddMembers { group, .. } => id(group),
-                Op::Create { .. } => {}
-            }
-        }
-        for op in &plan.ops {
-            match op {
-                Op::Create { principal, .. } => {
-                    i.keys.insert((principal.kind, principal.key.clone()));
+                Op::Forget { target } | Op::Deactivate { target } | Op::Delete { target, .. } => {
+                    i.id(target);
                 }
                 // Claimed by its key: every holder of that key must be seen.
                 Op::Adopt { target, .. } => {
+                    i.id(target);
                     i.keys.insert((target.kind, target.key.clone()));
                 }
-                // A rename takes a key: whatever holds it must be seen too.
                 Op::Update {
                     target, changes, ..
                 } => {
+                    i.id(target);
+                    // A rename takes a key: whatever holds it must be seen too.
                     for c in changes {
                         if let (Attr::Key, AttrValue::Text(Some(k))) = (c.attr, &c.to) {
                             i.keys.insert((target.kind, k.clone()));
                         }
                     }
                 }
-                _ => {}
+                Op::Create { principal, .. } => {
+                    i.keys.insert((principal.kind, principal.key.clone()));
+                }
+                Op::RemoveMembers { group, .. } | Op::AddMembers { group, .. } if groups => {
+                    i.id(group);
+                    if let Some(g) = &group.id {
+                        i.members.insert(g.clone());
+                    }
+                }
+                Op::AttachPolicies { .. } | Op::RemoveMembers { .. } | Op::AddMembers { .. } => {}
             }
         }
         i
     }
 
+    fn id(&mut self, r: &idsync_model::PRef) {
+        if let Some(t) = &r.id {
+            self.ids.insert((r.kind, t.clone()));
+            self.hints.insert(t.clone(), r.key.clone());
+        }
+    }
+
     /// What this asks that `seen` did not.
     pub fn without(&self, seen: &Interest) -> Interest {
+        let ids: BTreeSet<(Kind, String)> = self.ids.difference(&seen.ids).cloned().collect();
+        let fresh: BTreeSet<&str> = ids.iter().map(|(_, i)| i.as_str()).collect();
         Interest {
-            ids: self.ids.difference(&seen.ids).cloned().collect(),
+            hints: self
+                .hints
+                .iter()
+                .filter(|(id, _)| fresh.contains(id.as_str()))
+                .map(|(a, b)| (a.clone(), b.clone()))
+                .collect(),
+            members: self
+                .members
+                .iter()
+                .filter(|g| ids.contains(&(Kind::Group, (*g).clone())))
+                .cloned()
+                .collect(),
+            ids,
             keys: self.keys.difference(&seen.keys).cloned().collect(),
         }
     }
 
     fn extend(&mut self, other: Interest) {
         self.ids.extend(other.ids);
+        self.hints.extend(other.hints);
+        self.members.extend(other.members);
         self.keys.extend(other.keys);
     }
 }
@@ -105,9 +132,11 @@ impl Interest {
 /// What a target answered to an [`Interest`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Partial {
-    /// Every principal found, by id or by key.
+    /// Every principal found, by id or by key (a target may return more: whatever it found).
     pub principals: Vec<ObservedPrincipal>,
-    /// The members of every group found, as target ids (their kinds are resolved by the engine).
+    /// The members of the groups asked with members and of the groups found by key, as target
+    /// ids (their kinds are resolved by the engine). A group read without its members keeps the
+    /// picture's.
     pub members: BTreeMap<String, Vec<String>>,
 }
 
@@ -188,7 +217,8 @@ pub fn picture(
 }
 
 /// Lays what was read live over the picture: what was asked by id and not found is gone, what was
-/// found replaces the picture's entry, and a group found comes with its members.
+/// found replaces the picture's entry, and a group read with its members gets them (and its
+/// policies); one read without keeps the picture's.
 pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) {
     let found: BTreeSet<(Kind, &str)> = live
         .principals
@@ -212,7 +242,14 @@ pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) {
             }
         }
     }
-    for p in live.principals {
+    for mut p in live.principals {
+        // A group read without its members keeps the picture's members and policies.
+        if p.principal.kind == Kind::Group
+            && !live.members.contains_key(&p.id)
+            && let Some(before) = pic.get(Kind::Group, &p.id)
+        {
+            p.policies.clone_from(&before.policies);
+        }
         pic.insert(p);
     }
     for (gid, members) in live.members {
@@ -282,10 +319,14 @@ pub async fn plan_incrementally(
         for dp in desired.principals.values() {
             let kind = dp.source.kind;
             if let Some(tid) = state.link(kind, &dp.source.id)
-                && state.owns(kind, tid)
+                && let Some(owned) = state.owned.get(kind).get(tid)
                 && !linked_by_prev.contains(&(kind, tid))
             {
                 first.ids.insert((kind, tid.to_owned()));
+                first.hints.insert(tid.to_owned(), owned.key.clone());
+                if kind == Kind::Group {
+                    first.members.insert(tid.to_owned());
+                }
             }
         }
     }
@@ -306,7 +347,7 @@ pub async fn plan_incrementally(
         if !p.conflicts.is_empty() {
             return Ok(None);
         }
-        let want = Interest::of(&p).without(&asked);
+        let want = Interest::of(&p, policy.yield_members).without(&asked);
         if want.is_empty() {
             p.observation = idsync_model::Observation::Incremental {
                 read: asked.len(),

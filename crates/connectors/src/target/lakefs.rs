@@ -256,17 +256,21 @@ impl Target for LakefsTarget {
                 Kind::ServicePrincipal => {}
             }
         }
-        // A group's key is its name, which need not be its id: one listing finds them all.
+        // A group's key is its name, which need not be its id: one listing finds them all. A
+        // group found by key comes with its members.
+        let mut with_members = want.members.clone();
         if !group_keys.is_empty() {
             for g in self
                 .get_all::<LGroup>("/auth/groups", "listing groups")
                 .await?
             {
                 if group_keys.contains(g.name.as_deref().unwrap_or(&g.id)) {
+                    with_members.insert(g.id.clone());
                     ids.insert((Kind::Group, g.id));
                 }
             }
         }
+        let with_members = &with_members;
         let reads = futures::stream::iter(ids.into_iter().map(|(kind, id)| async move {
             let path = match kind {
                 Kind::User => format!("/auth/users/{}", seg(&id)),
@@ -294,6 +298,10 @@ impl Target for LakefsTarget {
                 id,
                 description: one.description,
             };
+            if !with_members.contains(&g.id) {
+                // Policies only matter with members: they are attached as differences too.
+                return Ok(Some((group_principal(g, Vec::new()), None)));
+            }
             let (members, policies) = self.group_details(g.id.clone()).await?;
             let members: Vec<String> = members.into_iter().map(|m| m.id).collect();
             Ok::<_, TargetError>(Some((group_principal(g, policies), Some(members))))

@@ -52,10 +52,16 @@ pub(crate) fn member_ids(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Reads the principals an [`Interest`] names from a SCIM-shaped API: `GET /{type}/{id}` for each
-/// id (absent when 404), and `GET /{type}?filter={attr} eq "{key}"` for each key, then each group
-/// found by key read by id for its members. `get` sends one GET to a path under the base;
-/// `parse` turns a resource into a principal; `key_attr` names the key attribute of a kind.
+/// Keys looked up in one filtered list: `k eq "a" or k eq "b" ...` stays far below Databricks'
+/// 200 filter nodes and any URL limit.
+const KEYS_PER_FILTER: usize = 50;
+
+/// Reads the principals an [`Interest`] names from a SCIM-shaped API, in few requests: one filtered
+/// list per kind and 50 keys (`{attr} eq "a" or {attr} eq "b" ...`) covers the keys asked and the
+/// keys the picture holds for the ids asked; an id that no key found is read by `GET /{type}/{id}`
+/// (404: gone); a group whose members are needed and that the list gave without them is read by
+/// id. `get` sends one GET to a path under the base; `parse` turns a resource into a principal;
+/// `key_attr` names the key attribute of a kind.
 pub(crate) async fn read_some<G, F>(
     want: &Interest,
     concurrency: usize,
@@ -72,7 +78,7 @@ where
         async move {
             match answer.await {
                 Ok(a) => a
-                    .json::<Value>("the SCIM provider", "reading a principal")
+                    .json::<Value>("the SCIM provider", "reading principals")
                     .map(Some)
                     .map_err(target_error),
                 Err(e) if e.kind == TargetErrorKind::NotFound => Ok(None),
@@ -85,47 +91,85 @@ where
         Kind::ServicePrincipal => "ServicePrincipals",
         Kind::Group => "Groups",
     };
-    let mut ids: BTreeSet<(Kind, String)> = want.ids.clone();
-    let keys: Vec<(Kind, String)> = want
-        .keys
-        .iter()
-        .map(|(kind, key)| {
-            let filter = format!("{} eq {}", key_attr(*kind), scim_string(key));
+    // Keys to look up, per kind: those asked, and those the picture holds for the ids asked.
+    let mut keys: BTreeMap<Kind, BTreeSet<&str>> = BTreeMap::new();
+    for (kind, key) in &want.keys {
+        keys.entry(*kind).or_default().insert(key);
+    }
+    for (kind, id) in &want.ids {
+        if let Some(key) = want.hints.get(id) {
+            keys.entry(*kind).or_default().insert(key);
+        }
+    }
+    let mut paths: Vec<(Kind, String)> = Vec::new();
+    for (kind, set) in &keys {
+        let set: Vec<&str> = set.iter().copied().collect();
+        for chunk in set.chunks(KEYS_PER_FILTER) {
+            let filter = chunk
+                .iter()
+                .map(|k| format!("{} eq {}", key_attr(*kind), scim_string(k)))
+                .collect::<Vec<_>>()
+                .join(" or ");
             let path = format!(
-                "/{}?filter={}",
+                "/{}?filter={}&count={}",
                 resource(*kind),
-                percent_encode(&filter, b"")
+                percent_encode(&filter, b""),
+                KEYS_PER_FILTER * 2
             );
-            (*kind, path)
-        })
-        .collect();
-    let lookups = futures::stream::iter(keys.into_iter().map(|(kind, path)| {
+            paths.push((*kind, path));
+        }
+    }
+    let lists = futures::stream::iter(paths.into_iter().map(|(kind, path)| {
         let read = &read;
         async move { Ok::<_, TargetError>((kind, read(path).await?)) }
     }))
     .buffer_unordered(concurrency.max(1))
     .collect::<Vec<_>>()
     .await;
-    for r in lookups {
+    let asked_keys: BTreeSet<(Kind, String)> = want
+        .keys
+        .iter()
+        .map(|(k, key)| (*k, key.to_lowercase()))
+        .collect();
+    let mut out = Partial::default();
+    let mut found: BTreeSet<(Kind, String)> = BTreeSet::new();
+    let mut members_of: BTreeSet<String> = BTreeSet::new();
+    for r in lists {
         let (kind, page) = r?;
-        let page: ListResponse = match page {
-            Some(v) => serde_json::from_value(v).map_err(|e| {
-                TargetError::new(
-                    TargetErrorKind::Protocol,
-                    format!(
-                        "the SCIM provider answered a filtered list that is not a ListResponse: {e}"
-                    ),
-                )
-            })?,
-            None => continue,
-        };
+        let Some(page) = page else { continue };
+        let page: ListResponse = serde_json::from_value(page).map_err(|e| {
+            TargetError::new(
+                TargetErrorKind::Protocol,
+                format!(
+                    "the SCIM provider answered a filtered list that is not a ListResponse: {e}"
+                ),
+            )
+        })?;
         for v in &page.resources {
-            if let Some(id) = text(v, "id") {
-                ids.insert((kind, id));
+            let Some(p) = parse(kind, v) else { continue };
+            if !found.insert((kind, p.id.clone())) {
+                continue;
             }
+            let by_key = asked_keys.contains(&(kind, p.principal.key.to_lowercase()));
+            if kind == Kind::Group && (by_key || want.members.contains(&p.id)) {
+                if v.get("members").is_some() {
+                    out.members.insert(p.id.clone(), member_ids(v));
+                } else {
+                    members_of.insert(p.id.clone());
+                }
+            }
+            out.principals.push(p);
         }
     }
-    let reads = futures::stream::iter(ids.into_iter().map(|(kind, id)| {
+    // Ids no key found (renamed or deleted behind idsync's back), and groups still without members.
+    let by_id: Vec<(Kind, String)> = want
+        .ids
+        .iter()
+        .filter(|(k, id)| !found.contains(&(*k, id.clone())))
+        .cloned()
+        .chain(members_of.iter().map(|g| (Kind::Group, g.clone())))
+        .collect();
+    let reads = futures::stream::iter(by_id.into_iter().map(|(kind, id)| {
         let path = format!("/{}/{}", resource(kind), percent_encode(&id, b""));
         let read = &read;
         async move { Ok::<_, TargetError>((kind, read(path).await?)) }
@@ -133,15 +177,16 @@ where
     .buffer_unordered(concurrency.max(1))
     .collect::<Vec<_>>()
     .await;
-    let mut out = Partial::default();
     for r in reads {
         let (kind, v) = r?;
         let Some(v) = v else { continue };
         let Some(p) = parse(kind, &v) else { continue };
-        if kind == Kind::Group {
+        if kind == Kind::Group && (members_of.contains(&p.id) || want.members.contains(&p.id)) {
             out.members.insert(p.id.clone(), member_ids(&v));
         }
-        out.principals.push(p);
+        if found.insert((kind, p.id.clone())) {
+            out.principals.push(p);
+        }
     }
     Ok(out)
 }

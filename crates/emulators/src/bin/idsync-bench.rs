@@ -1,5 +1,5 @@
 //! The benchmark driver (issue #7): `idsync-bench --size small|medium|large --idsync PATH
-//! [--latency-ms 20] [--changes 100] [--workers 10] [--json FILE]`. Prints a Markdown table; see
+//! [--latency-ms 20] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--json FILE]`. Prints a Markdown table; see
 //! `idsync_emulators::bench`.
 
 use idsync_emulators::bench::{Options, markdown, run};
@@ -30,13 +30,18 @@ async fn main() -> ExitCode {
             latency_ms: num("--latency-ms", 20)?,
             changes: num("--changes", 100)? as usize,
             workers: num("--workers", 10)? as usize,
+            targets: arg(&args, "--targets")
+                .unwrap_or_else(|| "databricks,lakefs".into())
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
         })
     })();
     let opts = match opts {
         Ok(o) => o,
         Err(e) => {
             eprintln!(
-                "error: {e}\nusage: idsync-bench --size small|medium|large --idsync PATH [--latency-ms 20] [--changes 100] [--workers 10] [--json FILE]"
+                "error: {e}\nusage: idsync-bench --size small|medium|large --idsync PATH [--latency-ms 20] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--json FILE]"
             );
             return ExitCode::from(2);
         }
