@@ -10,5 +10,5 @@ cd "$(dirname "$0")/.."
 size="${1:-small}"
 latency="${2:-20}"
 cargo build --release --locked -q -p idsync -p idsync-emulators --bin idsync --bin idsync-bench
-target/release/idsync-bench --size "$size" --idsync target/release/idsync --latency-ms "$latency" \
+target/release/idsync-bench --size "$size" --idsync target/release/idsync --latency-ms "$latency" "${@:3}" \
   --json "bench/results-$size.json"

@@ -1164,6 +1164,7 @@ async fn the_small_benchmark_writes_nothing_when_nothing_changed() {
         changes: 100,
         workers: 10,
         targets: vec!["databricks".into(), "lakefs".into()],
+        rate_limits: false,
     })
     .await
     .unwrap();

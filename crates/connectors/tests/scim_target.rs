@@ -48,7 +48,7 @@ async fn run(
     let r = idsync_engine::apply(&p, t, st, &ApplyOptions::default()).await;
     let file = idsync_model::PlanFile {
         plan: p,
-        snapshot: s.clone(),
+        snapshot: s.clone().into(),
         cursors: Default::default(),
     };
     apply::finish(&file, &r, &caps, st, true);

@@ -7,7 +7,7 @@
 
 use crate::databricks::{ACCOUNT_ID, TOKEN};
 use crate::generator::{Params, generate};
-use crate::infra::{Faults, Infra};
+use crate::infra::{Faults, Infra, ThrottleConfig};
 use crate::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use crate::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
 use crate::{Databricks, Graph, Lakefs};
@@ -33,6 +33,55 @@ pub struct Options {
     /// The targets to sync: `databricks`, `lakefs` or both (lakeFS adds one member per request,
     /// so its first sync of the large tenant takes about an hour at 20 ms).
     pub targets: Vec<String>,
+    /// Throttle the emulators as the services do ([`rate_limits`]).
+    pub rate_limits: bool,
+}
+
+/// The rate limits `--rate-limits` puts on the emulators, as (emulator, requests governed,
+/// bucket size, per second). Graph: the directory quota of a tenant with more than 500 users,
+/// 8,000 per 10 s (Microsoft's throttling limits; counted here per request where Graph counts
+/// resource units of 1 to 3 per request, so this is the lenient end). Databricks account SCIM: per
+/// method, GET one 20/s, list 240/s, PATCH 2/s, POST/PUT/DELETE 5/s (a third-party summary of
+/// Databricks' resource limits page, unverified: see shared/api/databricks-scim.md). lakeFS: none
+/// (its auth API does not throttle).
+pub fn rate_limits() -> Vec<(&'static str, Vec<String>, f64, f64)> {
+    let one = "GET /api/2.0/accounts/{acct}/scim/v2/{type}/{id}".to_owned();
+    vec![
+        ("graph", vec![], 8000.0, 800.0),
+        ("databricks", vec![one], 20.0, 20.0),
+        ("databricks", vec!["GET".into()], 240.0, 240.0),
+        ("databricks", vec!["PATCH".into()], 2.0, 2.0),
+        (
+            "databricks",
+            vec!["POST".into(), "PUT".into(), "DELETE".into()],
+            5.0,
+            5.0,
+        ),
+    ]
+}
+
+/// The least time any client needs for `requests` under [`rate_limits`]: for each bucket, the
+/// requests it governs beyond its burst at its rate; the slowest bucket bounds the run.
+pub fn limit_floor(requests: &BTreeMap<String, BTreeMap<String, u64>>) -> f64 {
+    let mut worst = 0f64;
+    let limits = rate_limits();
+    for (emulator, counts) in requests {
+        let mine: Vec<&(&str, Vec<String>, f64, f64)> =
+            limits.iter().filter(|l| l.0 == emulator).collect();
+        let mut per_bucket = vec![0u64; mine.len()];
+        for (request, n) in counts {
+            let method = request.split(' ').next().unwrap_or_default();
+            if let Some(i) = mine.iter().position(|(_, m, _, _)| {
+                m.is_empty() || m.iter().any(|x| x == request || x == method)
+            }) {
+                per_bucket[i] += n;
+            }
+        }
+        for (n, (_, _, burst, rate)) in per_bucket.iter().zip(&mine) {
+            worst = worst.max((*n as f64 - burst).max(0.0) / rate);
+        }
+    }
+    worst
 }
 
 /// One run of idsync.
@@ -50,6 +99,9 @@ pub struct RunResult {
     pub requests: BTreeMap<String, BTreeMap<String, u64>>,
     /// Requests other than GET, by emulator.
     pub writes: BTreeMap<String, u64>,
+    /// With rate limits: the least time any client needs for these requests ([`limit_floor`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_floor_seconds: Option<f64>,
 }
 
 /// The whole benchmark.
@@ -61,6 +113,10 @@ pub struct Report {
     pub tenant: BTreeMap<String, usize>,
     /// Latency per request (ms).
     pub latency_ms: u64,
+    /// Whether the emulators were throttled ([`rate_limits`]).
+    pub rate_limits: bool,
+    /// Concurrent requests per target.
+    pub workers: usize,
     /// The lower bound of Databricks writes for the first sync: one per principal plus the
     /// member PATCHes at 100 members each.
     pub databricks_write_floor: u64,
@@ -235,11 +291,26 @@ pub async fn run(o: &Options) -> Result<Report, String> {
         ("databricks", &dbx.state.infra),
         ("lakefs", &lake.state.infra),
     ];
-    for (_, i) in &infras {
+    for (name, i) in &infras {
         i.set_faults(Faults {
             latency_ms: o.latency_ms,
             ..Faults::default()
         });
+        if o.rate_limits {
+            i.set_throttles(
+                rate_limits()
+                    .into_iter()
+                    .filter(|l| l.0 == *name)
+                    .map(|(_, m, capacity, per_second)| {
+                        let t = ThrottleConfig {
+                            capacity,
+                            per_second,
+                        };
+                        (m, t)
+                    })
+                    .collect(),
+            );
+        }
     }
     let dir = std::env::temp_dir().join(format!("idsync-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -337,7 +408,9 @@ worker_threads = {w}
             w.insert((*n).to_owned(), writes(&c));
             requests.insert((*n).to_owned(), c);
         }
+        let limit_floor_seconds = o.rate_limits.then(|| limit_floor(&requests));
         runs.push(RunResult {
+            limit_floor_seconds,
             name: name.clone(),
             exit,
             seconds,
@@ -351,6 +424,8 @@ worker_threads = {w}
         size: o.size.clone(),
         tenant: tenant_counts,
         latency_ms: o.latency_ms,
+        rate_limits: o.rate_limits,
+        workers: o.workers,
         databricks_write_floor: floor,
         runs,
     })
@@ -359,13 +434,25 @@ worker_threads = {w}
 /// The report as a Markdown table.
 pub fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "### {} ({} users, {} service principals, {} groups, {} memberships; {} ms per request)\n\n| run | wall | peak RSS | Graph requests | Databricks requests (writes) | lakeFS requests (writes) |\n|---|---|---|---|---|---|\n",
+        "### {} ({} users, {} service principals, {} groups, {} memberships; {} ms per request; {} workers; {})\n\n| run | wall | peak RSS | Graph requests | Databricks requests (writes) | lakeFS requests (writes) |{}\n|---|---|---|---|---|---|{}\n",
         r.size,
         r.tenant["users"],
         r.tenant["servicePrincipals"],
         r.tenant["groups"],
         r.tenant["memberships"],
-        r.latency_ms
+        r.latency_ms,
+        r.workers,
+        if r.rate_limits {
+            "rate limits on"
+        } else {
+            "no rate limit"
+        },
+        if r.rate_limits {
+            " floor the limits impose | wall ÷ floor |"
+        } else {
+            ""
+        },
+        if r.rate_limits { "---|---|" } else { "" },
     );
     for run in &r.runs {
         let total = |n: &str| run.requests.get(n).map_or(0, |c| c.values().sum::<u64>());
@@ -375,8 +462,11 @@ pub fn markdown(r: &Report) -> String {
                 .map(|(_, v)| v)
                 .sum()
         });
+        let floor = run.limit_floor_seconds.map_or(String::new(), |f| {
+            format!(" {f:.1} s | {:.2} |", run.seconds / f.max(1e-9))
+        });
         s.push_str(&format!(
-            "| {} | {:.1} s | {:.0} MiB | {} | {} ({}) | {} ({}) |\n",
+            "| {} | {:.1} s | {:.0} MiB | {} | {} ({}) | {} ({}) |{floor}\n",
             run.name,
             run.seconds,
             run.peak_rss_mib,

@@ -30,7 +30,7 @@ pub const OAUTH_CLIENT_ID: &str = "5c2e6f1a-0b9d-4e3f-8a7c-6d5e4f3a2b1c";
 pub const OAUTH_CLIENT_SECRET: &str = "dose-emulator-oauth-secret";
 
 /// The three SCIM resource types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Type {
     /// Users.
     Users,
@@ -74,9 +74,20 @@ impl Type {
     }
 }
 
+/// Unique keys (ASCII-lowercased) → the ids that took them; `stale` after outside changes.
+#[derive(Debug, Default)]
+struct KeyIndex {
+    stale: bool,
+    ids: std::collections::HashMap<(Type, String), Vec<String>>,
+}
+
 /// The emulator's state.
 pub struct DatabricksState {
     data: RwLock<BTreeMap<Type, BTreeMap<String, Value>>>,
+    /// Unique key (ASCII-lowercased) → the ids that took it, per type, so a create checks
+    /// uniqueness without scanning 100k users. Entries may be stale (renamed, deleted): each is
+    /// checked against the data. Rebuilt when the data was changed from outside (`data_mut`).
+    keys: Mutex<KeyIndex>,
     /// Accounting, faults, throttling.
     pub infra: Arc<Infra>,
     next_id: AtomicU64,
@@ -110,6 +121,7 @@ impl DatabricksState {
             .collect();
         Arc::new(DatabricksState {
             data: RwLock::new(data),
+            keys: Mutex::new(KeyIndex::default()),
             infra: Infra::new(scim_error),
             next_id: AtomicU64::new(100_000),
             oauth_tokens: Mutex::new(BTreeSet::new()),
@@ -125,7 +137,55 @@ impl DatabricksState {
 
     /// Changes resources directly (as an account admin in the console would).
     pub fn data_mut(&self) -> RwLockWriteGuard<'_, BTreeMap<Type, BTreeMap<String, Value>>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).stale = true;
+        self.write()
+    }
+
+    /// The write lock for the API's own handlers, which keep the key index themselves.
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<Type, BTreeMap<String, Value>>> {
         self.data.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The id of another resource of type `t` holding `key` (case-insensitively), if any.
+    fn holder(
+        &self,
+        d: &BTreeMap<Type, BTreeMap<String, Value>>,
+        t: Type,
+        key: &str,
+        except: Option<&str>,
+    ) -> Option<String> {
+        let (attr, _) = t.unique();
+        let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if k.stale {
+            k.ids.clear();
+            for (ty, m) in d {
+                for (id, v) in m {
+                    if let Some(name) = v[ty.unique().0].as_str() {
+                        let e = k.ids.entry((*ty, name.to_ascii_lowercase()));
+                        e.or_default().push(id.clone());
+                    }
+                }
+            }
+            k.stale = false;
+        }
+        let ids = k.ids.get(&(t, key.to_ascii_lowercase()))?;
+        ids.iter()
+            .find(|id| {
+                Some(id.as_str()) != except
+                    && d.get(&t)
+                        .and_then(|m| m.get(*id))
+                        .is_some_and(|v| ci_eq(&v[attr], key))
+            })
+            .cloned()
+    }
+
+    /// Records that resource `id` of type `t` now holds `key`.
+    fn took(&self, t: Type, key: &str, id: &str) {
+        let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = k.ids.entry((t, key.to_ascii_lowercase())).or_default();
+        if !ids.iter().any(|i| i == id) {
+            ids.push(id.to_owned());
+        }
     }
 
     /// Creates a resource directly, returning its id.
@@ -510,10 +570,8 @@ async fn create(
         o.remove("schemas");
     }
     // Check and insert under one lock: two concurrent creates of one name cannot both succeed.
-    let mut d = st.data_mut();
-    if d.get(&t)
-        .is_some_and(|m| m.values().any(|v| ci_eq(&v[key], &k)))
-    {
+    let mut d = st.write();
+    if st.holder(&d, t, &k, None).is_some() {
         return scim_error(StatusCode::CONFLICT, "uniqueness", &msg.replace("{}", &k));
     }
     if t == Type::Groups
@@ -523,6 +581,7 @@ async fn create(
     }
     let id = st.next_id.fetch_add(1, Ordering::Relaxed).to_string();
     body["id"] = json!(id);
+    st.took(t, &k, &id);
     d.entry(t).or_default().insert(id, body.clone());
     (StatusCode::CREATED, axum::Json(present(t, &body, false))).into_response()
 }
@@ -553,7 +612,7 @@ async fn delete_one(
         Ok(t) => t,
         Err(r) => return r,
     };
-    let mut d = st.data_mut();
+    let mut d = st.write();
     if d.get_mut(&t).and_then(|m| m.remove(&id)).is_none() {
         return scim_error(
             StatusCode::NOT_FOUND,
@@ -584,7 +643,7 @@ async fn replace(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let mut d = st.data_mut();
+    let mut d = st.write();
     let Some(cur) = d.get(&t).and_then(|m| m.get(&id)).cloned() else {
         return scim_error(
             StatusCode::NOT_FOUND,
@@ -598,10 +657,12 @@ async fn replace(
     }
     let (key, msg) = t.unique();
     if let Some(k) = body.get(key).and_then(Value::as_str)
-        && d.get(&t)
-            .is_some_and(|m| m.iter().any(|(other, v)| *other != id && ci_eq(&v[key], k)))
+        && st.holder(&d, t, k, Some(&id)).is_some()
     {
         return scim_error(StatusCode::CONFLICT, "uniqueness", &msg.replace("{}", k));
+    }
+    if let Some(k) = body.get(key).and_then(Value::as_str) {
+        st.took(t, k, &id);
     }
     if t == Type::Groups
         && let Err(r) = check_members(&d, &body["members"])
@@ -756,7 +817,7 @@ async fn patch(
             "Operations is required",
         );
     };
-    let mut d = st.data_mut();
+    let mut d = st.write();
     let Some(mut res) = d.get(&t).and_then(|m| m.get(&id)).cloned() else {
         return scim_error(
             StatusCode::NOT_FOUND,
@@ -772,16 +833,14 @@ async fn patch(
     }
     if t == Type::Groups {
         let name = res["displayName"].as_str().unwrap_or_default().to_owned();
-        if d.get(&t).is_some_and(|m| {
-            m.iter()
-                .any(|(k, v)| *k != id && ci_eq(&v["displayName"], &name))
-        }) {
+        if st.holder(&d, t, &name, Some(&id)).is_some() {
             return scim_error(
                 StatusCode::CONFLICT,
                 "uniqueness",
                 &format!("Group with name {name} already exists."),
             );
         }
+        st.took(t, &name, &id);
     }
     d.entry(t).or_default().insert(id, res.clone());
     axum::Json(present(t, &res, false)).into_response()

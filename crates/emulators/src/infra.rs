@@ -107,7 +107,9 @@ pub struct Infra {
     /// Request counts.
     pub accounting: Accounting,
     faults: Mutex<Faults>,
-    throttle: Mutex<Option<Bucket>>,
+    /// Buckets with the requests they govern (`"METHOD /route"` or `"METHOD"`; empty: all), in
+    /// order: a request takes a token from the first bucket that governs it.
+    throttle: Mutex<Vec<(Vec<String>, Bucket)>>,
     rng: Mutex<Rng>,
     error: ErrorFormat,
 }
@@ -118,7 +120,7 @@ impl Infra {
         Arc::new(Infra {
             accounting: Accounting::default(),
             faults: Mutex::new(Faults::default()),
-            throttle: Mutex::new(None),
+            throttle: Mutex::new(Vec::new()),
             rng: Mutex::new(Rng::new(7)),
             error,
         })
@@ -134,19 +136,36 @@ impl Infra {
         lock(&self.faults).clone()
     }
 
-    /// Turns throttling on (or off, with `None`).
+    /// Turns throttling on (or off, with `None`): one bucket for every request.
     pub fn set_throttle(&self, t: Option<ThrottleConfig>) {
-        *lock(&self.throttle) = t.map(|config| Bucket {
-            tokens: config.capacity,
-            config,
-            at: Instant::now(),
-        });
+        self.set_throttles(t.map(|t| (Vec::new(), t)).into_iter().collect());
     }
 
-    /// Takes a throttling token, or returns the 429 to send.
-    pub fn throttle(&self) -> Result<(), Response> {
+    /// Throttles per kind of request, as APIs with per-method limits do: each bucket governs the
+    /// requests named (`"POST"`, or `"GET /route/{id}"` as the accounting names them; none: all).
+    /// A request takes a token from the first bucket that governs it; others pass.
+    pub fn set_throttles(&self, buckets: Vec<(Vec<String>, ThrottleConfig)>) {
+        *lock(&self.throttle) = buckets
+            .into_iter()
+            .map(|(matches, config)| {
+                let bucket = Bucket {
+                    tokens: config.capacity,
+                    config,
+                    at: Instant::now(),
+                };
+                (matches, bucket)
+            })
+            .collect();
+    }
+
+    /// Takes a throttling token for a request (`"METHOD /route"`), or returns the 429 to send.
+    pub fn throttle(&self, request: &str) -> Result<(), Response> {
         let mut t = lock(&self.throttle);
-        let Some(bucket) = t.as_mut() else {
+        let method = request.split(' ').next().unwrap_or_default();
+        let Some((_, bucket)) = t
+            .iter_mut()
+            .find(|(m, _)| m.is_empty() || m.iter().any(|x| x == request || x == method))
+        else {
             return Ok(());
         };
         bucket.take().map_err(|wait| {
@@ -223,12 +242,13 @@ pub async fn layer(State(infra): State<Arc<Infra>>, req: Request, next: Next) ->
         infra
             .accounting
             .record(format!("BATCH {} {route}", req.method()));
-        if let Err(r) = infra.throttle() {
+        if let Err(r) = infra.throttle(&format!("{} {route}", req.method())) {
             return r;
         }
         return next.run(req).await;
     }
-    infra.accounting.record(format!("{} {route}", req.method()));
+    let request = format!("{} {route}", req.method());
+    infra.accounting.record(request.clone());
 
     let f = infra.faults();
     let applies = f.path_contains.is_empty() || path.contains(&f.path_contains);
@@ -258,7 +278,7 @@ pub async fn layer(State(infra): State<Arc<Infra>>, req: Request, next: Next) ->
         )
             .into_response();
     }
-    if let Err(r) = infra.throttle() {
+    if let Err(r) = infra.throttle(&request) {
         return r;
     }
     let truncate = applies && infra.roll() < f.truncate_rate;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Read {
     /// The scoped snapshot (for a change read: the base with the changes applied).
-    pub snapshot: Snapshot,
+    pub snapshot: std::sync::Arc<Snapshot>,
     /// The cursors to store once this read has been applied.
     pub cursors: BTreeMap<String, String>,
     /// Full or incremental.

@@ -746,7 +746,7 @@ fn a_refused_create_is_not_remembered_so_a_hand_made_principal_is_never_adopted(
         let caps = t.capabilities();
         let file = idsync_model::PlanFile {
             plan: p.clone(),
-            snapshot: base(),
+            snapshot: base().into(),
             cursors: Default::default(),
         };
         idsync_engine::apply::begin(&p, &caps, &mut st);

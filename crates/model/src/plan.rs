@@ -353,8 +353,9 @@ impl Plan {
 pub struct PlanFile {
     /// The plan.
     pub plan: Plan,
-    /// The source snapshot the plan was computed from.
-    pub snapshot: Snapshot,
+    /// The source snapshot the plan was computed from (shared with the read and the state, never
+    /// copied: at 1M memberships a copy is 100+ MB).
+    pub snapshot: std::sync::Arc<Snapshot>,
     /// The source's change-feed cursors after the read (stored only once the apply succeeds).
     #[serde(default)]
     pub cursors: BTreeMap<String, String>,

@@ -112,7 +112,7 @@ pub struct AgreementState {
     pub owned: PerKind<BTreeMap<String, Owned>>,
     /// The source snapshot last applied in full (the base for change feeds).
     #[serde(default)]
-    pub last_applied: Option<Snapshot>,
+    pub last_applied: Option<std::sync::Arc<Snapshot>>,
     /// Change-feed cursors (delta tokens), advanced only after a successful apply.
     #[serde(default)]
     pub cursors: BTreeMap<String, String>,

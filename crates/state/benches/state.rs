@@ -35,7 +35,7 @@ fn main() {
         }
     }
     let memberships = snap.membership_count();
-    st.last_applied = Some(snap);
+    st.last_applied = Some(snap.into());
     st.cursors.insert("graph.groups".into(), "x".repeat(400));
 
     let dir = tempfile::tempdir().unwrap();

@@ -580,7 +580,7 @@ impl Source for EntraSource {
         }
         notes.extend(idsync_engine::scope::cycle_notes(&snap));
         Ok(Read {
-            snapshot: snap,
+            snapshot: snap.into(),
             cursors,
             mode: ReadMode::Full,
             depth,
@@ -777,7 +777,7 @@ impl Source for EntraSource {
             (CURSOR_SPS.to_owned(), sl2),
         ]);
         Ok(Changes::Read(Read {
-            snapshot: snap,
+            snapshot: snap.into(),
             cursors,
             mode: ReadMode::Incremental,
             depth,

@@ -38,7 +38,7 @@ impl Source for FileSource {
         let dir = self.load()?;
         let sel = scope::select(&dir, scope);
         Ok(Read {
-            snapshot: sel.snapshot,
+            snapshot: sel.snapshot.into(),
             cursors: BTreeMap::new(),
             mode: ReadMode::Full,
             depth: sel.depth,

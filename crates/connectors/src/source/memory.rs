@@ -113,7 +113,7 @@ impl Source for MemorySource {
         let i = self.lock();
         let sel = scope::select(&i.dir, scope);
         Ok(Read {
-            snapshot: sel.snapshot,
+            snapshot: sel.snapshot.into(),
             cursors: Self::cursor(&i),
             mode: ReadMode::Full,
             depth: sel.depth,
@@ -202,7 +202,7 @@ impl Source for MemorySource {
         }
         let depth = snap.groups.keys().map(|g| (g.clone(), 1)).collect();
         Ok(Changes::Read(Read {
-            snapshot: snap,
+            snapshot: snap.into(),
             cursors: Self::cursor(&i),
             mode: ReadMode::Incremental,
             depth,

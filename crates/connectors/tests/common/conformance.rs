@@ -87,7 +87,7 @@ async fn sync_with(
     let r = apply::apply(&p, target, st, &ApplyOptions::default()).await;
     let file = PlanFile {
         plan: p.clone(),
-        snapshot: dir.clone(),
+        snapshot: dir.clone().into(),
         cursors: Default::default(),
     };
     apply::finish(&file, &r, &caps, st, true);

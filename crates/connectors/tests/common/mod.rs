@@ -50,7 +50,7 @@ pub async fn sync(
     .await;
     let file = PlanFile {
         plan: p.clone(),
-        snapshot: s.clone(),
+        snapshot: s.clone().into(),
         cursors: Default::default(),
     };
     apply::finish(&file, &r, &caps, st, true);

@@ -1,6 +1,6 @@
 //! The benchmark driver (issue #7): `idsync-bench --size small|medium|large --idsync PATH
-//! [--latency-ms 20] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--json FILE]`. Prints a Markdown table; see
-//! `idsync_emulators::bench`.
+//! [--latency-ms 20] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--rate-limits]
+//! [--json FILE]`. Prints a Markdown table; see `idsync_emulators::bench`.
 
 use idsync_emulators::bench::{Options, markdown, run};
 use std::path::PathBuf;
@@ -35,13 +35,14 @@ async fn main() -> ExitCode {
                 .split(',')
                 .map(str::to_owned)
                 .collect(),
+            rate_limits: args.iter().any(|a| a == "--rate-limits"),
         })
     })();
     let opts = match opts {
         Ok(o) => o,
         Err(e) => {
             eprintln!(
-                "error: {e}\nusage: idsync-bench --size small|medium|large --idsync PATH [--latency-ms 20] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--json FILE]"
+                "error: {e}\nusage: idsync-bench --size small|medium|large --idsync PATH [--latency-ms 20] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--rate-limits] [--json FILE]"
             );
             return ExitCode::from(2);
         }

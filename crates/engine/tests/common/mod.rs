@@ -105,7 +105,7 @@ pub async fn sync_with(
     }
     let file = PlanFile {
         plan: p.clone(),
-        snapshot: s.clone(),
+        snapshot: s.clone().into(),
         cursors: Default::default(),
     };
     idsync_engine::apply::begin(&p, &caps, state);
