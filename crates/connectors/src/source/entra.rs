@@ -408,6 +408,9 @@ fn member_of(m: &Value) -> Option<Member> {
     })
 }
 
+/// Groups whose members are read in one round of `$batch` requests.
+const GROUPS_PER_ROUND: usize = 400;
+
 impl EntraSource {
     /// Reads `frontier` and walks nested groups down to the search depth, adding what it finds.
     async fn expand(
@@ -422,9 +425,36 @@ impl EntraSource {
             depth.insert(g.id.clone(), level);
         }
         while !frontier.is_empty() {
-            let ids: Vec<String> = frontier.iter().map(|g| g.id.clone()).collect();
-            let reads = self.members_of(&ids).await?;
             let mut next = Vec::new();
+            // A few hundred groups at a time: their members as JSON are ten times the size of
+            // the snapshot they become (1M memberships would be a gigabyte at once).
+            let mut rest = frontier;
+            while !rest.is_empty() {
+                let chunk: Vec<Group> = rest.drain(..rest.len().min(GROUPS_PER_ROUND)).collect();
+                let ids: Vec<String> = chunk.iter().map(|g| g.id.clone()).collect();
+                let reads = self.members_of(&ids).await?;
+                self.take_members(chunk, reads, level, scope, snap, depth, &mut next);
+            }
+            frontier = next;
+            level += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds a round of groups with the members read for them; nested groups still within the
+    /// search depth go to `next`.
+    #[allow(clippy::too_many_arguments)]
+    fn take_members(
+        &self,
+        frontier: Vec<Group>,
+        reads: Vec<Vec<Value>>,
+        level: u32,
+        scope: &Scope,
+        snap: &mut Snapshot,
+        depth: &mut BTreeMap<String, u32>,
+        next: &mut Vec<Group>,
+    ) {
+        {
             for (mut g, members) in frontier.into_iter().zip(reads) {
                 for m in &members {
                     let Some(member) = member_of(m) else { continue }; // devices, contacts
@@ -456,10 +486,7 @@ impl EntraSource {
                 snap.incomplete_groups.remove(&g.id);
                 snap.groups.insert(g.id.clone(), g);
             }
-            frontier = next;
-            level += 1;
         }
-        Ok(())
     }
 
     /// A deltaLink that starts from now (`$deltatoken=latest`).
