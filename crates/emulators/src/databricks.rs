@@ -714,8 +714,15 @@ fn patch_op(
                 .as_object_mut()
                 .map(|o| o.entry("members").or_insert_with(|| json!([])));
             if let Some(Value::Array(list)) = list {
+                // One pass over the members already there, not one per member added: groups of
+                // 50,000 are filled 100 at a time.
+                let mut there: std::collections::HashSet<String> = list
+                    .iter()
+                    .filter_map(|x| x["value"].as_str().map(str::to_owned))
+                    .collect();
                 for m in members.as_array().into_iter().flatten() {
-                    if !list.iter().any(|x| x["value"] == m["value"]) {
+                    let v = m["value"].as_str().unwrap_or_default();
+                    if there.insert(v.to_owned()) {
                         list.push(json!({"value": m["value"]}));
                     }
                 }
@@ -818,16 +825,36 @@ async fn patch(
         );
     };
     let mut d = st.write();
-    let Some(mut res) = d.get(&t).and_then(|m| m.get(&id)).cloned() else {
+    // All or nothing: the resource changes only when every operation applies. A single member
+    // operation fails before it changes anything and cannot rename, so it works on the resource
+    // itself (taken out of the map meanwhile: groups of 50,000 are filled 100 at a time); other
+    // patches work on a copy.
+    let members_only = |op: &Value| {
+        let path = op["path"].as_str().unwrap_or_default();
+        path.starts_with("members")
+            || (path.is_empty()
+                && op["value"]
+                    .as_object()
+                    .is_some_and(|o| o.len() == 1 && o.contains_key("members")))
+    };
+    let in_place = t == Type::Groups && ops.len() == 1 && members_only(&ops[0]);
+    let taken = if in_place {
+        d.get_mut(&t).and_then(|m| m.remove(&id))
+    } else {
+        d.get(&t).and_then(|m| m.get(&id)).cloned()
+    };
+    let Some(mut res) = taken else {
         return scim_error(
             StatusCode::NOT_FOUND,
             "",
             &format!("Resource {id} not found"),
         );
     };
-    // All or nothing: the resource changes only when every operation applies.
     for op in &ops {
         if let Err(r) = patch_op(t, &mut res, op, &d) {
+            if in_place {
+                d.entry(t).or_default().insert(id, res);
+            }
             return r;
         }
     }

@@ -272,50 +272,67 @@ pub async fn apply(
         } else {
             workers
         };
-        let mut runnable = Vec::with_capacity(ops.len());
-        for op in ops {
-            match resolve(op, &created) {
-                Ok((resolved, dropped)) => {
-                    for d in dropped {
-                        report.skipped.push(Failure {
-                            op: op.clone(),
-                            error: format!("member {d} was not created, so it is not added"),
-                            kind: None,
-                        });
-                    }
-                    runnable.push(resolved);
-                }
-                Err(dep) => report.skipped.push(Failure {
-                    op: op.clone(),
-                    error: format!("{dep} was not created, so this was not attempted"),
-                    kind: None,
-                }),
-            }
-        }
-        let results: Vec<(Op, Result<Outcome, TargetError>)> = futures::stream::iter(runnable)
+        // Each operation is resolved just before it runs, and a member or policy operation that
+        // succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
+        let created_now = &created;
+        let mut results: Vec<Ran> = futures::stream::iter(ops)
             .map(|op| async move {
-                let r = if op.writes() {
-                    target.execute(&op).await
-                } else {
-                    Ok(Outcome::Done)
+                let key = op.sort_key();
+                let (resolved, dropped) = match resolve(op, created_now) {
+                    Ok(r) => r,
+                    Err(dep) => {
+                        let skipped = vec![Failure {
+                            op: op.clone(),
+                            error: format!("{dep} was not created, so this was not attempted"),
+                            kind: None,
+                        }];
+                        return Ran {
+                            key,
+                            op: None,
+                            result: None,
+                            skipped,
+                        };
+                    }
                 };
-                (op, r)
+                let skipped = dropped
+                    .into_iter()
+                    .map(|d| Failure {
+                        op: op.clone(),
+                        error: format!("member {d} was not created, so it is not added"),
+                        kind: None,
+                    })
+                    .collect();
+                let r = if resolved.writes() {
+                    target.execute(&resolved).await.map(|o| (o, true))
+                } else {
+                    Ok((Outcome::Done, false))
+                };
+                let keep = r.is_err() || records(&resolved);
+                Ran {
+                    key,
+                    op: keep.then_some(resolved),
+                    result: Some(r),
+                    skipped,
+                }
             })
             .buffered(width)
             .collect()
             .await;
-        let mut results = results;
-        results.sort_by_cached_key(|(op, _)| op.sort_key());
-        for (op, r) in results {
-            match r {
-                Ok(outcome) => {
+        results.sort_by(|a, b| a.key.cmp(&b.key));
+        for ran in results {
+            report.skipped.extend(ran.skipped);
+            match (ran.result, ran.op) {
+                (None, _) => {}
+                (Some(Ok((outcome, wrote))), op) => {
                     report.applied += 1;
-                    if op.writes() {
+                    if wrote {
                         report.writes += 1;
                     }
-                    record(&op, &outcome, state, &mut links, &mut created);
+                    if let Some(op) = op {
+                        record(&op, &outcome, state, &mut links, &mut created);
+                    }
                 }
-                Err(e) => {
+                (Some(Err(e)), Some(op)) => {
                     tracing::warn!(op = ?op.subject(), error = %e, "operation failed");
                     report.failed.push(Failure {
                         op,
@@ -323,10 +340,28 @@ pub async fn apply(
                         kind: Some(e.kind),
                     });
                 }
+                (Some(Err(_)), None) => {}
             }
         }
     }
     report
+}
+
+/// One operation's run: its place in the plan, the operation (kept when it failed or changes the
+/// state), its result (none when it could not run), and what was skipped of it.
+struct Ran {
+    key: (u8, u8, String),
+    op: Option<Op>,
+    result: Option<Result<(Outcome, bool), TargetError>>,
+    skipped: Vec<Failure>,
+}
+
+/// Whether a successful operation changes the state (links, ownership), so must be recorded.
+fn records(op: &Op) -> bool {
+    !matches!(
+        op,
+        Op::AddMembers { .. } | Op::RemoveMembers { .. } | Op::AttachPolicies { .. }
+    )
 }
 
 /// Fills in target ids of principals created earlier in this apply. Members whose create failed
