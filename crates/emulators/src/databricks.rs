@@ -869,8 +869,10 @@ async fn patch(
         }
         st.took(t, &name, &id);
     }
-    d.entry(t).or_default().insert(id, res.clone());
-    axum::Json(present(t, &res, false)).into_response()
+    d.entry(t).or_default().insert(id, res);
+    // The API reference shows an empty response for PATCH (docs.databricks.com/api/scim/v1/
+    // patch-account-group: `{}`); the Python SDK discards it.
+    StatusCode::NO_CONTENT.into_response()
 }
 
 // OAuth M2M.

@@ -171,8 +171,11 @@ async fn patch_members_deactivation_and_the_username_rule() {
     let gp = format!("/Groups/{}", g["id"].as_str().unwrap());
     let op = |ops: Value| json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": ops});
     let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "add", "value": {"members": [{"value": a["id"]}, {"value": b["id"]}]}}])))).await;
-    assert_eq!(s, StatusCode::OK);
-    let (_, r) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "remove", "path": format!("members[value eq \"{}\"]", a["id"].as_str().unwrap())}])))).await;
+    // The API reference shows an empty answer to PATCH.
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "remove", "path": format!("members[value eq \"{}\"]", a["id"].as_str().unwrap())}])))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let r = t.call(Method::GET, &gp, None).await.1;
     assert_eq!(r["members"], json!([{"value": b["id"]}]));
     // Removing an absent member is a no-op.
     let (s, _) = t
@@ -184,7 +187,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
-    assert_eq!(s, StatusCode::OK);
+    assert_eq!(s, StatusCode::NO_CONTENT);
     // A failing operation leaves the resource as it was.
     let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "add", "path": "members", "value": [{"value": a["id"]}]}, {"op": "add", "path": "members", "value": [{"value": "999"}]}])))).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
@@ -204,6 +207,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
+    let r = t.call(Method::GET, &gp, None).await.1;
     assert_eq!(r["displayName"], "renamed");
 
     let ap = format!("/Users/{}", a["id"].as_str().unwrap());
@@ -216,6 +220,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
+    let r = t.call(Method::GET, &ap, None).await.1;
     assert_eq!(r["active"], false);
     let (_, r) = t
         .call(
@@ -226,6 +231,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
+    let r = t.call(Method::GET, &ap, None).await.1;
     assert_eq!(r["active"], true);
     // The SDK bug that drops `value: false`: refused, not silently applied.
     let (s, _) = t
@@ -245,6 +251,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
+    let r = t.call(Method::GET, &ap, None).await.1;
     assert_eq!(r["userName"], "a@x", "userName cannot change");
     assert_eq!(
         t.call(Method::DELETE, &ap, None).await.0,
@@ -432,6 +439,14 @@ async fn bad_bodies_filters_and_put_are_scim_errors() {
             Some(op),
         )
         .await;
+    let r = t
+        .call(
+            Method::GET,
+            &format!("/Users/{}", u["id"].as_str().unwrap()),
+            None,
+        )
+        .await
+        .1;
     assert_eq!(r["active"], false);
 }
 
