@@ -157,9 +157,9 @@ impl EntraSource {
                 .send(Method::GET, &url, &auth, &[], None, true)
                 .await
                 .map_err(source_error)?;
-            let page: Value = a.json("Microsoft Graph", "a page").map_err(source_error)?;
-            if let Some(items) = page.get("value").and_then(Value::as_array) {
-                out.extend(items.iter().cloned());
+            let mut page: Value = a.json("Microsoft Graph", "a page").map_err(source_error)?;
+            if let Some(Value::Array(items)) = page.get_mut("value").map(Value::take) {
+                out.extend(items);
             }
             match text(&page, "@odata.nextLink") {
                 Some(next) => url = next,
@@ -265,22 +265,6 @@ impl EntraSource {
         self.all(url).await
     }
 
-    /// The member lists of `gids`, in order: 20 groups to a `$batch` request, batches in
-    /// parallel up to the concurrency limit.
-    async fn members_of(&self, gids: &[String]) -> Result<Vec<Vec<Value>>, SourceError> {
-        let workers = self.cfg.http.max_concurrency.max(1);
-        let chunks: Vec<Vec<String>> = gids.chunks(BATCH_MAX).map(<[String]>::to_vec).collect();
-        let batches = futures::stream::iter(chunks.into_iter().map(|c| self.members_batch(c)))
-            .buffered(workers)
-            .collect::<Vec<_>>()
-            .await;
-        let mut out = Vec::with_capacity(gids.len());
-        for b in batches {
-            out.extend(b?);
-        }
-        Ok(out)
-    }
-
     /// One `$batch` of member reads. A group with more members than one page continues with its
     /// nextLink; an item that failed inside the batch (429, 5xx, a body that is not a page) is
     /// read again on its own, after the item's `Retry-After`, with the client's retries.
@@ -313,17 +297,18 @@ impl EntraSource {
             )
             .await
             .map_err(source_error)?;
-        let v: Value = a
+        let mut v: Value = a
             .json("Microsoft Graph", "a $batch request")
             .map_err(source_error)?;
-        let mut answers: BTreeMap<usize, Value> = v
-            .get("responses")
-            .and_then(Value::as_array)
+        let responses = match v.get_mut("responses").map(Value::take) {
+            Some(Value::Array(rs)) => rs,
+            _ => Vec::new(),
+        };
+        let mut answers: BTreeMap<usize, Value> = responses
             .into_iter()
-            .flatten()
             .filter_map(|r| {
                 let i = r.get("id")?.as_str()?.parse().ok()?;
-                Some((i, r.clone()))
+                Some((i, r))
             })
             .collect();
         // Items that failed inside the batch wait once, for the longest Retry-After among them,
@@ -332,8 +317,8 @@ impl EntraSource {
         let mut failed: Vec<usize> = Vec::new();
         let mut wait = 0u64;
         for (i, gid) in gids.iter().enumerate() {
-            let answer = answers.remove(&i);
-            let page = answer.as_ref().filter(|r| {
+            let mut answer = answers.remove(&i);
+            let page = answer.as_mut().filter(|r| {
                 r.get("status").and_then(Value::as_u64) == Some(200)
                     && r.pointer("/body/value").is_some_and(Value::is_array)
             });
@@ -358,11 +343,10 @@ impl EntraSource {
                 out.push(None);
                 continue;
             };
-            let mut items = page
-                .pointer("/body/value")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let mut items = match page.pointer_mut("/body/value").map(Value::take) {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
             if let Some(next) = page
                 .pointer("/body/@odata.nextLink")
                 .and_then(Value::as_str)
@@ -408,9 +392,6 @@ fn member_of(m: &Value) -> Option<Member> {
     })
 }
 
-/// Groups whose members are read in one round of `$batch` requests.
-const GROUPS_PER_ROUND: usize = 400;
-
 impl EntraSource {
     /// Reads `frontier` and walks nested groups down to the search depth, adding what it finds.
     async fn expand(
@@ -426,14 +407,24 @@ impl EntraSource {
         }
         while !frontier.is_empty() {
             let mut next = Vec::new();
-            // A few hundred groups at a time: their members as JSON are ten times the size of
-            // the snapshot they become (1M memberships would be a gigabyte at once).
-            let mut rest = frontier;
-            while !rest.is_empty() {
-                let chunk: Vec<Group> = rest.drain(..rest.len().min(GROUPS_PER_ROUND)).collect();
+            // Each `$batch` of 20 groups is taken into the snapshot as soon as it is read, in
+            // order: members as JSON are ten times the size of what they become, so only the
+            // batches in flight are ever held (all 1M memberships at once were a gigabyte).
+            let workers = self.cfg.http.max_concurrency.max(1);
+            let mut chunks: Vec<Vec<Group>> = Vec::new();
+            let mut rest = frontier.into_iter().peekable();
+            while rest.peek().is_some() {
+                chunks.push(rest.by_ref().take(BATCH_MAX).collect());
+            }
+            let mut reads = futures::stream::iter(chunks.into_iter().map(|chunk| async move {
                 let ids: Vec<String> = chunk.iter().map(|g| g.id.clone()).collect();
-                let reads = self.members_of(&ids).await?;
-                self.take_members(chunk, reads, level, scope, snap, depth, &mut next);
+                let members = self.members_batch(ids).await?;
+                Ok::<_, SourceError>((chunk, members))
+            }))
+            .buffered(workers);
+            while let Some(read) = reads.next().await {
+                let (chunk, members) = read?;
+                self.take_members(chunk, members, level, scope, snap, depth, &mut next);
             }
             frontier = next;
             level += 1;
