@@ -734,7 +734,20 @@ fn patch_op(
         ("remove", _) if member_filter.is_some() => {
             let f = parse_filter(member_filter.unwrap_or_default()).map_err(|m| bad(&m))?;
             if let Some(list) = res.get_mut("members").and_then(Value::as_array_mut) {
-                list.retain(|m| !f.matches(m));
+                match &f {
+                    // The usual `members[value eq "id"]`: ids compared directly (groups of
+                    // 50,000 lose members one at a time).
+                    Filter::Cmp(attr, op, v)
+                        if attr.eq_ignore_ascii_case("value") && op.eq_ignore_ascii_case("eq") =>
+                    {
+                        list.retain(|m| {
+                            !m["value"]
+                                .as_str()
+                                .is_some_and(|s| s.eq_ignore_ascii_case(v))
+                        });
+                    }
+                    _ => list.retain(|m| !f.matches(m)),
+                }
             }
             Ok(())
         }

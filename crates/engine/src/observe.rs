@@ -218,8 +218,10 @@ pub fn picture(
 
 /// Lays what was read live over the picture: what was asked by id and not found is gone, what was
 /// found replaces the picture's entry, and a group read with its members gets them (and its
-/// policies); one read without keeps the picture's.
-pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) {
+/// policies); one read without keeps the picture's. Returns whether the picture changed (when it
+/// did not, a plan made from it stands).
+pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) -> bool {
+    let mut changed = false;
     let found: BTreeSet<(Kind, &str)> = live
         .principals
         .iter()
@@ -232,7 +234,7 @@ pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) {
         .cloned()
         .collect();
     for (kind, id) in &gone {
-        pic.principals.get_mut(*kind).remove(id);
+        changed |= pic.principals.get_mut(*kind).remove(id).is_some();
         pic.members.remove(id);
     }
     if !gone.is_empty() {
@@ -250,6 +252,7 @@ pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) {
         {
             p.policies.clone_from(&before.policies);
         }
+        changed |= pic.get(p.principal.kind, &p.id) != Some(&p);
         pic.insert(p);
     }
     for (gid, members) in live.members {
@@ -264,8 +267,10 @@ pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) {
                     .map(|k| (k, m))
             })
             .collect();
+        changed |= pic.members.get(&gid) != Some(&set);
         pic.members.insert(gid, set);
     }
+    changed
 }
 
 /// Whether a clean, complete apply of `plan` leaves the target exactly as `desired` pictures it:
@@ -340,8 +345,12 @@ pub async fn plan_incrementally(
         overlay(&mut pic, &first, live);
         asked.extend(first);
     }
+    let mut stands: Option<Plan> = None;
     for _ in 0..4 {
-        let mut p = plan(desired, &pic, state, policy, caps, mode);
+        let mut p = match stands.take() {
+            Some(p) => p,
+            None => plan(desired, &pic, state, policy, caps, mode),
+        };
         // A conflict is explained from the whole target (which principal holds a key, owned or
         // not), and is rare: it is worth a bulk observation.
         if !p.conflicts.is_empty() {
@@ -364,7 +373,10 @@ pub async fn plan_incrementally(
         let Some(live) = target.observe_some(&want).await? else {
             return Ok(None);
         };
-        overlay(&mut pic, &want, live);
+        if !overlay(&mut pic, &want, live) {
+            // The target is as pictured where the plan touches it: the plan stands.
+            stands = Some(p);
+        }
         asked.extend(want);
     }
     Ok(None)

@@ -373,6 +373,9 @@ impl EntraSource {
 /// Requests in one `$batch`: Graph's limit.
 const BATCH_MAX: usize = 20;
 
+/// `$batch` member reads in flight at once.
+const BATCHES_IN_FLIGHT: usize = 4;
+
 /// Cursor names in the agreement state.
 const CURSOR_GROUPS: &str = "graph.groups";
 const CURSOR_USERS: &str = "graph.users";
@@ -410,7 +413,9 @@ impl EntraSource {
             // Each `$batch` of 20 groups is taken into the snapshot as soon as it is read, in
             // order: members as JSON are ten times the size of what they become, so only the
             // batches in flight are ever held (all 1M memberships at once were a gigabyte).
-            let workers = self.cfg.http.max_concurrency.max(1);
+            // A `$batch` answer is up to 20 × 999 members (20 MB once parsed): a few in flight
+            // keep the read fast without holding a gigabyte of JSON at 64 workers.
+            let workers = self.cfg.http.max_concurrency.clamp(1, BATCHES_IN_FLIGHT);
             let mut chunks: Vec<Vec<Group>> = Vec::new();
             let mut rest = frontier.into_iter().peekable();
             while rest.peek().is_some() {
