@@ -70,6 +70,12 @@ pub fn limit_floor(requests: &BTreeMap<String, BTreeMap<String, u64>>) -> f64 {
             limits.iter().filter(|l| l.0 == emulator).collect();
         let mut per_bucket = vec![0u64; mine.len()];
         for (request, n) in counts {
+            // A request answered 429 took no token: only the others count against the limits.
+            let n = if request.starts_with("429 ") {
+                continue;
+            } else {
+                n - counts.get(&format!("429 {request}")).copied().unwrap_or(0)
+            };
             let method = request.split(' ').next().unwrap_or_default();
             if let Some(i) = mine.iter().position(|(_, m, _, _)| {
                 m.is_empty() || m.iter().any(|x| x == request || x == method)
@@ -183,13 +189,26 @@ fn run_idsync(
 }
 
 fn writes(counts: &BTreeMap<String, u64>) -> u64 {
-    counts
+    let sent: u64 = counts
         .iter()
         .filter(|(k, _)| {
-            !k.starts_with("GET ") && !k.starts_with("BATCH ") && !k.contains("/oauth2/")
+            !k.starts_with("GET ")
+                && !k.starts_with("BATCH ")
+                && !k.starts_with("429 ")
+                && !k.contains("/oauth2/")
         })
         .map(|(_, v)| v)
-        .sum()
+        .sum();
+    // Requests answered 429 did not write.
+    let throttled: u64 = counts
+        .iter()
+        .filter(|(k, _)| {
+            k.strip_prefix("429 ")
+                .is_some_and(|r| !r.starts_with("GET ") && !r.starts_with("BATCH "))
+        })
+        .map(|(_, v)| v)
+        .sum();
+    sent - throttled
 }
 
 /// 100 changes an administrator makes: members added and removed, groups renamed, users disabled,
@@ -455,10 +474,18 @@ pub fn markdown(r: &Report) -> String {
         if r.rate_limits { "---|---|" } else { "" },
     );
     for run in &r.runs {
-        let total = |n: &str| run.requests.get(n).map_or(0, |c| c.values().sum::<u64>());
+        // Requests sent (a throttled one is also counted apart, as `429 ...`).
+        let total = |n: &str| {
+            run.requests.get(n).map_or(0, |c| {
+                c.iter()
+                    .filter(|(k, _)| !k.starts_with("429 "))
+                    .map(|(_, v)| v)
+                    .sum::<u64>()
+            })
+        };
         let graph_http: u64 = run.requests.get("graph").map_or(0, |c| {
             c.iter()
-                .filter(|(k, _)| !k.starts_with("BATCH "))
+                .filter(|(k, _)| !k.starts_with("BATCH ") && !k.starts_with("429 "))
                 .map(|(_, v)| v)
                 .sum()
         });

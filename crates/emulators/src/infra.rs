@@ -158,7 +158,8 @@ impl Infra {
             .collect();
     }
 
-    /// Takes a throttling token for a request (`"METHOD /route"`), or returns the 429 to send.
+    /// Takes a throttling token for a request (`"METHOD /route"`), or returns the 429 to send (and
+    /// counts it again as `"429 METHOD /route"`).
     pub fn throttle(&self, request: &str) -> Result<(), Response> {
         let mut t = lock(&self.throttle);
         let method = request.split(' ').next().unwrap_or_default();
@@ -169,6 +170,8 @@ impl Infra {
             return Ok(());
         };
         bucket.take().map_err(|wait| {
+            // Counted apart too, so a throttled write is not taken for a write made.
+            self.accounting.record(format!("429 {request}"));
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             let mut r = (self.error)(
                 StatusCode::TOO_MANY_REQUESTS,
