@@ -572,7 +572,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         workers: args.worker_threads.unwrap_or(cfg.worker_threads).max(1),
         lease: Duration::from_secs(cfg.lease_seconds),
         reconcile: (cfg.reconcile_hours > 0)
-            .then(|| Duration::from_secs(cfg.reconcile_hours * 3600)),
+            .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
     };
     let mut cache = ReadCache::default();
     let mut worst = exit::OK;
@@ -646,7 +646,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
         workers: args.worker_threads.unwrap_or(cfg.worker_threads).max(1),
         lease: Duration::from_secs(cfg.lease_seconds),
         reconcile: (cfg.reconcile_hours > 0)
-            .then(|| Duration::from_secs(cfg.reconcile_hours * 3600)),
+            .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
     };
     let mut printer = Printer::stdout(cli.verbose);
     let mut worst = exit::OK;
@@ -804,6 +804,9 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                 );
                 st.agreement.clone_from(agreement);
             }
+            // An imported state may describe another target, or an older one: the next run
+            // observes the target in full before it trusts a picture again.
+            st.trust = None;
             let v = run::with_lease(store.as_ref(), agreement, async {
                 st.version = store.load(agreement).await?.map_or(0, |s| s.version);
                 Ok(store.commit(&st).await?)

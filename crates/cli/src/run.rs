@@ -295,7 +295,7 @@ async fn observe_and_plan(
     opts: &RunOptions,
 ) -> Result<idsync_model::Plan> {
     let caps = a.target.capabilities();
-    let fingerprint = observe::fingerprint(a.mapping, &caps, policy);
+    let fingerprint = observe::fingerprint(&a.describe, a.mapping, &caps, policy);
     let now = unix_now();
     let fresh = |t: &Trust| {
         opts.reconcile

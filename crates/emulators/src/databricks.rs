@@ -137,8 +137,10 @@ impl DatabricksState {
 
     /// Changes resources directly (as an account admin in the console would).
     pub fn data_mut(&self) -> RwLockWriteGuard<'_, BTreeMap<Type, BTreeMap<String, Value>>> {
+        let guard = self.write();
+        // Marked under the write lock: no handler can rebuild the index before the edit lands.
         self.keys.lock().unwrap_or_else(|p| p.into_inner()).stale = true;
-        self.write()
+        guard
     }
 
     /// The write lock for the API's own handlers, which keep the key index themselves.
@@ -873,16 +875,14 @@ async fn patch(
             return r;
         }
     }
-    if t == Type::Groups {
-        let name = res["displayName"].as_str().unwrap_or_default().to_owned();
-        if st.holder(&d, t, &name, Some(&id)).is_some() {
-            return scim_error(
-                StatusCode::CONFLICT,
-                "uniqueness",
-                &format!("Group with name {name} already exists."),
-            );
+    // A member operation cannot change the unique key; any other may (a group's displayName, a
+    // service principal's applicationId).
+    let (key, msg) = t.unique();
+    if !in_place && let Some(k) = res[key].as_str().map(str::to_owned) {
+        if st.holder(&d, t, &k, Some(&id)).is_some() {
+            return scim_error(StatusCode::CONFLICT, "uniqueness", &msg.replace("{}", &k));
         }
-        st.took(t, &name, &id);
+        st.took(t, &k, &id);
     }
     d.entry(t).or_default().insert(id, res);
     // The API reference shows an empty response for PATCH (docs.databricks.com/api/scim/v1/

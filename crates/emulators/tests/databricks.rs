@@ -1,7 +1,7 @@
 //! The Databricks account SCIM emulator over real HTTP on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use idsync_emulators::databricks::{ACCOUNT_ID, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, TOKEN};
+use idsync_emulators::databricks::{ACCOUNT_ID, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, TOKEN, Type};
 use idsync_emulators::infra::ThrottleConfig;
 use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
 use idsync_emulators::{Databricks, Graph};
@@ -455,4 +455,84 @@ async fn bad_bodies_filters_and_put_are_scim_errors() {
 fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
+}
+
+/// Uniqueness holds through the key index whatever changed a key: a PATCH of a service
+/// principal's applicationId, a deletion that frees a name, an edit from outside the API.
+#[tokio::test]
+async fn unique_keys_follow_patches_deletions_and_outside_edits() {
+    let t = t().await;
+    let op = |ops: Value| json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": ops});
+    let (_, sp) = t
+        .call(
+            Method::POST,
+            "/ServicePrincipals",
+            Some(json!({"applicationId": "app-1"})),
+        )
+        .await;
+    let sp_path = format!("/ServicePrincipals/{}", sp["id"].as_str().unwrap());
+    let (s, _) = t
+        .call(
+            Method::PATCH,
+            &sp_path,
+            Some(op(
+                json!([{"op": "replace", "path": "applicationId", "value": "app-2"}]),
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let body = Some(json!({"applicationId": "APP-2"}));
+    let (s, _) = t.call(Method::POST, "/ServicePrincipals", body).await;
+    assert_eq!(s, StatusCode::CONFLICT, "app-2 was taken by a PATCH");
+    let body = Some(json!({"applicationId": "app-1"}));
+    let (s, _) = t.call(Method::POST, "/ServicePrincipals", body).await;
+    assert_eq!(s, StatusCode::CREATED, "app-1 was freed by the PATCH");
+
+    let (_, u) = t
+        .call(Method::POST, "/Users", Some(json!({"userName": "a@x"})))
+        .await;
+    let up = format!("/Users/{}", u["id"].as_str().unwrap());
+    assert_eq!(
+        t.call(Method::DELETE, &up, None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    let (s, _) = t
+        .call(Method::POST, "/Users", Some(json!({"userName": "A@x"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "a deleted user frees its name");
+
+    // An edit from outside the API (as in the console) is seen too.
+    let id =
+        t.d.state
+            .insert(Type::Users, json!({"userName": "outside@x"}));
+    let (s, _) = t
+        .call(
+            Method::POST,
+            "/Users",
+            Some(json!({"userName": "Outside@X"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    t.d.state
+        .data_mut()
+        .get_mut(&Type::Users)
+        .unwrap()
+        .get_mut(&id)
+        .unwrap()["userName"] = json!("renamed@x");
+    let (s, _) = t
+        .call(
+            Method::POST,
+            "/Users",
+            Some(json!({"userName": "outside@x"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "the outside rename freed the name");
+    let (s, _) = t
+        .call(
+            Method::POST,
+            "/Users",
+            Some(json!({"userName": "renamed@x"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "and took the new one");
 }

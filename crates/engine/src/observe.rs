@@ -140,16 +140,22 @@ pub struct Partial {
     pub members: BTreeMap<String, Vec<String>>,
 }
 
-/// A digest of what shapes the picture: the mapping, the target's capabilities and the policy
-/// (without the per-run approvals). A picture made under another digest is not trusted.
-pub fn fingerprint(mapping: &Mapping, caps: &Capabilities, policy: &Policy) -> String {
+/// A digest of what shapes the picture: the target (its kind and address), the mapping, the
+/// target's capabilities and the policy (without the per-run approvals). A picture made under
+/// another digest is not trusted.
+pub fn fingerprint(
+    target: &str,
+    mapping: &Mapping,
+    caps: &Capabilities,
+    policy: &Policy,
+) -> String {
     let policy = Policy {
         approved_deletions: 0,
         allow_empty_source: false,
         ..policy.clone()
     };
     let mut h = Fnv::default();
-    h.write(format!("{mapping:?}\n{caps:?}\n{policy:?}").as_bytes());
+    h.write(format!("{target}\n{mapping:?}\n{caps:?}\n{policy:?}").as_bytes());
     format!("{:016x}", h.finish())
 }
 
@@ -218,9 +224,16 @@ pub fn picture(
 
 /// Lays what was read live over the picture: what was asked by id and not found is gone, what was
 /// found replaces the picture's entry, and a group read with its members gets them (and its
-/// policies); one read without keeps the picture's. Returns whether the picture changed (when it
-/// did not, a plan made from it stands).
-pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) -> bool {
+/// policies); one read without keeps the picture's. Returns whether the picture changed in what
+/// the plan compares (when it did not, a plan made from it stands), or `None` when a group read
+/// has a member the picture does not know: a bulk observation would know its kind and might
+/// remove it, so only a bulk observation plans that group right.
+pub fn overlay(
+    pic: &mut Observed,
+    asked: &Interest,
+    live: Partial,
+    caps: &Capabilities,
+) -> Option<bool> {
     let mut changed = false;
     let found: BTreeSet<(Kind, &str)> = live
         .principals
@@ -235,7 +248,9 @@ pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) -> bool {
         .collect();
     for (kind, id) in &gone {
         changed |= pic.principals.get_mut(*kind).remove(id).is_some();
-        pic.members.remove(id);
+        if *kind == Kind::Group {
+            pic.members.remove(id);
+        }
     }
     if !gone.is_empty() {
         for set in pic.members.values_mut() {
@@ -252,25 +267,33 @@ pub fn overlay(pic: &mut Observed, asked: &Interest, live: Partial) -> bool {
         {
             p.policies.clone_from(&before.policies);
         }
-        changed |= pic.get(p.principal.kind, &p.id) != Some(&p);
+        changed |= !pic
+            .get(p.principal.kind, &p.id)
+            .is_some_and(|before| as_pictured(before, &p, caps));
         pic.insert(p);
     }
     for (gid, members) in live.members {
-        // A member whose kind neither the picture nor this read knows is outside what idsync
-        // sees, as in a bulk observation (which drops members it did not list).
-        let set: MemberIds = members
-            .into_iter()
-            .filter_map(|m| {
-                Kind::ALL
-                    .into_iter()
-                    .find(|k| pic.get(*k, &m).is_some())
-                    .map(|k| (k, m))
-            })
-            .collect();
+        let mut set = MemberIds::default();
+        for m in members {
+            let kind = Kind::ALL.into_iter().find(|k| pic.get(*k, &m).is_some())?;
+            set.insert(kind, m);
+        }
         changed |= pic.members.get(&gid) != Some(&set);
         pic.members.insert(gid, set);
     }
-    changed
+    Some(changed)
+}
+
+/// Whether a principal read live is what the picture holds, in everything a plan compares: the
+/// key, the managed attributes and the policies (targets do not return what they do not manage).
+fn as_pictured(before: &ObservedPrincipal, now: &ObservedPrincipal, caps: &Capabilities) -> bool {
+    before.principal.key == now.principal.key
+        && before.principal.active == now.principal.active
+        && before.policies == now.policies
+        && caps
+            .attributes
+            .iter()
+            .all(|a| before.principal.same(&now.principal, *a))
 }
 
 /// Whether a clean, complete apply of `plan` leaves the target exactly as `desired` pictures it:
@@ -294,7 +317,7 @@ pub struct Incremental {
 /// Plans against the picture, reading live whatever the plan touches, until the plan touches
 /// nothing unread. `Ok(None)` means observe in bulk instead: the target cannot read by id, or
 /// more than `limit` principals would be read (a bulk read is then cheaper), or the plan did not
-/// settle in a few rounds, or it has conflicts.
+/// settle in a few rounds, or it has conflicts, or a group read has members idsync does not know.
 #[allow(clippy::too_many_arguments)]
 pub async fn plan_incrementally(
     target: &dyn Target,
@@ -342,7 +365,9 @@ pub async fn plan_incrementally(
         let Some(live) = target.observe_some(&first).await? else {
             return Ok(None);
         };
-        overlay(&mut pic, &first, live);
+        if overlay(&mut pic, &first, live, caps).is_none() {
+            return Ok(None);
+        }
         asked.extend(first);
     }
     let mut stands: Option<Plan> = None;
@@ -373,9 +398,11 @@ pub async fn plan_incrementally(
         let Some(live) = target.observe_some(&want).await? else {
             return Ok(None);
         };
-        if !overlay(&mut pic, &want, live) {
+        match overlay(&mut pic, &want, live, caps) {
+            None => return Ok(None),
             // The target is as pictured where the plan touches it: the plan stands.
-            stands = Some(p);
+            Some(false) => stands = Some(p),
+            Some(true) => {}
         }
         asked.extend(want);
     }
@@ -385,31 +412,129 @@ pub async fn plan_incrementally(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::{self, ApplyReport, Failure};
+    use idsync_model::{PlanFile, Trust};
+
+    fn group(id: &str, key: &str) -> ObservedPrincipal {
+        ObservedPrincipal {
+            id: id.into(),
+            principal: Principal::new(Kind::Group, key),
+            policies: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn a_group_read_with_a_member_the_picture_does_not_know_needs_a_bulk_observation() {
+        let caps = Capabilities::full();
+        let mut pic = Observed::default();
+        pic.insert(group("g1", "eng"));
+        pic.members.insert("g1".into(), MemberIds::default());
+        let asked = Interest {
+            ids: [(Kind::Group, "g1".to_owned())].into(),
+            members: ["g1".to_owned()].into(),
+            ..Interest::default()
+        };
+        let live = |members: Vec<&str>| Partial {
+            principals: vec![group("g1", "eng")],
+            members: [(
+                "g1".to_owned(),
+                members.into_iter().map(String::from).collect(),
+            )]
+            .into(),
+        };
+        // As pictured: nothing changed, the plan stands.
+        assert_eq!(
+            overlay(&mut pic.clone(), &asked, live(vec![]), &caps),
+            Some(false)
+        );
+        // A member outside the picture (someone added a user by hand): only a bulk observation
+        // knows whether to remove it.
+        assert_eq!(
+            overlay(&mut pic, &asked, live(vec!["u-by-hand"]), &caps),
+            None
+        );
+    }
+
+    #[test]
+    fn trust_is_cleared_when_an_apply_starts_and_restored_only_when_it_ends_clean() {
+        let caps = Capabilities::full();
+        let trust = Trust {
+            observed_at: 7,
+            fingerprint: "f".into(),
+        };
+        let mut plan = crate::plan(
+            &Desired::default(),
+            &Observed::default(),
+            &AgreementState::new("a"),
+            &Policy::default(),
+            &caps,
+            ReadMode::Full,
+        );
+        plan.trust = Some(trust.clone());
+        plan.ops.push(Op::Create {
+            principal: Principal::new(Kind::User, "u@x"),
+            source: idsync_model::SourceRef {
+                kind: Kind::User,
+                id: "u1".into(),
+            },
+        });
+        let file = PlanFile {
+            plan: plan.clone(),
+            snapshot: Default::default(),
+            cursors: Default::default(),
+        };
+        let mut st = AgreementState::new("a");
+        st.trust = Some(trust.clone());
+        apply::begin(&plan, &caps, &mut st);
+        assert_eq!(st.trust, None, "a crash from here on is not trusted");
+        let failed = ApplyReport {
+            failed: vec![Failure {
+                op: plan.ops[0].clone(),
+                error: "refused".into(),
+                kind: Some(crate::TargetErrorKind::Invalid),
+            }],
+            ..ApplyReport::default()
+        };
+        apply::finish(&file, &failed, &caps, &mut st, true);
+        assert_eq!(st.trust, None, "a failed apply leaves no trust");
+        apply::finish(&file, &ApplyReport::default(), &caps, &mut st, false);
+        assert_eq!(
+            st.trust, None,
+            "a partial apply (one dry-run level) leaves no trust"
+        );
+        apply::finish(&file, &ApplyReport::default(), &caps, &mut st, true);
+        assert_eq!(
+            st.trust,
+            Some(trust),
+            "a clean, complete apply leaves the plan's trust"
+        );
+    }
 
     #[test]
     fn the_fingerprint_changes_with_mapping_capabilities_and_policy_not_with_approvals() {
         let m = Mapping::defaults();
         let caps = Capabilities::full();
         let p = Policy::default();
-        let base = fingerprint(&m, &caps, &p);
+        let base = fingerprint("t", &m, &caps, &p);
         let approved = Policy {
             approved_deletions: 7,
             allow_empty_source: true,
             ..p.clone()
         };
-        assert_eq!(fingerprint(&m, &caps, &approved), base);
+        assert_eq!(fingerprint("t", &m, &caps, &approved), base);
         let mut other = m.clone();
         other.group_policies.insert("FSReadAll".into());
-        assert_ne!(fingerprint(&other, &caps, &p), base);
+        assert_ne!(fingerprint("t", &other, &caps, &p), base);
         let flat = Capabilities {
             nested_groups: false,
             ..caps.clone()
         };
-        assert_ne!(fingerprint(&m, &flat, &p), base);
+        assert_ne!(fingerprint("t", &m, &flat, &p), base);
         let deactivate = Policy {
             deprovision: Deprovision::Deactivate,
-            ..p
+            ..p.clone()
         };
-        assert_ne!(fingerprint(&m, &caps, &deactivate), base);
+        assert_ne!(fingerprint("t", &m, &caps, &deactivate), base);
+        assert_ne!(fingerprint("another target", &m, &caps, &p), base);
     }
 }

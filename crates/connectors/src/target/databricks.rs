@@ -333,9 +333,7 @@ impl Target for DatabricksTarget {
             Kind::Group => "displayName",
         };
         let concurrency = self.cfg.http.max_concurrency;
-        read_some(want, concurrency, get, key_attr, principal)
-            .await
-            .map(Some)
+        read_some(want, concurrency, 100, get, key_attr, principal).await
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {

@@ -62,13 +62,18 @@ const KEYS_PER_FILTER: usize = 50;
 /// (404: gone); a group whose members are needed and that the list gave without them is read by
 /// id. `get` sends one GET to a path under the base; `parse` turns a resource into a principal;
 /// `key_attr` names the key attribute of a kind.
+///
+/// `Ok(None)` when the provider cannot answer that way (it refuses the filter, or a list holds
+/// more than one page): the engine then observes in bulk. `page` is the most resources the
+/// provider returns in one list.
 pub(crate) async fn read_some<G, F>(
     want: &Interest,
     concurrency: usize,
+    page: usize,
     get: G,
     key_attr: fn(Kind) -> &'static str,
     parse: impl Fn(Kind, &Value) -> Option<ObservedPrincipal>,
-) -> Result<Partial, TargetError>
+) -> Result<Option<Partial>, TargetError>
 where
     G: Fn(String) -> F,
     F: std::future::Future<Output = Result<crate::http::Answer, TargetError>>,
@@ -102,19 +107,20 @@ where
         }
     }
     let mut paths: Vec<(Kind, String)> = Vec::new();
+    // Each key finds one principal, or a few: half a page of keys leaves room for duplicates.
+    let per_filter = (page / 2).clamp(1, KEYS_PER_FILTER);
     for (kind, set) in &keys {
         let set: Vec<&str> = set.iter().copied().collect();
-        for chunk in set.chunks(KEYS_PER_FILTER) {
+        for chunk in set.chunks(per_filter) {
             let filter = chunk
                 .iter()
                 .map(|k| format!("{} eq {}", key_attr(*kind), scim_string(k)))
                 .collect::<Vec<_>>()
                 .join(" or ");
             let path = format!(
-                "/{}?filter={}&count={}",
+                "/{}?filter={}&count={page}",
                 resource(*kind),
                 percent_encode(&filter, b""),
-                KEYS_PER_FILTER * 2
             );
             paths.push((*kind, path));
         }
@@ -135,9 +141,22 @@ where
     let mut found: BTreeSet<(Kind, String)> = BTreeSet::new();
     let mut members_of: BTreeSet<String> = BTreeSet::new();
     for r in lists {
-        let (kind, page) = r?;
-        let Some(page) = page else { continue };
-        let page: ListResponse = serde_json::from_value(page).map_err(|e| {
+        let (kind, list) = match r {
+            Ok(r) => r,
+            // A provider that refuses `or` filters (or filters at all): observe in bulk.
+            Err(e)
+                if matches!(
+                    e.kind,
+                    TargetErrorKind::Invalid | TargetErrorKind::NotImplemented
+                ) =>
+            {
+                tracing::info!(error = %e, "the provider refused a filtered list; observing in bulk");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(list) = list else { continue };
+        let page: ListResponse = serde_json::from_value(list).map_err(|e| {
             TargetError::new(
                 TargetErrorKind::Protocol,
                 format!(
@@ -145,6 +164,10 @@ where
                 ),
             )
         })?;
+        // More than one page: the holders of a key could be on the next; observe in bulk.
+        if page.total_results.is_some_and(|t| t > page.resources.len()) {
+            return Ok(None);
+        }
         for v in &page.resources {
             let Some(p) = parse(kind, v) else { continue };
             if !found.insert((kind, p.id.clone())) {
@@ -188,7 +211,7 @@ where
             out.principals.push(p);
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 pub(crate) fn id_of(r: &PRef) -> Result<&str, TargetError> {
@@ -230,6 +253,8 @@ pub struct ScimConfig {
 struct Features {
     patch: bool,
     etag: bool,
+    /// Lists can be filtered (`filter.supported`).
+    filter: bool,
     page: usize,
     /// Operations per `/Bulk` request, when the provider offers it.
     bulk: Option<usize>,
@@ -374,6 +399,7 @@ impl ScimTarget {
                         Ok(Features {
                             patch: on("/patch/supported"),
                             etag: on("/etag/supported"),
+                            filter: on("/filter/supported"),
                             page: max,
                             bulk,
                         })
@@ -383,6 +409,7 @@ impl ScimTarget {
                         Ok(Features {
                             patch: true,
                             etag: false,
+                            filter: true,
                             page: 100,
                             bulk: None,
                         })
@@ -738,10 +765,12 @@ impl Target for ScimTarget {
             }
             Some(p)
         };
+        let features = self.features().await?;
+        if !features.filter {
+            return Ok(None);
+        }
         let concurrency = self.cfg.http.max_concurrency;
-        read_some(want, concurrency, get, key_attr, parse)
-            .await
-            .map(Some)
+        read_some(want, concurrency, features.page, get, key_attr, parse).await
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {
