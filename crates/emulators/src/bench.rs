@@ -490,7 +490,11 @@ pub fn markdown(r: &Report) -> String {
                 .sum()
         });
         let floor = run.limit_floor_seconds.map_or(String::new(), |f| {
-            format!(" {f:.1} s | {:.2} |", run.seconds / f.max(1e-9))
+            if f < 1.0 {
+                format!(" {f:.1} s | — |")
+            } else {
+                format!(" {f:.1} s | {:.2} |", run.seconds / f)
+            }
         });
         s.push_str(&format!(
             "| {} | {:.1} s | {:.0} MiB | {} | {} ({}) | {} ({}) |{floor}\n",
