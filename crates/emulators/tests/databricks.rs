@@ -198,7 +198,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
             .len(),
         1
     );
-    let (_, r) = t
+    let (s, _) = t
         .call(
             Method::PATCH,
             &gp,
@@ -207,11 +207,12 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     let r = t.call(Method::GET, &gp, None).await.1;
     assert_eq!(r["displayName"], "renamed");
 
     let ap = format!("/Users/{}", a["id"].as_str().unwrap());
-    let (_, r) = t
+    let (s, _) = t
         .call(
             Method::PATCH,
             &ap,
@@ -220,9 +221,10 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     let r = t.call(Method::GET, &ap, None).await.1;
     assert_eq!(r["active"], false);
-    let (_, r) = t
+    let (s, _) = t
         .call(
             Method::PATCH,
             &ap,
@@ -231,6 +233,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     let r = t.call(Method::GET, &ap, None).await.1;
     assert_eq!(r["active"], true);
     // The SDK bug that drops `value: false`: refused, not silently applied.
@@ -242,7 +245,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (_, r) = t
+    let (s, _) = t
         .call(
             Method::PATCH,
             &ap,
@@ -251,6 +254,7 @@ async fn patch_members_deactivation_and_the_username_rule() {
             )),
         )
         .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     let r = t.call(Method::GET, &ap, None).await.1;
     assert_eq!(r["userName"], "a@x", "userName cannot change");
     assert_eq!(
@@ -432,13 +436,14 @@ async fn bad_bodies_filters_and_put_are_scim_errors() {
     assert!(b["detail"].as_str().unwrap().contains("INVALID_FILTER"));
     // terraform's form of a deactivation.
     let op = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"], "Operations": [{"op": "replace", "path": "active", "value": [{"value": "false"}]}]});
-    let (_, r) = t
+    let (s, _) = t
         .call(
             Method::PATCH,
             &format!("/Users/{}", u["id"].as_str().unwrap()),
             Some(op),
         )
         .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     let r = t
         .call(
             Method::GET,
