@@ -750,6 +750,22 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                         if v.chars().count() > 40 { "…" } else { "" }
                     );
                 }
+                match &st.trust {
+                    Some(t) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        let ago = now.saturating_sub(t.observed_at);
+                        println!(
+                            "  target last observed in full {} h {} min ago; incremental runs read only what changes touch (--full-sync observes all)",
+                            ago / 3600,
+                            ago % 3600 / 60
+                        );
+                    }
+                    None => println!(
+                        "  the next run observes the target in full (no clean, complete apply since the last full observation)"
+                    ),
+                }
                 if let Some(j) = &st.journal {
                     println!(
                         "  interrupted apply {}: {} create(s) unconfirmed; the next run recognises them",

@@ -215,6 +215,12 @@ fn incremental_runs_read_what_changed_and_full_observations_find_drift() {
     let full = s.run(&["plan", "--full-sync"]);
     assert_eq!(code(&full), 2, "{}", text(&full));
     assert!(text(&full).contains(drift), "{}", text(&full));
+    let shown = s.run(&["state", "show", "dbx"]);
+    assert!(
+        text(&shown).contains("target last observed in full 0 h 0 min ago"),
+        "{}",
+        text(&shown)
+    );
     let calm = s.run(&["plan"]);
     assert_eq!(code(&calm), 0, "{}", text(&calm));
     assert!(
@@ -231,6 +237,24 @@ fn incremental_runs_read_what_changed_and_full_observations_find_drift() {
     assert!(text(&o).contains(drift), "{}", text(&o));
     assert!(!text(&o).contains("as last applied"), "{}", text(&o));
     assert!(!s.read("dbx.json").contains("Bobby (by hand)"));
+    // A dry-run level stops between stages: the next run observes in full again.
+    let mut dir: serde_json::Value = serde_json::from_str(DIRECTORY).unwrap();
+    dir["users"][1]["displayName"] = "Bob B.".into();
+    s.write("directory.json", &dir.to_string());
+    let config = s
+        .read("idsync.toml")
+        .replace("reconcile_hours = 0", "reconcile_hours = 24");
+    s.write("idsync.toml", &config);
+    assert_eq!(code(&s.run(&["sync", "--dry-run-members"])), 0);
+    let shown = s.run(&["state", "show", "dbx"]);
+    assert!(
+        text(&shown).contains("the next run observes the target in full"),
+        "{}",
+        text(&shown)
+    );
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(!text(&o).contains("as last applied"), "{}", text(&o));
 }
 
 #[test]
