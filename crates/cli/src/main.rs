@@ -752,10 +752,7 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                 }
                 match &st.trust {
                     Some(t) => {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_secs());
-                        let ago = now.saturating_sub(t.observed_at);
+                        let ago = run::unix_now().saturating_sub(t.observed_at);
                         println!(
                             "  target last observed in full {} h {} min ago; incremental runs read only what changes touch (--full-sync observes all)",
                             ago / 3600,

@@ -231,7 +231,7 @@ async fn plan_and_apply(
         allow_empty_source: opts.allow_empty_source || a.policy.allow_empty_source,
         ..a.policy.clone()
     };
-    let mut plan = observe_and_plan(a, &desired, &state, &policy, read.mode, opts).await?;
+    let mut plan = observe_and_plan(a, &caps, &desired, &state, &policy, read.mode, opts).await?;
     plan.notes.splice(0..0, read.notes.iter().cloned());
     let file = PlanFile {
         plan,
@@ -278,7 +278,8 @@ async fn plan_and_apply(
     })
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -288,14 +289,14 @@ fn unix_now() -> u64 {
 /// plans. The plan records how the target was observed and the trust a clean apply leaves.
 async fn observe_and_plan(
     a: &Agreement<'_>,
+    caps: &idsync_model::Capabilities,
     desired: &idsync_model::Desired,
     state: &AgreementState,
     policy: &Policy,
     mode: idsync_model::ReadMode,
     opts: &RunOptions,
 ) -> Result<idsync_model::Plan> {
-    let caps = a.target.capabilities();
-    let fingerprint = observe::fingerprint(&a.describe, a.mapping, &caps, policy);
+    let fingerprint = observe::fingerprint(&a.describe, a.mapping, caps, policy);
     let now = unix_now();
     let fresh = |t: &Trust| {
         opts.reconcile
@@ -314,15 +315,15 @@ async fn observe_and_plan(
     };
     let mut incremental = None;
     if let Some((since, prev)) = trusted {
-        let prev = map_snapshot(prev, a.mapping, &caps);
+        let prev = map_snapshot(prev, a.mapping, caps);
         // Beyond this many live reads, one bulk observation is cheaper.
         let limit = 1000.max(state.owned_count() / 10);
         incremental = observe::plan_incrementally(
-            a.target, desired, &prev, state, policy, &caps, mode, since, limit,
+            a.target, desired, &prev, state, policy, caps, mode, since, limit,
         )
         .await
         .map_err(|e| anyhow!("reading target {} ({}): {e}", a.name, a.describe))?
-        .map(|i| (i.plan, since));
+        .map(|plan| (plan, since));
     }
     let (mut plan, observed_at) = match incremental {
         Some(done) => done,
@@ -332,7 +333,7 @@ async fn observe_and_plan(
                 .observe()
                 .await
                 .map_err(|e| anyhow!("observing target {} ({}): {e}", a.name, a.describe))?;
-            let plan = idsync_engine::plan(desired, &observed, state, policy, &caps, mode);
+            let plan = idsync_engine::plan(desired, &observed, state, policy, caps, mode);
             (plan, now)
         }
     };
@@ -391,10 +392,7 @@ pub async fn apply_file(
                             Ok(renewed) => until = renewed.until,
                             Err(e @ StateError::LeaseLost { .. }) => return e,
                             Err(e) => {
-                                let now = std::time::SystemTime::now()
-                                    .duration_since(std::time::UNIX_EPOCH)
-                                    .map_or(0, |d| d.as_secs());
-                                if now + every.as_secs() >= until {
+                                if unix_now() + every.as_secs() >= until {
                                     return e;
                                 }
                                 tracing::warn!(error = %e, "renewing the lease failed; trying again");

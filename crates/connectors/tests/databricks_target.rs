@@ -207,12 +207,7 @@ async fn the_target_conformance_suite() {
     let subject = common::conformance::Subject {
         target: &t,
         mapping: Mapping::defaults(),
-        storm: Some(Box::new(|on: bool| {
-            d.state.infra.set_throttle(on.then_some(ThrottleConfig {
-                capacity: 3.0,
-                per_second: 200.0,
-            }))
-        })),
+        storm: Some(common::conformance::storm(&d.state.infra)),
     };
     common::conformance::run(subject, common::directory())
         .await

@@ -134,12 +134,7 @@ async fn the_target_conformance_suite() {
     let subject = common::conformance::Subject {
         target: &t,
         mapping: mapping(),
-        storm: Some(Box::new(|on: bool| {
-            l.state.infra.set_throttle(on.then_some(ThrottleConfig {
-                capacity: 3.0,
-                per_second: 200.0,
-            }))
-        })),
+        storm: Some(common::conformance::storm(&l.state.infra)),
     };
     common::conformance::run(subject, common::directory())
         .await

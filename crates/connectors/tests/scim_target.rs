@@ -11,7 +11,6 @@ use idsync_connectors::http::HttpConfig;
 use idsync_connectors::target::scim::{ScimConfig, ScimTarget};
 use idsync_emulators::Databricks;
 use idsync_emulators::databricks::{ACCOUNT_ID, TOKEN, Type};
-use idsync_emulators::infra::ThrottleConfig;
 use idsync_engine::apply::{self, ApplyOptions};
 use idsync_engine::{Mapping, Policy, Target, map_snapshot, plan};
 use idsync_model::{AgreementState, Kind, ReadMode, Secret, Snapshot};
@@ -68,12 +67,7 @@ async fn the_databricks_emulator_as_a_generic_scim_provider_passes_the_suite() {
     let subject = common::conformance::Subject {
         target: &t,
         mapping: Mapping::defaults(),
-        storm: Some(Box::new(|on: bool| {
-            d.state.infra.set_throttle(on.then_some(ThrottleConfig {
-                capacity: 3.0,
-                per_second: 200.0,
-            }))
-        })),
+        storm: Some(common::conformance::storm(&d.state.infra)),
     };
     common::conformance::run(subject, common::directory())
         .await

@@ -253,7 +253,7 @@ pub async fn apply(
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
     let mut created: BTreeMap<(Kind, String), String> = BTreeMap::new();
-    let mut links = Links::new(state);
+    let mut links = Links::default();
     let workers = opts.workers.max(1);
 
     let mut phases: BTreeMap<u8, Vec<&Op>> = BTreeMap::new();
@@ -405,32 +405,36 @@ fn resolve(op: &Op, created: &BTreeMap<(Kind, String), String>) -> Result<(Op, V
 }
 
 /// The state's links (source id → target id) with their reverse, so that keeping them one to one
-/// costs a lookup per write instead of a scan of every link (quadratic at 100k creates).
+/// costs a lookup per write instead of a scan of every link (quadratic at 100k creates). The
+/// reverse is built on the first write that changes a link.
+#[derive(Default)]
 struct Links {
-    reverse: BTreeMap<(Kind, String), BTreeSet<String>>,
+    reverse: Option<BTreeMap<(Kind, String), BTreeSet<String>>>,
 }
 
 impl Links {
-    fn new(state: &AgreementState) -> Self {
-        let mut reverse: BTreeMap<(Kind, String), BTreeSet<String>> = BTreeMap::new();
-        for kind in Kind::ALL {
-            for (source, tid) in state.links.get(kind) {
-                reverse
-                    .entry((kind, tid.clone()))
-                    .or_default()
-                    .insert(source.clone());
+    fn reverse(
+        &mut self,
+        state: &AgreementState,
+    ) -> &mut BTreeMap<(Kind, String), BTreeSet<String>> {
+        self.reverse.get_or_insert_with(|| {
+            let mut reverse: BTreeMap<(Kind, String), BTreeSet<String>> = BTreeMap::new();
+            for kind in Kind::ALL {
+                for (source, tid) in state.links.get(kind) {
+                    reverse
+                        .entry((kind, tid.clone()))
+                        .or_default()
+                        .insert(source.clone());
+                }
             }
-        }
-        Links { reverse }
+            reverse
+        })
     }
 
     /// Drops every link to `tid`.
     fn unlink_target(&mut self, state: &mut AgreementState, kind: Kind, tid: &str) {
-        for source in self
-            .reverse
-            .remove(&(kind, tid.to_owned()))
-            .unwrap_or_default()
-        {
+        let sources = self.reverse(state).remove(&(kind, tid.to_owned()));
+        for source in sources.unwrap_or_default() {
             state.links.get_mut(kind).remove(&source);
         }
     }
@@ -442,12 +446,13 @@ impl Links {
             .links
             .get_mut(kind)
             .insert(source.to_owned(), tid.to_owned());
+        let reverse = self.reverse(state);
         if let Some(old) = before
-            && let Some(set) = self.reverse.get_mut(&(kind, old))
+            && let Some(set) = reverse.get_mut(&(kind, old))
         {
             set.remove(source);
         }
-        self.reverse
+        reverse
             .entry((kind, tid.to_owned()))
             .or_default()
             .insert(source.to_owned());
@@ -461,13 +466,10 @@ fn record(
     links: &mut Links,
     created: &mut BTreeMap<(Kind, String), String>,
 ) {
-    let mut link = |state: &mut AgreementState, kind: Kind, source: &str, tid: &str| {
-        links.link(state, kind, source, tid)
-    };
     match (op, outcome) {
         (Op::Create { principal, source }, Outcome::Created(id)) => {
             created.insert((principal.kind, principal.key.clone()), id.clone());
-            link(state, principal.kind, &source.id, id);
+            links.link(state, principal.kind, &source.id, id);
             state.owned.get_mut(principal.kind).insert(
                 id.clone(),
                 Owned {
@@ -479,7 +481,7 @@ fn record(
         }
         (Op::Adopt { target, source }, _) => {
             let Some(id) = &target.id else { return };
-            link(state, target.kind, &source.id, id);
+            links.link(state, target.kind, &source.id, id);
             let owned = state
                 .owned
                 .get_mut(target.kind)
@@ -500,7 +502,7 @@ fn record(
             _,
         ) => {
             let Some(id) = &target.id else { return };
-            link(state, target.kind, &source.id, id);
+            links.link(state, target.kind, &source.id, id);
             if let Some(AttrValue::Text(Some(k))) =
                 changes.iter().find(|c| c.attr == Attr::Key).map(|c| &c.to)
                 && let Some(o) = state.owned.get_mut(target.kind).get_mut(id)

@@ -305,15 +305,6 @@ pub fn leaves_a_faithful_picture(plan: &Plan, desired: &Desired) -> bool {
         && desired.incomplete_groups.is_empty()
 }
 
-/// A plan computed from an incremental observation.
-#[derive(Debug)]
-pub struct Incremental {
-    /// The plan, with [`Plan::observation`] set.
-    pub plan: Plan,
-    /// Principals read live.
-    pub read: usize,
-}
-
 /// Plans against the picture, reading live whatever the plan touches, until the plan touches
 /// nothing unread. `Ok(None)` means observe in bulk instead: the target cannot read by id, or
 /// more than `limit` principals would be read (a bulk read is then cheaper), or the plan did not
@@ -329,7 +320,7 @@ pub async fn plan_incrementally(
     mode: ReadMode,
     since: u64,
     limit: usize,
-) -> Result<Option<Incremental>, TargetError> {
+) -> Result<Option<Plan>, TargetError> {
     let mut pic = picture(prev, state, caps, policy);
     let mut asked = Interest::default();
     // A principal that left the source and is back is linked to an owned principal whose
@@ -387,10 +378,7 @@ pub async fn plan_incrementally(
                 read: asked.len(),
                 since,
             };
-            return Ok(Some(Incremental {
-                plan: p,
-                read: asked.len(),
-            }));
+            return Ok(Some(p));
         }
         if asked.len() + want.len() > limit {
             return Ok(None);

@@ -288,7 +288,6 @@ async fn incremental_plan(
     plan_incrementally(t, &desired, &prev, st, policy, &caps, mode, 0, usize::MAX)
         .await
         .unwrap()
-        .map(|i| i.plan)
 }
 
 /// The directory without what the mapping holds back (duplicate keys), so that most runs are

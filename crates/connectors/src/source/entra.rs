@@ -395,6 +395,50 @@ fn member_of(m: &Value) -> Option<Member> {
     })
 }
 
+/// Adds a batch of groups with the members read for them; nested groups still within the search
+/// depth go to `next`.
+fn take_members(
+    groups: Vec<Group>,
+    reads: Vec<Vec<Value>>,
+    level: u32,
+    scope: &Scope,
+    snap: &mut Snapshot,
+    depth: &mut BTreeMap<String, u32>,
+    next: &mut Vec<Group>,
+) {
+    for (mut g, members) in groups.into_iter().zip(reads) {
+        for m in &members {
+            let Some(member) = member_of(m) else { continue }; // devices, contacts
+            match member.kind {
+                Kind::User => {
+                    if let Some(u) = user_of(m) {
+                        snap.users.entry(u.id.clone()).or_insert(u);
+                    }
+                }
+                Kind::ServicePrincipal => {
+                    if let Some(sp) = sp_of(m) {
+                        snap.service_principals.entry(sp.id.clone()).or_insert(sp);
+                    }
+                }
+                Kind::Group => {
+                    if level < scope.search_depth
+                        && !depth.contains_key(&member.id)
+                        && !snap.groups.contains_key(&member.id)
+                        && let Some(child) =
+                            group_of(m).filter(|c| c.security_enabled || scope.include_non_security)
+                    {
+                        depth.insert(member.id.clone(), level + 1);
+                        next.push(child);
+                    }
+                }
+            }
+            g.members.insert(member);
+        }
+        snap.incomplete_groups.remove(&g.id);
+        snap.groups.insert(g.id.clone(), g);
+    }
+}
+
 impl EntraSource {
     /// Reads `frontier` and walks nested groups down to the search depth, adding what it finds.
     async fn expand(
@@ -429,60 +473,12 @@ impl EntraSource {
             .buffered(workers);
             while let Some(read) = reads.next().await {
                 let (chunk, members) = read?;
-                self.take_members(chunk, members, level, scope, snap, depth, &mut next);
+                take_members(chunk, members, level, scope, snap, depth, &mut next);
             }
             frontier = next;
             level += 1;
         }
         Ok(())
-    }
-
-    /// Adds a round of groups with the members read for them; nested groups still within the
-    /// search depth go to `next`.
-    #[allow(clippy::too_many_arguments)]
-    fn take_members(
-        &self,
-        frontier: Vec<Group>,
-        reads: Vec<Vec<Value>>,
-        level: u32,
-        scope: &Scope,
-        snap: &mut Snapshot,
-        depth: &mut BTreeMap<String, u32>,
-        next: &mut Vec<Group>,
-    ) {
-        {
-            for (mut g, members) in frontier.into_iter().zip(reads) {
-                for m in &members {
-                    let Some(member) = member_of(m) else { continue }; // devices, contacts
-                    match member.kind {
-                        Kind::User => {
-                            if let Some(u) = user_of(m) {
-                                snap.users.entry(u.id.clone()).or_insert(u);
-                            }
-                        }
-                        Kind::ServicePrincipal => {
-                            if let Some(sp) = sp_of(m) {
-                                snap.service_principals.entry(sp.id.clone()).or_insert(sp);
-                            }
-                        }
-                        Kind::Group => {
-                            if level < scope.search_depth
-                                && !depth.contains_key(&member.id)
-                                && !snap.groups.contains_key(&member.id)
-                                && let Some(child) = group_of(m)
-                                    .filter(|c| c.security_enabled || scope.include_non_security)
-                            {
-                                depth.insert(member.id.clone(), level + 1);
-                                next.push(child);
-                            }
-                        }
-                    }
-                    g.members.insert(member);
-                }
-                snap.incomplete_groups.remove(&g.id);
-                snap.groups.insert(g.id.clone(), g);
-            }
-        }
     }
 
     /// A deltaLink that starts from now (`$deltatoken=latest`).

@@ -175,6 +175,37 @@ impl LakefsTarget {
         Ok((members, policies))
     }
 
+    /// Adds (PUT) or removes (DELETE) members. lakeFS takes one member per request: a group's
+    /// members go concurrently (the shared limiter bounds what is in flight), so a large group
+    /// does not serialise the apply. Removing a member that is already gone is not an error.
+    async fn member_writes(
+        &self,
+        method: Method,
+        group: &PRef,
+        members: &[PRef],
+    ) -> Result<(), TargetError> {
+        let g = seg(id_of(group)?);
+        let paths: Vec<String> = members
+            .iter()
+            .map(|m| Ok(format!("/auth/groups/{g}/members/{}", seg(id_of(m)?))))
+            .collect::<Result<_, TargetError>>()?;
+        let removing = method == Method::DELETE;
+        let results: Vec<Result<(), TargetError>> = futures::stream::iter(paths)
+            .map(|path| {
+                let method = method.clone();
+                async move {
+                    match self.call(method, &path, None, true).await {
+                        Err(e) if removing && e.kind == TargetErrorKind::NotFound => Ok(()),
+                        other => other.map(|_| ()),
+                    }
+                }
+            })
+            .buffer_unordered(self.workers.max(1))
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
     async fn call(
         &self,
         method: Method,
@@ -358,42 +389,12 @@ impl Target for LakefsTarget {
                     other => other.map(|_| Outcome::Done),
                 }
             }
-            // lakeFS takes one member per request: a group's members go concurrently (the shared
-            // limiter bounds what is in flight), so a large group does not serialise the apply.
             Op::AddMembers { group, members } => {
-                let g = seg(id_of(group)?);
-                let paths: Vec<String> = members
-                    .iter()
-                    .map(|m| Ok(format!("/auth/groups/{g}/members/{}", seg(id_of(m)?))))
-                    .collect::<Result<_, TargetError>>()?;
-                let results: Vec<Result<(), TargetError>> = futures::stream::iter(paths)
-                    .map(|path| async move {
-                        self.call(Method::PUT, &path, None, true).await.map(|_| ())
-                    })
-                    .buffer_unordered(self.workers.max(1))
-                    .collect()
-                    .await;
-                results.into_iter().collect::<Result<(), _>>()?;
+                self.member_writes(Method::PUT, group, members).await?;
                 Ok(Outcome::Done)
             }
             Op::RemoveMembers { group, members } => {
-                let g = seg(id_of(group)?);
-                let paths: Vec<String> = members
-                    .iter()
-                    .map(|m| Ok(format!("/auth/groups/{g}/members/{}", seg(id_of(m)?))))
-                    .collect::<Result<_, TargetError>>()?;
-                let results: Vec<Result<(), TargetError>> = futures::stream::iter(paths)
-                    .map(|path| async move {
-                        // Removing a member that is already gone is not an error.
-                        match self.call(Method::DELETE, &path, None, true).await {
-                            Err(e) if e.kind != TargetErrorKind::NotFound => Err(e),
-                            _ => Ok(()),
-                        }
-                    })
-                    .buffer_unordered(self.workers.max(1))
-                    .collect()
-                    .await;
-                results.into_iter().collect::<Result<(), _>>()?;
+                self.member_writes(Method::DELETE, group, members).await?;
                 Ok(Outcome::Done)
             }
             Op::AttachPolicies { group, policies } => {
