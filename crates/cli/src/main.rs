@@ -20,7 +20,7 @@ use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, Da
 use idsync_connectors::target::file::FileTarget;
 use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_connectors::target::scim::{ScimConfig, ScimTarget};
-use idsync_engine::{Source, Target};
+use idsync_engine::{Source, Target, TargetIdentity};
 use idsync_model::Kind;
 use idsync_state::StateStore;
 use output::Printer;
@@ -387,12 +387,11 @@ fn entra_credential(e: &config::EntraConfig) -> Result<EntraCredential> {
     })
 }
 
+/// A target built from its configuration, with what identifies it and a description for people.
+type BuiltTarget = (Box<dyn Target>, TargetIdentity, String);
+
 /// Registered targets: one line per kind.
-fn build_target(
-    t: &TargetConfig,
-    source: &SourceConfig,
-    workers: usize,
-) -> Result<(Box<dyn Target>, String)> {
+fn build_target(t: &TargetConfig, source: &SourceConfig, workers: usize) -> Result<BuiltTarget> {
     match t {
         TargetConfig::Databricks {
             host,
@@ -444,6 +443,7 @@ fn build_target(
             };
             Ok((
                 Box::new(DatabricksTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
+                TargetIdentity::new("databricks", format!("{host}/accounts/{account_id}")),
                 format!("Databricks account {account_id} at {host}"),
             ))
         }
@@ -466,11 +466,13 @@ fn build_target(
             };
             Ok((
                 Box::new(LakefsTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
+                TargetIdentity::new("lakefs", endpoint.clone()),
                 format!("lakeFS {endpoint}"),
             ))
         }
         TargetConfig::File { path, profile } => Ok((
             Box::new(FileTarget::open(path, *profile)?),
+            TargetIdentity::new("file", path.display().to_string()),
             format!("file {} ({profile:?} profile)", path.display()),
         )),
         TargetConfig::Scim {
@@ -493,6 +495,7 @@ fn build_target(
             };
             Ok((
                 Box::new(ScimTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
+                TargetIdentity::new("scim", url.clone()),
                 format!("SCIM {url}"),
             ))
         }
@@ -573,6 +576,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         lease: Duration::from_secs(cfg.lease_seconds),
         reconcile: (cfg.reconcile_hours > 0)
             .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
+        now: None,
     };
     let mut cache = ReadCache::default();
     let mut worst = exit::OK;
@@ -582,15 +586,16 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         .iter()
         .filter(|a| args.targets.is_empty() || args.targets.contains(&a.name))
     {
-        let (target, describe) = build_target(&a.target, &cfg.source, opts.workers)?;
+        let (target, identity, describe) = build_target(&a.target, &cfg.source, opts.workers)?;
         let agreement = Agreement {
             name: &a.name,
             target: target.as_ref(),
+            identity,
+            describe,
             mapping: &a.mapping,
             policy: &a.policy,
-            describe,
         };
-        let outcome = run::run_agreement(
+        let outcome = idsync_runner::run_agreement(
             &agreement,
             store.as_ref(),
             source.as_ref(),
@@ -647,6 +652,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
         lease: Duration::from_secs(cfg.lease_seconds),
         reconcile: (cfg.reconcile_hours > 0)
             .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
+        now: None,
     };
     let mut printer = Printer::stdout(cli.verbose);
     let mut worst = exit::OK;
@@ -659,18 +665,20 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             .ok_or_else(|| {
                 anyhow!("the plan is for target {name:?}, which the configuration does not have")
             })?;
-        let (target, describe) = build_target(&a.target, &cfg.source, opts.workers)?;
+        let (target, identity, describe) = build_target(&a.target, &cfg.source, opts.workers)?;
         let agreement = Agreement {
             name,
             target: target.as_ref(),
+            identity,
+            describe,
             mapping: &a.mapping,
             policy: &a.policy,
-            describe,
         };
-        let code = run::apply_saved(file, &agreement, store.as_ref(), &opts, &mut printer)
-            .await
-            .with_context(|| format!("target {name}"))?;
-        worst = worst.max(code);
+        let outcome =
+            idsync_runner::apply_saved(file, &agreement, store.as_ref(), &opts, &mut printer)
+                .await
+                .with_context(|| format!("target {name}"))?;
+        worst = worst.max(outcome.code);
     }
     Ok(worst)
 }
@@ -820,9 +828,9 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             // An imported state may describe another target, or an older one: the next run
             // observes the target in full before it trusts a picture again.
             st.trust = None;
-            let v = run::with_lease(store.as_ref(), agreement, async {
+            let v = idsync_runner::with_lease(store.as_ref(), agreement, async {
                 st.version = store.load(agreement).await?.map_or(0, |s| s.version);
-                Ok(store.commit(&st).await?)
+                store.commit(&st).await
             })
             .await?;
             println!(
@@ -843,10 +851,7 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             }
             let (u, o) = url(state)?;
             let store = store_for(&u, &o)?;
-            run::with_lease(store.as_ref(), agreement, async {
-                Ok(store.delete(agreement).await?)
-            })
-            .await?;
+            idsync_runner::with_lease(store.as_ref(), agreement, store.delete(agreement)).await?;
             println!("state of {agreement} removed from {}", store.describe());
             Ok(exit::OK)
         }

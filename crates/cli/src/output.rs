@@ -1,9 +1,9 @@
 //! Human-readable output: plans grouped by kind with a summary line, apply reports, halts. Colour
 //! only when stdout is a terminal and `NO_COLOR` is unset.
 
-use crate::run::Mode;
 use idsync_engine::ApplyReport;
 use idsync_model::{Halt, Kind, Observation, Op, PRef, Plan, ReadMode, Stage};
+use idsync_runner::Mode;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 

@@ -204,12 +204,12 @@ async fn entra_tokens_for_the_azure_databricks_resource() {
 async fn the_target_conformance_suite() {
     let d = Databricks::start_on(0, None).await.unwrap();
     let t = target(&d, DatabricksAuth::Token(Secret::new(TOKEN)));
-    let subject = common::conformance::Subject {
+    let subject = idsync_runner::testing::Subject {
         target: &t,
         mapping: Mapping::defaults(),
-        storm: Some(common::conformance::storm(&d.state.infra)),
+        storm: Some(common::storm(&d.state.infra)),
     };
-    common::conformance::run(subject, common::directory())
+    idsync_runner::testing::conformance(subject, common::directory())
         .await
         .unwrap();
 }

@@ -131,12 +131,12 @@ async fn wrong_keys_and_open_source_lakefs_say_what_to_do() {
 async fn the_target_conformance_suite() {
     let l = Lakefs::start_on(0).await.unwrap();
     let t = target(&l, SECRET_ACCESS_KEY);
-    let subject = common::conformance::Subject {
+    let subject = idsync_runner::testing::Subject {
         target: &t,
         mapping: mapping(),
-        storm: Some(common::conformance::storm(&l.state.infra)),
+        storm: Some(common::storm(&l.state.infra)),
     };
-    common::conformance::run(subject, common::directory())
+    idsync_runner::testing::conformance(subject, common::directory())
         .await
         .unwrap();
 }

@@ -1,4 +1,4 @@
-//! The generic SCIM 2.0 target runs the target conformance suite (`common::conformance`) against a
+//! The generic SCIM 2.0 target runs the target conformance suite (`idsync_runner::testing::conformance`) against a
 //! real SCIM server (`scim2-server` from PyPI, started by `scripts/servers.sh`; `#[ignore]`d for a
 //! bare `cargo test`), with nested groups, and against our Databricks emulator's SCIM API (no
 //! `/ServiceProviderConfig`: the cautious defaults), flattened and through a 429 storm. On
@@ -64,12 +64,12 @@ async fn the_databricks_emulator_as_a_generic_scim_provider_passes_the_suite() {
     );
     // No /ServiceProviderConfig there: the cautious defaults. Groups flattened.
     let t = target(&url, TOKEN, false);
-    let subject = common::conformance::Subject {
+    let subject = idsync_runner::testing::Subject {
         target: &t,
         mapping: Mapping::defaults(),
-        storm: Some(common::conformance::storm(&d.state.infra)),
+        storm: Some(common::storm(&d.state.infra)),
     };
-    common::conformance::run(subject, common::directory())
+    idsync_runner::testing::conformance(subject, common::directory())
         .await
         .unwrap();
     assert!(d.state.data()[&Type::ServicePrincipals].is_empty());
@@ -82,12 +82,12 @@ async fn scim2_server_passes_the_suite_with_nested_groups_and_refuses_stale_writ
     let url = std::env::var("IDSYNC_TEST_SCIM").expect("IDSYNC_TEST_SCIM");
     let token = std::env::var("IDSYNC_TEST_SCIM_TOKEN").expect("IDSYNC_TEST_SCIM_TOKEN");
     let t = target(&url, &token, true);
-    let subject = common::conformance::Subject {
+    let subject = idsync_runner::testing::Subject {
         target: &t,
         mapping: Mapping::defaults(),
         storm: None,
     };
-    common::conformance::run(subject, common::directory())
+    idsync_runner::testing::conformance(subject, common::directory())
         .await
         .unwrap();
 

@@ -3,97 +3,15 @@
 //! data: the report lists what succeeded, what failed and why, and what was skipped because
 //! something it depended on failed.
 
-use async_trait::async_trait;
+pub use crate::target::{Outcome, Target, TargetError, TargetErrorKind};
 use futures::StreamExt;
 use idsync_model::{
-    AgreementState, Attr, AttrValue, Capabilities, Journal, Kind, Observed, Op, Owned, Ownership,
-    PKey, PRef, Plan, PlanFile, Principal, Stage,
+    AgreementState, Attr, AttrValue, Capabilities, Journal, Kind, Op, Owned, Ownership, PKey, PRef,
+    Plan, PlanFile, Principal, Stage,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-
-/// What went wrong with one target call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum TargetErrorKind {
-    /// The principal does not exist.
-    NotFound,
-    /// A principal with that key exists already.
-    AlreadyExists,
-    /// Credentials missing or wrong.
-    Unauthorized,
-    /// Authenticated, but not allowed.
-    Forbidden,
-    /// The target does not implement this (lakeFS without RBAC answers 501).
-    NotImplemented,
-    /// Throttled, after retries.
-    Throttled,
-    /// A server or network error, after retries.
-    Unavailable,
-    /// The target rejected the request as invalid.
-    Invalid,
-    /// The target answered something idsync cannot read.
-    Protocol,
-}
-
-/// An error from a target, with what to do about it in the message. Never contains a secret.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
-#[error("{message}")]
-pub struct TargetError {
-    /// The category.
-    pub kind: TargetErrorKind,
-    /// Human-readable, actionable.
-    pub message: String,
-}
-
-impl TargetError {
-    /// A new error.
-    pub fn new(kind: TargetErrorKind, message: impl Into<String>) -> Self {
-        TargetError {
-            kind,
-            message: message.into(),
-        }
-    }
-}
-
-/// What a successful operation returned.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// A principal was created with this target id.
-    Created(String),
-    /// Done.
-    Done,
-}
-
-/// A system idsync writes principals to.
-#[async_trait]
-pub trait Target: Send + Sync {
-    /// What the target can do.
-    fn capabilities(&self) -> Capabilities;
-
-    /// Reads every principal and membership in bulk.
-    async fn observe(&self) -> Result<Observed, TargetError>;
-
-    /// Reads only the principals asked for: by target id (groups with their members) and by
-    /// natural key. `Ok(None)` when the target cannot; the engine then observes in bulk.
-    async fn observe_some(
-        &self,
-        want: &crate::observe::Interest,
-    ) -> Result<Option<crate::observe::Partial>, TargetError> {
-        let _ = want;
-        Ok(None)
-    }
-
-    /// Executes one writing operation. Every [`PRef`] in it carries its target id. Must be
-    /// idempotent where the API allows: removing an absent member is not an error.
-    async fn execute(&self, op: &Op) -> Result<Outcome, TargetError>;
-
-    /// Called once after an apply, whatever its outcome (a file target saves here).
-    async fn flush(&self) -> Result<(), TargetError> {
-        Ok(())
-    }
-}
 
 /// How to apply.
 #[derive(Clone, Debug)]

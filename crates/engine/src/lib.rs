@@ -14,12 +14,14 @@ pub mod observe;
 pub mod plan;
 pub mod scope;
 pub mod source;
+pub mod target;
 pub mod template;
 
-pub use apply::{ApplyOptions, ApplyReport, Outcome, Target, TargetError, TargetErrorKind, apply};
+pub use apply::{ApplyOptions, ApplyReport, apply};
 pub use mapping::{Mapping, map_snapshot};
 pub use memory::MemoryTarget;
 pub use plan::{Deprovision, OnConflict, Policy, plan};
 pub use scope::Scope;
 pub use source::{Changes, Read, Source, SourceError};
+pub use target::{Outcome, Target, TargetError, TargetErrorKind, TargetIdentity};
 pub use template::Template;

@@ -23,8 +23,9 @@ pub const SP_VARS: &[&str] = &["id", "appId", "applicationId", "displayName"];
 /// Variables a group template may use.
 pub const GROUP_VARS: &[&str] = &["id", "displayName", "description"];
 
-/// How source principals become target principals, per target.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How source principals become target principals, per target. Serialises with its templates as
+/// text (the run's fingerprint of an agreement hashes it).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Mapping {
     /// The user's key (`userName` in SCIM, the user id in lakeFS).
     pub user_name: Template,

@@ -140,22 +140,46 @@ pub struct Partial {
     pub members: BTreeMap<String, Vec<String>>,
 }
 
+/// Which version of [`fingerprint`]'s description this build writes. Raise it when the
+/// description changes meaning: every stored trust then lapses once, and the next run of each
+/// agreement observes its target in full.
+pub const FINGERPRINT_FORMAT: u32 = 1;
+
 /// A digest of what shapes the picture: the target (its kind and address), the mapping, the
-/// target's capabilities and the policy (without the per-run approvals). A picture made under
+/// target's capabilities and the policy (without the per-run approvals), hashed from their
+/// serialised form under [`FINGERPRINT_FORMAT`], never from display text. A picture made under
 /// another digest is not trusted.
 pub fn fingerprint(
-    target: &str,
+    target: &crate::target::TargetIdentity,
     mapping: &Mapping,
     caps: &Capabilities,
     policy: &Policy,
 ) -> String {
+    #[derive(serde::Serialize)]
+    struct Described<'a> {
+        format: u32,
+        target: &'a crate::target::TargetIdentity,
+        mapping: &'a Mapping,
+        capabilities: &'a Capabilities,
+        policy: &'a Policy,
+    }
     let policy = Policy {
         approved_deletions: 0,
         allow_empty_source: false,
         ..policy.clone()
     };
+    let described = Described {
+        format: FINGERPRINT_FORMAT,
+        target,
+        mapping,
+        capabilities: caps,
+        policy: &policy,
+    };
+    // These types serialise to plain maps, lists and strings; should one ever fail, the empty
+    // digest matches no stored trust, so the run observes in full: safe, only slower.
+    let bytes = serde_json::to_vec(&described).unwrap_or_default();
     let mut h = Fnv::default();
-    h.write(format!("{target}\n{mapping:?}\n{caps:?}\n{policy:?}").as_bytes());
+    h.write(&bytes);
     format!("{:016x}", h.finish())
 }
 
@@ -503,26 +527,35 @@ mod tests {
         let m = Mapping::defaults();
         let caps = Capabilities::full();
         let p = Policy::default();
-        let base = fingerprint("t", &m, &caps, &p);
+        let t = crate::target::TargetIdentity::new("scim", "https://t.example");
+        let base = fingerprint(&t, &m, &caps, &p);
         let approved = Policy {
             approved_deletions: 7,
             allow_empty_source: true,
             ..p.clone()
         };
-        assert_eq!(fingerprint("t", &m, &caps, &approved), base);
+        assert_eq!(fingerprint(&t, &m, &caps, &approved), base);
         let mut other = m.clone();
         other.group_policies.insert("FSReadAll".into());
-        assert_ne!(fingerprint("t", &other, &caps, &p), base);
+        assert_ne!(fingerprint(&t, &other, &caps, &p), base);
         let flat = Capabilities {
             nested_groups: false,
             ..caps.clone()
         };
-        assert_ne!(fingerprint("t", &m, &flat, &p), base);
+        assert_ne!(fingerprint(&t, &m, &flat, &p), base);
         let deactivate = Policy {
             deprovision: Deprovision::Deactivate,
             ..p.clone()
         };
-        assert_ne!(fingerprint("t", &m, &caps, &deactivate), base);
-        assert_ne!(fingerprint("another target", &m, &caps, &p), base);
+        assert_ne!(fingerprint(&t, &m, &caps, &deactivate), base);
+        let elsewhere = crate::target::TargetIdentity::new("scim", "https://u.example");
+        assert_ne!(fingerprint(&elsewhere, &m, &caps, &p), base);
+        let other_kind = crate::target::TargetIdentity::new("databricks", "https://t.example");
+        assert_ne!(fingerprint(&other_kind, &m, &caps, &p), base);
+        assert_eq!(
+            fingerprint(&t, &m.clone(), &caps.clone(), &p.clone()),
+            base,
+            "the digest is a function of the values alone"
+        );
     }
 }

@@ -33,8 +33,8 @@ pub enum OnConflict {
     Skip,
 }
 
-/// The rules a plan follows.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The rules a plan follows. Serialises for the run's fingerprint of an agreement.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Policy {
     /// What happens to owned principals that left the source.
     pub deprovision: Deprovision,

@@ -11,7 +11,12 @@ use idsync_model::{
 };
 
 fn block<F: std::future::Future>(f: F) -> F::Output {
-    futures::executor::block_on(f)
+    // The runner keeps a lease alive with tokio's timers.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 fn base() -> idsync_model::Snapshot {

@@ -183,7 +183,12 @@ fn insert_outsiders(t: &MemoryTarget, o: &[(Kind, usize)]) -> Vec<(Kind, String,
 }
 
 fn block<F: std::future::Future>(f: F) -> F::Output {
-    futures::executor::block_on(f)
+    // The runner keeps a lease alive with tokio's timers.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 proptest! {

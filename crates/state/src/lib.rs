@@ -12,6 +12,7 @@ mod cache;
 pub mod codec;
 pub mod gcp_federation;
 pub mod local;
+pub mod memory;
 pub mod object;
 pub mod sts;
 pub mod testing;
@@ -23,6 +24,7 @@ use std::time::Duration;
 
 pub use blob::BlobStore;
 pub use local::LocalStore;
+pub use memory::MemoryStore;
 pub use object::StoreOptions;
 
 /// Opens the store a state URL names: a folder path or `file://` URL, or an object store

@@ -15,6 +15,7 @@ use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, Da
 use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
 use idsync_emulators::{Databricks, Graph, Lakefs};
+use idsync_engine::TargetIdentity;
 use idsync_engine::{Mapping, Policy, Scope, Target};
 use idsync_model::{Directory, Member, Secret, Snapshot};
 use idsync_state::{LocalStore, StateStore};
@@ -130,6 +131,7 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         workers: 4,
         lease: Duration::from_secs(300),
         reconcile: Some(Duration::from_secs(24 * 3600)),
+        now: None,
     };
 
     p.heading("idsync demo: an Entra ID tenant synced into lakeFS and the Databricks account, all emulated on 127.0.0.1");
@@ -173,21 +175,24 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
             Agreement {
                 name: "databricks",
                 target: &databricks as &dyn Target,
+                identity: TargetIdentity::new("databricks", dbx.scim_url()),
+                describe: format!("Databricks account (emulated, {})", dbx.server.base_url),
                 mapping: &dbx_mapping,
                 policy: &policy,
-                describe: format!("Databricks account (emulated, {})", dbx.server.base_url),
             },
             Agreement {
                 name: "lakefs",
                 target: &lakefs as &dyn Target,
+                identity: TargetIdentity::new("lakefs", lake.api_url()),
+                describe: format!("lakeFS (emulated, {})", lake.server.base_url),
                 mapping: &lake_mapping,
                 policy: &policy,
-                describe: format!("lakeFS (emulated, {})", lake.server.base_url),
             },
         ];
         for a in &agreements {
             let out =
-                run::run_agreement(a, &store, &source, &scope, &mut cache, &opts, &mut p).await?;
+                idsync_runner::run_agreement(a, &store, &source, &scope, &mut cache, &opts, &mut p)
+                    .await?;
             worst = worst.max(out.code);
         }
     }

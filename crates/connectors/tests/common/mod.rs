@@ -1,11 +1,23 @@
 //! Shared by the target tests: the demo directory, and one sync cycle through the real engine.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-pub mod conformance;
+use idsync_emulators::infra::{Infra, ThrottleConfig};
+use idsync_engine::apply::ApplyReport;
+use idsync_engine::{Mapping, Policy, Target};
+use idsync_model::{AgreementState, Directory, Plan, Snapshot};
+use idsync_runner::RunOptions;
+use idsync_runner::testing::run_seeded;
 
-use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
-use idsync_engine::{Mapping, Policy, Target, map_snapshot, plan};
-use idsync_model::{AgreementState, Directory, Plan, PlanFile, ReadMode, Snapshot};
+/// A 429 storm an emulator can be told to start and stop: a bucket of 3 requests, refilled at
+/// 200 a second.
+pub fn storm(infra: &Infra) -> Box<dyn Fn(bool) + Send + Sync + '_> {
+    Box::new(move |on: bool| {
+        infra.set_throttle(on.then_some(ThrottleConfig {
+            capacity: 3.0,
+            per_second: 200.0,
+        }))
+    })
+}
 
 /// The demo's directory, without the group outside the scope and the users it alone reaches.
 pub fn directory() -> Snapshot {
@@ -18,42 +30,23 @@ pub fn directory() -> Snapshot {
     s
 }
 
-/// Plans and applies `s` to `t` as `idsync sync` does, and records the state.
+/// Plans and applies `s` to `t` as `idsync sync` does (through the runner, observing in full),
+/// and records the state.
 pub async fn sync(
     t: &dyn Target,
     s: &Snapshot,
     mapping: &Mapping,
     st: &mut AgreementState,
 ) -> (Plan, ApplyReport) {
-    let caps = t.capabilities();
-    let desired = map_snapshot(s, mapping, &caps);
-    let observed = t.observe().await.unwrap();
-    let p = plan(
-        &desired,
-        &observed,
-        st,
-        &Policy::default(),
-        &caps,
-        ReadMode::Full,
-    );
-    assert!(p.halt.is_none(), "{:?}", p.halt);
-    apply::begin(&p, &caps, st);
-    let r = idsync_engine::apply(
-        &p,
-        t,
-        st,
-        &ApplyOptions {
-            workers: 4,
-            ..ApplyOptions::default()
-        },
-    )
-    .await;
-    let file = PlanFile {
-        plan: p.clone(),
-        snapshot: s.clone().into(),
-        cursors: Default::default(),
+    let opts = RunOptions {
+        workers: 4,
+        reconcile: None,
+        ..RunOptions::default()
     };
-    apply::finish(&file, &r, &caps, st, true);
-    st.version += 1;
-    (p, r)
+    let out = run_seeded(t, s, mapping, &Policy::default(), st, &opts)
+        .await
+        .unwrap();
+    let plan = out.file.unwrap().plan;
+    assert!(plan.halt.is_none(), "{:?}", plan.halt);
+    (plan, out.report.unwrap())
 }

@@ -1,13 +1,12 @@
 //! Shared helpers for the engine's tests: build snapshots tersely and run one full sync cycle.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use idsync_engine::{
-    ApplyOptions, ApplyReport, Mapping, MemoryTarget, Policy, Target, apply, map_snapshot, plan,
-};
+use idsync_engine::{ApplyReport, Mapping, MemoryTarget, Policy};
 use idsync_model::{
-    AgreementState, Capabilities, Group, Member, Plan, PlanFile, ReadMode, ServicePrincipal,
-    Snapshot, User, UserType,
+    AgreementState, Capabilities, Group, Member, Plan, ServicePrincipal, Snapshot, User, UserType,
 };
+use idsync_runner::testing::run_seeded;
+use idsync_runner::{Mode, RunOptions};
 use std::collections::BTreeMap;
 
 pub fn user(id: &str, name: &str) -> User {
@@ -74,6 +73,33 @@ pub struct Run {
     pub report: Option<ApplyReport>,
 }
 
+/// One run through [`idsync_runner::run_agreement`], as `idsync plan` (`Mode::Plan`) or
+/// `idsync sync` (`Mode::Sync`) makes it, the target observed in full.
+pub async fn run_with(
+    s: &Snapshot,
+    t: &MemoryTarget,
+    state: &mut AgreementState,
+    policy: &Policy,
+    mapping: &Mapping,
+    mode: Mode,
+) -> Run {
+    let opts = RunOptions {
+        mode,
+        reconcile: None,
+        // One clock for every run, so that two plans of one input are equal to the letter.
+        now: Some(1_700_000_000),
+        ..RunOptions::default()
+    };
+    let out = run_seeded(t, s, mapping, policy, state, &opts)
+        .await
+        .unwrap();
+    Run {
+        plan: out.file.unwrap().plan,
+        report: out.report,
+    }
+}
+
+/// The plan `idsync plan` shows: nothing is written, not even to the state.
 pub async fn plan_only(
     s: &Snapshot,
     t: &MemoryTarget,
@@ -81,10 +107,10 @@ pub async fn plan_only(
     policy: &Policy,
     mapping: &Mapping,
 ) -> Plan {
-    let caps = t.capabilities();
-    let desired = map_snapshot(s, mapping, &caps);
-    let observed = t.observe().await.unwrap();
-    plan(&desired, &observed, state, policy, &caps, ReadMode::Full)
+    let mut st = state.clone();
+    run_with(s, t, &mut st, policy, mapping, Mode::Plan)
+        .await
+        .plan
 }
 
 /// Plans and, unless a guard halts it, applies everything, as `idsync sync` does.
@@ -95,27 +121,7 @@ pub async fn sync_with(
     policy: &Policy,
     mapping: &Mapping,
 ) -> Run {
-    let caps = t.capabilities();
-    let p = plan_only(s, t, state, policy, mapping).await;
-    if idsync_engine::apply::check(&p).is_err() {
-        return Run {
-            plan: p,
-            report: None,
-        };
-    }
-    let file = PlanFile {
-        plan: p.clone(),
-        snapshot: s.clone().into(),
-        cursors: Default::default(),
-    };
-    idsync_engine::apply::begin(&p, &caps, state);
-    let report = apply(&p, t, state, &ApplyOptions::default()).await;
-    idsync_engine::apply::finish(&file, &report, &caps, state, true);
-    state.version += 1;
-    Run {
-        plan: p,
-        report: Some(report),
-    }
+    run_with(s, t, state, policy, mapping, Mode::Sync).await
 }
 
 pub async fn sync(

@@ -1,0 +1,78 @@
+//! What can stop a run, each with the exit code it asks for.
+
+use crate::exit;
+use idsync_engine::{SourceError, TargetError};
+use idsync_state::StateError;
+
+/// Why a run stopped. Messages say what to do and never hold a secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The state store failed, or another run holds or took the lease.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The source could not be read.
+    #[error("reading the source")]
+    Source(#[source] SourceError),
+    /// The target could not be observed.
+    #[error("observing target {agreement} ({target}): {error}")]
+    Observe {
+        /// The agreement.
+        agreement: String,
+        /// Where the target is.
+        target: String,
+        /// What it answered.
+        error: TargetError,
+    },
+    /// The agreement was finalised or terminated.
+    #[error(
+        "agreement {agreement:?} is {status}: idsync no longer syncs it; `idsync state reset {agreement}` starts a new agreement"
+    )]
+    Inactive {
+        /// The agreement.
+        agreement: String,
+        /// Its status.
+        status: String,
+    },
+    /// A saved plan was made from another state version than the store holds now.
+    #[error(
+        "the saved plan for {agreement:?} was computed from state version {planned}, but the state is now at version {now}: something ran since. Nothing was applied; run `idsync plan` again"
+    )]
+    StalePlan {
+        /// The agreement.
+        agreement: String,
+        /// The version the plan was computed from.
+        planned: u64,
+        /// The version in the store.
+        now: u64,
+    },
+    /// The journal could not be committed, so nothing was written to the target.
+    #[error("recording the apply journal")]
+    Journal(#[source] StateError),
+    /// The state after the apply could not be committed (the journal covers the creates).
+    #[error("saving the state after the apply")]
+    Commit(#[source] StateError),
+    /// The target could not make the writes durable; the state went back to before the apply.
+    #[error("finishing the writes to target {agreement}: {error}")]
+    Flush {
+        /// The agreement.
+        agreement: String,
+        /// What the target answered.
+        error: TargetError,
+    },
+}
+
+impl RunError {
+    /// The exit code this error asks for: [`exit::BUSY`] when another run holds or took the
+    /// lease, else [`exit::ERROR`].
+    pub fn exit_code(&self) -> u8 {
+        let state = match self {
+            RunError::State(e) | RunError::Journal(e) | RunError::Commit(e) => Some(e),
+            _ => None,
+        };
+        match state {
+            Some(StateError::LeaseHeld { .. } | StateError::LeaseLost { .. }) => exit::BUSY,
+            _ => exit::ERROR,
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! One run of one agreement, written once: the CLI, the demo, the engine's tests and the connector
+//! conformance suite all call [`run_agreement`] (or [`apply_saved`] for a saved plan), so every
+//! test exercises what users run.
+//!
+//! A run holds the agreement's lease (renewed while it applies), reads the source (once per
+//! starting point, through a [`ReadCache`] shared by the agreements of one invocation), decides
+//! whether the state's picture of the target may stand in for a full observation (see
+//! [`observation`]), plans, and then, as far as the [`Mode`] allows: journals the creates, applies,
+//! flushes, records and commits. What it shows goes to a [`Reporter`].
+
+mod error;
+pub mod observation;
+mod read;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::RunError;
+pub use read::ReadCache;
+
+use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
+use idsync_engine::{Mapping, Policy, Scope, Source, Target, TargetIdentity, map_snapshot};
+use idsync_model::{AgreementState, AgreementStatus, Halt, Plan, PlanFile, Stage};
+use idsync_state::{Lease, StateError, StateStore};
+use std::time::Duration;
+
+/// Exit codes, as the CLI documents them.
+pub mod exit {
+    /// In sync, or applied.
+    pub const OK: u8 = 0;
+    /// An error.
+    pub const ERROR: u8 = 1;
+    /// Changes pending (plan, dry runs).
+    pub const PENDING: u8 = 2;
+    /// A safety guard halted the run before any write.
+    pub const HALTED: u8 = 3;
+    /// Another run holds the agreement's lease.
+    pub const BUSY: u8 = 4;
+}
+
+/// How far a run goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Plan and show; write nothing (also `--dry-run-security-principals` and `DRY_RUN`).
+    Plan,
+    /// Apply principals; show membership changes (`--dry-run-members`).
+    PrincipalsOnly,
+    /// Plan and apply everything.
+    Sync,
+}
+
+/// Per-run options.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Ignore the change-feed cursors and read the whole scope; observe every target in full.
+    pub full_sync: bool,
+    /// How far to go.
+    pub mode: Mode,
+    /// Deletions approved for this run.
+    pub approve_deletions: usize,
+    /// Allow an empty source.
+    pub allow_empty_source: bool,
+    /// Concurrent operations per target.
+    pub workers: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// How long the last applied snapshot may stand in for a full observation of a target
+    /// (`None`: observe every target in full on every run).
+    pub reconcile: Option<Duration>,
+    /// The run's time in seconds since the Unix epoch, as the trust it leaves records it (`None`:
+    /// the system clock). Tests set it so that two plans of one input are equal.
+    pub now: Option<u64>,
+}
+
+impl Default for RunOptions {
+    /// A full sync with the CLI's defaults: 10 workers, an hour's lease, a day's reconcile.
+    fn default() -> Self {
+        RunOptions {
+            full_sync: false,
+            mode: Mode::Sync,
+            approve_deletions: 0,
+            allow_empty_source: false,
+            workers: 10,
+            lease: Duration::from_secs(3600),
+            reconcile: Some(Duration::from_secs(24 * 3600)),
+            now: None,
+        }
+    }
+}
+
+/// Everything one agreement's run needs besides the source and the state store.
+pub struct Agreement<'a> {
+    /// Its name, also the name of its state.
+    pub name: &'a str,
+    /// Its target.
+    pub target: &'a dyn Target,
+    /// Which target that is, as data (part of the fingerprint of the state's picture).
+    pub identity: TargetIdentity,
+    /// Where the target is, for people: plan headers and messages.
+    pub describe: String,
+    /// How source principals map to it.
+    pub mapping: &'a Mapping,
+    /// Its policy from the configuration (per-run approvals come from [`RunOptions`]).
+    pub policy: &'a Policy,
+}
+
+/// What a run shows a person. The CLI prints; tests collect or ignore.
+pub trait Reporter {
+    /// A remark (a fallback taken, a file saved).
+    fn note(&mut self, note: &str);
+    /// The plan, before anything is applied.
+    fn plan(&mut self, plan: &Plan, target: &str, mode: Mode);
+    /// A safety guard halted the plan.
+    fn halt(&mut self, halt: &Halt);
+    /// What the apply did.
+    fn report(&mut self, report: &ApplyReport);
+}
+
+/// A [`Reporter`] that shows nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn note(&mut self, _: &str) {}
+    fn plan(&mut self, _: &Plan, _: &str, _: Mode) {}
+    fn halt(&mut self, _: &Halt) {}
+    fn report(&mut self, _: &ApplyReport) {}
+}
+
+/// What one agreement's run came to.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The exit code this agreement asks for ([`exit`]).
+    pub code: u8,
+    /// The plan, with the snapshot and cursors it was computed from (for `--out`).
+    pub file: Option<PlanFile>,
+    /// What the apply did, when it ran.
+    pub report: Option<ApplyReport>,
+}
+
+/// Who holds a lease this process takes: pid and host, for the message another run shows.
+pub fn holder() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    format!("idsync pid {} on {host}", std::process::id())
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Releases a lease; a failure only means it expires on its own, so it is logged, not fatal.
+async fn give_back(store: &dyn StateStore, lease: &Lease) {
+    if let Err(e) = store.release(lease).await {
+        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+    }
+}
+
+/// Runs `f` under the agreement's lease (state import and reset must not race a sync).
+pub async fn with_lease<T, E: From<StateError>>(
+    store: &dyn StateStore,
+    agreement: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let lease = store
+        .acquire(agreement, &holder(), Duration::from_secs(300))
+        .await?;
+    let out = f.await;
+    give_back(store, &lease).await;
+    out
+}
+
+/// The agreement's state, or a new one; an agreement no longer active is an error.
+async fn load_state(store: &dyn StateStore, name: &str) -> Result<AgreementState, RunError> {
+    let st = store
+        .load(name)
+        .await?
+        .unwrap_or_else(|| AgreementState::new(name));
+    match st.status {
+        AgreementStatus::Active => Ok(st),
+        other => Err(RunError::Inactive {
+            agreement: name.to_owned(),
+            status: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Plans one agreement and, as far as `opts.mode` allows, applies it. Only a plan takes no lease.
+pub async fn run_agreement(
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    source: &dyn Source,
+    scope: &Scope,
+    cache: &mut ReadCache,
+    opts: &RunOptions,
+    reporter: &mut dyn Reporter,
+) -> Result<Outcome, RunError> {
+    let lease = if opts.mode == Mode::Plan {
+        None
+    } else {
+        Some(store.acquire(a.name, &holder(), opts.lease).await?)
+    };
+    let result = plan_and_apply(
+        a,
+        store,
+        source,
+        scope,
+        cache,
+        opts,
+        lease.as_ref(),
+        reporter,
+    )
+    .await;
+    if let Some(l) = lease {
+        give_back(store, &l).await;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn plan_and_apply(
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    source: &dyn Source,
+    scope: &Scope,
+    cache: &mut ReadCache,
+    opts: &RunOptions,
+    lease: Option<&Lease>,
+    reporter: &mut dyn Reporter,
+) -> Result<Outcome, RunError> {
+    let state = load_state(store, a.name).await?;
+    let read = cache
+        .read(source, scope, &state, opts.full_sync, reporter)
+        .await
+        .map_err(RunError::Source)?;
+    let caps = a.target.capabilities();
+    let desired = map_snapshot(&read.snapshot, a.mapping, &caps);
+    let policy = Policy {
+        approved_deletions: opts.approve_deletions,
+        allow_empty_source: opts.allow_empty_source || a.policy.allow_empty_source,
+        ..a.policy.clone()
+    };
+    let mut plan =
+        observation::observe_and_plan(a, &caps, &desired, &state, &policy, read.mode, opts).await?;
+    plan.notes.splice(0..0, read.notes.iter().cloned());
+    let file = PlanFile {
+        plan,
+        snapshot: read.snapshot.clone(),
+        cursors: read.cursors.clone(),
+    };
+    reporter.plan(&file.plan, &a.describe, opts.mode);
+
+    if let Some(h) = &file.plan.halt {
+        reporter.halt(h);
+        return Ok(Outcome {
+            code: exit::HALTED,
+            file: Some(file),
+            report: None,
+        });
+    }
+    if opts.mode == Mode::Plan {
+        let code = if file.plan.is_empty() {
+            exit::OK
+        } else {
+            exit::PENDING
+        };
+        return Ok(Outcome {
+            code,
+            file: Some(file),
+            report: None,
+        });
+    }
+    let stages: Vec<Stage> = match opts.mode {
+        Mode::PrincipalsOnly => vec![Stage::Principals],
+        _ => vec![Stage::Principals, Stage::Members, Stage::Deprovision],
+    };
+    let lease = lease.map(|l| (l, opts.lease));
+    let report = apply_file(&file, a, store, state, &stages, opts.workers, lease).await?;
+    reporter.report(&report);
+    let code = if !report.is_success() {
+        exit::ERROR
+    } else if report.pending > 0 {
+        exit::PENDING
+    } else {
+        exit::OK
+    };
+    Ok(Outcome {
+        code,
+        file: Some(file),
+        report: Some(report),
+    })
+}
+
+/// Applies a plan (fresh or saved) whose precondition the caller checked: journal, apply (renewing
+/// the lease meanwhile), flush, record, commit. A lost lease stops the apply and saves nothing: the
+/// run that took over owns the agreement now, and the journal already committed covers what this
+/// run may have created.
+async fn apply_file(
+    file: &PlanFile,
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    mut state: AgreementState,
+    stages: &[Stage],
+    workers: usize,
+    lease: Option<(&Lease, Duration)>,
+) -> Result<ApplyReport, RunError> {
+    let caps = a.target.capabilities();
+    let all = [Stage::Principals, Stage::Members, Stage::Deprovision]
+        .iter()
+        .all(|s| stages.contains(s));
+    let writes = file.plan.ops.iter().any(|o| stages.contains(&o.stage()));
+    if writes {
+        apply::begin(&file.plan, &caps, &mut state);
+        state.version = store.commit(&state).await.map_err(RunError::Journal)?;
+    }
+    // If the target cannot make the writes durable (flush fails), none of them counts: the state
+    // goes back to what it was before the apply, with every create in the journal.
+    let at_begin = state.clone();
+    let opts = ApplyOptions {
+        workers,
+        stages: stages.iter().copied().collect(),
+    };
+    let report = {
+        let work = apply::apply(&file.plan, a.target, &mut state, &opts);
+        match lease {
+            None => work.await,
+            Some((l, ttl)) => {
+                tokio::select! {
+                    r = work => r,
+                    lost = keep_alive(store, l, ttl) => return Err(lost.into()),
+                }
+            }
+        }
+    };
+    let flushed = a.target.flush().await;
+    if flushed.is_ok() {
+        apply::finish(file, &report, &caps, &mut state, all);
+    } else {
+        state = at_begin;
+    }
+    if let Some((l, ttl)) = lease {
+        store.renew(l, ttl).await?;
+    }
+    store.commit(&state).await.map_err(RunError::Commit)?;
+    flushed.map_err(|error| RunError::Flush {
+        agreement: a.name.to_owned(),
+        error,
+    })?;
+    Ok(report)
+}
+
+/// Renews the lease every third of its length until it is lost. A lease taken over ends it; a
+/// renewal that failed on the way (a 5xx, the network) is tried again at the next tick, while the
+/// lease still runs.
+async fn keep_alive(store: &dyn StateStore, l: &Lease, ttl: Duration) -> StateError {
+    let every = (ttl / 3).max(Duration::from_secs(1));
+    let mut until = l.until;
+    loop {
+        tokio::time::sleep(every).await;
+        match store.renew(l, ttl).await {
+            Ok(renewed) => until = renewed.until,
+            Err(e @ StateError::LeaseLost { .. }) => return e,
+            Err(e) => {
+                if unix_now() + every.as_secs() >= until {
+                    return e;
+                }
+                tracing::warn!(error = %e, "renewing the lease failed; trying again");
+            }
+        }
+    }
+}
+
+/// Applies a saved plan after checking that the state has not moved since it was made.
+pub async fn apply_saved(
+    file: &PlanFile,
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    opts: &RunOptions,
+    reporter: &mut dyn Reporter,
+) -> Result<Outcome, RunError> {
+    let lease = store.acquire(a.name, &holder(), opts.lease).await?;
+    let result = async {
+        let state = load_state(store, a.name).await?;
+        if state.version != file.plan.state_version {
+            return Err(RunError::StalePlan {
+                agreement: a.name.to_owned(),
+                planned: file.plan.state_version,
+                now: state.version,
+            });
+        }
+        if let Some(h) = &file.plan.halt {
+            reporter.halt(h);
+            reporter.note("this plan was saved halted, and a saved plan is applied as it is: make a new one with the approval (for example `idsync plan --approve-deletions N --out plan.json`) and apply that");
+            return Ok(Outcome { code: exit::HALTED, file: None, report: None });
+        }
+        reporter.plan(&file.plan, &a.describe, Mode::Sync);
+        let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
+        let report = apply_file(file, a, store, state, &stages, opts.workers, Some((&lease, opts.lease))).await?;
+        reporter.report(&report);
+        let code = if report.is_success() { exit::OK } else { exit::ERROR };
+        Ok(Outcome { code, file: None, report: Some(report) })
+    }
+    .await;
+    give_back(store, &lease).await;
+    result
+}
+
+/// A source that reads the same snapshot every time, with no change feed: for tests, and for
+/// embedding idsync where the directory is already in hand.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotSource {
+    snapshot: std::sync::Arc<idsync_model::Snapshot>,
+}
+
+impl SnapshotSource {
+    /// A source that reads `snapshot` (as it is: the scope was applied by whoever made it).
+    pub fn new(snapshot: impl Into<std::sync::Arc<idsync_model::Snapshot>>) -> Self {
+        SnapshotSource {
+            snapshot: snapshot.into(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for SnapshotSource {
+    async fn read_full(
+        &self,
+        _: &Scope,
+    ) -> Result<idsync_engine::Read, idsync_engine::SourceError> {
+        Ok(idsync_engine::Read {
+            snapshot: self.snapshot.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn read_changes(
+        &self,
+        _: &Scope,
+        _: &idsync_model::Snapshot,
+        _: &std::collections::BTreeMap<String, String>,
+    ) -> Result<idsync_engine::Changes, idsync_engine::SourceError> {
+        Ok(idsync_engine::Changes::Unsupported)
+    }
+}

@@ -1,0 +1,92 @@
+//! The observation policy: when the state's picture of a target (the last applied snapshot, mapped,
+//! under the ids the state links) may stand in for a full observation, and the plan made either way.
+//!
+//! The picture is trusted only when the state holds a [`Trust`] left by a clean, complete apply
+//! ([`idsync_engine::apply::finish`] sets it, [`idsync_engine::apply::begin`] clears it), under the
+//! same fingerprint (target, mapping, capabilities, policy), no journal is open, `--full-sync` was
+//! not asked, and the last full observation is younger than the reconcile interval.
+
+use crate::{Agreement, RunError, RunOptions, unix_now};
+use idsync_engine::{Policy, map_snapshot, observe};
+use idsync_model::{AgreementState, Capabilities, Desired, Plan, ReadMode, Snapshot, Trust};
+
+/// When the picture may be trusted: since when (the last full observation) and the last applied
+/// snapshot it is made from; `None` when the target must be observed in full.
+pub fn trusted<'s>(
+    state: &'s AgreementState,
+    fingerprint: &str,
+    opts: &RunOptions,
+    now: u64,
+) -> Option<(u64, &'s Snapshot)> {
+    let fresh = |t: &Trust| {
+        opts.reconcile
+            .is_some_and(|r| now < t.observed_at.saturating_add(r.as_secs()))
+    };
+    match (&state.trust, &state.last_applied) {
+        (Some(t), Some(prev))
+            if !opts.full_sync
+                && state.journal.is_none()
+                && t.fingerprint == fingerprint
+                && fresh(t) =>
+        {
+            Some((t.observed_at, prev))
+        }
+        _ => None,
+    }
+}
+
+/// Beyond this many live reads, one bulk observation is cheaper.
+pub fn read_limit(state: &AgreementState) -> usize {
+    1000.max(state.owned_count() / 10)
+}
+
+/// Observes the target (incrementally when the state's picture may be trusted, else in full) and
+/// plans. The plan records the trust a clean apply of it leaves.
+pub(crate) async fn observe_and_plan(
+    a: &Agreement<'_>,
+    caps: &Capabilities,
+    desired: &Desired,
+    state: &AgreementState,
+    policy: &Policy,
+    mode: ReadMode,
+    opts: &RunOptions,
+) -> Result<Plan, RunError> {
+    let fingerprint = observe::fingerprint(&a.identity, a.mapping, caps, policy);
+    let now = opts.now.unwrap_or_else(unix_now);
+    let failed = |error| RunError::Observe {
+        agreement: a.name.to_owned(),
+        target: a.describe.clone(),
+        error,
+    };
+    let mut incremental = None;
+    if let Some((since, prev)) = trusted(state, &fingerprint, opts, now) {
+        let prev = map_snapshot(prev, a.mapping, caps);
+        incremental = observe::plan_incrementally(
+            a.target,
+            desired,
+            &prev,
+            state,
+            policy,
+            caps,
+            mode,
+            since,
+            read_limit(state),
+        )
+        .await
+        .map_err(failed)?
+        .map(|plan| (plan, since));
+    }
+    let (mut plan, observed_at) = match incremental {
+        Some(done) => done,
+        None => {
+            let observed = a.target.observe().await.map_err(failed)?;
+            let plan = idsync_engine::plan(desired, &observed, state, policy, caps, mode);
+            (plan, now)
+        }
+    };
+    plan.trust = observe::leaves_a_faithful_picture(&plan, desired).then_some(Trust {
+        observed_at,
+        fingerprint,
+    });
+    Ok(plan)
+}

@@ -1,0 +1,48 @@
+//! The source side of a run: one read per starting point.
+
+use crate::Reporter;
+use idsync_engine::{Changes, Read, Scope, Source, SourceError};
+use idsync_model::AgreementState;
+use std::collections::BTreeMap;
+
+/// Reads the source once per distinct starting point: agreements at the same cursor share a read.
+#[derive(Default)]
+pub struct ReadCache {
+    reads: BTreeMap<String, Read>,
+}
+
+impl ReadCache {
+    /// A full read, or an incremental one from the state's cursors and last applied snapshot
+    /// (an expired cursor or a source without a change feed falls back to a full read).
+    pub async fn read(
+        &mut self,
+        source: &dyn Source,
+        scope: &Scope,
+        state: &AgreementState,
+        full: bool,
+        reporter: &mut dyn Reporter,
+    ) -> Result<Read, SourceError> {
+        let incremental = !full && !state.cursors.is_empty() && state.last_applied.is_some();
+        let key = if incremental {
+            serde_json::to_string(&state.cursors).unwrap_or_default()
+        } else {
+            "full".to_owned()
+        };
+        if let Some(r) = self.reads.get(&key) {
+            return Ok(r.clone());
+        }
+        let read = match (incremental, &state.last_applied) {
+            (true, Some(base)) => match source.read_changes(scope, base, &state.cursors).await? {
+                Changes::Read(r) => r,
+                Changes::Unsupported => source.read_full(scope).await?,
+                Changes::Expired(why) => {
+                    reporter.note(&format!("{why}; reading the whole scope instead"));
+                    source.read_full(scope).await?
+                }
+            },
+            _ => source.read_full(scope).await?,
+        };
+        self.reads.insert(key, read.clone());
+        Ok(read)
+    }
+}

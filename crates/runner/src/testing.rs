@@ -1,0 +1,508 @@
+//! For connector authors and idsync's own tests (feature `testing`): a run against an in-memory
+//! state store, and the conformance suite every target runs, all through [`run_agreement`] — the
+//! function the command line calls — so a test exercises what users run.
+
+use crate::{
+    Agreement, Mode, Outcome, ReadCache, RunError, RunOptions, Silent, SnapshotSource,
+    run_agreement,
+};
+use async_trait::async_trait;
+use idsync_engine::apply::ApplyReport;
+use idsync_engine::plan::Deprovision;
+use idsync_engine::{
+    Mapping, Outcome as OpOutcome, Policy, Scope, Target, TargetError, TargetErrorKind,
+    TargetIdentity,
+};
+use idsync_model::{
+    AgreementState, Capabilities, Kind, Member, Observation, Observed, Op, Plan, Snapshot,
+};
+use idsync_state::{Lease, MemoryStore, StateError, StateStore};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// One run of `snapshot` into `target` with `state` as the agreement's state: the state is
+/// committed to a fresh in-memory store, the run made with `opts` (its approvals taken from
+/// `policy`, as the command line's flags would give them), and the state read back into `state`.
+pub async fn run_seeded(
+    target: &dyn Target,
+    snapshot: &Snapshot,
+    mapping: &Mapping,
+    policy: &Policy,
+    state: &mut AgreementState,
+    opts: &RunOptions,
+) -> Result<Outcome, RunError> {
+    let store = MemoryStore::in_memory();
+    let mut seeded = state.clone();
+    seeded.version = 0;
+    store.commit(&seeded).await?;
+    let agreement = Agreement {
+        name: &state.agreement,
+        target,
+        identity: TargetIdentity::new("test", "seeded"),
+        describe: "the target under test".into(),
+        mapping,
+        policy,
+    };
+    let opts = RunOptions {
+        approve_deletions: policy.approved_deletions,
+        allow_empty_source: policy.allow_empty_source,
+        ..opts.clone()
+    };
+    let source = SnapshotSource::new(snapshot.clone());
+    let out = run_agreement(
+        &agreement,
+        &store,
+        &source,
+        &Scope::default(),
+        &mut ReadCache::default(),
+        &opts,
+        &mut Silent,
+    )
+    .await;
+    if let Some(st) = store.load(&state.agreement).await? {
+        *state = st;
+    }
+    out
+}
+
+/// A target that "dies" (fails every operation as unreachable) once it has executed `budget`
+/// operations: the process killed in the middle of an apply.
+pub struct CrashAfter<'a> {
+    inner: &'a dyn Target,
+    budget: AtomicUsize,
+}
+
+impl<'a> CrashAfter<'a> {
+    /// `inner`, dying after `budget` operations.
+    pub fn new(inner: &'a dyn Target, budget: usize) -> Self {
+        CrashAfter {
+            inner,
+            budget: AtomicUsize::new(budget),
+        }
+    }
+}
+
+#[async_trait]
+impl Target for CrashAfter<'_> {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn observe(&self) -> Result<Observed, TargetError> {
+        self.inner.observe().await
+    }
+    async fn execute(&self, op: &Op) -> Result<OpOutcome, TargetError> {
+        let left = self.budget.load(Ordering::SeqCst);
+        if left == 0
+            || self
+                .budget
+                .compare_exchange(left, left - 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return Err(TargetError::new(
+                TargetErrorKind::Unavailable,
+                "the process died here",
+            ));
+        }
+        self.inner.execute(op).await
+    }
+    async fn flush(&self) -> Result<(), TargetError> {
+        self.inner.flush().await
+    }
+}
+
+/// A state store that refuses every commit after the first `commits`: with [`CrashAfter`], a
+/// process that died after it journaled its creates and before it recorded what it applied.
+pub struct CommitsThenDies<'a> {
+    inner: &'a dyn StateStore,
+    commits: AtomicUsize,
+}
+
+impl<'a> CommitsThenDies<'a> {
+    /// `inner`, refusing commits after `commits` of them.
+    pub fn new(inner: &'a dyn StateStore, commits: usize) -> Self {
+        CommitsThenDies {
+            inner,
+            commits: AtomicUsize::new(commits),
+        }
+    }
+}
+
+#[async_trait]
+impl StateStore for CommitsThenDies<'_> {
+    async fn load(&self, agreement: &str) -> Result<Option<AgreementState>, StateError> {
+        self.inner.load(agreement).await
+    }
+    async fn commit(&self, state: &AgreementState) -> Result<u64, StateError> {
+        let left = self.commits.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(StateError::Io {
+                action: "writing",
+                path: "the state (the process died)".into(),
+                source: std::io::Error::other("the process died here"),
+            });
+        }
+        self.commits.store(left - 1, Ordering::SeqCst);
+        self.inner.commit(state).await
+    }
+    async fn acquire(
+        &self,
+        agreement: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, StateError> {
+        self.inner.acquire(agreement, holder, ttl).await
+    }
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease, StateError> {
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), StateError> {
+        self.inner.release(lease).await
+    }
+    async fn delete(&self, agreement: &str) -> Result<(), StateError> {
+        self.inner.delete(agreement).await
+    }
+    async fn list(&self) -> Result<Vec<String>, StateError> {
+        self.inner.list().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// The target under test.
+pub struct Subject<'a> {
+    /// The target.
+    pub target: &'a dyn Target,
+    /// Its mapping.
+    pub mapping: Mapping,
+    /// Turns a 429 storm on (`true`) or off, where the server can be told to.
+    pub storm: Option<Box<dyn Fn(bool) + Send + Sync + 'a>>,
+}
+
+fn check(ok: bool, what: impl Into<String>) -> Result<(), String> {
+    if ok { Ok(()) } else { Err(what.into()) }
+}
+
+/// Every key observed once per kind (case-insensitively where the target folds case).
+fn no_duplicates(o: &Observed, caps: &Capabilities) -> Result<(), String> {
+    for k in Kind::ALL {
+        let mut seen = std::collections::BTreeSet::new();
+        for p in o.principals.get(k).values() {
+            let key = if caps.case_insensitive_keys {
+                p.principal.key.to_lowercase()
+            } else {
+                p.principal.key.clone()
+            };
+            check(
+                seen.insert(key),
+                format!("{k} {} is there twice", p.principal.key),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn id_by_name(dir: &Snapshot, user: &str) -> String {
+    dir.users
+        .values()
+        .find(|u| u.user_name == user)
+        .map(|u| u.id.clone())
+        .unwrap_or_default()
+}
+
+/// The suite's runs: one agreement, its state in one in-memory store across the steps.
+struct Suite<'s, 'a> {
+    s: &'s Subject<'a>,
+    store: MemoryStore,
+}
+
+const AGREEMENT: &str = "conformance";
+
+impl Suite<'_, '_> {
+    async fn run(
+        &self,
+        target: &dyn Target,
+        store: &dyn StateStore,
+        dir: &Snapshot,
+        policy: &Policy,
+        opts: RunOptions,
+    ) -> Result<Outcome, String> {
+        let a = Agreement {
+            name: AGREEMENT,
+            target,
+            identity: TargetIdentity::new("conformance", "subject"),
+            describe: "the target under test".into(),
+            mapping: &self.s.mapping,
+            policy,
+        };
+        let source = SnapshotSource::new(dir.clone());
+        run_agreement(
+            &a,
+            store,
+            &source,
+            &Scope::default(),
+            &mut ReadCache::default(),
+            &opts,
+            &mut Silent,
+        )
+        .await
+        .map_err(|e| format!("{e:#}"))
+    }
+
+    /// `idsync sync`, observing the target in full.
+    async fn sync(&self, dir: &Snapshot, policy: &Policy) -> Result<(Plan, ApplyReport), String> {
+        let opts = RunOptions {
+            workers: 4,
+            reconcile: None,
+            ..RunOptions::default()
+        };
+        let out = self
+            .run(self.s.target, &self.store, dir, policy, opts)
+            .await?;
+        let plan = out.file.map(|f| f.plan).ok_or("a plan")?;
+        match out.report {
+            Some(r) => Ok((plan, r)),
+            None => Err(format!("the plan halted: {:?}", plan.halt)),
+        }
+    }
+
+    /// `idsync plan`: observing in full, or as the state's picture allows.
+    async fn plan(&self, dir: &Snapshot, policy: &Policy, full: bool) -> Result<Plan, String> {
+        let opts = RunOptions {
+            mode: Mode::Plan,
+            full_sync: full,
+            reconcile: (!full).then_some(Duration::from_secs(3600)),
+            ..RunOptions::default()
+        };
+        let out = self
+            .run(self.s.target, &self.store, dir, policy, opts)
+            .await?;
+        out.file.map(|f| f.plan).ok_or_else(|| "a plan".into())
+    }
+}
+
+/// Runs the suite on `s`, starting from the directory `dir` (the demo's: groups TEAM_ALPHA,
+/// TEAM_ZETA with TEAM_ETA nested in it, users alice, bob and erin among others) and an empty
+/// target: a crash half-way through the first apply, then a re-run that converges with nothing
+/// duplicated; a second run with no write; nested groups kept or flattened as the target
+/// declares; a group renamed, a user deleted and a member removed; a user deactivated where the
+/// target can; a 429 storm that converges; and incremental observation, which reads only what the
+/// changes touch and plans exactly what a full observation plans.
+pub async fn conformance(s: Subject<'_>, mut dir: Snapshot) -> Result<(), String> {
+    let caps = s.target.capabilities();
+    let mut policy = Policy {
+        deprovision: Deprovision::Delete,
+        max_deletions: Some(100),
+        max_deletions_percent: Some(100),
+        ..Policy::default()
+    };
+    let suite = Suite {
+        s: &s,
+        store: MemoryStore::in_memory(),
+    };
+
+    // 1. The first apply dies half-way, after the journal was committed and before what was
+    //    applied was recorded (the worst case). The re-run recognises what the dead run created.
+    let first = suite.plan(&dir, &policy, true).await?;
+    let half = first.ops.len() / 2;
+    check(
+        half > 2,
+        format!("a first plan worth cutting ({} ops)", first.ops.len()),
+    )?;
+    let crashing = CrashAfter::new(s.target, half);
+    let dying = CommitsThenDies::new(&suite.store, 1);
+    let opts = RunOptions {
+        reconcile: None,
+        ..RunOptions::default()
+    };
+    let died = suite.run(&crashing, &dying, &dir, &policy, opts).await;
+    check(
+        died.as_ref().is_err_and(|e| e.contains("saving the state")),
+        format!("the crash is reported: {:?}", died.map(|o| o.report)),
+    )?;
+    let journaled = suite
+        .store
+        .load(AGREEMENT)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the journal was committed")?;
+    check(
+        journaled.journal.is_some() && journaled.links.get(Kind::User).is_empty(),
+        "the store holds the journal and nothing the dead run applied",
+    )?;
+    let (_, r) = suite.sync(&dir, &policy).await?;
+    check(r.is_success(), format!("the re-run converges: {r:?}"))?;
+    let o = s.target.observe().await.map_err(|e| e.message)?;
+    no_duplicates(&o, &caps)?;
+
+    // 2. A second run writes nothing.
+    let p = suite.plan(&dir, &policy, true).await?;
+    check(
+        p.ops.is_empty(),
+        format!("a second run writes nothing: {:?}", p.summary.ops),
+    )?;
+
+    // 3. Nested groups kept where the target nests them, flattened where it does not.
+    let zeta = o
+        .principals
+        .get(Kind::Group)
+        .values()
+        .find(|g| g.principal.key == "TEAM_ZETA")
+        .ok_or("TEAM_ZETA was created")?;
+    let members = o.members.get(&zeta.id).cloned().unwrap_or_default();
+    if caps.nested_groups {
+        check(
+            members.get(Kind::Group).len() == 1,
+            "TEAM_ETA is nested in TEAM_ZETA",
+        )?;
+    } else {
+        check(
+            members.get(Kind::Group).is_empty() && members.get(Kind::User).len() >= 3,
+            "TEAM_ZETA holds TEAM_ETA's users, flattened",
+        )?;
+    }
+
+    // 4. A group renamed, a user deleted, a member removed.
+    if let Some(g) = dir
+        .groups
+        .values_mut()
+        .find(|g| g.display_name == "TEAM_ETA")
+    {
+        g.display_name = "TEAM_ETA_PLATFORM".into();
+    }
+    let erin = id_by_name(&dir, "erin@company.com");
+    dir.users.remove(&erin);
+    let alice = id_by_name(&dir, "alice@company.com");
+    for g in dir.groups.values_mut() {
+        g.members.remove(&Member::user(erin.clone()));
+        if g.display_name == "TEAM_ALPHA" {
+            g.members.remove(&Member::user(alice.clone()));
+        }
+    }
+    let (_, r) = suite.sync(&dir, &policy).await?;
+    check(
+        r.is_success(),
+        format!("rename, delete, member removal: {r:?}"),
+    )?;
+    let o = s.target.observe().await.map_err(|e| e.message)?;
+    check(
+        o.principals
+            .get(Kind::Group)
+            .values()
+            .any(|g| g.principal.key == "TEAM_ETA_PLATFORM"),
+        "the group is renamed",
+    )?;
+    check(
+        suite.plan(&dir, &policy, true).await?.ops.is_empty(),
+        "converged after the changes",
+    )?;
+
+    // 5. A user deactivated, where the target can.
+    if caps.deactivate {
+        policy.deprovision = Deprovision::Deactivate;
+        let bob = id_by_name(&dir, "bob@company.com");
+        dir.users.remove(&bob);
+        for g in dir.groups.values_mut() {
+            g.members.remove(&Member::user(bob.clone()));
+        }
+        let (_, r) = suite.sync(&dir, &policy).await?;
+        check(r.is_success(), format!("deactivation: {r:?}"))?;
+        let o = s.target.observe().await.map_err(|e| e.message)?;
+        check(
+            o.principals
+                .get(Kind::User)
+                .values()
+                .any(|u| u.principal.key.contains("bob") && !u.principal.active),
+            "bob is deactivated, not deleted",
+        )?;
+    }
+
+    // 6. A 429 storm: the next changes still converge.
+    if let Some(storm) = &s.storm {
+        if let Some(g) = dir
+            .groups
+            .values_mut()
+            .find(|g| g.display_name == "TEAM_ZETA")
+        {
+            g.display_name = "TEAM_ZETA_2".into();
+        }
+        storm(true);
+        let out = suite.sync(&dir, &policy).await;
+        storm(false);
+        let (_, r) = out?;
+        check(r.is_success(), format!("a 429 storm converges: {r:?}"))?;
+        let o = s.target.observe().await.map_err(|e| e.message)?;
+        no_duplicates(&o, &caps)?;
+        check(
+            suite.plan(&dir, &policy, true).await?.ops.is_empty(),
+            "converged after the storm",
+        )?;
+    }
+
+    // 7. Incremental observation: after a clean apply, nothing changed reads nothing; changes read
+    //    only what they touch, and plan exactly what a full observation plans.
+    let incremental = |plan: Plan| match plan.observation {
+        Observation::Incremental { read, .. } => Ok((plan, read)),
+        Observation::Full => Err("the state's picture was trusted and the target read by id"),
+    };
+    let (same, read) = incremental(suite.plan(&dir, &policy, false).await?)?;
+    check(
+        read == 0 && same.ops.is_empty(),
+        format!("nothing changed, yet {read} read: {:?}", same.ops),
+    )?;
+    let zed = {
+        let mut u = dir.users.values().next().cloned().ok_or("a user")?;
+        u.id = "zed-source-id".into();
+        u.user_name = "zed@company.com".into();
+        u.display_name = "Zed \"the new one\" Ünal".into();
+        u.emails = vec!["zed@company.com".into()];
+        u
+    };
+    dir.users.insert(zed.id.clone(), zed.clone());
+    for g in dir.groups.values_mut() {
+        if g.display_name == "TEAM_ALPHA" {
+            g.members.insert(Member::user(zed.id.clone()));
+            g.members.insert(Member::user(alice.clone()));
+        }
+    }
+    let mut fresh = dir.groups.values().next().cloned().ok_or("a group")?;
+    fresh.id = "new-group-source-id".into();
+    fresh.display_name = "TEAM_NEW".into();
+    fresh.members = [Member::user(zed.id.clone())].into();
+    dir.groups.insert(fresh.id.clone(), fresh);
+    let (inc, read) = incremental(suite.plan(&dir, &policy, false).await?)?;
+    let bulk = suite.plan(&dir, &policy, true).await?;
+    check(
+        inc.ops == bulk.ops,
+        format!(
+            "incremental plan {:?} differs from the bulk plan {:?}",
+            inc.ops, bulk.ops
+        ),
+    )?;
+    check(
+        read > 0 && read <= 4,
+        format!("{read} principals read for 2 new ones and one group"),
+    )?;
+    let opts = RunOptions {
+        reconcile: Some(Duration::from_secs(3600)),
+        ..RunOptions::default()
+    };
+    let out = suite
+        .run(s.target, &suite.store, &dir, &policy, opts)
+        .await?;
+    let applied = out.file.map(|f| f.plan).ok_or("a plan")?;
+    check(
+        matches!(applied.observation, Observation::Incremental { .. }),
+        "the sync observed incrementally too",
+    )?;
+    let r = out.report.ok_or("the incremental plan was applied")?;
+    check(
+        r.is_success(),
+        format!("the incremental plan applies: {r:?}"),
+    )?;
+    check(
+        suite.plan(&dir, &policy, true).await?.ops.is_empty(),
+        "converged after the incremental plan",
+    )?;
+    Ok(())
+}
