@@ -3,6 +3,7 @@
 //! ripgrep's arguments: the raw shape as typed (serde, unknown keys denied), then the real objects,
 //! built once. Every problem is reported in one go, each with its file and line or its variable.
 
+use idsync_connectors::registry::{self, Context, Problem, SourceConfig, TargetConfig};
 use idsync_engine::mapping::Mapping;
 use idsync_engine::{Deprovision, OnConflict, Policy, Scope, Template};
 use idsync_model::{Attr, Kind, PKey, Secret};
@@ -60,12 +61,15 @@ impl std::error::Error for ConfigErrors {}
 #[serde(deny_unknown_fields)]
 struct Raw {
     state: Option<RawState>,
-    source: Option<RawSource>,
+    /// The source's table, handed to its kind (see `idsync_connectors::registry`).
+    source: Option<toml::Table>,
     scope: Option<RawScope>,
     policy: Option<RawPolicy>,
     mapping: Option<RawMapping>,
+    /// Each target's table: `kind`, `mapping` and `policy` are read here, the rest is handed to
+    /// its kind.
     #[serde(default)]
-    targets: BTreeMap<String, RawTarget>,
+    targets: BTreeMap<String, toml::Table>,
     run: Option<RawRun>,
 }
 
@@ -90,28 +94,6 @@ struct RawRun {
     worker_threads: Option<usize>,
     reconcile_hours: Option<u64>,
     dry_run: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSource {
-    kind: Option<String>,
-    // file
-    path: Option<String>,
-    // entra
-    tenant_id: Option<String>,
-    client_id: Option<String>,
-    client_secret: Option<Secret>,
-    client_certificate_path: Option<String>,
-    federated_token_file: Option<String>,
-    auth: Option<String>,
-    managed_identity_endpoint: Option<String>,
-    #[serde(skip)]
-    identity_header: Option<Secret>,
-    azure_cli_path: Option<String>,
-    authority_host: Option<String>,
-    graph_url: Option<String>,
-    ca_bundle: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,187 +139,16 @@ struct RawMapping {
     group_description: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTarget {
-    kind: Option<String>,
-    // file
-    path: Option<String>,
-    profile: Option<String>,
-    // lakefs
-    endpoint: Option<String>,
-    access_key_id: Option<String>,
-    secret_access_key: Option<Secret>,
-    default_policies: Option<Vec<String>>,
-    // databricks
-    host: Option<String>,
-    account_id: Option<String>,
-    // databricks, scim
-    token: Option<Secret>,
-    // lakefs, databricks, scim
-    ca_bundle: Option<String>,
-    // databricks (OAuth M2M)
-    client_id: Option<String>,
-    client_secret: Option<Secret>,
-    // databricks (an Entra app's credentials, for the Azure Databricks resource)
-    azure_tenant_id: Option<String>,
-    azure_client_id: Option<String>,
-    azure_client_secret: Option<Secret>,
-    azure_authority_host: Option<String>,
-    azure_use_source: Option<bool>,
-    // scim
-    url: Option<String>,
-    member_chunk: Option<usize>,
-    nested_groups: Option<bool>,
-    mapping: Option<RawMapping>,
-    policy: Option<RawPolicy>,
-}
-
 // ---------------------------------------------------------------------------------------------
 // Layer 2: the real objects.
 
-/// Where the source is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceConfig {
-    /// A directory JSON file.
-    File {
-        /// The file.
-        path: PathBuf,
-    },
-    /// Microsoft Entra ID over Microsoft Graph.
-    Entra(Box<EntraConfig>),
-}
-
-/// Entra ID settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EntraConfig {
-    /// Directory (tenant) id.
-    pub tenant_id: String,
-    /// Application (client) id.
-    pub client_id: Option<String>,
-    /// Client secret.
-    pub client_secret: Option<Secret>,
-    /// Certificate (PEM) for a signed client assertion.
-    pub client_certificate_path: Option<String>,
-    /// Federated token file (workload identity).
-    pub federated_token_file: Option<String>,
-    /// How to sign in.
-    pub method: EntraMethod,
-    /// The managed identity endpoint: IMDS (or its override), or the platform's
-    /// `IDENTITY_ENDPOINT`.
-    pub managed_identity_endpoint: String,
-    /// `IDENTITY_HEADER`, with the platform's `IDENTITY_ENDPOINT`.
-    pub identity_header: Option<Secret>,
-    /// The Azure CLI program.
-    pub azure_cli_path: String,
-    /// Authority host (national clouds, emulators).
-    pub authority_host: String,
-    /// Graph base URL.
-    pub graph_url: String,
-    /// Extra CA certificates (PEM).
-    pub ca_bundle: Option<String>,
-}
-
-/// The Entra sign-in methods, by their `auth` names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntraMethod {
-    /// `secret`: an app's client secret.
-    Secret,
-    /// `certificate`: an app's certificate (PEM with its key).
-    Certificate,
-    /// `workload_identity`: a federated token file.
-    WorkloadIdentity,
-    /// `managed_identity`: the host's managed identity.
-    ManagedIdentity,
-    /// `azure_cli`: the signed-in Azure CLI.
-    AzureCli,
-    /// `device_code`: a person signs in at a terminal.
-    DeviceCode,
-}
-
-/// The `auth` names, in the order they are inferred.
-pub const ENTRA_METHODS: &[(&str, EntraMethod)] = &[
-    ("secret", EntraMethod::Secret),
-    ("certificate", EntraMethod::Certificate),
-    ("workload_identity", EntraMethod::WorkloadIdentity),
-    ("managed_identity", EntraMethod::ManagedIdentity),
-    ("azure_cli", EntraMethod::AzureCli),
-    ("device_code", EntraMethod::DeviceCode),
-];
-
-/// Where a target is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TargetConfig {
-    /// A JSON file with the capabilities of a real target.
-    File {
-        /// The file.
-        path: PathBuf,
-        /// Whose capabilities.
-        profile: idsync_connectors::target::file::Profile,
-    },
-    /// The lakeFS auth API.
-    Lakefs {
-        /// Base URL.
-        endpoint: String,
-        /// Access key id.
-        access_key_id: String,
-        /// Secret access key.
-        secret_access_key: Secret,
-        /// Extra CA certificates (PEM).
-        ca_bundle: Option<PathBuf>,
-    },
-    /// The Databricks account SCIM API.
-    Databricks {
-        /// Accounts host.
-        host: String,
-        /// Account id.
-        account_id: String,
-        /// A token (PAT or SCIM provisioning token).
-        token: Option<Secret>,
-        /// OAuth M2M client id and secret, when no token is given.
-        oauth: Option<(String, Secret)>,
-        /// An Entra app (authority, tenant, client id, secret), when neither is given.
-        entra: Option<(String, String, String, Secret)>,
-        /// An Entra token from the Entra source's sign-in (any method), when nothing else is
-        /// given.
-        entra_from_source: bool,
-        /// Extra CA certificates (PEM).
-        ca_bundle: Option<PathBuf>,
-    },
-    /// A SCIM 2.0 service provider.
-    Scim {
-        /// Base URL.
-        url: String,
-        /// Bearer token.
-        token: Option<Secret>,
-        /// Members per PATCH.
-        member_chunk: usize,
-        /// The provider keeps groups in groups.
-        nested_groups: bool,
-        /// Extra CA certificates (PEM).
-        ca_bundle: Option<PathBuf>,
-    },
-}
-
-impl TargetConfig {
-    /// The kind's name.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TargetConfig::File { .. } => "file",
-            TargetConfig::Lakefs { .. } => "lakefs",
-            TargetConfig::Databricks { .. } => "databricks",
-            TargetConfig::Scim { .. } => "scim",
-        }
-    }
-}
-
 /// One agreement: the source synced into one target.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct AgreementConfig {
     /// Its name (the `[targets.NAME]` table), also the state's name.
     pub name: String,
-    /// The target.
-    pub target: TargetConfig,
+    /// The target, as its kind checked it.
+    pub target: Box<dyn TargetConfig>,
     /// How source principals map to it.
     pub mapping: Mapping,
     /// Its policy.
@@ -345,7 +156,7 @@ pub struct AgreementConfig {
 }
 
 /// A validated configuration.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Config {
     /// State location (a folder path or URL).
     pub state_url: String,
@@ -353,8 +164,8 @@ pub struct Config {
     pub lease_seconds: u64,
     /// Object store settings the URL cannot carry.
     pub state_options: idsync_state::StoreOptions,
-    /// The source.
-    pub source: SourceConfig,
+    /// The source, as its kind checked it.
+    pub source: Box<dyn SourceConfig>,
     /// What is synced.
     pub scope: Scope,
     /// One per target.
@@ -369,51 +180,30 @@ pub struct Config {
     pub reconcile_hours: u64,
 }
 
-/// Source kinds this build can run.
-pub const SOURCE_KINDS: &[&str] = &["file", "entra"];
-/// Target kinds this build can run.
-pub const TARGET_KINDS: &[&str] = &["file", "lakefs", "databricks", "scim"];
-/// Kinds the configuration understands whose connectors are not in this build yet.
-const PLANNED_KINDS: &[&str] = &["entra", "ldap", "lakefs", "databricks", "scim", "kanidm"];
-
 /// The environment: process variables over `.env` files.
 #[derive(Clone, Debug, Default)]
 pub struct Env {
     vars: BTreeMap<String, String>,
 }
 
-/// Variables idsync reads, in override order (first found wins within a group).
-const ENV_NAMES: &[&str] = &[
+/// Variables idsync reads besides its connectors' (`idsync_connectors::registry`).
+const SHARED_ENV: &[&str] = &[
     "IDSYNC_STATE",
     "DRY_RUN",
     "GROUP_FILTER",
-    "ENTRA_TENANT_ID",
-    "AZURE_TENANT_ID",
-    "ARM_TENANT_ID",
-    "ENTRA_APPLICATION_ID",
-    "AZURE_CLIENT_ID",
-    "ARM_CLIENT_ID",
-    "ENTRA_CLIENT_SECRET_VALUE",
-    "AZURE_CLIENT_SECRET",
-    "ARM_CLIENT_SECRET",
-    "AZURE_CLIENT_CERTIFICATE_PATH",
-    "AZURE_FEDERATED_TOKEN_FILE",
-    "AZURE_AUTHORITY_HOST",
-    "LAKEFS_ENDPOINT",
-    "LAKEFS_ACCESS_KEY_ID",
-    "LAKEFS_SECRET_ACCESS_KEY",
-    "LAKEFS_DEFAULT_POLICIES",
-    "DATABRICKS_HOST",
-    "DATABRICKS_ACCOUNT_ID",
-    "DATABRICKS_TOKEN",
-    "DATABRICKS_CLIENT_ID",
-    "DATABRICKS_CLIENT_SECRET",
-    "SCIM_TOKEN",
-    "IDENTITY_ENDPOINT",
-    "IDENTITY_HEADER",
-    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
     "AZURE_STORAGE_CONNECTION_STRING",
 ];
+
+/// Every variable idsync reads: the shared ones, then each connector kind's.
+pub fn env_names() -> BTreeSet<&'static str> {
+    let sources = registry::SOURCES.iter().flat_map(|k| k.env());
+    let targets = registry::TARGETS.iter().flat_map(|k| k.env());
+    SHARED_ENV
+        .iter()
+        .copied()
+        .chain(sources.chain(targets).flat_map(|v| v.names.iter().copied()))
+        .collect()
+}
 
 impl Env {
     /// The process environment over the given `.env` files (earlier files win over later ones, and
@@ -440,9 +230,9 @@ impl Env {
                 }),
             }
         }
-        for name in ENV_NAMES {
+        for name in env_names() {
             if let Ok(v) = std::env::var(name) {
-                vars.insert((*name).to_owned(), v);
+                vars.insert(name.to_owned(), v);
             }
         }
         if errors.is_empty() {
@@ -901,26 +691,36 @@ impl Validator<'_> {
         p
     }
 
-    fn kind_fields(&mut self, prefix: &str, kind: &str, set: &[(&str, bool)], allowed: &[&str]) {
-        for (field, present) in set {
-            if *present && !allowed.contains(field) {
-                self.err(
-                    Origin::File(&format!("{prefix}.{field}")),
-                    format!(
-                        "not a setting of kind {kind:?} (it has: {})",
-                        allowed.join(", ")
-                    ),
-                );
+    /// Reports a kind's problems under `prefix` (`source`, `targets.NAME`).
+    fn problems(&mut self, prefix: &str, problems: Vec<Problem>) {
+        for p in problems {
+            match p.env {
+                Some(var) => self.err(Origin::Env(var), p.message),
+                None if p.key.is_empty() => self.err(Origin::File(prefix), p.message),
+                None => self.err(Origin::File(&format!("{prefix}.{}", p.key)), p.message),
             }
         }
     }
 
-    fn required<'a>(&mut self, key: &str, v: Option<&'a String>, hint: &str) -> Option<&'a String> {
-        match v {
-            Some(s) if !s.trim().is_empty() => Some(s),
-            _ => {
-                self.err(Origin::File(key), format!("missing; {hint}"));
-                None
+    /// A table of the file as a kind's settings (TOML values as JSON values).
+    fn settings(table: toml::Table) -> serde_json::Value {
+        serde_json::to_value(table)
+            .unwrap_or_else(|_| serde_json::Value::Object(Default::default()))
+    }
+
+    /// A nested typed table (`mapping`, `policy` of a target), every bad key reported.
+    fn typed<T: serde::de::DeserializeOwned + Default>(
+        &mut self,
+        prefix: &str,
+        value: Option<toml::Value>,
+    ) -> Option<T> {
+        let value = value?;
+        let json = serde_json::to_value(value).unwrap_or_default();
+        match registry::settings::<T>(json) {
+            Ok(t) => Some(t),
+            Err(problems) => {
+                self.problems(prefix, problems);
+                Some(T::default())
             }
         }
     }
@@ -930,166 +730,15 @@ impl Validator<'_> {
             let p = PathBuf::from(p);
             if p.is_absolute() { p } else { base.join(p) }
         };
+        let lookup = |name: &str| env.vars.get(name).cloned();
+        let cx = Context::new(base, &lookup);
 
-        // Environment overrides.
-        // Entra variables configure an Entra source; with another source kind they are not ours
-        // (Azure workload identity injects AZURE_CLIENT_ID and friends into every pod).
-        let src = raw.source.get_or_insert_with(RawSource::default);
-        let entra_source = matches!(src.kind.as_deref(), None | Some("entra"));
-        let entra_vars = [
-            (
-                &["ENTRA_TENANT_ID", "AZURE_TENANT_ID", "ARM_TENANT_ID"][..],
-                &mut src.tenant_id,
-            ),
-            (
-                &["ENTRA_APPLICATION_ID", "AZURE_CLIENT_ID", "ARM_CLIENT_ID"][..],
-                &mut src.client_id,
-            ),
-            (
-                &["AZURE_CLIENT_CERTIFICATE_PATH"][..],
-                &mut src.client_certificate_path,
-            ),
-            (
-                &["AZURE_FEDERATED_TOKEN_FILE"][..],
-                &mut src.federated_token_file,
-            ),
-            (&["AZURE_AUTHORITY_HOST"][..], &mut src.authority_host),
-        ];
-        let mut any_entra = false;
-        for (names, slot) in entra_vars {
-            if !entra_source {
-                break;
-            }
-            if let Some((_, v)) = env.first(names) {
-                *slot = Some(v.to_owned());
-                any_entra = true;
-            }
-        }
-        if let Some((_, v)) = env
-            .first(&[
-                "ENTRA_CLIENT_SECRET_VALUE",
-                "AZURE_CLIENT_SECRET",
-                "ARM_CLIENT_SECRET",
-            ])
-            .filter(|_| entra_source)
-        {
-            src.client_secret = Some(Secret::new(v));
-            any_entra = true;
-        }
-        if any_entra && src.kind.is_none() {
-            src.kind = Some("entra".into());
-        }
-        // Managed identity endpoints: azure-identity's IMDS override, and the identity endpoint
-        // App Service and Container Apps set (used only when auth = "managed_identity").
-        if entra_source {
-            // Both, or it is not App Service's endpoint (Azure Arc sets IDENTITY_ENDPOINT alone,
-            // with another protocol).
-            if let (Some((_, v)), Some((_, h))) = (
-                env.first(&["IDENTITY_ENDPOINT"]),
-                env.first(&["IDENTITY_HEADER"]),
-            ) {
-                src.managed_identity_endpoint = Some(v.to_owned());
-                src.identity_header = Some(Secret::new(h));
-            } else if let Some((_, v)) = env.first(&["AZURE_POD_IDENTITY_AUTHORITY_HOST"]) {
-                src.managed_identity_endpoint = Some(v.to_owned());
-            }
-        }
+        // Environment overrides of the shared sections.
         if let Some((_, f)) = env.first(&["GROUP_FILTER"]) {
             raw.scope.get_or_insert_with(RawScope::default).group_filter = Some(f.to_owned());
         }
         if let Some((_, s)) = env.first(&["IDSYNC_STATE"]) {
             raw.state.get_or_insert_with(RawState::default).url = Some(s.to_owned());
-        }
-        // Targets come from the environment alone only when the file names none: a configured
-        // target is never replaced or added to behind the user's back.
-        let no_targets = raw.targets.is_empty();
-        let lakefs_env = [
-            "LAKEFS_ENDPOINT",
-            "LAKEFS_ACCESS_KEY_ID",
-            "LAKEFS_SECRET_ACCESS_KEY",
-            "LAKEFS_DEFAULT_POLICIES",
-        ];
-        if env.first(&lakefs_env).is_some() && no_targets {
-            raw.targets.insert(
-                "lakefs".into(),
-                RawTarget {
-                    kind: Some("lakefs".into()),
-                    ..RawTarget::default()
-                },
-            );
-        }
-        let dbx_env = [
-            "DATABRICKS_HOST",
-            "DATABRICKS_ACCOUNT_ID",
-            "DATABRICKS_TOKEN",
-        ];
-        if env.first(&dbx_env).is_some() && no_targets {
-            raw.targets.insert(
-                "databricks".into(),
-                RawTarget {
-                    kind: Some("databricks".into()),
-                    ..RawTarget::default()
-                },
-            );
-        }
-        for t in raw.targets.values_mut() {
-            match t.kind.as_deref() {
-                Some("lakefs") => {
-                    if let Some((_, v)) = env.first(&["LAKEFS_ENDPOINT"]) {
-                        t.endpoint = Some(v.to_owned());
-                    }
-                    if let Some((_, v)) = env.first(&["LAKEFS_ACCESS_KEY_ID"]) {
-                        t.access_key_id = Some(v.to_owned());
-                    }
-                    if let Some((_, v)) = env.first(&["LAKEFS_SECRET_ACCESS_KEY"]) {
-                        t.secret_access_key = Some(Secret::new(v));
-                    }
-                    if let Some((_, v)) = env.first(&["LAKEFS_DEFAULT_POLICIES"]) {
-                        t.default_policies = Some(
-                            v.split(',')
-                                .map(|p| p.trim().to_owned())
-                                .filter(|p| !p.is_empty())
-                                .collect(),
-                        );
-                    }
-                }
-                Some("scim") => {
-                    if let Some((_, v)) = env.first(&["SCIM_TOKEN"]) {
-                        t.token = Some(Secret::new(v));
-                    }
-                }
-                Some("databricks") => {
-                    if let Some((_, v)) = env.first(&["DATABRICKS_HOST"]) {
-                        t.host = Some(v.to_owned());
-                    }
-                    if let Some((_, v)) = env.first(&["DATABRICKS_ACCOUNT_ID"]) {
-                        t.account_id = Some(v.to_owned());
-                    }
-                    if let Some((_, v)) = env.first(&["DATABRICKS_TOKEN"]) {
-                        t.token = Some(Secret::new(v));
-                    }
-                    if let Some((_, v)) = env.first(&["DATABRICKS_CLIENT_ID"]) {
-                        t.client_id = Some(v.to_owned());
-                    }
-                    if let Some((_, v)) = env.first(&["DATABRICKS_CLIENT_SECRET"]) {
-                        t.client_secret = Some(Secret::new(v));
-                    }
-                    // databricks-sdk's Azure service-principal variables.
-                    if let Some((_, v)) = env.first(&["ARM_TENANT_ID"]) {
-                        t.azure_tenant_id = Some(v.to_owned());
-                    }
-                    if let Some((_, v)) = env.first(&["ARM_CLIENT_ID"]) {
-                        t.azure_client_id = Some(v.to_owned());
-                    }
-                    if let Some((_, v)) = env.first(&["ARM_CLIENT_SECRET"]) {
-                        t.azure_client_secret = Some(Secret::new(v));
-                    }
-                    if let Some((_, v)) = env.first(&["AZURE_AUTHORITY_HOST"]) {
-                        t.azure_authority_host = Some(v.to_owned());
-                    }
-                }
-                _ => {}
-            }
         }
         let mut dry_run = raw.run.as_ref().and_then(|r| r.dry_run).unwrap_or(false);
         if let Some((var, v)) = env.first(&["DRY_RUN"]) {
@@ -1109,12 +758,11 @@ impl Validator<'_> {
             .url
             .clone()
             .unwrap_or_else(|| ".idsync/state".to_owned());
-        if let Some(scheme) = state_url.split_once("://").map(|(s, _)| s).filter(|s| {
-            !matches!(
-                *s,
-                "file" | "s3" | "az" | "abfs" | "abfss" | "azure" | "adl" | "gs"
-            )
-        }) {
+        if let Some(scheme) = state_url
+            .split_once("://")
+            .map(|(s, _)| s)
+            .filter(|s| !idsync_state::SCHEMES.contains(s))
+        {
             self.err(
                 Origin::File("state.url"),
                 format!("{scheme}:// is not a state store: use a folder path, file://, s3://, az://, abfss:// or gs://"),
@@ -1135,140 +783,49 @@ impl Validator<'_> {
             .and_then(|r| r.reconcile_hours)
             .unwrap_or(24);
 
-        // [source]
-        let src = raw.source.unwrap_or_default();
-        let source = match src.kind.as_deref() {
+        // [source]: its kind, named or chosen by the environment (Entra's variables), checks it.
+        let mut src = raw.source.unwrap_or_default();
+        let named = match src.remove("kind") {
+            None => None,
+            Some(toml::Value::String(k)) => Some(k),
+            Some(_) => {
+                self.err(Origin::File("source.kind"), "must be a string");
+                return None;
+            }
+        };
+        let kind = named.or_else(|| {
+            registry::SOURCES
+                .iter()
+                .find(|k| k.implied_by_env(&cx))
+                .map(|k| k.name().to_owned())
+        });
+        let source = match kind.as_deref() {
             None => {
                 self.err(Origin::File("source.kind"), "missing: set [source] kind = \"file\" (or set ENTRA_TENANT_ID and friends for Entra ID)");
                 None
             }
-            Some("file") => {
-                let set = [
-                    ("tenant_id", src.tenant_id.is_some()),
-                    ("client_id", src.client_id.is_some()),
-                    ("client_secret", src.client_secret.is_some()),
-                    ("graph_url", src.graph_url.is_some()),
-                    ("authority_host", src.authority_host.is_some()),
-                    ("auth", src.auth.is_some()),
-                    ("azure_cli_path", src.azure_cli_path.is_some()),
-                ];
-                self.kind_fields("source", "file", &set, &["kind", "path"]);
-                self.required(
-                    "source.path",
-                    src.path.as_ref(),
-                    "the directory JSON file to read",
-                )
-                .map(|p| SourceConfig::File { path: resolve(p) })
-            }
-            Some("entra") => {
-                if src.path.is_some() {
-                    self.err(
-                        Origin::File("source.path"),
-                        "not a setting of kind \"entra\"",
+            Some(name) => match registry::source_kind(name) {
+                None => {
+                    self.unavailable(
+                        "source.kind",
+                        name,
+                        registry::SOURCES.iter().map(|k| k.name()),
+                        registry::PLANNED_SOURCES,
                     );
+                    None
                 }
-                let tenant = self.required(
-                    "source.tenant_id",
-                    src.tenant_id.as_ref(),
-                    "set tenant_id or ENTRA_TENANT_ID / AZURE_TENANT_ID",
-                );
-                let has_secret = src.client_secret.as_ref().is_some_and(|s| !s.is_empty());
-                let method = match src.auth.as_deref() {
-                    Some(name) => {
-                        let m = ENTRA_METHODS
-                            .iter()
-                            .find(|(n, _)| *n == name)
-                            .map(|(_, m)| *m);
-                        if m.is_none() {
-                            let names: Vec<&str> = ENTRA_METHODS.iter().map(|(n, _)| *n).collect();
-                            self.err(
-                                Origin::File("source.auth"),
-                                format!(
-                                    "unknown sign-in method {name:?} (one of: {})",
-                                    names.join(", ")
-                                ),
-                            );
+                Some(kind) => {
+                    let mut settings = Self::settings(src);
+                    registry::apply_env(&mut settings, kind.env(), &cx);
+                    match kind.configure(settings, &cx) {
+                        Ok(s) => Some(s),
+                        Err(problems) => {
+                            self.problems("source", problems);
+                            None
                         }
-                        m
                     }
-                    None if has_secret => Some(EntraMethod::Secret),
-                    None if src.client_certificate_path.is_some() => Some(EntraMethod::Certificate),
-                    None if src.federated_token_file.is_some() => {
-                        Some(EntraMethod::WorkloadIdentity)
-                    }
-                    None => {
-                        self.err(
-                            Origin::File("source.auth"),
-                            "missing credentials: set ENTRA_CLIENT_SECRET_VALUE or AZURE_CLIENT_SECRET (keep secrets out of the file), AZURE_CLIENT_CERTIFICATE_PATH or AZURE_FEDERATED_TOKEN_FILE, or auth = \"managed_identity\", \"azure_cli\" or \"device_code\"",
-                        );
-                        None
-                    }
-                };
-                match method {
-                    Some(EntraMethod::Secret) if !has_secret => self.err(
-                        Origin::File("source.client_secret"),
-                        "missing: set ENTRA_CLIENT_SECRET_VALUE or AZURE_CLIENT_SECRET (keep secrets out of the file)",
-                    ),
-                    Some(EntraMethod::Certificate) if src.client_certificate_path.is_none() => self.err(
-                        Origin::File("source.client_certificate_path"),
-                        "missing: set client_certificate_path or AZURE_CLIENT_CERTIFICATE_PATH (a PEM file with the certificate and its private key)",
-                    ),
-                    Some(EntraMethod::WorkloadIdentity) if src.federated_token_file.is_none() => self.err(
-                        Origin::File("source.federated_token_file"),
-                        "missing: set federated_token_file or AZURE_FEDERATED_TOKEN_FILE",
-                    ),
-                    _ => {}
                 }
-                // The app's client id: needed by every method but the Azure CLI, and by a managed
-                // identity only when it is user-assigned.
-                if !matches!(
-                    method,
-                    None | Some(EntraMethod::AzureCli | EntraMethod::ManagedIdentity)
-                ) {
-                    self.required(
-                        "source.client_id",
-                        src.client_id.as_ref(),
-                        "set client_id or ENTRA_APPLICATION_ID / AZURE_CLIENT_ID",
-                    );
-                }
-                let cfg = tenant.zip(method).map(|(t, method)| {
-                    SourceConfig::Entra(Box::new(EntraConfig {
-                        tenant_id: t.clone(),
-                        client_id: src.client_id.clone(),
-                        client_secret: src.client_secret.clone(),
-                        client_certificate_path: src
-                            .client_certificate_path
-                            .as_deref()
-                            .map(|p| resolve(p).display().to_string()),
-                        federated_token_file: src
-                            .federated_token_file
-                            .as_deref()
-                            .map(|p| resolve(p).display().to_string()),
-                        method,
-                        managed_identity_endpoint: src
-                            .managed_identity_endpoint
-                            .clone()
-                            .unwrap_or_else(|| idsync_connectors::entra_auth::IMDS_ENDPOINT.into()),
-                        identity_header: src.identity_header.clone(),
-                        azure_cli_path: src.azure_cli_path.clone().unwrap_or_else(|| "az".into()),
-                        authority_host: src
-                            .authority_host
-                            .clone()
-                            .unwrap_or_else(|| "https://login.microsoftonline.com".into()),
-                        graph_url: src
-                            .graph_url
-                            .clone()
-                            .unwrap_or_else(|| "https://graph.microsoft.com".into()),
-                        ca_bundle: src.ca_bundle.clone(),
-                    }))
-                });
-                self.unavailable("source.kind", "entra", SOURCE_KINDS);
-                cfg
-            }
-            Some(other) => {
-                self.unavailable("source.kind", other, SOURCE_KINDS);
-                None
-            }
+            },
         };
 
         // [scope]
@@ -1315,6 +872,15 @@ impl Validator<'_> {
             &raw.mapping.unwrap_or_default(),
             &Mapping::defaults(),
         );
+        // Targets come from the environment alone only when the file names none: a configured
+        // target is never replaced or added to behind the user's back.
+        if raw.targets.is_empty() {
+            for kind in registry::TARGETS.iter().filter(|k| k.implied_by_env(&cx)) {
+                let mut t = toml::Table::new();
+                t.insert("kind".into(), toml::Value::String(kind.name().into()));
+                raw.targets.insert(kind.name().into(), t);
+            }
+        }
         if raw.targets.is_empty() {
             self.err(
                 Origin::File("targets"),
@@ -1322,273 +888,55 @@ impl Validator<'_> {
             );
         }
         let mut agreements = Vec::new();
-        for (name, t) in &raw.targets {
+        for (name, mut t) in std::mem::take(&mut raw.targets) {
             let prefix = format!("targets.{name}");
-            if idsync_state_name_ok(name).is_err() {
+            if idsync_state_name_ok(&name).is_err() {
                 self.err(Origin::File(&prefix), "target names use letters, digits, '-', '_' and '.' (the name is also the state's name)");
             }
-            let set = [
-                ("path", t.path.is_some()),
-                ("profile", t.profile.is_some()),
-                ("endpoint", t.endpoint.is_some()),
-                ("access_key_id", t.access_key_id.is_some()),
-                ("secret_access_key", t.secret_access_key.is_some()),
-                ("default_policies", t.default_policies.is_some()),
-                ("host", t.host.is_some()),
-                ("account_id", t.account_id.is_some()),
-                ("token", t.token.is_some()),
-                ("url", t.url.is_some()),
-                ("member_chunk", t.member_chunk.is_some()),
-                ("nested_groups", t.nested_groups.is_some()),
-                ("ca_bundle", t.ca_bundle.is_some()),
-                ("client_id", t.client_id.is_some()),
-                ("client_secret", t.client_secret.is_some()),
-                ("azure_tenant_id", t.azure_tenant_id.is_some()),
-                ("azure_client_id", t.azure_client_id.is_some()),
-                ("azure_client_secret", t.azure_client_secret.is_some()),
-                ("azure_authority_host", t.azure_authority_host.is_some()),
-                ("azure_use_source", t.azure_use_source.is_some()),
-            ];
-            let common = ["kind", "mapping", "policy"];
-            let mut tmapping = t.mapping.as_ref().map_or_else(
-                || mapping.clone(),
-                |m| self.mapping(&format!("{prefix}.mapping"), m, &mapping),
-            );
-            let tpolicy = t.policy.as_ref().map_or_else(
-                || policy.clone(),
-                |p| self.policy(&format!("{prefix}.policy"), p, &policy),
-            );
             let key = |f: &str| format!("{prefix}.{f}");
-            let target = match t.kind.as_deref() {
+            let tmapping: Option<RawMapping> = self.typed(&key("mapping"), t.remove("mapping"));
+            let tpolicy: Option<RawPolicy> = self.typed(&key("policy"), t.remove("policy"));
+            let mut tmapping = tmapping.as_ref().map_or_else(
+                || mapping.clone(),
+                |m| self.mapping(&key("mapping"), m, &mapping),
+            );
+            let tpolicy = tpolicy.as_ref().map_or_else(
+                || policy.clone(),
+                |p| self.policy(&key("policy"), p, &policy),
+            );
+            let names = || registry::TARGETS.iter().map(|k| k.name());
+            let kind = match t.remove("kind") {
                 None => {
+                    let all: Vec<&str> = names().collect();
                     self.err(
                         Origin::File(&key("kind")),
-                        format!("missing; one of: {}", TARGET_KINDS.join(", ")),
+                        format!("missing; one of: {}", all.join(", ")),
                     );
-                    None
+                    continue;
                 }
-                Some("file") => {
-                    self.kind_fields(
-                        &prefix,
-                        "file",
-                        &set,
-                        &[&common[..], &["path", "profile", "default_policies"]].concat(),
-                    );
-                    let profile = match t.profile.as_deref() {
-                        None | Some("full") => Some(idsync_connectors::target::file::Profile::Full),
-                        Some("databricks") => {
-                            Some(idsync_connectors::target::file::Profile::Databricks)
-                        }
-                        Some("lakefs") => Some(idsync_connectors::target::file::Profile::Lakefs),
-                        Some(other) => {
-                            self.err(Origin::File(&key("profile")), format!("{other:?} is not a profile; use \"full\", \"databricks\" or \"lakefs\""));
-                            None
-                        }
-                    };
-                    if let Some(pol) = &t.default_policies {
-                        tmapping.group_policies = pol.iter().cloned().collect();
-                    }
-                    let path = self.required(
-                        &key("path"),
-                        t.path.as_ref(),
-                        "the JSON file that holds the target",
-                    );
-                    match (path, profile) {
-                        (Some(p), Some(profile)) => Some(TargetConfig::File {
-                            path: resolve(p),
-                            profile,
-                        }),
-                        _ => None,
-                    }
-                }
-                Some("lakefs") => {
-                    self.kind_fields(
-                        &prefix,
-                        "lakefs",
-                        &set,
-                        &[
-                            &common[..],
-                            &[
-                                "endpoint",
-                                "access_key_id",
-                                "secret_access_key",
-                                "default_policies",
-                            ],
-                        ]
-                        .concat(),
-                    );
-                    let policies = t.default_policies.clone().unwrap_or_else(|| {
-                        vec!["AuthManageOwnCredentials".into(), "FSReadAll".into()]
-                    });
-                    tmapping.group_policies = policies.into_iter().collect();
-                    let endpoint = self.required(
-                        &key("endpoint"),
-                        t.endpoint.as_ref(),
-                        "set endpoint or LAKEFS_ENDPOINT",
-                    );
-                    let id = self.required(
-                        &key("access_key_id"),
-                        t.access_key_id.as_ref(),
-                        "set access_key_id or LAKEFS_ACCESS_KEY_ID",
-                    );
-                    if t.secret_access_key.as_ref().is_none_or(Secret::is_empty) {
-                        self.err(
-                            Origin::File(&key("secret_access_key")),
-                            "missing; set LAKEFS_SECRET_ACCESS_KEY (keep secrets out of the file)",
-                        );
-                    }
-                    self.unavailable(&key("kind"), "lakefs", TARGET_KINDS);
-                    match (endpoint, id, &t.secret_access_key) {
-                        (Some(e), Some(i), Some(s)) => Some(TargetConfig::Lakefs {
-                            endpoint: e.clone(),
-                            access_key_id: i.clone(),
-                            secret_access_key: s.clone(),
-                            ca_bundle: t.ca_bundle.as_deref().map(resolve),
-                        }),
-                        _ => None,
-                    }
-                }
-                Some("databricks") => {
-                    self.kind_fields(
-                        &prefix,
-                        "databricks",
-                        &set,
-                        &[
-                            &common[..],
-                            &[
-                                "host",
-                                "account_id",
-                                "token",
-                                "client_id",
-                                "client_secret",
-                                "azure_tenant_id",
-                                "azure_client_id",
-                                "azure_client_secret",
-                                "azure_authority_host",
-                                "azure_use_source",
-                                "ca_bundle",
-                            ],
-                        ]
-                        .concat(),
-                    );
-                    let host = self.required(
-                        &key("host"),
-                        t.host.as_ref(),
-                        "set host or DATABRICKS_HOST (e.g. https://accounts.azuredatabricks.net)",
-                    );
-                    let acct = self.required(
-                        &key("account_id"),
-                        t.account_id.as_ref(),
-                        "set account_id or DATABRICKS_ACCOUNT_ID",
-                    );
-                    self.unavailable(&key("kind"), "databricks", TARGET_KINDS);
-                    match (host, acct) {
-                        (Some(h), Some(a)) => {
-                            let oauth = match (&t.client_id, &t.client_secret) {
-                                (Some(i), Some(sec)) => Some((i.clone(), sec.clone())),
-                                _ => None,
-                            };
-                            let entra = match (
-                                &t.azure_tenant_id,
-                                &t.azure_client_id,
-                                &t.azure_client_secret,
-                            ) {
-                                (Some(tn), Some(ci), Some(cs)) => Some((
-                                    t.azure_authority_host.clone().unwrap_or_else(|| {
-                                        "https://login.microsoftonline.com".into()
-                                    }),
-                                    tn.clone(),
-                                    ci.clone(),
-                                    cs.clone(),
-                                )),
-                                _ => None,
-                            };
-                            let from_source = t.azure_use_source.unwrap_or(false);
-                            let entra_source = matches!(source, Some(SourceConfig::Entra(_)));
-                            if from_source && !entra_source {
-                                self.err(
-                                    Origin::File(&key("azure_use_source")),
-                                    "the source is not Entra ID: there is no sign-in to reuse",
-                                );
-                            }
-                            if from_source
-                                && (t.token.is_some() || oauth.is_some() || entra.is_some())
-                            {
-                                self.err(
-                                    Origin::File(&key("azure_use_source")),
-                                    "other Databricks credentials are set too (DATABRICKS_TOKEN, DATABRICKS_CLIENT_ID/SECRET or ARM_*), which would win: remove them or azure_use_source",
-                                );
-                            }
-                            if t.token.is_none()
-                                && oauth.is_none()
-                                && entra.is_none()
-                                && !from_source
-                            {
-                                self.err(
-                                    Origin::File(&key("token")),
-                                    "no credentials: set DATABRICKS_TOKEN (an account SCIM or admin token), or DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (OAuth M2M), or ARM_TENANT_ID, ARM_CLIENT_ID and ARM_CLIENT_SECRET (an Entra app, for Azure Databricks), or azure_use_source = true (the Entra source's sign-in, any method)",
-                                );
-                            }
-                            Some(TargetConfig::Databricks {
-                                host: h.clone(),
-                                account_id: a.clone(),
-                                token: t.token.clone(),
-                                oauth,
-                                entra,
-                                entra_from_source: from_source && entra_source,
-                                ca_bundle: t.ca_bundle.as_deref().map(resolve),
-                            })
-                        }
-                        _ => None,
-                    }
-                }
-                Some("scim") => {
-                    self.kind_fields(
-                        &prefix,
-                        "scim",
-                        &set,
-                        &[
-                            &common[..],
-                            &["url", "token", "member_chunk", "nested_groups", "ca_bundle"],
-                        ]
-                        .concat(),
-                    );
-                    let url = self.required(
-                        &key("url"),
-                        t.url.as_ref(),
-                        "the SCIM base URL (e.g. https://scim.example.com/scim/v2)",
-                    );
-                    if t.token.as_ref().is_none_or(Secret::is_empty) {
-                        self.err(
-                            Origin::File(&key("token")),
-                            "missing: set SCIM_TOKEN (keep secrets out of the file)",
-                        );
-                    }
-                    let member_chunk = t.member_chunk.unwrap_or(100);
-                    if member_chunk == 0 {
-                        self.err(Origin::File(&key("member_chunk")), "must be at least 1");
-                    }
-                    self.unavailable(&key("kind"), "scim", TARGET_KINDS);
-                    url.map(|u| TargetConfig::Scim {
-                        url: u.clone(),
-                        token: t.token.clone(),
-                        member_chunk: member_chunk.max(1),
-                        nested_groups: t.nested_groups.unwrap_or(false),
-                        ca_bundle: t.ca_bundle.as_deref().map(resolve),
-                    })
-                }
-                Some(other) => {
-                    self.unavailable(&key("kind"), other, TARGET_KINDS);
-                    None
+                Some(toml::Value::String(k)) => k,
+                Some(_) => {
+                    self.err(Origin::File(&key("kind")), "must be a string");
+                    continue;
                 }
             };
-            if let Some(target) = target {
-                agreements.push(AgreementConfig {
-                    name: name.clone(),
-                    target,
-                    mapping: tmapping,
-                    policy: tpolicy,
-                });
+            let Some(kind) = registry::target_kind(&kind) else {
+                self.unavailable(&key("kind"), &kind, names(), registry::PLANNED_TARGETS);
+                continue;
+            };
+            let mut settings = Self::settings(t);
+            registry::apply_env(&mut settings, kind.env(), &cx);
+            match kind.configure(settings, &cx, source.as_deref()) {
+                Ok(target) => {
+                    target.adjust_mapping(&mut tmapping);
+                    agreements.push(AgreementConfig {
+                        name,
+                        target,
+                        mapping: tmapping,
+                        policy: tpolicy,
+                    });
+                }
+                Err(problems) => self.problems(&prefix, problems),
             }
         }
         let source = source?;
@@ -1605,11 +953,15 @@ impl Validator<'_> {
         })
     }
 
-    fn unavailable(&mut self, key: &str, kind: &str, available: &[&str]) {
-        if available.contains(&kind) {
-            return;
-        }
-        let msg = if PLANNED_KINDS.contains(&kind) {
+    fn unavailable<'k>(
+        &mut self,
+        key: &str,
+        kind: &str,
+        available: impl Iterator<Item = &'k str>,
+        planned: &[&str],
+    ) {
+        let available: Vec<&str> = available.collect();
+        let msg = if planned.contains(&kind) {
             format!(
                 "the {kind:?} connector is not in this build of idsync yet (available: {})",
                 available.join(", ")
@@ -1696,12 +1048,8 @@ user_name = "waad|{id}"
     fn a_good_file() {
         let c = parse_str(GOOD, &Env::default()).unwrap();
         assert_eq!(c.state_url, "/var/lib/idsync");
-        assert_eq!(
-            c.source,
-            SourceConfig::File {
-                path: "/cfg/dir.json".into()
-            }
-        );
+        assert_eq!(c.source.kind(), "file");
+        assert_eq!(c.source.describe(), "file /cfg/dir.json");
         assert_eq!(c.scope.search_depth, 2);
         let a = &c.agreements[0];
         assert_eq!(a.name, "lake");
@@ -1750,8 +1098,7 @@ user_name = "{nope"
             lines[2]
         );
         assert!(
-            lines[3]
-                .starts_with("idsync.toml:14: targets.lake.host: not a setting of kind \"file\""),
+            lines[3].starts_with("idsync.toml:14: targets.lake.host: unknown field `host`"),
             "{}",
             lines[3]
         );
@@ -1804,81 +1151,96 @@ user_name = "{nope"
     }
 
     #[test]
-    fn every_entra_sign_in_method_is_chosen_from_the_settings() {
-        let base = [
+    fn the_environment_alone_chooses_an_entra_source() {
+        let env = Env::from_pairs([
             ("AZURE_TENANT_ID", "tenant-1"),
+            ("AZURE_CLIENT_ID", "app-1"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token"),
             ("LAKEFS_ENDPOINT", "https://lakefs.invalid"),
             ("LAKEFS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
             ("LAKEFS_SECRET_ACCESS_KEY", "lakefs-secret"),
-        ];
-        let method = |file: &str, extra: &[(&'static str, &'static str)]| {
-            let env = Env::from_pairs(base.iter().chain(extra).copied());
-            parse_str(file, &env).map(|c| match c.source {
-                SourceConfig::Entra(e) => {
-                    (e.method, e.managed_identity_endpoint, e.identity_header)
-                }
-                other => panic!("{other:?}"),
-            })
-        };
-        // Inferred from what is set, in azure-identity's order.
-        let id = ("AZURE_CLIENT_ID", "app-1");
-        let m = method(
-            "",
-            &[
-                id,
-                ("AZURE_CLIENT_SECRET", "s"),
-                ("AZURE_CLIENT_CERTIFICATE_PATH", "c.pem"),
-            ],
-        );
-        assert_eq!(m.unwrap().0, EntraMethod::Secret);
-        let m = method("", &[id, ("AZURE_CLIENT_CERTIFICATE_PATH", "c.pem")]);
-        assert_eq!(m.unwrap().0, EntraMethod::Certificate);
-        let m = method("", &[id, ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token")]);
-        assert_eq!(m.unwrap().0, EntraMethod::WorkloadIdentity);
-        // Chosen: managed identity needs no client id, and takes the platform's endpoint.
-        let mi = "[source]\nkind = \"entra\"\nauth = \"managed_identity\"\n";
-        let (m, endpoint, header) = method(mi, &[]).unwrap();
-        assert_eq!(m, EntraMethod::ManagedIdentity);
-        assert_eq!(endpoint, "http://169.254.169.254");
-        assert!(header.is_none());
-        let (_, endpoint, header) = method(
-            mi,
-            &[
-                ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
-                ("IDENTITY_HEADER", "h"),
-            ],
-        )
-        .unwrap();
-        assert_eq!(endpoint, "http://localhost:42356/msi/token");
-        assert_eq!(header.unwrap().expose(), "h");
-        let cli = "[source]\nkind = \"entra\"\nauth = \"azure_cli\"\n";
-        assert_eq!(method(cli, &[]).unwrap().0, EntraMethod::AzureCli);
-        // Errors: nothing to sign in with; an unknown method; a method without its setting.
-        let e = method("[source]\nkind = \"entra\"\n", &[id])
+        ]);
+        let c = parse_str("", &env).unwrap();
+        assert_eq!(c.source.kind(), "entra");
+        assert_eq!(c.source.describe(), "entra tenant tenant-1");
+        assert_eq!(c.agreements.len(), 1);
+        assert_eq!(c.agreements[0].target.kind(), "lakefs");
+        // A kind's own problem is reported with the file's line.
+        let e = parse_str("[source]\nkind = \"entra\"\nauth = \"kerberos\"\n", &env)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("missing credentials") && e.contains("managed_identity"),
+            e.contains("idsync.toml:3: source.auth: unknown sign-in method \"kerberos\""),
             "{e}"
         );
-        let e = method("[source]\nkind = \"entra\"\nauth = \"kerberos\"\n", &[id])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("unknown sign-in method \"kerberos\"") && e.contains("idsync.toml:3"),
-            "{e}"
+    }
+
+    /// Every kind in the registry rejects a key it does not have, with its line, and every
+    /// variable a kind reads is documented in the README's table.
+    #[test]
+    fn every_kind_rejects_an_unknown_key_with_its_line_and_documents_its_variables() {
+        let env = Env::default();
+        for kind in registry::SOURCES {
+            let text = format!(
+                "[source]\nkind = \"{}\"\nno_such_key = 1\n\n[targets.t]\nkind = \"file\"\npath = \"t.json\"\n",
+                kind.name()
+            );
+            let e = parse_str(&text, &env).unwrap_err().to_string();
+            assert!(
+                e.contains("idsync.toml:3: source.no_such_key: unknown field `no_such_key`"),
+                "source kind {}: {e}",
+                kind.name()
+            );
+        }
+        for kind in registry::TARGETS {
+            let text = format!(
+                "[source]\nkind = \"file\"\npath = \"d.json\"\n\n[targets.t]\nkind = \"{}\"\nno_such_key = 1\n",
+                kind.name()
+            );
+            let e = parse_str(&text, &env).unwrap_err().to_string();
+            assert!(
+                e.contains("idsync.toml:7: targets.t.no_such_key: unknown field `no_such_key`"),
+                "target kind {}: {e}",
+                kind.name()
+            );
+        }
+        let readme = include_str!("../../../README.md");
+        for name in env_names() {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "the README's table of environment variables lacks `{name}`"
+            );
+        }
+    }
+
+    #[test]
+    fn another_kinds_settings_are_rejected_in_a_file_source() {
+        // The keys Entra ID takes are not a file source's, wherever they come from in the file.
+        let text = GOOD.replace(
+            "path = \"dir.json\"",
+            "path = \"dir.json\"\nclient_certificate_path = \"c.pem\"\nfederated_token_file = \"t\"\nmanaged_identity_endpoint = \"http://x\"\nca_bundle = \"ca.pem\"",
         );
-        let e = method("[source]\nkind = \"entra\"\nauth = \"device_code\"\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("source.client_id"), "{e}");
-        let e = method(
-            "[source]\nkind = \"entra\"\nauth = \"certificate\"\n",
-            &[id],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("AZURE_CLIENT_CERTIFICATE_PATH"), "{e}");
+        let e = parse_str(&text, &Env::default()).unwrap_err();
+        let lines: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        for (i, key) in [
+            "client_certificate_path",
+            "federated_token_file",
+            "managed_identity_endpoint",
+            "ca_bundle",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(
+                lines[i].starts_with(&format!(
+                    "idsync.toml:{}: source.{key}: unknown field",
+                    8 + i
+                )),
+                "{}",
+                lines[i]
+            );
+        }
     }
 
     #[test]
@@ -1932,61 +1294,7 @@ user_name = "{nope"
         assert_eq!(c.agreements.len(), 1);
         assert_eq!(c.agreements[0].name, "databricks");
         assert_eq!(c.agreements[0].target.kind(), "file");
-        assert!(matches!(c.source, SourceConfig::File { .. }));
-    }
-
-    #[test]
-    fn databricks_takes_an_entra_app_from_the_arm_variables() {
-        let env = Env::from_pairs([
-            ("ARM_TENANT_ID", "tenant-1"),
-            ("ARM_CLIENT_ID", "app-1"),
-            ("ARM_CLIENT_SECRET", "arm-secret"),
-        ]);
-        let text = GOOD.replace(
-            "[targets.lake]\nkind = \"file\"\nprofile = \"lakefs\"\npath = \"lake.json\"\ndefault_policies = [\"FSReadAll\"]",
-            "[targets.lake]\nkind = \"databricks\"\nhost = \"https://accounts.azuredatabricks.net\"\naccount_id = \"acct\"",
-        );
-        let c = parse_str(&text, &env).unwrap();
-        match &c.agreements[0].target {
-            TargetConfig::Databricks {
-                token: None,
-                oauth: None,
-                entra: Some((authority, tenant, client, secret)),
-                ..
-            } => {
-                assert_eq!(authority, "https://login.microsoftonline.com");
-                assert_eq!(
-                    (tenant.as_str(), client.as_str(), secret.expose()),
-                    ("tenant-1", "app-1", "arm-secret")
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        let e = parse_str(&text, &Env::default()).unwrap_err().to_string();
-        assert!(
-            e.contains("ARM_TENANT_ID, ARM_CLIENT_ID and ARM_CLIENT_SECRET"),
-            "{e}"
-        );
-        assert!(
-            !format!("{c:?}").contains("arm-secret"),
-            "Debug never shows a secret"
-        );
-        // Reusing the source's sign-in needs an Entra source (GOOD reads a file).
-        let reuse = text.replace(
-            "account_id = \"acct\"",
-            "account_id = \"acct\"\nazure_use_source = true",
-        );
-        let e = parse_str(&reuse, &Env::default()).unwrap_err().to_string();
-        assert!(
-            e.contains("azure_use_source: the source is not Entra ID"),
-            "{e}"
-        );
-        // With the ARM variables set as well, reusing the source's sign-in would silently lose.
-        let e = parse_str(&reuse, &env).unwrap_err().to_string();
-        assert!(
-            e.contains("other Databricks credentials are set too"),
-            "{e}"
-        );
+        assert_eq!(c.source.kind(), "file");
     }
 
     #[test]

@@ -11,15 +11,7 @@ mod run;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
-use config::{Config, EntraMethod, Env, SourceConfig, TargetConfig};
-use idsync_connectors::entra_auth::{ClientCertificate, EntraCredential};
-use idsync_connectors::http::HttpConfig;
-use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
-use idsync_connectors::source::file::FileSource;
-use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
-use idsync_connectors::target::file::FileTarget;
-use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
-use idsync_connectors::target::scim::{ScimConfig, ScimTarget};
+use config::{Config, Env};
 use idsync_engine::{Source, Target, TargetIdentity};
 use idsync_model::Kind;
 use idsync_state::StateStore;
@@ -271,7 +263,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 }
                 cfg.scope.search_depth = d;
             }
-            let read = build_source(&cfg)?
+            let read = build_source(&cfg, cfg.worker_threads)?
                 .read_full(&cfg.scope)
                 .await
                 .context("reading the source")?;
@@ -290,10 +282,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             let cfg = load_config(&cli)?;
             println!(
                 "configuration OK: source {}, {} target(s): {}",
-                match &cfg.source {
-                    SourceConfig::File { path } => format!("file {}", path.display()),
-                    SourceConfig::Entra(e) => format!("entra tenant {}", e.tenant_id),
-                },
+                cfg.source.describe(),
                 cfg.agreements.len(),
                 cfg.agreements
                     .iter()
@@ -333,173 +322,18 @@ fn mode_of(run: &RunArgs) -> Mode {
     }
 }
 
-fn build_source(cfg: &Config) -> Result<Box<dyn Source>> {
-    match &cfg.source {
-        SourceConfig::File { path } => Ok(Box::new(FileSource::new(path))),
-        SourceConfig::Entra(e) => {
-            let credential = entra_credential(e)?;
-            let http = HttpConfig {
-                max_concurrency: cfg.worker_threads,
-                ca_bundle: e.ca_bundle.as_ref().map(PathBuf::from),
-                ..HttpConfig::new("Microsoft Graph")
-            };
-            let src = EntraSource::new(EntraSourceConfig {
-                authority: e.authority_host.clone(),
-                graph: e.graph_url.clone(),
-                tenant_id: e.tenant_id.clone(),
-                credential,
-                http,
-            })
-            .map_err(|e| anyhow!(e.message))?;
-            Ok(Box::new(src))
-        }
-    }
-}
-
-/// The Entra credential the configuration chose (validated by the config: fields present).
-fn entra_credential(e: &config::EntraConfig) -> Result<EntraCredential> {
-    let client_id = e.client_id.clone().unwrap_or_default();
-    Ok(match e.method {
-        EntraMethod::Secret => EntraCredential::ClientSecret {
-            client_id,
-            secret: e.client_secret.clone().unwrap_or_default(),
-        },
-        EntraMethod::Certificate => {
-            let path = e.client_certificate_path.clone().unwrap_or_default();
-            EntraCredential::Certificate {
-                client_id,
-                certificate: ClientCertificate::load(Path::new(&path)).map_err(|m| anyhow!(m))?,
-            }
-        }
-        EntraMethod::WorkloadIdentity => EntraCredential::WorkloadIdentity {
-            client_id,
-            token_file: e.federated_token_file.clone().unwrap_or_default().into(),
-        },
-        EntraMethod::ManagedIdentity => EntraCredential::ManagedIdentity {
-            client_id: e.client_id.clone(),
-            endpoint: e.managed_identity_endpoint.clone(),
-            identity_header: e.identity_header.clone(),
-        },
-        EntraMethod::AzureCli => EntraCredential::AzureCli {
-            program: e.azure_cli_path.clone().into(),
-        },
-        EntraMethod::DeviceCode => EntraCredential::DeviceCode { client_id },
-    })
+/// The configured source, connected, with at most `workers` requests in flight.
+fn build_source(cfg: &Config, workers: usize) -> Result<Box<dyn Source>> {
+    Ok(cfg.source.build(workers)?)
 }
 
 /// A target built from its configuration, with what identifies it and a description for people.
 type BuiltTarget = (Box<dyn Target>, TargetIdentity, String);
 
-/// Registered targets: one line per kind.
-fn build_target(t: &TargetConfig, source: &SourceConfig, workers: usize) -> Result<BuiltTarget> {
-    match t {
-        TargetConfig::Databricks {
-            host,
-            account_id,
-            token,
-            oauth,
-            entra,
-            entra_from_source,
-            ca_bundle,
-        } => {
-            let auth = match (token, oauth) {
-                (Some(t), _) => DatabricksAuth::Token(t.clone()),
-                (None, Some((id, secret))) => DatabricksAuth::OAuth {
-                    client_id: id.clone(),
-                    client_secret: secret.clone(),
-                },
-                (None, None) => match entra {
-                    Some((authority, tenant_id, client_id, client_secret)) => {
-                        DatabricksAuth::Entra {
-                            authority: authority.clone(),
-                            tenant_id: tenant_id.clone(),
-                            credential: EntraCredential::ClientSecret {
-                                client_id: client_id.clone(),
-                                secret: client_secret.clone(),
-                            },
-                        }
-                    }
-                    None => match source {
-                        SourceConfig::Entra(e) if *entra_from_source => DatabricksAuth::Entra {
-                            authority: e.authority_host.clone(),
-                            tenant_id: e.tenant_id.clone(),
-                            credential: entra_credential(e)?,
-                        },
-                        _ => return Err(anyhow!("the Databricks target has no credentials")),
-                    },
-                },
-            };
-            let http = HttpConfig {
-                max_concurrency: workers,
-                ca_bundle: ca_bundle.clone(),
-                ..HttpConfig::new("Databricks")
-            };
-            let cfg = DatabricksConfig {
-                host: host.clone(),
-                account_id: account_id.clone(),
-                auth,
-                http,
-                member_chunk: 100,
-            };
-            Ok((
-                Box::new(DatabricksTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
-                TargetIdentity::new("databricks", format!("{host}/accounts/{account_id}")),
-                format!("Databricks account {account_id} at {host}"),
-            ))
-        }
-        TargetConfig::Lakefs {
-            endpoint,
-            access_key_id,
-            secret_access_key,
-            ca_bundle,
-        } => {
-            let http = HttpConfig {
-                max_concurrency: workers,
-                ca_bundle: ca_bundle.clone(),
-                ..HttpConfig::new("lakeFS")
-            };
-            let cfg = LakefsConfig {
-                endpoint: endpoint.clone(),
-                access_key_id: access_key_id.clone(),
-                secret_access_key: secret_access_key.clone(),
-                http,
-            };
-            Ok((
-                Box::new(LakefsTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
-                TargetIdentity::new("lakefs", endpoint.clone()),
-                format!("lakeFS {endpoint}"),
-            ))
-        }
-        TargetConfig::File { path, profile } => Ok((
-            Box::new(FileTarget::open(path, *profile)?),
-            TargetIdentity::new("file", path.display().to_string()),
-            format!("file {} ({profile:?} profile)", path.display()),
-        )),
-        TargetConfig::Scim {
-            url,
-            token,
-            member_chunk,
-            nested_groups,
-            ca_bundle,
-        } => {
-            let cfg = ScimConfig {
-                url: url.clone(),
-                token: token.clone(),
-                http: HttpConfig {
-                    max_concurrency: workers,
-                    ca_bundle: ca_bundle.clone(),
-                    ..HttpConfig::new("the SCIM provider")
-                },
-                member_chunk: *member_chunk,
-                nested_groups: *nested_groups,
-            };
-            Ok((
-                Box::new(ScimTarget::new(cfg).map_err(|e| anyhow!(e.message))?),
-                TargetIdentity::new("scim", url.clone()),
-                format!("SCIM {url}"),
-            ))
-        }
-    }
+/// The agreement's target, connected, with at most `workers` requests in flight.
+fn build_target(a: &config::AgreementConfig, cfg: &Config, workers: usize) -> Result<BuiltTarget> {
+    let target = a.target.build(workers, cfg.source.as_ref())?;
+    Ok((target, a.target.identity(), a.target.describe()))
 }
 
 fn store_for(url: &str, opts: &idsync_state::StoreOptions) -> Result<Box<dyn StateStore>> {
@@ -522,7 +356,9 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         }
         cfg.scope.search_depth = d;
     }
-    let source = build_source(&cfg)?;
+    // --worker-threads bounds the source's requests too.
+    let workers = args.worker_threads.unwrap_or(cfg.worker_threads).max(1);
+    let source = build_source(&cfg, workers)?;
     let mut printer = Printer::stdout(cli.verbose);
 
     if args.query_graph_only || args.save_graph_response_json.is_some() {
@@ -586,7 +422,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         .iter()
         .filter(|a| args.targets.is_empty() || args.targets.contains(&a.name))
     {
-        let (target, identity, describe) = build_target(&a.target, &cfg.source, opts.workers)?;
+        let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
         let agreement = Agreement {
             name: &a.name,
             target: target.as_ref(),
@@ -665,7 +501,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             .ok_or_else(|| {
                 anyhow!("the plan is for target {name:?}, which the configuration does not have")
             })?;
-        let (target, identity, describe) = build_target(&a.target, &cfg.source, opts.workers)?;
+        let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
         let agreement = Agreement {
             name,
             target: target.as_ref(),

@@ -7,7 +7,7 @@ mod common;
 
 use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
-use idsync_connectors::target::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
+use idsync_connectors::targets::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
 use idsync_emulators::Databricks;
 use idsync_emulators::databricks::{ACCOUNT_ID, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, TOKEN, Type};
 use idsync_emulators::infra::ThrottleConfig;

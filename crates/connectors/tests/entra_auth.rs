@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use idsync_connectors::entra_auth::{ClientCertificate, EntraAuth, EntraCredential, GRAPH_SCOPE};
 use idsync_connectors::http::{Http, HttpConfig, percent_encode};
-use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
+use idsync_connectors::sources::entra::{EntraSource, EntraSourceConfig};
 use idsync_emulators::Graph;
 use idsync_emulators::graph::token::IDENTITY_HEADER;
 use idsync_emulators::tenant::{

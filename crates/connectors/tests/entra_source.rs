@@ -4,7 +4,7 @@
 
 use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
-use idsync_connectors::source::entra::{EntraSource, EntraSourceConfig};
+use idsync_connectors::sources::entra::{EntraSource, EntraSourceConfig};
 use idsync_emulators::Graph;
 use idsync_emulators::infra::ThrottleConfig;
 use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};

@@ -5,7 +5,7 @@
 mod common;
 
 use idsync_connectors::http::HttpConfig;
-use idsync_connectors::target::lakefs::{LakefsConfig, LakefsTarget};
+use idsync_connectors::targets::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_emulators::Lakefs;
 use idsync_emulators::infra::{Faults, ThrottleConfig};
 use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};

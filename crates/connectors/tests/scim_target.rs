@@ -8,7 +8,7 @@
 mod common;
 
 use idsync_connectors::http::HttpConfig;
-use idsync_connectors::target::scim::{ScimConfig, ScimTarget};
+use idsync_connectors::targets::scim::{ScimConfig, ScimTarget};
 use idsync_emulators::Databricks;
 use idsync_emulators::databricks::{ACCOUNT_ID, TOKEN, Type};
 use idsync_engine::apply::{self, ApplyOptions};

@@ -27,6 +27,9 @@ pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use object::StoreOptions;
 
+/// The URL schemes [`open`] takes (a path without a scheme is a local folder).
+pub const SCHEMES: &[&str] = &["file", "s3", "az", "abfs", "abfss", "azure", "adl", "gs"];
+
 /// Opens the store a state URL names: a folder path or `file://` URL, or an object store
 /// (`s3://`, `az://`, `abfss://`, `gs://`; see [`object`]).
 pub fn open(url: &str, opts: &StoreOptions) -> Result<Box<dyn StateStore>, StateError> {

@@ -10,6 +10,8 @@
 //! leaving, groups entering the scope (read in full). An expired token makes the caller read in
 //! full. The cursors are stored by the caller only after a successful apply.
 
+pub mod config;
+
 use crate::entra_auth::{EntraAuth, EntraCredential, GRAPH_SCOPE};
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;

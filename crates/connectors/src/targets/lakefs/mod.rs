@@ -4,6 +4,8 @@
 //! set through the API, so only their existence and memberships are managed. Default policies are
 //! attached to the groups idsync creates (`LAKEFS_DEFAULT_POLICIES`).
 
+pub mod config;
+
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 
 use async_trait::async_trait;

@@ -2,6 +2,8 @@
 //! the capabilities of a real target (`profile`), so a plan against it looks like the plan against
 //! lakeFS or Databricks, with no server. For demos, tests and dry rehearsals.
 
+pub mod config;
+
 use async_trait::async_trait;
 use idsync_engine::memory::MemoryData;
 use idsync_engine::{MemoryTarget, Outcome, Target, TargetError, TargetErrorKind};

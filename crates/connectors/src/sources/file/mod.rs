@@ -1,6 +1,8 @@
 //! A directory in a JSON file (the fixture format of the emulators): for tests, demos, and
 //! exports from systems idsync has no connector for. No change feed: every run reads in full.
 
+pub mod config;
+
 use async_trait::async_trait;
 use idsync_engine::scope::{self, Scope};
 use idsync_engine::{Changes, Read, Source, SourceError};

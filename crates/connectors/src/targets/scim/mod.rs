@@ -10,6 +10,8 @@
 //! observed in bulk, paginated; group members come with the group listing when the provider
 //! returns them, else one read per group.
 
+pub mod config;
+
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;

@@ -5,9 +5,11 @@
 //! added and removed by PATCH in chunks. Auth: a personal access / SCIM provisioning token, or
 //! Databricks OAuth machine-to-machine (client id and secret), refreshed before it expires.
 
+pub mod config;
+
 use crate::entra_auth::{EntraAuth, EntraCredential};
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, TokenCache};
-use crate::target::scim::{
+use crate::targets::scim::{
     ListResponse, SCHEMA_PATCH, id_of, member_ids, member_path, read_some, text,
 };
 use async_trait::async_trait;
