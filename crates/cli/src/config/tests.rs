@@ -1,0 +1,308 @@
+//! The configuration's tests: the shared sections, the environment, and the registry walk.
+use super::*;
+use idsync_engine::Deprovision;
+
+fn parse_str(text: &str, env: &Env) -> Result<Config, ConfigErrors> {
+    parse(text, "idsync.toml", Path::new("/cfg"), env)
+}
+
+const GOOD: &str = r#"
+[state]
+url = "/var/lib/idsync"
+
+[source]
+kind = "file"
+path = "dir.json"
+
+[scope]
+groups = ["TEAM_ALPHA"]
+search_depth = 2
+
+[policy]
+deprovision = "deactivate"
+adopt_keys = ["user:jane@corp.example"]
+max_deletions = 5
+
+[targets.lake]
+kind = "file"
+profile = "lakefs"
+path = "lake.json"
+default_policies = ["FSReadAll"]
+
+[targets.lake.mapping]
+user_name = "waad|{id}"
+"#;
+
+#[test]
+fn a_good_file() {
+    let c = parse_str(GOOD, &Env::default()).unwrap();
+    assert_eq!(c.state_url, "/var/lib/idsync");
+    assert_eq!(c.source.kind(), "file");
+    assert_eq!(c.source.describe(), "file /cfg/dir.json");
+    assert_eq!(c.scope.search_depth, 2);
+    let a = &c.agreements[0];
+    assert_eq!(a.name, "lake");
+    assert_eq!(a.policy.deprovision, Deprovision::Deactivate);
+    assert_eq!(a.policy.max_deletions, Some(5));
+    assert_eq!(a.mapping.user_name.as_str(), "waad|{id}");
+    assert_eq!(a.mapping.group_policies, ["FSReadAll".to_string()].into());
+}
+
+#[test]
+fn every_error_is_reported_with_its_line() {
+    let text = r#"
+[source]
+kind = "file"
+path = "dir.json"
+colour = "blue"
+
+[policy]
+deprovision = "sometimes"
+max_deletions = "five"
+
+[targets.lake]
+kind = "file"
+path = "lake.json"
+host = "https://nowhere"
+
+[targets.lake.mapping]
+user_name = "{nope"
+"#;
+    let e = parse_str(text, &Env::default()).unwrap_err();
+    let lines: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("idsync.toml:5: source.colour: unknown field `colour`"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with("idsync.toml:8: policy.deprovision: \"sometimes\""),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].starts_with("idsync.toml:9: policy.max_deletions: invalid type"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].starts_with("idsync.toml:14: targets.lake.host: unknown field `host`"),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[4].starts_with("idsync.toml:17: targets.lake.mapping.user_name: template"),
+        "{}",
+        lines[4]
+    );
+}
+
+#[test]
+fn syntax_errors_are_reported_with_lines() {
+    let e = parse_str("[source]\nkind = \"file\nx = 1\n", &Env::default()).unwrap_err();
+    assert!(e.0[0].location.starts_with("idsync.toml:2"), "{e}");
+}
+
+#[test]
+fn the_existing_scripts_environment_names_work() {
+    let env = Env::from_pairs([
+        ("ENTRA_TENANT_ID", "tenant-1"),
+        ("ENTRA_APPLICATION_ID", "app-1"),
+        ("ENTRA_CLIENT_SECRET_VALUE", "s3cret-value"),
+        ("LAKEFS_ENDPOINT", "https://org.lakefscloud.io"),
+        ("LAKEFS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+        ("LAKEFS_SECRET_ACCESS_KEY", "lakefs-secret"),
+        (
+            "LAKEFS_DEFAULT_POLICIES",
+            "AuthManageOwnCredentials, FSReadAll",
+        ),
+        ("GROUP_FILTER", "LakeFSProject*"),
+        ("DRY_RUN", "maybe"),
+    ]);
+    let e = parse_str("", &env).unwrap_err();
+    let text = e.to_string();
+    // Entra and lakeFS are configured completely by the scripts' variables alone: the one error
+    // left is the deliberate DRY_RUN. Nothing leaks.
+    assert!(text.contains("has 1 error"), "{text}");
+    assert!(
+        !text.contains("lakefs") && !text.contains("source."),
+        "{text}"
+    );
+    assert!(
+        text.contains("environment variable DRY_RUN: \"maybe\" is not a boolean"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("s3cret-value") && !text.contains("lakefs-secret"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_environment_alone_chooses_an_entra_source() {
+    let env = Env::from_pairs([
+        ("AZURE_TENANT_ID", "tenant-1"),
+        ("AZURE_CLIENT_ID", "app-1"),
+        ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/token"),
+        ("LAKEFS_ENDPOINT", "https://lakefs.invalid"),
+        ("LAKEFS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+        ("LAKEFS_SECRET_ACCESS_KEY", "lakefs-secret"),
+    ]);
+    let c = parse_str("", &env).unwrap();
+    assert_eq!(c.source.kind(), "entra");
+    assert_eq!(c.source.describe(), "entra tenant tenant-1");
+    assert_eq!(c.agreements.len(), 1);
+    assert_eq!(c.agreements[0].target.kind(), "lakefs");
+    // A kind's own problem is reported with the file's line.
+    let e = parse_str("[source]\nkind = \"entra\"\nauth = \"kerberos\"\n", &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("idsync.toml:3: source.auth: unknown sign-in method \"kerberos\""),
+        "{e}"
+    );
+}
+
+/// Every kind in the registry rejects a key it does not have, with its line, and every
+/// variable a kind reads is documented in the README's table.
+#[test]
+fn every_kind_rejects_an_unknown_key_with_its_line_and_documents_its_variables() {
+    let env = Env::default();
+    for kind in registry::SOURCES {
+        let text = format!(
+            "[source]\nkind = \"{}\"\nno_such_key = 1\n\n[targets.t]\nkind = \"file\"\npath = \"t.json\"\n",
+            kind.name()
+        );
+        let e = parse_str(&text, &env).unwrap_err().to_string();
+        assert!(
+            e.contains("idsync.toml:3: source.no_such_key: unknown field `no_such_key`"),
+            "source kind {}: {e}",
+            kind.name()
+        );
+    }
+    for kind in registry::TARGETS {
+        let text = format!(
+            "[source]\nkind = \"file\"\npath = \"d.json\"\n\n[targets.t]\nkind = \"{}\"\nno_such_key = 1\n",
+            kind.name()
+        );
+        let e = parse_str(&text, &env).unwrap_err().to_string();
+        assert!(
+            e.contains("idsync.toml:7: targets.t.no_such_key: unknown field `no_such_key`"),
+            "target kind {}: {e}",
+            kind.name()
+        );
+    }
+    let readme = include_str!("../../../../README.md");
+    for name in env_names() {
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "the README's table of environment variables lacks `{name}`"
+        );
+    }
+}
+
+#[test]
+fn another_kinds_settings_are_rejected_in_a_file_source() {
+    // The keys Entra ID takes are not a file source's, wherever they come from in the file.
+    let text = GOOD.replace(
+            "path = \"dir.json\"",
+            "path = \"dir.json\"\nclient_certificate_path = \"c.pem\"\nfederated_token_file = \"t\"\nmanaged_identity_endpoint = \"http://x\"\nca_bundle = \"ca.pem\"",
+        );
+    let e = parse_str(&text, &Env::default()).unwrap_err();
+    let lines: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    for (i, key) in [
+        "client_certificate_path",
+        "federated_token_file",
+        "managed_identity_endpoint",
+        "ca_bundle",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(
+            lines[i].starts_with(&format!(
+                "idsync.toml:{}: source.{key}: unknown field",
+                8 + i
+            )),
+            "{}",
+            lines[i]
+        );
+    }
+}
+
+#[test]
+fn a_group_regex_is_compiled_and_a_bad_one_reported_with_its_line() {
+    let env = Env::from_pairs([]);
+    let c = parse_str(
+        &GOOD.replace("[scope]\n", "[scope]\ngroup_regex = \"^data-(eng|ops)$\"\n"),
+        &env,
+    )
+    .unwrap();
+    assert!(c.scope.selects("x", "data-ops") && !c.scope.selects("x", "data-opsx"));
+    let e = parse_str(
+        &GOOD.replace("[scope]\n", "[scope]\ngroup_regex = \"data-(\"\n"),
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("scope.group_regex: not a regular expression"),
+        "{e}"
+    );
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let env = Env::from_pairs([
+        ("GROUP_FILTER", "team-*"),
+        ("IDSYNC_STATE", "/tmp/st"),
+        ("DRY_RUN", "1"),
+    ]);
+    let c = parse_str(GOOD, &env).unwrap();
+    assert_eq!(c.scope.group_filter.as_deref(), Some("team-*"));
+    assert_eq!(c.state_url, "/tmp/st");
+    assert!(c.dry_run);
+}
+
+#[test]
+fn environment_never_replaces_configured_targets_or_sources() {
+    // Databricks CLI users have DATABRICKS_HOST set; Azure workload identity injects AZURE_*.
+    let env = Env::from_pairs([
+        ("DATABRICKS_HOST", "https://accounts.azuredatabricks.net"),
+        ("AZURE_CLIENT_ID", "pod-identity"),
+        ("AZURE_TENANT_ID", "tenant"),
+        ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com"),
+        ("LAKEFS_ENDPOINT", "https://lakefs.invalid"),
+    ]);
+    let text = GOOD
+        .replace("[targets.lake]", "[targets.databricks]")
+        .replace("targets.lake.mapping", "targets.databricks.mapping");
+    let c = parse_str(&text, &env).unwrap();
+    assert_eq!(c.agreements.len(), 1);
+    assert_eq!(c.agreements[0].name, "databricks");
+    assert_eq!(c.agreements[0].target.kind(), "file");
+    assert_eq!(c.source.kind(), "file");
+}
+
+#[test]
+fn a_malformed_env_file_never_shows_its_secret() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join(".env");
+    std::fs::write(
+        &f,
+        "GROUP_FILTER=x\nLAKEFS_SECRET_ACCESS_KEY=\"abc-secret-123\n",
+    )
+    .unwrap();
+    let e = Env::load(&[f]).unwrap_err().to_string();
+    assert!(!e.contains("abc-secret-123"), "{e}");
+    assert!(e.contains(".env:2: cannot parse this line"), "{e}");
+}
+
+#[test]
+fn a_config_without_source_or_targets_says_what_to_add() {
+    let e = parse_str("", &Env::default()).unwrap_err().to_string();
+    assert!(e.contains("source.kind: missing"), "{e}");
+    assert!(e.contains("no target"), "{e}");
+}
