@@ -1,6 +1,8 @@
 //! Any SCIM 2.0 service provider (RFC 7643/7644) as a target: users and groups, nested groups when
 //! the provider takes them (`nested_groups`), members added and removed by PATCH in chunks
-//! (`member_chunk`: 100 for AWS IAM Identity Center).
+//! (`member_chunk`: 100 for AWS IAM Identity Center). One client serves every SCIM-speaking
+//! target: what sets a service apart (its base path, credentials, fixed features, what it keeps)
+//! is its [`Dialect`]; Databricks' account API is one (`targets::databricks`).
 //!
 //! What the provider supports is read from `/ServiceProviderConfig` once: PATCH (else resources are
 //! replaced with PUT after a read), `/Bulk` (then a group's member chunks go in one request, up to
@@ -31,6 +33,7 @@ use std::sync::Mutex;
 pub(crate) const SCHEMA_PATCH: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 const SCHEMA_USER: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 const SCHEMA_GROUP: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
+const SCHEMA_SERVICE_PRINCIPAL: &str = "urn:ietf:params:scim:schemas:core:2.0:ServicePrincipal";
 const SCHEMA_BULK: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
 
 /// A SCIM list response page.
@@ -235,7 +238,71 @@ pub(crate) fn member_path(id: &str) -> String {
     format!("members[value eq {}]", scim_string(id))
 }
 
-/// Where and how to reach the provider.
+/// A SCIM service's credentials: a fixed bearer token, or one fetched (and refreshed) from a token
+/// endpoint.
+#[async_trait]
+pub trait Credentials: Send + Sync + std::fmt::Debug {
+    /// The `Authorization` to send now; `http` is the service's client.
+    async fn auth(&self, http: &Http) -> Result<Auth, HttpError>;
+}
+
+/// A fixed bearer token (or none).
+#[derive(Debug)]
+pub struct Bearer(pub Option<Secret>);
+
+#[async_trait]
+impl Credentials for Bearer {
+    async fn auth(&self, _: &Http) -> Result<Auth, HttpError> {
+        Ok(self.0.clone().map_or(Auth::None, Auth::Bearer))
+    }
+}
+
+/// What the service supports: discovered from `/ServiceProviderConfig`, or fixed by a dialect.
+#[derive(Clone, Debug)]
+pub struct Features {
+    /// PATCH (else resources are replaced with PUT after a read).
+    pub patch: bool,
+    /// ETags (`If-Match` on every write).
+    pub etag: bool,
+    /// Lists can be filtered (`filter.supported`).
+    pub filter: bool,
+    /// The most resources a filtered list returns.
+    pub page: usize,
+    /// Resources asked per page of a full listing.
+    pub list_page: usize,
+    /// Operations per `/Bulk` request, when the service offers it.
+    pub bulk: Option<usize>,
+}
+
+/// What sets one SCIM service apart from the standard: where it is, how it signs in, what it
+/// supports and keeps, and what to tell a person when it refuses the credentials. The generic
+/// provider is [`ScimConfig`]; Databricks' account API is
+/// [`crate::targets::databricks::DatabricksConfig`].
+#[derive(Debug)]
+pub struct Dialect {
+    /// The service, for messages (`the SCIM provider`, `Databricks`).
+    pub service: &'static str,
+    /// The base URL of the SCIM endpoints.
+    pub base: String,
+    /// The request body's media type.
+    pub content_type: &'static str,
+    /// Fixed features; `None`: read from `/ServiceProviderConfig`.
+    pub features: Option<Features>,
+    /// What the service keeps and can change (its `max_members_per_write` is the member chunk).
+    pub capabilities: Capabilities,
+    /// How it signs in.
+    pub credentials: Box<dyn Credentials>,
+    /// The attributes a full listing asks for, per kind.
+    pub list_attributes: fn(Kind) -> &'static str,
+    /// Group members carry `"type": "Group"` when they are groups.
+    pub typed_group_members: bool,
+    /// Appended to a 401 answer's message: which credentials to check.
+    pub unauthorized_hint: &'static str,
+    /// Appended to a 403 answer's message: which role writes are allowed to.
+    pub forbidden_hint: &'static str,
+}
+
+/// Where and how to reach a generic SCIM 2.0 provider.
 #[derive(Clone, Debug)]
 pub struct ScimConfig {
     /// The SCIM base URL (`https://example.com/scim/v2`).
@@ -250,38 +317,66 @@ pub struct ScimConfig {
     pub nested_groups: bool,
 }
 
-/// What the provider said it supports.
-#[derive(Clone, Debug)]
-struct Features {
-    patch: bool,
-    etag: bool,
-    /// Lists can be filtered (`filter.supported`).
-    filter: bool,
-    page: usize,
-    /// Operations per `/Bulk` request, when the provider offers it.
-    bulk: Option<usize>,
+/// A configuration a [`ScimTarget`] can be made from: its dialect and HTTP settings.
+pub trait IntoDialect {
+    /// The dialect and the HTTP settings.
+    fn into_dialect(self) -> Result<(Dialect, HttpConfig), TargetError>;
 }
 
-/// A SCIM 2.0 target.
+impl IntoDialect for ScimConfig {
+    fn into_dialect(self) -> Result<(Dialect, HttpConfig), TargetError> {
+        let dialect = Dialect {
+            service: "the SCIM provider",
+            base: self.url.trim_end_matches('/').to_owned(),
+            content_type: "application/scim+json",
+            features: None,
+            capabilities: Capabilities {
+                nested_groups: self.nested_groups,
+                service_principals: false,
+                service_principal_members: false,
+                renamable: [Kind::User, Kind::Group].into(),
+                deactivate: true,
+                case_insensitive_keys: true,
+                attributes: [
+                    Attr::Key,
+                    Attr::DisplayName,
+                    Attr::Active,
+                    Attr::Emails,
+                    Attr::ExternalId,
+                ]
+                .into(),
+                group_policies: false,
+                max_members_per_write: self.member_chunk.max(1),
+            },
+            credentials: Box::new(Bearer(self.token)),
+            list_attributes: |kind| match kind {
+                Kind::Group => "id,displayName,externalId,members,meta",
+                _ => "id,userName,displayName,active,emails,externalId,meta",
+            },
+            typed_group_members: true,
+            unauthorized_hint: " The SCIM provider rejected the token: check SCIM_TOKEN (or the target's token) and that it has not expired.",
+            forbidden_hint: " The token may not write users and groups.",
+        };
+        Ok((dialect, self.http))
+    }
+}
+
+/// A SCIM 2.0 target, in a dialect.
 #[derive(Debug)]
 pub struct ScimTarget {
     http: Http,
-    cfg: ScimConfig,
+    dialect: Dialect,
+    concurrency: usize,
     features: tokio::sync::OnceCell<Features>,
     /// Resource id → the version (ETag) last seen, when the provider has ETags.
     versions: Mutex<BTreeMap<String, String>>,
 }
 
-fn target_error(e: HttpError) -> TargetError {
+/// An HTTP error as a target error, with a hint for refused credentials.
+pub(crate) fn convert(e: HttpError, unauthorized: &str, forbidden: &str) -> TargetError {
     let (kind, hint) = match e.kind {
-        ErrorKind::Unauthorized => (
-            TargetErrorKind::Unauthorized,
-            " The SCIM provider rejected the token: check SCIM_TOKEN (or the target's token) and that it has not expired.",
-        ),
-        ErrorKind::Forbidden => (
-            TargetErrorKind::Forbidden,
-            " The token may not write users and groups.",
-        ),
+        ErrorKind::Unauthorized => (TargetErrorKind::Unauthorized, unauthorized),
+        ErrorKind::Forbidden => (TargetErrorKind::Forbidden, forbidden),
         ErrorKind::NotFound => (TargetErrorKind::NotFound, ""),
         ErrorKind::Conflict => (TargetErrorKind::AlreadyExists, ""),
         ErrorKind::NotImplemented => (TargetErrorKind::NotImplemented, ""),
@@ -297,32 +392,43 @@ fn target_error(e: HttpError) -> TargetError {
     TargetError::new(kind, format!("{}{hint}", e.message))
 }
 
-/// A user or group resource as a principal (`None` without an id or a key).
+fn target_error(e: HttpError) -> TargetError {
+    convert(e, "", "")
+}
+
+/// The attribute that holds a kind's key.
+fn key_attr(kind: Kind) -> &'static str {
+    match kind {
+        Kind::User => "userName",
+        Kind::ServicePrincipal => "applicationId",
+        Kind::Group => "displayName",
+    }
+}
+
+/// A user, service principal or group resource as a principal (`None` without an id or a key).
 fn principal(kind: Kind, v: &Value) -> Option<ObservedPrincipal> {
     let id = text(v, "id")?;
-    let mut p = match kind {
-        Kind::Group => Principal::new(Kind::Group, text(v, "displayName")?),
-        _ => {
-            let mut p = Principal::new(Kind::User, text(v, "userName")?);
-            p.display_name = text(v, "displayName");
-            p.active = v.get("active").and_then(Value::as_bool).unwrap_or(true);
-            let mut emails: Vec<(bool, String)> = v
-                .get("emails")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| {
-                    Some((
-                        e.get("primary").and_then(Value::as_bool).unwrap_or(false),
-                        text(e, "value")?,
-                    ))
-                })
-                .collect();
-            emails.sort_by_key(|(primary, _)| !primary);
-            p.emails = emails.into_iter().map(|(_, e)| e).collect();
-            p
-        }
-    };
+    let mut p = Principal::new(kind, text(v, key_attr(kind))?);
+    if kind != Kind::Group {
+        p.display_name = text(v, "displayName");
+        p.active = v.get("active").and_then(Value::as_bool).unwrap_or(true);
+    }
+    if kind == Kind::User {
+        let mut emails: Vec<(bool, String)> = v
+            .get("emails")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                Some((
+                    e.get("primary").and_then(Value::as_bool).unwrap_or(false),
+                    text(e, "value")?,
+                ))
+            })
+            .collect();
+        emails.sort_by_key(|(primary, _)| !primary);
+        p.emails = emails.into_iter().map(|(_, e)| e).collect();
+    }
     p.external_id = text(v, "externalId");
     Some(ObservedPrincipal {
         id,
@@ -339,24 +445,59 @@ fn resource(kind: Kind) -> &'static str {
     }
 }
 
+fn schema(kind: Kind) -> &'static str {
+    match kind {
+        Kind::User => SCHEMA_USER,
+        Kind::ServicePrincipal => SCHEMA_SERVICE_PRINCIPAL,
+        Kind::Group => SCHEMA_GROUP,
+    }
+}
+
+/// The path of one resource, its id percent-encoded.
+fn one(kind: Kind, id: &str) -> String {
+    format!("/{}/{}", resource(kind), percent_encode(id, b""))
+}
+
+/// A list of emails as SCIM writes them, the first primary.
+fn emails(es: &[String]) -> Value {
+    json!(
+        es.iter()
+            .enumerate()
+            .map(|(i, e)| json!({"value": e, "type": "work", "primary": i == 0}))
+            .collect::<Vec<_>>()
+    )
+}
+
 impl ScimTarget {
-    /// A target for this provider.
-    pub fn new(cfg: ScimConfig) -> Result<Self, TargetError> {
-        let http = Http::new(cfg.http.clone()).map_err(target_error)?;
+    /// A target for this service.
+    pub fn new(cfg: impl IntoDialect) -> Result<Self, TargetError> {
+        let (dialect, http) = cfg.into_dialect()?;
+        let concurrency = http.max_concurrency.max(1);
+        let http = Http::new(http)
+            .map_err(|e| convert(e, dialect.unauthorized_hint, dialect.forbidden_hint))?;
         Ok(ScimTarget {
             http,
-            cfg,
+            dialect,
+            concurrency,
             features: tokio::sync::OnceCell::new(),
             versions: Mutex::new(BTreeMap::new()),
         })
     }
 
-    fn auth(&self) -> Auth {
-        self.cfg.token.clone().map_or(Auth::None, Auth::Bearer)
+    fn error(&self, e: HttpError) -> TargetError {
+        convert(
+            e,
+            self.dialect.unauthorized_hint,
+            self.dialect.forbidden_hint,
+        )
     }
 
     fn versions(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
         self.versions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn chunk(&self) -> usize {
+        self.dialect.capabilities.max_members_per_write.max(1)
     }
 
     async fn call(
@@ -367,27 +508,41 @@ impl ScimTarget {
         if_match: Option<&str>,
         idempotent: bool,
     ) -> Result<crate::http::Answer, TargetError> {
-        let url = format!("{}{path}", self.cfg.url.trim_end_matches('/'));
-        let body = body.map(|b| ("application/scim+json", b.to_string().into_bytes()));
+        let auth = self
+            .dialect
+            .credentials
+            .auth(&self.http)
+            .await
+            .map_err(|e| self.error(e))?;
+        let url = format!("{}{path}", self.dialect.base);
+        let body = body.map(|b| (self.dialect.content_type, b.to_string().into_bytes()));
         let headers: Vec<(&str, &str)> = if_match.map(|v| ("If-Match", v)).into_iter().collect();
         self.http
-            .send(method, &url, &self.auth(), &headers, body, idempotent)
+            .send(method, &url, &auth, &headers, body, idempotent)
             .await
-            .map_err(target_error)
+            .map_err(|e| self.error(e))
     }
 
-    /// `/ServiceProviderConfig`, read once; a provider without one gets cautious defaults.
+    /// A JSON answer, or a protocol error naming what was read.
+    fn json(&self, a: &crate::http::Answer, what: &str) -> Result<Value, TargetError> {
+        a.json(self.dialect.service, what)
+            .map_err(|e| self.error(e))
+    }
+
+    /// The dialect's features, or `/ServiceProviderConfig` read once (a provider without one gets
+    /// cautious defaults).
     async fn features(&self) -> Result<&Features, TargetError> {
         self.features
             .get_or_try_init(|| async {
+                if let Some(f) = &self.dialect.features {
+                    return Ok(f.clone());
+                }
                 match self
                     .call(Method::GET, "/ServiceProviderConfig", None, None, true)
                     .await
                 {
                     Ok(a) => {
-                        let v: Value = a
-                            .json("the SCIM provider", "/ServiceProviderConfig")
-                            .map_err(target_error)?;
+                        let v = self.json(&a, "/ServiceProviderConfig")?;
                         let on = |k: &str| v.pointer(k).and_then(Value::as_bool).unwrap_or(false);
                         let max = v
                             .pointer("/filter/maxResults")
@@ -403,6 +558,7 @@ impl ScimTarget {
                             etag: on("/etag/supported"),
                             filter: on("/filter/supported"),
                             page: max,
+                            list_page: max,
                             bulk,
                         })
                     }
@@ -413,6 +569,7 @@ impl ScimTarget {
                             etag: false,
                             filter: true,
                             page: 100,
+                            list_page: 100,
                             bulk: None,
                         })
                     }
@@ -444,6 +601,13 @@ impl ScimTarget {
         }
     }
 
+    /// Remembers the version a listed or read resource carries, when the service has ETags.
+    fn remember_listed(&self, etag: bool, v: &Value, id: &str) {
+        if etag && let Some(ver) = v.pointer("/meta/version").and_then(Value::as_str) {
+            self.versions().insert(id.to_owned(), ver.to_owned());
+        }
+    }
+
     /// The version to send as `If-Match`, read from the provider when none is known.
     async fn version(&self, kind: Kind, id: &str) -> Result<Option<String>, TargetError> {
         if !self.features().await?.etag {
@@ -453,21 +617,18 @@ impl ScimTarget {
             return Ok(Some(v));
         }
         let a = self
-            .call(
-                Method::GET,
-                &format!("/{}/{}", resource(kind), percent_encode(id, b"")),
-                None,
-                None,
-                true,
-            )
+            .call(Method::GET, &one(kind, id), None, None, true)
             .await?;
         self.remember(id, &a);
         Ok(self.versions().get(id).cloned())
     }
 
-    /// Every resource of a type, page by page (`startIndex` is 1-based).
-    async fn list(&self, kind: Kind, attributes: &str) -> Result<Vec<Value>, TargetError> {
-        let count = self.features().await?.page;
+    /// Every resource of a type, page by page (`startIndex` is 1-based). The server may cap
+    /// `count` lower than asked: a short page is not the end; an empty one is, and so is reaching
+    /// `totalResults` (or its absence).
+    async fn list(&self, kind: Kind) -> Result<Vec<Value>, TargetError> {
+        let count = self.features().await?.list_page;
+        let attributes = (self.dialect.list_attributes)(kind);
         let mut out = Vec::new();
         loop {
             let path = format!(
@@ -477,8 +638,8 @@ impl ScimTarget {
             );
             let a = self.call(Method::GET, &path, None, None, true).await?;
             let page: ListResponse = a
-                .json("the SCIM provider", &format!("listing {}", resource(kind)))
-                .map_err(target_error)?;
+                .json(self.dialect.service, &format!("listing {}", resource(kind)))
+                .map_err(|e| self.error(e))?;
             let n = page.resources.len();
             out.extend(page.resources);
             if n == 0 || page.total_results.is_none_or(|t| out.len() >= t) {
@@ -490,7 +651,7 @@ impl ScimTarget {
     /// Applies PATCH operations to one resource: a PATCH where supported, else a read, the
     /// operations applied to it here, and a PUT. Either way with `If-Match` when there are ETags.
     async fn modify(&self, kind: Kind, id: &str, ops: Vec<Value>) -> Result<(), TargetError> {
-        let path = format!("/{}/{}", resource(kind), percent_encode(id, b""));
+        let path = one(kind, id);
         let version = self.version(kind, id).await?;
         let a = if self.features().await?.patch {
             let body = json!({"schemas": [SCHEMA_PATCH], "Operations": ops});
@@ -498,9 +659,7 @@ impl ScimTarget {
                 .await?
         } else {
             let current = self.call(Method::GET, &path, None, None, true).await?;
-            let mut v: Value = current
-                .json("the SCIM provider", "reading a resource")
-                .map_err(target_error)?;
+            let mut v = self.json(&current, "reading a resource")?;
             apply_ops(&mut v, &ops);
             if let Some(m) = v.as_object_mut() {
                 m.remove("meta");
@@ -518,9 +677,7 @@ impl ScimTarget {
         self.remember(id, &a);
         Ok(())
     }
-}
 
-impl ScimTarget {
     /// Several PATCHes of one resource (member chunks): in `/Bulk` requests where the provider
     /// offers them (the first operation carrying the version, `failOnErrors` 1), else one by one.
     async fn modify_all(
@@ -536,7 +693,7 @@ impl ScimTarget {
             }
             return Ok(());
         };
-        let path = format!("/{}/{}", resource(kind), percent_encode(id, b""));
+        let path = one(kind, id);
         for batch in patches.chunks(max) {
             let version = self.version(kind, id).await?;
             let operations: Vec<Value> = batch
@@ -556,9 +713,7 @@ impl ScimTarget {
             let a = self
                 .call(Method::POST, "/Bulk", Some(body), None, false)
                 .await?;
-            let v: Value = a
-                .json("the SCIM provider", "a /Bulk request")
-                .map_err(target_error)?;
+            let v = self.json(&a, "a /Bulk request")?;
             let results = v
                 .get("Operations")
                 .and_then(Value::as_array)
@@ -616,6 +771,15 @@ impl ScimTarget {
         }
         Ok(())
     }
+
+    /// The members of one group, read by id.
+    async fn group_members(&self, id: String) -> Result<(String, Vec<String>), TargetError> {
+        let a = self
+            .call(Method::GET, &one(Kind::Group, &id), None, None, true)
+            .await?;
+        let v = self.json(&a, "reading a group")?;
+        Ok((id, member_ids(&v)))
+    }
 }
 
 /// The PATCH operations idsync sends (replace a top-level attribute, add members, remove one
@@ -653,90 +817,52 @@ fn apply_ops(v: &mut Value, ops: &[Value]) {
 #[async_trait]
 impl Target for ScimTarget {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            nested_groups: self.cfg.nested_groups,
-            service_principals: false,
-            service_principal_members: false,
-            renamable: [Kind::User, Kind::Group].into(),
-            deactivate: true,
-            case_insensitive_keys: true,
-            attributes: [
-                Attr::Key,
-                Attr::DisplayName,
-                Attr::Active,
-                Attr::Emails,
-                Attr::ExternalId,
-            ]
-            .into(),
-            group_policies: false,
-            max_members_per_write: self.cfg.member_chunk.max(1),
-        }
+        self.dialect.capabilities.clone()
     }
 
     async fn observe(&self) -> Result<Observed, TargetError> {
         let etag = self.features().await?.etag;
         let mut o = Observed::default();
         let mut kinds = BTreeMap::new();
-        let remember = |v: &Value, id: &str| {
-            if etag && let Some(ver) = v.pointer("/meta/version").and_then(Value::as_str) {
-                self.versions().insert(id.to_owned(), ver.to_owned());
-            }
-        };
-        for v in self
-            .list(
-                Kind::User,
-                "id,userName,displayName,active,emails,externalId,meta",
-            )
-            .await?
-        {
-            let Some(p) = principal(Kind::User, &v) else {
-                continue;
-            };
-            remember(&v, &p.id);
-            kinds.insert(p.id.clone(), Kind::User);
-            o.insert(p);
+        let mut principal_kinds = vec![Kind::User];
+        if self.dialect.capabilities.service_principals {
+            principal_kinds.push(Kind::ServicePrincipal);
         }
-        let groups = self
-            .list(Kind::Group, "id,displayName,externalId,members,meta")
-            .await?;
+        for kind in principal_kinds {
+            for v in self.list(kind).await? {
+                let Some(p) = principal(kind, &v) else {
+                    continue;
+                };
+                self.remember_listed(etag, &v, &p.id);
+                kinds.insert(p.id.clone(), kind);
+                o.insert(p);
+            }
+        }
+        let groups = self.list(Kind::Group).await?;
         for v in &groups {
             let Some(p) = principal(Kind::Group, v) else {
                 continue;
             };
-            remember(v, &p.id);
+            self.remember_listed(etag, v, &p.id);
             kinds.insert(p.id.clone(), Kind::Group);
             o.insert(p);
         }
-        // Members: from the listing when the provider includes them, else one read per group.
-        let members_of = member_ids;
+        // Members: from the listing when the provider includes them, else one read per group
+        // (Databricks lists groups without members).
         let listed = groups.iter().any(|v| v.get("members").is_some());
         let mut lists: Vec<(String, Vec<String>)> = Vec::new();
         if listed || groups.is_empty() {
             for v in &groups {
                 if let Some(id) = text(v, "id") {
-                    lists.push((id, members_of(v)));
+                    lists.push((id, member_ids(v)));
                 }
             }
         } else {
             let ids: Vec<String> = groups.iter().filter_map(|v| text(v, "id")).collect();
-            let reads = futures::stream::iter(ids.into_iter().map(|id| async move {
-                let a = self
-                    .call(
-                        Method::GET,
-                        &format!("/Groups/{}", percent_encode(&id, b"")),
-                        None,
-                        None,
-                        true,
-                    )
-                    .await?;
-                let v: Value = a
-                    .json("the SCIM provider", "reading a group")
-                    .map_err(target_error)?;
-                Ok::<_, TargetError>((id, members_of(&v)))
-            }))
-            .buffered(self.cfg.http.max_concurrency.max(1))
-            .collect::<Vec<_>>()
-            .await;
+            let reads = futures::stream::iter(ids.into_iter().map(|id| self.group_members(id)))
+                .buffer_unordered(self.concurrency)
+                .collect::<Vec<_>>()
+                .await;
             for r in reads {
                 lists.push(r?);
             }
@@ -753,51 +879,44 @@ impl Target for ScimTarget {
     }
 
     async fn observe_some(&self, want: &Interest) -> Result<Option<Partial>, TargetError> {
-        let etag = self.features().await?.etag;
-        let get =
-            |path: String| async move { self.call(Method::GET, &path, None, None, true).await };
-        let key_attr = |kind: Kind| match kind {
-            Kind::Group => "displayName",
-            _ => "userName",
-        };
-        let parse = |kind: Kind, v: &Value| {
-            let p = principal(kind, v)?;
-            if etag && let Some(ver) = v.pointer("/meta/version").and_then(Value::as_str) {
-                self.versions().insert(p.id.clone(), ver.to_owned());
-            }
-            Some(p)
-        };
         let features = self.features().await?;
         if !features.filter {
             return Ok(None);
         }
-        let concurrency = self.cfg.http.max_concurrency;
-        read_some(want, concurrency, features.page, get, key_attr, parse).await
+        let etag = features.etag;
+        let get =
+            |path: String| async move { self.call(Method::GET, &path, None, None, true).await };
+        let parse = |kind: Kind, v: &Value| {
+            let p = principal(kind, v)?;
+            self.remember_listed(etag, v, &p.id);
+            Some(p)
+        };
+        read_some(want, self.concurrency, features.page, get, key_attr, parse).await
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {
+        let caps = &self.dialect.capabilities;
         match op {
             Op::Create { principal: p, .. } => {
-                let mut body = match p.kind {
-                    Kind::User => {
-                        let emails: Vec<Value> = p
-                            .emails
-                            .iter()
-                            .enumerate()
-                            .map(|(i, e)| json!({"value": e, "type": "work", "primary": i == 0}))
-                            .collect();
-                        json!({"schemas": [SCHEMA_USER], "userName": p.key,
-                            "displayName": p.display_name, "active": p.active, "emails": emails})
-                    }
-                    Kind::Group => json!({"schemas": [SCHEMA_GROUP], "displayName": p.key}),
-                    Kind::ServicePrincipal => {
-                        return Err(TargetError::new(
-                            TargetErrorKind::NotImplemented,
-                            "SCIM 2.0 has no service principals",
-                        ));
-                    }
-                };
-                if let Some(x) = &p.external_id {
+                if p.kind == Kind::ServicePrincipal && !caps.service_principals {
+                    return Err(TargetError::new(
+                        TargetErrorKind::NotImplemented,
+                        "SCIM 2.0 has no service principals",
+                    ));
+                }
+                let mut body = json!({"schemas": [schema(p.kind)], key_attr(p.kind): p.key});
+                if p.kind != Kind::Group {
+                    body["displayName"] = json!(p.display_name);
+                    body["active"] = json!(p.active);
+                }
+                if p.kind == Kind::User && caps.attributes.contains(&Attr::Emails) {
+                    body["emails"] = emails(&p.emails);
+                }
+                if let Some(x) = p
+                    .external_id
+                    .as_ref()
+                    .filter(|_| caps.attributes.contains(&Attr::ExternalId))
+                {
                     body["externalId"] = json!(x);
                 }
                 let a = self
@@ -809,13 +928,11 @@ impl Target for ScimTarget {
                         false,
                     )
                     .await?;
-                let v: Value = a
-                    .json("the SCIM provider", "a create")
-                    .map_err(target_error)?;
+                let v = self.json(&a, "a create")?;
                 let id = text(&v, "id").ok_or_else(|| {
                     TargetError::new(
                         TargetErrorKind::Protocol,
-                        "the SCIM provider created a resource without an id",
+                        format!("{} created a resource without an id", self.dialect.service),
                     )
                 })?;
                 self.remember(&id, &a);
@@ -825,21 +942,19 @@ impl Target for ScimTarget {
                 target, changes, ..
             } => {
                 let mut ops = Vec::new();
-                for c in changes {
+                for c in changes.iter().filter(|c| caps.attributes.contains(&c.attr)) {
                     let (path, value) = match (c.attr, &c.to, target.kind) {
-                        (Attr::Key, AttrValue::Text(Some(v)), Kind::Group) => {
+                        (Attr::Key, AttrValue::Text(Some(v)), k) if caps.renamable.contains(&k) => {
+                            (key_attr(k), json!(v))
+                        }
+                        (Attr::DisplayName, AttrValue::Text(v), k) if k != Kind::Group => {
                             ("displayName", json!(v))
                         }
-                        (Attr::Key, AttrValue::Text(Some(v)), _) => ("userName", json!(v)),
-                        (Attr::DisplayName, AttrValue::Text(v), Kind::User) => {
-                            ("displayName", json!(v))
+                        (Attr::Active, AttrValue::Bool(b), k) if k != Kind::Group => {
+                            ("active", json!(b))
                         }
-                        (Attr::Active, AttrValue::Bool(b), Kind::User) => ("active", json!(b)),
                         (Attr::ExternalId, AttrValue::Text(v), _) => ("externalId", json!(v)),
-                        (Attr::Emails, AttrValue::List(es), Kind::User) => (
-                            "emails",
-                            json!(es.iter().enumerate().map(|(i, e)| json!({"value": e, "type": "work", "primary": i == 0})).collect::<Vec<_>>()),
-                        ),
+                        (Attr::Emails, AttrValue::List(es), Kind::User) => ("emails", emails(es)),
                         _ => continue,
                     };
                     ops.push(json!({"op": "replace", "path": path, "value": value}));
@@ -864,7 +979,7 @@ impl Target for ScimTarget {
                 match self
                     .call(
                         Method::DELETE,
-                        &format!("/{}/{}", resource(target.kind), percent_encode(id, b"")),
+                        &one(target.kind, id),
                         None,
                         version.as_deref(),
                         true,
@@ -877,12 +992,12 @@ impl Target for ScimTarget {
             }
             Op::AddMembers { group, members } => {
                 let mut patches = Vec::new();
-                for chunk in members.chunks(self.cfg.member_chunk.max(1)) {
+                for chunk in members.chunks(self.chunk()) {
                     let value: Result<Vec<Value>, TargetError> = chunk
                         .iter()
                         .map(|m| {
                             let mut v = json!({"value": id_of(m)?});
-                            if m.kind == Kind::Group {
+                            if m.kind == Kind::Group && self.dialect.typed_group_members {
                                 v["type"] = json!("Group");
                             }
                             Ok(v)
@@ -897,7 +1012,7 @@ impl Target for ScimTarget {
             }
             Op::RemoveMembers { group, members } => {
                 let mut patches = Vec::new();
-                for chunk in members.chunks(self.cfg.member_chunk.max(1)) {
+                for chunk in members.chunks(self.chunk()) {
                     let ops: Result<Vec<Value>, TargetError> = chunk
                         .iter()
                         .map(|m| Ok(json!({"op": "remove", "path": member_path(id_of(m)?)})))
@@ -909,7 +1024,7 @@ impl Target for ScimTarget {
             }
             Op::AttachPolicies { .. } => Err(TargetError::new(
                 TargetErrorKind::NotImplemented,
-                "SCIM groups have no policies",
+                format!("{} keeps no group policies", self.dialect.service),
             )),
             Op::Adopt { .. } | Op::Forget { .. } => Ok(Outcome::Done),
         }
@@ -919,6 +1034,13 @@ impl Target for ScimTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_percent_encoded_on_every_path_in_every_dialect() {
+        assert_eq!(one(Kind::User, "a/b c?d"), "/Users/a%2Fb%20c%3Fd");
+        assert_eq!(one(Kind::ServicePrincipal, "1"), "/ServicePrincipals/1");
+        assert_eq!(one(Kind::Group, "ü#"), "/Groups/%C3%BC%23");
+    }
 
     #[test]
     fn member_filters_escape_quotes_and_backslashes() {
