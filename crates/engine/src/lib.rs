@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod flatten;
 pub mod fnv;
+pub mod fold;
 pub mod mapping;
 pub mod memory;
 pub mod observe;
@@ -18,6 +19,7 @@ pub mod target;
 pub mod template;
 
 pub use apply::{ApplyOptions, ApplyReport, apply};
+pub use fold::{Lookup, fold};
 pub use mapping::{Mapping, map_snapshot};
 pub use memory::MemoryTarget;
 pub use plan::{Deprovision, OnConflict, Policy, plan};

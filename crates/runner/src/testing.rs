@@ -506,3 +506,70 @@ pub async fn conformance(s: Subject<'_>, mut dir: Snapshot) -> Result<(), String
     )?;
     Ok(())
 }
+
+/// The source conformance check: folding a source's changes into the snapshot of a full read
+/// equals a full read of the directory now. Reads `source` in full under `scope`, lets `change`
+/// edit the directory, reads the changes since the first read's cursors, reads in full again, and
+/// compares the two snapshots (and the depth each group was found at).
+pub async fn source_conformance<F, Fut>(
+    source: &dyn idsync_engine::Source,
+    scope: &Scope,
+    change: F,
+) -> Result<(), String>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let first = source
+        .read_full(scope)
+        .await
+        .map_err(|e| format!("the first full read: {e}"))?;
+    change().await;
+    let inc = match source
+        .read_changes(scope, &first.snapshot, &first.cursors)
+        .await
+        .map_err(|e| format!("reading the changes: {e}"))?
+    {
+        idsync_engine::Changes::Read(r) => r,
+        other => return Err(format!("the source read no changes: {other:?}")),
+    };
+    let full = source
+        .read_full(scope)
+        .await
+        .map_err(|e| format!("the second full read: {e}"))?;
+    check(
+        inc.mode == idsync_model::ReadMode::Incremental,
+        "the change read says it is incremental",
+    )?;
+    let (a, b) = (&inc.snapshot, &full.snapshot);
+    let differ = |what: &str, x: Vec<String>, y: Vec<String>| {
+        check(
+            x == y,
+            format!("{what} differ: folded {x:?}, full read {y:?}"),
+        )
+    };
+    let fmt = |m: &dyn std::fmt::Debug| format!("{m:?}");
+    differ(
+        "users",
+        a.users.values().map(|u| fmt(u)).collect(),
+        b.users.values().map(|u| fmt(u)).collect(),
+    )?;
+    differ(
+        "service principals",
+        a.service_principals.values().map(|s| fmt(s)).collect(),
+        b.service_principals.values().map(|s| fmt(s)).collect(),
+    )?;
+    differ(
+        "groups",
+        a.groups.values().map(|g| fmt(g)).collect(),
+        b.groups.values().map(|g| fmt(g)).collect(),
+    )?;
+    check(a == b, "the snapshots differ (incomplete groups)")?;
+    check(
+        inc.depth == full.depth,
+        format!(
+            "group depths differ: folded {:?}, full read {:?}",
+            inc.depth, full.depth
+        ),
+    )
+}

@@ -16,9 +16,12 @@ use crate::entra_auth::{EntraAuth, EntraCredential, GRAPH_SCOPE};
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::StreamExt;
-use idsync_engine::scope::{Scope, Selection, depths, select};
+use idsync_engine::Lookup;
+use idsync_engine::scope::{Scope, Selection};
 use idsync_engine::{Changes, Read, Source, SourceError};
-use idsync_model::{Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType};
+use idsync_model::{
+    Change, Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType,
+};
 use reqwest::Method;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -566,6 +569,98 @@ impl EntraSource {
     }
 }
 
+/// Graph's delta items as changes: a group's new name, its members added and removed, users and
+/// service principals changed or deleted. A delta item may carry only the properties that changed,
+/// so a group's attributes count only when its name came with it.
+fn delta_changes(groups: &[Value], users: &[Value], sps: &[Value]) -> Vec<Change> {
+    let mut out = Vec::new();
+    for item in groups {
+        let Some(id) = text(item, "id") else { continue };
+        if item.get("@removed").is_some() {
+            out.push(Change::Remove(Member::group(id)));
+            continue;
+        }
+        let Some(g) = group_of(item) else { continue };
+        if item.get("displayName").is_some() {
+            out.push(Change::UpsertGroup {
+                id: id.clone(),
+                display_name: g.display_name.clone(),
+                description: g.description.clone(),
+            });
+        }
+        for m in item
+            .get("members@delta")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let Some(member) = member_of(m) else { continue };
+            let group = id.clone();
+            out.push(if m.get("@removed").is_some() {
+                Change::RemoveMember { group, member }
+            } else {
+                Change::AddMember { group, member }
+            });
+        }
+    }
+    for item in users {
+        let Some(id) = text(item, "id") else { continue };
+        if item.get("@removed").is_some() {
+            out.push(Change::Remove(Member::user(id)));
+        } else if let Some(u) = user_of(item) {
+            out.push(Change::UpsertUser(u));
+        }
+    }
+    for item in sps {
+        let Some(id) = text(item, "id") else { continue };
+        if item.get("@removed").is_some() {
+            out.push(Change::Remove(Member::service_principal(id)));
+        } else if let Some(sp) = sp_of(item) {
+            out.push(Change::UpsertServicePrincipal(sp));
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl Lookup for EntraSource {
+    async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
+        Ok(self
+            .by_ids("users", ids, USER_DELTA_SELECT)
+            .await?
+            .iter()
+            .filter_map(user_of)
+            .collect())
+    }
+
+    async fn service_principals(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<ServicePrincipal>, SourceError> {
+        Ok(self
+            .by_ids("servicePrincipals", ids, SP_DELTA_SELECT)
+            .await?
+            .iter()
+            .filter_map(sp_of)
+            .collect())
+    }
+
+    async fn groups(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError> {
+        self.groups_by_id(ids, scope).await
+    }
+
+    async fn expand(
+        &self,
+        groups: Vec<Group>,
+        level: u32,
+        scope: &Scope,
+        snap: &mut Snapshot,
+        depth: &mut BTreeMap<String, u32>,
+    ) -> Result<(), SourceError> {
+        EntraSource::expand(self, groups, level, scope, snap, depth).await
+    }
+}
+
 #[async_trait]
 impl Source for EntraSource {
     async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError> {
@@ -634,164 +729,12 @@ impl Source for EntraSource {
             return Ok(expired());
         };
 
-        let mut snap = base.clone();
-        // Groups that may be new to the scope; read by id below (a delta item may carry only the
-        // properties that changed, so its name and flags are not to be trusted as a whole).
-        let mut candidates: BTreeSet<String> = BTreeSet::new();
-        let mut need: BTreeSet<Member> = BTreeSet::new();
-        // Memberships added this round from a group of the snapshot to a group not in it.
-        let mut new_edges: BTreeSet<(String, String)> = BTreeSet::new();
-        for item in &groups {
-            let Some(id) = text(item, "id") else { continue };
-            if item.get("@removed").is_some() {
-                snap.apply_change(&idsync_model::Change::Remove(Member::group(id)));
-                continue;
-            }
-            let Some(g) = group_of(item) else { continue };
-            if snap.groups.contains_key(&id) {
-                if item.get("displayName").is_some() {
-                    snap.apply_change(&idsync_model::Change::UpsertGroup {
-                        id: id.clone(),
-                        display_name: g.display_name.clone(),
-                        description: g.description.clone(),
-                    });
-                }
-                for m in item
-                    .get("members@delta")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let Some(member) = member_of(m) else { continue };
-                    if m.get("@removed").is_some() {
-                        snap.apply_change(&idsync_model::Change::RemoveMember {
-                            group: id.clone(),
-                            member,
-                        });
-                    } else {
-                        if !snap.contains(member.kind, &member.id) {
-                            if member.kind == Kind::Group {
-                                new_edges.insert((id.clone(), member.id.clone()));
-                            }
-                            need.insert(member.clone());
-                        }
-                        snap.apply_change(&idsync_model::Change::AddMember {
-                            group: id.clone(),
-                            member,
-                        });
-                    }
-                }
-            } else if scope.selects_all()
-                || scope.group_ids.contains(&id)
-                || (item.get("displayName").is_some() && scope.selects(&id, &g.display_name))
-            {
-                candidates.insert(id);
-            }
-        }
-        for item in &users {
-            let Some(id) = text(item, "id") else { continue };
-            if item.get("@removed").is_some() {
-                snap.apply_change(&idsync_model::Change::Remove(Member::user(id)));
-            } else if (snap.users.contains_key(&id) || scope.all_users)
-                && let Some(u) = user_of(item)
-            {
-                snap.apply_change(&idsync_model::Change::UpsertUser(u));
-            }
-        }
-        for item in &sps {
-            let Some(id) = text(item, "id") else { continue };
-            if item.get("@removed").is_some() {
-                snap.apply_change(&idsync_model::Change::Remove(Member::service_principal(id)));
-            } else if snap.service_principals.contains_key(&id)
-                && let Some(sp) = sp_of(item)
-            {
-                snap.apply_change(&idsync_model::Change::UpsertServicePrincipal(sp));
-            }
-        }
-        // Members new to the snapshot: fetched by id; nested groups within the depth: read in full.
-        let ids = |k: Kind| {
-            need.iter()
-                .filter(|m| m.kind == k)
-                .map(|m| m.id.clone())
-                .collect::<Vec<_>>()
-        };
-        for u in self
-            .by_ids("users", &ids(Kind::User), USER_DELTA_SELECT)
-            .await?
-            .iter()
-            .filter_map(user_of)
-        {
-            snap.users.entry(u.id.clone()).or_insert(u);
-        }
-        for sp in self
-            .by_ids(
-                "servicePrincipals",
-                &ids(Kind::ServicePrincipal),
-                SP_DELTA_SELECT,
-            )
-            .await?
-            .iter()
-            .filter_map(sp_of)
-        {
-            snap.service_principals.entry(sp.id.clone()).or_insert(sp);
-        }
-        // Groups new to the scope, read by id and checked again with their real name and flags.
-        let before = depths(base, scope).0;
-        let mut depth: BTreeMap<String, u32> = BTreeMap::new();
-        let ids: Vec<String> = candidates.into_iter().collect();
-        let fresh: Vec<Group> = self
-            .groups_by_id(&ids, scope)
-            .await?
-            .into_iter()
-            .filter(|g| scope.selects(&g.id, &g.display_name))
-            .collect();
-        self.expand(fresh, 1, scope, &mut snap, &mut depth).await?;
-        // Nested groups the scope now reaches within the search depth and the snapshot lacks:
-        // through a membership added this round, or under a group that moved up (a parent newly
-        // selected). Read from the depth they are found at, level by level.
-        let mut attempted: BTreeSet<String> = BTreeSet::new();
-        for _ in 0..scope.search_depth {
-            let (now, _) = depths(&snap, scope);
-            let mut wanted: BTreeMap<String, u32> = BTreeMap::new();
-            for (p, &d) in &now {
-                if d >= scope.search_depth {
-                    continue;
-                }
-                let moved_up = before.get(p).is_none_or(|&old| d < old);
-                let Some(g) = snap.groups.get(p) else {
-                    continue;
-                };
-                for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
-                    if snap.groups.contains_key(&m.id) || attempted.contains(&m.id) {
-                        continue;
-                    }
-                    if moved_up || new_edges.contains(&(p.clone(), m.id.clone())) {
-                        let e = wanted.entry(m.id.clone()).or_insert(d + 1);
-                        *e = (*e).min(d + 1);
-                    }
-                }
-            }
-            if wanted.is_empty() {
-                break;
-            }
-            let mut by_level: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-            for (id, level) in wanted {
-                attempted.insert(id.clone());
-                by_level.entry(level).or_default().push(id);
-            }
-            for (level, ids) in by_level {
-                let found = self.groups_by_id(&ids, scope).await?;
-                self.expand(found, level, scope, &mut snap, &mut depth)
-                    .await?;
-            }
-        }
-        // The scope again, as a full read would draw it: a group renamed out of the selection
-        // leaves (unless still nested within the depth), and so do members only it reached.
+        let changes = delta_changes(&groups, &users, &sps);
         let Selection {
             snapshot: snap,
             depth,
             notes,
-        } = select(&snap, scope);
+        } = idsync_engine::fold(base, &changes, scope, self).await?;
         let cursors = BTreeMap::from([
             (CURSOR_GROUPS.to_owned(), gl2),
             (CURSOR_USERS.to_owned(), ul2),

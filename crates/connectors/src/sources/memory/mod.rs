@@ -2,15 +2,14 @@
 //! position in it. `idsync demo` runs on it, and tests use it to drive the incremental path
 //! (cursors stored only after an apply, expiry falling back to a full read) without a network.
 //!
-//! Reading changes works the way a Graph delta client does: events are applied to the snapshot
-//! last applied; a member new to the snapshot is fetched; a group created with a selected name is
-//! read in full; users and service principals that left every synced group drop out. A group
-//! renamed out of a name-based selection stays until the next full read.
+//! Reading changes hands the log since the cursor to the engine's fold ([`idsync_engine::fold`]),
+//! which asks this directory for what the snapshot lacks, as a Graph delta client asks Graph: the
+//! result is what a full read of the directory gives.
 
 use async_trait::async_trait;
 use idsync_engine::scope::{self, Scope};
-use idsync_engine::{Changes, Read, Source, SourceError};
-use idsync_model::{Change, Kind, Member, ReadMode, Snapshot};
+use idsync_engine::{Changes, Lookup, Read, Source, SourceError};
+use idsync_model::{Change, Group, Kind, ReadMode, ServicePrincipal, Snapshot, User};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -70,40 +69,96 @@ impl MemorySource {
     }
 }
 
-fn selected_by_name(scope: &Scope, id: &str, name: &str) -> bool {
-    scope.selects(id, name)
-}
+/// The directory as a fold's [`Lookup`].
+struct DirLookup<'a>(&'a Snapshot);
 
-/// Adds a principal the snapshot does not hold yet, from the directory: a nested group only within
-/// the search depth, with its own members fetched too.
-fn pull(snap: &mut Snapshot, dir: &Snapshot, scope: &Scope, m: &Member, depth: u32) {
-    match m.kind {
-        Kind::User => {
-            if let Some(u) = dir.users.get(&m.id) {
-                snap.users.entry(m.id.clone()).or_insert_with(|| u.clone());
-            }
+#[async_trait]
+impl Lookup for DirLookup<'_> {
+    async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.users.get(id).cloned())
+            .collect())
+    }
+
+    async fn service_principals(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<ServicePrincipal>, SourceError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.service_principals.get(id).cloned())
+            .collect())
+    }
+
+    async fn groups(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.groups.get(id))
+            .filter(|g| g.security_enabled || scope.include_non_security)
+            .map(|g| Group {
+                members: Default::default(),
+                ..g.clone()
+            })
+            .collect())
+    }
+
+    async fn expand(
+        &self,
+        groups: Vec<Group>,
+        mut level: u32,
+        scope: &Scope,
+        snap: &mut Snapshot,
+        depth: &mut BTreeMap<String, u32>,
+    ) -> Result<(), SourceError> {
+        let dir = self.0;
+        let mut frontier: Vec<String> = groups.into_iter().map(|g| g.id).collect();
+        for id in &frontier {
+            depth.insert(id.clone(), level);
         }
-        Kind::ServicePrincipal => {
-            if let Some(s) = dir.service_principals.get(&m.id) {
-                snap.service_principals
-                    .entry(m.id.clone())
-                    .or_insert_with(|| s.clone());
-            }
-        }
-        Kind::Group => {
-            if depth >= scope.search_depth || snap.groups.contains_key(&m.id) {
-                return;
-            }
-            if let Some(g) = dir.groups.get(&m.id) {
-                if !(g.security_enabled || scope.include_non_security) {
-                    return;
+        while !frontier.is_empty() {
+            let mut next = Vec::new();
+            for id in frontier {
+                let Some(g) = dir.groups.get(&id) else {
+                    continue;
+                };
+                for m in &g.members {
+                    match m.kind {
+                        Kind::User => {
+                            if let Some(u) = dir.users.get(&m.id) {
+                                snap.users.entry(m.id.clone()).or_insert_with(|| u.clone());
+                            }
+                        }
+                        Kind::ServicePrincipal => {
+                            if let Some(sp) = dir.service_principals.get(&m.id) {
+                                snap.service_principals
+                                    .entry(m.id.clone())
+                                    .or_insert_with(|| sp.clone());
+                            }
+                        }
+                        Kind::Group => {
+                            let admitted = dir
+                                .groups
+                                .get(&m.id)
+                                .is_some_and(|c| c.security_enabled || scope.include_non_security);
+                            if level < scope.search_depth
+                                && admitted
+                                && !depth.contains_key(&m.id)
+                                && !snap.groups.contains_key(&m.id)
+                            {
+                                depth.insert(m.id.clone(), level + 1);
+                                next.push(m.id.clone());
+                            }
+                        }
+                    }
                 }
+                snap.incomplete_groups.remove(&g.id);
                 snap.groups.insert(g.id.clone(), g.clone());
-                for child in &g.members {
-                    pull(snap, dir, scope, child, depth + 1);
-                }
             }
+            frontier = next;
+            level += 1;
         }
+        Ok(())
     }
 }
 
@@ -127,86 +182,34 @@ impl Source for MemorySource {
         base: &Snapshot,
         cursors: &BTreeMap<String, String>,
     ) -> Result<Changes, SourceError> {
-        let i = self.lock();
         let Some(cursor) = cursors.get(CURSOR) else {
             return Ok(Changes::Unsupported);
         };
         let parsed = cursor
             .split_once(':')
             .and_then(|(e, p)| Some((e.parse::<u64>().ok()?, p.parse::<usize>().ok()?)));
-        let pos = match parsed {
-            Some((epoch, pos)) if epoch == i.epoch && pos <= i.log.len() => pos,
-            _ => {
-                return Ok(Changes::Expired(format!(
-                    "the change-feed cursor {cursor:?} has expired"
-                )));
+        // The log since the cursor and the directory now, taken under the lock and folded after.
+        let taken = {
+            let i = self.lock();
+            match parsed {
+                Some((epoch, pos)) if epoch == i.epoch && pos <= i.log.len() => {
+                    Some((i.log[pos..].to_vec(), i.dir.clone(), Self::cursor(&i)))
+                }
+                _ => None,
             }
         };
-        let mut snap = base.clone();
-        // Depth of groups already in the snapshot is not recorded; nested pulls start at depth 1.
-        for ev in &i.log[pos..] {
-            match ev {
-                Change::UpsertUser(u) => {
-                    if snap.users.contains_key(&u.id) || scope.all_users {
-                        snap.apply_change(ev);
-                    }
-                }
-                Change::UpsertServicePrincipal(s) => {
-                    if snap.service_principals.contains_key(&s.id) {
-                        snap.apply_change(ev);
-                    }
-                }
-                Change::UpsertGroup {
-                    id, display_name, ..
-                } => {
-                    if snap.groups.contains_key(id) {
-                        snap.apply_change(ev);
-                    } else if selected_by_name(scope, id, display_name) {
-                        // New to the scope: read it in full.
-                        pull(
-                            &mut snap,
-                            &i.dir,
-                            &Scope {
-                                search_depth: u32::MAX,
-                                ..scope.clone()
-                            },
-                            &Member::group(id.as_str()),
-                            0,
-                        );
-                        if let Some(g) = i.dir.groups.get(id) {
-                            for m in &g.members {
-                                pull(&mut snap, &i.dir, scope, m, 1);
-                            }
-                        }
-                    }
-                }
-                Change::AddMember { group, member } => {
-                    if snap.groups.contains_key(group) {
-                        snap.apply_change(ev);
-                        pull(&mut snap, &i.dir, scope, member, 1);
-                    }
-                }
-                Change::ReplaceMembers { group, members } => {
-                    if snap.groups.contains_key(group) {
-                        snap.apply_change(ev);
-                        for m in members {
-                            pull(&mut snap, &i.dir, scope, m, 1);
-                        }
-                    }
-                }
-                Change::Remove(_) | Change::RemoveMember { .. } => snap.apply_change(ev),
-            }
-        }
-        if !scope.all_users {
-            snap.prune_unreachable();
-        }
-        let depth = snap.groups.keys().map(|g| (g.clone(), 1)).collect();
+        let Some((log, dir, cursors)) = taken else {
+            return Ok(Changes::Expired(format!(
+                "the change-feed cursor {cursor:?} has expired"
+            )));
+        };
+        let sel = idsync_engine::fold(base, &log, scope, &DirLookup(&dir)).await?;
         Ok(Changes::Read(Read {
-            snapshot: snap.into(),
-            cursors: Self::cursor(&i),
+            snapshot: sel.snapshot.into(),
+            cursors,
             mode: ReadMode::Incremental,
-            depth,
-            notes: Vec::new(),
+            depth: sel.depth,
+            notes: sel.notes,
         }))
     }
 }
@@ -214,7 +217,7 @@ impl Source for MemorySource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idsync_model::{Directory, Group, User};
+    use idsync_model::{Directory, Member};
 
     fn u(id: &str) -> User {
         User {
@@ -238,6 +241,67 @@ mod tests {
             mail_enabled: false,
             members: m.into_iter().collect(),
         }
+    }
+
+    /// The source conformance check, through the engine's fold: nested groups reached within the
+    /// depth through a new membership, a group renamed out of the selection, a new selected group
+    /// with a nested group, a deleted user and a new service principal member.
+    #[tokio::test]
+    async fn folding_its_changes_equals_a_full_read() {
+        let mut sp = idsync_model::ServicePrincipal {
+            id: "sp1".into(),
+            app_id: "app-1".into(),
+            display_name: "SP".into(),
+            active: true,
+        };
+        let dir: Snapshot = Directory {
+            users: vec![u("a"), u("b"), u("c"), u("d"), u("e")],
+            service_principals: vec![sp.clone()],
+            groups: vec![
+                g("g1", "ONE", vec![Member::user("a"), Member::user("b")]),
+                g("g2", "TWO", vec![Member::user("c"), Member::group("g4")]),
+                g("g4", "FOUR", vec![Member::user("e")]),
+                g("g5", "FIVE", vec![Member::user("d")]),
+            ],
+            incomplete_groups: Default::default(),
+        }
+        .try_into()
+        .unwrap();
+        let src = MemorySource::new(dir);
+        let scope = Scope {
+            group_names: ["ONE", "TWO", "NEW"].map(String::from).into(),
+            search_depth: 2,
+            ..Scope::default()
+        };
+        idsync_runner::testing::source_conformance(&src, &scope, || async {
+            // g5 nests under ONE: within the depth, read with its members.
+            src.edit(Change::AddMember {
+                group: "g1".into(),
+                member: Member::group("g5"),
+            });
+            // TWO is renamed out of the selection: it, FOUR and c leave.
+            src.edit(Change::UpsertGroup {
+                id: "g2".into(),
+                display_name: "TWO_OLD".into(),
+                description: None,
+            });
+            // A new selected group with the service principal, renamed.
+            src.edit(Change::UpsertGroup {
+                id: "g6".into(),
+                display_name: "NEW".into(),
+                description: Some("new".into()),
+            });
+            src.edit(Change::AddMember {
+                group: "g6".into(),
+                member: Member::service_principal("sp1"),
+            });
+            sp.display_name = "SP renamed".into();
+            src.edit(Change::UpsertServicePrincipal(sp.clone()));
+            // b is deleted.
+            src.edit(Change::Remove(Member::user("b")));
+        })
+        .await
+        .unwrap();
     }
 
     /// The incremental read must equal a full read of the same directory, for the edits the feed

@@ -1,0 +1,194 @@
+//! Sources deliver changes; the engine folds them. [`fold`] applies a source's [`Change`]s to the
+//! last applied snapshot under the scope rules, asks the source (through [`Lookup`]) only for what
+//! the snapshot does not hold yet (members new to it, groups new to the scope, nested groups the
+//! scope now reaches), and draws the scope again as a full read would. A source with a change feed
+//! turns its feed into `Change`s and implements `Lookup`; it writes no scope logic of its own.
+//!
+//! The promise, which `idsync_runner::testing::source_conformance` holds every source to: folding
+//! the changes since a full read into that read's snapshot equals a full read of the directory now.
+
+use crate::scope::{Scope, Selection, depths, select};
+use crate::source::SourceError;
+use async_trait::async_trait;
+use idsync_model::{Change, Group, Kind, Member, ServicePrincipal, Snapshot, User};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What a fold asks a source for: principals by id, as they are now.
+#[async_trait]
+pub trait Lookup: Send + Sync {
+    /// These users (those not found are left out).
+    async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError>;
+    /// These service principals (those not found are left out).
+    async fn service_principals(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<ServicePrincipal>, SourceError>;
+    /// These groups, without their members, if the scope admits their type (security groups, or
+    /// any with `include_non_security`); those not found are left out.
+    async fn groups(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError>;
+    /// Reads `groups` with their direct members into `snap` (members the snapshot lacks with
+    /// them), recording `level` as their depth, and the groups nested in them level by level down
+    /// to the scope's search depth, skipping groups already in `snap` or in `depth`.
+    async fn expand(
+        &self,
+        groups: Vec<Group>,
+        level: u32,
+        scope: &Scope,
+        snap: &mut Snapshot,
+        depth: &mut BTreeMap<String, u32>,
+    ) -> Result<(), SourceError>;
+}
+
+/// Folds `changes` (in the order they happened) into `base` under `scope`.
+///
+/// - A user or service principal change counts when the snapshot holds it (or every user is in
+///   scope); a removal always counts.
+/// - A group's attributes change when the snapshot holds it; a group new to the snapshot whose
+///   name or id the scope selects is read in full, with its nested groups down to the depth. A
+///   member change to a group new to the snapshot counts as its selection when the scope selects
+///   every group or that id.
+/// - A member added to a held group that the snapshot lacks is read by id; a nested group is read
+///   in full when it is within the depth.
+/// - At the end the scope is drawn again as a full read draws it: a group renamed out of the
+///   selection leaves (unless still nested within the depth), and so do members only it reached.
+pub async fn fold(
+    base: &Snapshot,
+    changes: &[Change],
+    scope: &Scope,
+    lookup: &dyn Lookup,
+) -> Result<Selection, SourceError> {
+    let mut snap = base.clone();
+    // Groups that may be new to the scope: read by id below and checked with their real name.
+    let mut candidates: BTreeSet<String> = BTreeSet::new();
+    let mut need: BTreeSet<Member> = BTreeSet::new();
+    // Memberships added from a group of the snapshot to a group not in it.
+    let mut new_edges: BTreeSet<(String, String)> = BTreeSet::new();
+    let selected_by_id = |id: &str| scope.selects_all() || scope.group_ids.contains(id);
+    for change in changes {
+        match change {
+            Change::Remove(_) | Change::RemoveMember { .. } => snap.apply_change(change),
+            Change::UpsertUser(u) => {
+                if snap.users.contains_key(&u.id) || scope.all_users {
+                    snap.apply_change(change);
+                }
+            }
+            Change::UpsertServicePrincipal(sp) => {
+                if snap.service_principals.contains_key(&sp.id) {
+                    snap.apply_change(change);
+                }
+            }
+            Change::UpsertGroup {
+                id, display_name, ..
+            } => {
+                if snap.groups.contains_key(id) {
+                    snap.apply_change(change);
+                } else if scope.selects(id, display_name) || selected_by_id(id) {
+                    candidates.insert(id.clone());
+                }
+            }
+            Change::AddMember { group, member } => {
+                if snap.groups.contains_key(group) {
+                    if !snap.contains(member.kind, &member.id) {
+                        if member.kind == Kind::Group {
+                            new_edges.insert((group.clone(), member.id.clone()));
+                        }
+                        need.insert(member.clone());
+                    }
+                    snap.apply_change(change);
+                } else if selected_by_id(group) {
+                    candidates.insert(group.clone());
+                }
+            }
+            Change::ReplaceMembers { group, members } => {
+                if snap.groups.contains_key(group) {
+                    for m in members {
+                        if !snap.contains(m.kind, &m.id) {
+                            if m.kind == Kind::Group {
+                                new_edges.insert((group.clone(), m.id.clone()));
+                            }
+                            need.insert(m.clone());
+                        }
+                    }
+                    snap.apply_change(change);
+                } else if selected_by_id(group) {
+                    candidates.insert(group.clone());
+                }
+            }
+        }
+    }
+    // Members new to the snapshot, by id. Nested groups are read below, within the depth.
+    let ids = |k: Kind| {
+        need.iter()
+            .filter(|m| m.kind == k)
+            .map(|m| m.id.clone())
+            .collect::<Vec<_>>()
+    };
+    let users = ids(Kind::User);
+    if !users.is_empty() {
+        for u in lookup.users(&users).await? {
+            snap.users.entry(u.id.clone()).or_insert(u);
+        }
+    }
+    let sps = ids(Kind::ServicePrincipal);
+    if !sps.is_empty() {
+        for sp in lookup.service_principals(&sps).await? {
+            snap.service_principals.entry(sp.id.clone()).or_insert(sp);
+        }
+    }
+    // Groups new to the scope, read by id and checked again with their real name and type.
+    let before = depths(base, scope).0;
+    let mut depth: BTreeMap<String, u32> = BTreeMap::new();
+    let candidates: Vec<String> = candidates.into_iter().collect();
+    if !candidates.is_empty() {
+        let fresh: Vec<Group> = lookup
+            .groups(&candidates, scope)
+            .await?
+            .into_iter()
+            .filter(|g| scope.selects(&g.id, &g.display_name))
+            .collect();
+        lookup
+            .expand(fresh, 1, scope, &mut snap, &mut depth)
+            .await?;
+    }
+    // Nested groups the scope now reaches within the search depth and the snapshot lacks: through
+    // a membership added in these changes, or under a group that moved up (a parent newly
+    // selected). Read from the depth they are found at, level by level.
+    let mut attempted: BTreeSet<String> = BTreeSet::new();
+    for _ in 0..scope.search_depth {
+        let (now, _) = depths(&snap, scope);
+        let mut wanted: BTreeMap<String, u32> = BTreeMap::new();
+        for (p, &d) in &now {
+            if d >= scope.search_depth {
+                continue;
+            }
+            let moved_up = before.get(p).is_none_or(|&old| d < old);
+            let Some(g) = snap.groups.get(p) else {
+                continue;
+            };
+            for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+                if snap.groups.contains_key(&m.id) || attempted.contains(&m.id) {
+                    continue;
+                }
+                if moved_up || new_edges.contains(&(p.clone(), m.id.clone())) {
+                    let e = wanted.entry(m.id.clone()).or_insert(d + 1);
+                    *e = (*e).min(d + 1);
+                }
+            }
+        }
+        if wanted.is_empty() {
+            break;
+        }
+        let mut by_level: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (id, level) in wanted {
+            attempted.insert(id.clone());
+            by_level.entry(level).or_default().push(id);
+        }
+        for (level, ids) in by_level {
+            let found = lookup.groups(&ids, scope).await?;
+            lookup
+                .expand(found, level, scope, &mut snap, &mut depth)
+                .await?;
+        }
+    }
+    Ok(select(&snap, scope))
+}
