@@ -31,6 +31,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== cargo check: the command without the demo and its emulators (a production build)"
+cargo check -p idsync --no-default-features --locked
+
 echo "== cargo test (PROPTEST_CASES=${PROPTEST_CASES:-1000})"
 PROPTEST_CASES="${PROPTEST_CASES:-1000}" cargo test --workspace --locked
 

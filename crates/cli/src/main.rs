@@ -4,7 +4,6 @@
 //! safety guard before any write; 4 another run holds the agreement's lease.
 
 mod config;
-mod demo;
 mod draw;
 mod output;
 mod run;
@@ -90,6 +89,7 @@ enum Cmd {
         group_search_depth: Option<u32>,
     },
     /// Run the whole job on an embedded sample directory: full sync, a change, incremental sync.
+    #[cfg(feature = "demo")]
     Demo {
         /// Where to keep the demo's state and targets.
         #[arg(long, default_value = ".idsync-demo")]
@@ -244,7 +244,8 @@ fn load_config(cli: &Cli) -> Result<Config> {
 
 async fn dispatch(cli: Cli) -> Result<u8> {
     match &cli.cmd {
-        Cmd::Demo { dir } => demo::run(dir, cli.verbose).await,
+        #[cfg(feature = "demo")]
+        Cmd::Demo { dir } => Ok(idsync_demo::run(dir, &mut Printer::stdout(cli.verbose)).await?),
         Cmd::Graph {
             format,
             out,

@@ -21,6 +21,9 @@ impl Reporter for Printer {
     fn note(&mut self, note: &str) {
         Printer::note(self, note);
     }
+    fn heading(&mut self, heading: &str) {
+        Printer::heading(self, heading);
+    }
     fn plan(&mut self, plan: &Plan, target: &str, mode: Mode) {
         Printer::plan(self, plan, target, mode);
     }

@@ -753,7 +753,7 @@ async fn syncs_an_emulated_entra_tenant_into_lakefs_databricks_and_scim_then_wri
     use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
     use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
     let dir: idsync_model::Directory =
-        serde_json::from_str(include_str!("../src/demo/directory.json")).unwrap();
+        serde_json::from_str(include_str!("../../demo/src/directory.json")).unwrap();
     let graph = idsync_emulators::Graph::start(Tenant::new(dir.try_into().unwrap()))
         .await
         .unwrap();
@@ -1044,7 +1044,7 @@ async fn a_managed_identity_reads_entra_and_writes_databricks() {
     use idsync_emulators::databricks::{ACCOUNT_ID, Type};
     use idsync_emulators::tenant::Tenant;
     let dir: idsync_model::Directory =
-        serde_json::from_str(include_str!("../src/demo/directory.json")).unwrap();
+        serde_json::from_str(include_str!("../../demo/src/directory.json")).unwrap();
     let graph = idsync_emulators::Graph::start(Tenant::new(dir.try_into().unwrap()))
         .await
         .unwrap();

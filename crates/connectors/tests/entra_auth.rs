@@ -23,8 +23,7 @@ const PEM: &str = "../../tests/fixtures/entra-test-client.pem";
 const PEM_PKCS1: &str = "../../tests/fixtures/entra-test-client-pkcs1.pem";
 
 fn directory() -> Snapshot {
-    let d: Directory =
-        serde_json::from_str(include_str!("../../cli/src/demo/directory.json")).unwrap();
+    let d: Directory = serde_json::from_str(include_str!("../../demo/src/directory.json")).unwrap();
     d.try_into().unwrap()
 }
 

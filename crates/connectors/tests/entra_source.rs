@@ -15,7 +15,7 @@ use std::time::Duration;
 
 fn tenant() -> Snapshot {
     let mut d: Directory =
-        serde_json::from_str(include_str!("../../cli/src/demo/directory.json")).unwrap();
+        serde_json::from_str(include_str!("../../demo/src/directory.json")).unwrap();
     // A name with a quote and non-ASCII letters, and a cycle: TEAM_ETA also holds TEAM_ZETA.
     for g in &mut d.groups {
         if g.display_name == "TEAM_EPSILON" {

@@ -107,6 +107,10 @@ pub struct Agreement<'a> {
 pub trait Reporter {
     /// A remark (a fallback taken, a file saved).
     fn note(&mut self, note: &str);
+    /// A heading over what follows (the demo's steps).
+    fn heading(&mut self, heading: &str) {
+        self.note(heading);
+    }
     /// The plan, before anything is applied.
     fn plan(&mut self, plan: &Plan, target: &str, mode: Mode);
     /// A safety guard halted the plan.

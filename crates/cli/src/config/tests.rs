@@ -203,36 +203,6 @@ fn every_kind_rejects_an_unknown_key_with_its_line_and_documents_its_variables()
 }
 
 #[test]
-fn another_kinds_settings_are_rejected_in_a_file_source() {
-    // The keys Entra ID takes are not a file source's, wherever they come from in the file.
-    let text = GOOD.replace(
-            "path = \"dir.json\"",
-            "path = \"dir.json\"\nclient_certificate_path = \"c.pem\"\nfederated_token_file = \"t\"\nmanaged_identity_endpoint = \"http://x\"\nca_bundle = \"ca.pem\"",
-        );
-    let e = parse_str(&text, &Env::default()).unwrap_err();
-    let lines: Vec<String> = e.0.iter().map(ToString::to_string).collect();
-    assert_eq!(lines.len(), 4, "{lines:#?}");
-    for (i, key) in [
-        "client_certificate_path",
-        "federated_token_file",
-        "managed_identity_endpoint",
-        "ca_bundle",
-    ]
-    .iter()
-    .enumerate()
-    {
-        assert!(
-            lines[i].starts_with(&format!(
-                "idsync.toml:{}: source.{key}: unknown field",
-                8 + i
-            )),
-            "{}",
-            lines[i]
-        );
-    }
-}
-
-#[test]
 fn a_group_regex_is_compiled_and_a_bad_one_reported_with_its_line() {
     let env = Env::from_pairs([]);
     let c = parse_str(

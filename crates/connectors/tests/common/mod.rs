@@ -22,7 +22,7 @@ pub fn storm(infra: &Infra) -> Box<dyn Fn(bool) + Send + Sync + '_> {
 /// The demo's directory, without the group outside the scope and the users it alone reaches.
 pub fn directory() -> Snapshot {
     let d: Directory =
-        serde_json::from_str(include_str!("../../../cli/src/demo/directory.json")).unwrap();
+        serde_json::from_str(include_str!("../../../demo/src/directory.json")).unwrap();
     let mut s: Snapshot = d.try_into().unwrap();
     s.groups.retain(|_, g| g.display_name != "OTHER_TEAM");
     s.users

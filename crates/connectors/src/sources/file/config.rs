@@ -64,3 +64,44 @@ impl SourceConfig for FileSourceConfig {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::check;
+    use serde_json::json;
+
+    /// Found by a hostile read of the configuration: with a single flat `[source]` shape, Entra's
+    /// keys were accepted silently by a file source.
+    #[test]
+    fn another_kinds_settings_are_rejected() {
+        let e = check::source(
+            &FileKind,
+            json!({
+                "path": "dir.json",
+                "client_certificate_path": "c.pem",
+                "federated_token_file": "t",
+                "managed_identity_endpoint": "http://x",
+                "ca_bundle": "ca.pem",
+            }),
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = e.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "ca_bundle",
+                "client_certificate_path",
+                "federated_token_file",
+                "managed_identity_endpoint"
+            ]
+        );
+        assert!(
+            e.iter().all(|p| p.message.starts_with("unknown field")),
+            "{e:?}"
+        );
+        let ok = check::source(&FileKind, json!({"path": "dir.json"}), &[]).unwrap();
+        assert_eq!(ok.describe(), "file /cfg/dir.json");
+    }
+}

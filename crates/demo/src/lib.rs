@@ -3,26 +3,46 @@
 //! loads an embedded directory into the Graph one, and runs idsync's real Entra source and real
 //! lakeFS and Databricks targets against them: a full sync, a few edits in the directory, an
 //! incremental sync that reads only those edits (Graph delta), and a last run that finds nothing to
-//! do. State lives in a local folder you can inspect afterwards.
+//! do. State lives in a local folder you can inspect afterwards. Every run goes through
+//! [`idsync_runner::run_agreement`], as `idsync sync` does.
 
-use crate::output::Printer;
-use crate::run::{self, Agreement, Mode, ReadCache, RunOptions};
-use anyhow::{Context, Result, anyhow};
 use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::sources::entra::{EntraSource, EntraSourceConfig};
 use idsync_connectors::targets::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
+use idsync_connectors::targets::lakefs::config::DEFAULT_POLICIES;
 use idsync_connectors::targets::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
 use idsync_emulators::{Databricks, Graph, Lakefs};
-use idsync_engine::TargetIdentity;
-use idsync_engine::{Mapping, Policy, Scope, Target};
+use idsync_engine::{Mapping, Policy, Scope, Target, TargetIdentity};
 use idsync_model::{Directory, Member, Secret, Snapshot};
+use idsync_runner::{Agreement, Mode, ReadCache, Reporter, RunOptions, exit};
 use idsync_state::{LocalStore, StateStore};
 use std::path::Path;
 use std::time::Duration;
 
-const DIRECTORY: &str = include_str!("directory.json");
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct DemoError {
+    what: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Attaches what the demo was doing to an error.
+trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, DemoError>;
+}
+
+impl<T, E: Into<Box<dyn std::error::Error + Send + Sync>>> Doing<T> for Result<T, E> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T, DemoError> {
+        self.map_err(|e| DemoError {
+            what: what(),
+            source: e.into(),
+        })
+    }
+}
 
 fn id(t: &Tenant, name: &str) -> String {
     t.users
@@ -56,27 +76,33 @@ fn edit(g: &Graph) {
     }
 }
 
-/// Runs the demo, with its state in `dir` (emptied of a previous demo's state first).
-pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
-    let mut p = Printer::stdout(verbose);
+/// The directory the demo starts from.
+pub const DIRECTORY: &str = include_str!("directory.json");
+
+/// Runs the demo, with its state in `dir` (emptied of a previous demo's state first), showing what
+/// it does through `p`. Returns the worst exit code of its runs.
+pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
     let state_dir = dir.join("state");
     if state_dir.is_dir() {
         std::fs::remove_dir_all(&state_dir)
-            .with_context(|| format!("clearing {}", state_dir.display()))?;
+            .doing(|| format!("clearing {}", state_dir.display()))?;
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).doing(|| format!("creating {}", dir.display()))?;
 
-    let directory: Directory = serde_json::from_str(DIRECTORY).context("the embedded directory")?;
-    let directory: Snapshot = directory.try_into().context("the embedded directory")?;
+    let directory: Directory =
+        serde_json::from_str(DIRECTORY).doing(|| "the embedded directory".into())?;
+    let directory: Snapshot = directory
+        .try_into()
+        .doing(|| "the embedded directory".into())?;
     let graph = Graph::start(Tenant::new(directory))
         .await
-        .context("starting the Graph emulator")?;
+        .doing(|| "starting the Graph emulator".into())?;
     let lake = Lakefs::start_on(0)
         .await
-        .context("starting the lakeFS emulator")?;
+        .doing(|| "starting the lakeFS emulator".into())?;
     let dbx = Databricks::start_on(0, None)
         .await
-        .context("starting the Databricks emulator")?;
+        .doing(|| "starting the Databricks emulator".into())?;
 
     let http = |service: &str| HttpConfig {
         max_concurrency: 4,
@@ -92,14 +118,14 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         },
         http: http("Microsoft Graph"),
     })
-    .map_err(|e| anyhow!(e.message))?;
+    .doing(|| "the Entra source".into())?;
     let lakefs = LakefsTarget::new(LakefsConfig {
         endpoint: lake.server.base_url.clone(),
         access_key_id: idsync_emulators::lakefs::ACCESS_KEY_ID.into(),
         secret_access_key: Secret::new(idsync_emulators::lakefs::SECRET_ACCESS_KEY),
         http: http("lakeFS"),
     })
-    .map_err(|e| anyhow!(e.message))?;
+    .doing(|| "the lakeFS target".into())?;
     let databricks = DatabricksTarget::new(DatabricksConfig {
         host: dbx.server.base_url.clone(),
         account_id: idsync_emulators::databricks::ACCOUNT_ID.into(),
@@ -107,7 +133,7 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         http: http("Databricks"),
         member_chunk: 100,
     })
-    .map_err(|e| anyhow!(e.message))?;
+    .doing(|| "the Databricks target".into())?;
 
     let scope = Scope {
         group_names: ["TEAM_ALPHA", "TEAM_EPSILON", "TEAM_ZETA"]
@@ -119,9 +145,7 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
     let store = LocalStore::open(&state_dir.display().to_string());
     let dbx_mapping = Mapping::defaults();
     let mut lake_mapping = Mapping::defaults();
-    lake_mapping.group_policies = ["AuthManageOwnCredentials", "FSReadAll"]
-        .map(String::from)
-        .into();
+    lake_mapping.group_policies = DEFAULT_POLICIES.iter().map(|p| (*p).to_owned()).collect();
     let policy = Policy::default();
     let opts = RunOptions {
         full_sync: false,
@@ -145,7 +169,7 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
     p.note("Databricks nests groups and has service principals; lakeFS groups hold only users, so nested groups are flattened");
     p.note(&format!("state: {}", state_dir.display()));
 
-    let mut worst = run::exit::OK;
+    let mut worst = exit::OK;
     let steps: [(&str, bool); 3] = [
         (
             "Step 1 of 3: full sync (no state yet, so the whole scope is read)",
@@ -191,14 +215,19 @@ pub async fn run(dir: &Path, verbose: bool) -> Result<u8> {
         ];
         for a in &agreements {
             let out =
-                idsync_runner::run_agreement(a, &store, &source, &scope, &mut cache, &opts, &mut p)
-                    .await?;
+                idsync_runner::run_agreement(a, &store, &source, &scope, &mut cache, &opts, p)
+                    .await
+                    .doing(|| format!("target {}", a.name))?;
             worst = worst.max(out.code);
         }
     }
     p.heading("Done");
-    for name in store.list().await? {
-        if let Some(st) = store.load(&name).await? {
+    for name in store.list().await.doing(|| "listing the state".into())? {
+        if let Some(st) = store
+            .load(&name)
+            .await
+            .doing(|| "reading the state".into())?
+        {
             p.note(&format!(
                 "{name}: state version {}, {} principals owned",
                 st.version,
