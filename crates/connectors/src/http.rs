@@ -45,6 +45,15 @@ impl HttpConfig {
             max_backoff: Duration::from_secs(60),
         }
     }
+
+    /// With at most `workers` requests in flight, trusting `ca_bundle` besides the system's roots.
+    pub fn bounded(self, workers: usize, ca_bundle: Option<std::path::PathBuf>) -> Self {
+        HttpConfig {
+            max_concurrency: workers,
+            ca_bundle,
+            ..self
+        }
+    }
 }
 
 /// How a request authenticates.

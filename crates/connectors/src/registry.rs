@@ -153,8 +153,20 @@ pub trait SourceKind: Sync {
     ) -> Result<Box<dyn SourceConfig>, Vec<Problem>>;
 }
 
+/// Any configured connector as [`Any`], for tests that look at a kind's own settings.
+pub trait AsAny {
+    /// `self` as [`Any`].
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 /// A configured source: checked, not yet connected.
-pub trait SourceConfig: Debug + Send + Sync {
+pub trait SourceConfig: Debug + Send + Sync + AsAny {
     /// Its kind's name.
     fn kind(&self) -> &'static str;
     /// What and where it is, for people (no secret).
@@ -165,8 +177,6 @@ pub trait SourceConfig: Debug + Send + Sync {
     }
     /// Connects it, with at most `workers` requests in flight.
     fn build(&self, workers: usize) -> Result<Box<dyn Source>, SourceError>;
-    /// For tests that look at a kind's own settings.
-    fn as_any(&self) -> &dyn Any;
 }
 
 /// A kind of target.
@@ -195,11 +205,13 @@ pub trait TargetKind: Sync {
 }
 
 /// A configured target: checked, not yet connected.
-pub trait TargetConfig: Debug + Send + Sync {
-    /// Its kind's name.
-    fn kind(&self) -> &'static str;
+pub trait TargetConfig: Debug + Send + Sync + AsAny {
     /// Which target it is, as data.
     fn identity(&self) -> TargetIdentity;
+    /// Its kind's name.
+    fn kind(&self) -> String {
+        self.identity().kind
+    }
     /// What and where it is, for people (no secret).
     fn describe(&self) -> String;
     /// What the kind adds to the agreement's mapping (lakeFS: the groups' default policies).
@@ -213,8 +225,6 @@ pub trait TargetConfig: Debug + Send + Sync {
         workers: usize,
         source: &dyn SourceConfig,
     ) -> Result<Box<dyn Target>, TargetError>;
-    /// For tests that look at a kind's own settings.
-    fn as_any(&self) -> &dyn Any;
 }
 
 /// Applies the environment's overrides to a kind's settings table.

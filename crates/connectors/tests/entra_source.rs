@@ -223,6 +223,7 @@ async fn filters_select_all_errors_and_throttling() {
     );
     assert!(e.message.contains("ENTRA_"), "{}", e.message);
     assert!(!e.message.contains("not-the-secret"), "{}", e.message);
+    assert_eq!(e.kind, idsync_engine::SourceErrorKind::Unauthorized);
 }
 
 #[tokio::test]
@@ -473,4 +474,6 @@ async fn a_storm_of_errors_html_pages_and_cut_off_answers_reads_the_same() {
     });
     let e = src.read_full(&scope).await.unwrap_err();
     assert!(e.message.contains("HTML"), "{}", e.message);
+    // The HTML pages come with a 5xx status: the service is unavailable, as far as idsync can tell.
+    assert_eq!(e.kind, idsync_engine::SourceErrorKind::Unavailable);
 }

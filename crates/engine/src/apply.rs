@@ -193,9 +193,9 @@ pub async fn apply(
         // Each operation is resolved just before it runs, and a member or policy operation that
         // succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
         let created_now = &created;
-        let mut results: Vec<Ran> = futures::stream::iter(ops)
-            .map(|op| async move {
-                let key = op.sort_key();
+        let mut results: Vec<Ran> = futures::stream::iter(ops.into_iter().enumerate())
+            .map(|(i, op)| async move {
+                let key = (op.sort_key(), i);
                 let (resolved, dropped) = match resolve(op, created_now) {
                     Ok(r) => r,
                     Err(dep) => {
@@ -233,7 +233,7 @@ pub async fn apply(
                     skipped,
                 }
             })
-            .buffered(width)
+            .buffer_unordered(width)
             .collect()
             .await;
         results.sort_by(|a, b| a.key.cmp(&b.key));
@@ -268,7 +268,9 @@ pub async fn apply(
 /// One operation's run: its place in the plan, the operation (kept when it failed or changes the
 /// state), its result (none when it could not run), and what was skipped of it.
 struct Ran {
-    key: (u8, u8, String),
+    /// The operation's sort key, then its place in the plan: the order results are recorded in,
+    /// whatever order they finished in.
+    key: ((u8, u8, String), usize),
     op: Option<Op>,
     result: Option<Result<(Outcome, bool), TargetError>>,
     skipped: Vec<Failure>,

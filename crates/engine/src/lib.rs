@@ -24,6 +24,6 @@ pub use mapping::{Mapping, map_snapshot};
 pub use memory::MemoryTarget;
 pub use plan::{Deprovision, OnConflict, Policy, plan};
 pub use scope::Scope;
-pub use source::{Changes, Read, Source, SourceError};
+pub use source::{Changes, Read, Source, SourceError, SourceErrorKind};
 pub use target::{Outcome, Target, TargetError, TargetErrorKind, TargetIdentity};
 pub use template::Template;

@@ -32,18 +32,48 @@ pub enum Changes {
     Expired(String),
 }
 
+/// What went wrong with a source call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SourceErrorKind {
+    /// Credentials missing, wrong or expired.
+    Unauthorized,
+    /// Authenticated, but not allowed to read.
+    Forbidden,
+    /// What was asked for does not exist.
+    NotFound,
+    /// Throttled, after retries.
+    Throttled,
+    /// A server or network error, after retries.
+    Unavailable,
+    /// The source answered something idsync cannot read.
+    Protocol,
+    /// The request or its settings were refused as invalid.
+    Invalid,
+    /// Anything else (a file that cannot be read, a directory that does not parse).
+    Other,
+}
+
 /// What went wrong with a source. Messages never contain secrets.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct SourceError {
+    /// The category.
+    pub kind: SourceErrorKind,
     /// Human-readable, actionable.
     pub message: String,
 }
 
 impl SourceError {
-    /// A new error.
+    /// A new error of kind [`SourceErrorKind::Other`].
     pub fn new(message: impl Into<String>) -> Self {
+        SourceError::of(SourceErrorKind::Other, message)
+    }
+
+    /// A new error of a kind.
+    pub fn of(kind: SourceErrorKind, message: impl Into<String>) -> Self {
         SourceError {
+            kind,
             message: message.into(),
         }
     }

@@ -338,11 +338,10 @@ impl SourceConfig for EntraSettings {
     }
     fn build(&self, workers: usize) -> Result<Box<dyn Source>, SourceError> {
         let credential = self.credential().map_err(SourceError::new)?;
-        let http = HttpConfig {
-            max_concurrency: workers,
-            ca_bundle: self.ca_bundle.as_ref().map(std::path::PathBuf::from),
-            ..HttpConfig::new("Microsoft Graph")
-        };
+        let http = HttpConfig::new("Microsoft Graph").bounded(
+            workers,
+            self.ca_bundle.as_ref().map(std::path::PathBuf::from),
+        );
         let src = super::EntraSource::new(super::EntraSourceConfig {
             authority: self.authority_host.clone(),
             graph: self.graph_url.clone(),
@@ -351,9 +350,6 @@ impl SourceConfig for EntraSettings {
             http,
         })?;
         Ok(Box::new(src))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::Lookup;
 use idsync_engine::scope::{Scope, Selection};
-use idsync_engine::{Changes, Read, Source, SourceError};
+use idsync_engine::{Changes, Read, Source, SourceError, SourceErrorKind};
 use idsync_model::{
     Change, Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType,
 };
@@ -67,7 +67,18 @@ fn source_error(e: HttpError) -> SourceError {
         }
         _ => "",
     };
-    SourceError::new(format!("{}{hint}", e.message))
+    let kind = match e.kind {
+        ErrorKind::Unauthorized => SourceErrorKind::Unauthorized,
+        ErrorKind::Forbidden => SourceErrorKind::Forbidden,
+        ErrorKind::NotFound | ErrorKind::Gone => SourceErrorKind::NotFound,
+        ErrorKind::Throttled => SourceErrorKind::Throttled,
+        ErrorKind::Unavailable => SourceErrorKind::Unavailable,
+        ErrorKind::Protocol => SourceErrorKind::Protocol,
+        ErrorKind::Invalid | ErrorKind::Conflict | ErrorKind::NotImplemented => {
+            SourceErrorKind::Invalid
+        }
+    };
+    SourceError::of(kind, format!("{}{hint}", e.message))
 }
 
 fn text(v: &Value, k: &str) -> Option<String> {
@@ -460,7 +471,7 @@ impl EntraSource {
         while !frontier.is_empty() {
             let mut next = Vec::new();
             // Each `$batch` of 20 groups is taken into the snapshot as soon as it is read, in
-            // order: members as JSON are ten times the size of what they become, so only the
+            // whatever order the batches finish (a group's depth is its level either way): members as JSON are ten times the size of what they become, so only the
             // batches in flight are ever held (all 1M memberships at once were a gigabyte).
             // A `$batch` answer is up to 20 × 999 members (20 MB once parsed): a few in flight
             // keep the read fast without holding a gigabyte of JSON at 64 workers.
@@ -475,7 +486,7 @@ impl EntraSource {
                 let members = self.members_batch(ids).await?;
                 Ok::<_, SourceError>((chunk, members))
             }))
-            .buffered(workers);
+            .buffer_unordered(workers);
             while let Some(read) = reads.next().await {
                 let (chunk, members) = read?;
                 take_members(chunk, members, level, scope, snap, depth, &mut next);

@@ -60,9 +60,6 @@ impl SourceConfig for FileSourceConfig {
     fn build(&self, _workers: usize) -> Result<Box<dyn Source>, SourceError> {
         Ok(Box::new(super::FileSource::new(&self.path)))
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
 }
 
 #[cfg(test)]

@@ -235,9 +235,6 @@ impl TargetKind for DatabricksKind {
 }
 
 impl TargetConfig for DatabricksTargetConfig {
-    fn kind(&self) -> &'static str {
-        "databricks"
-    }
     fn identity(&self) -> TargetIdentity {
         TargetIdentity::new(
             "databricks",
@@ -290,17 +287,10 @@ impl TargetConfig for DatabricksTargetConfig {
             host: self.host.clone(),
             account_id: self.account_id.clone(),
             auth,
-            http: HttpConfig {
-                max_concurrency: workers,
-                ca_bundle: self.ca_bundle.clone(),
-                ..HttpConfig::new("Databricks")
-            },
+            http: HttpConfig::new("Databricks").bounded(workers, self.ca_bundle.clone()),
             member_chunk: MEMBER_CHUNK,
         };
         Ok(Box::new(super::DatabricksTarget::new(cfg)?))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 

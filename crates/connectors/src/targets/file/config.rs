@@ -80,9 +80,6 @@ impl TargetKind for FileKind {
 }
 
 impl TargetConfig for FileTargetConfig {
-    fn kind(&self) -> &'static str {
-        "file"
-    }
     fn identity(&self) -> TargetIdentity {
         TargetIdentity::new("file", self.path.display().to_string())
     }
@@ -96,8 +93,5 @@ impl TargetConfig for FileTargetConfig {
     }
     fn build(&self, _: usize, _: &dyn SourceConfig) -> Result<Box<dyn Target>, TargetError> {
         Ok(Box::new(super::FileTarget::open(&self.path, self.profile)?))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }

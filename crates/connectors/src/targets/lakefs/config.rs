@@ -128,9 +128,6 @@ impl TargetKind for LakefsKind {
 }
 
 impl TargetConfig for LakefsTargetConfig {
-    fn kind(&self) -> &'static str {
-        "lakefs"
-    }
     fn identity(&self) -> TargetIdentity {
         TargetIdentity::new("lakefs", self.endpoint.clone())
     }
@@ -145,15 +142,8 @@ impl TargetConfig for LakefsTargetConfig {
             endpoint: self.endpoint.clone(),
             access_key_id: self.access_key_id.clone(),
             secret_access_key: self.secret_access_key.clone(),
-            http: HttpConfig {
-                max_concurrency: workers,
-                ca_bundle: self.ca_bundle.clone(),
-                ..HttpConfig::new("lakeFS")
-            },
+            http: HttpConfig::new("lakeFS").bounded(workers, self.ca_bundle.clone()),
         };
         Ok(Box::new(super::LakefsTarget::new(cfg)?))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }

@@ -255,13 +255,16 @@ impl Target for LakefsTarget {
         let groups = self
             .get_all::<LGroup>("/auth/groups", "listing groups")
             .await?;
-        // Members and policies of every group, a few groups at a time.
-        let ids: Vec<String> = groups.iter().map(|g| g.id.clone()).collect();
-        let details = futures::stream::iter(ids.into_iter().map(|id| self.group_details(id)))
-            .buffered(self.workers)
-            .collect::<Vec<_>>()
-            .await;
-        for (g, d) in groups.into_iter().zip(details) {
+        // Members and policies of every group, a few groups at a time, in whatever order they
+        // come back.
+        let details = futures::stream::iter(groups.into_iter().map(|g| async move {
+            let d = self.group_details(g.id.clone()).await;
+            (g, d)
+        }))
+        .buffer_unordered(self.workers)
+        .collect::<Vec<_>>()
+        .await;
+        for (g, d) in details {
             let (members, policies) = d?;
             o.members.insert(
                 g.id.clone(),

@@ -96,9 +96,6 @@ impl TargetKind for ScimKind {
 }
 
 impl TargetConfig for ScimTargetConfig {
-    fn kind(&self) -> &'static str {
-        "scim"
-    }
     fn identity(&self) -> TargetIdentity {
         TargetIdentity::new("scim", self.url.clone())
     }
@@ -109,17 +106,10 @@ impl TargetConfig for ScimTargetConfig {
         let cfg = super::ScimConfig {
             url: self.url.clone(),
             token: self.token.clone(),
-            http: HttpConfig {
-                max_concurrency: workers,
-                ca_bundle: self.ca_bundle.clone(),
-                ..HttpConfig::new("the SCIM provider")
-            },
+            http: HttpConfig::new("the SCIM provider").bounded(workers, self.ca_bundle.clone()),
             member_chunk: self.member_chunk,
             nested_groups: self.nested_groups,
         };
         Ok(Box::new(super::ScimTarget::new(cfg)?))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
