@@ -418,33 +418,58 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
     let mut cache = ReadCache::default();
     let mut worst = exit::OK;
     let mut files = Vec::new();
-    for a in cfg
+    let mut failed = Vec::new();
+    let chosen: Vec<&config::AgreementConfig> = cfg
         .agreements
         .iter()
         .filter(|a| args.targets.is_empty() || args.targets.contains(&a.name))
-    {
-        let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
-        let agreement = Agreement {
-            name: &a.name,
-            target: target.as_ref(),
-            identity,
-            describe,
-            mapping: &a.mapping,
-            policy: &a.policy,
-        };
-        let outcome = idsync_runner::run_agreement(
-            &agreement,
-            store.as_ref(),
-            source.as_ref(),
-            &cfg.scope,
-            &mut cache,
-            &opts,
-            &mut printer,
-        )
+        .collect();
+    // Agreements are independent: one that fails is reported, and the others still run.
+    for a in &chosen {
+        let outcome = async {
+            let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
+            let agreement = Agreement {
+                name: &a.name,
+                target: target.as_ref(),
+                identity,
+                describe,
+                mapping: &a.mapping,
+                policy: &a.policy,
+            };
+            Ok::<_, anyhow::Error>(
+                idsync_runner::run_agreement(
+                    &agreement,
+                    store.as_ref(),
+                    source.as_ref(),
+                    &cfg.scope,
+                    &mut cache,
+                    &opts,
+                    &mut printer,
+                )
+                .await?,
+            )
+        }
         .await
-        .with_context(|| format!("target {}", a.name))?;
-        worst = worst.max(outcome.code);
-        files.extend(outcome.file);
+        .with_context(|| format!("target {}", a.name));
+        match outcome {
+            Ok(o) => {
+                worst = run::worse(worst, o.code);
+                files.extend(o.file);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                worst = run::worse(worst, run::code_of(&e));
+                failed.push(a.name.as_str());
+            }
+        }
+    }
+    if !failed.is_empty() && chosen.len() > 1 {
+        eprintln!(
+            "error: {} of {} targets failed ({}); the others ran",
+            failed.len(),
+            chosen.len(),
+            failed.join(", ")
+        );
     }
     if let Some(path) = out {
         let bundle = PlanBundle {
@@ -495,27 +520,39 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
     let mut worst = exit::OK;
     for file in &bundle.plans {
         let name = &file.plan.agreement;
-        let a = cfg
-            .agreements
-            .iter()
-            .find(|a| &a.name == name)
-            .ok_or_else(|| {
-                anyhow!("the plan is for target {name:?}, which the configuration does not have")
-            })?;
-        let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
-        let agreement = Agreement {
-            name,
-            target: target.as_ref(),
-            identity,
-            describe,
-            mapping: &a.mapping,
-            policy: &a.policy,
-        };
-        let outcome =
-            idsync_runner::apply_saved(file, &agreement, store.as_ref(), &opts, &mut printer)
-                .await
-                .with_context(|| format!("target {name}"))?;
-        worst = worst.max(outcome.code);
+        let outcome = async {
+            let a = cfg
+                .agreements
+                .iter()
+                .find(|a| &a.name == name)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "the plan is for target {name:?}, which the configuration does not have"
+                    )
+                })?;
+            let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
+            let agreement = Agreement {
+                name,
+                target: target.as_ref(),
+                identity,
+                describe,
+                mapping: &a.mapping,
+                policy: &a.policy,
+            };
+            Ok::<_, anyhow::Error>(
+                idsync_runner::apply_saved(file, &agreement, store.as_ref(), &opts, &mut printer)
+                    .await?,
+            )
+        }
+        .await
+        .with_context(|| format!("target {name}"));
+        match outcome {
+            Ok(o) => worst = run::worse(worst, o.code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                worst = run::worse(worst, run::code_of(&e));
+            }
+        }
     }
     Ok(worst)
 }

@@ -16,6 +16,29 @@ pub struct Printer {
 
 const MEMBER_PREVIEW: usize = 8;
 
+/// Text from a source, a target or a server, made safe to print: control characters (escape
+/// sequences that clear the screen or hide lines, newlines that fake plan lines, carriage returns)
+/// and bidirectional overrides (which reorder what a reviewer reads) are shown as `\u{…}`
+/// escapes, as `{:?}` shows them.
+pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The sections of a printed plan, in order.
 const SECTIONS: [&str; 5] = [
     "users",
@@ -62,13 +85,13 @@ impl Printer {
 
     /// A heading line.
     pub fn heading(&mut self, s: &str) {
-        let line = format!("\n{}\n", self.paint("1", s));
+        let line = format!("\n{}\n", self.paint("1", &clean(s)));
         self.emit(&line);
     }
 
     /// A remark.
     pub fn note(&mut self, s: &str) {
-        let line = format!("  · {s}\n");
+        let line = format!("  · {}\n", clean(s));
         self.emit(&line);
     }
 
@@ -88,10 +111,11 @@ impl Printer {
         };
         let _ = writeln!(
             s,
-            "\n{} {} ({read}, state version {}{observed}) → {target}",
+            "\n{} {} ({read}, state version {}{observed}) → {}",
             self.paint("1", "Plan for"),
-            self.paint("1", &plan.agreement),
-            plan.state_version
+            self.paint("1", &clean(&plan.agreement)),
+            plan.state_version,
+            clean(target)
         );
         for (i, title) in SECTIONS.iter().enumerate() {
             let ops: Vec<&Op> = plan.ops.iter().filter(|o| section(o) == i).collect();
@@ -110,13 +134,19 @@ impl Printer {
                 self.paint("31;1", &format!("conflicts ({})", plan.conflicts.len()))
             );
             for c in &plan.conflicts {
-                let _ = writeln!(s, "    {} {}: {}", self.paint("31", "!"), c.key, c.reason);
+                let _ = writeln!(
+                    s,
+                    "    {} {}: {}",
+                    self.paint("31", "!"),
+                    clean(&c.key.to_string()),
+                    clean(&c.reason)
+                );
             }
         }
         if !plan.notes.is_empty() {
             let _ = writeln!(s, "  notes");
             for n in &plan.notes {
-                let _ = writeln!(s, "    · {n}");
+                let _ = writeln!(s, "    · {}", clean(n));
             }
         }
         let _ = writeln!(s, "  {}", self.summary(plan));
@@ -178,7 +208,10 @@ impl Printer {
         } else {
             ms.len().min(MEMBER_PREVIEW)
         };
-        let mut names: Vec<String> = ms[..shown].iter().map(|m| m.key.clone()).collect();
+        let mut names: Vec<String> = ms[..shown]
+            .iter()
+            .map(|m| clean(&m.key).into_owned())
+            .collect();
         if shown < ms.len() {
             names.push(format!(
                 "… and {} more (--verbose shows all)",
@@ -214,7 +247,10 @@ impl Printer {
             } => {
                 let cs: Vec<String> = changes
                     .iter()
-                    .map(|c| format!("{}: {} → {}", c.attr, c.from, c.to))
+                    .map(|c| {
+                        let (from, to) = (c.from.to_string(), c.to.to_string());
+                        format!("{}: {} → {}", c.attr, clean(&from), clean(&to))
+                    })
                     .collect();
                 format!(
                     "{} update  {:?}  {}",
@@ -228,7 +264,7 @@ impl Printer {
                     "{} adopt   {:?} (id {})",
                     self.paint("36", "&"),
                     target.key,
-                    target.id.as_deref().unwrap_or("?")
+                    clean(target.id.as_deref().unwrap_or("?"))
                 )
             }
             Op::Forget { target } => format!(
@@ -241,7 +277,7 @@ impl Printer {
                     "{} attach  {:?}  policies {}",
                     self.paint("32", "+"),
                     group.key,
-                    policies.join(", ")
+                    clean(&policies.join(", "))
                 )
             }
             Op::AddMembers { group, members } => {
@@ -278,7 +314,7 @@ impl Printer {
     /// Prints an apply report.
     pub fn report(&mut self, r: &ApplyReport) {
         let mut s = String::new();
-        let line = format!("  applied: {r}");
+        let line = format!("  applied: {}", clean(&r.to_string()));
         let _ = writeln!(
             s,
             "{}",
@@ -294,12 +330,12 @@ impl Printer {
                 s,
                 "    {} {k} {key:?}: {}",
                 self.paint("31", "failed"),
-                f.error
+                clean(&f.error)
             );
         }
         for f in &r.skipped {
             let (k, key) = f.op.subject();
-            let _ = writeln!(s, "    skipped {k} {key:?}: {}", f.error);
+            let _ = writeln!(s, "    skipped {k} {key:?}: {}", clean(&f.error));
         }
         if !r.is_success() {
             let _ = writeln!(
@@ -312,7 +348,120 @@ impl Printer {
 
     /// Prints why a run halted.
     pub fn halt(&mut self, h: &Halt) {
-        let s = format!("  {} {}\n", self.paint("31;1", "halted:"), h.message);
+        let s = format!(
+            "  {} {}\n",
+            self.paint("31;1", "halted:"),
+            clean(&h.message)
+        );
         self.emit(&s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_and_bidi_characters_are_shown_escaped() {
+        assert_eq!(clean("plain Ünal \"q\""), "plain Ünal \"q\"");
+        assert_eq!(
+            clean("evil\u{1b}[2J\u{1b}[31mred"),
+            "evil\\u{1b}[2J\\u{1b}[31mred"
+        );
+        assert_eq!(clean("a\nb\rc\td"), "a\\u{a}b\\u{d}c\\u{9}d");
+        assert_eq!(clean("x\u{202e}gnp.exe"), "x\\u{202e}gnp.exe");
+        assert_eq!(clean("\u{2067}y\u{2069}"), "\\u{2067}y\\u{2069}");
+        assert_eq!(clean("\u{85}\u{7f}"), "\\u{85}\\u{7f}");
+    }
+
+    #[test]
+    fn a_plan_with_hostile_names_prints_no_control_character() {
+        use idsync_model::{Conflict, PKey, PRef};
+        let evil = "evil\u{1b}[2J\u{1b}[8m\n    - delete user \"ceo\"\u{202e}";
+        let r = |kind, id: &str| PRef {
+            kind,
+            key: evil.to_owned(),
+            id: Some(id.to_owned()),
+        };
+        let plan = Plan {
+            format: 1,
+            agreement: "a".into(),
+            state_version: 0,
+            mode: ReadMode::Full,
+            ops: vec![Op::AddMembers {
+                group: r(Kind::Group, "g1"),
+                members: vec![r(Kind::User, "u1")],
+            }],
+            conflicts: vec![Conflict {
+                key: PKey::new(Kind::User, evil),
+                sources: vec![],
+                target_id: None,
+                reason: evil.to_owned(),
+            }],
+            notes: vec![evil.to_owned()],
+            halt: None,
+            summary: Default::default(),
+            observation: Observation::Full,
+            trust: None,
+        };
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut p = Printer {
+            colour: true,
+            verbose: true,
+            out: Box::new(Shared(buf.clone())),
+        };
+        p.plan(&plan, evil, Mode::Plan);
+        p.note(evil);
+        p.heading(evil);
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        for line in text.lines() {
+            // The printer's own colours are the only escape sequences, each a colour code.
+            let without_colours = strip_colours(line);
+            assert!(
+                !without_colours
+                    .chars()
+                    .any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c)),
+                "{line:?}"
+            );
+            assert!(
+                !line.trim_start().starts_with("- delete"),
+                "a faked line: {line:?}"
+            );
+        }
+    }
+
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Removes `ESC [ digits;… m` colour codes.
+    fn strip_colours(line: &str) -> String {
+        let mut out = String::new();
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' && chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d == 'm' {
+                        break;
+                    }
+                    assert!(
+                        d.is_ascii_digit() || d == ';',
+                        "not a colour code: {line:?}"
+                    );
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
     }
 }

@@ -47,3 +47,30 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
         _ => exit::ERROR,
     }
 }
+
+/// The worse of two exit codes, from best to worst: in sync (0), pending (2), halted (3), busy (4),
+/// error (1). A run of several targets exits with the worst of theirs.
+pub fn worse(a: u8, b: u8) -> u8 {
+    let rank = |c: u8| match c {
+        exit::OK => 0,
+        exit::PENDING => 1,
+        exit::HALTED => 2,
+        exit::BUSY => 3,
+        _ => 4,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_worse_than_anything_else() {
+        assert_eq!(worse(exit::OK, exit::PENDING), exit::PENDING);
+        assert_eq!(worse(exit::ERROR, exit::PENDING), exit::ERROR);
+        assert_eq!(worse(exit::HALTED, exit::ERROR), exit::ERROR);
+        assert_eq!(worse(exit::BUSY, exit::HALTED), exit::BUSY);
+        assert_eq!(worse(exit::PENDING, exit::OK), exit::PENDING);
+    }
+}

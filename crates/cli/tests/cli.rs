@@ -665,6 +665,40 @@ fn a_halted_saved_plan_says_to_plan_again_with_the_approval() {
     );
 }
 
+/// Found by a hostile run: with one target's credentials wrong, the other targets got no request
+/// and nothing said they were skipped. Each agreement runs and reports; the exit code is the worst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_does_not_stop_the_others() {
+    use idsync_emulators::lakefs::ACCESS_KEY_ID;
+    let l = idsync_emulators::Lakefs::start_on(0).await.unwrap();
+    // Sorted by name, the failing lakeFS target ("a-lake") runs before the file target ("dbx").
+    let extra = format!(
+        "\n[targets.a-lake]\nkind = \"lakefs\"\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\n",
+        l.server.base_url
+    );
+    let s = Sandbox::new(&extra);
+    let (s, o) = tokio::task::spawn_blocking(move || {
+        let o = s.run_env(&["sync"], &[("LAKEFS_SECRET_ACCESS_KEY", "not-the-secret")]);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("error: target a-lake: observing target a-lake"),
+        "{t}"
+    );
+    assert!(
+        t.contains("1 of 2 targets failed (a-lake); the others ran"),
+        "{t}"
+    );
+    assert!(!t.contains("not-the-secret"), "{t}");
+    // The file target was synced all the same.
+    let dbx = s.read("dbx.json");
+    assert!(dbx.contains("alice@corp.example"), "{dbx}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syncs_a_directory_into_the_lakefs_emulator() {
     use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};

@@ -152,6 +152,36 @@ async fn reads_the_scope_by_name_with_depth_and_service_principals() {
     assert_eq!(counts["POST /beta/$batch"], 2, "{counts:?}");
 }
 
+/// `[scope] all_users = true` reads every user (the list used to ask Graph for group properties
+/// and got a 400), and folding the changes keeps a user no group holds, as a full read does.
+#[tokio::test]
+async fn all_users_are_read_in_full_and_incrementally() {
+    let g = Graph::start(Tenant::new(tenant())).await.unwrap();
+    let src = source(&g, DEFAULT_CLIENT_SECRET);
+    let scope = Scope {
+        group_names: ["TEAM_ALPHA".to_owned()].into(),
+        all_users: true,
+        ..Scope::default()
+    };
+    let r = src.read_full(&scope).await.unwrap();
+    assert_eq!(r.snapshot.users.len(), g.state.tenant().users.len());
+    idsync_runner::testing::source_conformance(&src, &scope, || async {
+        let mut t = g.state.tenant_mut();
+        t.upsert_user(idsync_model::User {
+            id: "loner".into(),
+            user_name: "loner@company.com".into(),
+            display_name: "In no group".into(),
+            emails: vec![],
+            active: true,
+            user_type: UserType::Member,
+            external_id: None,
+            attributes: Default::default(),
+        });
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn filters_select_all_errors_and_throttling() {
     let g = Graph::start(Tenant::new(tenant())).await.unwrap();

@@ -5,10 +5,11 @@ use idsync_engine::{Changes, Read, Scope, Source, SourceError};
 use idsync_model::AgreementState;
 use std::collections::BTreeMap;
 
-/// Reads the source once per distinct starting point: agreements at the same cursor share a read.
+/// Reads the source once per distinct starting point: agreements at the same cursor share a read,
+/// or its failure (a source that failed for one agreement is not read again for the next).
 #[derive(Default)]
 pub struct ReadCache {
-    reads: BTreeMap<String, Read>,
+    reads: BTreeMap<String, Result<Read, SourceError>>,
 }
 
 impl ReadCache {
@@ -29,20 +30,24 @@ impl ReadCache {
             "full".to_owned()
         };
         if let Some(r) = self.reads.get(&key) {
-            return Ok(r.clone());
+            return r.clone();
         }
-        let read = match (incremental, &state.last_applied) {
-            (true, Some(base)) => match source.read_changes(scope, base, &state.cursors).await? {
-                Changes::Read(r) => r,
-                Changes::Unsupported => source.read_full(scope).await?,
-                Changes::Expired(why) => {
-                    reporter.note(&format!("{why}; reading the whole scope instead"));
-                    source.read_full(scope).await?
-                }
-            },
-            _ => source.read_full(scope).await?,
-        };
+        let read = async {
+            Ok(match (incremental, &state.last_applied) {
+                (true, Some(base)) => match source.read_changes(scope, base, &state.cursors).await?
+                {
+                    Changes::Read(r) => r,
+                    Changes::Unsupported => source.read_full(scope).await?,
+                    Changes::Expired(why) => {
+                        reporter.note(&format!("{why}; reading the whole scope instead"));
+                        source.read_full(scope).await?
+                    }
+                },
+                _ => source.read_full(scope).await?,
+            })
+        }
+        .await;
         self.reads.insert(key, read.clone());
-        Ok(read)
+        read
     }
 }

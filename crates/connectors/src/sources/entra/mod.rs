@@ -697,8 +697,9 @@ impl Source for EntraSource {
         let roots = self.roots(scope, &mut notes).await?;
         self.expand(roots, 1, scope, &mut snap, &mut depth).await?;
         if scope.all_users {
+            // A user's own properties: Graph refuses a $select with a group's or an app's (400).
             let url = format!(
-                "{}/v1.0/users?$select={MEMBER_SELECT}&$top=999",
+                "{}/v1.0/users?$select=id,{USER_DELTA_SELECT}&$top=999",
                 self.root()
             );
             for u in self.all(url).await?.iter().filter_map(user_of) {
