@@ -472,6 +472,9 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         );
     }
     if let Some(path) = out {
+        for f in &mut files {
+            idsync_runner::saved::seal(f);
+        }
         let bundle = PlanBundle {
             format: idsync_model::plan::PLAN_FORMAT,
             plans: files,

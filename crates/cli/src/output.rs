@@ -403,6 +403,7 @@ mod tests {
             summary: Default::default(),
             observation: Observation::Full,
             trust: None,
+            approved_deletions: 0,
         };
         let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut p = Printer {

@@ -665,6 +665,83 @@ fn a_halted_saved_plan_says_to_plan_again_with_the_approval() {
     );
 }
 
+/// Edits a saved plan bundle: `edit` changes each plan's JSON; `reseal` recomputes its digest (as
+/// someone who knows the algorithm would).
+fn edit_plan(s: &Sandbox, file: &str, reseal: bool, edit: impl Fn(&mut serde_json::Value)) {
+    let mut bundle: serde_json::Value = serde_json::from_str(&s.read(file)).unwrap();
+    for f in bundle["plans"].as_array_mut().unwrap() {
+        edit(&mut f["plan"]);
+        if reseal {
+            let mut pf: idsync_model::PlanFile = serde_json::from_value(f.clone()).unwrap();
+            idsync_runner::saved::seal(&mut pf);
+            *f = serde_json::to_value(&pf).unwrap();
+        }
+    }
+    s.write(file, &serde_json::to_string_pretty(&bundle).unwrap());
+}
+
+/// Found by a hostile run: a saved plan edited to drop its halt applied 5 deletions past
+/// `max_deletions = 1`, and one edited to add deletions was applied while its summary said "0 to
+/// delete". An edited plan is refused by its digest; one resealed by hand is checked again against
+/// the policy and the state as they are now.
+#[test]
+fn a_hand_edited_saved_plan_is_refused_or_halted() {
+    let s = Sandbox::new("[policy]\ndeprovision = \"delete\"\nmax_deletions = 1\n");
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    s.write(
+        "directory.json",
+        r#"{"groups":[{"id":"g3","displayName":"Équipe","members":[]}]}"#,
+    );
+    assert_eq!(code(&s.run(&["plan", "--out", "p.json"])), 3);
+    let original = s.read("p.json");
+    let unhalt = |p: &mut serde_json::Value| p["halt"] = serde_json::Value::Null;
+
+    // Edited, not resealed: refused.
+    edit_plan(&s, "p.json", false, unhalt);
+    let o = s.run(&["apply", "p.json"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("was changed after"), "{}", text(&o));
+
+    // Resealed: the threshold halts it again.
+    s.write("p.json", &original);
+    edit_plan(&s, "p.json", true, unhalt);
+    let o = s.run(&["apply", "p.json"]);
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(
+        text(&o).contains("exceed max_deletions = 1"),
+        "{}",
+        text(&o)
+    );
+
+    // Resealed with its summary saying nothing is deleted: refused.
+    s.write("p.json", &original);
+    edit_plan(&s, "p.json", true, |p| {
+        unhalt(p);
+        p["summary"]["destructive"] = 0.into();
+        p["summary"]["ops"] = serde_json::json!({});
+    });
+    let o = s.run(&["apply", "p.json"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        text(&o).contains("does not match its operations"),
+        "{}",
+        text(&o)
+    );
+
+    // Resealed, under a policy that deletes nothing now: refused.
+    s.write("p.json", &original);
+    edit_plan(&s, "p.json", true, unhalt);
+    let config = s
+        .read("idsync.toml")
+        .replace("deprovision = \"delete\"", "deprovision = \"none\"");
+    s.write("idsync.toml", &config);
+    let o = s.run(&["apply", "p.json"]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(text(&o).contains("but deprovision = None"), "{}", text(&o));
+    // Nothing was deleted by any of them.
+    assert!(s.read("dbx.json").contains("alice@corp.example"));
+}
+
 /// Found by a hostile run: with one target's credentials wrong, the other targets got no request
 /// and nothing said they were skipped. Each agreement runs and reports; the exit code is the worst.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,7 @@ async fn run(
         plan: p,
         snapshot: s.clone().into(),
         cursors: Default::default(),
+        checksum: None,
     };
     apply::finish(&file, &r, &caps, st, true);
     st.version += 1;

@@ -13,6 +13,7 @@ pub mod mapping;
 pub mod memory;
 pub mod observe;
 pub mod plan;
+pub mod recheck;
 pub mod scope;
 pub mod source;
 pub mod target;

@@ -494,6 +494,7 @@ mod tests {
             plan: plan.clone(),
             snapshot: Default::default(),
             cursors: Default::default(),
+            checksum: None,
         };
         let mut st = AgreementState::new("a");
         st.trust = Some(trust.clone());

@@ -192,6 +192,7 @@ pub fn plan(
         summary,
         observation: Default::default(),
         trust: None,
+        approved_deletions: policy.approved_deletions,
     }
 }
 
@@ -880,7 +881,8 @@ fn order_renames(ops: &mut [Op], rank: &BTreeMap<(Kind, String), usize>) {
     });
 }
 
-fn tally(ops: &[Op], s: &mut Summary) {
+/// Counts a plan's operations into its summary.
+pub(crate) fn tally(ops: &[Op], s: &mut Summary) {
     for op in ops {
         let (kind, _) = op.subject();
         let name = match op {
@@ -938,6 +940,13 @@ fn halt(
             ),
         });
     }
+    guards(policy, summary)
+}
+
+/// The guards on a plan's operations alone: most of what idsync owns about to be forgotten (a
+/// wrong target), and deletions and deactivations over the thresholds, less the approved ones.
+/// A saved plan is checked against them again before it is applied.
+pub(crate) fn guards(policy: &Policy, summary: &Summary) -> Option<Halt> {
     let forgotten = summary
         .ops
         .iter()

@@ -753,6 +753,7 @@ fn a_refused_create_is_not_remembered_so_a_hand_made_principal_is_never_adopted(
             plan: p.clone(),
             snapshot: base().into(),
             cursors: Default::default(),
+            checksum: None,
         };
         idsync_engine::apply::begin(&p, &caps, &mut st);
         let rep = idsync_engine::apply(&p, &t, &mut st, &Default::default()).await;

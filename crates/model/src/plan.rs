@@ -308,6 +308,14 @@ pub struct Plan {
     /// conflicts, held-back principals or an incomplete source read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<crate::state::Trust>,
+    /// Deletions and deactivations approved when the plan was made (`--approve-deletions`): a
+    /// saved plan's guards are checked again with these before it is applied.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub approved_deletions: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// How the target was observed for a plan.
@@ -359,4 +367,9 @@ pub struct PlanFile {
     /// The source's change-feed cursors after the read (stored only once the apply succeeds).
     #[serde(default)]
     pub cursors: BTreeMap<String, String>,
+    /// A digest of the rest, set when the plan is saved: a saved plan whose content does not
+    /// match it (edited, cut off) is refused. It detects edits; it is no signature, so the guards
+    /// are checked again anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }

@@ -46,6 +46,24 @@ pub enum RunError {
         /// The version in the store.
         now: u64,
     },
+    /// A saved plan's content does not match its digest.
+    #[error(
+        "the saved plan for {agreement:?} was changed after `idsync plan --out` wrote it (or is cut off): nothing was applied. Make a new one with `idsync plan --out`"
+    )]
+    PlanEdited {
+        /// The agreement.
+        agreement: String,
+    },
+    /// A saved plan does things the policy and the state do not allow.
+    #[error(
+        "the saved plan for {agreement:?} is refused, as this configuration and state could not have made it ({}). Nothing was applied; make a new one with `idsync plan --out`", reasons.join("; ")
+    )]
+    PlanRefused {
+        /// The agreement.
+        agreement: String,
+        /// Every reason found.
+        reasons: Vec<String>,
+    },
     /// The journal could not be committed, so nothing was written to the target.
     #[error("recording the apply journal")]
     Journal(#[source] StateError),

@@ -11,6 +11,7 @@
 mod error;
 pub mod observation;
 mod read;
+pub mod saved;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -18,6 +19,7 @@ pub use error::RunError;
 pub use read::ReadCache;
 
 use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
+use idsync_engine::recheck::{Recheck, recheck};
 use idsync_engine::{Mapping, Policy, Scope, Source, Target, TargetIdentity, map_snapshot};
 use idsync_model::{AgreementState, AgreementStatus, Halt, Plan, PlanFile, Stage};
 use idsync_state::{Lease, StateError, StateStore};
@@ -252,6 +254,7 @@ async fn plan_and_apply(
         plan,
         snapshot: read.snapshot.clone(),
         cursors: read.cursors.clone(),
+        checksum: None,
     };
     reporter.plan(&file.plan, &a.describe, opts.mode);
 
@@ -375,7 +378,11 @@ async fn keep_alive(store: &dyn StateStore, l: &Lease, ttl: Duration) -> StateEr
     }
 }
 
-/// Applies a saved plan after checking that the state has not moved since it was made.
+/// Applies a saved plan after checking it: its digest (refused if its content was edited or cut
+/// off), the state version it was made from (refused if the state moved), and its operations
+/// against the policy and state as they are now ([`idsync_engine::recheck`]): a plan that deletes
+/// against the deprovision policy or writes to principals idsync does not own is refused; one over
+/// a threshold or with conflicts halts, whatever its file says. Its summary is computed again.
 pub async fn apply_saved(
     file: &PlanFile,
     a: &Agreement<'_>,
@@ -383,6 +390,20 @@ pub async fn apply_saved(
     opts: &RunOptions,
     reporter: &mut dyn Reporter,
 ) -> Result<Outcome, RunError> {
+    if !saved::intact(file) {
+        return Err(RunError::PlanEdited {
+            agreement: a.name.to_owned(),
+        });
+    }
+    if file.plan.agreement != a.name {
+        return Err(RunError::PlanRefused {
+            agreement: a.name.to_owned(),
+            reasons: vec![format!(
+                "it was made for agreement {:?}",
+                file.plan.agreement
+            )],
+        });
+    }
     let lease = store.acquire(a.name, &holder(), opts.lease).await?;
     let result = async {
         let state = load_state(store, a.name).await?;
@@ -398,7 +419,26 @@ pub async fn apply_saved(
             reporter.note("this plan was saved halted, and a saved plan is applied as it is: make a new one with the approval (for example `idsync plan --approve-deletions N --out plan.json`) and apply that");
             return Ok(Outcome { code: exit::HALTED, file: None, report: None });
         }
-        reporter.plan(&file.plan, &a.describe, Mode::Sync);
+        let caps = a.target.capabilities();
+        let policy = Policy {
+            approved_deletions: file.plan.approved_deletions,
+            ..a.policy.clone()
+        };
+        let summary = match recheck(&file.plan, &state, &policy, &caps) {
+            Recheck::Ok(summary) => summary,
+            Recheck::Halt(h) => {
+                reporter.halt(&h);
+                return Ok(Outcome { code: exit::HALTED, file: None, report: None });
+            }
+            Recheck::Refused(reasons) => {
+                return Err(RunError::PlanRefused {
+                    agreement: a.name.to_owned(),
+                    reasons,
+                });
+            }
+        };
+        let shown = Plan { summary, ..file.plan.clone() };
+        reporter.plan(&shown, &a.describe, Mode::Sync);
         let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
         let report = apply_file(file, a, store, state, &stages, opts.workers, Some((&lease, opts.lease))).await?;
         reporter.report(&report);
