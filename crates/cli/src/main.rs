@@ -135,6 +135,18 @@ enum StateCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// End the lease a run left behind (a process that was killed): says whose lease it was. A run
+    /// still holding it stops at its next renewal without saving.
+    Unlock {
+        /// The agreement.
+        agreement: String,
+        /// State location [default: from the configuration].
+        #[arg(long)]
+        state: Option<String>,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Forget an agreement's state: the next run treats every existing principal as not its own.
     Reset {
         /// The agreement.
@@ -337,6 +349,45 @@ fn build_target(a: &config::AgreementConfig, cfg: &Config, workers: usize) -> Re
     Ok((target, a.target.identity(), a.target.describe()))
 }
 
+/// A flag set on the first Ctrl-C or SIGTERM: no further write starts, those in flight finish,
+/// what was applied is saved and the lease released. A second signal quits at once.
+fn stop_on_signals() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        if signal().await.is_err() {
+            return;
+        }
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!(
+            "stopping: the writes in flight finish, what was applied is saved and the lease released (signal again to quit at once)"
+        );
+        if signal().await.is_ok() {
+            eprintln!(
+                "quitting at once: the lease stays until it expires; `idsync state unlock AGREEMENT` ends it"
+            );
+            std::process::exit(130);
+        }
+    });
+    stop
+}
+
+/// The next Ctrl-C or SIGTERM.
+async fn signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}
+
 fn store_for(url: &str, opts: &idsync_state::StoreOptions) -> Result<Box<dyn StateStore>> {
     Ok(idsync_state::open(url, opts)?)
 }
@@ -414,6 +465,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         reconcile: (cfg.reconcile_hours > 0)
             .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
         now: None,
+        stop: Some(stop_on_signals()),
     };
     let mut cache = ReadCache::default();
     let mut worst = exit::OK;
@@ -426,6 +478,11 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         .collect();
     // Agreements are independent: one that fails is reported, and the others still run.
     for a in &chosen {
+        if opts.stopped() {
+            eprintln!("stopped: target {} was not started", a.name);
+            worst = run::worse(worst, exit::ERROR);
+            continue;
+        }
         let outcome = async {
             let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
             let agreement = Agreement {
@@ -518,6 +575,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
         reconcile: (cfg.reconcile_hours > 0)
             .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
         now: None,
+        stop: Some(stop_on_signals()),
     };
     let mut printer = Printer::stdout(cli.verbose);
     let mut worst = exit::OK;
@@ -714,6 +772,35 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                 "state of {agreement} imported into {} (version {v})",
                 store.describe()
             );
+            Ok(exit::OK)
+        }
+        StateCmd::Unlock {
+            agreement,
+            state,
+            yes,
+        } => {
+            if !yes {
+                return Err(anyhow!(
+                    "unlocking ends the lease of any run of {agreement:?} still going (it stops without saving); make sure the holder is gone, then re-run with --yes"
+                ));
+            }
+            let (u, o) = url(state)?;
+            let store = store_for(&u, &o)?;
+            match store.unlock(agreement).await? {
+                Some(l) => {
+                    let left = l.until.saturating_sub(run::unix_now());
+                    println!(
+                        "ended the lease of {agreement} in {}: it was held by {}, for {} more second(s)",
+                        store.describe(),
+                        l.holder,
+                        left
+                    );
+                }
+                None => println!(
+                    "{agreement} has no lease in force in {}: nothing to unlock",
+                    store.describe()
+                ),
+            }
             Ok(exit::OK)
         }
         StateCmd::Reset {

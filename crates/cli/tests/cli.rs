@@ -73,6 +73,10 @@ path = "dbx.json"
     }
 
     fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args, env).output().unwrap()
+    }
+
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_idsync"));
         c.args(args).current_dir(self.dir.path());
         for var in [
@@ -106,7 +110,7 @@ path = "dbx.json"
         for (k, v) in env {
             c.env(k, v);
         }
-        c.output().unwrap()
+        c
     }
 }
 
@@ -740,6 +744,93 @@ fn a_hand_edited_saved_plan_is_refused_or_halted() {
     assert!(text(&o).contains("but deprovision = None"), "{}", text(&o));
     // Nothing was deleted by any of them.
     assert!(s.read("dbx.json").contains("alice@corp.example"));
+}
+
+/// Found by a hostile run: Ctrl-C or SIGTERM left the lease held for an hour, so the next run
+/// exited 4. Now the writes in flight finish, what was applied is saved, the lease is released, and
+/// the next run does the rest; `idsync state unlock` ends a lease a killed process left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_saves_what_was_applied_and_releases_the_lease() {
+    use idsync_emulators::infra::Faults;
+    use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    let l = idsync_emulators::Lakefs::start_on(0).await.unwrap();
+    l.state.infra.set_faults(Faults {
+        latency_ms: 150,
+        ..Faults::default()
+    });
+    let extra = format!(
+        "\n[targets.lake]\nkind = \"lakefs\"\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\n",
+        l.server.base_url
+    );
+    let s = Sandbox::new(&extra);
+    let env = [("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)];
+    let (s, stopped, second, third) = tokio::task::spawn_blocking(move || {
+        let child = s
+            .command(&["sync", "--target", "lake", "--worker-threads", "1"], &env)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Observing takes two requests; then writes go one at a time, 150 ms each.
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let stopped = child.wait_with_output().unwrap();
+        let second = s.run_env(&["sync", "--target", "lake"], &env);
+        let third = s.run_env(&["plan", "--target", "lake"], &env);
+        (s, stopped, second, third)
+    })
+    .await
+    .unwrap();
+    let t = text(&stopped);
+    assert_eq!(code(&stopped), 1, "{t}");
+    assert!(t.contains("stopping: the writes in flight finish"), "{t}");
+    // On a loaded machine the signal may come before the first write: nothing is applied then.
+    assert!(
+        t.contains("operation(s) were not started") || t.contains("interrupted before any write"),
+        "{t}"
+    );
+    assert_eq!(
+        code(&second),
+        0,
+        "the lease was released: {}",
+        text(&second)
+    );
+    assert_eq!(code(&third), 0, "converged: {}", text(&third));
+
+    // A lease left by a process killed outright is ended by hand, and says whose it was.
+    let store = idsync_state::LocalStore::open(s.path("state").to_str().unwrap());
+    let held = idsync_state::StateStore::acquire(
+        &store,
+        "lake",
+        "idsync pid 1 on gone-host",
+        std::time::Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    assert!(held.until > 0);
+    let (s, busy, refused, unlocked, after) = tokio::task::spawn_blocking(move || {
+        let busy = s.run_env(&["sync", "--target", "lake"], &env);
+        let refused = s.run(&["state", "unlock", "lake"]);
+        let unlocked = s.run(&["state", "unlock", "lake", "--yes"]);
+        let after = s.run_env(&["sync", "--target", "lake"], &env);
+        (s, busy, refused, unlocked, after)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&busy), 4, "{}", text(&busy));
+    assert_eq!(code(&refused), 1, "{}", text(&refused));
+    assert_eq!(code(&unlocked), 0, "{}", text(&unlocked));
+    assert!(
+        text(&unlocked).contains("held by idsync pid 1 on gone-host"),
+        "{}",
+        text(&unlocked)
+    );
+    assert_eq!(code(&after), 0, "{}", text(&after));
+    drop(s);
 }
 
 /// Found by a hostile run: with one target's credentials wrong, the other targets got no request

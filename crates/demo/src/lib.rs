@@ -156,6 +156,7 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
         lease: Duration::from_secs(300),
         reconcile: Some(Duration::from_secs(24 * 3600)),
         now: None,
+        stop: None,
     };
 
     p.heading("idsync demo: an Entra ID tenant synced into lakeFS and the Databricks account, all emulated on 127.0.0.1");

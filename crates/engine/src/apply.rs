@@ -20,6 +20,18 @@ pub struct ApplyOptions {
     pub workers: usize,
     /// The stages to execute; the others are left pending (the dry-run levels).
     pub stages: BTreeSet<Stage>,
+    /// Once set (Ctrl-C, SIGTERM), no further operation starts: those in flight finish and are
+    /// recorded, the rest are left pending.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl ApplyOptions {
+    /// Whether the apply was asked to stop.
+    pub fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }
 
 impl Default for ApplyOptions {
@@ -27,6 +39,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             workers: 10,
             stages: [Stage::Principals, Stage::Members, Stage::Deprovision].into(),
+            stop: None,
         }
     }
 }
@@ -193,9 +206,22 @@ pub async fn apply(
         // Each operation is resolved just before it runs, and a member or policy operation that
         // succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
         let created_now = &created;
+        if opts.stopped() {
+            report.pending += ops.len();
+            continue;
+        }
         let mut results: Vec<Ran> = futures::stream::iter(ops.into_iter().enumerate())
             .map(|(i, op)| async move {
                 let key = (op.sort_key(), i);
+                if opts.stopped() {
+                    return Ran {
+                        key,
+                        op: None,
+                        result: None,
+                        skipped: Vec::new(),
+                        stopped: true,
+                    };
+                }
                 let (resolved, dropped) = match resolve(op, created_now) {
                     Ok(r) => r,
                     Err(dep) => {
@@ -209,6 +235,7 @@ pub async fn apply(
                             op: None,
                             result: None,
                             skipped,
+                            stopped: false,
                         };
                     }
                 };
@@ -231,6 +258,7 @@ pub async fn apply(
                     op: keep.then_some(resolved),
                     result: Some(r),
                     skipped,
+                    stopped: false,
                 }
             })
             .buffer_unordered(width)
@@ -238,6 +266,10 @@ pub async fn apply(
             .await;
         results.sort_by(|a, b| a.key.cmp(&b.key));
         for ran in results {
+            if ran.stopped {
+                report.pending += 1;
+                continue;
+            }
             report.skipped.extend(ran.skipped);
             match (ran.result, ran.op) {
                 (None, _) => {}
@@ -273,6 +305,8 @@ struct Ran {
     key: ((u8, u8, String), usize),
     op: Option<Op>,
     result: Option<Result<(Outcome, bool), TargetError>>,
+    /// Not started: the apply was asked to stop.
+    stopped: bool,
     skipped: Vec<Failure>,
 }
 

@@ -961,8 +961,81 @@ fn a_deletion_that_frees_a_key_runs_with_the_principals() {
         let opts = idsync_engine::ApplyOptions {
             workers: 4,
             stages: [idsync_model::Stage::Principals].into(),
+            ..Default::default()
         };
         let rep = idsync_engine::apply(&plan, &t, &mut st, &opts).await;
         assert!(rep.is_success(), "{rep:?}");
+    })
+}
+
+/// Ctrl-C or SIGTERM mid-apply: no further write starts, what was written is recorded, the run is
+/// not complete (no picture, no last applied snapshot), and the next run does the rest.
+#[test]
+fn a_stopped_apply_records_what_it_wrote_and_the_next_run_finishes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    struct StopAfter<'a> {
+        inner: &'a MemoryTarget,
+        left: AtomicUsize,
+        stop: Arc<AtomicBool>,
+    }
+    #[async_trait::async_trait]
+    impl idsync_engine::Target for StopAfter<'_> {
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        async fn observe(&self) -> Result<idsync_model::Observed, idsync_engine::TargetError> {
+            self.inner.observe().await
+        }
+        async fn execute(
+            &self,
+            op: &idsync_model::Op,
+        ) -> Result<idsync_engine::Outcome, idsync_engine::TargetError> {
+            let out = self.inner.execute(op).await;
+            if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                self.stop.store(true, Ordering::SeqCst);
+            }
+            out
+        }
+    }
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = StopAfter {
+            inner: &t,
+            left: AtomicUsize::new(3),
+            stop: stop.clone(),
+        };
+        let mut st = AgreementState::new("t");
+        let opts = idsync_runner::RunOptions {
+            workers: 1,
+            reconcile: None,
+            stop: Some(stop),
+            ..Default::default()
+        };
+        let out = idsync_runner::testing::run_seeded(
+            &stopping,
+            &base(),
+            &Mapping::defaults(),
+            &Policy::default(),
+            &mut st,
+            &opts,
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.code, idsync_runner::exit::ERROR);
+        let rep = out.report.unwrap();
+        assert_eq!((rep.writes, rep.pending), (3, 7), "{rep:?}");
+        assert_eq!(st.owned_count(), 3, "what was written is recorded");
+        assert!(st.last_applied.is_none() && st.trust.is_none() && st.cursors.is_empty());
+        let again = sync(&base(), &t, &mut st, &Policy::default()).await;
+        assert_eq!(again.report.unwrap().writes, 7);
+        assert!(
+            sync(&base(), &t, &mut st, &Policy::default())
+                .await
+                .plan
+                .ops
+                .is_empty()
+        );
     })
 }

@@ -71,6 +71,18 @@ pub struct RunOptions {
     /// The run's time in seconds since the Unix epoch, as the trust it leaves records it (`None`:
     /// the system clock). Tests set it so that two plans of one input are equal.
     pub now: Option<u64>,
+    /// Once set (the CLI sets it on Ctrl-C or SIGTERM), no further write starts: those in flight
+    /// finish, what was applied is committed, and the lease is released.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl RunOptions {
+    /// Whether the run was asked to stop.
+    pub fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }
 
 impl Default for RunOptions {
@@ -85,6 +97,7 @@ impl Default for RunOptions {
             lease: Duration::from_secs(3600),
             reconcile: Some(Duration::from_secs(24 * 3600)),
             now: None,
+            stop: None,
         }
     }
 }
@@ -278,14 +291,22 @@ async fn plan_and_apply(
             report: None,
         });
     }
+    if opts.stopped() {
+        reporter.note("interrupted before any write: nothing was applied");
+        return Ok(Outcome {
+            code: exit::ERROR,
+            file: Some(file),
+            report: None,
+        });
+    }
     let stages: Vec<Stage> = match opts.mode {
         Mode::PrincipalsOnly => vec![Stage::Principals],
         _ => vec![Stage::Principals, Stage::Members, Stage::Deprovision],
     };
     let lease = lease.map(|l| (l, opts.lease));
-    let report = apply_file(&file, a, store, state, &stages, opts.workers, lease).await?;
+    let report = apply_file(&file, a, store, state, &stages, opts, lease).await?;
     reporter.report(&report);
-    let code = if !report.is_success() {
+    let code = if !report.is_success() || interrupted(opts, &report, reporter) {
         exit::ERROR
     } else if report.pending > 0 {
         exit::PENDING
@@ -309,7 +330,7 @@ async fn apply_file(
     store: &dyn StateStore,
     mut state: AgreementState,
     stages: &[Stage],
-    workers: usize,
+    run: &RunOptions,
     lease: Option<(&Lease, Duration)>,
 ) -> Result<ApplyReport, RunError> {
     let caps = a.target.capabilities();
@@ -325,8 +346,9 @@ async fn apply_file(
     // goes back to what it was before the apply, with every create in the journal.
     let at_begin = state.clone();
     let opts = ApplyOptions {
-        workers,
+        workers: run.workers,
         stages: stages.iter().copied().collect(),
+        stop: run.stop.clone(),
     };
     let report = {
         let work = apply::apply(&file.plan, a.target, &mut state, &opts);
@@ -342,7 +364,9 @@ async fn apply_file(
     };
     let flushed = a.target.flush().await;
     if flushed.is_ok() {
-        apply::finish(file, &report, &caps, &mut state, all);
+        // An apply that left operations pending (interrupted) is not complete: the cursors and the
+        // picture stay where they were, and the next run plans what is left.
+        apply::finish(file, &report, &caps, &mut state, all && report.pending == 0);
     } else {
         state = at_begin;
     }
@@ -355,6 +379,18 @@ async fn apply_file(
         error,
     })?;
     Ok(report)
+}
+
+/// Whether the run was stopped with operations left, saying so.
+fn interrupted(opts: &RunOptions, report: &ApplyReport, reporter: &mut dyn Reporter) -> bool {
+    if opts.stopped() && report.pending > 0 {
+        reporter.note(&format!(
+            "interrupted: {} operation(s) were not started; what was applied is saved, and the next run does the rest",
+            report.pending
+        ));
+        return true;
+    }
+    false
 }
 
 /// Renews the lease every third of its length until it is lost. A lease taken over ends it; a
@@ -440,9 +476,9 @@ pub async fn apply_saved(
         let shown = Plan { summary, ..file.plan.clone() };
         reporter.plan(&shown, &a.describe, Mode::Sync);
         let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
-        let report = apply_file(file, a, store, state, &stages, opts.workers, Some((&lease, opts.lease))).await?;
+        let report = apply_file(file, a, store, state, &stages, opts, Some((&lease, opts.lease))).await?;
         reporter.report(&report);
-        let code = if report.is_success() { exit::OK } else { exit::ERROR };
+        let code = if report.is_success() && !interrupted(opts, &report, reporter) { exit::OK } else { exit::ERROR };
         Ok(Outcome { code, file: None, report: Some(report) })
     }
     .await;

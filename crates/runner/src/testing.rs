@@ -164,6 +164,9 @@ impl StateStore for CommitsThenDies<'_> {
     async fn list(&self) -> Result<Vec<String>, StateError> {
         self.inner.list().await
     }
+    async fn unlock(&self, agreement: &str) -> Result<Option<Lease>, StateError> {
+        self.inner.unlock(agreement).await
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }

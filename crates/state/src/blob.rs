@@ -247,6 +247,30 @@ impl<B: Blobs> StateStore for BlobStore<B> {
         Ok(())
     }
 
+    async fn unlock(&self, agreement: &str) -> Result<Option<Lease>, StateError> {
+        check_name(agreement)?;
+        let Some((l, tag)) = self.read_lease(agreement).await? else {
+            return Ok(None);
+        };
+        if l.until <= now() {
+            return Ok(None);
+        }
+        let ended = Lease {
+            until: 0,
+            ..l.clone()
+        };
+        if self.write_lease(&ended, Cond::Match(tag)).await? {
+            Ok(Some(l))
+        } else {
+            // Taken, renewed or released meanwhile: read what holds now, and say so.
+            Err(StateError::LeaseHeld {
+                agreement: agreement.to_owned(),
+                holder: l.holder,
+                until: l.until,
+            })
+        }
+    }
+
     async fn delete(&self, agreement: &str) -> Result<(), StateError> {
         check_name(agreement)?;
         self.blobs.delete(&state_key(agreement)).await

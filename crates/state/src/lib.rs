@@ -168,6 +168,11 @@ pub trait StateStore: Send + Sync {
     /// The names of agreements with state.
     async fn list(&self) -> Result<Vec<String>, StateError>;
 
+    /// Ends the agreement's lease, whoever holds it (`idsync state unlock`, for a lease left by a
+    /// process that is gone): the lease that was ended, or `None` when none was in force. A run
+    /// still holding it finds out at its next renewal and stops without saving.
+    async fn unlock(&self, agreement: &str) -> Result<Option<Lease>, StateError>;
+
     /// Where this store is, for messages.
     fn describe(&self) -> String;
 }

@@ -131,6 +131,24 @@ async fn leases<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
     )?;
     s.release(&l3).await.map_err(e)?;
 
+    // A lease left by a process that is gone is ended by hand, and says whose it was; the process,
+    // should it come back, can no longer renew it.
+    assert_that(
+        s.unlock(a).await.map_err(e)?.is_none(),
+        "no lease in force: nothing to unlock",
+    )?;
+    let left = s.acquire(a, "gone-run", min).await.map_err(e)?;
+    match s.unlock(a).await.map_err(e)? {
+        Some(l) if l.holder == "gone-run" => {}
+        other => return Err(format!("unlock says whose lease it ended: {other:?}")),
+    }
+    let l5 = s.acquire(a, "run-5", min).await.map_err(e)?;
+    assert_that(
+        s.renew(&left, min).await.is_err(),
+        "an ended lease cannot be renewed",
+    )?;
+    s.release(&l5).await.map_err(e)?;
+
     // Eight runs start at once: exactly one gets the lease.
     let results = futures::future::join_all(
         (0..8).map(|i| async move { s.acquire(a, &format!("racer-{i}"), min).await }),
