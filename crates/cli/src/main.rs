@@ -200,8 +200,10 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // --debug: idsync's own debug lines (one per request, with its status and time), not the HTTP
+    // stack's connection-pool chatter.
     let level = if cli.debug {
-        "debug"
+        "warn,idsync=debug,idsync_connectors=debug,idsync_engine=debug,idsync_runner=debug,idsync_state=debug"
     } else if cli.verbose {
         "info"
     } else {
@@ -551,12 +553,13 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
     let cfg = load_config(cli)?;
     let bytes =
         std::fs::read(path).with_context(|| format!("reading the plan {}", path.display()))?;
-    let bundle: PlanBundle = serde_json::from_slice(&bytes).with_context(|| {
-        format!(
-            "{} is not a plan saved by `idsync plan --out`",
-            path.display()
-        )
-    })?;
+    let bundle: PlanBundle = serde_json::from_slice(idsync_model::without_bom(&bytes))
+        .with_context(|| {
+            format!(
+                "{} is not a plan saved by `idsync plan --out`",
+                path.display()
+            )
+        })?;
     if bundle.format > idsync_model::plan::PLAN_FORMAT {
         return Err(anyhow!(
             "{} was written by a newer idsync (plan format {})",

@@ -833,6 +833,38 @@ async fn sigterm_saves_what_was_applied_and_releases_the_lease() {
     drop(s);
 }
 
+/// Found by a hostile run: `--debug` promised request logs and showed only the HTTP stack's
+/// connection-pool lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_logs_one_line_per_request_and_no_secret() {
+    use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    let l = idsync_emulators::Lakefs::start_on(0).await.unwrap();
+    let extra = format!(
+        "\n[targets.lake]\nkind = \"lakefs\"\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\n",
+        l.server.base_url
+    );
+    let s = Sandbox::new(&extra);
+    let (s, o) = tokio::task::spawn_blocking(move || {
+        let env = [("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)];
+        let o = s.run_env(&["plan", "--target", "lake", "--debug"], &env);
+        (s, o)
+    })
+    .await
+    .unwrap();
+    let t = text(&o);
+    assert_eq!(code(&o), 2, "{t}");
+    assert!(
+        t.lines().any(|l| l.contains("request")
+            && l.contains("GET")
+            && l.contains("/auth/users")
+            && l.contains("status=200")),
+        "{t}"
+    );
+    assert!(!t.contains("pool"), "no connection-pool chatter: {t}");
+    assert!(!t.contains(SECRET_ACCESS_KEY), "{t}");
+    drop(s);
+}
+
 /// Found by a hostile run: with one target's credentials wrong, the other targets got no request
 /// and nothing said they were skipped. Each agreement runs and reports; the exit code is the worst.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

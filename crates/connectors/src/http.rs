@@ -406,6 +406,7 @@ impl Http {
                     .header(reqwest::header::CONTENT_TYPE, *ctype)
                     .body(bytes.clone());
             }
+            let started = std::time::Instant::now();
             let result = req.send().await;
             let outcome = match result {
                 Err(e) => {
@@ -427,6 +428,28 @@ impl Http {
                 }
             };
             self.limiter.give_back(permit);
+            // One line per request for `--debug`: the path without its query (which can hold delta
+            // and skip tokens), never a header or a body.
+            match &outcome {
+                Ok((status, _, body)) => tracing::debug!(
+                    service = %self.cfg.service,
+                    request = %what,
+                    attempt,
+                    status = status.as_u16(),
+                    bytes = body.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "request"
+                ),
+                Err((kind, _, message, _)) => tracing::debug!(
+                    service = %self.cfg.service,
+                    request = %what,
+                    attempt,
+                    error = ?kind,
+                    detail = %message,
+                    ms = started.elapsed().as_millis() as u64,
+                    "request failed"
+                ),
+            }
             let last = attempt >= self.cfg.max_attempts;
             match outcome {
                 Ok((status, h, body)) if status.is_success() => {

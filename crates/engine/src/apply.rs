@@ -183,6 +183,7 @@ pub async fn apply(
     opts: &ApplyOptions,
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
+    let caps = target.capabilities();
     let mut created: BTreeMap<(Kind, String), String> = BTreeMap::new();
     let mut links = Links::default();
     let workers = opts.workers.max(1);
@@ -279,7 +280,7 @@ pub async fn apply(
                         report.writes += 1;
                     }
                     if let Some(op) = op {
-                        record(&op, &outcome, state, &mut links, &mut created);
+                        record(&op, &outcome, state, &mut links, &mut created, &caps);
                     }
                 }
                 (Some(Err(e)), Some(op)) => {
@@ -419,6 +420,7 @@ fn record(
     state: &mut AgreementState,
     links: &mut Links,
     created: &mut BTreeMap<(Kind, String), String>,
+    caps: &Capabilities,
 ) {
     match (op, outcome) {
         (Op::Create { principal, source }, Outcome::Created(id)) => {
@@ -436,13 +438,24 @@ fn record(
         (Op::Adopt { target, source }, _) => {
             let Some(id) = &target.id else { return };
             links.link(state, target.kind, &source.id, id);
+            // A create of an interrupted apply, recognised by its journaled key, was idsync's own.
+            let key = PKey::new(target.kind, caps.fold(&target.key));
+            let how = if state
+                .journal
+                .as_ref()
+                .is_some_and(|j| j.pending_creates.contains(&key))
+            {
+                Ownership::Created
+            } else {
+                Ownership::Adopted
+            };
             let owned = state
                 .owned
                 .get_mut(target.kind)
                 .entry(id.clone())
                 .or_insert(Owned {
                     key: target.key.clone(),
-                    how: Ownership::Adopted,
+                    how,
                     source: None,
                 });
             owned.source = Some(source.id.clone());

@@ -308,7 +308,11 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
                     members.insert(k.clone());
                 }
                 None if snapshot.contains(*kind, id) => {} // held back or unsupported: reported there
-                None => b.desired.dangling_members += 1,
+                // A nested group the scope did not select (beyond the depth, not security).
+                None if *kind == Kind::Group => b.desired.dangling_members += 1,
+                // Selected groups bring their users and service principals along: one that is
+                // not there is not in the source at all.
+                None => b.desired.missing_members += 1,
             }
         }
         if snapshot.incomplete_groups.contains(&g.id) {

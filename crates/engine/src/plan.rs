@@ -164,8 +164,14 @@ pub fn plan(
     cx.held_back();
     if desired.dangling_members > 0 {
         cx.notes.push(format!(
-            "{} membership(s) point at principals outside the scope and are not synced (raise the group search depth to include nested groups)",
+            "{} membership(s) point at groups outside the scope and are not synced (raise the group search depth to include nested groups)",
             desired.dangling_members
+        ));
+    }
+    if desired.missing_members > 0 {
+        cx.notes.push(format!(
+            "{} membership(s) point at users or service principals the source does not have (deleted, or not readable with its credentials); they are not synced",
+            desired.missing_members
         ));
     }
     let Ctx {

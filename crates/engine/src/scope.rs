@@ -270,14 +270,18 @@ pub fn cycle_notes(s: &Snapshot) -> Vec<String> {
                         .map(|&i| s.groups[ids[i]].display_name.as_str())
                         .collect();
                     names.sort_unstable();
-                    notes.push(format!(
-                        "groups {} nest each other in a cycle; each is synced once",
-                        names
-                            .iter()
-                            .map(|n| format!("{n:?}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
+                    notes.push(if component.len() == 1 {
+                        format!("group {:?} contains itself; it is synced once", names[0])
+                    } else {
+                        format!(
+                            "groups {} nest each other in a cycle; each is synced once",
+                            names
+                                .iter()
+                                .map(|n| format!("{n:?}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    });
                 }
             }
         }
@@ -419,8 +423,8 @@ mod tests {
         assert_eq!(
             cycle_notes(&s),
             [
+                "group \"SELF\" contains itself; it is synced once",
                 "groups \"A\", \"B\", \"C\" nest each other in a cycle; each is synced once",
-                "groups \"SELF\" nest each other in a cycle; each is synced once",
                 "groups \"X\", \"Y\" nest each other in a cycle; each is synced once",
             ]
         );

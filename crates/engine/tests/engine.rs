@@ -606,6 +606,17 @@ fn a_crash_in_the_middle_of_an_apply_resumes_cleanly() {
         let o = t.observe().await.unwrap();
         assert_eq!(o.len(), 7, "nothing duplicated");
         assert!(crashed.journal.is_none());
+        // What the dead run created is recorded as created, not as adopted.
+        for kind in Kind::ALL {
+            for (id, owned) in crashed.owned.get(kind) {
+                assert_eq!(
+                    owned.how,
+                    idsync_model::Ownership::Created,
+                    "{kind} {id} {}",
+                    owned.key
+                );
+            }
+        }
         assert!(
             sync(&base(), &t, &mut crashed, &Policy::default())
                 .await
@@ -1036,6 +1047,49 @@ fn a_stopped_apply_records_what_it_wrote_and_the_next_run_finishes() {
                 .plan
                 .ops
                 .is_empty()
+        );
+    })
+}
+
+/// Found by a hostile run: a group containing itself was reported as groups nesting "each other",
+/// and members the source does not have were blamed on the search depth.
+#[test]
+fn self_membership_and_members_the_source_lacks_are_named_for_what_they_are() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let st = AgreementState::new("t");
+        let s = snap(
+            vec![user("u1", "alice@x")],
+            vec![],
+            vec![
+                group(
+                    "g1",
+                    "SELFISH",
+                    &[
+                        Member::group("g1"),
+                        Member::user("u1"),
+                        Member::user("gone"),
+                    ],
+                ),
+                group("g2", "PARENT", &[Member::group("beyond")]),
+            ],
+        );
+        let notes = idsync_engine::scope::cycle_notes(&s);
+        assert_eq!(
+            notes,
+            ["group \"SELFISH\" contains itself; it is synced once"]
+        );
+        let p = plan_only(&s, &t, &st, &Policy::default(), &Mapping::defaults()).await;
+        let text = p.notes.join("\n");
+        assert!(
+            text.contains(
+                "1 membership(s) point at users or service principals the source does not have"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 membership(s) point at groups outside the scope"),
+            "{text}"
         );
     })
 }

@@ -20,3 +20,9 @@ pub use target::{
     Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, MemberIds, Observed,
     ObservedPrincipal, PKey, Principal, SourceRef,
 };
+
+/// A file's bytes without a UTF-8 byte order mark (editors on Windows write one; JSON parsers
+/// then fail at "line 1 column 1").
+pub fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}

@@ -309,8 +309,10 @@ pub struct Desired {
     /// Source principals that could not be mapped or collided with another on their key. Whatever
     /// idsync linked them to before is left alone.
     pub held_back: BTreeMap<SourceRef, HeldBack>,
-    /// Members that reference principals outside the snapshot (not in scope): dropped.
+    /// Memberships of groups outside the snapshot (not selected: beyond the depth): dropped.
     pub dangling_members: usize,
+    /// Memberships of users or service principals the source does not have (deleted, unreadable).
+    pub missing_members: usize,
 }
 
 /// Why a source principal is not in the desired state.

@@ -91,10 +91,17 @@ impl<B: Blobs> BlobStore<B> {
         let key = state_key(agreement);
         match self.blobs.get(&key).await? {
             None => Ok(None),
-            Some((bytes, tag)) => Ok(Some((
-                codec::decode(&bytes, &self.blobs.location(&key))?,
-                tag,
-            ))),
+            Some((bytes, tag)) => {
+                let st = codec::decode(&bytes, &self.blobs.location(&key))?;
+                if st.agreement != agreement {
+                    return Err(StateError::WrongAgreement {
+                        path: self.blobs.location(&key),
+                        agreement: agreement.to_owned(),
+                        holds: st.agreement,
+                    });
+                }
+                Ok(Some((st, tag)))
+            }
         }
     }
 

@@ -90,6 +90,18 @@ pub enum StateError {
         /// When the lease expires (unix seconds).
         until: u64,
     },
+    /// The document under an agreement's name holds another agreement (renamed or copied by hand).
+    #[error(
+        "the state file {path} holds agreement {holds:?}, not {agreement:?} (renamed or copied by hand?); it was not modified. Move it back under its own name, or take it over with `idsync state import {agreement} FILE --yes` after `idsync state export`"
+    )]
+    WrongAgreement {
+        /// Where.
+        path: String,
+        /// The name it was loaded under.
+        agreement: String,
+        /// The agreement the document says it is.
+        holds: String,
+    },
     /// This run's lease expired and another run took it over.
     #[error(
         "this run's lease on agreement {agreement:?} expired and another run ({holder}) took it over; this run stopped without saving. Raise [state] lease_seconds if runs take longer than it"

@@ -192,5 +192,28 @@ async fn corrupted<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
         Err(StateError::NewerFormat { found: 99, .. }) => {}
         other => return Err(format!("a newer format is refused: {other:?}")),
     }
-    s.delete(a).await.map_err(e)
+    s.delete(a).await.map_err(e)?;
+    // A document copied under another agreement's name is refused for what it is, not taken for
+    // a commit race.
+    let other = format!("{a}-elsewhere");
+    s.commit(&AgreementState::new(other.as_str()))
+        .await
+        .map_err(e)?;
+    let (bytes, _) = s
+        .blobs()
+        .get(&format!("{other}.state"))
+        .await
+        .map_err(e)?
+        .ok_or("document")?;
+    s.blobs().put(&key, bytes, Cond::Absent).await.map_err(e)?;
+    match s.load(a).await {
+        Err(StateError::WrongAgreement { holds, .. }) if holds == other => {}
+        other => {
+            return Err(format!(
+                "a document of another agreement is refused: {other:?}"
+            ));
+        }
+    }
+    s.delete(a).await.map_err(e)?;
+    s.delete(&other).await.map_err(e)
 }

@@ -655,9 +655,8 @@ fn idsync_state_name_ok(name: &str) -> Result<(), ()> {
 
 /// Reads a `groups_to_sync.json` file: a JSON list of group display names.
 pub fn read_groups_file(path: &Path) -> Result<BTreeSet<String>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let names: Vec<String> = serde_json::from_str(&text)
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let names: Vec<String> = serde_json::from_slice(idsync_model::without_bom(&bytes))
         .map_err(|e| format!("{} is not a JSON list of group names: {e}", path.display()))?;
     Ok(names.into_iter().collect())
 }

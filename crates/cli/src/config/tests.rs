@@ -276,3 +276,18 @@ fn a_config_without_source_or_targets_says_what_to_add() {
     assert!(e.contains("source.kind: missing"), "{e}");
     assert!(e.contains("no target"), "{e}");
 }
+
+#[test]
+fn a_groups_file_may_start_with_a_byte_order_mark() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("groups_to_sync.json");
+    std::fs::write(&f, b"\xEF\xBB\xBF[\"TEAM_ALPHA\", \"\xC3\x89quipe\"]").unwrap();
+    let names = read_groups_file(&f).unwrap();
+    assert_eq!(names, ["TEAM_ALPHA", "Équipe"].map(String::from).into());
+    std::fs::write(&f, b"{}").unwrap();
+    assert!(
+        read_groups_file(&f)
+            .unwrap_err()
+            .contains("not a JSON list of group names")
+    );
+}

@@ -27,7 +27,14 @@ impl FileSource {
         let p = self.path.display();
         let bytes = std::fs::read(&self.path)
             .map_err(|e| SourceError::new(format!("cannot read the source file {p}: {e}")))?;
-        let dir: Directory = serde_json::from_slice(&bytes).map_err(|e| {
+        let bytes = idsync_model::without_bom(&bytes);
+        // serde reads a struct from a list too: `[]` would be an empty directory, not an error.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(SourceError::new(format!(
+                "the source file {p} is not a directory: it must hold one JSON object with \"users\", \"servicePrincipals\" and \"groups\""
+            )));
+        }
+        let dir: Directory = serde_json::from_slice(bytes).map_err(|e| {
             SourceError::new(format!("the source file {p} is not a valid directory: {e}"))
         })?;
         Snapshot::try_from(dir).map_err(|e| SourceError::new(format!("the source file {p}: {e}")))
@@ -77,6 +84,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.snapshot.users.len(), 1);
+        // A byte order mark is fine; a list or nothing is not a directory.
+        let mut bom = b"\xEF\xBB\xBF".to_vec();
+        bom.extend_from_slice(&std::fs::read(&p).unwrap());
+        std::fs::write(&p, &bom).unwrap();
+        let r = FileSource::new(&p).read_full(&Scope::default()).await;
+        assert_eq!(r.unwrap().snapshot.users.len(), 1);
+        for not_a_directory in ["[]", "", "null", "  [{\"users\": []}]"] {
+            std::fs::write(&p, not_a_directory).unwrap();
+            let e = FileSource::new(&p)
+                .read_full(&Scope::default())
+                .await
+                .unwrap_err();
+            assert!(
+                e.message.contains("must hold one JSON object"),
+                "{}",
+                e.message
+            );
+        }
         std::fs::write(&p, r#"{"users":[{"id":"1"#).unwrap();
         let e = FileSource::new(&p)
             .read_full(&Scope::default())
