@@ -26,6 +26,10 @@ pub struct HttpConfig {
     pub max_concurrency: usize,
     /// Attempts per request, the first included.
     pub max_attempts: u32,
+    /// Rounds of attempts for a paged read that keeps failing transiently (a 5xx or 429 storm,
+    /// dropped connections): after each failed round the read pauses, then asks for the same page
+    /// again, so a storm slows a paged read instead of failing it.
+    pub read_rounds: u32,
     /// First backoff; doubled per attempt, with full jitter.
     pub base_backoff: Duration,
     /// Longest single wait, `Retry-After` included.
@@ -41,6 +45,7 @@ impl HttpConfig {
             timeout: Duration::from_secs(60),
             max_concurrency: 10,
             max_attempts: 8,
+            read_rounds: 4,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(60),
         }
@@ -230,6 +235,49 @@ pub struct Http {
     cfg: HttpConfig,
     limiter: Limiter,
     rng: Mutex<u64>,
+}
+
+impl Http {
+    /// Runs a page read again when it failed transiently after the client's own retries, after a
+    /// pause (a quarter of `max_backoff`), up to `read_rounds` rounds: a storm slows a paged read
+    /// instead of failing it, and the caller, which keeps the pages already read, asks again for
+    /// the page that failed.
+    pub async fn persist<T, E, Fut>(
+        &self,
+        transient: impl Fn(&E) -> bool,
+        mut read: impl FnMut() -> Fut,
+    ) -> Result<T, E>
+    where
+        E: fmt::Display,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut round = 1;
+        loop {
+            match read().await {
+                Err(e) if round < self.cfg.read_rounds && transient(&e) => {
+                    let pause = (self.cfg.max_backoff / 4).max(self.cfg.base_backoff);
+                    tracing::warn!(
+                        service = %self.cfg.service,
+                        error = %e,
+                        round,
+                        pause_ms = pause.as_millis() as u64,
+                        "a page kept failing; pausing, then reading it again"
+                    );
+                    tokio::time::sleep(pause).await;
+                    round += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Whether an HTTP error may pass on its own (worth another round of a read).
+pub fn transient(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::Unavailable | ErrorKind::Throttled | ErrorKind::Protocol
+    )
 }
 
 fn request_id(h: &HeaderMap) -> Option<String> {

@@ -213,3 +213,48 @@ async fn the_target_conformance_suite() {
         .await
         .unwrap();
 }
+
+/// Found by a hostile run: against a 50 % 5xx storm the full observation never completed, each
+/// run stopping at the one page that exhausted its retries. A page that keeps failing is read again
+/// after a pause, the pages already read are kept, and the storm only slows the observation.
+#[tokio::test]
+async fn a_5xx_storm_slows_the_full_observation_but_does_not_fail_it() {
+    use idsync_emulators::infra::Faults;
+    use idsync_engine::Target;
+    let d = Databricks::start_on(0, None).await.unwrap();
+    let calm = target(&d, DatabricksAuth::Token(Secret::new(TOKEN)));
+    let mut st = AgreementState::new("storm");
+    let (_, r) = common::sync(
+        &calm,
+        &common::directory(),
+        &idsync_engine::Mapping::defaults(),
+        &mut st,
+    )
+    .await;
+    assert!(r.is_success(), "{r:?}");
+    let expected = calm.observe().await.unwrap();
+    // Two attempts a request: without rounds, nearly every observation would fail somewhere.
+    let stormy = DatabricksTarget::new(DatabricksConfig {
+        host: d.server.base_url.clone(),
+        account_id: ACCOUNT_ID.into(),
+        auth: DatabricksAuth::Token(Secret::new(TOKEN)),
+        http: HttpConfig {
+            base_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(20),
+            max_attempts: 2,
+            read_rounds: 12,
+            ..HttpConfig::new("Databricks")
+        },
+        member_chunk: 2,
+    })
+    .unwrap();
+    d.state.infra.set_faults(Faults {
+        error_rate: 0.5,
+        ..Faults::default()
+    });
+    for _ in 0..5 {
+        let o = stormy.observe().await.unwrap();
+        assert_eq!(o, expected);
+    }
+    d.state.infra.set_faults(Faults::default());
+}

@@ -167,13 +167,28 @@ impl EntraSource {
         let mut out = Vec::new();
         let mut url = first;
         loop {
-            let auth = self.auth().await?;
-            let a = self
+            let mut page: Value = self
                 .http
-                .send(Method::GET, &url, &auth, &[], None, true)
-                .await
-                .map_err(source_error)?;
-            let mut page: Value = a.json("Microsoft Graph", "a page").map_err(source_error)?;
+                .persist(
+                    |e: &SourceError| {
+                        matches!(
+                            e.kind,
+                            SourceErrorKind::Unavailable
+                                | SourceErrorKind::Throttled
+                                | SourceErrorKind::Protocol
+                        )
+                    },
+                    || async {
+                        let auth = self.auth().await?;
+                        let a = self
+                            .http
+                            .send(Method::GET, &url, &auth, &[], None, true)
+                            .await
+                            .map_err(source_error)?;
+                        a.json("Microsoft Graph", "a page").map_err(source_error)
+                    },
+                )
+                .await?;
             if let Some(Value::Array(items)) = page.get_mut("value").map(Value::take) {
                 out.extend(items);
             }

@@ -143,12 +143,20 @@ impl LakefsTarget {
         let mut after = String::new();
         loop {
             let url = format!("{}{path}?amount=1000&after={}", self.base, seg(&after));
-            let a = self
+            let page: Page<T> = self
                 .http
-                .send(Method::GET, &url, &self.auth, &[], None, true)
+                .persist(
+                    |e: &crate::http::HttpError| crate::http::transient(e.kind),
+                    || async {
+                        let a = self
+                            .http
+                            .send(Method::GET, &url, &self.auth, &[], None, true)
+                            .await?;
+                        a.json("lakeFS", what)
+                    },
+                )
                 .await
                 .map_err(target_error)?;
-            let page: Page<T> = a.json("lakeFS", what).map_err(target_error)?;
             out.extend(page.results);
             if !page.pagination.has_more
                 || page.pagination.next_offset.is_empty()

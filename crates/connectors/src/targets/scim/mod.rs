@@ -396,6 +396,14 @@ fn target_error(e: HttpError) -> TargetError {
     convert(e, "", "")
 }
 
+/// Whether a target error may pass on its own (a storm): worth another round of a page read.
+pub(crate) fn transient_target(e: &TargetError) -> bool {
+    matches!(
+        e.kind,
+        TargetErrorKind::Unavailable | TargetErrorKind::Throttled | TargetErrorKind::Protocol
+    )
+}
+
 /// The attribute that holds a kind's key.
 fn key_attr(kind: Kind) -> &'static str {
     match kind {
@@ -636,10 +644,14 @@ impl ScimTarget {
                 resource(kind),
                 out.len() + 1
             );
-            let a = self.call(Method::GET, &path, None, None, true).await?;
-            let page: ListResponse = a
-                .json(self.dialect.service, &format!("listing {}", resource(kind)))
-                .map_err(|e| self.error(e))?;
+            let page: ListResponse = self
+                .http
+                .persist(transient_target, || async {
+                    let a = self.call(Method::GET, &path, None, None, true).await?;
+                    a.json(self.dialect.service, &format!("listing {}", resource(kind)))
+                        .map_err(|e| self.error(e))
+                })
+                .await?;
             let n = page.resources.len();
             out.extend(page.resources);
             if n == 0 || page.total_results.is_none_or(|t| out.len() >= t) {
@@ -774,10 +786,15 @@ impl ScimTarget {
 
     /// The members of one group, read by id.
     async fn group_members(&self, id: String) -> Result<(String, Vec<String>), TargetError> {
-        let a = self
-            .call(Method::GET, &one(Kind::Group, &id), None, None, true)
+        let v = self
+            .http
+            .persist(transient_target, || async {
+                let a = self
+                    .call(Method::GET, &one(Kind::Group, &id), None, None, true)
+                    .await?;
+                self.json(&a, "reading a group")
+            })
             .await?;
-        let v = self.json(&a, "reading a group")?;
         Ok((id, member_ids(&v)))
     }
 }
