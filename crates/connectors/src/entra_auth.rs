@@ -107,20 +107,60 @@ impl fmt::Debug for ClientCertificate {
     }
 }
 
+/// Why a client certificate cannot be used. Never shows what the file holds.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertificateError {
+    /// The file cannot be read.
+    #[error("cannot read the client certificate {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not hold a usable certificate and key.
+    #[error("the client certificate {path}: {problem}")]
+    Unusable {
+        /// The file (empty for PEM text given directly).
+        path: String,
+        /// What is missing or wrong.
+        problem: &'static str,
+    },
+}
+
 impl ClientCertificate {
     /// Loads a PEM file. The error says what is missing, never what the file holds.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read(path)
-            .map_err(|e| format!("cannot read the client certificate {}: {e}", path.display()))?;
-        Self::from_pem(&text).map_err(|e| format!("the client certificate {}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, CertificateError> {
+        let text = std::fs::read(path).map_err(|source| CertificateError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_pem(&text).map_err(|e| match e {
+            CertificateError::Unusable { problem, .. } => CertificateError::Unusable {
+                path: path.display().to_string(),
+                problem,
+            },
+            other => other,
+        })
     }
 
     /// Parses PEM text holding an RSA private key and a certificate.
-    pub fn from_pem(text: &[u8]) -> Result<Self, String> {
-        let blocks = pem::parse_many(text).map_err(|e| format!("not PEM ({e})"))?;
-        let cert = blocks.iter().find(|b| b.tag() == "CERTIFICATE").ok_or(
-            "no CERTIFICATE block (the file must hold the certificate and its private key)",
-        )?;
+    pub fn from_pem(text: &[u8]) -> Result<Self, CertificateError> {
+        let unusable = |problem| CertificateError::Unusable {
+            path: String::new(),
+            problem,
+        };
+        let blocks = pem::parse_many(text).map_err(|_| unusable("not PEM text"))?;
+        let cert = blocks
+            .iter()
+            .find(|b| b.tag() == "CERTIFICATE")
+            .ok_or_else(|| {
+                unusable(
+                    "no CERTIFICATE block (the file must hold the certificate and its private key)",
+                )
+            })?;
         let key = blocks
             .iter()
             .find_map(|b| match b.tag() {
@@ -128,8 +168,8 @@ impl ClientCertificate {
                 "RSA PRIVATE KEY" => Some(ring::signature::RsaKeyPair::from_der(b.contents())),
                 _ => None,
             })
-            .ok_or("no unencrypted PRIVATE KEY or RSA PRIVATE KEY block (encrypted keys and PFX files are not read: convert with `openssl pkcs12 -nodes`)")?
-            .map_err(|e| format!("the private key is not an RSA key of 2048 bits or more ({e})"))?;
+            .ok_or_else(|| unusable("no unencrypted PRIVATE KEY or RSA PRIVATE KEY block (encrypted keys and PFX files are not read: convert with `openssl pkcs12 -nodes`)"))?
+            .map_err(|_| unusable("the private key is not an RSA key of 2048 bits or more"))?;
         let der = cert.contents();
         let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der);
         let sha256 = ring::digest::digest(&ring::digest::SHA256, der);
@@ -601,9 +641,20 @@ mod tests {
     fn unusable_certificate_files_say_what_is_missing() {
         let only_cert = String::from_utf8_lossy(PEM);
         let cert = &only_cert[only_cert.find("-----BEGIN CERTIFICATE").unwrap()..];
-        let e = ClientCertificate::from_pem(cert.as_bytes()).unwrap_err();
+        let e = ClientCertificate::from_pem(cert.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("PRIVATE KEY"), "{e}");
-        let e = ClientCertificate::from_pem(b"hello").unwrap_err();
-        assert!(e.contains("CERTIFICATE"), "{e}");
+        let e = ClientCertificate::from_pem(b"hello")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CERTIFICATE") || e.contains("not PEM"), "{e}");
+        let e = ClientCertificate::load(Path::new("/nonexistent/cert.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot read the client certificate /nonexistent/cert.pem"),
+            "{e}"
+        );
     }
 }

@@ -10,21 +10,23 @@
 use idsync_engine::{Mapping, Source, SourceError, Target, TargetError, TargetIdentity};
 use serde::de::DeserializeOwned;
 use std::any::Any;
+use std::cell::RefCell;
 use std::fmt::Debug;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 /// Source kinds this build can run.
 pub static SOURCES: &[&dyn SourceKind] = &[
-    &crate::sources::file::config::FileKind,
-    &crate::sources::entra::config::EntraKind,
+    &crate::sources::file::config::KIND,
+    &crate::sources::entra::config::KIND,
 ];
 
 /// Target kinds this build can run.
 pub static TARGETS: &[&dyn TargetKind] = &[
-    &crate::targets::file::config::FileKind,
-    &crate::targets::lakefs::config::LakefsKind,
-    &crate::targets::databricks::config::DatabricksKind,
-    &crate::targets::scim::config::ScimKind,
+    &crate::targets::file::config::KIND,
+    &crate::targets::lakefs::config::KIND,
+    &crate::targets::databricks::config::KIND,
+    &crate::targets::scim::config::KIND,
 ];
 
 /// Source kinds the configuration knows whose connectors are not in this build yet.
@@ -225,6 +227,152 @@ pub trait TargetConfig: Debug + Send + Sync + AsAny {
         workers: usize,
         source: &dyn SourceConfig,
     ) -> Result<Box<dyn Target>, TargetError>;
+}
+
+/// A kind as data: its name, the environment variables it reads, those that choose it when the
+/// configuration names none, and its settings type, which does the checking. The registry's
+/// tables hold these.
+pub struct KindOf<S> {
+    name: &'static str,
+    env: &'static [EnvVar],
+    implied_by: &'static [EnvVar],
+    settings: PhantomData<fn() -> S>,
+}
+
+impl<S> KindOf<S> {
+    /// A kind named `name` that reads `env`.
+    pub const fn new(name: &'static str, env: &'static [EnvVar]) -> Self {
+        KindOf {
+            name,
+            env,
+            implied_by: &[],
+            settings: PhantomData,
+        }
+    }
+
+    /// Chosen (a source) or added (a target) when any of `vars` is set and the configuration names
+    /// none.
+    pub const fn implied_by(self, vars: &'static [EnvVar]) -> Self {
+        KindOf {
+            implied_by: vars,
+            ..self
+        }
+    }
+}
+
+/// Checking one kind's settings: the context, the configured source (for a target), and every
+/// problem found.
+pub struct Check<'a> {
+    cx: &'a Context<'a>,
+    source: Option<&'a dyn SourceConfig>,
+    problems: RefCell<Vec<Problem>>,
+}
+
+impl Check<'_> {
+    /// The environment and the configuration's folder.
+    pub fn cx(&self) -> &Context<'_> {
+        self.cx
+    }
+
+    /// The configured source (a target's check; `None` for a source, or a source with problems).
+    pub fn source(&self) -> Option<&dyn SourceConfig> {
+        self.source
+    }
+
+    /// A path from the configuration, resolved against its folder.
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        self.cx.resolve(p)
+    }
+
+    /// Records a problem with a setting.
+    pub fn problem(&self, key: &str, message: impl Into<String>) {
+        self.problems.borrow_mut().push(Problem::at(key, message));
+    }
+
+    /// A required text setting: present and not blank, or a problem saying how to set it.
+    pub fn required<'v>(
+        &self,
+        key: &str,
+        value: Option<&'v String>,
+        hint: &str,
+    ) -> Option<&'v String> {
+        required(&mut self.problems.borrow_mut(), key, value, hint)
+    }
+
+    /// Whether a problem was found.
+    pub fn failed(&self) -> bool {
+        !self.problems.borrow().is_empty()
+    }
+}
+
+/// A source kind's settings type (`deny_unknown_fields`, a doc comment on every field): its checks.
+pub trait SourceSettings: DeserializeOwned {
+    /// Checks the settings, recording every problem in `c`; the configured source when there is
+    /// none.
+    fn check(self, c: &Check<'_>) -> Option<Box<dyn SourceConfig>>;
+}
+
+/// A target kind's settings type (`deny_unknown_fields`, a doc comment on every field): its checks.
+pub trait TargetSettings: DeserializeOwned {
+    /// Checks the settings, recording every problem in `c`; the configured target when there is
+    /// none.
+    fn check(self, c: &Check<'_>) -> Option<Box<dyn TargetConfig>>;
+}
+
+/// Deserialises `value` as `S`, lets `check` check it, and gathers every problem.
+fn checked<S: DeserializeOwned, T>(
+    value: serde_json::Value,
+    cx: &Context<'_>,
+    source: Option<&dyn SourceConfig>,
+    check: impl FnOnce(S, &Check<'_>) -> Option<T>,
+) -> Result<T, Vec<Problem>> {
+    let s: S = settings(value)?;
+    let c = Check {
+        cx,
+        source,
+        problems: RefCell::new(Vec::new()),
+    };
+    let out = check(s, &c);
+    done(out, c.problems.into_inner())
+}
+
+impl<S: SourceSettings> SourceKind for KindOf<S> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn env(&self) -> &'static [EnvVar] {
+        self.env
+    }
+    fn implied_by_env(&self, cx: &Context<'_>) -> bool {
+        cx.any(self.implied_by)
+    }
+    fn configure(
+        &self,
+        value: serde_json::Value,
+        cx: &Context<'_>,
+    ) -> Result<Box<dyn SourceConfig>, Vec<Problem>> {
+        checked(value, cx, None, S::check)
+    }
+}
+
+impl<S: TargetSettings> TargetKind for KindOf<S> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn env(&self) -> &'static [EnvVar] {
+        self.env
+    }
+    fn implied_by_env(&self, cx: &Context<'_>) -> bool {
+        cx.any(self.implied_by)
+    }
+    fn configure(
+        &self,
+        value: serde_json::Value,
+        cx: &Context<'_>,
+        source: Option<&dyn SourceConfig>,
+    ) -> Result<Box<dyn TargetConfig>, Vec<Problem>> {
+        checked(value, cx, source, S::check)
+    }
 }
 
 /// Applies the environment's overrides to a kind's settings table.

@@ -1,11 +1,9 @@
 //! `[source] kind = "entra"`: Microsoft Entra ID over Microsoft Graph, with the sign-in methods of
 //! azure-identity and the environment names the existing Entra → lakeFS / Databricks scripts use.
 
-use crate::entra_auth::{ClientCertificate, EntraCredential, IMDS_ENDPOINT};
+use crate::entra_auth::{CertificateError, ClientCertificate, EntraCredential, IMDS_ENDPOINT};
 use crate::http::HttpConfig;
-use crate::registry::{
-    Context, EnvForm, EnvVar, Problem, SourceConfig, SourceKind, done, required, settings,
-};
+use crate::registry::{Check, EnvForm, EnvVar, KindOf, SourceConfig, SourceSettings};
 use idsync_engine::{Source, SourceError};
 use idsync_model::Secret;
 use serde::Deserialize;
@@ -19,7 +17,7 @@ pub const PUBLIC_GRAPH: &str = "https://graph.microsoft.com";
 /// The settings of `[source] kind = "entra"`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {
+pub struct Settings {
     /// Directory (tenant) id (`ENTRA_TENANT_ID`, `AZURE_TENANT_ID`, `ARM_TENANT_ID`).
     tenant_id: Option<String>,
     /// Application (client) id (`ENTRA_APPLICATION_ID`, `AZURE_CLIENT_ID`, `ARM_CLIENT_ID`).
@@ -168,7 +166,7 @@ pub struct EntraSettings {
 
 impl EntraSettings {
     /// The credential the settings chose (a certificate is read from its file here).
-    pub fn credential(&self) -> Result<EntraCredential, String> {
+    pub fn credential(&self) -> Result<EntraCredential, CertificateError> {
         let client_id = self.client_id.clone().unwrap_or_default();
         Ok(match self.method {
             EntraMethod::Secret => EntraCredential::ClientSecret {
@@ -199,31 +197,13 @@ impl EntraSettings {
     }
 }
 
-/// The `entra` source kind.
-pub struct EntraKind;
+/// The `entra` source kind: chosen by its variables when `[source]` names no kind.
+pub static KIND: KindOf<Settings> = KindOf::new("entra", ALL_ENV).implied_by(ENV);
 
-impl SourceKind for EntraKind {
-    fn name(&self) -> &'static str {
-        "entra"
-    }
-
-    fn env(&self) -> &'static [EnvVar] {
-        ALL_ENV
-    }
-
-    fn implied_by_env(&self, cx: &Context<'_>) -> bool {
-        cx.any(ENV)
-    }
-
-    fn configure(
-        &self,
-        value: serde_json::Value,
-        cx: &Context<'_>,
-    ) -> Result<Box<dyn SourceConfig>, Vec<Problem>> {
-        let s: Settings = settings(value)?;
-        let mut problems = Vec::new();
-        let tenant = required(
-            &mut problems,
+impl SourceSettings for Settings {
+    fn check(self, c: &Check<'_>) -> Option<Box<dyn SourceConfig>> {
+        let s = self;
+        let tenant = c.required(
             "tenant_id",
             s.tenant_id.as_ref(),
             "set tenant_id or ENTRA_TENANT_ID / AZURE_TENANT_ID",
@@ -237,13 +217,13 @@ impl SourceKind for EntraKind {
                     .map(|(_, m)| *m);
                 if m.is_none() {
                     let names: Vec<&str> = ENTRA_METHODS.iter().map(|(n, _)| *n).collect();
-                    problems.push(Problem::at(
+                    c.problem(
                         "auth",
                         format!(
                             "unknown sign-in method {name:?} (one of: {})",
                             names.join(", ")
                         ),
-                    ));
+                    );
                 }
                 m
             }
@@ -251,29 +231,26 @@ impl SourceKind for EntraKind {
             None if s.client_certificate_path.is_some() => Some(EntraMethod::Certificate),
             None if s.federated_token_file.is_some() => Some(EntraMethod::WorkloadIdentity),
             None => {
-                problems.push(Problem::at(
+                c.problem(
                     "auth",
                     "missing credentials: set ENTRA_CLIENT_SECRET_VALUE or AZURE_CLIENT_SECRET (keep secrets out of the file), AZURE_CLIENT_CERTIFICATE_PATH or AZURE_FEDERATED_TOKEN_FILE, or auth = \"managed_identity\", \"azure_cli\" or \"device_code\"",
-                ));
+                );
                 None
             }
         };
         match method {
-            Some(EntraMethod::Secret) if !has_secret => problems.push(Problem::at(
+            Some(EntraMethod::Secret) if !has_secret => c.problem(
                 "client_secret",
                 "missing: set ENTRA_CLIENT_SECRET_VALUE or AZURE_CLIENT_SECRET (keep secrets out of the file)",
-            )),
-            Some(EntraMethod::Certificate) if s.client_certificate_path.is_none() => {
-                problems.push(Problem::at(
-                    "client_certificate_path",
-                    "missing: set client_certificate_path or AZURE_CLIENT_CERTIFICATE_PATH (a PEM file with the certificate and its private key)",
-                ))
-            }
-            Some(EntraMethod::WorkloadIdentity) if s.federated_token_file.is_none() => problems
-                .push(Problem::at(
-                    "federated_token_file",
-                    "missing: set federated_token_file or AZURE_FEDERATED_TOKEN_FILE",
-                )),
+            ),
+            Some(EntraMethod::Certificate) if s.client_certificate_path.is_none() => c.problem(
+                "client_certificate_path",
+                "missing: set client_certificate_path or AZURE_CLIENT_CERTIFICATE_PATH (a PEM file with the certificate and its private key)",
+            ),
+            Some(EntraMethod::WorkloadIdentity) if s.federated_token_file.is_none() => c.problem(
+                "federated_token_file",
+                "missing: set federated_token_file or AZURE_FEDERATED_TOKEN_FILE",
+            ),
             _ => {}
         }
         // The app's client id: needed by every method but the Azure CLI, and by a managed
@@ -282,8 +259,7 @@ impl SourceKind for EntraKind {
             method,
             None | Some(EntraMethod::AzureCli | EntraMethod::ManagedIdentity)
         ) {
-            required(
-                &mut problems,
+            c.required(
                 "client_id",
                 s.client_id.as_ref(),
                 "set client_id or ENTRA_APPLICATION_ID / AZURE_CLIENT_ID",
@@ -292,6 +268,7 @@ impl SourceKind for EntraKind {
         // Managed identity endpoints: the identity endpoint App Service and Container Apps set
         // (both variables, or it is not App Service's: Azure Arc sets IDENTITY_ENDPOINT alone,
         // with another protocol), else azure-identity's IMDS override.
+        let cx = c.cx();
         let (endpoint, identity_header) =
             match (cx.env(&["IDENTITY_ENDPOINT"]), cx.env(&["IDENTITY_HEADER"])) {
                 (Some((_, e)), Some((_, h))) => (Some(e), Some(Secret::new(h))),
@@ -302,27 +279,25 @@ impl SourceKind for EntraKind {
                     None,
                 ),
             };
-        let path = |p: &Option<String>| p.as_deref().map(|p| cx.resolve(p).display().to_string());
-        let cfg = tenant.zip(method).map(|(t, method)| {
-            Box::new(EntraSettings {
-                tenant_id: t.clone(),
-                client_id: s.client_id.clone(),
-                client_secret: s.client_secret.clone(),
-                client_certificate_path: path(&s.client_certificate_path),
-                federated_token_file: path(&s.federated_token_file),
-                method,
-                managed_identity_endpoint: endpoint.unwrap_or_else(|| IMDS_ENDPOINT.into()),
-                identity_header,
-                azure_cli_path: s.azure_cli_path.clone().unwrap_or_else(|| "az".into()),
-                authority_host: s
-                    .authority_host
-                    .clone()
-                    .unwrap_or_else(|| PUBLIC_AUTHORITY.into()),
-                graph_url: s.graph_url.clone().unwrap_or_else(|| PUBLIC_GRAPH.into()),
-                ca_bundle: s.ca_bundle.clone(),
-            }) as Box<dyn SourceConfig>
-        });
-        done(cfg, problems)
+        let path = |p: &Option<String>| p.as_deref().map(|p| c.resolve(p).display().to_string());
+        let (tenant, method) = (tenant?, method?);
+        Some(Box::new(EntraSettings {
+            tenant_id: tenant.clone(),
+            client_id: s.client_id.clone(),
+            client_secret: s.client_secret.clone(),
+            client_certificate_path: path(&s.client_certificate_path),
+            federated_token_file: path(&s.federated_token_file),
+            method,
+            managed_identity_endpoint: endpoint.unwrap_or_else(|| IMDS_ENDPOINT.into()),
+            identity_header,
+            azure_cli_path: s.azure_cli_path.clone().unwrap_or_else(|| "az".into()),
+            authority_host: s
+                .authority_host
+                .clone()
+                .unwrap_or_else(|| PUBLIC_AUTHORITY.into()),
+            graph_url: s.graph_url.clone().unwrap_or_else(|| PUBLIC_GRAPH.into()),
+            ca_bundle: s.ca_bundle.clone(),
+        }))
     }
 }
 
@@ -337,7 +312,9 @@ impl SourceConfig for EntraSettings {
         Some(self)
     }
     fn build(&self, workers: usize) -> Result<Box<dyn Source>, SourceError> {
-        let credential = self.credential().map_err(SourceError::new)?;
+        let credential = self
+            .credential()
+            .map_err(|e| SourceError::new(e.to_string()))?;
         let http = HttpConfig::new("Microsoft Graph").bounded(
             workers,
             self.ca_bundle.as_ref().map(std::path::PathBuf::from),
@@ -365,7 +342,7 @@ mod tests {
     ) -> Result<(EntraMethod, String, Option<Secret>), String> {
         let mut all = vec![("AZURE_TENANT_ID", "tenant-1")];
         all.extend_from_slice(env);
-        check::source(&EntraKind, settings, &all)
+        check::source(&KIND, settings, &all)
             .map(|c| {
                 let e = c.entra().cloned().unwrap();
                 (e.method, e.managed_identity_endpoint, e.identity_header)

@@ -1,6 +1,6 @@
 //! `[source] kind = "file"`: a directory JSON file (the emulators' tenant format).
 
-use crate::registry::{Context, Problem, SourceConfig, SourceKind, done, required, settings};
+use crate::registry::{Check, KindOf, SourceConfig, SourceSettings};
 use idsync_engine::{Source, SourceError};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -8,13 +8,13 @@ use std::path::PathBuf;
 /// The settings of `[source] kind = "file"`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {
+pub struct Settings {
     /// The directory JSON file to read (relative to the configuration's folder).
     path: Option<String>,
 }
 
 /// The `file` source kind.
-pub struct FileKind;
+pub static KIND: KindOf<Settings> = KindOf::new("file", &[]);
 
 /// A configured file source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,30 +23,16 @@ pub struct FileSourceConfig {
     pub path: PathBuf,
 }
 
-impl SourceKind for FileKind {
-    fn name(&self) -> &'static str {
-        "file"
-    }
-
-    fn configure(
-        &self,
-        value: serde_json::Value,
-        cx: &Context<'_>,
-    ) -> Result<Box<dyn SourceConfig>, Vec<Problem>> {
-        let s: Settings = settings(value)?;
-        let mut problems = Vec::new();
-        let path = required(
-            &mut problems,
+impl SourceSettings for Settings {
+    fn check(self, c: &Check<'_>) -> Option<Box<dyn SourceConfig>> {
+        let path = c.required(
             "path",
-            s.path.as_ref(),
+            self.path.as_ref(),
             "the directory JSON file to read",
-        )
-        .map(|p| {
-            Box::new(FileSourceConfig {
-                path: cx.resolve(p),
-            }) as Box<dyn SourceConfig>
-        });
-        done(path, problems)
+        )?;
+        Some(Box::new(FileSourceConfig {
+            path: c.resolve(path),
+        }))
     }
 }
 
@@ -73,7 +59,7 @@ mod tests {
     #[test]
     fn another_kinds_settings_are_rejected() {
         let e = check::source(
-            &FileKind,
+            &KIND,
             json!({
                 "path": "dir.json",
                 "client_certificate_path": "c.pem",
@@ -98,7 +84,7 @@ mod tests {
             e.iter().all(|p| p.message.starts_with("unknown field")),
             "{e:?}"
         );
-        let ok = check::source(&FileKind, json!({"path": "dir.json"}), &[]).unwrap();
+        let ok = check::source(&KIND, json!({"path": "dir.json"}), &[]).unwrap();
         assert_eq!(ok.describe(), "file /cfg/dir.json");
     }
 }

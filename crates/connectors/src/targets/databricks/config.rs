@@ -4,9 +4,7 @@
 use super::DatabricksAuth;
 use crate::entra_auth::EntraCredential;
 use crate::http::HttpConfig;
-use crate::registry::{
-    Context, EnvForm, EnvVar, Problem, SourceConfig, TargetConfig, TargetKind, required, settings,
-};
+use crate::registry::{Check, EnvForm, EnvVar, KindOf, SourceConfig, TargetConfig, TargetSettings};
 use crate::sources::entra::config::PUBLIC_AUTHORITY;
 use idsync_engine::{Target, TargetError, TargetErrorKind, TargetIdentity};
 use idsync_model::Secret;
@@ -19,7 +17,7 @@ pub const MEMBER_CHUNK: usize = 100;
 /// The settings of a `databricks` target.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {
+pub struct Settings {
     /// The accounts host, e.g. `https://accounts.azuredatabricks.net` (`DATABRICKS_HOST`).
     host: Option<String>,
     /// The account id (`DATABRICKS_ACCOUNT_ID`).
@@ -92,8 +90,11 @@ const ENV: &[EnvVar] = &[
     },
 ];
 
+/// The variables that add a Databricks target when the configuration names none.
+const IMPLYING: &[EnvVar] = &[ENV[0], ENV[1], ENV[2]];
+
 /// The `databricks` target kind.
-pub struct DatabricksKind;
+pub static KIND: KindOf<Settings> = KindOf::new("databricks", ENV).implied_by(IMPLYING);
 
 /// How the target signs in, as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,42 +136,20 @@ pub struct DatabricksTargetConfig {
     pub ca_bundle: Option<PathBuf>,
 }
 
-impl TargetKind for DatabricksKind {
-    fn name(&self) -> &'static str {
-        "databricks"
-    }
-
-    fn env(&self) -> &'static [EnvVar] {
-        ENV
-    }
-
-    fn implied_by_env(&self, cx: &Context<'_>) -> bool {
-        cx.any(&ENV[..3])
-    }
-
-    fn configure(
-        &self,
-        value: serde_json::Value,
-        cx: &Context<'_>,
-        source: Option<&dyn SourceConfig>,
-    ) -> Result<Box<dyn TargetConfig>, Vec<Problem>> {
-        let s: Settings = settings(value)?;
-        let mut problems = Vec::new();
-        let host = required(
-            &mut problems,
+impl TargetSettings for Settings {
+    fn check(self, c: &Check<'_>) -> Option<Box<dyn TargetConfig>> {
+        let s = self;
+        let host = c.required(
             "host",
             s.host.as_ref(),
             "set host or DATABRICKS_HOST (e.g. https://accounts.azuredatabricks.net)",
         );
-        let account = required(
-            &mut problems,
+        let account = c.required(
             "account_id",
             s.account_id.as_ref(),
             "set account_id or DATABRICKS_ACCOUNT_ID",
         );
-        let (Some(host), Some(account)) = (host, account) else {
-            return Err(problems);
-        };
+        let (host, account) = (host?, account?);
         let oauth = match (&s.client_id, &s.client_secret) {
             (Some(i), Some(sec)) => Some(DatabricksSignIn::OAuth {
                 client_id: i.clone(),
@@ -183,30 +162,30 @@ impl TargetKind for DatabricksKind {
             &s.azure_client_id,
             &s.azure_client_secret,
         ) {
-            (Some(t), Some(c), Some(sec)) => Some(DatabricksSignIn::EntraApp {
+            (Some(t), Some(ci), Some(sec)) => Some(DatabricksSignIn::EntraApp {
                 authority: s
                     .azure_authority_host
                     .clone()
                     .unwrap_or_else(|| PUBLIC_AUTHORITY.into()),
                 tenant_id: t.clone(),
-                client_id: c.clone(),
+                client_id: ci.clone(),
                 client_secret: sec.clone(),
             }),
             _ => None,
         };
         let from_source = s.azure_use_source.unwrap_or(false);
-        let entra_source = source.is_some_and(|s| s.entra().is_some());
+        let entra_source = c.source().is_some_and(|s| s.entra().is_some());
         if from_source && !entra_source {
-            problems.push(Problem::at(
+            c.problem(
                 "azure_use_source",
                 "the source is not Entra ID: there is no sign-in to reuse",
-            ));
+            );
         }
         if from_source && (s.token.is_some() || oauth.is_some() || entra.is_some()) {
-            problems.push(Problem::at(
+            c.problem(
                 "azure_use_source",
                 "other Databricks credentials are set too (DATABRICKS_TOKEN, DATABRICKS_CLIENT_ID/SECRET or ARM_*), which would win: remove them or azure_use_source",
-            ));
+            );
         }
         let sign_in = s
             .token
@@ -215,21 +194,17 @@ impl TargetKind for DatabricksKind {
             .or(oauth)
             .or(entra)
             .or(from_source.then_some(DatabricksSignIn::EntraSource));
-        let Some(sign_in) = sign_in else {
-            problems.push(Problem::at(
+        if sign_in.is_none() {
+            c.problem(
                 "token",
                 "no credentials: set DATABRICKS_TOKEN (an account SCIM or admin token), or DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (OAuth M2M), or ARM_TENANT_ID, ARM_CLIENT_ID and ARM_CLIENT_SECRET (an Entra app, for Azure Databricks), or azure_use_source = true (the Entra source's sign-in, any method)",
-            ));
-            return Err(problems);
-        };
-        if !problems.is_empty() {
-            return Err(problems);
+            );
         }
-        Ok(Box::new(DatabricksTargetConfig {
+        Some(Box::new(DatabricksTargetConfig {
             host: host.clone(),
             account_id: account.clone(),
-            sign_in,
-            ca_bundle: s.ca_bundle.as_deref().map(|p| cx.resolve(p)),
+            sign_in: sign_in?,
+            ca_bundle: s.ca_bundle.as_deref().map(|p| c.resolve(p)),
         }))
     }
 }
@@ -279,7 +254,7 @@ impl TargetConfig for DatabricksTargetConfig {
                 DatabricksAuth::Entra {
                     authority: e.authority_host.clone(),
                     tenant_id: e.tenant_id.clone(),
-                    credential: e.credential().map_err(unauthorized)?,
+                    credential: e.credential().map_err(|e| unauthorized(e.to_string()))?,
                 }
             }
         };
@@ -298,8 +273,8 @@ impl TargetConfig for DatabricksTargetConfig {
 mod tests {
     use super::*;
     use crate::registry::check;
-    use crate::sources::entra::config::EntraKind;
-    use crate::sources::file::config::FileKind;
+    use crate::sources::entra::config::KIND as ENTRA;
+    use crate::sources::file::config::KIND as FILE;
     use serde_json::json;
 
     #[test]
@@ -311,9 +286,8 @@ mod tests {
         ];
         let settings =
             json!({"host": "https://accounts.azuredatabricks.net", "account_id": "acct"});
-        let file = check::source(&FileKind, json!({"path": "dir.json"}), &[]).unwrap();
-        let c =
-            check::target(&DatabricksKind, settings.clone(), &env, Some(file.as_ref())).unwrap();
+        let file = check::source(&FILE, json!({"path": "dir.json"}), &[]).unwrap();
+        let c = check::target(&KIND, settings.clone(), &env, Some(file.as_ref())).unwrap();
         let c = c.as_any().downcast_ref::<DatabricksTargetConfig>().unwrap();
         match &c.sign_in {
             DatabricksSignIn::EntraApp {
@@ -338,8 +312,7 @@ mod tests {
             !format!("{c:?}").contains("arm-secret"),
             "Debug never shows a secret"
         );
-        let e =
-            check::target(&DatabricksKind, settings.clone(), &[], Some(file.as_ref())).unwrap_err();
+        let e = check::target(&KIND, settings.clone(), &[], Some(file.as_ref())).unwrap_err();
         let e = check::text(&e);
         assert!(
             e.contains("token: no credentials")
@@ -349,26 +322,24 @@ mod tests {
         // Reusing the source's sign-in needs an Entra source.
         let mut reuse = settings.clone();
         reuse["azure_use_source"] = json!(true);
-        let e =
-            check::target(&DatabricksKind, reuse.clone(), &[], Some(file.as_ref())).unwrap_err();
+        let e = check::target(&KIND, reuse.clone(), &[], Some(file.as_ref())).unwrap_err();
         assert!(
             check::text(&e).contains("azure_use_source: the source is not Entra ID"),
             "{e:?}"
         );
         // With the ARM variables set as well, reusing the source's sign-in would silently lose.
         let entra = check::source(
-            &EntraKind,
+            &ENTRA,
             json!({"auth": "azure_cli"}),
             &[("AZURE_TENANT_ID", "t")],
         )
         .unwrap();
-        let e =
-            check::target(&DatabricksKind, reuse.clone(), &env, Some(entra.as_ref())).unwrap_err();
+        let e = check::target(&KIND, reuse.clone(), &env, Some(entra.as_ref())).unwrap_err();
         assert!(
             check::text(&e).contains("other Databricks credentials are set too"),
             "{e:?}"
         );
-        let ok = check::target(&DatabricksKind, reuse, &[], Some(entra.as_ref())).unwrap();
+        let ok = check::target(&KIND, reuse, &[], Some(entra.as_ref())).unwrap();
         let ok = ok
             .as_any()
             .downcast_ref::<DatabricksTargetConfig>()

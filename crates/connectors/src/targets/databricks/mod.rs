@@ -10,7 +10,8 @@ pub mod config;
 
 use crate::entra_auth::{EntraAuth, EntraCredential};
 use crate::http::{Auth, Http, HttpConfig, HttpError, TokenCache};
-use crate::targets::scim::{Credentials, Dialect, Features, IntoDialect, ScimTarget, convert};
+use crate::targets::Hints;
+use crate::targets::scim::{Credentials, Dialect, Features, IntoDialect, ScimTarget};
 use async_trait::async_trait;
 use idsync_engine::TargetError;
 use idsync_model::{Attr, Capabilities, Kind, Secret};
@@ -117,7 +118,7 @@ impl Credentials for DatabricksCredentials {
 
 impl IntoDialect for DatabricksConfig {
     fn into_dialect(self) -> Result<(Dialect, HttpConfig), TargetError> {
-        let hint = |e| convert(e, UNAUTHORIZED, FORBIDDEN);
+        let hint = |e| crate::targets::target_error(e, &HINTS);
         let sign_in = match self.auth {
             DatabricksAuth::Token(t) => SignIn::Token(t),
             DatabricksAuth::OAuth {
@@ -181,12 +182,14 @@ impl IntoDialect for DatabricksConfig {
                 Kind::Group => "id,displayName",
             },
             typed_group_members: false,
-            unauthorized_hint: UNAUTHORIZED,
-            forbidden_hint: FORBIDDEN,
+            hints: HINTS,
         };
         Ok((dialect, self.http))
     }
 }
 
-const UNAUTHORIZED: &str = " Databricks rejected the credentials: check DATABRICKS_TOKEN (an account SCIM token or a token of an account admin) or the OAuth client id and secret, and DATABRICKS_ACCOUNT_ID.";
-const FORBIDDEN: &str = " Account SCIM writes need an account admin.";
+const HINTS: Hints = Hints {
+    unauthorized: " Databricks rejected the credentials: check DATABRICKS_TOKEN (an account SCIM token or a token of an account admin) or the OAuth client id and secret, and DATABRICKS_ACCOUNT_ID.",
+    forbidden: " Account SCIM writes need an account admin.",
+    not_implemented: "",
+};

@@ -2,9 +2,7 @@
 //! demos and dry runs against a copy).
 
 use super::Profile;
-use crate::registry::{
-    Context, Problem, SourceConfig, TargetConfig, TargetKind, required, settings,
-};
+use crate::registry::{Check, KindOf, SourceConfig, TargetConfig, TargetSettings};
 use idsync_engine::{Mapping, Target, TargetError, TargetIdentity};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -12,7 +10,7 @@ use std::path::PathBuf;
 /// The settings of a `file` target.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {
+pub struct Settings {
     /// The JSON file that holds the target (relative to the configuration's folder).
     path: Option<String>,
     /// Whose capabilities: full, databricks or lakefs [default: full].
@@ -22,7 +20,7 @@ struct Settings {
 }
 
 /// The `file` target kind.
-pub struct FileKind;
+pub static KIND: KindOf<Settings> = KindOf::new("file", &[]);
 
 /// A configured file target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,47 +33,32 @@ pub struct FileTargetConfig {
     pub default_policies: Option<Vec<String>>,
 }
 
-impl TargetKind for FileKind {
-    fn name(&self) -> &'static str {
-        "file"
-    }
-
-    fn configure(
-        &self,
-        value: serde_json::Value,
-        cx: &Context<'_>,
-        _source: Option<&dyn SourceConfig>,
-    ) -> Result<Box<dyn TargetConfig>, Vec<Problem>> {
-        let s: Settings = settings(value)?;
-        let mut problems = Vec::new();
-        let profile = match s.profile.as_deref() {
+impl TargetSettings for Settings {
+    fn check(self, c: &Check<'_>) -> Option<Box<dyn TargetConfig>> {
+        let profile = match self.profile.as_deref() {
             None | Some("full") => Some(Profile::Full),
             Some("databricks") => Some(Profile::Databricks),
             Some("lakefs") => Some(Profile::Lakefs),
             Some(other) => {
-                problems.push(Problem::at(
+                c.problem(
                     "profile",
                     format!(
                         "{other:?} is not a profile; use \"full\", \"databricks\" or \"lakefs\""
                     ),
-                ));
+                );
                 None
             }
         };
-        let path = required(
-            &mut problems,
+        let path = c.required(
             "path",
-            s.path.as_ref(),
+            self.path.as_ref(),
             "the JSON file that holds the target",
         );
-        match (path, profile) {
-            (Some(p), Some(profile)) if problems.is_empty() => Ok(Box::new(FileTargetConfig {
-                path: cx.resolve(p),
-                profile,
-                default_policies: s.default_policies,
-            })),
-            _ => Err(problems),
-        }
+        Some(Box::new(FileTargetConfig {
+            path: c.resolve(path?),
+            profile: profile?,
+            default_policies: self.default_policies,
+        }))
     }
 }
 

@@ -2,9 +2,7 @@
 //! existing Entra → lakeFS script.
 
 use crate::http::HttpConfig;
-use crate::registry::{
-    Context, EnvForm, EnvVar, Problem, SourceConfig, TargetConfig, TargetKind, required, settings,
-};
+use crate::registry::{Check, EnvForm, EnvVar, KindOf, SourceConfig, TargetConfig, TargetSettings};
 use idsync_engine::{Mapping, Target, TargetError, TargetIdentity};
 use idsync_model::Secret;
 use serde::Deserialize;
@@ -16,7 +14,7 @@ pub const DEFAULT_POLICIES: &[&str] = &["AuthManageOwnCredentials", "FSReadAll"]
 /// The settings of a `lakefs` target.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {
+pub struct Settings {
     /// The lakeFS URL, e.g. `https://org.region.lakefscloud.io` (`LAKEFS_ENDPOINT`).
     endpoint: Option<String>,
     /// Access key id (`LAKEFS_ACCESS_KEY_ID`).
@@ -53,8 +51,8 @@ const ENV: &[EnvVar] = &[
     },
 ];
 
-/// The `lakefs` target kind.
-pub struct LakefsKind;
+/// The `lakefs` target kind: added by its variables when the configuration names no target.
+pub static KIND: KindOf<Settings> = KindOf::new("lakefs", ENV).implied_by(ENV);
 
 /// A configured lakeFS target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,59 +69,34 @@ pub struct LakefsTargetConfig {
     pub ca_bundle: Option<PathBuf>,
 }
 
-impl TargetKind for LakefsKind {
-    fn name(&self) -> &'static str {
-        "lakefs"
-    }
-
-    fn env(&self) -> &'static [EnvVar] {
-        ENV
-    }
-
-    fn implied_by_env(&self, cx: &Context<'_>) -> bool {
-        cx.any(ENV)
-    }
-
-    fn configure(
-        &self,
-        value: serde_json::Value,
-        cx: &Context<'_>,
-        _source: Option<&dyn SourceConfig>,
-    ) -> Result<Box<dyn TargetConfig>, Vec<Problem>> {
-        let s: Settings = settings(value)?;
-        let mut problems = Vec::new();
-        let endpoint = required(
-            &mut problems,
+impl TargetSettings for Settings {
+    fn check(self, c: &Check<'_>) -> Option<Box<dyn TargetConfig>> {
+        let endpoint = c.required(
             "endpoint",
-            s.endpoint.as_ref(),
+            self.endpoint.as_ref(),
             "set endpoint or LAKEFS_ENDPOINT",
         );
-        let id = required(
-            &mut problems,
+        let id = c.required(
             "access_key_id",
-            s.access_key_id.as_ref(),
+            self.access_key_id.as_ref(),
             "set access_key_id or LAKEFS_ACCESS_KEY_ID",
         );
-        if s.secret_access_key.as_ref().is_none_or(Secret::is_empty) {
-            problems.push(Problem::at(
+        let key = self.secret_access_key.clone().filter(|k| !k.is_empty());
+        if key.is_none() {
+            c.problem(
                 "secret_access_key",
                 "missing; set LAKEFS_SECRET_ACCESS_KEY (keep secrets out of the file)",
-            ));
+            );
         }
-        match (endpoint, id, &s.secret_access_key) {
-            (Some(e), Some(i), Some(k)) if problems.is_empty() => {
-                Ok(Box::new(LakefsTargetConfig {
-                    endpoint: e.clone(),
-                    access_key_id: i.clone(),
-                    secret_access_key: k.clone(),
-                    default_policies: s.default_policies.clone().unwrap_or_else(|| {
-                        DEFAULT_POLICIES.iter().map(|p| (*p).to_owned()).collect()
-                    }),
-                    ca_bundle: s.ca_bundle.as_deref().map(|p| cx.resolve(p)),
-                }))
-            }
-            _ => Err(problems),
-        }
+        Some(Box::new(LakefsTargetConfig {
+            endpoint: endpoint?.clone(),
+            access_key_id: id?.clone(),
+            secret_access_key: key?,
+            default_policies: self
+                .default_policies
+                .unwrap_or_else(|| DEFAULT_POLICIES.iter().map(|p| (*p).to_owned()).collect()),
+            ca_bundle: self.ca_bundle.as_deref().map(|p| c.resolve(p)),
+        }))
     }
 }
 

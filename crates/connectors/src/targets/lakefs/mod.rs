@@ -6,7 +6,7 @@
 
 pub mod config;
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
+use crate::http::{Auth, Http, HttpConfig, HttpError, percent_encode};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -79,24 +79,14 @@ struct LPolicy {
 }
 
 fn target_error(e: HttpError) -> TargetError {
-    let (kind, hint) = match e.kind {
-        ErrorKind::Unauthorized => (
-            TargetErrorKind::Unauthorized,
-            " lakeFS rejected the access key pair: check LAKEFS_ACCESS_KEY_ID and LAKEFS_SECRET_ACCESS_KEY, and that this user may manage auth (AuthFullAccess or the auth:* actions).",
-        ),
-        ErrorKind::NotImplemented => (
-            TargetErrorKind::NotImplemented,
-            " This lakeFS has no RBAC: open-source lakeFS answers 501 for groups and policies. Groups need lakeFS Cloud or Enterprise.",
-        ),
-        ErrorKind::NotFound => (TargetErrorKind::NotFound, ""),
-        ErrorKind::Conflict => (TargetErrorKind::AlreadyExists, ""),
-        ErrorKind::Forbidden => (TargetErrorKind::Forbidden, ""),
-        ErrorKind::Throttled => (TargetErrorKind::Throttled, ""),
-        ErrorKind::Unavailable => (TargetErrorKind::Unavailable, ""),
-        ErrorKind::Protocol => (TargetErrorKind::Protocol, ""),
-        ErrorKind::Invalid | ErrorKind::Gone => (TargetErrorKind::Invalid, ""),
-    };
-    TargetError::new(kind, format!("{}{hint}", e.message))
+    crate::targets::target_error(
+        e,
+        &crate::targets::Hints {
+            unauthorized: " lakeFS rejected the access key pair: check LAKEFS_ACCESS_KEY_ID and LAKEFS_SECRET_ACCESS_KEY, and that this user may manage auth (AuthFullAccess or the auth:* actions).",
+            forbidden: "",
+            not_implemented: " This lakeFS has no RBAC: open-source lakeFS answers 501 for groups and policies. Groups need lakeFS Cloud or Enterprise.",
+        },
+    )
 }
 
 /// A group as a principal: keyed by its name (its id when it has none), with its policies.

@@ -1,9 +1,7 @@
 //! `[targets.NAME] kind = "scim"`: any SCIM 2.0 service provider.
 
 use crate::http::HttpConfig;
-use crate::registry::{
-    Context, EnvForm, EnvVar, Problem, SourceConfig, TargetConfig, TargetKind, required, settings,
-};
+use crate::registry::{Check, EnvForm, EnvVar, KindOf, SourceConfig, TargetConfig, TargetSettings};
 use idsync_engine::{Target, TargetError, TargetIdentity};
 use idsync_model::Secret;
 use serde::Deserialize;
@@ -12,7 +10,7 @@ use std::path::PathBuf;
 /// The settings of a `scim` target.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {
+pub struct Settings {
     /// The SCIM base URL, e.g. `https://scim.example.com/scim/v2`.
     url: Option<String>,
     /// The bearer token; keep it out of the file (`SCIM_TOKEN`).
@@ -32,7 +30,7 @@ const ENV: &[EnvVar] = &[EnvVar {
 }];
 
 /// The `scim` target kind.
-pub struct ScimKind;
+pub static KIND: KindOf<Settings> = KindOf::new("scim", ENV);
 
 /// A configured SCIM target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,49 +47,30 @@ pub struct ScimTargetConfig {
     pub ca_bundle: Option<PathBuf>,
 }
 
-impl TargetKind for ScimKind {
-    fn name(&self) -> &'static str {
-        "scim"
-    }
-
-    fn env(&self) -> &'static [EnvVar] {
-        ENV
-    }
-
-    fn configure(
-        &self,
-        value: serde_json::Value,
-        cx: &Context<'_>,
-        _source: Option<&dyn SourceConfig>,
-    ) -> Result<Box<dyn TargetConfig>, Vec<Problem>> {
-        let s: Settings = settings(value)?;
-        let mut problems = Vec::new();
-        let url = required(
-            &mut problems,
+impl TargetSettings for Settings {
+    fn check(self, c: &Check<'_>) -> Option<Box<dyn TargetConfig>> {
+        let url = c.required(
             "url",
-            s.url.as_ref(),
+            self.url.as_ref(),
             "the SCIM base URL (e.g. https://scim.example.com/scim/v2)",
         );
-        if s.token.as_ref().is_none_or(Secret::is_empty) {
-            problems.push(Problem::at(
+        if self.token.as_ref().is_none_or(Secret::is_empty) {
+            c.problem(
                 "token",
                 "missing: set SCIM_TOKEN (keep secrets out of the file)",
-            ));
+            );
         }
-        let member_chunk = s.member_chunk.unwrap_or(100);
+        let member_chunk = self.member_chunk.unwrap_or(100);
         if member_chunk == 0 {
-            problems.push(Problem::at("member_chunk", "must be at least 1"));
+            c.problem("member_chunk", "must be at least 1");
         }
-        match url {
-            Some(u) if problems.is_empty() => Ok(Box::new(ScimTargetConfig {
-                url: u.clone(),
-                token: s.token.clone(),
-                member_chunk,
-                nested_groups: s.nested_groups.unwrap_or(false),
-                ca_bundle: s.ca_bundle.as_deref().map(|p| cx.resolve(p)),
-            })),
-            _ => Err(problems),
-        }
+        Some(Box::new(ScimTargetConfig {
+            url: url?.clone(),
+            token: self.token,
+            member_chunk,
+            nested_groups: self.nested_groups.unwrap_or(false),
+            ca_bundle: self.ca_bundle.as_deref().map(|p| c.resolve(p)),
+        }))
     }
 }
 

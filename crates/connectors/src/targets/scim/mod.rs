@@ -14,7 +14,8 @@
 
 pub mod config;
 
-use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
+use crate::http::{Auth, Http, HttpConfig, HttpError, percent_encode};
+use crate::targets::Hints;
 use async_trait::async_trait;
 use futures::StreamExt;
 use idsync_engine::observe::{Interest, Partial};
@@ -296,10 +297,8 @@ pub struct Dialect {
     pub list_attributes: fn(Kind) -> &'static str,
     /// Group members carry `"type": "Group"` when they are groups.
     pub typed_group_members: bool,
-    /// Appended to a 401 answer's message: which credentials to check.
-    pub unauthorized_hint: &'static str,
-    /// Appended to a 403 answer's message: which role writes are allowed to.
-    pub forbidden_hint: &'static str,
+    /// What to tell a person when the service refuses a request.
+    pub hints: Hints,
 }
 
 /// Where and how to reach a generic SCIM 2.0 provider.
@@ -354,8 +353,11 @@ impl IntoDialect for ScimConfig {
                 _ => "id,userName,displayName,active,emails,externalId,meta",
             },
             typed_group_members: true,
-            unauthorized_hint: " The SCIM provider rejected the token: check SCIM_TOKEN (or the target's token) and that it has not expired.",
-            forbidden_hint: " The token may not write users and groups.",
+            hints: Hints {
+                unauthorized: " The SCIM provider rejected the token: check SCIM_TOKEN (or the target's token) and that it has not expired.",
+                forbidden: " The token may not write users and groups.",
+                not_implemented: "",
+            },
         };
         Ok((dialect, self.http))
     }
@@ -372,28 +374,8 @@ pub struct ScimTarget {
     versions: Mutex<BTreeMap<String, String>>,
 }
 
-/// An HTTP error as a target error, with a hint for refused credentials.
-pub(crate) fn convert(e: HttpError, unauthorized: &str, forbidden: &str) -> TargetError {
-    let (kind, hint) = match e.kind {
-        ErrorKind::Unauthorized => (TargetErrorKind::Unauthorized, unauthorized),
-        ErrorKind::Forbidden => (TargetErrorKind::Forbidden, forbidden),
-        ErrorKind::NotFound => (TargetErrorKind::NotFound, ""),
-        ErrorKind::Conflict => (TargetErrorKind::AlreadyExists, ""),
-        ErrorKind::NotImplemented => (TargetErrorKind::NotImplemented, ""),
-        ErrorKind::Throttled => (TargetErrorKind::Throttled, ""),
-        ErrorKind::Unavailable => (TargetErrorKind::Unavailable, ""),
-        ErrorKind::Protocol => (TargetErrorKind::Protocol, ""),
-        ErrorKind::Invalid | ErrorKind::Gone if e.status == Some(412) => (
-            TargetErrorKind::Invalid,
-            " The resource changed in the provider since it was observed (ETag): the next run sees the change and plans again.",
-        ),
-        ErrorKind::Invalid | ErrorKind::Gone => (TargetErrorKind::Invalid, ""),
-    };
-    TargetError::new(kind, format!("{}{hint}", e.message))
-}
-
 fn target_error(e: HttpError) -> TargetError {
-    convert(e, "", "")
+    crate::targets::target_error(e, &Hints::default())
 }
 
 /// Whether a target error may pass on its own (a storm): worth another round of a page read.
@@ -481,8 +463,7 @@ impl ScimTarget {
     pub fn new(cfg: impl IntoDialect) -> Result<Self, TargetError> {
         let (dialect, http) = cfg.into_dialect()?;
         let concurrency = http.max_concurrency.max(1);
-        let http = Http::new(http)
-            .map_err(|e| convert(e, dialect.unauthorized_hint, dialect.forbidden_hint))?;
+        let http = Http::new(http).map_err(|e| crate::targets::target_error(e, &dialect.hints))?;
         Ok(ScimTarget {
             http,
             dialect,
@@ -493,11 +474,7 @@ impl ScimTarget {
     }
 
     fn error(&self, e: HttpError) -> TargetError {
-        convert(
-            e,
-            self.dialect.unauthorized_hint,
-            self.dialect.forbidden_hint,
-        )
+        crate::targets::target_error(e, &self.dialect.hints)
     }
 
     fn versions(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
