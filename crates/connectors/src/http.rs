@@ -30,6 +30,10 @@ pub struct HttpConfig {
     /// dropped connections): after each failed round the read pauses, then asks for the same page
     /// again, so a storm slows a paged read instead of failing it.
     pub read_rounds: u32,
+    /// Allow plain `http://` to hosts other than this machine (loopback) and the cloud metadata
+    /// endpoint: off by default, as credentials, tokens and people's data would cross the network
+    /// in clear text.
+    pub allow_insecure_http: bool,
     /// First backoff; doubled per attempt, with full jitter.
     pub base_backoff: Duration,
     /// Longest single wait, `Retry-After` included.
@@ -46,6 +50,7 @@ impl HttpConfig {
             max_concurrency: 10,
             max_attempts: 8,
             read_rounds: 4,
+            allow_insecure_http: false,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(60),
         }
@@ -272,6 +277,30 @@ impl Http {
     }
 }
 
+/// Whether a request may go to `url` without TLS: `https://`, or plain `http://` to this machine
+/// (loopback) or to the link-local cloud metadata endpoint (managed identity, which sends no
+/// credential).
+pub fn safe_to_send(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    match u.scheme() {
+        "https" => true,
+        "http" => {
+            let host = u.host_str().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::Ipv4Addr>()
+                    .is_ok_and(|ip| ip.is_loopback() || ip.is_link_local())
+                || host
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        _ => false,
+    }
+}
+
 /// Whether an HTTP error may pass on its own (worth another round of a read).
 pub fn transient(kind: ErrorKind) -> bool {
     matches!(
@@ -422,6 +451,16 @@ impl Http {
         idempotent: bool,
     ) -> Result<Answer, HttpError> {
         let what = format!("{method} {}", url.split('?').next().unwrap_or(url));
+        if !self.cfg.allow_insecure_http && !safe_to_send(url) {
+            return Err(self.fail(
+                ErrorKind::Invalid,
+                None,
+                &what,
+                "refusing plain http:// to a host outside this machine: credentials and people's data would cross the network in clear text. Use https://, or set allow_insecure_http = true for this connector".into(),
+                None,
+                None,
+            ));
+        }
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -703,6 +742,32 @@ fn transport_message(e: reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plain_http_goes_only_to_this_machine_and_the_metadata_endpoint() {
+        use super::safe_to_send;
+        for ok in [
+            "https://graph.microsoft.com/v1.0/users",
+            "http://127.0.0.1:8080/api",
+            "http://127.1.2.3/x",
+            "http://localhost:4000/",
+            "http://[::1]:80/",
+            "http://169.254.169.254/metadata/identity/oauth2/token",
+        ] {
+            assert!(safe_to_send(ok), "{ok}");
+        }
+        for refused in [
+            "http://lakefs.corp.example/api/v1",
+            "http://10.0.0.5/scim",
+            "http://192.168.1.1/",
+            "http://[2001:db8::1]/",
+            "http://localhost.evil.example/",
+            "ftp://127.0.0.1/",
+            "not a url",
+        ] {
+            assert!(!safe_to_send(refused), "{refused}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -250,6 +250,11 @@ impl<S> KindOf<S> {
         }
     }
 
+    /// The environment variables the kind reads.
+    pub fn env_vars(&self) -> &'static [EnvVar] {
+        self.env
+    }
+
     /// Chosen (a source) or added (a target) when any of `vars` is set and the configuration names
     /// none.
     pub const fn implied_by(self, vars: &'static [EnvVar]) -> Self {
@@ -375,14 +380,42 @@ impl<S: TargetSettings> TargetKind for KindOf<S> {
     }
 }
 
-/// Applies the environment's overrides to a kind's settings table.
-pub fn apply_env(settings: &mut serde_json::Value, vars: &[EnvVar], cx: &Context<'_>) {
+/// Applies the environment's overrides to a kind's settings table. A secret may also come from a
+/// file named by `NAME_FILE` (as Kubernetes mounts secrets), its trailing newline removed; a file
+/// that cannot be read is a problem of that variable.
+pub fn apply_env(
+    settings: &mut serde_json::Value,
+    vars: &[EnvVar],
+    cx: &Context<'_>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
     let Some(table) = settings.as_object_mut() else {
-        return;
+        return problems;
     };
     for v in vars.iter().filter(|v| !v.setting.is_empty()) {
-        let Some((_, value)) = cx.env(v.names) else {
-            continue;
+        let value = match cx.env(v.names) {
+            Some((_, value)) => value,
+            None if v.form == EnvForm::Secret => {
+                let from_file = v.names.iter().find_map(|n| {
+                    (cx.env)(&format!("{n}_FILE"))
+                        .filter(|p| !p.is_empty())
+                        .map(|p| (*n, p))
+                });
+                let Some((name, path)) = from_file else {
+                    continue;
+                };
+                match std::fs::read_to_string(cx.resolve(&path)) {
+                    Ok(text) => text.trim_end_matches(['\r', '\n']).to_owned(),
+                    Err(e) => {
+                        problems.push(Problem::env(
+                            name,
+                            format!("{name}_FILE names {path}, which cannot be read: {e}"),
+                        ));
+                        continue;
+                    }
+                }
+            }
+            None => continue,
         };
         let value = match v.form {
             EnvForm::Text | EnvForm::Secret => serde_json::Value::String(value),
@@ -397,6 +430,7 @@ pub fn apply_env(settings: &mut serde_json::Value, vars: &[EnvVar], cx: &Context
         };
         table.insert(v.setting.to_owned(), value);
     }
+    problems
 }
 
 /// Deserialises a kind's settings, collecting every unknown key and wrong type (each bad key is
@@ -506,7 +540,8 @@ pub(crate) mod check {
     ) -> Result<Box<dyn SourceConfig>, Vec<Problem>> {
         with_env(env, |cx| {
             let mut settings = settings;
-            apply_env(&mut settings, kind.env(), cx);
+            let problems = apply_env(&mut settings, kind.env(), cx);
+            assert!(problems.is_empty(), "{problems:?}");
             kind.configure(settings, cx)
         })
     }
@@ -520,7 +555,8 @@ pub(crate) mod check {
     ) -> Result<Box<dyn TargetConfig>, Vec<Problem>> {
         with_env(env, |cx| {
             let mut settings = settings;
-            apply_env(&mut settings, kind.env(), cx);
+            let problems = apply_env(&mut settings, kind.env(), cx);
+            assert!(problems.is_empty(), "{problems:?}");
             kind.configure(settings, cx, source)
         })
     }

@@ -65,6 +65,11 @@ impl Env {
             if let Ok(v) = std::env::var(name) {
                 vars.insert(name.to_owned(), v);
             }
+            // A secret may come from a file instead (`NAME_FILE`), as Kubernetes mounts them.
+            let file = format!("{name}_FILE");
+            if let Ok(v) = std::env::var(&file) {
+                vars.insert(file, v);
+            }
         }
         if errors.is_empty() {
             Ok(Env { vars })

@@ -484,7 +484,8 @@ impl Validator<'_> {
                 }
                 Some(kind) => {
                     let mut settings = Self::settings(src);
-                    registry::apply_env(&mut settings, kind.env(), &cx);
+                    let from_env = registry::apply_env(&mut settings, kind.env(), &cx);
+                    self.problems("source", from_env);
                     match kind.configure(settings, &cx) {
                         Ok(s) => Some(s),
                         Err(problems) => {
@@ -593,7 +594,8 @@ impl Validator<'_> {
                 continue;
             };
             let mut settings = Self::settings(t);
-            registry::apply_env(&mut settings, kind.env(), &cx);
+            let from_env = registry::apply_env(&mut settings, kind.env(), &cx);
+            self.problems(&prefix, from_env);
             match kind.configure(settings, &cx, source.as_deref()) {
                 Ok(target) => {
                     target.adjust_mapping(&mut tmapping);

@@ -41,6 +41,9 @@ pub struct Settings {
     graph_url: Option<String>,
     /// Extra CA certificates (PEM) to trust.
     ca_bundle: Option<String>,
+    /// Allow plain http:// to a host other than this machine (credentials and people's data in
+    /// clear text on the network) [default: false].
+    allow_insecure_http: Option<bool>,
 }
 
 /// Variables that override settings and, set with no `[source] kind`, choose Entra ID.
@@ -162,6 +165,8 @@ pub struct EntraSettings {
     pub graph_url: String,
     /// Extra CA certificates (PEM).
     pub ca_bundle: Option<String>,
+    /// Plain http:// to other hosts allowed.
+    pub allow_insecure_http: bool,
 }
 
 impl EntraSettings {
@@ -297,6 +302,7 @@ impl SourceSettings for Settings {
                 .unwrap_or_else(|| PUBLIC_AUTHORITY.into()),
             graph_url: s.graph_url.clone().unwrap_or_else(|| PUBLIC_GRAPH.into()),
             ca_bundle: s.ca_bundle.clone(),
+            allow_insecure_http: s.allow_insecure_http.unwrap_or(false),
         }))
     }
 }
@@ -315,10 +321,13 @@ impl SourceConfig for EntraSettings {
         let credential = self
             .credential()
             .map_err(|e| SourceError::new(e.to_string()))?;
-        let http = HttpConfig::new("Microsoft Graph").bounded(
-            workers,
-            self.ca_bundle.as_ref().map(std::path::PathBuf::from),
-        );
+        let http = HttpConfig {
+            allow_insecure_http: self.allow_insecure_http,
+            ..HttpConfig::new("Microsoft Graph").bounded(
+                workers,
+                self.ca_bundle.as_ref().map(std::path::PathBuf::from),
+            )
+        };
         let src = super::EntraSource::new(super::EntraSourceConfig {
             authority: self.authority_host.clone(),
             graph: self.graph_url.clone(),

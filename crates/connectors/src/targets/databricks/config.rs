@@ -40,6 +40,9 @@ pub struct Settings {
     azure_use_source: Option<bool>,
     /// Extra CA certificates (PEM) to trust.
     ca_bundle: Option<String>,
+    /// Allow plain http:// to a host other than this machine (credentials and people's data in
+    /// clear text on the network) [default: false].
+    allow_insecure_http: Option<bool>,
 }
 
 const ENV: &[EnvVar] = &[
@@ -134,6 +137,8 @@ pub struct DatabricksTargetConfig {
     pub sign_in: DatabricksSignIn,
     /// Extra CA certificates (PEM).
     pub ca_bundle: Option<PathBuf>,
+    /// Plain http:// to other hosts allowed.
+    pub allow_insecure_http: bool,
 }
 
 impl TargetSettings for Settings {
@@ -205,6 +210,7 @@ impl TargetSettings for Settings {
             account_id: account.clone(),
             sign_in: sign_in?,
             ca_bundle: s.ca_bundle.as_deref().map(|p| c.resolve(p)),
+            allow_insecure_http: s.allow_insecure_http.unwrap_or(false),
         }))
     }
 }
@@ -262,7 +268,10 @@ impl TargetConfig for DatabricksTargetConfig {
             host: self.host.clone(),
             account_id: self.account_id.clone(),
             auth,
-            http: HttpConfig::new("Databricks").bounded(workers, self.ca_bundle.clone()),
+            http: HttpConfig {
+                allow_insecure_http: self.allow_insecure_http,
+                ..HttpConfig::new("Databricks").bounded(workers, self.ca_bundle.clone())
+            },
             member_chunk: MEMBER_CHUNK,
         };
         Ok(Box::new(super::DatabricksTarget::new(cfg)?))

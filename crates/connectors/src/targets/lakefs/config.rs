@@ -26,6 +26,9 @@ pub struct Settings {
     default_policies: Option<Vec<String>>,
     /// Extra CA certificates (PEM) to trust.
     ca_bundle: Option<String>,
+    /// Allow plain http:// to a host other than this machine (credentials and people's data in
+    /// clear text on the network) [default: false].
+    allow_insecure_http: Option<bool>,
 }
 
 const ENV: &[EnvVar] = &[
@@ -67,6 +70,8 @@ pub struct LakefsTargetConfig {
     pub default_policies: Vec<String>,
     /// Extra CA certificates (PEM).
     pub ca_bundle: Option<PathBuf>,
+    /// Plain http:// to other hosts allowed.
+    pub allow_insecure_http: bool,
 }
 
 impl TargetSettings for Settings {
@@ -96,6 +101,7 @@ impl TargetSettings for Settings {
                 .default_policies
                 .unwrap_or_else(|| DEFAULT_POLICIES.iter().map(|p| (*p).to_owned()).collect()),
             ca_bundle: self.ca_bundle.as_deref().map(|p| c.resolve(p)),
+            allow_insecure_http: self.allow_insecure_http.unwrap_or(false),
         }))
     }
 }
@@ -115,8 +121,61 @@ impl TargetConfig for LakefsTargetConfig {
             endpoint: self.endpoint.clone(),
             access_key_id: self.access_key_id.clone(),
             secret_access_key: self.secret_access_key.clone(),
-            http: HttpConfig::new("lakeFS").bounded(workers, self.ca_bundle.clone()),
+            http: HttpConfig {
+                allow_insecure_http: self.allow_insecure_http,
+                ..HttpConfig::new("lakeFS").bounded(workers, self.ca_bundle.clone())
+            },
         };
         Ok(Box::new(super::LakefsTarget::new(cfg)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{apply_env, check};
+    use serde_json::json;
+
+    /// Secrets may come from files, as Kubernetes mounts them: `NAME_FILE`.
+    #[test]
+    fn a_secret_comes_from_a_file_named_by_its_variable() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("secret");
+        std::fs::write(&f, "from-a-file\n").unwrap();
+        let path = f.display().to_string();
+        let settings = json!({"endpoint": "https://lakefs.example", "access_key_id": "AKIA"});
+        let c = check::target(
+            &KIND,
+            settings.clone(),
+            &[("LAKEFS_SECRET_ACCESS_KEY_FILE", path.as_str())],
+            None,
+        )
+        .unwrap();
+        let c = c.as_any().downcast_ref::<LakefsTargetConfig>().unwrap();
+        assert_eq!(c.secret_access_key.expose(), "from-a-file");
+        // The variable itself wins over its file.
+        let c = check::target(
+            &KIND,
+            settings.clone(),
+            &[
+                ("LAKEFS_SECRET_ACCESS_KEY", "from-the-variable"),
+                ("LAKEFS_SECRET_ACCESS_KEY_FILE", path.as_str()),
+            ],
+            None,
+        )
+        .unwrap();
+        let c = c.as_any().downcast_ref::<LakefsTargetConfig>().unwrap();
+        assert_eq!(c.secret_access_key.expose(), "from-the-variable");
+        // A file that cannot be read is a problem of that variable.
+        let problems = check::with_env(
+            &[("LAKEFS_SECRET_ACCESS_KEY_FILE", "/nonexistent/secret")],
+            |cx| apply_env(&mut settings.clone(), KIND.env_vars(), cx),
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].env, Some("LAKEFS_SECRET_ACCESS_KEY"));
+        assert!(
+            problems[0].message.contains("cannot be read"),
+            "{problems:?}"
+        );
     }
 }

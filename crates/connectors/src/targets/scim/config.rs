@@ -21,6 +21,9 @@ pub struct Settings {
     nested_groups: Option<bool>,
     /// Extra CA certificates (PEM) to trust.
     ca_bundle: Option<String>,
+    /// Allow plain http:// to a host other than this machine (credentials and people's data in
+    /// clear text on the network) [default: false].
+    allow_insecure_http: Option<bool>,
 }
 
 const ENV: &[EnvVar] = &[EnvVar {
@@ -45,6 +48,8 @@ pub struct ScimTargetConfig {
     pub nested_groups: bool,
     /// Extra CA certificates (PEM).
     pub ca_bundle: Option<PathBuf>,
+    /// Plain http:// to other hosts allowed.
+    pub allow_insecure_http: bool,
 }
 
 impl TargetSettings for Settings {
@@ -70,6 +75,7 @@ impl TargetSettings for Settings {
             member_chunk,
             nested_groups: self.nested_groups.unwrap_or(false),
             ca_bundle: self.ca_bundle.as_deref().map(|p| c.resolve(p)),
+            allow_insecure_http: self.allow_insecure_http.unwrap_or(false),
         }))
     }
 }
@@ -85,7 +91,10 @@ impl TargetConfig for ScimTargetConfig {
         let cfg = super::ScimConfig {
             url: self.url.clone(),
             token: self.token.clone(),
-            http: HttpConfig::new("the SCIM provider").bounded(workers, self.ca_bundle.clone()),
+            http: HttpConfig {
+                allow_insecure_http: self.allow_insecure_http,
+                ..HttpConfig::new("the SCIM provider").bounded(workers, self.ca_bundle.clone())
+            },
             member_chunk: self.member_chunk,
             nested_groups: self.nested_groups,
         };
