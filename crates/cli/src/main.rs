@@ -253,7 +253,11 @@ fn config_inputs(cli: &Cli) -> Result<(Option<PathBuf>, Env)> {
 
 fn load_config(cli: &Cli) -> Result<Config> {
     let (path, env) = config_inputs(cli)?;
-    Ok(config::load(path.as_deref(), &env)?)
+    let cfg = config::load(path.as_deref(), &env)?;
+    for w in &cfg.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(cfg)
 }
 
 async fn dispatch(cli: Cli) -> Result<u8> {

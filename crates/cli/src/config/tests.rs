@@ -291,3 +291,34 @@ fn a_groups_file_may_start_with_a_byte_order_mark() {
             .contains("not a JSON list of group names")
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_secret_in_a_file_others_can_read_gets_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("idsync.toml");
+    let text = "[source]\nkind = \"file\"\npath = \"d.json\"\n\n[targets.lake]\nkind = \"lakefs\"\nendpoint = \"https://lakefs.example\"\naccess_key_id = \"AKIA\"\nsecret_access_key = \"in-the-file\"\n";
+    std::fs::write(&f, text).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = load(Some(&f), &Env::default()).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("targets.lake.secret_access_key")
+            && c.warnings[0].contains("chmod 600"),
+        "{:?}",
+        c.warnings
+    );
+    assert!(!c.warnings[0].contains("in-the-file"));
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(load(Some(&f), &Env::default()).unwrap().warnings.is_empty());
+    // No secret in the file: no warning, whoever may read it.
+    std::fs::write(
+        &f,
+        text.replace("secret_access_key = \"in-the-file\"\n", ""),
+    )
+    .unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let env = Env::from_pairs([("LAKEFS_SECRET_ACCESS_KEY", "from-env")]);
+    assert!(load(Some(&f), &env).unwrap().warnings.is_empty());
+}
