@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub struct ConfigError {
     /// Where: `idsync.toml:12`, `environment variable DRY_RUN`, or the file name.
     pub location: String,
-    /// The setting, as a dotted path (`targets.lakefs.endpoint`).
+    /// The setting, as a dotted path (`scope.search_depth`).
     pub key: String,
     /// What is wrong and what to write instead.
     pub message: String,
@@ -183,6 +183,7 @@ pub struct Config {
 
 mod env;
 mod rules;
+mod secrets;
 mod state;
 pub use env::Env;
 #[cfg(test)]
@@ -211,66 +212,9 @@ pub fn load(path: Option<&Path>, env: &Env) -> Result<Config, ConfigErrors> {
         .unwrap_or_default();
     let mut cfg = parse(&text, &name, &base, env)?;
     if let Some(p) = path {
-        cfg.warnings.extend(readable_secrets(p, &text));
+        cfg.warnings.extend(secrets::readable(p, &text));
     }
     Ok(cfg)
-}
-
-/// A warning when the file holds a secret setting (a kind's secret, as its environment variables
-/// name them) and users other than its owner may read it.
-fn readable_secrets(path: &Path, text: &str) -> Option<String> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path).ok()?.permissions().mode();
-        if mode & 0o077 == 0 {
-            return None;
-        }
-        let secret = |k: &str| {
-            registry::SOURCES
-                .iter()
-                .flat_map(|k| k.env())
-                .chain(registry::TARGETS.iter().flat_map(|k| k.env()))
-                .any(|v| v.form == registry::EnvForm::Secret && v.setting == k)
-        };
-        let table: toml::Table = toml::from_str(text).ok()?;
-        let mut found: Vec<String> = Vec::new();
-        if let Some(src) = table.get("source").and_then(toml::Value::as_table) {
-            found.extend(
-                src.keys()
-                    .filter(|k| secret(k))
-                    .map(|k| format!("source.{k}")),
-            );
-        }
-        if let Some(targets) = table.get("targets").and_then(toml::Value::as_table) {
-            for (name, t) in targets {
-                if let Some(t) = t.as_table() {
-                    found.extend(
-                        t.keys()
-                            .filter(|k| secret(k))
-                            .map(|k| format!("targets.{name}.{k}")),
-                    );
-                }
-            }
-        }
-        let first = found.first()?;
-        Some(format!(
-            "{} holds a secret ({first}{}) and others can read it (mode {:o}): `chmod 600 {}`, or move the secret to its environment variable or a NAME_FILE",
-            path.display(),
-            if found.len() > 1 {
-                format!(" and {} more", found.len() - 1)
-            } else {
-                String::new()
-            },
-            mode & 0o777,
-            path.display()
-        ))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (path, text);
-        None
-    }
 }
 
 /// Parses configuration text. `base` resolves relative file paths in it.
