@@ -355,6 +355,15 @@ fn build_target(a: &config::AgreementConfig, cfg: &Config, workers: usize) -> Re
     Ok((target, a.target.identity(), a.target.describe()))
 }
 
+/// A state command that replaces or forgets something goes on only with `--yes`.
+fn confirmed(yes: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if yes {
+        Ok(())
+    } else {
+        Err(anyhow!("{}; re-run with --yes to confirm", what()))
+    }
+}
+
 /// A flag set on the first Ctrl-C or SIGTERM: no further write starts, those in flight finish,
 /// what was applied is saved and the lease released. A second signal quits at once.
 fn stop_on_signals() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
@@ -750,11 +759,11 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             state,
             yes,
         } => {
-            if !yes {
-                return Err(anyhow!(
-                    "importing replaces what idsync knows about agreement {agreement:?} (ownership, delta tokens); re-run with --yes to confirm"
-                ));
-            }
+            confirmed(*yes, || {
+                format!(
+                    "importing replaces what idsync knows about agreement {agreement:?} (ownership, delta tokens)"
+                )
+            })?;
             let bytes =
                 std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
             let mut st = idsync_state::codec::decode(&bytes, &file.display().to_string())?;
@@ -786,11 +795,11 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             state,
             yes,
         } => {
-            if !yes {
-                return Err(anyhow!(
-                    "unlocking ends the lease of any run of {agreement:?} still going (it stops without saving); make sure the holder is gone, then re-run with --yes"
-                ));
-            }
+            confirmed(*yes, || {
+                format!(
+                    "unlocking ends the lease of any run of {agreement:?} still going (it stops without saving): make sure the holder is gone"
+                )
+            })?;
             let (u, o) = url(state)?;
             let store = store_for(&u, &o)?;
             match store.unlock(agreement).await? {
@@ -815,11 +824,9 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             state,
             yes,
         } => {
-            if !yes {
-                return Err(anyhow!(
-                    "resetting forgets which principals idsync owns; re-run with --yes to confirm"
-                ));
-            }
+            confirmed(*yes, || {
+                "resetting forgets which principals idsync owns".to_owned()
+            })?;
             let (u, o) = url(state)?;
             let store = store_for(&u, &o)?;
             idsync_runner::with_lease(store.as_ref(), agreement, store.delete(agreement)).await?;

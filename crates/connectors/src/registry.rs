@@ -435,12 +435,22 @@ pub fn apply_env(
 
 /// Deserialises a kind's settings, collecting every unknown key and wrong type (each bad key is
 /// reported, removed, and the rest deserialised again).
-pub fn settings<T: DeserializeOwned>(mut value: serde_json::Value) -> Result<T, Vec<Problem>> {
+pub fn settings<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Vec<Problem>> {
+    match settings_partial(value) {
+        (Some(t), problems) if problems.is_empty() => Ok(t),
+        (_, problems) => Err(problems),
+    }
+}
+
+/// As [`settings`], but also the value made of the keys that were right, for a caller that goes on
+/// checking the rest (the command line's shared sections).
+pub fn settings_partial<T: DeserializeOwned>(
+    mut value: serde_json::Value,
+) -> (Option<T>, Vec<Problem>) {
     let mut problems = Vec::new();
     for _ in 0..64 {
         match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-            Ok(t) if problems.is_empty() => return Ok(t),
-            Ok(_) => return Err(problems),
+            Ok(t) => return (Some(t), problems),
             Err(e) => {
                 let mut path: Vec<String> = e
                     .path()
@@ -469,12 +479,12 @@ pub fn settings<T: DeserializeOwned>(mut value: serde_json::Value) -> Result<T, 
                 let msg = msg.replace(", expected one of", "; the known keys are");
                 problems.push(Problem::at(path.join("."), msg));
                 if path.is_empty() || !remove(&mut value, &path) {
-                    return Err(problems);
+                    return (None, problems);
                 }
             }
         }
     }
-    Err(problems)
+    (None, problems)
 }
 
 fn remove(value: &mut serde_json::Value, path: &[String]) -> bool {

@@ -325,45 +325,16 @@ impl Validator<'_> {
     /// Deserialises the raw shape, collecting every unknown key and wrong type: each error's key is
     /// removed and the rest deserialised again.
     fn raw(&mut self) -> Raw {
-        let mut value: toml::Table = match toml::from_str(self.text) {
+        let value: toml::Table = match toml::from_str(self.text) {
             Ok(t) => t,
             Err(e) => {
                 self.err(Origin::File(""), e.message().trim().to_owned());
                 return Raw::default();
             }
         };
-        for _ in 0..64 {
-            let de = toml::Value::Table(value.clone());
-            match serde_path_to_error::deserialize::<_, Raw>(de) {
-                Ok(raw) => return raw,
-                Err(e) => {
-                    let mut path: Vec<String> = e
-                        .path()
-                        .iter()
-                        .filter_map(|s| match s {
-                            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
-                            serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
-                            _ => None,
-                        })
-                        .collect();
-                    let msg = e.inner().message().trim().to_owned();
-                    if let Some(field) = msg
-                        .strip_prefix("unknown field `")
-                        .and_then(|r| r.split('`').next())
-                        && path.last().map(String::as_str) != Some(field)
-                    {
-                        path.push(field.to_owned());
-                    }
-                    let key = path.join(".");
-                    let msg = msg.replace(", expected one of", "; the known keys are");
-                    self.err(Origin::File(&key), msg);
-                    if path.is_empty() || !remove(&mut value, &path) {
-                        return Raw::default();
-                    }
-                }
-            }
-        }
-        Raw::default()
+        let (raw, problems) = registry::settings_partial::<Raw>(Self::settings(value));
+        self.problems("", problems);
+        raw.unwrap_or_default()
     }
 
     /// Reports a kind's problems under `prefix` (`source`, `targets.NAME`).
@@ -372,6 +343,7 @@ impl Validator<'_> {
             match p.env {
                 Some(var) => self.err(Origin::Env(var), p.message),
                 None if p.key.is_empty() => self.err(Origin::File(prefix), p.message),
+                None if prefix.is_empty() => self.err(Origin::File(&p.key), p.message),
                 None => self.err(Origin::File(&format!("{prefix}.{}", p.key)), p.message),
             }
         }
@@ -669,21 +641,6 @@ pub fn read_groups_file(path: &Path) -> Result<BTreeSet<String>, String> {
     let names: Vec<String> = serde_json::from_slice(idsync_model::without_bom(&bytes))
         .map_err(|e| format!("{} is not a JSON list of group names: {e}", path.display()))?;
     Ok(names.into_iter().collect())
-}
-
-/// Removes the value at `path` from a TOML table. Returns whether something was removed.
-fn remove(table: &mut toml::Table, path: &[String]) -> bool {
-    let Some((last, head)) = path.split_last() else {
-        return false;
-    };
-    let mut cur = table;
-    for p in head {
-        match cur.get_mut(p) {
-            Some(toml::Value::Table(t)) => cur = t,
-            _ => return false,
-        }
-    }
-    cur.remove(last).is_some()
 }
 
 #[cfg(test)]
