@@ -597,6 +597,11 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
     let mut worst = exit::OK;
     for file in &bundle.plans {
         let name = &file.plan.agreement;
+        if opts.stopped() {
+            eprintln!("stopped: the plan for target {name} was not applied");
+            worst = run::worse(worst, exit::ERROR);
+            continue;
+        }
         let outcome = async {
             let a = cfg
                 .agreements

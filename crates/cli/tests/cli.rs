@@ -704,7 +704,11 @@ fn a_hand_edited_saved_plan_is_refused_or_halted() {
     edit_plan(&s, "p.json", false, unhalt);
     let o = s.run(&["apply", "p.json"]);
     assert_eq!(code(&o), 1, "{}", text(&o));
-    assert!(text(&o).contains("was changed after"), "{}", text(&o));
+    assert!(
+        text(&o).contains("is not as `idsync plan --out` sealed it"),
+        "{}",
+        text(&o)
+    );
 
     // Resealed: the threshold halts it again.
     s.write("p.json", &original);

@@ -81,8 +81,10 @@ pub struct ApplyReport {
     pub failed: Vec<Failure>,
     /// Operations not attempted because an operation they depend on failed.
     pub skipped: Vec<Failure>,
-    /// Operations left for a later run (stages not executed).
+    /// Operations left for a later run (stages not executed, or not started after a stop).
     pub pending: usize,
+    /// Of those, the writes not started because the apply was asked to stop.
+    pub stopped: usize,
 }
 
 impl ApplyReport {
@@ -207,14 +209,17 @@ pub async fn apply(
         // Each operation is resolved just before it runs, and a member or policy operation that
         // succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
         let created_now = &created;
-        if opts.stopped() {
+        // After a stop no write starts; state-only operations (adopting what an interrupted
+        // apply created, forgetting what is gone) still run, so the journal is never lost.
+        if opts.stopped() && ops.iter().all(|o| o.writes()) {
             report.pending += ops.len();
+            report.stopped += ops.len();
             continue;
         }
         let mut results: Vec<Ran> = futures::stream::iter(ops.into_iter().enumerate())
             .map(|(i, op)| async move {
                 let key = (op.sort_key(), i);
-                if opts.stopped() {
+                if opts.stopped() && op.writes() {
                     return Ran {
                         key,
                         op: None,
@@ -269,6 +274,7 @@ pub async fn apply(
         for ran in results {
             if ran.stopped {
                 report.pending += 1;
+                report.stopped += 1;
                 continue;
             }
             report.skipped.extend(ran.skipped);

@@ -46,7 +46,7 @@ pub trait Lookup: Send + Sync {
 /// - A group's attributes change when the snapshot holds it; a group new to the snapshot whose
 ///   name or id the scope selects is read in full, with its nested groups down to the depth. A
 ///   member change to a group new to the snapshot counts as its selection when the scope selects
-///   every group or that id.
+///   every group or that id, and so does any other change to it ([`Change::Touched`]).
 /// - A member added to a held group that the snapshot lacks is read by id; a nested group is read
 ///   in full when it is within the depth.
 /// - At the end the scope is drawn again as a full read draws it: a group renamed out of the
@@ -67,6 +67,11 @@ pub async fn fold(
     for change in changes {
         match change {
             Change::Remove(_) | Change::RemoveMember { .. } => snap.apply_change(change),
+            Change::Touched { group } => {
+                if !snap.groups.contains_key(group) && selected_by_id(group) {
+                    candidates.insert(group.clone());
+                }
+            }
             Change::UpsertUser(u) => {
                 if snap.users.contains_key(&u.id) || scope.all_users {
                     snap.apply_change(change);
@@ -191,4 +196,112 @@ pub async fn fold(
         }
     }
     Ok(select(&snap, scope))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idsync_model::Group;
+
+    /// A directory as a lookup, the way a source answers by id.
+    struct Dir(Snapshot);
+
+    #[async_trait]
+    impl Lookup for Dir {
+        async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
+            Ok(ids
+                .iter()
+                .filter_map(|i| self.0.users.get(i).cloned())
+                .collect())
+        }
+        async fn service_principals(
+            &self,
+            ids: &[String],
+        ) -> Result<Vec<ServicePrincipal>, SourceError> {
+            Ok(ids
+                .iter()
+                .filter_map(|i| self.0.service_principals.get(i).cloned())
+                .collect())
+        }
+        async fn groups(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError> {
+            Ok(ids
+                .iter()
+                .filter_map(|i| self.0.groups.get(i).cloned())
+                .filter(|g| g.security_enabled || scope.include_non_security)
+                .collect())
+        }
+        async fn expand(
+            &self,
+            groups: Vec<Group>,
+            level: u32,
+            _scope: &Scope,
+            snap: &mut Snapshot,
+            depth: &mut BTreeMap<String, u32>,
+        ) -> Result<(), SourceError> {
+            for g in groups {
+                depth.insert(g.id.clone(), level);
+                for m in &g.members {
+                    if let Some(u) = self.0.users.get(&m.id) {
+                        snap.users.insert(u.id.clone(), u.clone());
+                    }
+                }
+                snap.groups.insert(g.id.clone(), g);
+            }
+            Ok(())
+        }
+    }
+
+    fn user(id: &str) -> User {
+        User {
+            id: id.into(),
+            user_name: format!("{id}@x"),
+            display_name: id.into(),
+            emails: vec![],
+            active: true,
+            user_type: Default::default(),
+            external_id: None,
+            attributes: Default::default(),
+        }
+    }
+
+    fn dir(security: bool) -> Snapshot {
+        let mut s = Snapshot::default();
+        s.users.insert("u1".into(), user("u1"));
+        s.groups.insert(
+            "g1".into(),
+            Group {
+                id: "g1".into(),
+                display_name: "M365".into(),
+                description: None,
+                security_enabled: security,
+                mail_enabled: true,
+                members: [Member::user("u1")].into(),
+            },
+        );
+        s
+    }
+
+    /// Found in review: a Graph delta item that carries only the property that changed (here
+    /// `securityEnabled`) made a group selected by id or by "every group" enter the scope only at
+    /// the next full read. The item is a `Touched` change, and the group is read.
+    #[tokio::test]
+    async fn a_group_touched_into_the_scope_is_read() {
+        let scope = Scope::default();
+        let base = select(&dir(false), &scope).snapshot;
+        assert!(base.groups.is_empty());
+        let now = dir(true);
+        let touched = [Change::Touched { group: "g1".into() }];
+        let folded = fold(&base, &touched, &scope, &Dir(now.clone()))
+            .await
+            .unwrap();
+        assert_eq!(folded.snapshot, select(&now, &scope).snapshot);
+        assert!(folded.snapshot.groups.contains_key("g1"));
+        // Not selected by id (a name-based scope): a touch alone reads nothing.
+        let by_name = Scope {
+            group_names: ["OTHER".to_owned()].into(),
+            ..Scope::default()
+        };
+        let folded = fold(&base, &touched, &by_name, &Dir(now)).await.unwrap();
+        assert!(folded.snapshot.groups.is_empty());
+    }
 }

@@ -71,9 +71,14 @@ pub fn recheck(
             Op::Adopt { target, .. } => {
                 let key = fold(target);
                 let id = target.id.as_deref().unwrap_or_default();
+                // adopt_keys are kept as written; the planner folds them as the target does.
+                let listed = policy
+                    .adopt_keys
+                    .iter()
+                    .any(|k| k.kind == key.kind && caps.fold(&k.key) == key.key);
                 let allowed = state.owns(target.kind, id)
                     || policy.adopt
-                    || policy.adopt_keys.contains(&key)
+                    || listed
                     || journaled.contains(&key);
                 if !allowed {
                     refused.push(format!(
@@ -294,6 +299,19 @@ mod tests {
             ..Policy::default()
         };
         assert!(matches!(recheck(&p, &st, &adopting, &caps), Recheck::Ok(_)));
+        // Listed in adopt_keys as written, in another case, where the target folds case.
+        let folding = Capabilities {
+            case_insensitive_keys: true,
+            ..caps.clone()
+        };
+        let listed = Policy {
+            adopt_keys: [PKey::new(Kind::User, "CEO@x")].into(),
+            ..Policy::default()
+        };
+        assert!(matches!(
+            recheck(&p, &st, &listed, &folding),
+            Recheck::Ok(_)
+        ));
         // A group created in this plan gets its members in it (its id is not known yet).
         let g = Principal::new(Kind::Group, "G");
         let p = plan_of(

@@ -1093,3 +1093,68 @@ fn self_membership_and_members_the_source_lacks_are_named_for_what_they_are() {
         );
     })
 }
+
+/// Found in review: a stop before the first phase dropped the journal of an earlier crash, so the
+/// principals that crash created became conflicts. State-only operations run after a stop.
+#[test]
+fn a_stop_still_adopts_what_an_interrupted_apply_created() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        t.fail_after(Some(4));
+        let r = sync(&base(), &t, &mut st, &Policy::default()).await;
+        t.fail_after(None);
+        let mut crashed = AgreementState::new("t");
+        idsync_engine::apply::begin(&r.plan, &t.capabilities(), &mut crashed);
+        let p = plan_only(
+            &base(),
+            &t,
+            &crashed,
+            &Policy::default(),
+            &Mapping::defaults(),
+        )
+        .await;
+        let adoptions = p
+            .ops
+            .iter()
+            .filter(|o| matches!(o, Op::Adopt { .. }))
+            .count();
+        assert_eq!(adoptions, 4, "{:?}", ops(&p));
+        let caps = t.capabilities();
+        idsync_engine::apply::begin(&p, &caps, &mut crashed);
+        let opts = idsync_engine::ApplyOptions {
+            stop: Some(Arc::new(AtomicBool::new(true))),
+            ..Default::default()
+        };
+        let rep = idsync_engine::apply(&p, &t, &mut crashed, &opts).await;
+        assert_eq!(rep.writes, 0, "no write starts after a stop");
+        assert_eq!(rep.stopped, p.ops.len() - adoptions, "{rep:?}");
+        let file = idsync_model::PlanFile {
+            plan: p.clone(),
+            snapshot: base().into(),
+            cursors: Default::default(),
+            checksum: None,
+        };
+        idsync_engine::apply::finish(&file, &rep, &caps, &mut crashed, false);
+        assert_eq!(
+            crashed.owned_count(),
+            4,
+            "the crash's creates are adopted back"
+        );
+        for kind in Kind::ALL {
+            for owned in crashed.owned.get(kind).values() {
+                assert_eq!(owned.how, idsync_model::Ownership::Created);
+            }
+        }
+        // The next run finishes without conflicts.
+        let again = sync(&base(), &t, &mut crashed, &Policy::default()).await;
+        assert!(
+            again.plan.conflicts.is_empty(),
+            "{:?}",
+            again.plan.conflicts
+        );
+        assert!(again.report.unwrap().is_success());
+    })
+}

@@ -358,6 +358,7 @@ impl Snapshot {
                     g.members.remove(member);
                 }
             }
+            Change::Touched { .. } => {}
         }
     }
 
@@ -429,5 +430,11 @@ pub enum Change {
         group: String,
         /// The member.
         member: Member,
+    },
+    /// A group changed in a way the feed does not spell out (a delta item with only some of its
+    /// properties): a group new to the snapshot that the scope selects by id is read in full.
+    Touched {
+        /// Group source id.
+        group: String,
     },
 }

@@ -48,7 +48,7 @@ pub enum RunError {
     },
     /// A saved plan's content does not match its digest.
     #[error(
-        "the saved plan for {agreement:?} was changed after `idsync plan --out` wrote it (or is cut off): nothing was applied. Make a new one with `idsync plan --out`"
+        "the saved plan for {agreement:?} is not as `idsync plan --out` sealed it (changed or cut off since, or written by an idsync from before plans were sealed): nothing was applied. Make a new one with `idsync plan --out`"
     )]
     PlanEdited {
         /// The agreement.

@@ -306,7 +306,7 @@ async fn plan_and_apply(
     let lease = lease.map(|l| (l, opts.lease));
     let report = apply_file(&file, a, store, state, &stages, opts, lease).await?;
     reporter.report(&report);
-    let code = if !report.is_success() || interrupted(opts, &report, reporter) {
+    let code = if !report.is_success() || interrupted(&report, reporter) {
         exit::ERROR
     } else if report.pending > 0 {
         exit::PENDING
@@ -382,11 +382,11 @@ async fn apply_file(
 }
 
 /// Whether the run was stopped with operations left, saying so.
-fn interrupted(opts: &RunOptions, report: &ApplyReport, reporter: &mut dyn Reporter) -> bool {
-    if opts.stopped() && report.pending > 0 {
+fn interrupted(report: &ApplyReport, reporter: &mut dyn Reporter) -> bool {
+    if report.stopped > 0 {
         reporter.note(&format!(
             "interrupted: {} operation(s) were not started; what was applied is saved, and the next run does the rest",
-            report.pending
+            report.stopped
         ));
         return true;
     }
@@ -473,12 +473,16 @@ pub async fn apply_saved(
                 });
             }
         };
+        if opts.stopped() {
+            reporter.note("interrupted before any write: nothing was applied");
+            return Ok(Outcome { code: exit::ERROR, file: None, report: None });
+        }
         let shown = Plan { summary, ..file.plan.clone() };
         reporter.plan(&shown, &a.describe, Mode::Sync);
         let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
         let report = apply_file(file, a, store, state, &stages, opts, Some((&lease, opts.lease))).await?;
         reporter.report(&report);
-        let code = if report.is_success() && !interrupted(opts, &report, reporter) { exit::OK } else { exit::ERROR };
+        let code = if report.is_success() && !interrupted(&report, reporter) { exit::OK } else { exit::ERROR };
         Ok(Outcome { code, file: None, report: Some(report) })
     }
     .await;

@@ -262,19 +262,23 @@ impl<B: Blobs> StateStore for BlobStore<B> {
         if l.until <= now() {
             return Ok(None);
         }
+        // A new token: the holder, should it still run, can no longer renew it.
         let ended = Lease {
             until: 0,
+            token: token(),
             ..l.clone()
         };
         if self.write_lease(&ended, Cond::Match(tag)).await? {
-            Ok(Some(l))
-        } else {
-            // Taken, renewed or released meanwhile: read what holds now, and say so.
-            Err(StateError::LeaseHeld {
+            return Ok(Some(l));
+        }
+        // Taken, renewed or released meanwhile: say what holds now.
+        match self.read_lease(agreement).await? {
+            Some((now, _)) if now.until > self::now() => Err(StateError::LeaseHeld {
                 agreement: agreement.to_owned(),
-                holder: l.holder,
-                until: l.until,
-            })
+                holder: now.holder,
+                until: now.until,
+            }),
+            _ => Ok(None),
         }
     }
 

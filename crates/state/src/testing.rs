@@ -142,11 +142,11 @@ async fn leases<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
         Some(l) if l.holder == "gone-run" => {}
         other => return Err(format!("unlock says whose lease it ended: {other:?}")),
     }
-    let l5 = s.acquire(a, "run-5", min).await.map_err(e)?;
     assert_that(
         s.renew(&left, min).await.is_err(),
-        "an ended lease cannot be renewed",
+        "an ended lease cannot be renewed by its old holder",
     )?;
+    let l5 = s.acquire(a, "run-5", min).await.map_err(e)?;
     s.release(&l5).await.map_err(e)?;
 
     // Eight runs start at once: exactly one gets the lease.

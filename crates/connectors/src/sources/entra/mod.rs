@@ -607,6 +607,9 @@ fn delta_changes(groups: &[Value], users: &[Value], sps: &[Value]) -> Vec<Change
             continue;
         }
         let Some(g) = group_of(item) else { continue };
+        // Whatever else it says, the group changed: new to the snapshot and selected by id (or
+        // every group selected), it is read in full.
+        out.push(Change::Touched { group: id.clone() });
         if item.get("displayName").is_some() {
             out.push(Change::UpsertGroup {
                 id: id.clone(),

@@ -182,6 +182,7 @@ impl IntoDialect for DatabricksConfig {
                 Kind::Group => "id,displayName",
             },
             typed_group_members: false,
+            page_until_empty: true,
             hints: HINTS,
         };
         Ok((dialect, self.http))

@@ -297,6 +297,9 @@ pub struct Dialect {
     pub list_attributes: fn(Kind) -> &'static str,
     /// Group members carry `"type": "Group"` when they are groups.
     pub typed_group_members: bool,
+    /// A listing page without `totalResults` is not the last: read on until an empty page (the
+    /// service may cap `count` below what was asked). Else such a page ends the listing.
+    pub page_until_empty: bool,
     /// What to tell a person when the service refuses a request.
     pub hints: Hints,
 }
@@ -353,6 +356,7 @@ impl IntoDialect for ScimConfig {
                 _ => "id,userName,displayName,active,emails,externalId,meta",
             },
             typed_group_members: true,
+            page_until_empty: false,
             hints: Hints {
                 unauthorized: " The SCIM provider rejected the token: check SCIM_TOKEN (or the target's token) and that it has not expired.",
                 forbidden: " The token may not write users and groups.",
@@ -610,7 +614,7 @@ impl ScimTarget {
 
     /// Every resource of a type, page by page (`startIndex` is 1-based). The server may cap
     /// `count` lower than asked: a short page is not the end; an empty one is, and so is reaching
-    /// `totalResults` (or its absence).
+    /// `totalResults` (or its absence, unless the dialect pages until an empty page).
     async fn list(&self, kind: Kind) -> Result<Vec<Value>, TargetError> {
         let count = self.features().await?.list_page;
         let attributes = (self.dialect.list_attributes)(kind);
@@ -631,7 +635,11 @@ impl ScimTarget {
                 .await?;
             let n = page.resources.len();
             out.extend(page.resources);
-            if n == 0 || page.total_results.is_none_or(|t| out.len() >= t) {
+            let last = match page.total_results {
+                Some(t) => out.len() >= t,
+                None => !self.dialect.page_until_empty,
+            };
+            if n == 0 || last {
                 return Ok(out);
             }
         }
