@@ -198,58 +198,102 @@ pub async fn fold(
     Ok(select(&snap, scope))
 }
 
+/// A whole directory held in memory as a fold's [`Lookup`] (the memory source, tests).
+pub struct DirectoryLookup<'a>(pub &'a Snapshot);
+
+#[async_trait]
+impl Lookup for DirectoryLookup<'_> {
+    async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.users.get(id).cloned())
+            .collect())
+    }
+
+    async fn service_principals(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<ServicePrincipal>, SourceError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.service_principals.get(id).cloned())
+            .collect())
+    }
+
+    async fn groups(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError> {
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.0.groups.get(id))
+            .filter(|g| g.security_enabled || scope.include_non_security)
+            .map(|g| Group {
+                members: Default::default(),
+                ..g.clone()
+            })
+            .collect())
+    }
+
+    async fn expand(
+        &self,
+        groups: Vec<Group>,
+        mut level: u32,
+        scope: &Scope,
+        snap: &mut Snapshot,
+        depth: &mut BTreeMap<String, u32>,
+    ) -> Result<(), SourceError> {
+        let dir = self.0;
+        let mut frontier: Vec<String> = groups.into_iter().map(|g| g.id).collect();
+        for id in &frontier {
+            depth.insert(id.clone(), level);
+        }
+        while !frontier.is_empty() {
+            let mut next = Vec::new();
+            for id in frontier {
+                let Some(g) = dir.groups.get(&id) else {
+                    continue;
+                };
+                for m in &g.members {
+                    match m.kind {
+                        Kind::User => {
+                            if let Some(u) = dir.users.get(&m.id) {
+                                snap.users.entry(m.id.clone()).or_insert_with(|| u.clone());
+                            }
+                        }
+                        Kind::ServicePrincipal => {
+                            if let Some(sp) = dir.service_principals.get(&m.id) {
+                                snap.service_principals
+                                    .entry(m.id.clone())
+                                    .or_insert_with(|| sp.clone());
+                            }
+                        }
+                        Kind::Group => {
+                            let admitted = dir
+                                .groups
+                                .get(&m.id)
+                                .is_some_and(|c| c.security_enabled || scope.include_non_security);
+                            if level < scope.search_depth
+                                && admitted
+                                && !depth.contains_key(&m.id)
+                                && !snap.groups.contains_key(&m.id)
+                            {
+                                depth.insert(m.id.clone(), level + 1);
+                                next.push(m.id.clone());
+                            }
+                        }
+                    }
+                }
+                snap.incomplete_groups.remove(&g.id);
+                snap.groups.insert(g.id.clone(), g.clone());
+            }
+            frontier = next;
+            level += 1;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idsync_model::Group;
-
-    /// A directory as a lookup, the way a source answers by id.
-    struct Dir(Snapshot);
-
-    #[async_trait]
-    impl Lookup for Dir {
-        async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
-            Ok(ids
-                .iter()
-                .filter_map(|i| self.0.users.get(i).cloned())
-                .collect())
-        }
-        async fn service_principals(
-            &self,
-            ids: &[String],
-        ) -> Result<Vec<ServicePrincipal>, SourceError> {
-            Ok(ids
-                .iter()
-                .filter_map(|i| self.0.service_principals.get(i).cloned())
-                .collect())
-        }
-        async fn groups(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError> {
-            Ok(ids
-                .iter()
-                .filter_map(|i| self.0.groups.get(i).cloned())
-                .filter(|g| g.security_enabled || scope.include_non_security)
-                .collect())
-        }
-        async fn expand(
-            &self,
-            groups: Vec<Group>,
-            level: u32,
-            _scope: &Scope,
-            snap: &mut Snapshot,
-            depth: &mut BTreeMap<String, u32>,
-        ) -> Result<(), SourceError> {
-            for g in groups {
-                depth.insert(g.id.clone(), level);
-                for m in &g.members {
-                    if let Some(u) = self.0.users.get(&m.id) {
-                        snap.users.insert(u.id.clone(), u.clone());
-                    }
-                }
-                snap.groups.insert(g.id.clone(), g);
-            }
-            Ok(())
-        }
-    }
 
     fn user(id: &str) -> User {
         User {
@@ -291,7 +335,7 @@ mod tests {
         assert!(base.groups.is_empty());
         let now = dir(true);
         let touched = [Change::Touched { group: "g1".into() }];
-        let folded = fold(&base, &touched, &scope, &Dir(now.clone()))
+        let folded = fold(&base, &touched, &scope, &DirectoryLookup(&now))
             .await
             .unwrap();
         assert_eq!(folded.snapshot, select(&now, &scope).snapshot);
@@ -301,7 +345,9 @@ mod tests {
             group_names: ["OTHER".to_owned()].into(),
             ..Scope::default()
         };
-        let folded = fold(&base, &touched, &by_name, &Dir(now)).await.unwrap();
+        let folded = fold(&base, &touched, &by_name, &DirectoryLookup(&now))
+            .await
+            .unwrap();
         assert!(folded.snapshot.groups.is_empty());
     }
 }

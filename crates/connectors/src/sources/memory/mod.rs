@@ -7,9 +7,10 @@
 //! result is what a full read of the directory gives.
 
 use async_trait::async_trait;
+use idsync_engine::fold::DirectoryLookup;
 use idsync_engine::scope::{self, Scope};
-use idsync_engine::{Changes, Lookup, Read, Source, SourceError};
-use idsync_model::{Change, Group, Kind, ReadMode, ServicePrincipal, Snapshot, User};
+use idsync_engine::{Changes, Read, Source, SourceError};
+use idsync_model::{Change, ReadMode, Snapshot};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -69,99 +70,6 @@ impl MemorySource {
     }
 }
 
-/// The directory as a fold's [`Lookup`].
-struct DirLookup<'a>(&'a Snapshot);
-
-#[async_trait]
-impl Lookup for DirLookup<'_> {
-    async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
-        Ok(ids
-            .iter()
-            .filter_map(|id| self.0.users.get(id).cloned())
-            .collect())
-    }
-
-    async fn service_principals(
-        &self,
-        ids: &[String],
-    ) -> Result<Vec<ServicePrincipal>, SourceError> {
-        Ok(ids
-            .iter()
-            .filter_map(|id| self.0.service_principals.get(id).cloned())
-            .collect())
-    }
-
-    async fn groups(&self, ids: &[String], scope: &Scope) -> Result<Vec<Group>, SourceError> {
-        Ok(ids
-            .iter()
-            .filter_map(|id| self.0.groups.get(id))
-            .filter(|g| g.security_enabled || scope.include_non_security)
-            .map(|g| Group {
-                members: Default::default(),
-                ..g.clone()
-            })
-            .collect())
-    }
-
-    async fn expand(
-        &self,
-        groups: Vec<Group>,
-        mut level: u32,
-        scope: &Scope,
-        snap: &mut Snapshot,
-        depth: &mut BTreeMap<String, u32>,
-    ) -> Result<(), SourceError> {
-        let dir = self.0;
-        let mut frontier: Vec<String> = groups.into_iter().map(|g| g.id).collect();
-        for id in &frontier {
-            depth.insert(id.clone(), level);
-        }
-        while !frontier.is_empty() {
-            let mut next = Vec::new();
-            for id in frontier {
-                let Some(g) = dir.groups.get(&id) else {
-                    continue;
-                };
-                for m in &g.members {
-                    match m.kind {
-                        Kind::User => {
-                            if let Some(u) = dir.users.get(&m.id) {
-                                snap.users.entry(m.id.clone()).or_insert_with(|| u.clone());
-                            }
-                        }
-                        Kind::ServicePrincipal => {
-                            if let Some(sp) = dir.service_principals.get(&m.id) {
-                                snap.service_principals
-                                    .entry(m.id.clone())
-                                    .or_insert_with(|| sp.clone());
-                            }
-                        }
-                        Kind::Group => {
-                            let admitted = dir
-                                .groups
-                                .get(&m.id)
-                                .is_some_and(|c| c.security_enabled || scope.include_non_security);
-                            if level < scope.search_depth
-                                && admitted
-                                && !depth.contains_key(&m.id)
-                                && !snap.groups.contains_key(&m.id)
-                            {
-                                depth.insert(m.id.clone(), level + 1);
-                                next.push(m.id.clone());
-                            }
-                        }
-                    }
-                }
-                snap.incomplete_groups.remove(&g.id);
-                snap.groups.insert(g.id.clone(), g.clone());
-            }
-            frontier = next;
-            level += 1;
-        }
-        Ok(())
-    }
-}
-
 #[async_trait]
 impl Source for MemorySource {
     async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError> {
@@ -203,7 +111,7 @@ impl Source for MemorySource {
                 "the change-feed cursor {cursor:?} has expired"
             )));
         };
-        let sel = idsync_engine::fold(base, &log, scope, &DirLookup(&dir)).await?;
+        let sel = idsync_engine::fold(base, &log, scope, &DirectoryLookup(&dir)).await?;
         Ok(Changes::Read(Read {
             snapshot: sel.snapshot.into(),
             cursors,
@@ -217,7 +125,7 @@ impl Source for MemorySource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idsync_model::{Directory, Member};
+    use idsync_model::{Directory, Group, Member, User};
 
     fn u(id: &str) -> User {
         User {
