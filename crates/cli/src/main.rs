@@ -728,11 +728,24 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                     ),
                 }
                 if let Some(j) = &st.journal {
-                    println!(
-                        "  interrupted apply {}: {} create(s) unconfirmed; the next run recognises them",
-                        j.plan_id,
-                        j.pending_creates.len()
-                    );
+                    if j.rolling_back {
+                        println!(
+                            "  rollback of apply {} unfinished: {} operation(s) left to undo; the next `idsync sync` undoes them before anything else",
+                            j.plan_id,
+                            j.undo.len()
+                        );
+                    } else {
+                        println!(
+                            "  interrupted apply {}: {} create(s) unconfirmed; the next run recognises them{}",
+                            j.plan_id,
+                            j.pending_creates.len(),
+                            if j.undo.is_empty() {
+                                ""
+                            } else {
+                                " (with on_apply_error = \"rollback\", it undoes the interrupted apply first)"
+                            }
+                        );
+                    }
                 }
             }
             Ok(exit::OK)

@@ -280,6 +280,14 @@ impl Printer {
                     clean(&policies.join(", "))
                 )
             }
+            Op::DetachPolicies { group, policies } => {
+                format!(
+                    "{} detach  {:?}  policies {}",
+                    self.paint("31", "-"),
+                    group.key,
+                    clean(&policies.join(", "))
+                )
+            }
             Op::AddMembers { group, members } => {
                 format!(
                     "{} {:?} += {}",
@@ -337,7 +345,33 @@ impl Printer {
             let (k, key) = f.op.subject();
             let _ = writeln!(s, "    skipped {k} {key:?}: {}", clean(&f.error));
         }
-        if !r.is_success() {
+        if let Some(rb) = &r.rollback {
+            let _ = writeln!(
+                s,
+                "  {} {}: {} operation(s) undone",
+                self.paint("31;1", "rolled back:"),
+                clean(&rb.reason),
+                rb.undone
+            );
+            for f in &rb.failed {
+                let (k, key) = f.op.subject();
+                let _ = writeln!(
+                    s,
+                    "    {} {k} {key:?}: {}",
+                    self.paint("31", "not undone"),
+                    clean(&f.error)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "{}",
+                if rb.complete() {
+                    "  the target is as it was before this run; fix the cause and run again"
+                } else {
+                    "  what was not undone stays in the journal; the next run undoes it before anything else"
+                }
+            );
+        } else if !r.is_success() {
             let _ = writeln!(
                 s,
                 "  the state records what succeeded; the next run retries the rest"

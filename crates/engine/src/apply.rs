@@ -23,6 +23,9 @@ pub struct ApplyOptions {
     /// Once set (Ctrl-C, SIGTERM), no further operation starts: those in flight finish and are
     /// recorded, the rest are left pending.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The apply may be rolled back (`on_apply_error = "rollback"`): after the first failure no
+    /// further write starts, and the report lists which operations ran ([`ApplyReport::ran`]).
+    pub rollback: bool,
 }
 
 impl ApplyOptions {
@@ -40,6 +43,7 @@ impl Default for ApplyOptions {
             workers: 10,
             stages: [Stage::Principals, Stage::Members, Stage::Deprovision].into(),
             stop: None,
+            rollback: false,
         }
     }
 }
@@ -59,13 +63,14 @@ impl Failure {
     /// Whether the operation may have happened although it failed (a timeout, a reset connection,
     /// an unreadable answer). Only such creates stay in the journal.
     pub fn outcome_unknown(&self) -> bool {
+        self.kind.is_some_and(Failure::unknown)
+    }
+
+    /// Whether an error of this kind leaves the operation's outcome unknown.
+    pub fn unknown(kind: TargetErrorKind) -> bool {
         matches!(
-            self.kind,
-            Some(
-                TargetErrorKind::Unavailable
-                    | TargetErrorKind::Throttled
-                    | TargetErrorKind::Protocol
-            )
+            kind,
+            TargetErrorKind::Unavailable | TargetErrorKind::Throttled | TargetErrorKind::Protocol
         )
     }
 }
@@ -85,6 +90,16 @@ pub struct ApplyReport {
     pub pending: usize,
     /// Of those, the writes not started because the apply was asked to stop.
     pub stopped: usize,
+    /// Of those, the writes not started because an earlier one failed and the apply is to be
+    /// rolled back.
+    pub halted: usize,
+    /// With [`ApplyOptions::rollback`]: the plan's operations (by position) that succeeded or may
+    /// have (their outcome is unknown), in the order they ran; these are what a rollback undoes.
+    #[serde(skip)]
+    pub ran: Vec<usize>,
+    /// The rollback that followed, if the apply was rolled back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<crate::rollback::RollbackReport>,
 }
 
 impl ApplyReport {
@@ -104,7 +119,16 @@ impl fmt::Display for ApplyReport {
             self.failed.len(),
             self.skipped.len(),
             self.pending
-        )
+        )?;
+        if let Some(r) = &self.rollback {
+            write!(
+                f,
+                "; rolled back: {} undone, {} could not be undone",
+                r.undone,
+                r.failed.len()
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -136,6 +160,7 @@ pub fn begin(plan: &Plan, caps: &Capabilities, state: &mut AgreementState) {
     state.journal = Some(Journal {
         plan_id: plan_id(plan),
         pending_creates: pending,
+        ..Journal::default()
     });
     // Until the apply ends cleanly, the last applied snapshot no longer pictures the target.
     state.trust = None;
@@ -165,6 +190,7 @@ pub fn finish(
         Some(Journal {
             plan_id: plan_id(&file.plan),
             pending_creates: keep,
+            ..Journal::default()
         })
     };
     if all_stages && report.is_success() {
@@ -190,14 +216,18 @@ pub async fn apply(
     let mut links = Links::default();
     let workers = opts.workers.max(1);
 
-    let mut phases: BTreeMap<u8, Vec<&Op>> = BTreeMap::new();
-    for op in &plan.ops {
+    let mut phases: BTreeMap<u8, Vec<(usize, &Op)>> = BTreeMap::new();
+    for (i, op) in plan.ops.iter().enumerate() {
         if opts.stages.contains(&op.stage()) {
-            phases.entry(op.phase()).or_default().push(op);
+            phases.entry(op.phase()).or_default().push((i, op));
         } else {
             report.pending += 1;
         }
     }
+    // Set by the first failure of an apply that is to be rolled back: no further write starts.
+    let halted = std::sync::atomic::AtomicBool::new(false);
+    let halted = &halted;
+    let halt = || halted.load(std::sync::atomic::Ordering::SeqCst);
 
     for (phase, ops) in phases {
         // Renames run one at a time in plan order: each may free the key the next one takes.
@@ -211,15 +241,19 @@ pub async fn apply(
         let created_now = &created;
         // After a stop no write starts; state-only operations (adopting what an interrupted
         // apply created, forgetting what is gone) still run, so the journal is never lost.
-        if opts.stopped() && ops.iter().all(|o| o.writes()) {
+        if (opts.stopped() || halt()) && ops.iter().all(|(_, o)| o.writes()) {
             report.pending += ops.len();
-            report.stopped += ops.len();
+            if opts.stopped() {
+                report.stopped += ops.len();
+            } else {
+                report.halted += ops.len();
+            }
             continue;
         }
-        let mut results: Vec<Ran> = futures::stream::iter(ops.into_iter().enumerate())
+        let mut results: Vec<Ran> = futures::stream::iter(ops)
             .map(|(i, op)| async move {
                 let key = (op.sort_key(), i);
-                if opts.stopped() && op.writes() {
+                if (opts.stopped() || halt()) && op.writes() {
                     return Ran {
                         key,
                         op: None,
@@ -236,6 +270,9 @@ pub async fn apply(
                             error: format!("{dep} was not created, so this was not attempted"),
                             kind: None,
                         }];
+                        if opts.rollback {
+                            halted.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
                         return Ran {
                             key,
                             op: None,
@@ -245,7 +282,7 @@ pub async fn apply(
                         };
                     }
                 };
-                let skipped = dropped
+                let skipped: Vec<Failure> = dropped
                     .into_iter()
                     .map(|d| Failure {
                         op: op.clone(),
@@ -258,6 +295,9 @@ pub async fn apply(
                 } else {
                     Ok((Outcome::Done, false))
                 };
+                if opts.rollback && (r.is_err() || !skipped.is_empty()) {
+                    halted.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 let keep = r.is_err() || records(&resolved);
                 Ran {
                     key,
@@ -274,10 +314,23 @@ pub async fn apply(
         for ran in results {
             if ran.stopped {
                 report.pending += 1;
-                report.stopped += 1;
+                if opts.stopped() {
+                    report.stopped += 1;
+                } else {
+                    report.halted += 1;
+                }
                 continue;
             }
             report.skipped.extend(ran.skipped);
+            if opts.rollback
+                && match &ran.result {
+                    Some(Ok(_)) => true,
+                    Some(Err(e)) => Failure::unknown(e.kind),
+                    None => false,
+                }
+            {
+                report.ran.push(ran.key.1);
+            }
             match (ran.result, ran.op) {
                 (None, _) => {}
                 (Some(Ok((outcome, wrote))), op) => {
@@ -321,7 +374,10 @@ struct Ran {
 fn records(op: &Op) -> bool {
     !matches!(
         op,
-        Op::AddMembers { .. } | Op::RemoveMembers { .. } | Op::AttachPolicies { .. }
+        Op::AddMembers { .. }
+            | Op::RemoveMembers { .. }
+            | Op::AttachPolicies { .. }
+            | Op::DetachPolicies { .. }
     )
 }
 
@@ -346,7 +402,9 @@ fn resolve(op: &Op, created: &BTreeMap<(Kind, String), String>) -> Result<(Op, V
         | Op::Update { target, .. }
         | Op::Deactivate { target }
         | Op::Delete { target, .. } => *target = fill(target).ok_or_else(|| target.clone())?,
-        Op::AttachPolicies { group, .. } => *group = fill(group).ok_or_else(|| group.clone())?,
+        Op::AttachPolicies { group, .. } | Op::DetachPolicies { group, .. } => {
+            *group = fill(group).ok_or_else(|| group.clone())?
+        }
         Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
             *group = fill(group).ok_or_else(|| group.clone())?;
             let mut kept = Vec::with_capacity(members.len());

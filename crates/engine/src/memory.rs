@@ -320,6 +320,19 @@ impl Target for MemoryTarget {
                 i.get_mut(group)?.policies.extend(policies.iter().cloned());
                 Outcome::Done
             }
+            Op::DetachPolicies { group, policies } => {
+                if !caps.group_policies {
+                    return Err(err(
+                        TargetErrorKind::NotImplemented,
+                        "this target has no policies".into(),
+                    ));
+                }
+                let g = i.get_mut(group)?;
+                for p in policies {
+                    g.policies.remove(p);
+                }
+                Outcome::Done
+            }
             Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
                 // A real target sends one request per chunk of `max_members_per_write`.
                 let chunks = members.len().div_ceil(caps.max_members_per_write.max(1));

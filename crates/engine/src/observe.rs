@@ -86,7 +86,10 @@ impl Interest {
                         i.members.insert(g.clone());
                     }
                 }
-                Op::AttachPolicies { .. } | Op::RemoveMembers { .. } | Op::AddMembers { .. } => {}
+                Op::AttachPolicies { .. }
+                | Op::DetachPolicies { .. }
+                | Op::RemoveMembers { .. }
+                | Op::AddMembers { .. } => {}
             }
         }
         i

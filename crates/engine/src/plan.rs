@@ -33,6 +33,18 @@ pub enum OnConflict {
     Skip,
 }
 
+/// What an apply does when a write fails or the run is stopped half-way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnApplyError {
+    /// What succeeded stays and is recorded; the next run plans what is left. The default.
+    #[default]
+    Resume,
+    /// No further write starts, and this run's writes are undone in reverse order, so the target
+    /// is as it was before the run (see [`crate::rollback`]).
+    Rollback,
+}
+
 /// The rules a plan follows. Serialises for the run's fingerprint of an agreement.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Policy {
@@ -56,6 +68,10 @@ pub struct Policy {
     pub approved_deletions: usize,
     /// Allow a plan computed from an empty source snapshot (for decommissioning on purpose).
     pub allow_empty_source: bool,
+    /// What an apply does when a write fails. It changes no plan, so it is not part of the
+    /// agreement's fingerprint.
+    #[serde(skip)]
+    pub on_apply_error: OnApplyError,
 }
 
 /// Reverse lookups needed only when some principal did not resolve through its link.
@@ -897,6 +913,7 @@ pub(crate) fn tally(ops: &[Op], s: &mut Summary) {
             Op::Update { .. } => "update",
             Op::Create { .. } => "create",
             Op::AttachPolicies { .. } => "attachPolicies",
+            Op::DetachPolicies { .. } => "detachPolicies",
             Op::RemoveMembers { members, .. } => {
                 s.members_removed += members.len();
                 "removeMembers"

@@ -100,6 +100,12 @@ pub fn recheck(
             | Op::Deactivate { target }
             | Op::Delete { target, .. }
             | Op::Forget { target } => vec![target],
+            Op::DetachPolicies { group, .. } => {
+                refused.push(format!(
+                    "it detaches policies from {group}: plans never do (only a rollback does)"
+                ));
+                vec![group]
+            }
             Op::AttachPolicies { group, .. }
             | Op::AddMembers { group, .. }
             | Op::RemoveMembers { group, .. } => vec![group],

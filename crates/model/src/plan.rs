@@ -82,6 +82,14 @@ pub enum Op {
         /// Policy ids.
         policies: Vec<String>,
     },
+    /// Detach policies from a group (lakeFS). Plans never hold it: a rollback undoes an
+    /// attachment with it.
+    DetachPolicies {
+        /// The group.
+        group: PRef,
+        /// Policy ids.
+        policies: Vec<String>,
+    },
     /// Remove members from a group.
     RemoveMembers {
         /// The group.
@@ -141,7 +149,7 @@ impl Op {
             } => RENAME_PHASE,
             Op::Update { .. } => 2,
             Op::Create { .. } => 3,
-            Op::AttachPolicies { .. } => 4,
+            Op::AttachPolicies { .. } | Op::DetachPolicies { .. } => 4,
             Op::RemoveMembers { .. } => 5,
             Op::AddMembers { .. } => 6,
             Op::Deactivate { .. } => 7,
@@ -156,7 +164,8 @@ impl Op {
             | Op::Forget { .. }
             | Op::Update { .. }
             | Op::Create { .. }
-            | Op::AttachPolicies { .. } => Stage::Principals,
+            | Op::AttachPolicies { .. }
+            | Op::DetachPolicies { .. } => Stage::Principals,
             // A deletion that frees a key for a rename runs with the renames.
             Op::Delete {
                 frees_key: true, ..
@@ -176,6 +185,7 @@ impl Op {
             | Op::Delete { target, .. } => (target.kind, &target.key),
             Op::Create { principal, .. } => (principal.kind, &principal.key),
             Op::AttachPolicies { group, .. }
+            | Op::DetachPolicies { group, .. }
             | Op::RemoveMembers { group, .. }
             | Op::AddMembers { group, .. } => (group.kind, &group.key),
         }

@@ -89,6 +89,14 @@ pub struct Journal {
     pub plan_id: String,
     /// Creates that were started and not confirmed, by folded key.
     pub pending_creates: BTreeSet<PKey>,
+    /// With `on_apply_error = "rollback"`: the operations that undo this apply, in the order they
+    /// run (written before the first write; empty otherwise). A run that finds them finishes the
+    /// rollback before it plans anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undo: Vec<crate::plan::Op>,
+    /// The apply failed or halted and its rollback began: `undo` holds what is left to undo.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolling_back: bool,
 }
 
 /// Everything idsync remembers about one agreement.

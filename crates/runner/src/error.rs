@@ -70,6 +70,19 @@ pub enum RunError {
     /// The state after the apply could not be committed (the journal covers the creates).
     #[error("saving the state after the apply")]
     Commit(#[source] StateError),
+    /// A rollback (`on_apply_error = "rollback"`) could not undo everything: what is left stays
+    /// in the journal, and the next run tries it again before anything else.
+    #[error(
+        "rolling back on target {agreement}: {left} operation(s) could not be undone yet (first: {first}). They stay in the journal; the next `idsync sync` tries them again before it plans anything"
+    )]
+    RollbackIncomplete {
+        /// The agreement.
+        agreement: String,
+        /// Undo operations left.
+        left: usize,
+        /// The first failure.
+        first: String,
+    },
     /// The target could not make the writes durable; the state went back to before the apply.
     #[error("finishing the writes to target {agreement}: {error}")]
     Flush {

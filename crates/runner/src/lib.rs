@@ -11,6 +11,7 @@
 mod error;
 pub mod observation;
 mod read;
+mod rollback;
 pub mod saved;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -20,7 +21,9 @@ pub use read::ReadCache;
 
 use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
 use idsync_engine::recheck::{Recheck, recheck};
-use idsync_engine::{Mapping, Policy, Scope, Source, Target, TargetIdentity, map_snapshot};
+use idsync_engine::{
+    Mapping, OnApplyError, Policy, Scope, Source, Target, TargetIdentity, map_snapshot,
+};
 use idsync_model::{AgreementState, AgreementStatus, Halt, Plan, PlanFile, Stage};
 use idsync_state::{Lease, StateError, StateStore};
 use std::time::Duration;
@@ -248,7 +251,8 @@ async fn plan_and_apply(
     lease: Option<&Lease>,
     reporter: &mut dyn Reporter,
 ) -> Result<Outcome, RunError> {
-    let state = load_state(store, a.name).await?;
+    let mut state = load_state(store, a.name).await?;
+    recover(a, store, &mut state, opts, reporter).await?;
     let read = cache
         .read(source, scope, &state, opts.full_sync, reporter)
         .await
@@ -306,7 +310,13 @@ async fn plan_and_apply(
     let lease = lease.map(|l| (l, opts.lease));
     let report = apply_file(&file, a, store, state, &stages, opts, lease).await?;
     reporter.report(&report);
-    let code = if !report.is_success() || interrupted(&report, reporter) {
+    let code = if let Some(r) = &report.rollback {
+        if r.complete() {
+            exit::HALTED
+        } else {
+            exit::ERROR
+        }
+    } else if !report.is_success() || interrupted(&report, reporter) {
         exit::ERROR
     } else if report.pending > 0 {
         exit::PENDING
@@ -338,8 +348,12 @@ async fn apply_file(
         .iter()
         .all(|s| stages.contains(s));
     let writes = file.plan.ops.iter().any(|o| stages.contains(&o.stage()));
+    let undoable = a.policy.on_apply_error == OnApplyError::Rollback;
     if writes {
         apply::begin(&file.plan, &caps, &mut state);
+        if undoable {
+            rollback::journal_undo(&file.plan, stages, &caps, &mut state);
+        }
         state.version = store.commit(&state).await.map_err(RunError::Journal)?;
     }
     // If the target cannot make the writes durable (flush fails), none of them counts: the state
@@ -349,8 +363,9 @@ async fn apply_file(
         workers: run.workers,
         stages: stages.iter().copied().collect(),
         stop: run.stop.clone(),
+        rollback: undoable,
     };
-    let report = {
+    let mut report = {
         let work = apply::apply(&file.plan, a.target, &mut state, &opts);
         match lease {
             None => work.await,
@@ -363,7 +378,27 @@ async fn apply_file(
         }
     };
     let flushed = a.target.flush().await;
-    if flushed.is_ok() {
+    let failed = undoable
+        .then(|| rollback::needed(&file.plan, &report, stages))
+        .flatten();
+    if let (Ok(()), Some(reason)) = (&flushed, failed) {
+        // Halt and roll back: what ran is undone in reverse order, and the state keeps only
+        // what could not be undone yet (in the journal, for the next run).
+        if let Some((l, ttl)) = lease {
+            store.renew(l, ttl).await?;
+        }
+        rollback::after_failure(&file.plan, &report, &caps, &mut state);
+        match rollback::finish(a, store, &mut state, Some(&at_begin), run.workers, reason).await {
+            Ok(r) => report.rollback = Some(r),
+            Err(e) => {
+                // The journal must survive: the next run finishes the rollback from it.
+                if let Err(c) = store.commit(&state).await {
+                    tracing::warn!(error = %c, "could not save the rollback journal");
+                }
+                return Err(e);
+            }
+        }
+    } else if flushed.is_ok() {
         // An apply that left operations pending (interrupted) is not complete: the cursors and the
         // picture stay where they were, and the next run plans what is left.
         apply::finish(file, &report, &caps, &mut state, all && report.pending == 0);
@@ -379,6 +414,60 @@ async fn apply_file(
         error,
     })?;
     Ok(report)
+}
+
+/// Before a run plans: finishes a rollback an earlier run left in the journal (it crashed in the
+/// middle of an apply that was to be rolled back, or could not undo everything). A plan only says
+/// so. When the agreement no longer rolls back, an apply interrupted before its rollback began is
+/// resumed instead, as any interrupted apply is.
+async fn recover(
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    state: &mut AgreementState,
+    opts: &RunOptions,
+    reporter: &mut dyn Reporter,
+) -> Result<(), RunError> {
+    let Some(j) = &mut state.journal else {
+        return Ok(());
+    };
+    if j.undo.is_empty() {
+        return Ok(());
+    }
+    if opts.mode == Mode::Plan {
+        reporter.note("an earlier apply was interrupted before its rollback finished: the next `idsync sync` finishes the rollback before it writes anything else; this plan pictures the target as it is now");
+        return Ok(());
+    }
+    if !j.rolling_back && a.policy.on_apply_error != OnApplyError::Rollback {
+        j.undo.clear();
+        return Ok(());
+    }
+    reporter.note(&format!(
+        "an earlier apply on {} was interrupted: rolling it back first",
+        a.describe
+    ));
+    let reason = "an earlier apply was interrupted".to_owned();
+    let r = match rollback::finish(a, store, state, None, opts.workers, reason).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Err(c) = store.commit(state).await {
+                tracing::warn!(error = %c, "could not save the rollback journal");
+            }
+            return Err(e);
+        }
+    };
+    state.version = store.commit(state).await.map_err(RunError::Commit)?;
+    if let Some(first) = r.failed.first() {
+        return Err(RunError::RollbackIncomplete {
+            agreement: a.name.to_owned(),
+            left: r.failed.len(),
+            first: first.error.clone(),
+        });
+    }
+    reporter.note(&format!(
+        "rolled back the interrupted apply: {} operation(s) undone",
+        r.undone
+    ));
+    Ok(())
 }
 
 /// Whether the run was stopped with operations left, saying so.
@@ -443,6 +532,16 @@ pub async fn apply_saved(
     let lease = store.acquire(a.name, &holder(), opts.lease).await?;
     let result = async {
         let state = load_state(store, a.name).await?;
+        if state
+            .journal
+            .as_ref()
+            .is_some_and(|j| !j.undo.is_empty() && (j.rolling_back || a.policy.on_apply_error == OnApplyError::Rollback))
+        {
+            return Err(RunError::PlanRefused {
+                agreement: a.name.to_owned(),
+                reasons: vec!["an interrupted apply is still to be rolled back: run `idsync sync` to finish the rollback first".into()],
+            });
+        }
         if state.version != file.plan.state_version {
             return Err(RunError::StalePlan {
                 agreement: a.name.to_owned(),
@@ -482,7 +581,12 @@ pub async fn apply_saved(
         let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
         let report = apply_file(file, a, store, state, &stages, opts, Some((&lease, opts.lease))).await?;
         reporter.report(&report);
-        let code = if report.is_success() && !interrupted(&report, reporter) { exit::OK } else { exit::ERROR };
+        let code = match &report.rollback {
+            Some(r) if r.complete() => exit::HALTED,
+            Some(_) => exit::ERROR,
+            None if report.is_success() && !interrupted(&report, reporter) => exit::OK,
+            None => exit::ERROR,
+        };
         Ok(Outcome { code, file: None, report: Some(report) })
     }
     .await;

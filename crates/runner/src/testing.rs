@@ -110,6 +110,48 @@ impl Target for CrashAfter<'_> {
     }
 }
 
+/// Decides whether a write fails, and with what.
+type Verdict<'a> = Box<dyn Fn(&Op) -> Option<TargetError> + Send + Sync + 'a>;
+
+/// A target whose writes fail when `fail` says so (with the error it gives): a conflict in the
+/// middle of an apply, a target that refuses to undo.
+pub struct FailWhen<'a> {
+    inner: &'a dyn Target,
+    fail: Verdict<'a>,
+}
+
+impl<'a> FailWhen<'a> {
+    /// `inner`, failing the operations `fail` gives an error for.
+    pub fn new(
+        inner: &'a dyn Target,
+        fail: impl Fn(&Op) -> Option<TargetError> + Send + Sync + 'a,
+    ) -> Self {
+        FailWhen {
+            inner,
+            fail: Box::new(fail),
+        }
+    }
+}
+
+#[async_trait]
+impl Target for FailWhen<'_> {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn observe(&self) -> Result<Observed, TargetError> {
+        self.inner.observe().await
+    }
+    async fn execute(&self, op: &Op) -> Result<OpOutcome, TargetError> {
+        match (self.fail)(op) {
+            Some(e) => Err(e),
+            None => self.inner.execute(op).await,
+        }
+    }
+    async fn flush(&self) -> Result<(), TargetError> {
+        self.inner.flush().await
+    }
+}
+
 /// A state store that refuses every commit after the first `commits`: with [`CrashAfter`], a
 /// process that died after it journaled its creates and before it recorded what it applied.
 pub struct CommitsThenDies<'a> {
@@ -507,7 +549,319 @@ pub async fn conformance(s: Subject<'_>, mut dir: Snapshot) -> Result<(), String
         suite.plan(&dir, &policy, true).await?.ops.is_empty(),
         "converged after the incremental plan",
     )?;
+
+    rollback(&suite, &mut dir, &policy).await
+}
+
+/// The conformance suite's rollback steps (`on_apply_error = "rollback"`): a conflict in the
+/// middle of an apply leaves the target and the state as they were before the run; an undo the
+/// target refuses stays in the journal and the next run finishes it; a crash in the middle of an
+/// apply is rolled back by the next run, which then converges.
+async fn rollback(
+    suite: &Suite<'_, '_>,
+    dir: &mut Snapshot,
+    policy: &Policy,
+) -> Result<(), String> {
+    let s = suite.s;
+    let caps = s.target.capabilities();
+    let policy = Policy {
+        on_apply_error: idsync_engine::OnApplyError::Rollback,
+        ..policy.clone()
+    };
+    // Changes of every kind: a user and a group created, members added and removed, a group
+    // renamed where the target renames, a display name changed where the target keeps it.
+    let mut rollie = dir.users.values().next().cloned().ok_or("a user")?;
+    rollie.id = "rollie-source-id".into();
+    rollie.user_name = "rollie@company.com".into();
+    rollie.display_name = "Rollie Back".into();
+    rollie.emails = vec!["rollie@company.com".into()];
+    dir.users.insert(rollie.id.clone(), rollie.clone());
+    let alice = id_by_name(dir, "alice@company.com");
+    let zed = id_by_name(dir, "zed@company.com");
+    for g in dir.groups.values_mut() {
+        if g.display_name == "TEAM_ALPHA" {
+            g.members.insert(Member::user(rollie.id.clone()));
+            g.members.remove(&Member::user(alice.clone()));
+        }
+        if g.display_name == "TEAM_NEW" {
+            g.display_name = "TEAM_NEW_RENAMED".into();
+            g.members.insert(Member::user(alice.clone()));
+            g.members.remove(&Member::user(zed.clone()));
+        }
+    }
+    let mut fresh = dir.groups.values().next().cloned().ok_or("a group")?;
+    fresh.id = "rollback-group-source-id".into();
+    fresh.display_name = "TEAM_ROLLBACK".into();
+    fresh.members = [Member::user(rollie.id.clone()), Member::user(alice.clone())].into();
+    dir.groups.insert(fresh.id.clone(), fresh);
+    if let Some(u) = dir.users.get_mut(&alice) {
+        u.display_name = "Alice Renamed".into();
+    }
+
+    let before = s.target.observe().await.map_err(|e| e.message)?;
+    let state_before = suite
+        .store
+        .load(AGREEMENT)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("a state")?;
+    let plan = suite.plan(dir, &policy, true).await?;
+    check(
+        plan.ops.iter().any(|o| matches!(o, Op::Create { .. }))
+            && plan.ops.iter().any(|o| matches!(o, Op::AddMembers { .. })),
+        format!("a plan that creates and adds: {:?}", plan.summary.ops),
+    )?;
+    // The last member addition fails with a conflict: every other kind of write ran before it.
+    let last_add = plan
+        .ops
+        .iter()
+        .rev()
+        .find(|o| matches!(o, Op::AddMembers { .. }))
+        .map(|o| o.subject().1.to_owned())
+        .ok_or("an addition")?;
+    let conflict = |op: &Op| {
+        (matches!(op, Op::AddMembers { .. }) && op.subject().1 == last_add)
+            .then(|| TargetError::new(TargetErrorKind::AlreadyExists, "injected conflict"))
+    };
+    let failing = FailWhen::new(s.target, conflict);
+    let opts = RunOptions {
+        workers: 1,
+        reconcile: None,
+        ..RunOptions::default()
+    };
+    let out = suite
+        .run(&failing, &suite.store, dir, &policy, opts.clone())
+        .await?;
+    let report = out.report.ok_or("the apply ran")?;
+    let rb = report
+        .rollback
+        .clone()
+        .ok_or(format!("a rollback: {report:?}"))?;
+    check(
+        out.code == crate::exit::HALTED && rb.complete() && rb.undone > 2,
+        format!("a complete rollback exits 3: code {}, {rb:?}", out.code),
+    )?;
+    check(
+        report.writes > 2,
+        format!("writes ran before the conflict: {report:?}"),
+    )?;
+    let after = s.target.observe().await.map_err(|e| e.message)?;
+    same_target(&before, &after)?;
+    let state_after = suite
+        .store
+        .load(AGREEMENT)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("a state")?;
+    check(
+        state_after.links == state_before.links
+            && state_after.owned == state_before.owned
+            && state_after.journal.is_none()
+            && state_after.cursors == state_before.cursors
+            && state_after.last_applied == state_before.last_applied,
+        format!(
+            "the state is as it was before the run: links {:?} / {:?}, owned {:?} / {:?}, journal {:?}",
+            state_after.links,
+            state_before.links,
+            state_after.owned,
+            state_before.owned,
+            state_after.journal
+        ),
+    )?;
+
+    // An undo the target refuses: the rollback is incomplete (exit 1), the journal keeps it, and
+    // the next run finishes it before it plans, then applies.
+    let refuse = |op: &Op| {
+        conflict(op).or_else(|| {
+            matches!(op, Op::Delete { target, .. } if target.kind == Kind::User && target.key.contains("rollie")).then(
+                || TargetError::new(TargetErrorKind::Unavailable, "injected outage"),
+            )
+        })
+    };
+    let refusing = FailWhen::new(s.target, refuse);
+    let out = suite
+        .run(&refusing, &suite.store, dir, &policy, opts.clone())
+        .await?;
+    let rb = out.report.and_then(|r| r.rollback).ok_or("a rollback")?;
+    check(
+        out.code == crate::exit::ERROR && rb.failed.len() == 1,
+        format!("an incomplete rollback exits 1: code {}, {rb:?}", out.code),
+    )?;
+    let left = suite
+        .store
+        .load(AGREEMENT)
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|st| st.journal)
+        .ok_or("the journal keeps what is left")?;
+    check(
+        left.rolling_back && left.undo.len() == 1,
+        format!("one undo left: {:?}", left.undo),
+    )?;
+    let (_, r) = suite.sync(dir, &policy).await?;
+    check(
+        r.is_success() && r.rollback.is_none(),
+        format!("the next run finishes and applies: {r:?}"),
+    )?;
+    let o = s.target.observe().await.map_err(|e| e.message)?;
+    no_duplicates(&o, &caps)?;
+    check(
+        suite.plan(dir, &policy, true).await?.ops.is_empty(),
+        "converged after the finished rollback",
+    )?;
+
+    // The process dies in the middle of a rollback, after two undo writes: the journal holds the
+    // rollback in progress, and the next run, fault-free, finishes it, then plans and applies.
+    let mut later = dir.clone();
+    let mut extra = rollie.clone();
+    extra.id = "midway-source-id".into();
+    extra.user_name = "midway@company.com".into();
+    extra.emails = vec!["midway@company.com".into()];
+    let mut second = extra.clone();
+    second.id = "midway-2-source-id".into();
+    second.user_name = "midway2@company.com".into();
+    second.emails = vec!["midway2@company.com".into()];
+    for u in [&extra, &second] {
+        later.users.insert(u.id.clone(), u.clone());
+        for g in later.groups.values_mut() {
+            if g.display_name == "TEAM_ALPHA" || g.display_name == "TEAM_ROLLBACK" {
+                g.members.insert(Member::user(u.id.clone()));
+            }
+        }
+    }
+    let plan = suite.plan(&later, &policy, true).await?;
+    let last_add = plan
+        .ops
+        .iter()
+        .rev()
+        .find(|o| matches!(o, Op::AddMembers { .. }))
+        .map(|o| o.subject().1.to_owned())
+        .ok_or("an addition")?;
+    let conflicted = std::sync::atomic::AtomicBool::new(false);
+    let undo_writes = AtomicUsize::new(0);
+    let dies_in_rollback = |op: &Op| {
+        if conflicted.load(Ordering::SeqCst) {
+            return (undo_writes.fetch_add(1, Ordering::SeqCst) >= 2)
+                .then(|| TargetError::new(TargetErrorKind::Unavailable, "the process died here"));
+        }
+        (matches!(op, Op::AddMembers { .. }) && op.subject().1 == last_add).then(|| {
+            conflicted.store(true, Ordering::SeqCst);
+            TargetError::new(TargetErrorKind::AlreadyExists, "injected conflict")
+        })
+    };
+    let failing = FailWhen::new(s.target, dies_in_rollback);
+    let dying = CommitsThenDies::new(&suite.store, 2);
+    let died = suite
+        .run(&failing, &dying, &later, &policy, opts.clone())
+        .await;
+    check(
+        died.is_err(),
+        format!("the crash in the rollback is reported: {died:?}"),
+    )?;
+    let mid = suite
+        .store
+        .load(AGREEMENT)
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|st| st.journal)
+        .ok_or("the journal of the rollback in progress")?;
+    check(
+        mid.rolling_back && mid.undo.len() >= 2 && undo_writes.load(Ordering::SeqCst) > 2,
+        format!("a rollback in progress was journaled: {mid:?}"),
+    )?;
+    let (_, r) = suite.sync(&later, &policy).await?;
+    check(
+        r.is_success() && r.rollback.is_none(),
+        format!("the run after the crash finishes the rollback and applies: {r:?}"),
+    )?;
+    let o = s.target.observe().await.map_err(|e| e.message)?;
+    no_duplicates(&o, &caps)?;
+    check(
+        suite.plan(&later, &policy, true).await?.ops.is_empty(),
+        "converged after the crash in the rollback",
+    )?;
+    *dir = later;
+
+    // A crash in the middle of an apply that is to be rolled back: the next run rolls it back
+    // (the target as it was), then plans and applies.
+    let mut later = dir.clone();
+    for g in later.groups.values_mut() {
+        if g.display_name == "TEAM_ROLLBACK" {
+            g.members.remove(&Member::user(alice.clone()));
+        }
+    }
+    let mut extra = rollie.clone();
+    extra.id = "crash-source-id".into();
+    extra.user_name = "crash@company.com".into();
+    extra.emails = vec!["crash@company.com".into()];
+    later.users.insert(extra.id.clone(), extra.clone());
+    for g in later.groups.values_mut() {
+        if g.display_name == "TEAM_ALPHA" {
+            g.members.insert(Member::user(extra.id.clone()));
+        }
+    }
+    let crashing = CrashAfter::new(s.target, 1);
+    let dying = CommitsThenDies::new(&suite.store, 1);
+    let died = suite.run(&crashing, &dying, &later, &policy, opts).await;
+    check(died.is_err(), "the crash is reported")?;
+    let (_, r) = suite.sync(&later, &policy).await?;
+    check(
+        r.is_success(),
+        format!("the run after the crash converges: {r:?}"),
+    )?;
+    let o = s.target.observe().await.map_err(|e| e.message)?;
+    no_duplicates(&o, &caps)?;
+    check(
+        suite.plan(&later, &policy, true).await?.ops.is_empty(),
+        "converged after the crash",
+    )?;
+    *dir = later;
     Ok(())
+}
+
+/// The same principals (ids, attributes, policies) and memberships.
+fn same_target(before: &Observed, after: &Observed) -> Result<(), String> {
+    for k in Kind::ALL {
+        let (b, a) = (before.principals.get(k), after.principals.get(k));
+        let gone: Vec<_> = b.keys().filter(|id| !a.contains_key(*id)).collect();
+        let new: Vec<_> = a
+            .iter()
+            .filter(|(id, _)| !b.contains_key(*id))
+            .map(|(_, p)| &p.principal.key)
+            .collect();
+        let changed: Vec<_> = a
+            .iter()
+            .filter(|(id, p)| b.get(*id).is_some_and(|q| q != *p))
+            .map(|(_, p)| &p.principal.key)
+            .collect();
+        check(
+            gone.is_empty() && new.is_empty() && changed.is_empty(),
+            format!("{k}s after the rollback: gone {gone:?}, new {new:?}, changed {changed:?}"),
+        )?;
+    }
+    let members = |o: &Observed| -> Vec<(String, Vec<String>)> {
+        o.members
+            .iter()
+            .filter(|(_, m)| Kind::ALL.iter().any(|k| !m.get(*k).is_empty()))
+            .map(|(g, m)| {
+                (
+                    g.clone(),
+                    Kind::ALL
+                        .iter()
+                        .flat_map(|k| m.get(*k).iter().cloned())
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    check(
+        members(before) == members(after),
+        format!(
+            "memberships after the rollback: {:?}, before: {:?}",
+            members(after),
+            members(before)
+        ),
+    )
 }
 
 /// The source conformance check: folding a source's changes into the snapshot of a full read

@@ -117,6 +117,7 @@ struct RawPolicy {
     adopt: Option<bool>,
     adopt_keys: Option<Vec<String>>,
     on_conflict: Option<String>,
+    on_apply_error: Option<String>,
     yield_attributes: Option<Vec<String>>,
     yield_members: Option<bool>,
     max_deletions: Option<usize>,

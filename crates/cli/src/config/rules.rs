@@ -3,7 +3,7 @@
 
 use super::{Origin, RawMapping, RawPolicy, Validator};
 use idsync_engine::mapping::Mapping;
-use idsync_engine::{Deprovision, OnConflict, Policy, Template};
+use idsync_engine::{Deprovision, OnApplyError, OnConflict, Policy, Template};
 use idsync_model::{Attr, Kind, PKey};
 
 impl Validator<'_> {
@@ -112,6 +112,18 @@ impl Validator<'_> {
                 other => self.err(
                     Origin::File(&k("on_conflict")),
                     format!("{other:?} is not a conflict policy; use \"halt\" or \"skip\""),
+                ),
+            }
+        }
+        if let Some(c) = &raw.on_apply_error {
+            match c.as_str() {
+                "resume" => p.on_apply_error = OnApplyError::Resume,
+                "rollback" => p.on_apply_error = OnApplyError::Rollback,
+                other => self.err(
+                    Origin::File(&k("on_apply_error")),
+                    format!(
+                        "{other:?} is not an apply error policy; use \"resume\" or \"rollback\""
+                    ),
                 ),
             }
         }

@@ -46,6 +46,33 @@ fn a_good_file() {
     assert_eq!(a.policy.max_deletions, Some(5));
     assert_eq!(a.mapping.user_name.as_str(), "waad|{id}");
     assert_eq!(a.mapping.group_policies, ["FSReadAll".to_string()].into());
+    assert_eq!(
+        a.policy.on_apply_error,
+        idsync_engine::OnApplyError::Resume,
+        "resume is the default"
+    );
+}
+
+#[test]
+fn on_apply_error_is_resume_or_rollback() {
+    let text = GOOD.replace(
+        "max_deletions = 5",
+        "max_deletions = 5\non_apply_error = \"rollback\"",
+    );
+    let c = parse_str(&text, &Env::default()).unwrap();
+    assert_eq!(
+        c.agreements[0].policy.on_apply_error,
+        idsync_engine::OnApplyError::Rollback
+    );
+    let text = GOOD.replace(
+        "max_deletions = 5",
+        "max_deletions = 5\non_apply_error = \"undo\"",
+    );
+    let e = parse_str(&text, &Env::default()).unwrap_err().to_string();
+    assert!(
+        e.contains("policy.on_apply_error: \"undo\" is not an apply error policy; use \"resume\" or \"rollback\""),
+        "{e}"
+    );
 }
 
 #[test]

@@ -413,6 +413,26 @@ impl Target for LakefsTarget {
                 }
                 Ok(Outcome::Done)
             }
+            Op::DetachPolicies { group, policies } => {
+                let g = seg(id_of(group)?);
+                for p in policies {
+                    match self
+                        .call(
+                            Method::DELETE,
+                            &format!("/auth/groups/{g}/policies/{}", seg(p)),
+                            None,
+                            true,
+                        )
+                        .await
+                    {
+                        Err(e) if e.kind == TargetErrorKind::NotFound => {}
+                        other => {
+                            other?;
+                        }
+                    }
+                }
+                Ok(Outcome::Done)
+            }
             Op::Update { target, .. } => Err(TargetError::new(
                 TargetErrorKind::Invalid,
                 format!("lakeFS cannot change {target}: its API has no update for users or groups"),

@@ -1024,7 +1024,7 @@ impl Target for ScimTarget {
                 self.modify_all(Kind::Group, id_of(group)?, patches).await?;
                 Ok(Outcome::Done)
             }
-            Op::AttachPolicies { .. } => Err(TargetError::new(
+            Op::AttachPolicies { .. } | Op::DetachPolicies { .. } => Err(TargetError::new(
                 TargetErrorKind::NotImplemented,
                 format!("{} keeps no group policies", self.dialect.service),
             )),
