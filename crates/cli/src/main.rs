@@ -3,6 +3,7 @@
 //! Exit codes: 0 in sync or applied; 1 error; 2 changes pending (plan, dry runs); 3 halted by a
 //! safety guard before any write; 4 another run holds the agreement's lease.
 
+mod agreement;
 mod config;
 mod draw;
 mod output;
@@ -72,6 +73,11 @@ enum Cmd {
     State {
         #[command(subcommand)]
         cmd: StateCmd,
+    },
+    /// Free a quarantined principal, or resume a halted agreement.
+    Agreement {
+        #[command(subcommand)]
+        cmd: agreement::AgreementCmd,
     },
     /// Read the source's scope and draw its groups and their nesting (search depth on each edge).
     Graph {
@@ -312,6 +318,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Ok(exit::OK)
         }
         Cmd::State { cmd } => state_cmd(&cli, cmd).await,
+        Cmd::Agreement { cmd } => agreement::run(&cli, cmd).await,
         Cmd::Plan { run, out } => {
             let mode = Mode::Plan;
             run_all(&cli, run, mode, out.as_deref()).await
@@ -639,26 +646,31 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
     Ok(worst)
 }
 
+/// The state URL from --state or the configuration's [state] table (the rest of the
+/// configuration need not be valid here: no source or target secret is needed to look at state);
+/// the store settings from that table when the URL is the configured one.
+fn state_location(
+    cli: &Cli,
+    explicit: &Option<String>,
+) -> Result<(String, idsync_state::StoreOptions)> {
+    let (path, env) = config_inputs(cli)?;
+    let (configured, opts) = config::load_state(path.as_deref(), &env)?;
+    match explicit {
+        Some(u) if *u != configured => Ok((
+            u.clone(),
+            idsync_state::StoreOptions {
+                azure_connection_string: std::env::var("AZURE_STORAGE_CONNECTION_STRING")
+                    .ok()
+                    .map(idsync_model::Secret::new),
+                ..Default::default()
+            },
+        )),
+        _ => Ok((configured, opts)),
+    }
+}
+
 async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
-    // The state URL from --state or the configuration's [state] table (the rest of the
-    // configuration need not be valid here: no source or target secret is needed to look at
-    // state); the store settings from that table when the URL is the configured one.
-    let url = |explicit: &Option<String>| -> Result<(String, idsync_state::StoreOptions)> {
-        let (path, env) = config_inputs(cli)?;
-        let (configured, opts) = config::load_state(path.as_deref(), &env)?;
-        match explicit {
-            Some(u) if *u != configured => Ok((
-                u.clone(),
-                idsync_state::StoreOptions {
-                    azure_connection_string: std::env::var("AZURE_STORAGE_CONNECTION_STRING")
-                        .ok()
-                        .map(idsync_model::Secret::new),
-                    ..Default::default()
-                },
-            )),
-            _ => Ok((configured, opts)),
-        }
-    };
+    let url = |explicit: &Option<String>| state_location(cli, explicit);
     match cmd {
         StateCmd::Show {
             agreement,
@@ -726,6 +738,29 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                     None => println!(
                         "  the next run observes the target in full (no clean, complete apply since the last full observation)"
                     ),
+                }
+                if let Some(why) = &st.halted {
+                    println!(
+                        "  HALTED: {}; `idsync agreement resume {name}` once the cause is fixed",
+                        output::clean(why)
+                    );
+                }
+                let now = run::unix_now();
+                for (key, s) in &st.failing {
+                    let key = output::clean(key);
+                    let error = output::clean(&s.error);
+                    if s.until > now {
+                        println!(
+                            "  quarantined {key}: failed in {} run(s) in a row (last: {error}); tried again after {}; `idsync agreement release {key}` frees it now",
+                            s.runs,
+                            idsync_engine::quarantine::utc(s.until)
+                        );
+                    } else {
+                        println!(
+                            "  failing {key}: failed in {} run(s) in a row (last: {error})",
+                            s.runs
+                        );
+                    }
                 }
                 if let Some(j) = &st.journal {
                     if j.rolling_back {

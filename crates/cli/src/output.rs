@@ -345,6 +345,26 @@ impl Printer {
             let (k, key) = f.op.subject();
             let _ = writeln!(s, "    skipped {k} {key:?}: {}", clean(&f.error));
         }
+        for k in &r.quarantine.quarantined {
+            let _ = writeln!(
+                s,
+                "    {} {}: its writes failed in several runs in a row; later runs hold it back and try it again at growing intervals (`idsync state show`, `idsync agreement release {}`)",
+                self.paint("33", "quarantined"),
+                clean(k),
+                clean(k)
+            );
+        }
+        for k in &r.quarantine.released {
+            let _ = writeln!(s, "    released {}: it succeeded", clean(k));
+        }
+        if let Some(why) = &r.quarantine.halted {
+            let _ = writeln!(
+                s,
+                "  {} {}; later runs write nothing until `idsync agreement resume`",
+                self.paint("31;1", "agreement halted:"),
+                clean(why)
+            );
+        }
         if let Some(rb) = &r.rollback {
             let _ = writeln!(
                 s,
@@ -438,6 +458,7 @@ mod tests {
             observation: Observation::Full,
             trust: None,
             approved_deletions: 0,
+            held_back: 0,
         };
         let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut p = Printer {

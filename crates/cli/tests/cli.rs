@@ -1470,3 +1470,54 @@ async fn the_small_benchmark_writes_nothing_when_nothing_changed() {
         inc.requests
     );
 }
+
+#[test]
+fn agreement_release_and_resume_free_what_a_person_fixed() {
+    let s = Sandbox::new("");
+    assert_eq!(code(&s.run(&["sync"])), 0);
+    let mut st = state_of(&s, "dbx");
+    st["failing"] = serde_json::json!({
+        "user:bob@corp.example": {"runs": 3, "error": "refused", "since": 1, "until": 4_000_000_000u64}
+    });
+    st["halted"] = serde_json::json!("6 of the 10 operations attempted failed");
+    s.write("edited.json", &st.to_string());
+    let o = s.run(&["state", "import", "dbx", "edited.json", "--yes"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+
+    let o = s.run(&["state", "show", "dbx"]);
+    let t = text(&o);
+    assert!(t.contains("HALTED: 6 of the 10"), "{t}");
+    assert!(
+        t.contains(
+            "quarantined user:bob@corp.example: failed in 3 run(s) in a row (last: refused)"
+        ) && t.contains("idsync agreement release user:bob@corp.example"),
+        "{t}"
+    );
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(
+        text(&o).contains("idsync agreement resume dbx"),
+        "{}",
+        text(&o)
+    );
+
+    let o = s.run(&["agreement", "resume", "dbx"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(text(&o).contains("resumed dbx"), "{}", text(&o));
+    let o = s.run(&["agreement", "release", "user:bob@corp.example"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("released user:bob@corp.example in dbx"),
+        "{}",
+        text(&o)
+    );
+    let st = state_of(&s, "dbx");
+    assert!(
+        st.get("failing").is_none() && st.get("halted").is_none(),
+        "{st}"
+    );
+    let o = s.run(&["agreement", "release", "bob"]);
+    assert_eq!(code(&o), 1);
+    assert!(text(&o).contains("write KIND:KEY"), "{}", text(&o));
+    assert_eq!(code(&s.run(&["sync"])), 0);
+}

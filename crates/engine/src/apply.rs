@@ -93,10 +93,14 @@ pub struct ApplyReport {
     /// Of those, the writes not started because an earlier one failed and the apply is to be
     /// rolled back.
     pub halted: usize,
-    /// With [`ApplyOptions::rollback`]: the plan's operations (by position) that succeeded or may
-    /// have (their outcome is unknown), in the order they ran; these are what a rollback undoes.
+    /// The plan's operations (by position) that succeeded or may have (their outcome is
+    /// unknown), in the order they ran: what a rollback undoes, and what frees a principal from
+    /// quarantine.
     #[serde(skip)]
     pub ran: Vec<usize>,
+    /// Principals quarantined or freed by this run, and whether it halted the agreement.
+    #[serde(skip_serializing_if = "crate::quarantine::Recorded::is_empty")]
+    pub quarantine: crate::quarantine::Recorded,
     /// The rollback that followed, if the apply was rolled back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollback: Option<crate::rollback::RollbackReport>,
@@ -322,13 +326,11 @@ pub async fn apply(
                 continue;
             }
             report.skipped.extend(ran.skipped);
-            if opts.rollback
-                && match &ran.result {
-                    Some(Ok(_)) => true,
-                    Some(Err(e)) => Failure::unknown(e.kind),
-                    None => false,
-                }
-            {
+            if match &ran.result {
+                Some(Ok(_)) => true,
+                Some(Err(e)) => Failure::unknown(e.kind),
+                None => false,
+            } {
                 report.ran.push(ran.key.1);
             }
             match (ran.result, ran.op) {

@@ -13,6 +13,7 @@ pub mod mapping;
 pub mod memory;
 pub mod observe;
 pub mod plan;
+pub mod quarantine;
 pub mod recheck;
 pub mod rollback;
 pub mod scope;

@@ -46,7 +46,7 @@ pub enum OnApplyError {
 }
 
 /// The rules a plan follows. Serialises for the run's fingerprint of an agreement.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
     /// What happens to owned principals that left the source.
     pub deprovision: Deprovision,
@@ -72,6 +72,37 @@ pub struct Policy {
     /// agreement's fingerprint.
     #[serde(skip)]
     pub on_apply_error: OnApplyError,
+    /// After this many runs in a row with a failed write to a principal, it is quarantined (0:
+    /// never). Not part of the fingerprint.
+    #[serde(skip)]
+    pub quarantine_after: u32,
+    /// A run in which more than this share of the operations it attempted failed (and at least
+    /// [`crate::quarantine::HALT_FLOOR`] of them) halts the agreement until a person resumes it
+    /// (`None`: never). Not part of the fingerprint.
+    #[serde(skip)]
+    pub max_failed_percent: Option<u32>,
+}
+
+impl Default for Policy {
+    /// Nothing deleted, conflicts halt, no threshold, resume after a failed write, quarantine
+    /// after 3 failing runs, halt when more than half of a run's operations fail.
+    fn default() -> Self {
+        Policy {
+            deprovision: Deprovision::default(),
+            adopt: false,
+            adopt_keys: BTreeSet::new(),
+            on_conflict: OnConflict::default(),
+            yield_attributes: BTreeSet::new(),
+            yield_members: false,
+            max_deletions: None,
+            max_deletions_percent: None,
+            approved_deletions: 0,
+            allow_empty_source: false,
+            on_apply_error: OnApplyError::default(),
+            quarantine_after: 3,
+            max_failed_percent: Some(50),
+        }
+    }
 }
 
 /// Reverse lookups needed only when some principal did not resolve through its link.
@@ -215,6 +246,7 @@ pub fn plan(
         observation: Default::default(),
         trust: None,
         approved_deletions: policy.approved_deletions,
+        held_back: 0,
     }
 }
 

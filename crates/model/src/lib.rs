@@ -6,6 +6,7 @@ pub mod secret;
 pub mod source;
 pub mod state;
 pub mod target;
+pub mod time;
 
 pub use plan::{
     AttrChange, Conflict, Halt, HaltReason, Observation, Op, PRef, Plan, PlanFile, ReadMode, Stage,
@@ -15,11 +16,14 @@ pub use secret::Secret;
 pub use source::{
     Change, Directory, Group, Kind, Member, ServicePrincipal, Snapshot, User, UserType,
 };
-pub use state::{AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind, Trust};
+pub use state::{
+    AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind, Strikes, Trust,
+};
 pub use target::{
     Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, MemberIds, Observed,
     ObservedPrincipal, PKey, Principal, SourceRef,
 };
+pub use time::civil;
 
 /// A file's bytes without a UTF-8 byte order mark (editors on Windows write one; JSON parsers
 /// then fail at "line 1 column 1").

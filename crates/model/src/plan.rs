@@ -249,6 +249,8 @@ pub enum HaltReason {
     EmptySource,
     /// Most of what idsync owns is missing from the target (a wrong target or credentials?).
     TargetVanished,
+    /// Too large a share of a run's operations failed: the agreement waits for a person.
+    Failures,
 }
 
 /// A safety guard stopped the plan before any write.
@@ -322,6 +324,10 @@ pub struct Plan {
     /// saved plan's guards are checked again with these before it is applied.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub approved_deletions: usize,
+    /// Operations held back because their principal is quarantined: a plan that holds some back
+    /// is not complete, so applying it does not advance the source's cursors.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_back: usize,
 }
 
 fn is_zero(n: &usize) -> bool {

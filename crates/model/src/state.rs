@@ -99,6 +99,26 @@ pub struct Journal {
     pub rolling_back: bool,
 }
 
+/// A principal whose writes failed in runs in a row.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Strikes {
+    /// Runs in a row in which a write to it failed.
+    pub runs: u32,
+    /// The last failure.
+    pub error: String,
+    /// When it first failed, in seconds since the Unix epoch.
+    pub since: u64,
+    /// Quarantined until then (seconds since the Unix epoch): its operations are held back. 0
+    /// while it is not quarantined.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub until: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Everything idsync remembers about one agreement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -127,6 +147,15 @@ pub struct AgreementState {
     /// The apply in progress, if a run stopped in the middle of one.
     #[serde(default)]
     pub journal: Option<Journal>,
+    /// Principals whose writes failed in the last runs, by `kind:folded key`: after
+    /// `quarantine_after` runs in a row they are quarantined (their operations held back) until
+    /// a time that grows with every failure. A success, or `idsync agreement release`, clears one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failing: BTreeMap<String, Strikes>,
+    /// Why the agreement was halted (too large a share of a run's operations failed): runs refuse
+    /// to write until a person resumes it (`idsync agreement resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
     /// Whether the last applied snapshot is a faithful picture of the target, so an incremental
     /// run may read only what changed. Set by a clean, complete apply; cleared when an apply
     /// starts, fails, or stops between stages.
@@ -159,6 +188,8 @@ impl AgreementState {
             last_applied: None,
             cursors: BTreeMap::new(),
             journal: None,
+            failing: BTreeMap::new(),
+            halted: None,
             trust: None,
         }
     }

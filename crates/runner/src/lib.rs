@@ -253,6 +253,20 @@ async fn plan_and_apply(
 ) -> Result<Outcome, RunError> {
     let mut state = load_state(store, a.name).await?;
     recover(a, store, &mut state, opts, reporter).await?;
+    let halted = state
+        .halted
+        .as_ref()
+        .map(|why| halted_agreement(a.name, why));
+    if let Some(halt) = &halted
+        && opts.mode != Mode::Plan
+    {
+        reporter.halt(halt);
+        return Ok(Outcome {
+            code: exit::HALTED,
+            file: None,
+            report: None,
+        });
+    }
     let read = cache
         .read(source, scope, &state, opts.full_sync, reporter)
         .await
@@ -267,6 +281,11 @@ async fn plan_and_apply(
     let mut plan =
         observation::observe_and_plan(a, &caps, &desired, &state, &policy, read.mode, opts).await?;
     plan.notes.splice(0..0, read.notes.iter().cloned());
+    if let Some(halt) = halted {
+        plan.notes.insert(0, halt.message);
+    }
+    let now = opts.now.unwrap_or_else(unix_now);
+    idsync_engine::quarantine::hold(&mut plan, &state, now, &caps);
     let file = PlanFile {
         plan,
         snapshot: read.snapshot.clone(),
@@ -316,6 +335,8 @@ async fn plan_and_apply(
         } else {
             exit::ERROR
         }
+    } else if report.quarantine.halted.is_some() {
+        exit::HALTED
     } else if !report.is_success() || interrupted(&report, reporter) {
         exit::ERROR
     } else if report.pending > 0 {
@@ -401,9 +422,21 @@ async fn apply_file(
     } else if flushed.is_ok() {
         // An apply that left operations pending (interrupted) is not complete: the cursors and the
         // picture stay where they were, and the next run plans what is left.
-        apply::finish(file, &report, &caps, &mut state, all && report.pending == 0);
+        apply::finish(
+            file,
+            &report,
+            &caps,
+            &mut state,
+            all && report.pending == 0 && file.plan.held_back == 0,
+        );
     } else {
         state = at_begin;
+    }
+    if flushed.is_ok() {
+        let now = run.now.unwrap_or_else(unix_now);
+        report.quarantine = idsync_engine::quarantine::record(
+            &file.plan, &report, &mut state, a.policy, now, &caps,
+        );
     }
     if let Some((l, ttl)) = lease {
         store.renew(l, ttl).await?;
@@ -414,6 +447,16 @@ async fn apply_file(
         error,
     })?;
     Ok(report)
+}
+
+/// The halt of an agreement a run halted (too many of its operations failed).
+fn halted_agreement(name: &str, why: &str) -> Halt {
+    Halt {
+        reason: idsync_model::HaltReason::Failures,
+        message: format!(
+            "agreement {name:?} is halted: {why}. Nothing is written until a person looks: fix the cause, then `idsync agreement resume {name}`"
+        ),
+    }
 }
 
 /// Before a run plans: finishes a rollback an earlier run left in the journal (it crashed in the
@@ -532,6 +575,10 @@ pub async fn apply_saved(
     let lease = store.acquire(a.name, &holder(), opts.lease).await?;
     let result = async {
         let state = load_state(store, a.name).await?;
+        if let Some(why) = &state.halted {
+            reporter.halt(&halted_agreement(a.name, why));
+            return Ok(Outcome { code: exit::HALTED, file: None, report: None });
+        }
         if state
             .journal
             .as_ref()
@@ -584,6 +631,7 @@ pub async fn apply_saved(
         let code = match &report.rollback {
             Some(r) if r.complete() => exit::HALTED,
             Some(_) => exit::ERROR,
+            None if report.quarantine.halted.is_some() => exit::HALTED,
             None if report.is_success() && !interrupted(&report, reporter) => exit::OK,
             None => exit::ERROR,
         };

@@ -122,6 +122,8 @@ struct RawPolicy {
     yield_members: Option<bool>,
     max_deletions: Option<usize>,
     max_deletions_percent: Option<u32>,
+    quarantine_after: Option<u32>,
+    max_failed_percent: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

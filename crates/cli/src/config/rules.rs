@@ -173,6 +173,18 @@ impl Validator<'_> {
             }
             p.max_deletions_percent = Some(pct);
         }
+        if let Some(n) = raw.quarantine_after {
+            p.quarantine_after = n;
+        }
+        if let Some(pct) = raw.max_failed_percent {
+            if pct > 100 {
+                self.err(
+                    Origin::File(&k("max_failed_percent")),
+                    format!("{pct} is not a percentage (0 to 100; 100 never halts)"),
+                );
+            }
+            p.max_failed_percent = Some(pct);
+        }
         p
     }
 }
