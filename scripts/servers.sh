@@ -6,9 +6,14 @@
 # stopped by their pids on exit. The GCS backend runs against idsync's own emulator inside
 # `cargo test` (no emulator in the registries honours GCS preconditions).
 #
-# Environment: IDSYNC_VENV (default .venv).
+# Then the fault suite (scripts/faults.sh) at the size CI can afford, with state on moto and
+# Azurite too. `scripts/servers.sh faults [ci|full] [STRIDE]` runs only the fault suite.
+#
+# Environment: IDSYNC_VENV (default .venv); IDSYNC_FAULTS_ONLY (only the fault cases whose name
+# contains it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode="${1:-all}"
 
 for tool in python3 npm curl; do
   if ! command -v "$tool" >/dev/null 2>&1; then
@@ -86,12 +91,34 @@ print(generate_container_sas("devstoreaccount1", "idsync-state", account_key=key
 PY
 )
 
-IDSYNC_TEST_MOTO="http://127.0.0.1:$moto_port" \
-IDSYNC_TEST_AZURITE="http://127.0.0.1:$azurite_port/devstoreaccount1" \
-IDSYNC_TEST_AZURITE_SAS="$sas" \
-AZURE_STORAGE_ACCOUNT_NAME=devstoreaccount1 \
-AZURE_STORAGE_ACCOUNT_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==" \
-AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
-  cargo test -q --locked -p idsync-state --test backends -- --ignored --test-threads 1
-IDSYNC_TEST_SCIM="http://127.0.0.1:$scim_port" IDSYNC_TEST_SCIM_TOKEN="$scim_token" \
-  cargo test -q --locked -p idsync-connectors --test scim_target -- --ignored
+if [ "$mode" != faults ]; then
+  IDSYNC_TEST_MOTO="http://127.0.0.1:$moto_port" \
+  IDSYNC_TEST_AZURITE="http://127.0.0.1:$azurite_port/devstoreaccount1" \
+  IDSYNC_TEST_AZURITE_SAS="$sas" \
+  AZURE_STORAGE_ACCOUNT_NAME=devstoreaccount1 \
+  AZURE_STORAGE_ACCOUNT_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==" \
+  AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
+    cargo test -q --locked -p idsync-state --test backends -- --ignored --test-threads 1
+  IDSYNC_TEST_SCIM="http://127.0.0.1:$scim_port" IDSYNC_TEST_SCIM_TOKEN="$scim_token" \
+    cargo test -q --locked -p idsync-connectors --test scim_target -- --ignored
+fi
+
+# The fault suite: the real idsync binary killed, stormed and raced against the emulators, with
+# state in a folder, on moto, on Azurite and on idsync's GCS emulator. CI runs the small size
+# (every write boundary of a plan of about a hundred writes); `full` is a plan of over 1,000
+# operations, built in release mode, for a person to run.
+size="${2:-ci}"
+stride="${3:-1}"
+profile=debug
+if [ "$size" = full ]; then
+  profile=release
+  cargo build --release --locked -q -p idsync -p idsync-emulators --bin idsync --bin idsync-faults
+else
+  cargo build --locked -q -p idsync -p idsync-emulators --bin idsync --bin idsync-faults
+fi
+echo "== the fault suite ($size, every ${stride} write boundary)"
+"target/$profile/idsync-faults" --idsync "target/$profile/idsync" --size "$size" --stride "$stride" \
+  --moto "http://127.0.0.1:$moto_port" \
+  --azurite "http://127.0.0.1:$azurite_port/devstoreaccount1" \
+  --gcs-key tests/fixtures/entra-test-client.pem \
+  --markdown "target/faults-$size.md" ${IDSYNC_FAULTS_ONLY:+--only "$IDSYNC_FAULTS_ONLY"}

@@ -167,6 +167,15 @@ impl Printer {
 
     fn summary(&self, plan: &Plan) -> String {
         if plan.is_empty() && plan.conflicts.is_empty() {
+            if plan.held_back > 0 {
+                return self.paint(
+                    "33",
+                    &format!(
+                        "nothing to do but {} operation(s) held back: quarantined (see the notes)",
+                        plan.held_back
+                    ),
+                );
+            }
             return self.paint("32", "in sync: nothing to do");
         }
         let count = |name: &str| -> usize {

@@ -62,6 +62,14 @@ pub struct Faults {
     pub reset_rate: f64,
     /// Only requests whose path contains this are affected (all when empty).
     pub path_contains: String,
+    /// Writes (any method but GET and HEAD) after this many hang, never answered and never made:
+    /// the fault suite kills idsync there, at an exact write boundary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall_after_writes: Option<u64>,
+    /// The write with this number (from 1, counted as [`Infra::writes`] counts) is answered 409
+    /// and not made: a conflict in the middle of an apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflict_at_write: Option<u64>,
 }
 
 /// A token bucket: `capacity` requests at once, refilled at `per_second`.
@@ -112,6 +120,12 @@ pub struct Infra {
     throttle: Mutex<Vec<(Vec<String>, Bucket)>>,
     rng: Mutex<Rng>,
     error: ErrorFormat,
+    /// Writes that reached the API (stalled ones not counted).
+    writes_started: std::sync::atomic::AtomicU64,
+    /// Of those, the ones answered.
+    writes_done: std::sync::atomic::AtomicU64,
+    /// Requests answered with an injected fault (5xx, HTML page, cut body, dropped connection).
+    injected: std::sync::atomic::AtomicU64,
 }
 
 impl Infra {
@@ -123,7 +137,40 @@ impl Infra {
             throttle: Mutex::new(Vec::new()),
             rng: Mutex::new(Rng::new(7)),
             error,
+            writes_started: Default::default(),
+            writes_done: Default::default(),
+            injected: Default::default(),
         })
+    }
+
+    /// Requests answered with an injected fault so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn inject(&self) {
+        self.injected
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Writes answered since the start (or the last [`Infra::reset_writes`]), injected conflicts
+    /// included; those that failed with an injected 5xx, HTML page or 429 are not writes.
+    pub fn writes(&self) -> u64 {
+        self.writes_done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Writes let through, answered or not yet.
+    pub fn writes_started(&self) -> u64 {
+        self.writes_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Counts writes from zero again.
+    pub fn reset_writes(&self) {
+        self.writes_started
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        self.writes_done
+            .store(0, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Sets the faults to inject.
@@ -270,9 +317,11 @@ pub async fn layer(State(infra): State<Arc<Infra>>, req: Request, next: Next) ->
             StatusCode::SERVICE_UNAVAILABLE,
             StatusCode::GATEWAY_TIMEOUT,
         ][(infra.roll() * 4.0) as usize % 4];
+        infra.inject();
         return infra.error(status, "serviceNotAvailable", "injected server error");
     }
     if applies && infra.roll() < f.html_rate {
+        infra.inject();
         let page = "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1><p>The upstream server did not answer.</p></body></html>";
         return (
             StatusCode::BAD_GATEWAY,
@@ -286,10 +335,29 @@ pub async fn layer(State(infra): State<Arc<Infra>>, req: Request, next: Next) ->
     }
     let truncate = applies && infra.roll() < f.truncate_rate;
     let reset = applies && infra.roll() < f.reset_rate;
+    let write = !matches!(req.method().as_str(), "GET" | "HEAD");
+    if write {
+        use std::sync::atomic::Ordering;
+        let n = infra.writes_started.fetch_add(1, Ordering::SeqCst) + 1;
+        if f.stall_after_writes.is_some_and(|s| n > s) {
+            infra.writes_started.fetch_sub(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        if f.conflict_at_write == Some(n) {
+            infra.writes_done.fetch_add(1, Ordering::SeqCst);
+            return infra.error(StatusCode::CONFLICT, "conflict", "injected conflict");
+        }
+    }
     let resp = next.run(req).await;
+    if write {
+        infra
+            .writes_done
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
     if !(truncate || reset) {
         return resp;
     }
+    infra.inject();
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await

@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod databricks;
+pub mod faults;
 pub mod gcs;
 pub mod generator;
 pub mod graph;

@@ -4,7 +4,9 @@
 //! (from an hour, at most a day), then tried again; a success or `idsync agreement release`
 //! frees it. One poison principal never blocks the others. A run in which more than
 //! `max_failed_percent` of the operations it attempted failed halts the agreement until a person
-//! resumes it, like the deletion threshold.
+//! resumes it, like the deletion threshold. Failures of the service or the network (5xx and
+//! dropped connections after retries, throttling) count for neither: they say nothing about the
+//! principal, and the next run retries them anyway.
 
 use crate::apply::ApplyReport;
 use crate::plan::{Policy, tally};
@@ -130,15 +132,34 @@ pub fn record(
     caps: &Capabilities,
 ) -> Recorded {
     let mut out = Recorded::default();
+    // The service or the network failing, or throttling, says nothing about the principal: only
+    // the other failures count (a refusal, an invalid value, an unreadable answer...).
+    let transient = |f: &&crate::apply::Failure| {
+        matches!(
+            f.kind,
+            Some(
+                crate::target::TargetErrorKind::Unavailable
+                    | crate::target::TargetErrorKind::Throttled
+            )
+        )
+    };
     let mut failed: BTreeMap<String, &str> = BTreeMap::new();
-    for f in &report.failed {
+    for f in report.failed.iter().filter(|f| !transient(f)) {
         let (kind, natural) = f.op.subject();
         failed.entry(key(kind, natural, caps)).or_insert(&f.error);
     }
+    let any_failure: std::collections::BTreeSet<String> = report
+        .failed
+        .iter()
+        .map(|f| {
+            let (kind, natural) = f.op.subject();
+            key(kind, natural, caps)
+        })
+        .collect();
     for &i in &report.ran {
         let (kind, natural) = plan.ops[i].subject();
         let k = key(kind, natural, caps);
-        if !failed.contains_key(&k) && state.failing.remove(&k).is_some() {
+        if !any_failure.contains(&k) && state.failing.remove(&k).is_some() {
             out.released.push(k);
         }
     }
@@ -157,15 +178,19 @@ pub fn record(
         }
     }
     let attempted = report.applied + report.failed.len();
-    let nfailed = report.failed.len();
+    let nfailed = report.failed.iter().filter(|f| !transient(f)).count();
     if let Some(pct) = policy.max_failed_percent
         && nfailed >= HALT_FLOOR
         && nfailed * 100 > attempted * pct as usize
     {
         let why = format!(
-            "{nfailed} of the {attempted} operations attempted at {} failed (more than max_failed_percent = {pct}); first: {}",
+            "{nfailed} of the {attempted} operations attempted at {} failed, not for a passing outage (more than max_failed_percent = {pct}); first: {}",
             utc(now),
-            report.failed[0].error
+            report
+                .failed
+                .iter()
+                .find(|f| !transient(f))
+                .map_or("", |f| f.error.as_str())
         );
         state.halted = Some(why.clone());
         out.halted = Some(why);

@@ -176,25 +176,26 @@ impl<B: Blobs> StateStore for BlobStore<B> {
     ) -> Result<Lease, StateError> {
         check_name(agreement)?;
         let t = now();
-        let current = self.read_lease(agreement).await?;
-        let cond = match &current {
-            Some((l, _)) if l.until > t => {
-                return Err(StateError::LeaseHeld {
-                    agreement: agreement.to_owned(),
-                    holder: l.holder.clone(),
-                    until: l.until,
-                });
-            }
-            Some((l, tag)) => {
-                if l.until > 0 {
-                    tracing::warn!(holder = %l.holder, "taking over an expired lease (a run that crashed or was killed)");
+        // One read decides: reading twice (once to parse, once to tell an absent lease from an
+        // unreadable one) let a run replace a lease another run had just taken in between.
+        let cond = match self.blobs.get(&lease_key(agreement)).await? {
+            None => Cond::Absent,
+            Some((bytes, tag)) => match serde_json::from_slice::<Lease>(&bytes) {
+                Ok(l) if l.until > t => {
+                    return Err(StateError::LeaseHeld {
+                        agreement: agreement.to_owned(),
+                        holder: l.holder,
+                        until: l.until,
+                    });
                 }
-                Cond::Match(tag.clone())
-            }
-            None => match self.blobs.get(&lease_key(agreement)).await? {
-                // Unreadable: replaced.
-                Some((_, tag)) => Cond::Match(tag),
-                None => Cond::Absent,
+                Ok(l) => {
+                    if l.until > 0 {
+                        tracing::warn!(holder = %l.holder, "taking over an expired lease (a run that crashed or was killed)");
+                    }
+                    Cond::Match(tag)
+                }
+                // Unreadable: replaced, never trusted.
+                Err(_) => Cond::Match(tag),
             },
         };
         let lease = Lease {

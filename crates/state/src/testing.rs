@@ -87,6 +87,23 @@ async fn compare_and_swap<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), Str
 async fn leases<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
     let e = |e: StateError| e.to_string();
     let min = Duration::from_secs(60);
+    // Eight runs take a lease no one holds, at once, ten times over: exactly one gets it each
+    // time (a second read between deciding and writing once let a run replace a fresh lease).
+    for round in 0..10 {
+        let name = format!("{a}-race{round}");
+        let holders: Vec<String> = (0..8).map(|i| format!("racer-{i}")).collect();
+        let results =
+            futures::future::join_all(holders.iter().map(|h| s.acquire(&name, h, min))).await;
+        let wins = results.iter().filter(|r| r.is_ok()).count();
+        assert_that(
+            wins == 1,
+            &format!("exactly one of 8 concurrent acquires wins, {wins} did"),
+        )?;
+        for l in results.into_iter().flatten() {
+            s.release(&l).await.map_err(e)?;
+        }
+        s.delete(&name).await.map_err(e)?;
+    }
     let l1 = s.acquire(a, "run-1", min).await.map_err(e)?;
     match s.acquire(a, "run-2", min).await {
         Err(StateError::LeaseHeld { holder, .. }) if holder == "run-1" => {}
