@@ -81,6 +81,59 @@ fn source_error(e: HttpError) -> SourceError {
     SourceError::of(kind, format!("{}{hint}", e.message))
 }
 
+/// A page's items. A page without a `value` list is never read as an empty one: that would
+/// take every member of a group for gone. A 200 that carries an error says which.
+fn items(page: &mut Value, what: &str) -> Result<Vec<Value>, SourceError> {
+    match page.get_mut("value").map(Value::take) {
+        Some(Value::Array(items)) => Ok(items),
+        other => {
+            let why = match page.pointer("/error/message").and_then(Value::as_str) {
+                Some(m) => format!("an error in a successful answer: {m:?}"),
+                None if other.is_some() => "`value` that is not a list".to_owned(),
+                None => "no `value` list".to_owned(),
+            };
+            Err(SourceError::of(
+                SourceErrorKind::Protocol,
+                format!(
+                    "Microsoft Graph answered {what} with {why}; nothing was read from it, and nothing is applied from this read"
+                ),
+            ))
+        }
+    }
+}
+
+/// Follows a nextLink only to where the first request went (the token goes with it), and only
+/// once: a page that links back to one already read would loop forever.
+fn follow(
+    next: Option<String>,
+    root: &str,
+    seen: &mut std::collections::HashSet<String>,
+) -> Result<Option<String>, SourceError> {
+    let Some(next) = next else { return Ok(None) };
+    let origin = |u: &str| -> String {
+        let rest = u.split_once("://").map_or(u, |(_, r)| r);
+        let host = rest.split('/').next().unwrap_or_default();
+        format!("{}://{host}", u.split("://").next().unwrap_or_default()).to_ascii_lowercase()
+    };
+    if origin(&next) != origin(root) {
+        return Err(SourceError::of(
+            SourceErrorKind::Protocol,
+            format!(
+                "Microsoft Graph sent a nextLink to {:?}, not to {:?}: idsync does not send its token elsewhere; nothing is applied from this read",
+                origin(&next),
+                origin(root)
+            ),
+        ));
+    }
+    if !seen.insert(next.clone()) {
+        return Err(SourceError::of(
+            SourceErrorKind::Protocol,
+            "Microsoft Graph sent a nextLink to a page it had already sent (a loop); nothing is applied from this read",
+        ));
+    }
+    Ok(Some(next))
+}
+
 fn text(v: &Value, k: &str) -> Option<String> {
     v.get(k).and_then(Value::as_str).map(str::to_owned)
 }
@@ -166,6 +219,7 @@ impl EntraSource {
     async fn all(&self, first: String) -> Result<Vec<Value>, SourceError> {
         let mut out = Vec::new();
         let mut url = first;
+        let mut seen = std::collections::HashSet::new();
         loop {
             let mut page: Value = self
                 .http
@@ -189,10 +243,8 @@ impl EntraSource {
                     },
                 )
                 .await?;
-            if let Some(Value::Array(items)) = page.get_mut("value").map(Value::take) {
-                out.extend(items);
-            }
-            match text(&page, "@odata.nextLink") {
+            out.extend(items(&mut page, "a page")?);
+            match follow(text(&page, "@odata.nextLink"), &self.cfg.graph, &mut seen)? {
                 Some(next) => url = next,
                 None => return Ok(out),
             }
@@ -374,15 +426,16 @@ impl EntraSource {
                 out.push(None);
                 continue;
             };
-            let mut items = match page.pointer_mut("/body/value").map(Value::take) {
-                Some(Value::Array(items)) => items,
-                _ => Vec::new(),
+            let mut items = match page.get_mut("body") {
+                Some(body) => items(body, "a member page in a $batch")?,
+                None => items(&mut Value::Null, "a $batch item")?,
             };
-            if let Some(next) = page
+            let next = page
                 .pointer("/body/@odata.nextLink")
                 .and_then(Value::as_str)
-            {
-                items.extend(self.all(next.to_owned()).await?);
+                .map(str::to_owned);
+            if let Some(next) = follow(next, &self.cfg.graph, &mut Default::default())? {
+                items.extend(self.all(next).await?);
             }
             out.push(Some(items));
         }
@@ -537,6 +590,7 @@ impl EntraSource {
     async fn changes(&self, link: &str) -> Result<Option<(Vec<Value>, String)>, SourceError> {
         let mut items = Vec::new();
         let mut url = link.to_owned();
+        let mut seen = std::collections::HashSet::new();
         loop {
             let auth = self.auth().await?;
             let a = match self
@@ -556,13 +610,12 @@ impl EntraSource {
                 }
                 Err(e) => return Err(source_error(e)),
             };
-            let page: Value = a
+            let mut page: Value = a
                 .json("Microsoft Graph", "a delta page")
                 .map_err(source_error)?;
-            if let Some(v) = page.get("value").and_then(Value::as_array) {
-                items.extend(v.iter().cloned());
-            }
-            if let Some(next) = text(&page, "@odata.nextLink") {
+            items.extend(self::items(&mut page, "a delta page")?);
+            if let Some(next) = follow(text(&page, "@odata.nextLink"), &self.cfg.graph, &mut seen)?
+            {
                 url = next;
             } else if let Some(delta) = text(&page, "@odata.deltaLink") {
                 return Ok(Some((items, delta)));

@@ -131,6 +131,7 @@ impl LakefsTarget {
     ) -> Result<Vec<T>, TargetError> {
         let mut out = Vec::new();
         let mut after = String::new();
+        let mut seen = std::collections::HashSet::new();
         loop {
             let url = format!("{}{path}?amount=1000&after={}", self.base, seg(&after));
             let page: Page<T> = self
@@ -148,13 +149,21 @@ impl LakefsTarget {
                 .await
                 .map_err(target_error)?;
             out.extend(page.results);
-            if !page.pagination.has_more
-                || page.pagination.next_offset.is_empty()
-                || page.pagination.next_offset == after
-            {
+            if !page.pagination.has_more {
                 return Ok(out);
             }
-            after = page.pagination.next_offset;
+            // "More" with no way on, or back to a page already read, would end early (and take
+            // what is on the pages not read for missing) or loop forever.
+            let next = page.pagination.next_offset;
+            if next.is_empty() || !seen.insert(next.clone()) {
+                return Err(TargetError::new(
+                    TargetErrorKind::Protocol,
+                    format!(
+                        "lakeFS answered {what} with more to read but next_offset {next:?}, which leads nowhere new; nothing is applied from this observation"
+                    ),
+                ));
+            }
+            after = next;
         }
     }
 

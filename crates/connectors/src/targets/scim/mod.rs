@@ -36,14 +36,58 @@ const SCHEMA_USER: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 const SCHEMA_GROUP: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
 const SCHEMA_SERVICE_PRINCIPAL: &str = "urn:ietf:params:scim:schemas:core:2.0:ServicePrincipal";
 const SCHEMA_BULK: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
+const SCHEMA_ERROR: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
+
+/// A SCIM list response page, as received.
+#[derive(Deserialize)]
+struct RawList {
+    #[serde(rename = "Resources", default)]
+    resources: Option<Vec<Value>>,
+    #[serde(rename = "totalResults", default)]
+    total_results: Option<usize>,
+    #[serde(default)]
+    schemas: Vec<String>,
+    #[serde(default)]
+    detail: Option<String>,
+}
 
 /// A SCIM list response page.
-#[derive(Deserialize)]
 pub(crate) struct ListResponse {
-    #[serde(rename = "Resources", default)]
     pub resources: Vec<Value>,
-    #[serde(rename = "totalResults", default)]
     pub total_results: Option<usize>,
+}
+
+impl ListResponse {
+    /// Reads a page. An error sent with a success status, or a page with neither `Resources`
+    /// nor `totalResults: 0`, is an error: read as an empty page, it would take every principal
+    /// for missing.
+    fn from_value(v: Value, service: &str, what: &str) -> Result<ListResponse, TargetError> {
+        let bad = |why: String| {
+            TargetError::new(
+                TargetErrorKind::Protocol,
+                format!("{service} answered {what} with {why}; nothing is applied from it"),
+            )
+        };
+        let raw: RawList = serde_json::from_value(v)
+            .map_err(|e| bad(format!("a body that is not a SCIM ListResponse ({e})")))?;
+        if raw.schemas.iter().any(|s| s == SCHEMA_ERROR) {
+            return Err(bad(format!(
+                "a SCIM error in a successful answer: {:?}",
+                raw.detail.unwrap_or_default()
+            )));
+        }
+        match (raw.resources, raw.total_results) {
+            (Some(resources), total_results) => Ok(ListResponse {
+                resources,
+                total_results,
+            }),
+            (None, Some(0)) => Ok(ListResponse {
+                resources: Vec::new(),
+                total_results: Some(0),
+            }),
+            (None, _) => Err(bad("a list without `Resources`".into())),
+        }
+    }
 }
 
 pub(crate) fn text(v: &Value, k: &str) -> Option<String> {
@@ -162,14 +206,7 @@ where
             Err(e) => return Err(e),
         };
         let Some(list) = list else { continue };
-        let page: ListResponse = serde_json::from_value(list).map_err(|e| {
-            TargetError::new(
-                TargetErrorKind::Protocol,
-                format!(
-                    "the SCIM provider answered a filtered list that is not a ListResponse: {e}"
-                ),
-            )
-        })?;
+        let page = ListResponse::from_value(list, "the SCIM provider", "a filtered list")?;
         // More than one page: the holders of a key could be on the next; observe in bulk.
         if page.total_results.is_some_and(|t| t > page.resources.len()) {
             return Ok(None);
@@ -619,20 +656,40 @@ impl ScimTarget {
         let count = self.features().await?.list_page;
         let attributes = (self.dialect.list_attributes)(kind);
         let mut out = Vec::new();
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
         loop {
             let path = format!(
                 "/{}?attributes={attributes}&startIndex={}&count={count}",
                 resource(kind),
                 out.len() + 1
             );
+            let what = format!("listing {}", resource(kind));
             let page: ListResponse = self
                 .http
                 .persist(transient_target, || async {
                     let a = self.call(Method::GET, &path, None, None, true).await?;
-                    a.json(self.dialect.service, &format!("listing {}", resource(kind)))
-                        .map_err(|e| self.error(e))
+                    let v: Value = a
+                        .json(self.dialect.service, &what)
+                        .map_err(|e| self.error(e))?;
+                    ListResponse::from_value(v, self.dialect.service, &what)
                 })
                 .await?;
+            // A server that ignores `startIndex` sends the same page forever.
+            let fresh = page
+                .resources
+                .iter()
+                .filter(|r| text(r, "id").is_none_or(|id| seen.insert(id)))
+                .count();
+            if fresh == 0 && !page.resources.is_empty() {
+                return Err(TargetError::new(
+                    TargetErrorKind::Protocol,
+                    format!(
+                        "{} answered {what} at startIndex {} with only resources it had sent already (does it ignore startIndex?); nothing is applied from this observation",
+                        self.dialect.service,
+                        out.len() + 1
+                    ),
+                ));
+            }
             let n = page.resources.len();
             out.extend(page.resources);
             let last = match page.total_results {
