@@ -4,7 +4,7 @@
 //! a huge page. Each read either succeeds with exactly what was sent or fails with an error that
 //! says what happened; none is read as an empty (or shorter) list, which would take every member
 //! for gone; none loops forever; the token never leaves for another host.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
@@ -93,7 +93,11 @@ fn graph(
         } else if path.contains("/delta") {
             // The change feed's starting point, asked before the full read: a plain one.
             let link = format!("{base}/v1.0/groups/delta?$deltatoken=canned");
-            (200, JSON, format!(r#"{{"value": [], "@odata.deltaLink": "{link}"}}"#))
+            (
+                200,
+                JSON,
+                format!(r#"{{"value": [], "@odata.deltaLink": "{link}"}}"#),
+            )
         } else {
             page(path, base)
         }
@@ -135,7 +139,10 @@ async fn graph_error(
 async fn graph_html_instead_of_json_is_an_error() {
     let e =
         graph_error(|_, _| (200, "text/html", "<html><body>Sign in</body></html>".into())).await;
-    assert!(e.contains("not the JSON expected") && e.contains("<html>"), "{e}");
+    assert!(
+        e.contains("not the JSON expected") && e.contains("<html>"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -279,7 +286,10 @@ async fn scim_error(
 #[tokio::test]
 async fn scim_html_instead_of_json_is_an_error() {
     let e = scim_error(|_| (200, "text/html", "<!DOCTYPE html><p>proxy login</p>".into())).await;
-    assert!(e.contains("not the JSON expected") && e.contains("<!DOCTYPE html>"), "{e}");
+    assert!(
+        e.contains("not the JSON expected") && e.contains("<!DOCTYPE html>"),
+        "{e}"
+    );
 }
 
 #[tokio::test]

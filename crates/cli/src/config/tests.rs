@@ -349,3 +349,51 @@ fn a_secret_in_a_file_others_can_read_gets_a_warning() {
     let env = Env::from_pairs([("LAKEFS_SECRET_ACCESS_KEY", "from-env")]);
     assert!(load(Some(&f), &env).unwrap().warnings.is_empty());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
+    ))]
+
+    /// Random text as a configuration: parsed, or refused with every problem named with its
+    /// file; never a panic.
+    #[test]
+    fn random_text_is_a_configuration_or_refused(text in "\\PC{0,200}") {
+        if let Err(e) = parse_str(&text, &Env::default()) {
+            proptest::prop_assert!(!e.0.is_empty());
+        }
+    }
+
+    /// Random lines of the keys and sections a configuration has, with values of random types.
+    #[test]
+    fn random_sections_and_values_are_a_configuration_or_refused(
+        lines in proptest::collection::vec(
+            (
+                proptest::sample::select(vec![
+                    "[state]", "[source]", "[scope]", "[policy]", "[mapping]", "[run]",
+                    "[targets.t]", "[targets.t.mapping]", "[targets.t.policy]", "",
+                ]),
+                proptest::sample::select(vec![
+                    "kind", "path", "url", "endpoint", "host", "account_id", "groups",
+                    "search_depth", "deprovision", "max_deletions", "max_deletions_percent",
+                    "on_apply_error", "quarantine_after", "user_name", "group_name",
+                    "lease_seconds", "worker_threads", "yield_attributes", "adopt_keys",
+                ]),
+                proptest::sample::select(vec![
+                    "\"file\"", "\"lakefs\"", "\"scim\"", "\"databricks\"", "\"entra\"", "\"ldap\"",
+                    "\"{userName|lower}\"", "\"{nope\"", "-1", "0", "99999999999", "1.5",
+                    "true", "[\"a\", 1]", "{ x = 1 }", "\"rollback\"", "\"\"", "\"http://10.0.0.1\"",
+                ]),
+            ),
+            0..12,
+        )
+    ) {
+        let text: String = lines
+            .iter()
+            .map(|(section, key, value)| format!("{section}\n{key} = {value}\n"))
+            .collect();
+        if let Err(e) = parse_str(&text, &Env::default()) {
+            proptest::prop_assert!(e.0.iter().all(|p| !p.to_string().is_empty()));
+        }
+    }
+}

@@ -837,6 +837,45 @@ impl Source for EntraSource {
 mod tests {
     use super::odata_literal;
 
+    /// Undoes percent-encoding, as a server does before it parses a query.
+    fn percent_decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%'
+                && i + 2 < b.len()
+                && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Whatever a group's name holds, the `$filter` idsync sends reads back as that name:
+        /// the OData parser of the Graph emulator sees one comparison with the exact value.
+        #[test]
+        fn any_name_survives_an_odata_filter(s in "\\PC*") {
+            let sent = format!("displayName eq {}", odata_literal(&s));
+            let parsed = idsync_emulators::graph::odata::parse_filter(&percent_decode(&sent));
+            proptest::prop_assert_eq!(
+                parsed,
+                Ok(idsync_emulators::graph::odata::Filter::Eq(
+                    "displayName".into(),
+                    serde_json::Value::String(s.clone())
+                ))
+            );
+        }
+    }
+
     #[test]
     fn odata_literals_are_escaped() {
         assert_eq!(odata_literal("O'Brien"), "'O''Brien'");

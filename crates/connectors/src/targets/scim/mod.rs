@@ -1101,6 +1101,22 @@ mod tests {
         assert_eq!(one(Kind::Group, "ü#"), "/Groups/%C3%BC%23");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Whatever a key holds, the filter idsync writes reads back as that key: the SCIM
+        /// filter parser of the Databricks emulator sees one comparison with the exact value.
+        #[test]
+        fn any_key_survives_a_scim_filter(s in "\\PC*") {
+            let f = format!("userName eq {}", scim_string(&s));
+            let parsed = idsync_emulators::databricks::parse_filter(&f);
+            proptest::prop_assert_eq!(
+                parsed,
+                Ok(idsync_emulators::databricks::Filter::Cmp("userName".into(), "eq".into(), s.clone()))
+            );
+        }
+    }
+
     #[test]
     fn member_filters_escape_quotes_and_backslashes() {
         assert_eq!(member_path("a\"b\\c"), r#"members[value eq "a\"b\\c"]"#);
