@@ -282,12 +282,23 @@ impl Trial {
         c
     }
 
-    fn spawn(&self, args: &[&str]) -> Result<Child, String> {
-        self.command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+    /// Starts a run in the background. Its output goes to a file of the trial's folder (read it
+    /// with [`output_of`]), never to a pipe nobody reads while it runs: a plan of 1,000 lines
+    /// fills a pipe and the run would stop at its first print.
+    fn spawn(&self, args: &[&str]) -> Result<(Child, PathBuf), String> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = self.dir.0.join(format!("run-{n}.out"));
+        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", self.idsync.display()))
+            .map_err(|e| format!("starting {}: {e}", self.idsync.display()))?;
+        Ok((child, path))
     }
 
     fn run(&self, args: &[&str]) -> Result<Ran, String> {
@@ -324,6 +335,11 @@ impl Trial {
             ),
         })
     }
+}
+
+/// What a run started with [`Trial::spawn`] printed.
+fn output_of(path: &std::path::Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
 }
 
 fn kill(child: &mut Child) {
@@ -616,7 +632,7 @@ fn ordinal(stride: u64) -> String {
 /// Starts `idsync sync`, waits until the emulator made `k` writes (the rest stall), and kills it.
 /// `false` when the run ended before (it had fewer writes to make).
 fn kill_at(trial: &Trial, emu: &Emulator, k: u64, args: &[&str]) -> Result<bool, String> {
-    let mut child = trial.spawn(args)?;
+    let (mut child, _) = trial.spawn(args)?;
     let start = Instant::now();
     loop {
         if emu.infra().writes() >= k {
@@ -977,22 +993,17 @@ async fn race(
             latency_ms: 3,
             ..Faults::default()
         });
-        let children: Vec<Child> = (0..n)
+        let children: Vec<(Child, PathBuf)> = (0..n)
             .map(|_| trial.spawn(&["sync"]))
             .collect::<Result<_, _>>()?;
         let mut codes = Vec::new();
         let mut texts = Vec::new();
-        for c in children {
-            let out =
-                tokio::task::block_in_place(|| c.wait_with_output()).map_err(|e| e.to_string())?;
-            let code = out.status.code().unwrap_or(-1);
+        for (mut c, out) in children {
+            let status = tokio::task::block_in_place(|| c.wait()).map_err(|e| e.to_string())?;
+            let code = status.code().unwrap_or(-1);
             codes.push(code);
             if code != 0 && code != 4 {
-                let all = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                let all = output_of(&out);
                 let tail: Vec<&str> = all.lines().rev().take(4).collect();
                 texts.push(tail.join(" / "));
             }
@@ -1051,7 +1062,7 @@ async fn takeover(
         stall_after_writes: Some(5),
         ..Faults::default()
     });
-    let mut first = trial.spawn(&["sync"])?;
+    let (mut first, first_out) = trial.spawn(&["sync"])?;
     let mut problems = Vec::new();
     tokio::task::block_in_place(|| -> Result<(), String> {
         let start = Instant::now();
@@ -1087,8 +1098,11 @@ async fn takeover(
         }
     });
     if code != 4 && code != -9 {
+        let all = output_of(&first_out);
+        let tail: Vec<&str> = all.lines().rev().take(4).collect();
         problems.push(format!(
-            "the run whose lease was taken exited {code}, not 4"
+            "the run whose lease was taken exited {code}, not 4: {}",
+            tail.join(" / ")
         ));
     }
     let (runs, wrong, problem) = tokio::task::block_in_place(|| settle(&trial, &emu, &want, 3))?;

@@ -243,6 +243,7 @@ pub async fn apply(
         // Each operation is resolved just before it runs, and a member or policy operation that
         // succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
         let created_now = &created;
+        let caps_now = &caps;
         // After a stop no write starts; state-only operations (adopting what an interrupted
         // apply created, forgetting what is gone) still run, so the journal is never lost.
         if (opts.stopped() || halt()) && ops.iter().all(|(_, o)| o.writes()) {
@@ -295,7 +296,9 @@ pub async fn apply(
                     })
                     .collect();
                 let r = if resolved.writes() {
-                    target.execute(&resolved).await.map(|o| (o, true))
+                    execute(target, &resolved, caps_now)
+                        .await
+                        .map(|o| (o, true))
                 } else {
                     Ok((Outcome::Done, false))
                 };
@@ -357,6 +360,54 @@ pub async fn apply(
         }
     }
     report
+}
+
+/// How many times a create whose outcome is unknown is tried again within a run, after looking
+/// for what it may have made.
+const CREATE_RETRIES: u32 = 4;
+
+/// Executes `op`. A create that fails without a known outcome (a 5xx, a dropped connection, an
+/// answer cut short: the service may have made the principal) is not repeated blindly: the target
+/// is asked for the key first ([`Target::observe_some`]); what it holds under the key is what this
+/// create made, and is recorded as created; when nothing holds it, the create runs again, up to
+/// [`CREATE_RETRIES`] times. A storm then slows a run instead of failing it, and nothing is made
+/// twice. A target that cannot look up by key leaves the create to the next run, which does.
+async fn execute(
+    target: &dyn Target,
+    op: &Op,
+    caps: &Capabilities,
+) -> Result<Outcome, TargetError> {
+    let Op::Create { principal, .. } = op else {
+        return target.execute(op).await;
+    };
+    let folded = caps.fold(&principal.key);
+    let mut tries = 0;
+    loop {
+        let e = match target.execute(op).await {
+            Ok(o) => return Ok(o),
+            Err(e) if Failure::unknown(e.kind) && tries < CREATE_RETRIES => e,
+            Err(e) => return Err(e),
+        };
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100 << tries.min(4))).await;
+        let want = crate::observe::Interest {
+            keys: BTreeSet::from([(principal.kind, principal.key.clone())]),
+            ..Default::default()
+        };
+        match target.observe_some(&want).await {
+            Ok(Some(found)) => {
+                if let Some(p) = found.principals.iter().find(|p| {
+                    p.principal.kind == principal.kind && caps.folds_to(&p.principal.key, &folded)
+                }) {
+                    tracing::info!(op = ?op.subject(), "the create failed ({e}), but the target holds it: recorded as created");
+                    return Ok(Outcome::Created(p.id.clone()));
+                }
+            }
+            // The look-up failed too, or the target cannot look up by key: the next run finds
+            // the principal if it was made.
+            Ok(None) | Err(_) => return Err(e),
+        }
+    }
 }
 
 /// One operation's run: its place in the plan, the operation (kept when it failed or changes the
