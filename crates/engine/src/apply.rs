@@ -399,6 +399,13 @@ async fn execute(
                 if let Some(p) = found.principals.iter().find(|p| {
                     p.principal.kind == principal.kind && caps.folds_to(&p.principal.key, &folded)
                 }) {
+                    // Someone else's, made in between (its external id names another source
+                    // principal): not this create's; the next run reports the conflict.
+                    if p.principal.external_id.is_some()
+                        && p.principal.external_id != principal.external_id
+                    {
+                        return Err(e);
+                    }
                     tracing::info!(op = ?op.subject(), "the create failed ({e}), but the target holds it: recorded as created");
                     return Ok(Outcome::Created(p.id.clone()));
                 }

@@ -1,7 +1,7 @@
 //! Shared helpers for the engine's tests: build snapshots tersely and run one full sync cycle.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use idsync_engine::{ApplyReport, Mapping, MemoryTarget, Policy};
+use idsync_engine::{ApplyReport, Mapping, Policy};
 use idsync_model::{
     AgreementState, Capabilities, Group, Member, Plan, ServicePrincipal, Snapshot, User, UserType,
 };
@@ -77,7 +77,7 @@ pub struct Run {
 /// `idsync sync` (`Mode::Sync`) makes it, the target observed in full.
 pub async fn run_with(
     s: &Snapshot,
-    t: &MemoryTarget,
+    t: &dyn idsync_engine::Target,
     state: &mut AgreementState,
     policy: &Policy,
     mapping: &Mapping,
@@ -102,7 +102,7 @@ pub async fn run_with(
 /// The plan `idsync plan` shows: nothing is written, not even to the state.
 pub async fn plan_only(
     s: &Snapshot,
-    t: &MemoryTarget,
+    t: &dyn idsync_engine::Target,
     state: &AgreementState,
     policy: &Policy,
     mapping: &Mapping,
@@ -116,7 +116,7 @@ pub async fn plan_only(
 /// Plans and, unless a guard halts it, applies everything, as `idsync sync` does.
 pub async fn sync_with(
     s: &Snapshot,
-    t: &MemoryTarget,
+    t: &dyn idsync_engine::Target,
     state: &mut AgreementState,
     policy: &Policy,
     mapping: &Mapping,
@@ -126,7 +126,7 @@ pub async fn sync_with(
 
 pub async fn sync(
     s: &Snapshot,
-    t: &MemoryTarget,
+    t: &dyn idsync_engine::Target,
     state: &mut AgreementState,
     policy: &Policy,
 ) -> Run {
