@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs what idsync's tests need and runs them: formatting, lints, every test of the
+# Installs what idsync's tests need and runs them: formatting, lints, the dependency tree's licenses
+# and sources (cargo-deny, installed from crates.io when missing), every test of the
 # workspace (unit, property, the real binary against temporary folders), the emulators'
 # conformance suite (the vendors' Python clients, installed into .venv from PyPI), and the state
-# backends against moto (PyPI) and Azurite (npm) and the SCIM target against scim2-server (PyPI),
-# started on 127.0.0.1 and stopped by pid.
+# backends against moto (PyPI) and Azurite (npm), the SCIM target against scim2-server (PyPI) and
+# the LDAP source against OpenLDAP (slapd, a Debian package: scripts/ldap.sh),
+# started on 127.0.0.1 and stopped by pid, then the fault suite at the size CI affords (RELIABILITY.md).
 #
 # CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
-# except the package registries (crates.io, PyPI, npm) for the first build and install.
+# except the package registries (crates.io, PyPI, npm, Debian) for the first build and install.
 #
 # Environment:
 #   PROPTEST_CASES   cases per property test (default 1000)
@@ -31,6 +33,14 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== cargo deny check licenses bans sources (deny.toml; the advisory database is not reachable from CI)"
+# The version is pinned so that a new release's rules cannot fail a build that changed nothing.
+deny_version=0.20.2
+if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $deny_version" ]; then
+  cargo install cargo-deny --locked --version "=$deny_version"
+fi
+cargo deny --log-level error check licenses bans sources
+
 echo "== cargo check: the command without the demo and its emulators (a production build)"
 cargo check -p idsync --no-default-features --locked
 
@@ -39,6 +49,9 @@ PROPTEST_CASES="${PROPTEST_CASES:-1000}" cargo test --workspace --locked
 
 echo "== emulator conformance (the vendors' official Python clients against idsync-emulator)"
 scripts/conformance.sh
+
+echo "== the LDAP source against OpenLDAP (slapd from Debian, on 127.0.0.1)"
+scripts/ldap.sh
 
 echo "== against real servers: state on moto (S3, STS) and Azurite (Azure Blob); the SCIM target on scim2-server"
 scripts/servers.sh

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 pub static SOURCES: &[&dyn SourceKind] = &[
     &crate::sources::file::config::KIND,
     &crate::sources::entra::config::KIND,
+    &crate::sources::ldap::config::KIND,
 ];
 
 /// Target kinds this build can run.
@@ -30,7 +31,7 @@ pub static TARGETS: &[&dyn TargetKind] = &[
 ];
 
 /// Source kinds the configuration knows whose connectors are not in this build yet.
-pub const PLANNED_SOURCES: &[&str] = &["ldap"];
+pub const PLANNED_SOURCES: &[&str] = &[];
 /// Target kinds the configuration knows whose connectors are not in this build yet.
 pub const PLANNED_TARGETS: &[&str] = &["kanidm"];
 

@@ -2,4 +2,5 @@
 
 pub mod entra;
 pub mod file;
+pub mod ldap;
 pub mod memory;

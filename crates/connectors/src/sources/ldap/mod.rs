@@ -1,0 +1,1372 @@
+//! The LDAP / Active Directory source.
+//!
+//! A full read searches the users and the groups, each in pages (the paged-results control, RFC
+//! 2696), resolves the groups' member DNs (or `memberUid` login names) to the entries' stable ids
+//! (`entryUUID`; Active Directory's `objectGUID` as a GUID string), and draws the scope from that
+//! directory as for any source ([`idsync_engine::scope::select`]).
+//!
+//! Incremental reads use RFC 4533 content synchronisation in refreshOnly mode (OpenLDAP's
+//! `syncprov` overlay): the full read first asks for a cookie, each later read sends it back and
+//! gets the entries added or changed since (renames keep their entryUUID), the deleted ones as
+//! UUIDs, or, when the server has no session log to answer from, a present phase that lists what
+//! is still there. The changes go to the engine's fold, which asks this source ([`Lookup`]) only
+//! for what the snapshot lacks. A server without `syncprov` (or Active Directory, whose change
+//! feed is not built yet) is read in full on every run, and the plan says why.
+//!
+//! Facts and sources: docs/apis/ldap.md.
+
+pub mod config;
+pub mod escape;
+pub mod wire;
+
+use self::config::{Flavour, LdapSourceConfig};
+use self::escape::{any_of, dn_key};
+use self::wire::{Entry, State, SyncInfo};
+use async_trait::async_trait;
+use base64::Engine as _;
+use idsync_engine::fold::Lookup;
+use idsync_engine::scope::{self, Scope};
+use idsync_engine::{Changes, Read, Source, SourceError, SourceErrorKind};
+use idsync_model::{Change, Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User};
+use ldap3::adapters::PagedResults;
+use ldap3::controls::RawControl;
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope as LdapScope};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// The cursor of the users' search in the agreement state.
+pub const USERS_CURSOR: &str = "ldap.users";
+/// The cursor of the groups' search.
+pub const GROUPS_CURSOR: &str = "ldap.groups";
+
+/// Values per filter when entries are read by id or DN.
+const BATCH: usize = 50;
+
+/// The root DSE attribute listing the controls a server supports.
+const SUPPORTED_CONTROL: &str = "supportedControl";
+/// Active Directory's capability OID (MS-ADTS 3.1.1.3.4.3: LDAP_CAP_ACTIVE_DIRECTORY_OID).
+const AD_CAPABILITY: &str = "1.2.840.113556.1.4.800";
+
+/// Attributes never kept for templates: secrets and binary blobs.
+fn hidden(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("password")
+        || n.contains("pwd")
+        || matches!(
+            n.as_str(),
+            "objectguid"
+                | "objectsid"
+                | "jpegphoto"
+                | "thumbnailphoto"
+                | "usercertificate"
+                | "usercertificate;binary"
+                | "msexchmailboxsecuritydescriptor"
+                | "ntsecuritydescriptor"
+        )
+}
+
+/// An LDAP source.
+#[derive(Debug)]
+pub struct LdapSource {
+    cfg: LdapSourceConfig,
+}
+
+/// What the flavour decides.
+#[derive(Clone, Debug)]
+struct Dialect {
+    flavour: Flavour,
+    id_attr: &'static str,
+    dn_attr: &'static str,
+    user_filter: String,
+    group_filter: String,
+    username: String,
+    /// Whether the server offers RFC 4533 content synchronisation.
+    sync: bool,
+}
+
+/// One connection, bound.
+struct Conn {
+    ldap: Ldap,
+    cfg: LdapSourceConfig,
+    d: Dialect,
+}
+
+fn err(kind: SourceErrorKind, m: impl Into<String>) -> SourceError {
+    SourceError::of(kind, m)
+}
+
+/// A failed LDAP operation as a source error naming the server and what to do.
+fn ldap_error(cfg: &LdapSourceConfig, what: &str, e: LdapError) -> SourceError {
+    match e {
+        LdapError::LdapResult { result } => result_error(cfg, what, result.rc, &result.text),
+        LdapError::Timeout { .. } => err(
+            SourceErrorKind::Unavailable,
+            format!(
+                "{what}: {} did not answer within {} s (raise timeout)",
+                cfg.server_endpoint,
+                cfg.timeout.as_secs()
+            ),
+        ),
+        other => err(
+            SourceErrorKind::Unavailable,
+            format!(
+                "{what}: the connection to {} failed: {other}",
+                cfg.server_endpoint
+            ),
+        ),
+    }
+}
+
+/// An LDAP result code (RFC 4511 appendix A) as a source error.
+fn result_error(cfg: &LdapSourceConfig, what: &str, rc: u32, text: &str) -> SourceError {
+    let text = if text.is_empty() {
+        String::new()
+    } else {
+        format!(" ({text})")
+    };
+    let (kind, why) = match rc {
+        3 => (
+            SourceErrorKind::Unavailable,
+            "the server's time limit was exceeded: raise the bind DN's time limit, or narrow the filter".to_owned(),
+        ),
+        4 => (
+            SourceErrorKind::Invalid,
+            "the server's size limit was exceeded: raise the bind DN's size limit (OpenLDAP: `limits dn.exact=\"...\" size.prtotal=unlimited`), or narrow the filter".to_owned(),
+        ),
+        10 => (
+            SourceErrorKind::Invalid,
+            "the server answered with a referral, which idsync does not chase: point server_endpoint at the server that holds this base DN".to_owned(),
+        ),
+        12 => (
+            SourceErrorKind::Invalid,
+            "the server does not support a control idsync sent as critical".to_owned(),
+        ),
+        32 => (
+            SourceErrorKind::NotFound,
+            "the base DN does not exist on this server: check user_base_dn and group_base_dn".to_owned(),
+        ),
+        34 => (SourceErrorKind::Invalid, "a DN is malformed".to_owned()),
+        48 | 49 => (
+            SourceErrorKind::Unauthorized,
+            format!(
+                "the bind as {} was refused: wrong bind_dn or password (LDAP_BIND_PASSWORD), or the account is locked",
+                cfg.bind_dn.as_deref().unwrap_or("anonymous")
+            ),
+        ),
+        50 => (
+            SourceErrorKind::Forbidden,
+            "the bind DN may not read this: grant it read access to the users and groups".to_owned(),
+        ),
+        51..=53 => (
+            SourceErrorKind::Unavailable,
+            "the server is busy or unavailable".to_owned(),
+        ),
+        80 => (SourceErrorKind::Unavailable, "the server failed".to_owned()),
+        _ => (SourceErrorKind::Protocol, "the server refused it".to_owned()),
+    };
+    err(
+        kind,
+        format!(
+            "{what} on {}: LDAP result {rc}{text}: {why}",
+            cfg.server_endpoint
+        ),
+    )
+}
+
+/// A rustls configuration trusting the system's roots and `ca_bundle`.
+fn tls_config(path: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, SourceError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(c);
+    }
+    let pem = std::fs::read(path).map_err(|e| {
+        err(
+            SourceErrorKind::Invalid,
+            format!("cannot read the CA bundle {}: {e}", path.display()),
+        )
+    })?;
+    let mut n = 0;
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| {
+            err(
+                SourceErrorKind::Invalid,
+                format!(
+                    "the CA bundle {} is not PEM certificates: {e}",
+                    path.display()
+                ),
+            )
+        })?;
+        roots.add(c).map_err(|e| {
+            err(
+                SourceErrorKind::Invalid,
+                format!("the CA bundle {}: {e}", path.display()),
+            )
+        })?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(err(
+            SourceErrorKind::Invalid,
+            format!("the CA bundle {} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// What one search returned.
+#[derive(Default)]
+struct Found {
+    entries: Vec<Entry>,
+    referrals: Vec<String>,
+}
+
+/// What a content synchronisation search returned.
+#[derive(Default, Debug)]
+struct Synced {
+    /// Added or changed entries, with their UUIDs.
+    changed: Vec<(String, Entry)>,
+    /// UUIDs deleted.
+    deleted: BTreeSet<String>,
+    /// UUIDs present (unchanged) in a present phase.
+    present: BTreeSet<String>,
+    /// Whether a present phase ran: what it did not list is gone.
+    present_phase: bool,
+    /// The new cookie.
+    cookie: Option<Vec<u8>>,
+}
+
+/// How a sync search ended when it did not give changes.
+enum SyncEnd {
+    /// The server no longer knows the cookie (e-syncRefreshRequired, 4096).
+    RefreshRequired,
+    /// The server has no content synchronisation (no syncprov).
+    Unsupported(String),
+}
+
+impl Conn {
+    async fn open(cfg: &LdapSourceConfig) -> Result<Conn, SourceError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut settings = LdapConnSettings::new()
+            .set_conn_timeout(cfg.timeout)
+            .set_starttls(cfg.start_tls);
+        if let Some(ca) = &cfg.ca_bundle {
+            settings = settings.set_config(tls_config(ca)?);
+        }
+        let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &cfg.server_endpoint)
+            .await
+            .map_err(|e| match e {
+                LdapError::Timeout { .. } => err(
+                    SourceErrorKind::Unavailable,
+                    format!(
+                        "connecting to {}: no answer within {} s",
+                        cfg.server_endpoint,
+                        cfg.timeout.as_secs()
+                    ),
+                ),
+                other => err(
+                    SourceErrorKind::Unavailable,
+                    format!("connecting to {}: {other}", cfg.server_endpoint),
+                ),
+            })?;
+        ldap3::drive!(conn);
+        if let Some(dn) = &cfg.bind_dn {
+            let pw = cfg
+                .bind_password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default();
+            let r = ldap
+                .with_timeout(cfg.timeout)
+                .simple_bind(dn, &pw)
+                .await
+                .map_err(|e| ldap_error(cfg, "binding", e))?;
+            if r.rc != 0 {
+                return Err(result_error(cfg, "binding", r.rc, &r.text));
+            }
+        }
+        let mut c = Conn {
+            ldap,
+            cfg: cfg.clone(),
+            d: Dialect {
+                flavour: cfg.flavour,
+                id_attr: "entryUUID",
+                dn_attr: "entryDN",
+                user_filter: String::new(),
+                group_filter: String::new(),
+                username: String::new(),
+                sync: false,
+            },
+        };
+        c.dialect().await?;
+        Ok(c)
+    }
+
+    /// Reads the root DSE: the flavour (when auto) and whether content synchronisation is there.
+    async fn dialect(&mut self) -> Result<(), SourceError> {
+        let dse = self
+            .search_once(
+                "",
+                LdapScope::Base,
+                "(objectClass=*)",
+                &[SUPPORTED_CONTROL, "supportedCapabilities"],
+            )
+            .await?;
+        let root = dse.entries.into_iter().next().unwrap_or_default();
+        let controls = root.texts(SUPPORTED_CONTROL);
+        let ad = root
+            .texts("supportedCapabilities")
+            .iter()
+            .any(|c| c == AD_CAPABILITY);
+        let flavour = match self.cfg.flavour {
+            Flavour::Auto if ad => Flavour::ActiveDirectory,
+            Flavour::Auto => Flavour::OpenLdap,
+            f => f,
+        };
+        let c = &self.cfg;
+        self.d = if flavour == Flavour::ActiveDirectory {
+            Dialect {
+                flavour,
+                id_attr: "objectGUID",
+                dn_attr: "distinguishedName",
+                user_filter: c
+                    .user_filter
+                    .clone()
+                    .unwrap_or_else(|| "(&(objectCategory=person)(objectClass=user))".into()),
+                group_filter: c
+                    .group_filter
+                    .clone()
+                    .unwrap_or_else(|| "(objectClass=group)".into()),
+                username: c
+                    .username_attribute
+                    .clone()
+                    .unwrap_or_else(|| "sAMAccountName".into()),
+                sync: false,
+            }
+        } else {
+            Dialect {
+                flavour,
+                id_attr: "entryUUID",
+                dn_attr: "entryDN",
+                user_filter: c
+                    .user_filter
+                    .clone()
+                    .unwrap_or_else(|| "(objectClass=inetOrgPerson)".into()),
+                group_filter: c.group_filter.clone().unwrap_or_else(|| {
+                    "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames)(objectClass=posixGroup))"
+                        .into()
+                }),
+                username: c
+                    .username_attribute
+                    .clone()
+                    .unwrap_or_else(|| "uid".into()),
+                sync: controls.iter().any(|o| o == wire::SYNC_REQUEST),
+            }
+        };
+        Ok(())
+    }
+
+    /// One search without paging (the root DSE, a base object, a handful by id).
+    async fn search_once(
+        &mut self,
+        base: &str,
+        scope: LdapScope,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<Found, SourceError> {
+        self.search(base, scope, filter, attrs, false).await
+    }
+
+    /// A search, in pages when `paged`; every entry read, referrals reported.
+    async fn search(
+        &mut self,
+        base: &str,
+        scope: LdapScope,
+        filter: &str,
+        attrs: &[&str],
+        paged: bool,
+    ) -> Result<Found, SourceError> {
+        let what = format!("searching {base:?} for {filter}");
+        let cfg = self.cfg.clone();
+        let attrs: Vec<String> = attrs.iter().map(|a| (*a).to_owned()).collect();
+        let mut ldap = self.ldap.clone();
+        ldap.with_timeout(cfg.timeout);
+        let mut stream = if paged {
+            ldap.streaming_search_with(
+                PagedResults::new(cfg.page_size as i32),
+                base,
+                scope,
+                filter,
+                attrs,
+            )
+            .await
+        } else {
+            ldap.streaming_search(base, scope, filter, attrs).await
+        }
+        .map_err(|e| ldap_error(&cfg, &what, e))?;
+        let mut found = Found::default();
+        loop {
+            let next = stream.next().await.map_err(|e| ldap_error(&cfg, &what, e));
+            let item = match next {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = stream.finish().await;
+                    return Err(e);
+                }
+            };
+            if let Some(urls) = wire::referral(&item.0) {
+                found.referrals.extend(urls);
+            } else if wire::intermediate(&item.0).is_some() {
+                continue;
+            } else if let Some(e) = wire::entry(&item.0) {
+                found.entries.push(e);
+            } else {
+                let _ = stream.finish().await;
+                return Err(err(
+                    SourceErrorKind::Protocol,
+                    format!(
+                        "{what}: {} sent a message that is not a search entry",
+                        cfg.server_endpoint
+                    ),
+                ));
+            }
+        }
+        let res = stream.finish().await;
+        match res.rc {
+            0 => Ok(found),
+            10 => {
+                found.referrals.extend(res.refs.iter().cloned());
+                Ok(found)
+            }
+            rc => Err(result_error(&cfg, &what, rc, &res.text)),
+        }
+    }
+
+    /// The attributes a user search asks for.
+    fn user_attrs(&self) -> Vec<String> {
+        let mut a = vec!["*".to_owned(), self.d.id_attr.to_owned()];
+        if let Some(d) = &self.cfg.disabled_attribute {
+            a.push(d.clone());
+        }
+        a
+    }
+
+    /// The attributes a group search asks for.
+    fn group_attrs(&self, members: bool) -> Vec<String> {
+        let mut a = vec![
+            self.d.id_attr.to_owned(),
+            self.cfg.group_name_attribute.clone(),
+            "description".to_owned(),
+            "objectClass".to_owned(),
+        ];
+        if members {
+            a.push(self.cfg.member_attribute.clone());
+        }
+        a
+    }
+
+    /// Searches in pages with owned attribute names.
+    async fn paged(
+        &mut self,
+        base: &str,
+        filter: &str,
+        attrs: &[String],
+    ) -> Result<Found, SourceError> {
+        let a: Vec<&str> = attrs.iter().map(String::as_str).collect();
+        self.search(base, LdapScope::Subtree, filter, &a, true)
+            .await
+    }
+
+    /// Active Directory returns at most MaxValRange members at once (`member;range=0-1499`):
+    /// the rest, range by range.
+    async fn complete_ranges(&mut self, e: &mut Entry) -> Result<(), SourceError> {
+        let attr = self.cfg.member_attribute.to_ascii_lowercase();
+        let prefix = format!("{attr};range=");
+        loop {
+            let Some(key) = e.attrs.keys().find(|k| k.starts_with(&prefix)).cloned() else {
+                return Ok(());
+            };
+            let vals = e.attrs.remove(&key).unwrap_or_default();
+            e.attrs.entry(attr.clone()).or_default().extend(vals);
+            let range = &key[prefix.len()..];
+            let Some((_, end)) = range.split_once('-') else {
+                return Ok(());
+            };
+            if end == "*" {
+                return Ok(());
+            }
+            let Ok(end) = end.parse::<u64>() else {
+                return Ok(());
+            };
+            let want = format!("{}{}-*", &prefix[..], end + 1);
+            let want = format!("{}{}", &self.cfg.member_attribute, &want[attr.len()..]);
+            let dn = e.dn.clone();
+            let more = self
+                .search_once(&dn, LdapScope::Base, "(objectClass=*)", &[want.as_str()])
+                .await?;
+            let Some(m) = more.entries.into_iter().next() else {
+                return Ok(());
+            };
+            let mut got = false;
+            for (k, v) in m.attrs {
+                if k.starts_with(&prefix) {
+                    e.attrs.insert(k, v);
+                    got = true;
+                }
+            }
+            if !got {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A content synchronisation search (refreshOnly) from `cookie`.
+    async fn sync(
+        &mut self,
+        base: &str,
+        filter: &str,
+        attrs: &[String],
+        cookie: Option<&[u8]>,
+    ) -> Result<Result<Synced, SyncEnd>, SourceError> {
+        let what = format!("reading the changes under {base:?}");
+        let cfg = self.cfg.clone();
+        let mut ldap = self.ldap.clone();
+        ldap.with_timeout(cfg.timeout);
+        ldap.with_controls(vec![RawControl {
+            ctype: wire::SYNC_REQUEST.to_owned(),
+            crit: true,
+            val: Some(wire::sync_request(cookie)),
+        }]);
+        let mut stream = ldap
+            .streaming_search(base, LdapScope::Subtree, filter, attrs.to_vec())
+            .await
+            .map_err(|e| ldap_error(&cfg, &what, e))?;
+        let mut out = Synced::default();
+        let bad = |m: &str| {
+            err(
+                SourceErrorKind::Protocol,
+                format!("{what}: {} sent {m}", cfg.server_endpoint),
+            )
+        };
+        loop {
+            let item = match stream.next().await {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = stream.finish().await;
+                    return Err(ldap_error(&cfg, &what, e));
+                }
+            };
+            if let Some((name, value)) = wire::intermediate(&item.0) {
+                if name.as_deref() != Some(wire::SYNC_INFO) {
+                    continue;
+                }
+                let info = value
+                    .as_deref()
+                    .and_then(wire::sync_info)
+                    .ok_or_else(|| bad("a syncInfo message it could not read"))?;
+                match info {
+                    SyncInfo::NewCookie(c) => out.cookie = Some(c),
+                    SyncInfo::Phase {
+                        present, cookie, ..
+                    } => {
+                        if present {
+                            out.present_phase = true;
+                        }
+                        if cookie.is_some() {
+                            out.cookie = cookie;
+                        }
+                    }
+                    SyncInfo::IdSet {
+                        cookie,
+                        refresh_deletes,
+                        uuids,
+                    } => {
+                        if refresh_deletes {
+                            out.deleted.extend(uuids);
+                        } else {
+                            out.present_phase = true;
+                            out.present.extend(uuids);
+                        }
+                        if cookie.is_some() {
+                            out.cookie = cookie;
+                        }
+                    }
+                }
+                continue;
+            }
+            if wire::referral(&item.0).is_some() {
+                continue;
+            }
+            let entry = wire::entry(&item.0).ok_or_else(|| bad("an entry it could not read"))?;
+            let state = item
+                .1
+                .iter()
+                .find(|c| c.1.ctype == wire::SYNC_STATE)
+                .and_then(|c| c.1.val.as_deref())
+                .and_then(wire::sync_state)
+                .ok_or_else(|| bad("an entry without a readable syncState control"))?;
+            let (state, uuid, cookie) = state;
+            if cookie.is_some() {
+                out.cookie = cookie;
+            }
+            match state {
+                State::Add | State::Modify => out.changed.push((uuid, entry)),
+                State::Delete => {
+                    out.deleted.insert(uuid);
+                }
+                State::Present => {
+                    out.present_phase = true;
+                    out.present.insert(uuid);
+                }
+            }
+        }
+        let res = stream.finish().await;
+        match res.rc {
+            0 => {}
+            4096 => return Ok(Err(SyncEnd::RefreshRequired)),
+            2 | 12 | 53 => {
+                return Ok(Err(SyncEnd::Unsupported(format!(
+                    "LDAP result {}{}",
+                    res.rc,
+                    if res.text.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", res.text)
+                    }
+                ))));
+            }
+            rc => return Err(result_error(&cfg, &what, rc, &res.text)),
+        }
+        if let Some(done) = res
+            .ctrls
+            .iter()
+            .find(|c| c.1.ctype == wire::SYNC_DONE)
+            .and_then(|c| c.1.val.as_deref())
+        {
+            let (cookie, refresh_deletes) =
+                wire::sync_done(done).ok_or_else(|| bad("a syncDone control it could not read"))?;
+            if cookie.is_some() {
+                out.cookie = cookie;
+            }
+            // refreshDeletes FALSE after a present phase: what was not listed is gone.
+            if !refresh_deletes && !out.present.is_empty() {
+                out.present_phase = true;
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    /// The entry's stable id.
+    fn id_of(&self, e: &Entry) -> Option<String> {
+        if self.d.flavour == Flavour::ActiveDirectory {
+            e.values("objectGUID")
+                .first()
+                .and_then(|b| wire::guid_text(b))
+        } else {
+            e.text("entryUUID").map(|s| s.to_ascii_lowercase())
+        }
+    }
+
+    /// A filter value for an id (AD: the GUID's bytes, escaped).
+    fn id_filter(&self, ids: &[String]) -> String {
+        if self.d.flavour == Flavour::ActiveDirectory {
+            let parts: String = ids
+                .iter()
+                .filter_map(|id| guid_bytes(id))
+                .map(|b| {
+                    let v: String = b.iter().map(|x| format!("\\{x:02x}")).collect();
+                    format!("(objectGUID={v})")
+                })
+                .collect();
+            format!("(|{parts})")
+        } else {
+            any_of("entryUUID", ids)
+        }
+    }
+
+    /// A user entry as a user, or why it is left out.
+    fn user(&self, e: &Entry) -> Result<User, String> {
+        let id = self
+            .id_of(e)
+            .ok_or_else(|| format!("{} has no {}: left out", e.dn, self.d.id_attr))?;
+        let user_name = e
+            .text(&self.d.username)
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| format!("{} has no {}: left out", e.dn, self.d.username))?;
+        let display_name = self
+            .cfg
+            .display_name_attribute
+            .as_deref()
+            .and_then(|a| e.text(a))
+            .or_else(|| e.text("displayName"))
+            .or_else(|| e.text("cn"))
+            .unwrap_or_else(|| user_name.clone());
+        let active = if self.d.flavour == Flavour::ActiveDirectory {
+            e.text("userAccountControl")
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .is_none_or(|uac| uac & 2 == 0)
+        } else {
+            match &self.cfg.disabled_attribute {
+                Some(a) => {
+                    let vals = e.texts(a);
+                    match &self.cfg.disabled_value {
+                        Some(want) => !vals.iter().any(|v| v.eq_ignore_ascii_case(want)),
+                        None => vals.is_empty(),
+                    }
+                }
+                None => true,
+            }
+        };
+        let mut attributes = BTreeMap::new();
+        for (lower, vals) in &e.attrs {
+            if hidden(lower) || lower.contains(';') {
+                continue;
+            }
+            if let Some(v) = vals.first().and_then(|v| String::from_utf8(v.clone()).ok()) {
+                let name = e.names.get(lower).cloned().unwrap_or_else(|| lower.clone());
+                attributes.insert(name, v);
+            }
+        }
+        attributes.insert("dn".into(), e.dn.clone());
+        Ok(User {
+            id,
+            user_name,
+            display_name,
+            emails: e.texts(&self.cfg.mail_attribute),
+            active,
+            user_type: Default::default(),
+            external_id: None,
+            attributes,
+        })
+    }
+
+    /// A group entry as a group without members.
+    fn group_head(&self, e: &Entry) -> Result<Group, String> {
+        let id = self
+            .id_of(e)
+            .ok_or_else(|| format!("{} has no {}: left out", e.dn, self.d.id_attr))?;
+        let name = e
+            .text(&self.cfg.group_name_attribute)
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "{} has no {}: left out",
+                    e.dn, self.cfg.group_name_attribute
+                )
+            })?;
+        Ok(Group {
+            id,
+            display_name: name,
+            description: e.text("description"),
+            security_enabled: true,
+            mail_enabled: false,
+            members: Default::default(),
+        })
+    }
+
+    /// The member references of a group entry: DNs (normalised), or login names for memberUid.
+    fn member_refs(&self, e: &Entry) -> Vec<String> {
+        let uid = self.cfg.member_attribute.eq_ignore_ascii_case("memberUid");
+        e.texts(&self.cfg.member_attribute)
+            .into_iter()
+            .map(|v| {
+                if uid {
+                    v.trim().to_lowercase()
+                } else {
+                    dn_key(strip_unique_id(&v))
+                }
+            })
+            .collect()
+    }
+
+    /// Resolves DNs (or login names) the index does not know, by searching the users' and the
+    /// groups' bases, BATCH at a time; adds what it finds to `index`.
+    async fn resolve(
+        &mut self,
+        refs: &BTreeSet<String>,
+        index: &mut Index,
+        users_found: &mut BTreeMap<String, User>,
+    ) -> Result<(), SourceError> {
+        let unknown: Vec<String> = refs
+            .iter()
+            .filter(|r| !index.refs.contains_key(*r))
+            .cloned()
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let uid = self.cfg.member_attribute.eq_ignore_ascii_case("memberUid");
+        let user_attrs = self.user_attrs();
+        let group_attrs = self.group_attrs(false);
+        for chunk in unknown.chunks(BATCH) {
+            let key_attr = if uid {
+                self.d.username.clone()
+            } else {
+                self.d.dn_attr.to_owned()
+            };
+            let f = format!("(&{}{})", self.d.user_filter, any_of(&key_attr, chunk));
+            let base = self.cfg.user_base_dn.clone();
+            for e in self.paged(&base, &f, &user_attrs).await?.entries {
+                if let Ok(u) = self.user(&e) {
+                    index.add_user(&u, &self.d.username);
+                    users_found.insert(u.id.clone(), u);
+                }
+            }
+            if uid {
+                continue;
+            }
+            let f = format!("(&{}{})", self.d.group_filter, any_of(&key_attr, chunk));
+            let base = self.cfg.group_base_dn.clone();
+            for e in self.paged(&base, &f, &group_attrs).await?.entries {
+                if let Ok(g) = self.group_head(&e) {
+                    index.refs.insert(dn_key(&e.dn), Member::group(g.id));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `uniqueMember` values may end with `#'0101'B` (an optional unique identifier): the DN is
+/// before it.
+fn strip_unique_id(v: &str) -> &str {
+    match v.rfind('#') {
+        Some(i) if v[i + 1..].starts_with('\'') && v.ends_with("'B") => &v[..i],
+        _ => v,
+    }
+}
+
+/// A GUID string as the 16 bytes AD stores.
+fn guid_bytes(id: &str) -> Option<[u8; 16]> {
+    let hex: String = id.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    for (i, slot) in b.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    b[0..4].reverse();
+    b[4..6].reverse();
+    b[6..8].reverse();
+    Some(b)
+}
+
+/// Member references (normalised DNs, or lower-cased login names) to members.
+#[derive(Default)]
+struct Index {
+    refs: BTreeMap<String, Member>,
+}
+
+impl Index {
+    fn add_user(&mut self, u: &User, username_attr: &str) {
+        if let Some(dn) = u.attributes.get("dn") {
+            self.refs.insert(dn_key(dn), Member::user(u.id.clone()));
+        }
+        let _ = username_attr;
+        self.refs
+            .insert(u.user_name.to_lowercase(), Member::user(u.id.clone()));
+    }
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn unb64(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
+}
+
+/// The filter that matches nothing: a sync search with it returns only a cookie.
+const NOTHING: &str = "(!(objectClass=*))";
+
+impl LdapSource {
+    /// A source for `cfg` (it connects on each read).
+    pub fn new(cfg: LdapSourceConfig) -> Self {
+        LdapSource { cfg }
+    }
+
+    /// The whole directory under the bases, as a snapshot, with notes.
+    async fn directory(
+        &self,
+        c: &mut Conn,
+        notes: &mut Vec<String>,
+    ) -> Result<Snapshot, SourceError> {
+        let cfg = self.cfg.clone();
+        let users = c
+            .paged(&cfg.user_base_dn, &c.d.user_filter.clone(), &c.user_attrs())
+            .await?;
+        let groups = c
+            .paged(
+                &cfg.group_base_dn,
+                &c.d.group_filter.clone(),
+                &c.group_attrs(true),
+            )
+            .await?;
+        for r in users.referrals.iter().chain(&groups.referrals) {
+            notes.push(format!("the server referred to {r}: not followed"));
+        }
+        let mut snap = Snapshot::default();
+        let mut index = Index::default();
+        for e in &users.entries {
+            match c.user(e) {
+                Ok(u) => {
+                    index.add_user(&u, &c.d.username);
+                    if let Some(old) = snap.users.insert(u.id.clone(), u) {
+                        return Err(err(
+                            SourceErrorKind::Protocol,
+                            format!("two user entries share the id {}", old.id),
+                        ));
+                    }
+                }
+                Err(n) => notes.push(n),
+            }
+        }
+        let mut heads = Vec::new();
+        for mut e in groups.entries {
+            if c.d.flavour == Flavour::ActiveDirectory {
+                c.complete_ranges(&mut e).await?;
+            }
+            match c.group_head(&e) {
+                Ok(g) => {
+                    index
+                        .refs
+                        .insert(dn_key(&e.dn), Member::group(g.id.clone()));
+                    heads.push((g, c.member_refs(&e)));
+                }
+                Err(n) => notes.push(n),
+            }
+        }
+        let mut outside = 0usize;
+        for (mut g, refs) in heads {
+            for r in refs {
+                match index.refs.get(&r) {
+                    Some(m) => {
+                        g.members.insert(m.clone());
+                    }
+                    None => outside += 1,
+                }
+            }
+            if snap.groups.insert(g.id.clone(), g).is_some() {
+                return Err(err(
+                    SourceErrorKind::Protocol,
+                    "two group entries share an id",
+                ));
+            }
+        }
+        if outside > 0 {
+            notes.push(format!(
+                "{outside} member value(s) name no user or group under the base DNs (or outside the filters): left out"
+            ));
+        }
+        Ok(snap)
+    }
+
+    /// The cursors to store after a full read, taken before it (so nothing between is missed),
+    /// or a note saying why there are none.
+    async fn cookies(
+        &self,
+        c: &mut Conn,
+    ) -> Result<Result<BTreeMap<String, String>, String>, SourceError> {
+        if c.d.flavour == Flavour::ActiveDirectory {
+            return Ok(Err(
+                "incremental reads of Active Directory are not in this build yet: every run reads the directory in full".into(),
+            ));
+        }
+        if !c.d.sync {
+            return Ok(Err(format!(
+                "{} does not offer content synchronisation (RFC 4533): every run reads the directory in full. To read only changes, enable OpenLDAP's syncprov overlay on the database (`overlay syncprov`, with `syncprov-sessionlog` so deletions are sent as such)",
+                self.cfg.server_endpoint
+            )));
+        }
+        let mut out = BTreeMap::new();
+        for (key, base) in [
+            (USERS_CURSOR, self.cfg.user_base_dn.clone()),
+            (GROUPS_CURSOR, self.cfg.group_base_dn.clone()),
+        ] {
+            match c.sync(&base, NOTHING, &[], None).await? {
+                Ok(s) => match s.cookie {
+                    Some(k) => {
+                        out.insert(key.to_owned(), b64(&k));
+                    }
+                    None => {
+                        return Ok(Err(format!(
+                            "{} sent no sync cookie: every run reads the directory in full",
+                            self.cfg.server_endpoint
+                        )));
+                    }
+                },
+                Err(SyncEnd::Unsupported(why)) => {
+                    return Ok(Err(format!(
+                        "content synchronisation was refused under {base:?} ({why}): every run reads the directory in full. Enable OpenLDAP's syncprov overlay on the database that holds it"
+                    )));
+                }
+                Err(SyncEnd::RefreshRequired) => {
+                    return Ok(Err(
+                        "the server asked for a full refresh before any cookie: every run reads in full".into(),
+                    ));
+                }
+            }
+        }
+        Ok(Ok(out))
+    }
+}
+
+#[async_trait]
+impl Source for LdapSource {
+    async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError> {
+        let mut c = Conn::open(&self.cfg).await?;
+        let mut notes = Vec::new();
+        let cursors = match self.cookies(&mut c).await? {
+            Ok(c) => c,
+            Err(note) => {
+                notes.push(note);
+                BTreeMap::new()
+            }
+        };
+        let dir = self.directory(&mut c, &mut notes).await?;
+        let sel = scope::select(&dir, scope);
+        notes.extend(sel.notes);
+        Ok(Read {
+            snapshot: sel.snapshot.into(),
+            cursors,
+            mode: ReadMode::Full,
+            depth: sel.depth,
+            notes,
+        })
+    }
+
+    async fn read_changes(
+        &self,
+        scope: &Scope,
+        base: &Snapshot,
+        cursors: &BTreeMap<String, String>,
+    ) -> Result<Changes, SourceError> {
+        let (Some(uc), Some(gc)) = (
+            cursors.get(USERS_CURSOR).and_then(|s| unb64(s)),
+            cursors.get(GROUPS_CURSOR).and_then(|s| unb64(s)),
+        ) else {
+            return Ok(Changes::Unsupported);
+        };
+        let mut c = Conn::open(&self.cfg).await?;
+        if c.d.flavour == Flavour::ActiveDirectory || !c.d.sync {
+            return Ok(Changes::Expired(format!(
+                "{} no longer offers content synchronisation (the syncprov overlay)",
+                self.cfg.server_endpoint
+            )));
+        }
+        let user_attrs = c.user_attrs();
+        let group_attrs = c.group_attrs(true);
+        let ubase = self.cfg.user_base_dn.clone();
+        let gbase = self.cfg.group_base_dn.clone();
+        let uf = c.d.user_filter.clone();
+        let gf = c.d.group_filter.clone();
+        let users = match c.sync(&ubase, &uf, &user_attrs, Some(&uc)).await? {
+            Ok(s) => s,
+            Err(SyncEnd::RefreshRequired) => {
+                return Ok(Changes::Expired(
+                    "the directory no longer knows the sync cookie (e-syncRefreshRequired)".into(),
+                ));
+            }
+            Err(SyncEnd::Unsupported(why)) => {
+                return Ok(Changes::Expired(format!(
+                    "content synchronisation was refused ({why})"
+                )));
+            }
+        };
+        let groups = match c.sync(&gbase, &gf, &group_attrs, Some(&gc)).await? {
+            Ok(s) => s,
+            Err(SyncEnd::RefreshRequired) => {
+                return Ok(Changes::Expired(
+                    "the directory no longer knows the sync cookie (e-syncRefreshRequired)".into(),
+                ));
+            }
+            Err(SyncEnd::Unsupported(why)) => {
+                return Ok(Changes::Expired(format!(
+                    "content synchronisation was refused ({why})"
+                )));
+            }
+        };
+        let mut notes = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
+        // What the snapshot knows: user DNs and login names.
+        let mut index = Index::default();
+        for u in base.users.values() {
+            index.add_user(u, &c.d.username);
+        }
+        let mut found: BTreeMap<String, User> = BTreeMap::new();
+        // Users first, so that groups resolve renamed and new members.
+        let mut seen_users: BTreeSet<String> = BTreeSet::new();
+        for (uuid, e) in &users.changed {
+            seen_users.insert(uuid.clone());
+            match c.user(e) {
+                Ok(u) => {
+                    index.add_user(&u, &c.d.username);
+                    found.insert(u.id.clone(), u.clone());
+                    changes.push(Change::UpsertUser(u));
+                }
+                Err(n) => notes.push(n),
+            }
+        }
+        let gone = |s: &Synced, known: &mut dyn Iterator<Item = &String>| -> Vec<String> {
+            let mut out: BTreeSet<String> = s.deleted.clone();
+            if s.present_phase {
+                let changed: BTreeSet<&String> = s.changed.iter().map(|(u, _)| u).collect();
+                for id in known {
+                    if !s.present.contains(id) && !changed.contains(id) {
+                        out.insert(id.clone());
+                    }
+                }
+            }
+            out.into_iter().collect()
+        };
+        for id in gone(&users, &mut base.users.keys()) {
+            if base.users.contains_key(&id) || seen_users.contains(&id) {
+                changes.push(Change::Remove(Member::user(id)));
+            }
+        }
+        // Groups: their attributes, and their members resolved to ids.
+        let mut refs: BTreeSet<String> = BTreeSet::new();
+        let mut heads = Vec::new();
+        for (_, e) in &groups.changed {
+            match c.group_head(e) {
+                Ok(g) => {
+                    index
+                        .refs
+                        .insert(dn_key(&e.dn), Member::group(g.id.clone()));
+                    let r = c.member_refs(e);
+                    refs.extend(r.iter().cloned());
+                    heads.push((g, r));
+                }
+                Err(n) => notes.push(n),
+            }
+        }
+        c.resolve(&refs, &mut index, &mut found).await?;
+        for (g, r) in heads {
+            let members: BTreeSet<Member> = r
+                .iter()
+                .filter_map(|x| index.refs.get(x).cloned())
+                .collect();
+            changes.push(Change::UpsertGroup {
+                id: g.id.clone(),
+                display_name: g.display_name.clone(),
+                description: g.description.clone(),
+            });
+            changes.push(Change::ReplaceMembers {
+                group: g.id.clone(),
+                members: members.into_iter().collect(),
+            });
+        }
+        for id in gone(&groups, &mut base.groups.keys()) {
+            if base.groups.contains_key(&id) {
+                changes.push(Change::Remove(Member::group(id)));
+            }
+        }
+        let mut next = cursors.clone();
+        if let Some(k) = &users.cookie {
+            next.insert(USERS_CURSOR.into(), b64(k));
+        }
+        if let Some(k) = &groups.cookie {
+            next.insert(GROUPS_CURSOR.into(), b64(k));
+        }
+        let lookup = LdapLookup {
+            conn: tokio::sync::Mutex::new(c),
+            found,
+        };
+        let sel = idsync_engine::fold(base, &changes, scope, &lookup).await?;
+        notes.extend(sel.notes);
+        Ok(Changes::Read(Read {
+            snapshot: sel.snapshot.into(),
+            cursors: next,
+            mode: ReadMode::Incremental,
+            depth: sel.depth,
+            notes,
+        }))
+    }
+}
+
+/// What the fold asks for, read from the directory by id.
+struct LdapLookup {
+    conn: tokio::sync::Mutex<Conn>,
+    /// Users read during this change read (they need no second search).
+    found: BTreeMap<String, User>,
+}
+
+#[async_trait]
+impl Lookup for LdapLookup {
+    async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
+        let mut out = Vec::new();
+        let mut missing = Vec::new();
+        for id in ids {
+            match self.found.get(id) {
+                Some(u) => out.push(u.clone()),
+                None => missing.push(id.clone()),
+            }
+        }
+        let mut c = self.conn.lock().await;
+        let attrs = c.user_attrs();
+        for chunk in missing.chunks(BATCH) {
+            let f = format!("(&{}{})", c.d.user_filter, c.id_filter(chunk));
+            let base = c.cfg.user_base_dn.clone();
+            for e in c.paged(&base, &f, &attrs).await?.entries {
+                if let Ok(u) = c.user(&e) {
+                    out.push(u);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn service_principals(
+        &self,
+        _ids: &[String],
+    ) -> Result<Vec<ServicePrincipal>, SourceError> {
+        Ok(Vec::new())
+    }
+
+    async fn groups(&self, ids: &[String], _scope: &Scope) -> Result<Vec<Group>, SourceError> {
+        let mut c = self.conn.lock().await;
+        let attrs = c.group_attrs(false);
+        let mut out = Vec::new();
+        for chunk in ids.chunks(BATCH) {
+            let f = format!("(&{}{})", c.d.group_filter, c.id_filter(chunk));
+            let base = c.cfg.group_base_dn.clone();
+            for e in c.paged(&base, &f, &attrs).await?.entries {
+                if let Ok(g) = c.group_head(&e) {
+                    out.push(g);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn expand(
+        &self,
+        groups: Vec<Group>,
+        mut level: u32,
+        scope: &Scope,
+        snap: &mut Snapshot,
+        depth: &mut BTreeMap<String, u32>,
+    ) -> Result<(), SourceError> {
+        let mut c = self.conn.lock().await;
+        let mut index = Index::default();
+        for u in snap.users.values() {
+            index.add_user(u, &c.d.username);
+        }
+        let mut found = self.found.clone();
+        for u in found.values() {
+            index.add_user(u, &c.d.username);
+        }
+        let mut frontier: Vec<String> = groups.into_iter().map(|g| g.id).collect();
+        for id in &frontier {
+            depth.insert(id.clone(), level);
+        }
+        let attrs = c.group_attrs(true);
+        while !frontier.is_empty() {
+            // The frontier's groups with their members.
+            let mut entries = Vec::new();
+            for chunk in frontier.chunks(BATCH) {
+                let f = format!("(&{}{})", c.d.group_filter, c.id_filter(chunk));
+                let base = c.cfg.group_base_dn.clone();
+                for mut e in c.paged(&base, &f, &attrs).await?.entries {
+                    if c.d.flavour == Flavour::ActiveDirectory {
+                        c.complete_ranges(&mut e).await?;
+                    }
+                    entries.push(e);
+                }
+            }
+            let mut refs = BTreeSet::new();
+            let mut heads = Vec::new();
+            for e in &entries {
+                if let Ok(g) = c.group_head(e) {
+                    index
+                        .refs
+                        .insert(dn_key(&e.dn), Member::group(g.id.clone()));
+                    let r = c.member_refs(e);
+                    refs.extend(r.iter().cloned());
+                    heads.push((g, r));
+                }
+            }
+            c.resolve(&refs, &mut index, &mut found).await?;
+            // Members the snapshot lacks, read by id.
+            let mut next = Vec::new();
+            let mut want_users = Vec::new();
+            for (mut g, r) in heads {
+                for m in r.iter().filter_map(|x| index.refs.get(x).cloned()) {
+                    match m.kind {
+                        Kind::User => {
+                            if !snap.users.contains_key(&m.id) {
+                                match found.get(&m.id) {
+                                    Some(u) => {
+                                        snap.users.insert(m.id.clone(), u.clone());
+                                    }
+                                    None => want_users.push(m.id.clone()),
+                                }
+                            }
+                        }
+                        Kind::Group => {
+                            if level < scope.search_depth
+                                && !depth.contains_key(&m.id)
+                                && !snap.groups.contains_key(&m.id)
+                            {
+                                depth.insert(m.id.clone(), level + 1);
+                                next.push(m.id.clone());
+                            }
+                        }
+                        Kind::ServicePrincipal => {}
+                    }
+                    g.members.insert(m);
+                }
+                snap.incomplete_groups.remove(&g.id);
+                snap.groups.insert(g.id.clone(), g);
+            }
+            let user_attrs = c.user_attrs();
+            for chunk in want_users.chunks(BATCH) {
+                let f = format!("(&{}{})", c.d.user_filter, c.id_filter(chunk));
+                let base = c.cfg.user_base_dn.clone();
+                for e in c.paged(&base, &f, &user_attrs).await?.entries {
+                    if let Ok(u) = c.user(&e) {
+                        snap.users.insert(u.id.clone(), u);
+                    }
+                }
+            }
+            frontier = next;
+            level += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_member_ids_are_stripped() {
+        assert_eq!(strip_unique_id("cn=a,dc=x#'0101'B"), "cn=a,dc=x");
+        assert_eq!(strip_unique_id("cn=a\\#1,dc=x"), "cn=a\\#1,dc=x");
+    }
+
+    #[test]
+    fn guid_strings_and_bytes_round_trip() {
+        let s = "01234567-89ab-cdef-0123-456789abcdef";
+        assert_eq!(wire::guid_text(&guid_bytes(s).unwrap()).unwrap(), s);
+        assert_eq!(guid_bytes("nope"), None);
+    }
+
+    #[test]
+    fn secrets_and_blobs_are_never_template_attributes() {
+        for a in ["userPassword", "unicodePwd", "objectGUID", "jpegPhoto"] {
+            assert!(hidden(a), "{a}");
+        }
+        assert!(!hidden("employeeNumber"));
+    }
+}

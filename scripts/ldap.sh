@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The LDAP source's tests against a real OpenLDAP: installs slapd and ldap-utils from Debian when
+# they are missing (apt-get, as root or through sudo), starts a private slapd on 127.0.0.1 from a
+# temporary folder with its own slapd.conf, runs the tests, and stops it by its pid.
+#
+# The server has two databases:
+#   dc=idsync,dc=test  with syncprov (RFC 4533, a session log so deletions are sent as such) and
+#                      refint (a renamed or deleted user leaves its groups' member values), like a
+#                      production directory idsync reads incrementally;
+#   dc=nosync,dc=test  without syncprov, to check the message and the fallback to full reads.
+# Each test makes its own organizational unit, so the tests share one server.
+#
+#   scripts/ldap.sh            # the tests
+#   scripts/ldap.sh serve      # start it and print the environment, until Ctrl-C (for a person)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-test}"
+
+if ! command -v slapd >/dev/null 2>&1 && [ ! -x /usr/sbin/slapd ]; then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  echo "== installing slapd and ldap-utils (Debian packages)"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slapd ldap-utils >/dev/null \
+    || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slapd ldap-utils >/dev/null; }
+fi
+slapd=$(command -v slapd || echo /usr/sbin/slapd)
+
+work=$(mktemp -d)
+pid=""
+cleanup() {
+  if [ -n "$pid" ]; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+password="idsync-admin-$RANDOM$RANDOM"
+mkdir -p "$work/db" "$work/nosync"
+modules=/usr/lib/ldap
+cat > "$work/slapd.conf" <<EOF
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/nis.schema
+include /etc/ldap/schema/inetorgperson.schema
+modulepath $modules
+moduleload back_mdb
+moduleload syncprov
+moduleload refint
+pidfile $work/slapd.pid
+argsfile $work/slapd.args
+sizelimit size.soft=1000 size.hard=unlimited size.prtotal=unlimited
+
+database mdb
+maxsize 1073741824
+suffix "dc=idsync,dc=test"
+rootdn "cn=admin,dc=idsync,dc=test"
+rootpw $password
+directory $work/db
+index objectClass,entryUUID,entryCSN,uid,cn eq
+index member,uniqueMember,memberUid eq
+overlay syncprov
+syncprov-checkpoint 100 1
+syncprov-sessionlog 10000
+overlay refint
+refint_attributes member uniqueMember
+refint_nothing "cn=nobody"
+
+database mdb
+maxsize 104857600
+suffix "dc=nosync,dc=test"
+rootdn "cn=admin,dc=nosync,dc=test"
+rootpw $password
+directory $work/nosync
+index objectClass,entryUUID eq
+EOF
+
+"$slapd" -f "$work/slapd.conf" -h "ldap://127.0.0.1:$port/" -d 0 > "$work/slapd.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do
+  if ldapsearch -x -H "ldap://127.0.0.1:$port" -b "" -s base "(objectClass=*)" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$pid" 2>/dev/null; then echo "slapd did not start:"; cat "$work/slapd.log"; exit 1; fi
+  sleep 0.1
+done
+
+for suffix in idsync nosync; do
+  ldapadd -x -H "ldap://127.0.0.1:$port" -D "cn=admin,dc=$suffix,dc=test" -w "$password" >/dev/null <<EOF
+dn: dc=$suffix,dc=test
+objectClass: dcObject
+objectClass: organization
+o: $suffix
+dc: $suffix
+EOF
+done
+
+export IDSYNC_TEST_LDAP="ldap://127.0.0.1:$port"
+export IDSYNC_TEST_LDAP_PASSWORD="$password"
+if [ "$mode" = serve ]; then
+  echo "IDSYNC_TEST_LDAP=$IDSYNC_TEST_LDAP IDSYNC_TEST_LDAP_PASSWORD=$IDSYNC_TEST_LDAP_PASSWORD"
+  echo "admin DNs: cn=admin,dc=idsync,dc=test (syncprov) and cn=admin,dc=nosync,dc=test; Ctrl-C stops it"
+  wait "$pid"
+else
+  cargo test -q --locked -p idsync-connectors --test ldap_source -- --ignored
+fi
