@@ -7,7 +7,7 @@
 
 use idsync_connectors::sources::ldap::LdapSource;
 use idsync_connectors::sources::ldap::config::{Flavour, LdapSourceConfig};
-use idsync_connectors::sources::ldap::escape::dn_key;
+use idsync_connectors::sources::ldap::escape::{dn_key, dn_value};
 use idsync_engine::scope::Scope;
 use idsync_engine::{Changes, Source, SourceErrorKind};
 use idsync_model::{Member, Secret};
@@ -97,20 +97,6 @@ impl Admin {
             .success()
             .unwrap_or_else(|e| panic!("modifying {dn}: {e}"));
     }
-}
-
-/// A value escaped for a DN (RFC 4514).
-fn dn_value(v: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in v.chars().enumerate() {
-        if matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
-            || (i == 0 && (c == '#' || c == ' '))
-        {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);

@@ -151,6 +151,13 @@ fn escape_value(v: &str, out: &mut String) {
     }
 }
 
+/// `v` written as an attribute value in a DN (RFC 4514 section 2.4).
+pub fn dn_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    escape_value(v, &mut out);
+    out
+}
+
 /// The form two DNs are compared in (RFC 4514); an error for text that is not a DN.
 pub fn normalize_dn(dn: &str) -> Result<String, BadDn> {
     let rdns = parse_rdns(dn)?;

@@ -24,12 +24,12 @@ use self::escape::{any_of, dn_key};
 use self::wire::{Entry, State, SyncInfo};
 use async_trait::async_trait;
 use base64::Engine as _;
-use idsync_engine::fold::Lookup;
+use idsync_engine::fold::{DirectoryLookup, Lookup};
 use idsync_engine::scope::{self, Scope};
 use idsync_engine::{Changes, Read, Source, SourceError, SourceErrorKind};
 use idsync_model::{Change, Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User};
 use ldap3::adapters::PagedResults;
-use ldap3::controls::RawControl;
+use ldap3::controls::{RawControl, RefreshMode, SyncRequest};
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope as LdapScope};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -59,7 +59,6 @@ fn hidden(name: &str) -> bool {
                 | "jpegphoto"
                 | "thumbnailphoto"
                 | "usercertificate"
-                | "usercertificate;binary"
                 | "msexchmailboxsecuritydescriptor"
                 | "ntsecuritydescriptor"
         )
@@ -139,7 +138,7 @@ fn result_error(cfg: &LdapSourceConfig, what: &str, rc: u32, text: &str) -> Sour
         ),
         12 => (
             SourceErrorKind::Invalid,
-            "the server does not support a control idsync sent as critical".to_owned(),
+            "the server refused a control idsync needs (paged results, RFC 2696, for every search): enable it on the server, or raise the bind DN's size limit and set page_size above the directory's size".to_owned(),
         ),
         32 => (
             SourceErrorKind::NotFound,
@@ -177,7 +176,6 @@ fn result_error(cfg: &LdapSourceConfig, what: &str, rc: u32, text: &str) -> Sour
 fn tls_config(path: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, SourceError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(c);
@@ -242,12 +240,41 @@ struct Synced {
     cookie: Option<Vec<u8>>,
 }
 
+impl Synced {
+    /// The UUIDs gone: those deleted, and after a present phase those of `known` it neither
+    /// listed as present nor sent as changed.
+    fn gone<'a>(&self, known: impl Iterator<Item = &'a String>) -> BTreeSet<String> {
+        let mut out = self.deleted.clone();
+        if self.present_phase {
+            let changed: BTreeSet<&String> = self.changed.iter().map(|(u, _)| u).collect();
+            out.extend(
+                known
+                    .filter(|id| !self.present.contains(*id) && !changed.contains(id))
+                    .cloned(),
+            );
+        }
+        out
+    }
+}
+
 /// How a sync search ended when it did not give changes.
 enum SyncEnd {
     /// The server no longer knows the cookie (e-syncRefreshRequired, 4096).
     RefreshRequired,
     /// The server has no content synchronisation (no syncprov).
     Unsupported(String),
+}
+
+impl SyncEnd {
+    /// A change read that could not be made: the run reads in full, and says why.
+    fn expired(self) -> Changes {
+        Changes::Expired(match self {
+            SyncEnd::RefreshRequired => {
+                "the directory no longer knows the sync cookie (e-syncRefreshRequired)".into()
+            }
+            SyncEnd::Unsupported(why) => format!("content synchronisation was refused ({why})"),
+        })
+    }
 }
 
 impl Conn {
@@ -505,8 +532,7 @@ impl Conn {
             let Ok(end) = end.parse::<u64>() else {
                 return Ok(());
             };
-            let want = format!("{}{}-*", &prefix[..], end + 1);
-            let want = format!("{}{}", &self.cfg.member_attribute, &want[attr.len()..]);
+            let want = format!("{};range={}-*", self.cfg.member_attribute, end + 1);
             let dn = e.dn.clone();
             let more = self
                 .search_once(&dn, LdapScope::Base, "(objectClass=*)", &[want.as_str()])
@@ -539,11 +565,15 @@ impl Conn {
         let cfg = self.cfg.clone();
         let mut ldap = self.ldap.clone();
         ldap.with_timeout(cfg.timeout);
-        ldap.with_controls(vec![RawControl {
-            ctype: wire::SYNC_REQUEST.to_owned(),
-            crit: true,
-            val: Some(wire::sync_request(cookie)),
-        }]);
+        // ldap3 encodes the request (RFC 4533 section 2.2); critical, so a server without
+        // content synchronisation refuses the search instead of returning everything.
+        let mut request = RawControl::from(SyncRequest {
+            mode: RefreshMode::RefreshOnly,
+            cookie: cookie.map(<[u8]>::to_vec),
+            reload_hint: false,
+        });
+        request.crit = true;
+        ldap.with_controls(vec![request]);
         let mut stream = ldap
             .streaming_search(base, LdapScope::Subtree, filter, attrs.to_vec())
             .await
@@ -787,48 +817,148 @@ impl Conn {
             .collect()
     }
 
-    /// Resolves DNs (or login names) the index does not know, by searching the users' and the
-    /// groups' bases, BATCH at a time; adds what it finds to `index`.
+    /// Entries under `base` that match `class` and whose `key` filter (built for up to BATCH
+    /// values at a time) matches one of `values`.
+    async fn batched(
+        &mut self,
+        base: &str,
+        class: &str,
+        values: &[String],
+        key: impl Fn(&Conn, &[String]) -> String,
+        attrs: &[String],
+    ) -> Result<Vec<Entry>, SourceError> {
+        let mut out = Vec::new();
+        for chunk in values.chunks(BATCH) {
+            let f = format!("(&{class}{})", key(self, chunk));
+            out.extend(self.paged(base, &f, attrs).await?.entries);
+        }
+        Ok(out)
+    }
+
+    /// These users, read by id.
+    async fn users_by_id(&mut self, ids: &[String]) -> Result<Vec<User>, SourceError> {
+        let (base, class, attrs) = (
+            self.cfg.user_base_dn.clone(),
+            self.d.user_filter.clone(),
+            self.user_attrs(),
+        );
+        let found = self
+            .batched(&base, &class, ids, |c, ids| c.id_filter(ids), &attrs)
+            .await?;
+        Ok(found.iter().filter_map(|e| self.user(e).ok()).collect())
+    }
+
+    /// These groups' entries, read by id (with their members when `members`).
+    async fn group_entries_by_id(
+        &mut self,
+        ids: &[String],
+        members: bool,
+    ) -> Result<Vec<Entry>, SourceError> {
+        let (base, class, attrs) = (
+            self.cfg.group_base_dn.clone(),
+            self.d.group_filter.clone(),
+            self.group_attrs(members),
+        );
+        self.batched(&base, &class, ids, |c, ids| c.id_filter(ids), &attrs)
+            .await
+    }
+
+    /// Group entries as groups with their members: member values resolved through `index`, and,
+    /// with `look_up`, those it does not know searched for under the users' and the groups'
+    /// bases (users found go to `found`). Returns the groups, the entries left out (with why) and
+    /// how many member values named nothing.
+    async fn groups_of(
+        &mut self,
+        entries: Vec<Entry>,
+        index: &mut Index,
+        found: &mut BTreeMap<String, User>,
+        look_up: bool,
+    ) -> Result<(Vec<Group>, Vec<String>, usize), SourceError> {
+        let mut heads = Vec::new();
+        let mut left_out = Vec::new();
+        for mut e in entries {
+            if self.d.flavour == Flavour::ActiveDirectory {
+                self.complete_ranges(&mut e).await?;
+            }
+            match self.group_head(&e) {
+                Ok(g) => {
+                    index
+                        .refs
+                        .insert(dn_key(&e.dn), Member::group(g.id.clone()));
+                    heads.push((g, self.member_refs(&e)));
+                }
+                Err(n) => left_out.push(n),
+            }
+        }
+        if look_up {
+            let unknown: Vec<String> = heads
+                .iter()
+                .flat_map(|(_, r)| r)
+                .filter(|r| !index.refs.contains_key(*r))
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            self.resolve(&unknown, index, found).await?;
+        }
+        let mut outside = 0;
+        let groups = heads
+            .into_iter()
+            .map(|(mut g, refs)| {
+                for r in refs {
+                    match index.refs.get(&r) {
+                        Some(m) => {
+                            g.members.insert(m.clone());
+                        }
+                        None => outside += 1,
+                    }
+                }
+                g
+            })
+            .collect();
+        Ok((groups, left_out, outside))
+    }
+
+    /// Searches the users' and the groups' bases for member values (DNs, or login names for
+    /// memberUid) and adds what it finds to `index` (users also to `found`).
     async fn resolve(
         &mut self,
-        refs: &BTreeSet<String>,
+        unknown: &[String],
         index: &mut Index,
-        users_found: &mut BTreeMap<String, User>,
+        found: &mut BTreeMap<String, User>,
     ) -> Result<(), SourceError> {
-        let unknown: Vec<String> = refs
-            .iter()
-            .filter(|r| !index.refs.contains_key(*r))
-            .cloned()
-            .collect();
         if unknown.is_empty() {
             return Ok(());
         }
         let uid = self.cfg.member_attribute.eq_ignore_ascii_case("memberUid");
-        let user_attrs = self.user_attrs();
-        let group_attrs = self.group_attrs(false);
-        for chunk in unknown.chunks(BATCH) {
-            let key_attr = if uid {
-                self.d.username.clone()
-            } else {
-                self.d.dn_attr.to_owned()
-            };
-            let f = format!("(&{}{})", self.d.user_filter, any_of(&key_attr, chunk));
-            let base = self.cfg.user_base_dn.clone();
-            for e in self.paged(&base, &f, &user_attrs).await?.entries {
-                if let Ok(u) = self.user(&e) {
-                    index.add_user(&u, &self.d.username);
-                    users_found.insert(u.id.clone(), u);
-                }
+        let key_attr = if uid {
+            self.d.username.clone()
+        } else {
+            self.d.dn_attr.to_owned()
+        };
+        let (ubase, uclass, uattrs) = (
+            self.cfg.user_base_dn.clone(),
+            self.d.user_filter.clone(),
+            self.user_attrs(),
+        );
+        let key = |_: &Conn, values: &[String]| any_of(&key_attr, values);
+        for e in self.batched(&ubase, &uclass, unknown, key, &uattrs).await? {
+            if let Ok(u) = self.user(&e) {
+                index.add_user(&u);
+                found.insert(u.id.clone(), u);
             }
-            if uid {
-                continue;
-            }
-            let f = format!("(&{}{})", self.d.group_filter, any_of(&key_attr, chunk));
-            let base = self.cfg.group_base_dn.clone();
-            for e in self.paged(&base, &f, &group_attrs).await?.entries {
-                if let Ok(g) = self.group_head(&e) {
-                    index.refs.insert(dn_key(&e.dn), Member::group(g.id));
-                }
+        }
+        if uid {
+            return Ok(());
+        }
+        let (gbase, gclass, gattrs) = (
+            self.cfg.group_base_dn.clone(),
+            self.d.group_filter.clone(),
+            self.group_attrs(false),
+        );
+        for e in self.batched(&gbase, &gclass, unknown, key, &gattrs).await? {
+            if let Ok(g) = self.group_head(&e) {
+                index.refs.insert(dn_key(&e.dn), Member::group(g.id));
             }
         }
         Ok(())
@@ -867,11 +997,11 @@ struct Index {
 }
 
 impl Index {
-    fn add_user(&mut self, u: &User, username_attr: &str) {
+    /// A user's DN and login name.
+    fn add_user(&mut self, u: &User) {
         if let Some(dn) = u.attributes.get("dn") {
             self.refs.insert(dn_key(dn), Member::user(u.id.clone()));
         }
-        let _ = username_attr;
         self.refs
             .insert(u.user_name.to_lowercase(), Member::user(u.id.clone()));
     }
@@ -919,7 +1049,7 @@ impl LdapSource {
         for e in &users.entries {
             match c.user(e) {
                 Ok(u) => {
-                    index.add_user(&u, &c.d.username);
+                    index.add_user(&u);
                     if let Some(old) = snap.users.insert(u.id.clone(), u) {
                         return Err(err(
                             SourceErrorKind::Protocol,
@@ -930,31 +1060,11 @@ impl LdapSource {
                 Err(n) => notes.push(n),
             }
         }
-        let mut heads = Vec::new();
-        for mut e in groups.entries {
-            if c.d.flavour == Flavour::ActiveDirectory {
-                c.complete_ranges(&mut e).await?;
-            }
-            match c.group_head(&e) {
-                Ok(g) => {
-                    index
-                        .refs
-                        .insert(dn_key(&e.dn), Member::group(g.id.clone()));
-                    heads.push((g, c.member_refs(&e)));
-                }
-                Err(n) => notes.push(n),
-            }
-        }
-        let mut outside = 0usize;
-        for (mut g, refs) in heads {
-            for r in refs {
-                match index.refs.get(&r) {
-                    Some(m) => {
-                        g.members.insert(m.clone());
-                    }
-                    None => outside += 1,
-                }
-            }
+        let (groups, left_out, outside) = c
+            .groups_of(groups.entries, &mut index, &mut BTreeMap::new(), false)
+            .await?;
+        notes.extend(left_out);
+        for g in groups {
             if snap.groups.insert(g.id.clone(), g).is_some() {
                 return Err(err(
                     SourceErrorKind::Protocol,
@@ -1071,36 +1181,18 @@ impl Source for LdapSource {
         let gf = c.d.group_filter.clone();
         let users = match c.sync(&ubase, &uf, &user_attrs, Some(&uc)).await? {
             Ok(s) => s,
-            Err(SyncEnd::RefreshRequired) => {
-                return Ok(Changes::Expired(
-                    "the directory no longer knows the sync cookie (e-syncRefreshRequired)".into(),
-                ));
-            }
-            Err(SyncEnd::Unsupported(why)) => {
-                return Ok(Changes::Expired(format!(
-                    "content synchronisation was refused ({why})"
-                )));
-            }
+            Err(end) => return Ok(end.expired()),
         };
         let groups = match c.sync(&gbase, &gf, &group_attrs, Some(&gc)).await? {
             Ok(s) => s,
-            Err(SyncEnd::RefreshRequired) => {
-                return Ok(Changes::Expired(
-                    "the directory no longer knows the sync cookie (e-syncRefreshRequired)".into(),
-                ));
-            }
-            Err(SyncEnd::Unsupported(why)) => {
-                return Ok(Changes::Expired(format!(
-                    "content synchronisation was refused ({why})"
-                )));
-            }
+            Err(end) => return Ok(end.expired()),
         };
         let mut notes = Vec::new();
         let mut changes: Vec<Change> = Vec::new();
         // What the snapshot knows: user DNs and login names.
         let mut index = Index::default();
         for u in base.users.values() {
-            index.add_user(u, &c.d.username);
+            index.add_user(u);
         }
         let mut found: BTreeMap<String, User> = BTreeMap::new();
         // Users first, so that groups resolve renamed and new members.
@@ -1109,63 +1201,34 @@ impl Source for LdapSource {
             seen_users.insert(uuid.clone());
             match c.user(e) {
                 Ok(u) => {
-                    index.add_user(&u, &c.d.username);
+                    index.add_user(&u);
                     found.insert(u.id.clone(), u.clone());
                     changes.push(Change::UpsertUser(u));
                 }
                 Err(n) => notes.push(n),
             }
         }
-        let gone = |s: &Synced, known: &mut dyn Iterator<Item = &String>| -> Vec<String> {
-            let mut out: BTreeSet<String> = s.deleted.clone();
-            if s.present_phase {
-                let changed: BTreeSet<&String> = s.changed.iter().map(|(u, _)| u).collect();
-                for id in known {
-                    if !s.present.contains(id) && !changed.contains(id) {
-                        out.insert(id.clone());
-                    }
-                }
-            }
-            out.into_iter().collect()
-        };
-        for id in gone(&users, &mut base.users.keys()) {
+        for id in users.gone(base.users.keys()) {
             if base.users.contains_key(&id) || seen_users.contains(&id) {
                 changes.push(Change::Remove(Member::user(id)));
             }
         }
         // Groups: their attributes, and their members resolved to ids.
-        let mut refs: BTreeSet<String> = BTreeSet::new();
-        let mut heads = Vec::new();
-        for (_, e) in &groups.changed {
-            match c.group_head(e) {
-                Ok(g) => {
-                    index
-                        .refs
-                        .insert(dn_key(&e.dn), Member::group(g.id.clone()));
-                    let r = c.member_refs(e);
-                    refs.extend(r.iter().cloned());
-                    heads.push((g, r));
-                }
-                Err(n) => notes.push(n),
-            }
-        }
-        c.resolve(&refs, &mut index, &mut found).await?;
-        for (g, r) in heads {
-            let members: BTreeSet<Member> = r
-                .iter()
-                .filter_map(|x| index.refs.get(x).cloned())
-                .collect();
+        let entries = groups.changed.iter().map(|(_, e)| e.clone()).collect();
+        let (changed, left_out, _) = c.groups_of(entries, &mut index, &mut found, true).await?;
+        notes.extend(left_out);
+        for g in changed {
             changes.push(Change::UpsertGroup {
                 id: g.id.clone(),
-                display_name: g.display_name.clone(),
-                description: g.description.clone(),
+                display_name: g.display_name,
+                description: g.description,
             });
             changes.push(Change::ReplaceMembers {
-                group: g.id.clone(),
-                members: members.into_iter().collect(),
+                group: g.id,
+                members: g.members.into_iter().collect(),
             });
         }
-        for id in gone(&groups, &mut base.groups.keys()) {
+        for id in groups.gone(base.groups.keys()) {
             if base.groups.contains_key(&id) {
                 changes.push(Change::Remove(Member::group(id)));
             }
@@ -1203,25 +1266,16 @@ struct LdapLookup {
 #[async_trait]
 impl Lookup for LdapLookup {
     async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
-        let mut out = Vec::new();
-        let mut missing = Vec::new();
-        for id in ids {
-            match self.found.get(id) {
-                Some(u) => out.push(u.clone()),
-                None => missing.push(id.clone()),
-            }
-        }
-        let mut c = self.conn.lock().await;
-        let attrs = c.user_attrs();
-        for chunk in missing.chunks(BATCH) {
-            let f = format!("(&{}{})", c.d.user_filter, c.id_filter(chunk));
-            let base = c.cfg.user_base_dn.clone();
-            for e in c.paged(&base, &f, &attrs).await?.entries {
-                if let Ok(u) = c.user(&e) {
-                    out.push(u);
-                }
-            }
-        }
+        let (mut out, missing): (Vec<User>, Vec<String>) = (
+            ids.iter()
+                .filter_map(|id| self.found.get(id).cloned())
+                .collect(),
+            ids.iter()
+                .filter(|id| !self.found.contains_key(*id))
+                .cloned()
+                .collect(),
+        );
+        out.extend(self.conn.lock().await.users_by_id(&missing).await?);
         Ok(out)
     }
 
@@ -1234,114 +1288,78 @@ impl Lookup for LdapLookup {
 
     async fn groups(&self, ids: &[String], _scope: &Scope) -> Result<Vec<Group>, SourceError> {
         let mut c = self.conn.lock().await;
-        let attrs = c.group_attrs(false);
-        let mut out = Vec::new();
-        for chunk in ids.chunks(BATCH) {
-            let f = format!("(&{}{})", c.d.group_filter, c.id_filter(chunk));
-            let base = c.cfg.group_base_dn.clone();
-            for e in c.paged(&base, &f, &attrs).await?.entries {
-                if let Ok(g) = c.group_head(&e) {
-                    out.push(g);
-                }
-            }
-        }
-        Ok(out)
+        let entries = c.group_entries_by_id(ids, false).await?;
+        Ok(entries
+            .iter()
+            .filter_map(|e| c.group_head(e).ok())
+            .collect())
     }
 
+    /// Reads the groups reachable from `groups` within the search depth (and their members the
+    /// snapshot lacks) into a directory of their own, level by level, then lets the engine's
+    /// [`DirectoryLookup`] expand from it: the scope rules stay the engine's.
     async fn expand(
         &self,
         groups: Vec<Group>,
-        mut level: u32,
+        level: u32,
         scope: &Scope,
         snap: &mut Snapshot,
         depth: &mut BTreeMap<String, u32>,
     ) -> Result<(), SourceError> {
         let mut c = self.conn.lock().await;
         let mut index = Index::default();
-        for u in snap.users.values() {
-            index.add_user(u, &c.d.username);
-        }
         let mut found = self.found.clone();
-        for u in found.values() {
-            index.add_user(u, &c.d.username);
+        for u in snap.users.values().chain(found.values()) {
+            index.add_user(u);
         }
-        let mut frontier: Vec<String> = groups.into_iter().map(|g| g.id).collect();
-        for id in &frontier {
-            depth.insert(id.clone(), level);
-        }
-        let attrs = c.group_attrs(true);
+        let mut pool = Snapshot::default();
+        let mut frontier: Vec<String> = groups.iter().map(|g| g.id.clone()).collect();
+        let mut at = level;
         while !frontier.is_empty() {
-            // The frontier's groups with their members.
-            let mut entries = Vec::new();
-            for chunk in frontier.chunks(BATCH) {
-                let f = format!("(&{}{})", c.d.group_filter, c.id_filter(chunk));
-                let base = c.cfg.group_base_dn.clone();
-                for mut e in c.paged(&base, &f, &attrs).await?.entries {
-                    if c.d.flavour == Flavour::ActiveDirectory {
-                        c.complete_ranges(&mut e).await?;
-                    }
-                    entries.push(e);
-                }
-            }
-            let mut refs = BTreeSet::new();
-            let mut heads = Vec::new();
-            for e in &entries {
-                if let Ok(g) = c.group_head(e) {
-                    index
-                        .refs
-                        .insert(dn_key(&e.dn), Member::group(g.id.clone()));
-                    let r = c.member_refs(e);
-                    refs.extend(r.iter().cloned());
-                    heads.push((g, r));
-                }
-            }
-            c.resolve(&refs, &mut index, &mut found).await?;
-            // Members the snapshot lacks, read by id.
+            let entries = c.group_entries_by_id(&frontier, true).await?;
+            let (read, _, _) = c.groups_of(entries, &mut index, &mut found, true).await?;
             let mut next = Vec::new();
-            let mut want_users = Vec::new();
-            for (mut g, r) in heads {
-                for m in r.iter().filter_map(|x| index.refs.get(x).cloned()) {
-                    match m.kind {
-                        Kind::User => {
-                            if !snap.users.contains_key(&m.id) {
-                                match found.get(&m.id) {
-                                    Some(u) => {
-                                        snap.users.insert(m.id.clone(), u.clone());
-                                    }
-                                    None => want_users.push(m.id.clone()),
-                                }
-                            }
-                        }
-                        Kind::Group => {
-                            if level < scope.search_depth
-                                && !depth.contains_key(&m.id)
-                                && !snap.groups.contains_key(&m.id)
-                            {
-                                depth.insert(m.id.clone(), level + 1);
-                                next.push(m.id.clone());
-                            }
-                        }
-                        Kind::ServicePrincipal => {}
-                    }
-                    g.members.insert(m);
-                }
-                snap.incomplete_groups.remove(&g.id);
-                snap.groups.insert(g.id.clone(), g);
-            }
-            let user_attrs = c.user_attrs();
-            for chunk in want_users.chunks(BATCH) {
-                let f = format!("(&{}{})", c.d.user_filter, c.id_filter(chunk));
-                let base = c.cfg.user_base_dn.clone();
-                for e in c.paged(&base, &f, &user_attrs).await?.entries {
-                    if let Ok(u) = c.user(&e) {
-                        snap.users.insert(u.id.clone(), u);
+            for g in read {
+                for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+                    if at < scope.search_depth
+                        && !snap.groups.contains_key(&m.id)
+                        && !pool.groups.contains_key(&m.id)
+                        && !frontier.contains(&m.id)
+                    {
+                        next.push(m.id.clone());
                     }
                 }
+                pool.groups.insert(g.id.clone(), g);
             }
+            next.sort();
+            next.dedup();
             frontier = next;
-            level += 1;
+            at += 1;
         }
-        Ok(())
+        // The users the pool's groups name: read in this run, or by id.
+        let named: BTreeSet<String> = pool
+            .groups
+            .values()
+            .flat_map(|g| &g.members)
+            .filter(|m| m.kind == Kind::User && !snap.users.contains_key(&m.id))
+            .map(|m| m.id.clone())
+            .collect();
+        let missing: Vec<String> = named
+            .iter()
+            .filter(|id| !found.contains_key(*id))
+            .cloned()
+            .collect();
+        for u in c.users_by_id(&missing).await? {
+            found.insert(u.id.clone(), u);
+        }
+        for id in named {
+            if let Some(u) = found.remove(&id) {
+                pool.users.insert(id, u);
+            }
+        }
+        DirectoryLookup(&pool)
+            .expand(groups, level, scope, snap, depth)
+            .await
     }
 }
 
