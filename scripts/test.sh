@@ -4,7 +4,8 @@
 # workspace (unit, property, the real binary against temporary folders), the emulators'
 # conformance suite (the vendors' Python clients, installed into .venv from PyPI), and the state
 # backends against moto (PyPI) and Azurite (npm), the SCIM target against scim2-server (PyPI) and
-# the LDAP source against OpenLDAP (slapd, a Debian package: scripts/ldap.sh),
+# the LDAP source against OpenLDAP (slapd, a Debian package: scripts/ldap.sh) and Active Directory
+# (a Samba AD domain controller, Debian packages: scripts/samba.sh),
 # started on 127.0.0.1 and stopped by pid, then the fault suite at the size CI affords (RELIABILITY.md).
 #
 # CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
@@ -52,6 +53,9 @@ scripts/conformance.sh
 
 echo "== the LDAP source against OpenLDAP (slapd from Debian, on 127.0.0.1)"
 scripts/ldap.sh
+
+echo "== the LDAP source against Active Directory (a Samba AD domain controller from Debian, on 127.0.0.1)"
+scripts/samba.sh
 
 echo "== against real servers: state on moto (S3, STS) and Azurite (Azure Blob); the SCIM target on scim2-server"
 scripts/servers.sh

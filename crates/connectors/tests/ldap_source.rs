@@ -16,10 +16,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+/// The server and the administrator's password (the tests run only through scripts/ldap.sh).
 fn server() -> Option<(String, String)> {
     Some((
-        std::env::var("IDSYNC_TEST_LDAP").ok()?,
-        std::env::var("IDSYNC_TEST_LDAP_PASSWORD").ok()?,
+        std::env::var("IDSYNC_TEST_LDAP").expect("IDSYNC_TEST_LDAP: run scripts/ldap.sh"),
+        std::env::var("IDSYNC_TEST_LDAP_PASSWORD").expect("IDSYNC_TEST_LDAP_PASSWORD"),
     ))
 }
 
