@@ -10,6 +10,9 @@
 #   dc=nosync,dc=test  without syncprov, to check the message and the fallback to full reads.
 # Each test makes its own organizational unit, so the tests share one server.
 #
+# The command-line test (crates/cli/tests/ldap_cli.rs) also syncs into a real SCIM server:
+# scim2-server from PyPI, installed into .venv (IDSYNC_VENV) and started on 127.0.0.1 beside slapd.
+#
 #   scripts/ldap.sh            # the tests
 #   scripts/ldap.sh serve      # start it and print the environment, until Ctrl-C (for a person)
 set -euo pipefail
@@ -27,11 +30,12 @@ slapd=$(command -v slapd || echo /usr/sbin/slapd)
 
 work=$(mktemp -d)
 pid=""
+scim_pid=""
 cleanup() {
-  if [ -n "$pid" ]; then
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  fi
+  for p in $pid $scim_pid; do
+    kill "$p" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -95,6 +99,25 @@ dc: $suffix
 EOF
 done
 
+if [ "$mode" != serve ]; then
+  venv="${IDSYNC_VENV:-.venv}"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/servers/requirements.txt
+  scim_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+  scim_token="idsync-test-$RANDOM$RANDOM"
+  "$venv/bin/scim2-server" --hostname 127.0.0.1 --port "$scim_port" --bearer-token "$scim_token" \
+    > "$work/scim.log" 2>&1 &
+  scim_pid=$!
+  for _ in $(seq 100); do
+    if curl -sf "http://127.0.0.1:$scim_port/ServiceProviderConfig" >/dev/null 2>&1; then break; fi
+    if ! kill -0 "$scim_pid" 2>/dev/null; then echo "scim2-server did not start:"; cat "$work/scim.log"; exit 1; fi
+    sleep 0.1
+  done
+  export IDSYNC_TEST_SCIM="http://127.0.0.1:$scim_port" IDSYNC_TEST_SCIM_TOKEN="$scim_token"
+fi
+
 export IDSYNC_TEST_LDAP="ldap://127.0.0.1:$port"
 export IDSYNC_TEST_LDAP_PASSWORD="$password"
 if [ "$mode" = serve ]; then
@@ -103,4 +126,5 @@ if [ "$mode" = serve ]; then
   wait "$pid"
 else
   cargo test -q --locked -p idsync-connectors --test ldap_source -- --ignored
+  cargo test -q --locked -p idsync --test ldap_cli -- --ignored
 fi

@@ -315,6 +315,17 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            for a in &cfg.agreements {
+                let m = &a.mapping;
+                let guests = match &m.guest_user_name {
+                    Some(g) => format!("guests {g}"),
+                    None => "guests as members".to_owned(),
+                };
+                println!(
+                    "  {}: users keyed by {} ({guests}), groups by {}",
+                    a.name, m.user_name, m.group_name
+                );
+            }
             Ok(exit::OK)
         }
         Cmd::State { cmd } => state_cmd(&cli, cmd).await,

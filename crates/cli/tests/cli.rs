@@ -1396,3 +1396,43 @@ fn agreement_release_and_resume_free_what_a_person_fixed() {
     assert!(text(&o).contains("write KIND:KEY"), "{}", text(&o));
     assert_eq!(code(&s.run(&["sync"])), 0);
 }
+
+/// The LDAP example validates; with an LDAP source, lakeFS users are keyed by their DN (as lakeFS
+/// names the users of LDAP logins) unless a user_name is set, in the agreement or for all.
+#[test]
+fn the_ldap_example_validates_and_lakefs_users_are_keyed_by_their_dn() {
+    let s = Sandbox::new("");
+    let example = include_str!("../../../examples/ldap/idsync.toml");
+    s.write("idsync.toml", example);
+    let env = [
+        ("LDAP_BIND_PASSWORD", "example-bind-secret"),
+        ("LAKEFS_SECRET_ACCESS_KEY", "example-lakefs-secret"),
+        ("DATABRICKS_TOKEN", "example-token"),
+    ];
+    let o = s.run_env(&["validate"], &env);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("lakefs: users keyed by {dn}"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("databricks: users keyed by {mail}"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("example-bind-secret"));
+    // A user_name for every agreement wins over the preset.
+    let global = example.replace(
+        "[targets.lakefs]",
+        "[mapping]\nuser_name = \"{uid}\"\n\n[targets.lakefs]",
+    );
+    s.write("idsync.toml", &global);
+    let o = s.run_env(&["validate"], &env);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("lakefs: users keyed by {uid}"),
+        "{}",
+        text(&o)
+    );
+}

@@ -221,6 +221,12 @@ pub trait TargetConfig: Debug + Send + Sync + AsAny {
     fn adjust_mapping(&self, mapping: &mut Mapping) {
         let _ = mapping;
     }
+    /// The user key template this target takes with a source of `source_kind` when the
+    /// configuration sets no `user_name` (lakeFS with LDAP: `{dn}`).
+    fn default_user_name(&self, source_kind: &str) -> Option<&'static str> {
+        let _ = source_kind;
+        None
+    }
     /// Connects it, with at most `workers` requests in flight; `source` for a target that reuses
     /// the source's sign-in.
     fn build(

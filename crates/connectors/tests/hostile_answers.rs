@@ -360,6 +360,7 @@ async fn lakefs_pagination_that_leads_back_is_an_error_not_a_short_list() {
         access_key_id: "AKIACANNED".into(),
         secret_access_key: Secret::new("canned-lakefs-secret"),
         http: http("lakeFS"),
+        default_user_group: None,
     })
     .unwrap();
     let e = tokio::time::timeout(Duration::from_secs(30), t.observe())

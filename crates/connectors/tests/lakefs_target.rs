@@ -13,8 +13,8 @@ use idsync_engine::{Mapping, Target, TargetErrorKind};
 use idsync_model::{AgreementState, Secret};
 use std::time::Duration;
 
-fn target(l: &Lakefs, secret: &str) -> LakefsTarget {
-    LakefsTarget::new(LakefsConfig {
+fn config(l: &Lakefs, secret: &str) -> LakefsConfig {
+    LakefsConfig {
         endpoint: l.server.base_url.clone(),
         access_key_id: ACCESS_KEY_ID.into(),
         secret_access_key: Secret::new(secret),
@@ -23,8 +23,12 @@ fn target(l: &Lakefs, secret: &str) -> LakefsTarget {
             max_backoff: Duration::from_secs(2),
             ..HttpConfig::new("lakeFS")
         },
-    })
-    .unwrap()
+        default_user_group: None,
+    }
+}
+
+fn target(l: &Lakefs, secret: &str) -> LakefsTarget {
+    LakefsTarget::new(config(l, secret)).unwrap()
 }
 
 fn mapping() -> Mapping {
@@ -139,4 +143,71 @@ async fn the_target_conformance_suite() {
     idsync_runner::testing::conformance(subject, common::directory())
         .await
         .unwrap();
+}
+
+/// `default_user_group`: every user idsync creates joins it, as lakeFS adds the users it creates
+/// at an LDAP login; a group that does not exist stops each create before the user is made, with
+/// a message saying what to do; the group itself is never idsync's (not written to again, not
+/// deleted).
+#[tokio::test]
+async fn created_users_join_the_default_user_group_which_must_exist() {
+    let l = Lakefs::start_on(0).await.unwrap();
+    let t = LakefsTarget::new(LakefsConfig {
+        default_user_group: Some("Viewers".into()),
+        ..config(&l, SECRET_ACCESS_KEY)
+    })
+    .unwrap();
+    let mut st = AgreementState::new("lakefs");
+    let (_, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
+    assert!(!r.is_success());
+    let why = format!("{:?}", r.failed);
+    assert!(
+        why.contains("default_user_group \\\"Viewers\\\" is not a lakeFS group"),
+        "{why}"
+    );
+    // The emulator starts with its administrator only.
+    let users = || -> Vec<String> {
+        l.state
+            .data()
+            .users
+            .keys()
+            .filter(|u| *u != "admin")
+            .cloned()
+            .collect()
+    };
+    assert!(users().is_empty(), "no user was made outside the group");
+
+    // The administrator makes the group (as for lakeFS's own setting); the next run (the groups
+    // the first one made are in the state) puts every user it creates in it.
+    let t = LakefsTarget::new(LakefsConfig {
+        default_user_group: Some("Viewers".into()),
+        ..config(&l, SECRET_ACCESS_KEY)
+    })
+    .unwrap();
+    l.state.data_mut().groups.insert(
+        "g-viewers".into(),
+        idsync_emulators::lakefs::LGroup {
+            id: "g-viewers".into(),
+            name: "Viewers".into(),
+            description: None,
+            creation_date: 0,
+            members: Default::default(),
+            policies: Default::default(),
+        },
+    );
+    let (p, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    let viewers = l.state.group_by_name("Viewers").unwrap();
+    assert_eq!(viewers.members.len(), p.summary.ops["create user"]);
+    assert_eq!(
+        viewers.members.iter().cloned().collect::<Vec<_>>(),
+        users(),
+        "every user idsync made, and only those"
+    );
+    let before = writes(&l);
+    let (p, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
+    assert!(p.ops.is_empty(), "{:?}", p.ops);
+    assert_eq!(r.writes, 0);
+    assert_eq!(writes(&l), before);
+    assert!(l.state.group_by_name("Viewers").is_some());
 }

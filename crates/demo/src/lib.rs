@@ -124,6 +124,7 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
         access_key_id: idsync_emulators::lakefs::ACCESS_KEY_ID.into(),
         secret_access_key: Secret::new(idsync_emulators::lakefs::SECRET_ACCESS_KEY),
         http: http("lakeFS"),
+        default_user_group: None,
     })
     .doing(|| "the lakeFS target".into())?;
     let databricks = DatabricksTarget::new(DatabricksConfig {

@@ -518,6 +518,7 @@ impl Validator<'_> {
             &raw.policy.unwrap_or_default(),
             &Policy::default(),
         );
+        let user_name_set = raw.mapping.as_ref().is_some_and(|m| m.user_name.is_some());
         let mapping = self.mapping(
             "mapping",
             &raw.mapping.unwrap_or_default(),
@@ -546,6 +547,8 @@ impl Validator<'_> {
             }
             let key = |f: &str| format!("{prefix}.{f}");
             let tmapping: Option<RawMapping> = self.typed(&key("mapping"), t.remove("mapping"));
+            let user_name_set =
+                user_name_set || tmapping.as_ref().is_some_and(|m| m.user_name.is_some());
             let tpolicy: Option<RawPolicy> = self.typed(&key("policy"), t.remove("policy"));
             let mut tmapping = tmapping.as_ref().map_or_else(
                 || mapping.clone(),
@@ -581,6 +584,17 @@ impl Validator<'_> {
             match kind.configure(settings, &cx, source.as_deref()) {
                 Ok(target) => {
                     target.adjust_mapping(&mut tmapping);
+                    let preset = source
+                        .as_deref()
+                        .and_then(|s| target.default_user_name(s.kind()));
+                    if let (false, Some(t)) = (user_name_set, preset) {
+                        match Mapping::user_template(t) {
+                            Ok(t) => tmapping.user_name = t,
+                            Err(e) => {
+                                self.err(Origin::File(&key("mapping.user_name")), e.to_string())
+                            }
+                        }
+                    }
                     agreements.push(AgreementConfig {
                         name,
                         target,

@@ -99,6 +99,8 @@ path = "dbx.json"
             "LAKEFS_ACCESS_KEY_ID",
             "LAKEFS_SECRET_ACCESS_KEY",
             "LAKEFS_DEFAULT_POLICIES",
+            "LAKEFS_DEFAULT_USER_GROUP",
+            "LDAP_BIND_PASSWORD",
             "DATABRICKS_HOST",
             "DATABRICKS_ACCOUNT_ID",
             "DATABRICKS_TOKEN",

@@ -1440,7 +1440,7 @@ impl LdapSource {
             let pos = c.ad_position().await?;
             if !c.sees_tombstones(&pos.naming_context).await? {
                 notes.push(format!(
-                    "{} shows {} no deleted object (a tombstone) in the Deleted Objects container: either nothing was ever deleted, or the account may not read them. Then incremental runs do not see deleted users and groups, and the next full read removes them. To let them, grant the account List Contents and Read Property on the container (dsacls \"CN=Deleted Objects,{}\" /takeownership, then /G ACCOUNT:LCRP)",
+                    "{} shows {} no deleted object (a tombstone) in the Deleted Objects container: either nothing was ever deleted, or the account may not read them. Then incremental runs do not see deleted users and groups, and the next full read (idsync sync --full-sync) removes them. To let them, grant the account List Contents and Read Property on the container (dsacls \"CN=Deleted Objects,{}\" /takeownership, then /G ACCOUNT:LCRP)",
                     self.cfg.server_endpoint,
                     self.cfg.bind_dn.as_deref().unwrap_or("the anonymous bind"),
                     pos.naming_context,

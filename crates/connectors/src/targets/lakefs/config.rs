@@ -24,6 +24,10 @@ pub struct Settings {
     /// Policies attached to every group idsync creates [default: AuthManageOwnCredentials,
     /// FSReadAll] (`LAKEFS_DEFAULT_POLICIES`, comma-separated).
     default_policies: Option<Vec<String>>,
+    /// A group every user idsync creates is added to, once, as lakeFS adds the users it creates
+    /// at an LDAP login (lakeFS's `auth.ldap.default_user_group`, e.g. "Viewers"); it must exist
+    /// (`LAKEFS_DEFAULT_USER_GROUP`).
+    default_user_group: Option<String>,
     /// Extra CA certificates (PEM) to trust.
     ca_bundle: Option<String>,
     /// Allow plain http:// to a host other than this machine (credentials and people's data in
@@ -52,6 +56,11 @@ const ENV: &[EnvVar] = &[
         setting: "default_policies",
         form: EnvForm::List,
     },
+    EnvVar {
+        names: &["LAKEFS_DEFAULT_USER_GROUP"],
+        setting: "default_user_group",
+        form: EnvForm::Text,
+    },
 ];
 
 /// The `lakefs` target kind: added by its variables when the configuration names no target.
@@ -68,6 +77,8 @@ pub struct LakefsTargetConfig {
     pub secret_access_key: Secret,
     /// Policies for the groups idsync creates.
     pub default_policies: Vec<String>,
+    /// The group every user idsync creates joins.
+    pub default_user_group: Option<String>,
     /// Extra CA certificates (PEM).
     pub ca_bundle: Option<PathBuf>,
     /// Plain http:// to other hosts allowed.
@@ -100,6 +111,7 @@ impl TargetSettings for Settings {
             default_policies: self
                 .default_policies
                 .unwrap_or_else(|| DEFAULT_POLICIES.iter().map(|p| (*p).to_owned()).collect()),
+            default_user_group: self.default_user_group.filter(|g| !g.trim().is_empty()),
             ca_bundle: self.ca_bundle.as_deref().map(|p| c.resolve(p)),
             allow_insecure_http: self.allow_insecure_http.unwrap_or(false),
         }))
@@ -116,6 +128,11 @@ impl TargetConfig for LakefsTargetConfig {
     fn adjust_mapping(&self, mapping: &mut Mapping) {
         mapping.group_policies = self.default_policies.iter().cloned().collect();
     }
+    /// lakeFS names the user it creates at an LDAP login by the user's DN: idsync's users are
+    /// the same users when their id is the DN.
+    fn default_user_name(&self, source_kind: &str) -> Option<&'static str> {
+        (source_kind == "ldap").then_some("{dn}")
+    }
     fn build(&self, workers: usize, _: &dyn SourceConfig) -> Result<Box<dyn Target>, TargetError> {
         let cfg = super::LakefsConfig {
             endpoint: self.endpoint.clone(),
@@ -125,6 +142,7 @@ impl TargetConfig for LakefsTargetConfig {
                 allow_insecure_http: self.allow_insecure_http,
                 ..HttpConfig::new("lakeFS").bounded(workers, self.ca_bundle.clone())
             },
+            default_user_group: self.default_user_group.clone(),
         };
         Ok(Box::new(super::LakefsTarget::new(cfg)?))
     }

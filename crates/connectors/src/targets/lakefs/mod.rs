@@ -36,6 +36,9 @@ pub struct LakefsConfig {
     pub secret_access_key: Secret,
     /// HTTP settings.
     pub http: HttpConfig,
+    /// The group every user idsync creates is added to, as lakeFS adds a user it creates at an
+    /// LDAP login (its `auth.ldap.default_user_group`).
+    pub default_user_group: Option<String>,
 }
 
 /// The lakeFS target.
@@ -45,6 +48,9 @@ pub struct LakefsTarget {
     base: String,
     auth: Auth,
     workers: usize,
+    default_user_group: Option<String>,
+    /// The default user group's lakeFS id, found once per run.
+    default_group_id: tokio::sync::OnceCell<String>,
 }
 
 #[derive(Deserialize)]
@@ -121,7 +127,29 @@ impl LakefsTarget {
             base,
             auth: Auth::Basic(cfg.access_key_id, cfg.secret_access_key),
             workers,
+            default_user_group: cfg.default_user_group,
+            default_group_id: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The lakeFS id of the group named `name` (its id, or its name on a lakeFS whose groups
+    /// have both), or an error saying it must exist first.
+    async fn group_id(&self, name: &str) -> Result<String, TargetError> {
+        let groups = self
+            .get_all::<LGroup>("/auth/groups", "listing groups")
+            .await?;
+        groups
+            .into_iter()
+            .find(|g| g.id == name || g.name.as_deref() == Some(name))
+            .map(|g| g.id)
+            .ok_or_else(|| {
+                TargetError::new(
+                    TargetErrorKind::Invalid,
+                    format!(
+                        "default_user_group {name:?} is not a lakeFS group: create it (as for lakeFS's own auth.ldap.default_user_group), or remove the setting"
+                    ),
+                )
+            })
     }
 
     async fn get_all<T: serde::de::DeserializeOwned>(
@@ -368,6 +396,17 @@ impl Target for LakefsTarget {
         match op {
             Op::Create { principal, .. } => match principal.kind {
                 Kind::User => {
+                    // The default group is found before the user is made: a missing one stops
+                    // the create instead of leaving a user outside it.
+                    let group = match &self.default_user_group {
+                        Some(name) => Some(
+                            self.default_group_id
+                                .get_or_try_init(|| self.group_id(name))
+                                .await?
+                                .clone(),
+                        ),
+                        None => None,
+                    };
                     self.call(
                         Method::POST,
                         "/auth/users",
@@ -375,6 +414,15 @@ impl Target for LakefsTarget {
                         false,
                     )
                     .await?;
+                    if let Some(g) = group {
+                        self.call(
+                            Method::PUT,
+                            &format!("/auth/groups/{}/members/{}", seg(&g), seg(&principal.key)),
+                            None,
+                            true,
+                        )
+                        .await?;
+                    }
                     Ok(Outcome::Created(principal.key.clone()))
                 }
                 Kind::Group => {
