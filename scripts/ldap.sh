@@ -15,6 +15,9 @@
 #
 #   scripts/ldap.sh            # the tests
 #   scripts/ldap.sh serve      # start it and print the environment, until Ctrl-C (for a person)
+#   scripts/ldap.sh bench [USERS GROUPS PER_GROUP]
+#                              # the LDAP source's benchmark (crates/connectors/benches/ldap.rs;
+#                              # default 10,000 users, 1,000 groups of 20), results in bench/RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-test}"
@@ -99,7 +102,7 @@ dc: $suffix
 EOF
 done
 
-if [ "$mode" != serve ]; then
+if [ "$mode" = test ]; then
   venv="${IDSYNC_VENV:-.venv}"
   if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
@@ -120,7 +123,10 @@ fi
 
 export IDSYNC_TEST_LDAP="ldap://127.0.0.1:$port"
 export IDSYNC_TEST_LDAP_PASSWORD="$password"
-if [ "$mode" = serve ]; then
+if [ "$mode" = bench ]; then
+  shift
+  cargo bench -q --locked -p idsync-connectors --bench ldap -- "$@"
+elif [ "$mode" = serve ]; then
   echo "IDSYNC_TEST_LDAP=$IDSYNC_TEST_LDAP IDSYNC_TEST_LDAP_PASSWORD=$IDSYNC_TEST_LDAP_PASSWORD"
   echo "admin DNs: cn=admin,dc=idsync,dc=test (syncprov) and cn=admin,dc=nosync,dc=test; Ctrl-C stops it"
   wait "$pid"
