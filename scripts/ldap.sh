@@ -8,6 +8,8 @@
 #                      refint (a renamed or deleted user leaves its groups' member values), like a
 #                      production directory idsync reads incrementally;
 #   dc=nosync,dc=test  without syncprov, to check the message and the fallback to full reads.
+# It listens on ldap:// (StartTLS) and ldaps:// with a certificate from a private CA made here, and
+# has the memberof overlay, as production directories do, and an account with a size limit.
 # Each test makes its own organizational unit, so the tests share one server.
 #
 # The command-line test (crates/cli/tests/ldap_cli.rs) also syncs into a real SCIM server:
@@ -47,6 +49,17 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 password="idsync-admin-$RANDOM$RANDOM"
 mkdir -p "$work/db" "$work/nosync"
 modules=/usr/lib/ldap
+# A private CA and a certificate for 127.0.0.1, for StartTLS and ldaps:// (the CA goes to the tests
+# as ca_bundle).
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=idsync test CA" \
+  -keyout "$work/ca.key" -out "$work/ca.pem" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' > "$work/server.ext"
+openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+  -days 2 -extfile "$work/server.ext" -out "$work/server.pem" 2>/dev/null
+tls_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+limited_password="idsync-limited-$RANDOM$RANDOM"
 cat > "$work/slapd.conf" <<EOF
 include /etc/ldap/schema/core.schema
 include /etc/ldap/schema/cosine.schema
@@ -56,6 +69,10 @@ modulepath $modules
 moduleload back_mdb
 moduleload syncprov
 moduleload refint
+moduleload memberof
+TLSCACertificateFile $work/ca.pem
+TLSCertificateFile $work/server.pem
+TLSCertificateKeyFile $work/server.key
 pidfile $work/slapd.pid
 argsfile $work/slapd.args
 sizelimit size.soft=1000 size.hard=unlimited size.prtotal=unlimited
@@ -68,6 +85,9 @@ rootpw $password
 directory $work/db
 index objectClass,entryUUID,entryCSN,uid,cn eq
 index member,uniqueMember,memberUid eq
+# An account whose searches stop at 3 entries, paged or not: the size-limit test binds as it.
+limits dn.exact="cn=limited,dc=idsync,dc=test" size.soft=3 size.hard=3 size.prtotal=3
+overlay memberof
 overlay syncprov
 syncprov-checkpoint 100 1
 syncprov-sessionlog 10000
@@ -84,7 +104,7 @@ directory $work/nosync
 index objectClass,entryUUID eq
 EOF
 
-"$slapd" -f "$work/slapd.conf" -h "ldap://127.0.0.1:$port/" -d 0 > "$work/slapd.log" 2>&1 &
+"$slapd" -f "$work/slapd.conf" -h "ldap://127.0.0.1:$port/ ldaps://127.0.0.1:$tls_port/" -d 0 > "$work/slapd.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do
   if ldapsearch -x -H "ldap://127.0.0.1:$port" -b "" -s base "(objectClass=*)" >/dev/null 2>&1; then break; fi
@@ -121,7 +141,18 @@ if [ "$mode" = test ]; then
   export IDSYNC_TEST_SCIM="http://127.0.0.1:$scim_port" IDSYNC_TEST_SCIM_TOKEN="$scim_token"
 fi
 
+ldapadd -x -H "ldap://127.0.0.1:$port" -D "cn=admin,dc=idsync,dc=test" -w "$password" >/dev/null <<LDIF
+dn: cn=limited,dc=idsync,dc=test
+objectClass: organizationalRole
+objectClass: simpleSecurityObject
+cn: limited
+userPassword: $limited_password
+LDIF
+
 export IDSYNC_TEST_LDAP="ldap://127.0.0.1:$port"
+export IDSYNC_TEST_LDAPS="ldaps://127.0.0.1:$tls_port"
+export IDSYNC_TEST_LDAP_CA="$work/ca.pem"
+export IDSYNC_TEST_LDAP_LIMITED_PASSWORD="$limited_password"
 export IDSYNC_TEST_LDAP_PASSWORD="$password"
 if [ "$mode" = bench ]; then
   shift

@@ -360,3 +360,80 @@ async fn posix_groups_resolve_member_uids() {
         r.notes
     );
 }
+
+/// StartTLS on ldap:// and ldaps://, each trusting the test CA through ca_bundle; a certificate
+/// the client cannot verify (no ca_bundle) is refused with a message saying what to set.
+#[tokio::test]
+#[ignore = "needs slapd: scripts/ldap.sh"]
+async fn start_tls_and_ldaps_verify_the_server_against_the_ca_bundle() {
+    let Some((url, pw)) = server() else { return };
+    let ldaps = std::env::var("IDSYNC_TEST_LDAPS").expect("IDSYNC_TEST_LDAPS");
+    let ca = std::path::PathBuf::from(std::env::var("IDSYNC_TEST_LDAP_CA").expect("CA"));
+    let mut admin = Admin::new(&url, &pw, "idsync").await;
+    let ou = unit(&mut admin, "idsync").await;
+    let a = admin.user(&format!("ou=people,{ou}"), "tls", "T").await;
+    admin.group(&format!("ou=groups,{ou}"), "g", &[&a]).await;
+
+    let mut cfg = config(&url, &pw, "idsync", &ou);
+    cfg.start_tls = true;
+    cfg.ca_bundle = Some(ca.clone());
+    let r = LdapSource::new(cfg.clone())
+        .read_full(&all_groups(1))
+        .await
+        .unwrap();
+    assert_eq!(r.snapshot.users.len(), 1);
+
+    let mut over_tls = config(&ldaps, &pw, "idsync", &ou);
+    over_tls.ca_bundle = Some(ca);
+    let r = LdapSource::new(over_tls.clone())
+        .read_full(&all_groups(1))
+        .await
+        .unwrap();
+    assert_eq!(r.snapshot.users.len(), 1);
+
+    for mut untrusted in [cfg, over_tls] {
+        untrusted.ca_bundle = None;
+        let e = LdapSource::new(untrusted)
+            .read_full(&all_groups(1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, SourceErrorKind::Unavailable, "{e}");
+        assert!(e.message.to_lowercase().contains("certificate"), "{e}");
+        assert!(e.message.contains("ca_bundle"), "{e}");
+        assert!(!e.message.contains(&pw), "{e}");
+    }
+}
+
+/// A bind DN whose searches stop at 3 entries (OpenLDAP `limits ... size.prtotal=3`): the full
+/// read fails with what to raise, instead of returning a directory cut short.
+#[tokio::test]
+#[ignore = "needs slapd: scripts/ldap.sh"]
+async fn a_size_limit_is_an_error_not_a_short_directory() {
+    let Some((url, pw)) = server() else { return };
+    let limited = std::env::var("IDSYNC_TEST_LDAP_LIMITED_PASSWORD").expect("limited");
+    let mut admin = Admin::new(&url, &pw, "idsync").await;
+    let ou = unit(&mut admin, "idsync").await;
+    let mut dns = Vec::new();
+    for i in 0..5 {
+        dns.push(
+            admin
+                .user(
+                    &format!("ou=people,{ou}"),
+                    &format!("s{i}"),
+                    &format!("S {i}"),
+                )
+                .await,
+        );
+    }
+    let refs: Vec<&str> = dns.iter().map(String::as_str).collect();
+    admin.group(&format!("ou=groups,{ou}"), "g", &refs).await;
+    let mut cfg = config(&url, &limited, "idsync", &ou);
+    cfg.bind_dn = Some("cn=limited,dc=idsync,dc=test".into());
+    let e = LdapSource::new(cfg)
+        .read_full(&all_groups(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, SourceErrorKind::Invalid, "{e}");
+    assert!(e.message.contains("size limit"), "{e}");
+    assert!(!e.message.contains(&limited), "{e}");
+}

@@ -179,8 +179,13 @@ fn ldap_error(cfg: &LdapSourceConfig, what: &str, e: LdapError) -> SourceError {
         other => err(
             SourceErrorKind::Unavailable,
             format!(
-                "{what}: the connection to {} failed: {other}",
-                cfg.server_endpoint
+                "{what}: the connection to {} failed: {other}{}",
+                cfg.server_endpoint,
+                if what == "binding" {
+                    " (the server closed it or did not answer in LDAP: check that server_endpoint names an LDAP server, and that ldap:// or ldaps:// matches its port, e.g. 389 or 636)"
+                } else {
+                    " (the server closed it in the middle of the answer)"
+                }
             ),
         ),
     }
@@ -402,10 +407,22 @@ impl Conn {
                         cfg.timeout.as_secs()
                     ),
                 ),
-                other => err(
-                    SourceErrorKind::Unavailable,
-                    format!("connecting to {}: {other}", cfg.server_endpoint),
-                ),
+                other => {
+                    let text = other.to_string();
+                    let hint = if text.contains("certificate") {
+                        if cfg.ca_bundle.is_some() {
+                            ": the server's certificate does not verify against ca_bundle (is it the CA that issued it, and does the certificate name this host?)"
+                        } else {
+                            ": the server's certificate is not trusted by this machine: set ca_bundle to the PEM file of the CA that issued it"
+                        }
+                    } else {
+                        ""
+                    };
+                    err(
+                        SourceErrorKind::Unavailable,
+                        format!("connecting to {}: {text}{hint}", cfg.server_endpoint),
+                    )
+                }
             })?;
         ldap3::drive!(conn);
         if let Some(dn) = &cfg.bind_dn {
