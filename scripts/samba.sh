@@ -8,7 +8,8 @@
 # it is not root or when 127.0.0.1:389 is taken.
 #
 # The domain has the administrator and one ordinary user (idsync-reader), who may read the
-# directory but not the Deleted Objects container. Each test makes its own organizational unit.
+# directory but not the tombstones. Each test makes its own organizational unit. The command-line
+# test also syncs into scim2-server (PyPI, scripts/lib/scim2-server.sh), started beside Samba.
 #
 #   scripts/samba.sh            # the tests
 #   scripts/samba.sh serve      # start it and print the environment, until Ctrl-C (for a person)
@@ -40,7 +41,11 @@ fi
 work=$(mktemp -d)
 chmod 755 "$work"
 pid=""
+scim_pid=""
 cleanup() {
+  if [ -n "$scim_pid" ]; then
+    kill "$scim_pid" 2>/dev/null || true
+  fi
   if [ -n "$pid" ]; then
     $sudo kill "$pid" 2>/dev/null || true
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -105,5 +110,8 @@ if [ "$mode" = serve ]; then
   echo "bind as Administrator@IDSYNC.TEST (or idsync-reader@IDSYNC.TEST); base DC=idsync,DC=test; Ctrl-C stops it"
   wait "$pid"
 else
+  . scripts/lib/scim2-server.sh
+  start_scim2_server
   cargo test -q --locked -p idsync-connectors --test ad_source -- --ignored
+  cargo test -q --locked -p idsync --test ldap_cli -- --ignored active_directory
 fi

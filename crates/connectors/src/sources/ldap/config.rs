@@ -15,7 +15,8 @@ use std::time::Duration;
 pub struct Settings {
     /// `ldap://host:389` or `ldaps://host:636` (`LDAP_SERVER_ENDPOINT`).
     server_endpoint: Option<String>,
-    /// The DN to bind as; none for an anonymous bind (`LDAP_BIND_DN`).
+    /// The DN to bind as (Active Directory also takes `user@corp.example` or `CORP\\user`); none
+    /// for an anonymous bind (`LDAP_BIND_DN`).
     bind_dn: Option<String>,
     /// Its password; keep it out of the file (`LDAP_BIND_PASSWORD`, or `LDAP_BIND_PASSWORD_FILE`).
     bind_password: Option<Secret>,
@@ -198,7 +199,12 @@ impl SourceSettings for Settings {
             ("group_base_dn", s.group_base_dn.as_ref()),
             ("bind_dn", s.bind_dn.as_ref()),
         ] {
+            // Active Directory also binds with a user principal name (user@corp.example) or a
+            // down-level logon name (CORP\user) ([MS-ADTS] 5.1.1.1.1).
+            let ad_name = key == "bind_dn"
+                && dn.is_some_and(|d| !d.contains('=') && (d.contains('@') || d.contains('\\')));
             if let Some(dn) = dn
+                && !ad_name
                 && let Err(e) = super::escape::normalize_dn(dn)
             {
                 c.problem(key, e.0);
@@ -328,6 +334,25 @@ mod tests {
             "ldap ldaps://ldap.corp.example:636 (ou=people,dc=corp,dc=example)"
         );
         assert!(!format!("{ok:?}").contains("\"pw\""), "{ok:?}");
+    }
+
+    #[test]
+    fn active_directory_bind_names_are_taken_and_other_non_dns_refused() {
+        for (name, ok) in [
+            ("svc-idsync@corp.example", true),
+            ("CORP\\svc-idsync", true),
+            ("CN=svc,OU=x,DC=corp,DC=example", true),
+            ("svc-idsync", false),
+        ] {
+            let v = json!({
+                "server_endpoint": "ldaps://dc1.corp.example",
+                "bind_dn": name,
+                "bind_password": "pw",
+                "user_base_dn": "DC=corp,DC=example",
+            });
+            let r = check::source(&KIND, v, &[]);
+            assert_eq!(r.is_ok(), ok, "{name}: {r:?}");
+        }
     }
 
     #[test]
