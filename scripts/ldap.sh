@@ -31,6 +31,13 @@ if ! command -v slapd >/dev/null 2>&1 && [ ! -x /usr/sbin/slapd ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slapd ldap-utils >/dev/null \
     || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slapd ldap-utils >/dev/null; }
 fi
+if ! command -v openssl >/dev/null 2>&1; then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  echo "== installing openssl (Debian package), for the test server's certificates"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl >/dev/null \
+    || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl >/dev/null; }
+fi
 slapd=$(command -v slapd || echo /usr/sbin/slapd)
 
 work=$(mktemp -d)
@@ -53,11 +60,14 @@ modules=/usr/lib/ldap
 # as ca_bundle).
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=idsync test CA" \
   -keyout "$work/ca.key" -out "$work/ca.pem" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>"$work/openssl.log" \
+  || { cat "$work/openssl.log"; exit 1; }
+openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$work/server.key" -out "$work/server.csr" 2>"$work/openssl.log" \
+  || { cat "$work/openssl.log"; exit 1; }
 printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' > "$work/server.ext"
 openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
-  -days 2 -extfile "$work/server.ext" -out "$work/server.pem" 2>/dev/null
+  -days 2 -extfile "$work/server.ext" -out "$work/server.pem" 2>"$work/openssl.log" \
+  || { cat "$work/openssl.log"; exit 1; }
 tls_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
 limited_password="idsync-limited-$RANDOM$RANDOM"
 cat > "$work/slapd.conf" <<EOF

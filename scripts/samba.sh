@@ -48,7 +48,7 @@ cleanup() {
   fi
   if [ -n "$pid" ]; then
     $sudo kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 100); do $sudo kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     $sudo kill -9 "$pid" 2>/dev/null || true
   fi
   $sudo rm -rf "$work"
@@ -96,11 +96,17 @@ $sudo samba-tool user add idsync-reader "$reader_password" -H "$dc/private/sam.l
 
 $sudo samba -i -M single -s "$dc/etc/smb.conf" > "$work/samba.log" 2>&1 &
 pid=$!
-for _ in $(seq 200); do
-  if ldapsearch -x -H ldap://127.0.0.1 -b "" -s base "(objectClass=*)" >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$pid" 2>/dev/null; then echo "samba did not start:"; cat "$work/samba.log"; exit 1; fi
+up=""
+for _ in $(seq 300); do
+  if ldapsearch -x -H ldap://127.0.0.1 -b "" -s base "(objectClass=*)" >/dev/null 2>&1; then up=1; break; fi
+  if ! $sudo kill -0 "$pid" 2>/dev/null; then break; fi
   sleep 0.1
 done
+if [ -z "$up" ]; then
+  echo "samba did not start (no LDAP answer on 127.0.0.1:389 within 30 s):"
+  $sudo cat "$work/samba.log" "$dc"/log/log.* 2>/dev/null | tail -40
+  exit 1
+fi
 
 export IDSYNC_TEST_AD="ldap://127.0.0.1"
 export IDSYNC_TEST_AD_PASSWORD="$password"

@@ -195,6 +195,16 @@ async fn created_users_join_the_default_user_group_which_must_exist() {
             policies: Default::default(),
         },
     );
+    // Joining it fails (every try): each user made is removed again, none is left outside.
+    l.state.infra.set_faults(Faults {
+        error_rate: 1.0,
+        path_contains: "/groups/g-viewers/members/".into(),
+        ..Faults::default()
+    });
+    let (_, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
+    assert!(!r.is_success());
+    assert!(users().is_empty(), "undone: {:?}", users());
+    l.state.infra.set_faults(Faults::default());
     let (p, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
     assert!(r.is_success(), "{r:?}");
     let viewers = l.state.group_by_name("Viewers").unwrap();

@@ -256,10 +256,12 @@ async fn size_and_time_limits_say_what_to_raise() {
 }
 
 #[tokio::test]
-async fn a_refused_paged_results_control_says_so() {
+async fn a_refused_critical_control_names_the_overlay_or_control() {
     // unavailableCriticalExtension (12) on the users' search.
     let e = read(serve(Script::Searches(vec![Search::Empty, Search::EntryThen(12)])).await).await;
-    assert!(e.message.contains("paged results"), "{e}");
+    assert_eq!(e.kind, SourceErrorKind::Invalid, "{e}");
+    assert!(e.message.contains("critical control"), "{e}");
+    assert!(e.message.contains("syncprov"), "{e}");
 }
 
 #[tokio::test]

@@ -75,6 +75,10 @@ const AD_CAPABILITY: &str = "1.2.840.113556.1.4.800";
 /// Attributes never kept for templates: secrets and binary blobs.
 fn hidden(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
+    // Active Directory's back links (msDS-...BL) change with their forward link, not the entry.
+    if n.starts_with("msds-") && n.ends_with("bl") {
+        return true;
+    }
     n.contains("password")
         || n.contains("pwd")
         || matches!(
@@ -86,10 +90,13 @@ fn hidden(name: &str) -> bool {
                 | "usercertificate"
                 | "msexchmailboxsecuritydescriptor"
                 | "ntsecuritydescriptor"
-                // Active Directory values that change without the entry's uSNChanged: back
-                // links and attributes kept per domain controller. An incremental read would
-                // keep stale copies of them.
+                // Values that change without the entry's uSNChanged (or entryCSN): back links,
+                // a DN link that follows its target's rename, attributes kept per domain
+                // controller. An incremental read would keep stale copies of them.
                 | "memberof"
+                | "directreports"
+                | "managedobjects"
+                | "manager"
                 | "lastlogon"
                 | "lastlogoff"
                 | "logoncount"
@@ -205,7 +212,7 @@ fn result_error(cfg: &LdapSourceConfig, what: &str, rc: u32, text: &str) -> Sour
         ),
         4 => (
             SourceErrorKind::Invalid,
-            "the server's size limit was exceeded: raise the bind DN's size limit (OpenLDAP: `limits dn.exact=\"...\" size.prtotal=unlimited`), or narrow the filter".to_owned(),
+            "the server's size limit was exceeded: raise the bind DN's size limit (OpenLDAP: `limits dn.exact=\"...\" size.prtotal=unlimited`; Active Directory: the MaxResultSetSize LDAP policy, or a page_size at most its MaxPageSize), or narrow the filter".to_owned(),
         ),
         10 => (
             SourceErrorKind::Invalid,
@@ -213,7 +220,7 @@ fn result_error(cfg: &LdapSourceConfig, what: &str, rc: u32, text: &str) -> Sour
         ),
         12 => (
             SourceErrorKind::Invalid,
-            "the server refused a control idsync needs (paged results, RFC 2696, for every search): enable it on the server, or raise the bind DN's size limit and set page_size above the directory's size".to_owned(),
+            "the server refused a critical control idsync sent (Active Directory's change read: show deleted objects; OpenLDAP's: content synchronisation, the syncprov overlay)".to_owned(),
         ),
         32 => (
             SourceErrorKind::NotFound,
@@ -357,19 +364,43 @@ impl SyncEnd {
 struct AdPosition {
     invocation: String,
     usn: u64,
-    naming_context: String,
+    /// The naming context this server holds that contains both bases (none: they are not in
+    /// one, e.g. a Global Catalog or another domain's base).
+    naming_context: Option<String>,
+    /// How long tombstones are kept, in seconds (`tombstoneLifetime`, in days; 60 when unset).
+    tombstone_lifetime: u64,
+    /// When the position was read (unix seconds, this machine's clock).
+    at: u64,
 }
 
 impl AdPosition {
     fn cursor(&self) -> String {
-        format!("{}/{}", self.invocation, self.usn)
+        format!("{}/{}/{}", self.invocation, self.usn, self.at)
     }
 }
 
-/// An [`AD_CURSOR`] value as (invocationId, USN).
-fn parse_ad_cursor(s: &str) -> Option<(String, u64)> {
-    let (inv, usn) = s.rsplit_once('/')?;
-    Some((inv.to_owned(), usn.parse().ok()?))
+/// An [`AD_CURSOR`] value as (invocationId, USN, unix seconds).
+fn parse_ad_cursor(s: &str) -> Option<(String, u64, u64)> {
+    let mut parts = s.split('/');
+    let (inv, usn, at) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || inv.len() != 36 {
+        return None;
+    }
+    Some((inv.to_owned(), usn.parse().ok()?, at.parse().ok()?))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether a filter names a back link (`memberOf`) or the in-chain rule over one: a change of
+/// membership does not change the user's uSNChanged, so a change read cannot see who newly
+/// matches or no longer does.
+fn names_back_link(filter: &str) -> bool {
+    let f = filter.to_ascii_lowercase();
+    f.contains("memberof") || f.contains("1.2.840.113556.1.4.1941")
 }
 
 /// Whether `dn` is `base` or below it.
@@ -564,7 +595,10 @@ impl Conn {
         ldap.with_timeout(cfg.timeout);
         let mut found = Found::default();
         let mut cookie: Vec<u8> = Vec::new();
+        let mut seen_dns: std::collections::HashSet<String> = Default::default();
+        let mut empty_pages = 0;
         loop {
+            let before = found.entries.len();
             let mut ctrls = controls.clone();
             if paged {
                 ctrls.push(RawControl {
@@ -598,6 +632,16 @@ impl Conn {
                     continue;
                 } else if let Some(e) = wire::entry(&item.0) {
                     self.counts.entries.fetch_add(1, Relaxed);
+                    if !seen_dns.insert(e.dn.clone()) {
+                        let _ = stream.finish().await;
+                        return Err(err(
+                            SourceErrorKind::Protocol,
+                            format!(
+                                "{what}: {} sent {} twice in one search: stopped, instead of reading the same pages again",
+                                cfg.server_endpoint, e.dn
+                            ),
+                        ));
+                    }
                     found.entries.push(e);
                 } else {
                     let _ = stream.finish().await;
@@ -643,6 +687,23 @@ impl Conn {
             if cookie.is_empty() {
                 return Ok(found);
             }
+            // A server that pages for ever (empty pages with a cookie, or the same entries
+            // again: Samba reuses one cookie for every page, so the cookie itself proves
+            // nothing) is stopped.
+            empty_pages = if found.entries.len() == before {
+                empty_pages + 1
+            } else {
+                0
+            };
+            if empty_pages >= 3 {
+                return Err(err(
+                    SourceErrorKind::Protocol,
+                    format!(
+                        "{what}: {} sent page after page with nothing on it and more to come: stopped",
+                        cfg.server_endpoint
+                    ),
+                ));
+            }
         }
     }
 
@@ -665,6 +726,8 @@ impl Conn {
         ];
         if members {
             if self.d.flavour == Flavour::ActiveDirectory {
+                // The groups holding a group new to the snapshot are found through it.
+                a.push("memberOf".to_owned());
                 // Asked in ranges from the start, as AD answers a group over MaxValRange (1,500)
                 // members anyway; the rest follows in complete_ranges.
                 a.push(format!(
@@ -696,39 +759,58 @@ impl Conn {
     async fn complete_ranges(&mut self, e: &mut Entry) -> Result<(), SourceError> {
         let attr = self.cfg.member_attribute.to_ascii_lowercase();
         let prefix = format!("{attr};range=");
+        let (group, endpoint) = (e.dn.clone(), self.cfg.server_endpoint.clone());
+        let cut = |m: String| {
+            err(
+                SourceErrorKind::Protocol,
+                format!(
+                    "reading the members of {group} in ranges from {endpoint}: {m}; a group read in part would lose members, so nothing is read"
+                ),
+            )
+        };
+        let mut last: Option<u64> = None;
         loop {
             let Some(key) = e.attrs.keys().find(|k| k.starts_with(&prefix)).cloned() else {
-                return Ok(());
+                return match last {
+                    None => Ok(()),
+                    Some(n) => Err(cut(format!("the range after {n} did not come"))),
+                };
             };
             let vals = e.attrs.remove(&key).unwrap_or_default();
             e.attrs.entry(attr.clone()).or_default().extend(vals);
-            let range = &key[prefix.len()..];
+            let range = key[prefix.len()..].to_owned();
             let Some((_, end)) = range.split_once('-') else {
-                return Ok(());
+                return Err(cut(format!("it sent the range {range:?}")));
             };
             if end == "*" {
                 return Ok(());
             }
-            let Ok(end) = end.parse::<u64>() else {
-                return Ok(());
-            };
+            let end = end
+                .parse::<u64>()
+                .map_err(|_| cut(format!("it sent the range {range:?}")))?;
+            // Each range must end further on, or the reading would go round for ever.
+            if last.is_some_and(|l| end <= l) {
+                return Err(cut(format!(
+                    "it sent the range {range:?} after one ending at {}",
+                    last.unwrap_or_default()
+                )));
+            }
+            last = Some(end);
             let want = format!("{};range={}-*", self.cfg.member_attribute, end + 1);
             let dn = e.dn.clone();
             let more = self
                 .search_once(&dn, LdapScope::Base, "(objectClass=*)", &[want.as_str()])
                 .await?;
-            let Some(m) = more.entries.into_iter().next() else {
-                return Ok(());
-            };
-            let mut got = false;
-            for (k, v) in m.attrs {
+            for (k, v) in more
+                .entries
+                .into_iter()
+                .next()
+                .map(|m| m.attrs)
+                .unwrap_or_default()
+            {
                 if k.starts_with(&prefix) {
                     e.attrs.insert(k, v);
-                    got = true;
                 }
-            }
-            if !got {
-                return Ok(());
             }
         }
     }
@@ -894,7 +976,8 @@ impl Conn {
                 &[
                     "highestCommittedUSN",
                     "dsServiceName",
-                    "defaultNamingContext",
+                    "namingContexts",
+                    "configurationNamingContext",
                 ],
             )
             .await?;
@@ -906,7 +989,27 @@ impl Conn {
         let service = root
             .text("dsServiceName")
             .ok_or_else(|| bad("the root DSE has no dsServiceName"))?;
-        let naming_context = root.text("defaultNamingContext").unwrap_or_default();
+        let (ubase, gbase) = (&self.cfg.user_base_dn, &self.cfg.group_base_dn);
+        let naming_context = root
+            .texts("namingContexts")
+            .into_iter()
+            .filter(|nc| !nc.is_empty() && under(ubase, nc) && under(gbase, nc))
+            .max_by_key(String::len);
+        let tombstone_days = match root.text("configurationNamingContext") {
+            Some(config) => self
+                .search_once(
+                    &format!("CN=Directory Service,CN=Windows NT,CN=Services,{config}"),
+                    LdapScope::Base,
+                    "(objectClass=*)",
+                    &["tombstoneLifetime"],
+                )
+                .await
+                .ok()
+                .and_then(|f| f.entries.into_iter().next())
+                .and_then(|e| e.text("tombstoneLifetime"))
+                .and_then(|v| v.trim().parse::<u64>().ok()),
+            None => None,
+        };
         let ntds = self
             .search_once(
                 &service,
@@ -925,6 +1028,14 @@ impl Conn {
             invocation,
             usn,
             naming_context,
+            // [MS-ADTS] "Tombstone Lifetime and Deleted-Object Lifetime": 60 days when unset;
+            // below 2 days, 2 (Windows Server 2008 R2 on; the shorter is the safe reading).
+            tombstone_lifetime: match tombstone_days {
+                Some(d) if d >= 2 => d,
+                Some(_) => 2,
+                None => 60,
+            } * 86_400,
+            at: unix_now(),
         })
     }
 
@@ -961,49 +1072,38 @@ impl Conn {
     }
 
     /// Active Directory's changes since `usn` (exclusive), by uSNChanged (MS-ADTS 3.1.1.1.9;
-    /// Microsoft's "Polling for Changes Using uSNChanged"): the users and groups under the bases
-    /// whose uSNChanged is above it; the ids of user and group objects changed anywhere in the
-    /// naming context (those the snapshot holds but the bases' searches no longer return were
-    /// moved out or no longer match the filters); and tombstones through the show-deleted
-    /// control, which keep the objectGUID.
+    /// Microsoft's "Polling for Changes Using uSNChanged"), or why this read cannot be trusted:
+    ///
+    /// 1. the ids of user and group objects changed anywhere in the naming context, and of
+    ///    tombstones (the show-deleted control keeps their objectGUID);
+    /// 2. then the users and groups changed under the bases, with their attributes. uSNChanged
+    ///    only grows, so whatever step 1 saw that is still under a base and in its filter is
+    ///    seen again here; the snapshot's users and groups that step 1 saw and step 2 did not
+    ///    were deleted, moved out of a base, or no longer match a filter;
+    /// 3. the groups under the base that hold an entry new to the snapshot (moved in, matching
+    ///    the filter again): their uSNChanged did not move, so they are read through the entry's
+    ///    memberOf.
     async fn ad_delta(
         &mut self,
         usn: u64,
         naming_context: &str,
         base: &Snapshot,
-    ) -> Result<Delta, SourceError> {
-        let from = usn + 1;
-        let since = format!("(uSNChanged>={from})");
+    ) -> Result<Result<Delta, String>, SourceError> {
+        let since = format!("(uSNChanged>={})", usn + 1);
         let (ubase, gbase) = (
             self.cfg.user_base_dn.clone(),
             self.cfg.group_base_dn.clone(),
         );
-        let uf = format!("(&{}{since})", self.d.user_filter);
-        let gf = format!("(&{}{since})", self.d.group_filter);
-        let users = self.paged(&ubase, &uf, &self.user_attrs()).await?.entries;
-        let groups = self
-            .paged(&gbase, &gf, &self.group_attrs(true))
-            .await?
-            .entries;
-        // Every user or group object changed where the bases' searches cannot see it.
-        let wide_bases: Vec<String> =
-            if under(&ubase, naming_context) && under(&gbase, naming_context) {
-                vec![naming_context.to_owned()]
-            } else {
-                let mut b = vec![ubase.clone(), gbase.clone()];
-                b.dedup();
-                b
-            };
+        // Referrals from the naming context's root (to the configuration partition, say) are
+        // expected: only the objects found here matter.
         let wide_filter = format!("(&(|(objectClass=user)(objectClass=group)){since})");
         let mut touched = BTreeSet::new();
-        for b in &wide_bases {
-            for e in self
-                .paged(b, &wide_filter, &["objectGUID".to_owned()])
-                .await?
-                .entries
-            {
-                touched.extend(self.id_of(&e));
-            }
+        for e in self
+            .paged(naming_context, &wide_filter, &["objectGUID".to_owned()])
+            .await?
+            .entries
+        {
+            touched.extend(self.id_of(&e));
         }
         let dead = self
             .search_with(
@@ -1016,27 +1116,58 @@ impl Conn {
             )
             .await?;
         touched.extend(dead.entries.iter().filter_map(|e| self.id_of(e)));
-        let seen: BTreeSet<String> = users
-            .iter()
-            .chain(&groups)
-            .filter_map(|e| self.id_of(e))
-            .collect();
-        let users_gone = touched
-            .iter()
-            .filter(|id| base.users.contains_key(*id) && !seen.contains(*id))
-            .cloned()
-            .collect();
-        let groups_gone = touched
-            .iter()
-            .filter(|id| base.groups.contains_key(*id) && !seen.contains(*id))
-            .cloned()
-            .collect();
-        Ok(Delta {
+
+        let uf = format!("(&{}{since})", self.d.user_filter);
+        let gf = format!("(&{}{since})", self.d.group_filter);
+        let users = self.paged(&ubase, &uf, &self.user_attrs()).await?;
+        let mut groups = self.paged(&gbase, &gf, &self.group_attrs(true)).await?;
+        if let Some(r) = users.referrals.iter().chain(&groups.referrals).next() {
+            // Part of a base is elsewhere: what was not seen cannot be taken for gone.
+            return Ok(Err(format!(
+                "the server referred the change read to {r}, which idsync does not follow"
+            )));
+        }
+        let (users, mut group_entries) = (users.entries, std::mem::take(&mut groups.entries));
+
+        let known = |id: &String| base.users.contains_key(id) || base.groups.contains_key(id);
+        let mut seen = BTreeSet::new();
+        let mut holders = BTreeSet::new();
+        for e in users.iter().chain(&group_entries) {
+            let Some(id) = self.id_of(e) else { continue };
+            if !known(&id) {
+                holders.extend(
+                    e.texts("memberOf")
+                        .iter()
+                        .filter(|g| under(g, &gbase))
+                        .map(|g| dn_key(g)),
+                );
+            }
+            seen.insert(id);
+        }
+        for e in &group_entries {
+            holders.remove(&dn_key(&e.dn));
+        }
+        if !holders.is_empty() {
+            let dns: Vec<String> = holders.into_iter().collect();
+            let (class, attrs) = (self.d.group_filter.clone(), self.group_attrs(true));
+            let key = |c: &Conn, values: &[String]| any_of(c.d.dn_attr, values);
+            group_entries.extend(self.batched(&gbase, &class, &dns, key, &attrs).await?);
+        }
+        let gone = |held: &dyn Fn(&String) -> bool| -> BTreeSet<String> {
+            touched
+                .iter()
+                .filter(|id| held(id) && !seen.contains(*id))
+                .cloned()
+                .collect()
+        };
+        let users_gone = gone(&|id| base.users.contains_key(id));
+        let groups_gone = gone(&|id| base.groups.contains_key(id));
+        Ok(Ok(Delta {
             users,
             users_gone,
-            groups,
+            groups: group_entries,
             groups_gone,
-        })
+        }))
     }
 
     /// The entry's stable id.
@@ -1454,13 +1585,29 @@ impl LdapSource {
         notes: &mut Vec<String>,
     ) -> Result<Result<BTreeMap<String, String>, String>, SourceError> {
         if c.d.flavour == Flavour::ActiveDirectory {
-            let pos = c.ad_position().await?;
-            if !c.sees_tombstones(&pos.naming_context).await? {
+            if let Some(why) = self.no_change_feed(c) {
+                return Ok(Err(why));
+            }
+            let pos = match c.ad_position().await {
+                Ok(p) => p,
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "the domain controller's position (highestCommittedUSN, invocationId) could not be read, so every run reads in full: {}",
+                        e.message
+                    )));
+                }
+            };
+            let Some(nc) = pos.naming_context.clone() else {
+                return Ok(Err(format!(
+                    "{} holds no naming context with both user_base_dn and group_base_dn in it (a Global Catalog, or bases in two domains?): every run reads in full",
+                    self.cfg.server_endpoint
+                )));
+            };
+            if !c.sees_tombstones(&nc).await? {
                 notes.push(format!(
-                    "{} shows {} no deleted object (a tombstone) in the Deleted Objects container: either nothing was ever deleted, or the account may not read them. Then incremental runs do not see deleted users and groups, and the next full read (idsync sync --full-sync) removes them. To let them, grant the account List Contents and Read Property on the container (dsacls \"CN=Deleted Objects,{}\" /takeownership, then /G ACCOUNT:LCRP)",
+                    "{} shows {} no deleted object (a tombstone) in the Deleted Objects container: either nothing was ever deleted, or the account may not read them. Then incremental runs do not see deleted users and groups, and the next full read (idsync sync --full-sync) removes them. To let them, grant the account List Contents and Read Property on the container (dsacls \"CN=Deleted Objects,{nc}\" /takeownership, then /G ACCOUNT:LCRP)",
                     self.cfg.server_endpoint,
                     self.cfg.bind_dn.as_deref().unwrap_or("the anonymous bind"),
-                    pos.naming_context,
                 ));
             }
             return Ok(Ok(BTreeMap::from([(AD_CURSOR.to_owned(), pos.cursor())])));
@@ -1599,9 +1746,9 @@ impl LdapSource {
         cursors: &BTreeMap<String, String>,
         since: &str,
     ) -> Result<Changes, SourceError> {
-        let Some((invocation, usn)) = parse_ad_cursor(since) else {
+        let Some((invocation, usn, at)) = parse_ad_cursor(since) else {
             return Ok(Changes::Expired(
-                "the stored Active Directory cursor is not <invocationId>/<USN>".into(),
+                "the stored Active Directory cursor is not <invocationId>/<USN>/<time>".into(),
             ));
         };
         let mut c = Conn::open(&self.cfg, self.counts.clone()).await?;
@@ -1612,22 +1759,59 @@ impl LdapSource {
             )));
         }
         let now = c.ad_position().await?;
+        let endpoint = &self.cfg.server_endpoint;
         if now.invocation != invocation {
             return Ok(Changes::Expired(format!(
-                "the domain controller behind {} is not the one of the last read (its invocationId changed: another controller, or one restored from a backup), and USNs count one controller's changes",
-                self.cfg.server_endpoint
+                "the domain controller behind {endpoint} is not the one of the last read (its invocationId changed: another controller, or one restored from a backup), and USNs count one controller's changes"
             )));
         }
         if now.usn < usn {
             return Ok(Changes::Expired(format!(
-                "the highestCommittedUSN of {} went back from {usn} to {}",
-                self.cfg.server_endpoint, now.usn
+                "the highestCommittedUSN of {endpoint} went back from {usn} to {}",
+                now.usn
             )));
         }
-        let delta = c.ad_delta(usn, &now.naming_context, base).await?;
+        if now.at.saturating_sub(at) >= now.tombstone_lifetime {
+            return Ok(Changes::Expired(format!(
+                "the last read of {endpoint} is older than its tombstone lifetime ({} days): deletions since may be gone from the directory",
+                now.tombstone_lifetime / 86_400
+            )));
+        }
+        let Some(nc) = now.naming_context.clone() else {
+            return Ok(Changes::Expired(format!(
+                "{endpoint} holds no naming context with both base DNs in it"
+            )));
+        };
+        if let Some(why) = self.no_change_feed(&c) {
+            return Ok(Changes::Expired(why));
+        }
         let mut next = cursors.clone();
         next.insert(AD_CURSOR.into(), now.cursor());
+        let delta = if now.usn == usn {
+            // Nothing was written on this controller since.
+            Delta::default()
+        } else {
+            match c.ad_delta(usn, &nc, base).await? {
+                Ok(d) => d,
+                Err(why) => return Ok(Changes::Expired(why)),
+            }
+        };
         self.fold_delta(c, scope, base, delta, next).await
+    }
+
+    /// Why this configuration cannot be read by changes on Active Directory, if it cannot.
+    fn no_change_feed(&self, c: &Conn) -> Option<String> {
+        for (key, f) in [
+            ("user_filter", &c.d.user_filter),
+            ("group_filter", &c.d.group_filter),
+        ] {
+            if names_back_link(f) {
+                return Some(format!(
+                    "{key} names memberOf (a back link): joining or leaving a group does not change the entry's uSNChanged, so only a full read sees who matches; every run reads in full (filter on the group's member side, e.g. with [scope], to read changes)"
+                ));
+            }
+        }
+        None
     }
 
     /// Folds what a change read found into `base`: changed users first (so groups resolve

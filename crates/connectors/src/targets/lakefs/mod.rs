@@ -49,8 +49,8 @@ pub struct LakefsTarget {
     auth: Auth,
     workers: usize,
     default_user_group: Option<String>,
-    /// The default user group's lakeFS id, found once per run.
-    default_group_id: tokio::sync::OnceCell<String>,
+    /// The default user group's lakeFS id (or why there is none), found once per run.
+    default_group_id: tokio::sync::OnceCell<Result<String, TargetError>>,
 }
 
 #[derive(Deserialize)]
@@ -401,9 +401,9 @@ impl Target for LakefsTarget {
                     let group = match &self.default_user_group {
                         Some(name) => Some(
                             self.default_group_id
-                                .get_or_try_init(|| self.group_id(name))
-                                .await?
-                                .clone(),
+                                .get_or_init(|| self.group_id(name))
+                                .await
+                                .clone()?,
                         ),
                         None => None,
                     };
@@ -415,13 +415,31 @@ impl Target for LakefsTarget {
                     )
                     .await?;
                     if let Some(g) = group {
-                        self.call(
-                            Method::PUT,
-                            &format!("/auth/groups/{}/members/{}", seg(&g), seg(&principal.key)),
-                            None,
-                            true,
-                        )
-                        .await?;
+                        let key = seg(&principal.key);
+                        let joined = self
+                            .call(
+                                Method::PUT,
+                                &format!("/auth/groups/{}/members/{key}", seg(&g)),
+                                None,
+                                true,
+                            )
+                            .await;
+                        if let Err(e) = joined {
+                            // Undone, so that no user idsync made is left outside the group: the
+                            // create fails and is tried again (in this run or the next). Only if
+                            // this delete fails too does the user stay outside the group.
+                            let undone = self
+                                .call(Method::DELETE, &format!("/auth/users/{key}"), None, true)
+                                .await;
+                            let mut e = e;
+                            if undone.is_err() {
+                                e.message.push_str(&format!(
+                                    "; the user {} was created but could not be removed again: add it to {g:?} by hand",
+                                    principal.key
+                                ));
+                            }
+                            return Err(e);
+                        }
                     }
                     Ok(Outcome::Created(principal.key.clone()))
                 }
