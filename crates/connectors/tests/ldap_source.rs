@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// The server and the administrator's password (the tests run only through scripts/ldap.sh).
-fn server() -> Option<(String, String)> {
-    Some((
+fn server() -> (String, String) {
+    (
         std::env::var("IDSYNC_TEST_LDAP").expect("IDSYNC_TEST_LDAP: run scripts/ldap.sh"),
         std::env::var("IDSYNC_TEST_LDAP_PASSWORD").expect("IDSYNC_TEST_LDAP_PASSWORD"),
-    ))
+    )
 }
 
 /// An administrator's connection to `suffix` (idsync or nosync).
@@ -168,7 +168,7 @@ fn all_groups(depth: u32) -> Scope {
 #[tokio::test]
 #[ignore = "needs slapd: scripts/ldap.sh"]
 async fn openldap_full_then_incremental_equals_full() {
-    let Some((url, pw)) = server() else { return };
+    let (url, pw) = server();
     let mut admin = Admin::new(&url, &pw, "idsync").await;
     let ou = unit(&mut admin, "idsync").await;
     let people = format!("ou=people,{ou}");
@@ -276,7 +276,7 @@ async fn openldap_full_then_incremental_equals_full() {
 #[tokio::test]
 #[ignore = "needs slapd: scripts/ldap.sh"]
 async fn without_syncprov_every_read_is_full_and_the_note_says_why() {
-    let Some((url, pw)) = server() else { return };
+    let (url, pw) = server();
     let mut admin = Admin::new(&url, &pw, "nosync").await;
     let ou = unit(&mut admin, "nosync").await;
     let a = admin.user(&format!("ou=people,{ou}"), "a", "A").await;
@@ -303,7 +303,7 @@ async fn without_syncprov_every_read_is_full_and_the_note_says_why() {
 #[tokio::test]
 #[ignore = "needs slapd: scripts/ldap.sh"]
 async fn a_refused_bind_and_a_missing_base_are_clear_errors() {
-    let Some((url, pw)) = server() else { return };
+    let (url, pw) = server();
     let mut cfg = config(
         &url,
         "wrong-password-123",
@@ -330,7 +330,7 @@ async fn a_refused_bind_and_a_missing_base_are_clear_errors() {
 #[tokio::test]
 #[ignore = "needs slapd: scripts/ldap.sh"]
 async fn posix_groups_resolve_member_uids() {
-    let Some((url, pw)) = server() else { return };
+    let (url, pw) = server();
     let mut admin = Admin::new(&url, &pw, "idsync").await;
     let ou = unit(&mut admin, "idsync").await;
     admin.user(&format!("ou=people,{ou}"), "pat", "Pat").await;
@@ -366,7 +366,7 @@ async fn posix_groups_resolve_member_uids() {
 #[tokio::test]
 #[ignore = "needs slapd: scripts/ldap.sh"]
 async fn start_tls_and_ldaps_verify_the_server_against_the_ca_bundle() {
-    let Some((url, pw)) = server() else { return };
+    let (url, pw) = server();
     let ldaps = std::env::var("IDSYNC_TEST_LDAPS").expect("IDSYNC_TEST_LDAPS");
     let ca = std::path::PathBuf::from(std::env::var("IDSYNC_TEST_LDAP_CA").expect("CA"));
     let mut admin = Admin::new(&url, &pw, "idsync").await;
@@ -409,7 +409,7 @@ async fn start_tls_and_ldaps_verify_the_server_against_the_ca_bundle() {
 #[tokio::test]
 #[ignore = "needs slapd: scripts/ldap.sh"]
 async fn a_size_limit_is_an_error_not_a_short_directory() {
-    let Some((url, pw)) = server() else { return };
+    let (url, pw) = server();
     let limited = std::env::var("IDSYNC_TEST_LDAP_LIMITED_PASSWORD").expect("limited");
     let mut admin = Admin::new(&url, &pw, "idsync").await;
     let ou = unit(&mut admin, "idsync").await;
