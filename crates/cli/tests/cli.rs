@@ -1436,3 +1436,72 @@ fn the_ldap_example_validates_and_lakefs_users_are_keyed_by_their_dn() {
         text(&o)
     );
 }
+
+/// A target that sets its own user_name (lakeFS Cloud's "waad|{id}") keys guests the same way
+/// unless its own mapping sets guest_user_name; `idsync validate` says which template guests get.
+#[test]
+fn guests_follow_a_targets_own_user_name() {
+    let s = Sandbox::new(
+        r#"
+[targets.lk]
+kind = "file"
+profile = "lakefs"
+path = "lk.json"
+
+[targets.lk.mapping]
+user_name = "waad|{id}"
+
+[targets.lk2]
+kind = "file"
+profile = "lakefs"
+path = "lk2.json"
+
+[targets.lk2.mapping]
+user_name = "waad|{id}"
+guest_user_name = "guest|{mail}"
+"#,
+    );
+    let dir = DIRECTORY.replace(
+        r#"{ "id": "u4", "userName": "kevin@corp.example", "displayName": "Kevin" }"#,
+        r#"{ "id": "u4", "userName": "kevin_partner.example#EXT#@corp.example", "displayName": "Kevin", "userType": "guest", "emails": ["kevin@partner.example"] }"#,
+    );
+    assert_ne!(dir, DIRECTORY, "the guest was written into the directory");
+    s.write("directory.json", &dir);
+    let o = s.run(&["validate"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("lk: users keyed by waad|{id} (guests as members)"),
+        "{t}"
+    );
+    assert!(
+        t.contains("lk2: users keyed by waad|{id} (guests guest|{mail})"),
+        "{t}"
+    );
+    assert!(
+        t.contains("dbx: users keyed by {userName} (guests {mail})"),
+        "{t}"
+    );
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        s.read("lk.json").contains("waad|u4"),
+        "{}",
+        s.read("lk.json")
+    );
+    assert!(
+        !s.read("lk.json").contains("\"key\": \"kevin@partner.example\""),
+        "{}",
+        s.read("lk.json")
+    );
+    assert!(
+        s.read("lk2.json").contains("guest|kevin@partner.example"),
+        "{}",
+        s.read("lk2.json")
+    );
+    assert!(
+        s.read("dbx.json").contains("kevin@partner.example"),
+        "{}",
+        s.read("dbx.json")
+    );
+}

@@ -549,11 +549,20 @@ impl Validator<'_> {
             let tmapping: Option<RawMapping> = self.typed(&key("mapping"), t.remove("mapping"));
             let user_name_set =
                 user_name_set || tmapping.as_ref().is_some_and(|m| m.user_name.is_some());
+            // A target that keys its users its own way (lakeFS Cloud's "waad|{id}") keys its
+            // guests the same way, unless its own mapping sets guest_user_name: the one in
+            // [mapping] goes with [mapping]'s user_name.
+            let guests_follow = tmapping
+                .as_ref()
+                .is_some_and(|m| m.user_name.is_some() && m.guest_user_name.is_none());
             let tpolicy: Option<RawPolicy> = self.typed(&key("policy"), t.remove("policy"));
             let mut tmapping = tmapping.as_ref().map_or_else(
                 || mapping.clone(),
                 |m| self.mapping(&key("mapping"), m, &mapping),
             );
+            if guests_follow {
+                tmapping.guest_user_name = None;
+            }
             let tpolicy = tpolicy.as_ref().map_or_else(
                 || policy.clone(),
                 |p| self.policy(&key("policy"), p, &policy),
