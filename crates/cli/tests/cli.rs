@@ -1490,7 +1490,8 @@ guest_user_name = "guest|{mail}"
         s.read("lk.json")
     );
     assert!(
-        !s.read("lk.json").contains("\"key\": \"kevin@partner.example\""),
+        !s.read("lk.json")
+            .contains("\"key\": \"kevin@partner.example\""),
         "{}",
         s.read("lk.json")
     );

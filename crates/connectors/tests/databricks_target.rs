@@ -258,3 +258,90 @@ async fn a_5xx_storm_slows_the_full_observation_but_does_not_fail_it() {
     }
     d.state.infra.set_faults(Faults::default());
 }
+
+/// externalId is the source id on users, service principals and groups (as the Databricks
+/// script and Entra's own provisioning write it), is read back and kept: a value changed by
+/// hand is put back. A group the script made, renamed in Entra since, carries the Entra id as
+/// its externalId: it is adopted and renamed instead of duplicated.
+#[tokio::test]
+async fn external_ids_are_written_kept_and_match_a_renamed_group_on_adoption() {
+    let d = Databricks::start_on(0, None).await.unwrap();
+    let t = target(&d, DatabricksAuth::Token(Secret::new(TOKEN)));
+    let s = common::directory();
+    let alpha = s
+        .groups
+        .values()
+        .find(|g| g.display_name == "TEAM_ALPHA")
+        .unwrap()
+        .id
+        .clone();
+    let old = d.state.insert(
+        Type::Groups,
+        serde_json::json!({"displayName": "TEAM_ALPHA_OLD", "externalId": alpha}),
+    );
+    let policy = idsync_engine::Policy {
+        adopt_keys: [idsync_model::PKey::new(
+            idsync_model::Kind::Group,
+            "TEAM_ALPHA_OLD",
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let mut st = AgreementState::new("databricks");
+    let (p, r) = common::sync_policy(&t, &s, &Mapping::defaults(), &policy, &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    assert_eq!(
+        p.summary.ops["create group"],
+        s.groups.len() - 1,
+        "every group but the adopted one is created"
+    );
+    assert_eq!(
+        group(&d, "TEAM_ALPHA")["id"],
+        old,
+        "adopted and renamed, not duplicated"
+    );
+    {
+        let data = d.state.data();
+        for (t, kind) in [
+            (Type::Users, "user"),
+            (Type::ServicePrincipals, "service principal"),
+            (Type::Groups, "group"),
+        ] {
+            for v in data[&t].values() {
+                let x = v["externalId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{kind} without externalId: {v}"));
+                let known = s.users.contains_key(x)
+                    || s.service_principals.contains_key(x)
+                    || s.groups.contains_key(x);
+                assert!(known, "{kind} {v}: externalId is a source id");
+            }
+        }
+    }
+    // Changed by hand: the next full observation puts it back.
+    let bob = d.state.data()[&Type::Users]
+        .iter()
+        .find(|(_, u)| u["userName"] == "bob@company.com")
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    d.state
+        .data_mut()
+        .get_mut(&Type::Users)
+        .unwrap()
+        .get_mut(&bob)
+        .unwrap()["externalId"] = serde_json::json!("edited-by-hand");
+    let (p, r) = common::sync_policy(&t, &s, &Mapping::defaults(), &policy, &mut st).await;
+    assert!(r.is_success(), "{r:?}");
+    assert_eq!(p.ops.len(), 1, "{:?}", p.ops);
+    let bob_source = s
+        .users
+        .values()
+        .find(|u| u.user_name == "bob@company.com")
+        .unwrap();
+    assert_eq!(
+        d.state.data()[&Type::Users][&bob]["externalId"],
+        bob_source.id.as_str()
+    );
+    let (p, _) = common::sync_policy(&t, &s, &Mapping::defaults(), &policy, &mut st).await;
+    assert!(p.ops.is_empty(), "{:?}", p.ops);
+}

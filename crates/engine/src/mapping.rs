@@ -39,6 +39,8 @@ pub struct Mapping {
     pub service_principal_key: Template,
     /// The service principal's display name.
     pub service_principal_display_name: Template,
+    /// The service principal's external id, if the target stores one.
+    pub service_principal_external_id: Option<Template>,
     /// The group's key (name).
     pub group_name: Template,
     /// The group's display name, when the key is not the name (lakeFS).
@@ -92,6 +94,7 @@ impl Mapping {
             user_external_id: Some(u("{id}")),
             service_principal_key: s("{appId}"),
             service_principal_display_name: s("{displayName}"),
+            service_principal_external_id: Some(s("{id}")),
             group_name: g("{displayName}"),
             group_display_name: None,
             group_external_id: Some(g("{id}")),
@@ -240,7 +243,7 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
                 display_name: mapping.service_principal_display_name.render(lookup).ok(),
                 emails: Vec::new(),
                 active: s.active,
-                external_id: None,
+                external_id: optional(&mapping.service_principal_external_id, lookup),
                 description: None,
             };
             b.add(&s.id, source, p, BTreeSet::new());

@@ -297,8 +297,21 @@ impl Ctx<'_> {
             return res;
         }
         let mut by_key: BTreeMap<PKey, Vec<&str>> = BTreeMap::new();
+        // Principals the target holds by the source id they carry as externalId (kinds it can
+        // rename): a group renamed in the source since another tool made it is still that group.
+        let mut by_external: BTreeMap<(Kind, &str), Vec<&str>> = BTreeMap::new();
+        let external = caps.attributes.contains(&Attr::ExternalId);
         for (_, id, o) in self.observed.iter() {
             by_key.entry(caps.pkey(&o.principal)).or_default().push(id);
+            if external
+                && caps.renamable.contains(&o.principal.kind)
+                && let Some(x) = o.principal.external_id.as_deref()
+            {
+                by_external
+                    .entry((o.principal.kind, x))
+                    .or_default()
+                    .push(id);
+            }
         }
         let idx = KeyIndex::new(self.desired, self.state);
         for (key, dp) in &self.desired.principals {
@@ -314,8 +327,27 @@ impl Ctx<'_> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let by_external_id = || -> Vec<&str> {
+                dp.principal
+                    .external_id
+                    .as_deref()
+                    .and_then(|x| by_external.get(&(key.kind, x)))
+                    .map(|v| {
+                        v.iter()
+                            .copied()
+                            .filter(|id| {
+                                !claimed.contains(&(key.kind, *id))
+                                    && !self.state.owns(key.kind, id)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
             let r = match candidates.as_slice() {
-                [] => Res::New,
+                [] => match by_external_id().as_slice() {
+                    [tid] => self.claim_by_external_id(key, dp, tid),
+                    _ => Res::New,
+                },
                 [tid] => self.claim_by_key(key, dp, tid, &idx),
                 many => {
                     self.conflicts.push(Conflict {
@@ -343,6 +375,47 @@ impl Ctx<'_> {
             res.insert(key.clone(), r);
         }
         res
+    }
+
+    /// A principal idsync does not own that carries this source principal's externalId under
+    /// another key: adopted (and renamed) when adoption is allowed for the key, else a conflict,
+    /// since creating a second one would duplicate it.
+    fn claim_by_external_id(&mut self, key: &PKey, dp: &DesiredPrincipal, tid: &str) -> Res {
+        let kind = key.kind;
+        let current = self
+            .observed
+            .get(kind, tid)
+            .map_or(dp.principal.key.as_str(), |o| o.principal.key.as_str())
+            .to_owned();
+        let folded = |k: &PKey| PKey::new(k.kind, self.caps.fold(&k.key));
+        let old = PKey::new(kind, self.caps.fold(&current));
+        if self.policy.adopt
+            || self
+                .policy
+                .adopt_keys
+                .iter()
+                .any(|k| folded(k) == *key || folded(k) == old)
+        {
+            self.notes.push(format!(
+                "{key} is adopted from {kind} {current:?} (id {tid}), which carries {}'s id as its externalId; it is renamed",
+                dp.source
+            ));
+            self.ops.push(Op::Adopt {
+                target: pref(kind, &current, Some(tid)),
+                source: dp.source.clone(),
+            });
+            return Res::Existing(tid.to_owned());
+        }
+        self.conflicts.push(Conflict {
+            key: key.clone(),
+            sources: vec![dp.source.clone()],
+            target_id: Some(tid.to_owned()),
+            reason: format!(
+                "the target's {kind} {current:?} (id {tid}) carries {}'s id as its externalId, so it is this principal under its old name, and idsync did not create it; to let idsync take it over (and rename it), set adopt = true or list \"{kind}:{current}\" in adopt_keys",
+                dp.source
+            ),
+        });
+        Res::Skipped(Some(tid.to_owned()))
     }
 
     fn claim_by_key(

@@ -1258,3 +1258,59 @@ fn a_create_whose_answer_was_lost_is_found_by_key_and_one_never_made_is_tried_ag
         assert_eq!(t.inner.data().principals.len(), 7);
     })
 }
+
+/// A group another tool made (as the Databricks script does, externalId = the Entra id), since
+/// renamed in the source: without adoption a conflict that names it (creating a second one
+/// would duplicate it); with adopt = true it is adopted and renamed, and nothing is created.
+#[test]
+fn a_principal_carrying_the_source_id_as_external_id_is_the_same_one_after_a_rename() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut old = Principal::new(Kind::Group, "TEAM_ALPHA_OLD");
+        old.external_id = Some("g1".into());
+        let id = t.insert(old);
+        let mut st = AgreementState::new("t");
+        let r = sync(&base(), &t, &mut st, &Policy::default()).await;
+        let c: Vec<_> = r
+            .plan
+            .conflicts
+            .iter()
+            .filter(|c| c.target_id.as_deref() == Some(id.as_str()))
+            .collect();
+        assert_eq!(c.len(), 1, "{:?}", r.plan.conflicts);
+        assert!(c[0].reason.contains("externalId"), "{}", c[0].reason);
+        assert!(
+            c[0].reason.contains("group:TEAM_ALPHA_OLD"),
+            "{}",
+            c[0].reason
+        );
+        assert_eq!(t.writes(), 0);
+
+        let policy = Policy {
+            adopt_keys: [PKey::new(Kind::Group, "TEAM_ALPHA_OLD")].into(),
+            ..Policy::default()
+        };
+        let r = sync(&base(), &t, &mut st, &policy).await;
+        assert!(r.plan.conflicts.is_empty(), "{:?}", r.plan.conflicts);
+        let o = ops(&r.plan);
+        assert!(
+            o.iter().any(|x| x == "adopt group \"TEAM_ALPHA_OLD\""),
+            "{o:?}"
+        );
+        assert!(
+            !o.iter()
+                .any(|x| x.starts_with("create group \"TEAM_ALPHA\"")),
+            "{o:?}"
+        );
+        assert!(r.report.unwrap().is_success());
+        let seen = t.observe().await.unwrap();
+        assert_eq!(
+            seen.get(Kind::Group, &id).unwrap().principal.key,
+            "TEAM_ALPHA",
+            "renamed"
+        );
+        assert!(st.owns(Kind::Group, &id));
+        let again = sync(&base(), &t, &mut st, &policy).await;
+        assert!(again.plan.ops.is_empty(), "{:?}", ops(&again.plan));
+    })
+}

@@ -135,6 +135,7 @@ struct RawMapping {
     user_external_id: Option<String>,
     service_principal_key: Option<String>,
     service_principal_display_name: Option<String>,
+    service_principal_external_id: Option<String>,
     group_name: Option<String>,
     group_display_name: Option<String>,
     group_external_id: Option<String>,

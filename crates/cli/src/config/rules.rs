@@ -71,6 +71,12 @@ impl Validator<'_> {
                 &base.service_principal_display_name,
                 s,
             ),
+            service_principal_external_id: self.template(
+                &k("service_principal_external_id"),
+                raw.service_principal_external_id.as_ref(),
+                base.service_principal_external_id.clone(),
+                s,
+            ),
             group_name: req(self, "group_name", &raw.group_name, &base.group_name, g),
             group_display_name: self.template(
                 &k("group_display_name"),

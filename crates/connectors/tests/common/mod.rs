@@ -38,14 +38,23 @@ pub async fn sync(
     mapping: &Mapping,
     st: &mut AgreementState,
 ) -> (Plan, ApplyReport) {
+    sync_policy(t, s, mapping, &Policy::default(), st).await
+}
+
+/// [`sync`] under `policy`.
+pub async fn sync_policy(
+    t: &dyn Target,
+    s: &Snapshot,
+    mapping: &Mapping,
+    policy: &Policy,
+    st: &mut AgreementState,
+) -> (Plan, ApplyReport) {
     let opts = RunOptions {
         workers: 4,
         reconcile: None,
         ..RunOptions::default()
     };
-    let out = run_seeded(t, s, mapping, &Policy::default(), st, &opts)
-        .await
-        .unwrap();
+    let out = run_seeded(t, s, mapping, policy, st, &opts).await.unwrap();
     let plan = out.file.unwrap().plan;
     assert!(plan.halt.is_none(), "{:?}", plan.halt);
     (plan, out.report.unwrap())

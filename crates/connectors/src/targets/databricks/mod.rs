@@ -165,7 +165,9 @@ impl IntoDialect for DatabricksConfig {
                 renamable: [Kind::Group].into(),
                 deactivate: true,
                 case_insensitive_keys: true,
-                attributes: [Attr::Key, Attr::DisplayName, Attr::Active].into(),
+                // externalId: the source's id, as Entra's own provisioning and the Databricks
+                // script write it (docs/apis/databricks-scim.md).
+                attributes: [Attr::Key, Attr::DisplayName, Attr::Active, Attr::ExternalId].into(),
                 group_policies: false,
                 max_members_per_write: self.member_chunk.max(1),
             },
@@ -177,9 +179,9 @@ impl IntoDialect for DatabricksConfig {
             }),
             // Groups are listed without members (since 2025-08): each is read once.
             list_attributes: |kind| match kind {
-                Kind::User => "id,userName,displayName,active",
-                Kind::ServicePrincipal => "id,applicationId,displayName,active",
-                Kind::Group => "id,displayName",
+                Kind::User => "id,userName,displayName,active,externalId",
+                Kind::ServicePrincipal => "id,applicationId,displayName,active,externalId",
+                Kind::Group => "id,displayName,externalId",
             },
             typed_group_members: false,
             page_until_empty: true,
