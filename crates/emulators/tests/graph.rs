@@ -864,3 +864,39 @@ fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
 }
+
+/// A trailing slash names the same resource (the Databricks script asks for
+/// `/v1.0/groups/delta/?...`); a route Graph does not have gets Graph's JSON error with a
+/// request id, never an empty 404; the token is still checked on the slashed path.
+#[tokio::test]
+async fn a_trailing_slash_is_the_same_resource_and_unknown_routes_get_graphs_error() {
+    let t = T::new().await;
+    let (s, plain) = t.get("/v1.0/groups/delta?$select=id,displayName").await;
+    assert_eq!(s, StatusCode::OK, "{plain}");
+    let (s, slashed) = t.get("/v1.0/groups/delta/?$select=id,displayName").await;
+    assert_eq!(s, StatusCode::OK, "{slashed}");
+    assert_eq!(
+        plain["value"].as_array().unwrap().len(),
+        slashed["value"].as_array().unwrap().len()
+    );
+    let (s, users) = t.get("/v1.0/users/").await;
+    assert_eq!(s, StatusCode::OK, "{users}");
+    assert!(!users["value"].as_array().unwrap().is_empty());
+
+    let (s, e) = t.get("/v1.0/gropus").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["code"], "BadRequest");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("'gropus'"),
+        "{e}"
+    );
+    assert!(e["error"]["innerError"]["request-id"].is_string(), "{e}");
+
+    let r = t
+        .http
+        .get(format!("{}/v1.0/users/", t.g.server.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "no token, no answer");
+}

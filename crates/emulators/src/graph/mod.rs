@@ -1103,6 +1103,34 @@ async fn admin_remove_member(
     }
 }
 
+/// A request no route matched. A trailing slash names the same resource on Graph
+/// (`/v1.0/groups/delta/?$select=...`, as the Databricks script sends it): it is served without
+/// it (the request is counted twice in the accounting). Anything else gets Graph's JSON error, a
+/// 400 `BadRequest` "Resource not found for the segment '...'", with its request id.
+async fn unmatched(State(st): State<Arc<GraphState>>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let trimmed = path.trim_end_matches('/');
+    if !trimmed.is_empty() && trimmed.len() < path.len() {
+        let target = match req.uri().query() {
+            Some(q) => format!("{trimmed}?{q}"),
+            None => trimmed.to_owned(),
+        };
+        if let (Some(router), Ok(uri)) = (st.router.get().cloned(), target.parse::<Uri>()) {
+            let (mut parts, body) = req.into_parts();
+            parts.uri = uri;
+            return tower::ServiceExt::oneshot(router, Request::from_parts(parts, body))
+                .await
+                .unwrap_or_else(|e| match e {});
+        }
+    }
+    let segment = trimmed.rsplit('/').next().unwrap_or_default();
+    graph_error(
+        StatusCode::BAD_REQUEST,
+        "BadRequest",
+        &format!("Resource not found for the segment '{segment}'."),
+    )
+}
+
 /// The emulator's routes (Graph under `/v1.0` and `/beta`, the token endpoint, `/_admin`).
 pub fn router(st: Arc<GraphState>) -> Router {
     let mut api = Router::new();
@@ -1164,6 +1192,7 @@ pub fn router(st: Arc<GraphState>) -> Router {
     let app = api
         .merge(token::routes())
         .merge(admin)
+        .fallback(unmatched)
         .layer(middleware::from_fn_with_state(
             st.infra.clone(),
             infra::layer,
