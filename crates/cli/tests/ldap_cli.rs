@@ -190,6 +190,11 @@ url = "{scim}"
         !text(&first).contains(&d.password),
         "the bind password leaked"
     );
+    assert!(
+        text(&first).contains("operations applied") && text(&first).contains("requests sent ("),
+        "{}",
+        text(&first)
+    );
     {
         let data = dbx.state.data();
         assert_eq!(data[&Type::Users].len(), 2);

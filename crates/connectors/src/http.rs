@@ -240,6 +240,9 @@ pub struct Http {
     cfg: HttpConfig,
     limiter: Limiter,
     rng: Mutex<u64>,
+    /// Requests sent (every attempt, retries included): reads (GET, HEAD) and writes.
+    sent_reads: std::sync::atomic::AtomicU64,
+    sent_writes: std::sync::atomic::AtomicU64,
 }
 
 impl Http {
@@ -416,7 +419,18 @@ impl Http {
             limiter: Limiter::new(cfg.max_concurrency),
             cfg,
             rng: Mutex::new(seed | 1),
+            sent_reads: Default::default(),
+            sent_writes: Default::default(),
         })
+    }
+
+    /// The requests sent so far (every attempt, retries included).
+    pub fn sent(&self) -> idsync_engine::Requests {
+        use std::sync::atomic::Ordering::Relaxed;
+        idsync_engine::Requests {
+            reads: self.sent_reads.load(Relaxed),
+            writes: self.sent_writes.load(Relaxed),
+        }
     }
 
     /// The current concurrency limit (lowered by throttling).
@@ -494,6 +508,12 @@ impl Http {
                     .body(bytes.clone());
             }
             let started = std::time::Instant::now();
+            let counter = if method == Method::GET || method == Method::HEAD {
+                &self.sent_reads
+            } else {
+                &self.sent_writes
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let result = req.send().await;
             let outcome = match result {
                 Err(e) => {

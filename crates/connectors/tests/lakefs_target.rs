@@ -70,6 +70,15 @@ async fn syncs_flattens_attaches_policies_and_then_writes_nothing() {
     assert_eq!(members.len(), 3, "{members:?}");
     assert!(members.iter().all(|m| m.starts_with("waad|")));
     assert_eq!(zeta.policies.len(), 2);
+    // Operations and requests are told apart: lakeFS takes one request per member added, and
+    // the emulator saw exactly the requests the target counted.
+    let sent = r.requests.expect("the lakeFS target counts its requests");
+    assert!(
+        sent.writes > r.writes as u64,
+        "{sent:?} for {} operations",
+        r.writes
+    );
+    assert_eq!(sent.writes, writes(&l));
     let before = writes(&l);
     let (p, r) = common::sync(&t, &common::directory(), &mapping(), &mut st).await;
     assert!(p.ops.is_empty(), "{:?}", p.ops);

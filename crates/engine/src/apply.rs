@@ -80,8 +80,11 @@ impl Failure {
 pub struct ApplyReport {
     /// Operations that succeeded (including state-only ones).
     pub applied: usize,
-    /// Target writes made.
+    /// Operations that wrote to the target (an operation may take several requests, or none).
     pub writes: usize,
+    /// HTTP requests sent to the target during the apply (every attempt, retries included), for
+    /// targets that count them.
+    pub requests: Option<crate::Requests>,
     /// Operations that failed.
     pub failed: Vec<Failure>,
     /// Operations not attempted because an operation they depend on failed.
@@ -117,13 +120,22 @@ impl fmt::Display for ApplyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} applied ({} writes), {} failed, {} skipped, {} pending",
+            "{} operations applied ({} of them wrote), {} failed, {} skipped, {} pending",
             self.applied,
             self.writes,
             self.failed.len(),
             self.skipped.len(),
             self.pending
         )?;
+        if let Some(r) = &self.requests {
+            write!(
+                f,
+                "; {} requests sent ({} writes, {} reads)",
+                r.reads + r.writes,
+                r.writes,
+                r.reads
+            )?;
+        }
         if let Some(r) = &self.rollback {
             write!(
                 f,

@@ -57,9 +57,33 @@ pub enum Outcome {
     Done,
 }
 
+/// HTTP requests a connector sent (every attempt, retries included).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Requests {
+    /// GET and HEAD.
+    pub reads: u64,
+    /// Everything else.
+    pub writes: u64,
+}
+
+impl std::ops::Sub for Requests {
+    type Output = Requests;
+    fn sub(self, o: Requests) -> Requests {
+        Requests {
+            reads: self.reads.saturating_sub(o.reads),
+            writes: self.writes.saturating_sub(o.writes),
+        }
+    }
+}
+
 /// A system idsync writes principals to.
 #[async_trait]
 pub trait Target: Send + Sync {
+    /// The requests it has sent so far, for targets that count them.
+    fn requests(&self) -> Option<Requests> {
+        None
+    }
+
     /// What the target can do.
     fn capabilities(&self) -> Capabilities;
 

@@ -365,6 +365,7 @@ async fn apply_file(
     lease: Option<(&Lease, Duration)>,
 ) -> Result<ApplyReport, RunError> {
     let caps = a.target.capabilities();
+    let sent_before = a.target.requests();
     let all = [Stage::Principals, Stage::Members, Stage::Deprovision]
         .iter()
         .all(|s| stages.contains(s));
@@ -446,6 +447,9 @@ async fn apply_file(
         agreement: a.name.to_owned(),
         error,
     })?;
+    if let (Some(before), Some(after)) = (sent_before, a.target.requests()) {
+        report.requests = Some(after - before);
+    }
     Ok(report)
 }
 

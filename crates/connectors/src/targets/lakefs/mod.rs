@@ -261,6 +261,10 @@ impl LakefsTarget {
 
 #[async_trait]
 impl Target for LakefsTarget {
+    fn requests(&self) -> Option<idsync_engine::Requests> {
+        Some(self.http.sent())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             nested_groups: false,

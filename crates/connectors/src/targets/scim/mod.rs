@@ -875,6 +875,10 @@ fn apply_ops(v: &mut Value, ops: &[Value]) {
 
 #[async_trait]
 impl Target for ScimTarget {
+    fn requests(&self) -> Option<idsync_engine::Requests> {
+        Some(self.http.sent())
+    }
+
     fn capabilities(&self) -> Capabilities {
         self.dialect.capabilities.clone()
     }
