@@ -139,11 +139,15 @@ async fn reads_the_scope_by_name_with_depth_and_service_principals() {
         .unwrap();
     assert_eq!(r.depth[&eta.id], 2);
 
-    // What it cost: one token, one lookup per name, one member read per group, the groups of a
-    // level read together in a `$batch` (a level of one group reads it directly).
+    // What it cost: one token, one lookup per read for all the names (15 to a
+    // `displayName in (...)`), one member read per group, the groups of a level read together in
+    // a `$batch` (a level of one group reads it directly).
     let counts = g.state.infra.accounting.snapshot();
     assert_eq!(counts["POST /{tenant}/oauth2/v2.0/token"], 1, "{counts:?}");
-    assert_eq!(counts["GET /v1.0/groups"], 8, "{counts:?}");
+    assert_eq!(
+        counts["GET /v1.0/groups"], 2,
+        "two reads, one name lookup each: {counts:?}"
+    );
     assert_eq!(
         counts["BATCH GET /beta/groups/{id}/members"] + counts["GET /beta/groups/{id}/members"],
         3 + 4,
@@ -506,4 +510,40 @@ async fn a_storm_of_errors_html_pages_and_cut_off_answers_reads_the_same() {
     assert!(e.message.contains("HTML"), "{}", e.message);
     // The HTML pages come with a 5xx status: the service is unavailable, as far as idsync can tell.
     assert_eq!(e.kind, idsync_engine::SourceErrorKind::Unavailable);
+}
+
+/// A groups file of 40 names (quotes, accents, another case, names that do not exist) is read
+/// in 3 requests of 15 names (`displayName in (...)`), not 40: every name that exists is found,
+/// every one that does not is named in a note.
+#[tokio::test]
+async fn many_group_names_are_read_fifteen_to_a_request() {
+    let g = Graph::start(Tenant::new(tenant())).await.unwrap();
+    let src = source(&g, DEFAULT_CLIENT_SECRET);
+    let mut group_names: std::collections::BTreeSet<String> =
+        ["team_alpha", "O'Brien Équipe", "TEAM_ZETA"]
+            .map(String::from)
+            .into();
+    for i in 0..37 {
+        group_names.insert(format!("missing '{i}' (x)"));
+    }
+    assert_eq!(group_names.len(), 40);
+    let r = src
+        .read_full(&Scope {
+            group_names,
+            ..Scope::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&r.snapshot),
+        ["O'Brien Équipe", "TEAM_ALPHA", "TEAM_ZETA"]
+    );
+    let missing = r
+        .notes
+        .iter()
+        .filter(|n| n.contains("was asked for but does not exist"))
+        .count();
+    assert_eq!(missing, 37, "{:?}", r.notes);
+    let counts = g.state.infra.accounting.snapshot();
+    assert_eq!(counts["GET /v1.0/groups"], 3, "{counts:?}");
 }
