@@ -35,6 +35,9 @@ pub struct Options {
     pub targets: Vec<String>,
     /// Throttle the emulators as the services do ([`rate_limits`]).
     pub rate_limits: bool,
+    /// Select the groups by a groups file naming every group of the tenant (the Databricks
+    /// script's way) instead of `group_filter = "*"`: the same scope, read by name.
+    pub groups_file: bool,
 }
 
 /// The rate limits `--rate-limits` puts on the emulators, as (emulator, requests governed,
@@ -354,6 +357,7 @@ authority_host = "{g}"
 graph_url = "{g}"
 
 [scope]
+{scope_line}
 search_depth = 3
 
 [run]
@@ -362,6 +366,11 @@ worker_threads = {w}
 {dbx_table}{lake_table}"#,
         g = graph.server.base_url,
         w = o.workers,
+        scope_line = if o.groups_file {
+            "groups_file = \"groups_to_sync.json\""
+        } else {
+            "group_filter = \"*\""
+        },
         dbx_table = table(
             "databricks",
             &format!(
@@ -378,6 +387,17 @@ worker_threads = {w}
         ),
     );
     std::fs::write(dir.join("idsync.toml"), config).map_err(io)?;
+    if o.groups_file {
+        let names: Vec<String> = graph
+            .state
+            .tenant()
+            .groups
+            .values()
+            .map(|g| g.display_name.clone())
+            .collect();
+        let json = serde_json::to_vec(&names).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("groups_to_sync.json"), json).map_err(io)?;
+    }
 
     let mut runs = Vec::new();
     let all = if o.targets.len() > 1 {

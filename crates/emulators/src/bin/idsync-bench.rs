@@ -36,6 +36,7 @@ async fn main() -> ExitCode {
                 .map(str::to_owned)
                 .collect(),
             rate_limits: args.iter().any(|a| a == "--rate-limits"),
+            groups_file: args.iter().any(|a| a == "--groups-file"),
         })
     })();
     let opts = match opts {
