@@ -1302,6 +1302,7 @@ async fn the_small_benchmark_writes_nothing_when_nothing_changed() {
         workers: 10,
         targets: vec!["databricks".into(), "lakefs".into()],
         rate_limits: false,
+        groups_file: false,
     })
     .await
     .unwrap();
