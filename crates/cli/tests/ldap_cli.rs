@@ -97,17 +97,7 @@ async fn flow(d: Directory) {
         .await
         .unwrap();
     // lakeFS's default_user_group exists, as lakeFS's own LDAP setting needs it to.
-    lake.state.data_mut().groups.insert(
-        "g-viewers".into(),
-        idsync_emulators::lakefs::LGroup {
-            id: "g-viewers".into(),
-            name: "Viewers".into(),
-            description: None,
-            creation_date: 0,
-            members: Default::default(),
-            policies: Default::default(),
-        },
-    );
+    lake.state.add_group("g-viewers", "Viewers");
     let s = Sandbox::new("");
     s.write(
         "idsync.toml",

@@ -193,17 +193,7 @@ async fn created_users_join_the_default_user_group_which_must_exist() {
         ..config(&l, SECRET_ACCESS_KEY)
     })
     .unwrap();
-    l.state.data_mut().groups.insert(
-        "g-viewers".into(),
-        idsync_emulators::lakefs::LGroup {
-            id: "g-viewers".into(),
-            name: "Viewers".into(),
-            description: None,
-            creation_date: 0,
-            members: Default::default(),
-            policies: Default::default(),
-        },
-    );
+    l.state.add_group("g-viewers", "Viewers");
     // Joining it fails (every try): each user made is removed again, none is left outside.
     l.state.infra.set_faults(Faults {
         error_rate: 1.0,

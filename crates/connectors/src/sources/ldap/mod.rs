@@ -1042,7 +1042,7 @@ impl Conn {
     /// Whether the bind account sees a tombstone in the Deleted Objects container (asked for
     /// one: a live domain nearly always holds some). By default Active Directory lets only
     /// administrators list the container; Samba shows it but not what is in it.
-    async fn sees_tombstones(&mut self, naming_context: &str) -> Result<bool, SourceError> {
+    async fn sees_tombstones(&mut self, naming_context: &str) -> bool {
         let base = format!("<WKGUID={DELETED_OBJECTS_WKGUID},{naming_context}>");
         let mut ldap = self.ldap.clone();
         ldap.with_timeout(self.cfg.timeout)
@@ -1058,7 +1058,7 @@ impl Conn {
             )
             .await
         else {
-            return Ok(false);
+            return false;
         };
         let mut seen = false;
         while let Ok(Some(item)) = stream.next().await {
@@ -1068,7 +1068,7 @@ impl Conn {
             }
         }
         let _ = stream.finish().await;
-        Ok(seen)
+        seen
     }
 
     /// Active Directory's changes since `usn` (exclusive), by uSNChanged (MS-ADTS 3.1.1.1.9;
@@ -1603,7 +1603,7 @@ impl LdapSource {
                     self.cfg.server_endpoint
                 )));
             };
-            if !c.sees_tombstones(&nc).await? {
+            if !c.sees_tombstones(&nc).await {
                 notes.push(format!(
                     "{} shows {} no deleted object (a tombstone) in the Deleted Objects container: either nothing was ever deleted, or the account may not read them. Then incremental runs do not see deleted users and groups, and the next full read (idsync sync --full-sync) removes them. To let them, grant the account List Contents and Read Property on the container (dsacls \"CN=Deleted Objects,{nc}\" /takeownership, then /G ACCOUNT:LCRP)",
                     self.cfg.server_endpoint,
@@ -1758,6 +1758,9 @@ impl LdapSource {
                 self.cfg.server_endpoint
             )));
         }
+        if let Some(why) = self.no_change_feed(&c) {
+            return Ok(Changes::Expired(why));
+        }
         let now = c.ad_position().await?;
         let endpoint = &self.cfg.server_endpoint;
         if now.invocation != invocation {
@@ -1779,12 +1782,9 @@ impl LdapSource {
         }
         let Some(nc) = now.naming_context.clone() else {
             return Ok(Changes::Expired(format!(
-                "{endpoint} holds no naming context with both base DNs in it"
+                "{endpoint} holds no naming context with both user_base_dn and group_base_dn in it (a Global Catalog, or bases in two domains?): point server_endpoint at a domain controller of the bases' domain to read changes"
             )));
         };
-        if let Some(why) = self.no_change_feed(&c) {
-            return Ok(Changes::Expired(why));
-        }
         let mut next = cursors.clone();
         next.insert(AD_CURSOR.into(), now.cursor());
         let delta = if now.usn == usn {
