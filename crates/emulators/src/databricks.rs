@@ -4,7 +4,7 @@
 //! PATCH `add` / `remove` / `replace` including `members[value eq "..."]`, SCIM error bodies.
 //! Auth: a personal access token, Databricks OAuth M2M (`/oidc/accounts/{id}/v1/token`), or an
 //! Entra token for the Azure Databricks resource issued by the Graph emulator. Behaviour follows
-//! `shared/api/databricks-scim.md`.
+//! `docs/apis/databricks-scim.md`.
 
 use crate::graph::GraphState;
 use crate::graph::token::{DATABRICKS_RESOURCE, b64_decode};

@@ -1,8 +1,11 @@
 //! A Google Cloud Storage emulator for the XML API subset that state storage uses: objects put,
 //! read, stat and deleted with generations and `x-goog-if-generation-match` preconditions (0 =
 //! only if absent), and V2 listing by prefix. No emulator in the package registries honours
-//! those preconditions (fake-gcs-server ignores them), and compare-and-swap is exactly what
-//! idsync needs to test; see `shared/TEST-PEERS.md`.
+//! those preconditions for `object_store`'s writes (fake-gcs-server 1.54.0 answers its XML
+//! `PUT /bucket/object` with 400 and checks preconditions only on multipart uploads;
+//! gcp-storage-emulator ignores them and sends no ETags), and compare-and-swap is exactly what
+//! idsync needs to test. The state conformance suite runs against it in process
+//! (`crates/state/tests/backends.rs`), and so does the fault suite (`scripts/servers.sh`).
 //!
 //! Authentication as `object_store` performs it with a service account key: a self-signed RS256
 //! JWT as the bearer token. When the emulator is given the account's certificate, it verifies

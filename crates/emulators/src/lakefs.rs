@@ -2,7 +2,7 @@
 //! serve it: users, groups (with the id-vs-name quirk), memberships, policies; `prefix` / `after` /
 //! `amount` pagination; HTTP Basic with an access-key pair; `{"message": ...}` errors. A switch
 //! makes it answer 501 like open-source lakeFS without RBAC. Behaviour follows
-//! `shared/api/lakefs-auth.md`.
+//! `docs/apis/lakefs-auth.md`.
 
 use crate::infra::{self, Infra};
 use axum::Router;

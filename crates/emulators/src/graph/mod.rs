@@ -1,6 +1,6 @@
 //! A stateful emulator of Microsoft Graph (v1.0 and beta: users, groups, service principals,
 //! members, transitive members, delta queries, `$batch`) and of the Microsoft identity platform's
-//! token endpoint. Behaviour follows `shared/api/graph.md`; where an official client disagrees,
+//! token endpoint. Behaviour follows `docs/apis/graph.md`; where an official client disagrees,
 //! the client wins.
 
 pub mod batch;

@@ -11,7 +11,9 @@ use idsync_model::Secret;
 use serde::Deserialize;
 use std::path::PathBuf;
 
-/// Members per PATCH: the account SCIM API's limit.
+/// Members per PATCH (additions and removals together). The server's maximum is not documented
+/// (docs/apis/databricks-scim.md, PATCH; Databricks' own Entra script sends up to 50 operations),
+/// so 100 is unverified against the real service.
 pub const MEMBER_CHUNK: usize = 100;
 
 /// The settings of a `databricks` target.
