@@ -45,7 +45,7 @@ pub struct Options {
 /// 8,000 per 10 s (Microsoft's throttling limits; counted here per request where Graph counts
 /// resource units of 1 to 3 per request, so this is the lenient end). Databricks account SCIM: per
 /// method, GET one 20/s, list 240/s, PATCH 2/s, POST/PUT/DELETE 5/s (a third-party summary of
-/// Databricks' resource limits page, unverified: see shared/api/databricks-scim.md). lakeFS: none
+/// Databricks' resource limits page, unverified: docs/apis/databricks-scim.md). lakeFS: none
 /// (its auth API does not throttle).
 pub fn rate_limits() -> Vec<(&'static str, Vec<String>, f64, f64)> {
     let one = "GET /api/2.0/accounts/{acct}/scim/v2/{type}/{id}".to_owned();
@@ -111,6 +111,73 @@ pub struct RunResult {
     /// With rate limits: the least time any client needs for these requests ([`limit_floor`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit_floor_seconds: Option<f64>,
+    /// The fewest Databricks writes that take the account from what it held before the run to
+    /// what it holds after ([`write_floor`]), when Databricks is a target. `writes` counts
+    /// requests, so `writes["databricks"]` ÷ this is how close the run came to its floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub databricks_write_floor: Option<u64>,
+}
+
+/// What the Databricks account holds, reduced to what writes change: a hash of each resource's
+/// attributes (without its members and `meta`), and each group's member ids.
+#[derive(Default)]
+pub struct Picture {
+    attrs: std::collections::HashMap<(crate::databricks::Type, String), u64>,
+    members: std::collections::HashMap<String, std::collections::HashSet<String>>,
+}
+
+/// The account's [`Picture`] now.
+pub fn picture(st: &crate::databricks::DatabricksState) -> Picture {
+    use std::hash::{Hash, Hasher};
+    let mut p = Picture::default();
+    for (t, resources) in st.data().iter() {
+        for (id, v) in resources {
+            let mut attrs = v.clone();
+            let members = attrs
+                .as_object_mut()
+                .and_then(|o| {
+                    o.remove("meta");
+                    o.remove("members")
+                })
+                .and_then(|m| m.as_array().cloned())
+                .unwrap_or_default();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            attrs.to_string().hash(&mut h);
+            p.attrs.insert((*t, id.clone()), h.finish());
+            if *t == crate::databricks::Type::Groups {
+                let ids = members
+                    .iter()
+                    .filter_map(|m| m["value"].as_str().map(str::to_owned))
+                    .collect();
+                p.members.insert(id.clone(), ids);
+            }
+        }
+    }
+    p
+}
+
+/// The fewest writes from `before` to `after` for a client that sends one request per created,
+/// changed or deleted resource, and a group's member changes (additions and removals together)
+/// in PATCHes of `chunk` members: the floor the benchmark holds idsync's writes to.
+pub fn write_floor(before: &Picture, after: &Picture, chunk: u64) -> u64 {
+    let mut n = 0u64;
+    for (k, h) in &after.attrs {
+        if before.attrs.get(k) != Some(h) {
+            n += 1;
+        }
+    }
+    n += before
+        .attrs
+        .keys()
+        .filter(|k| !after.attrs.contains_key(k))
+        .count() as u64;
+    let empty = std::collections::HashSet::new();
+    for (g, now) in &after.members {
+        let was = before.members.get(g).unwrap_or(&empty);
+        let changed = now.difference(was).count() + was.difference(now).count();
+        n += (changed as u64).div_ceil(chunk);
+    }
+    n
 }
 
 /// The whole benchmark.
@@ -425,6 +492,8 @@ worker_threads = {w}
         for (_, i) in &infras {
             i.accounting.reset();
         }
+        let with_databricks = o.targets.iter().any(|t| t == "databricks");
+        let before = with_databricks.then(|| picture(&dbx.state));
         let idsync = idsync.clone();
         let d = dir.clone();
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
@@ -446,8 +515,10 @@ worker_threads = {w}
             requests.insert((*n).to_owned(), c);
         }
         let limit_floor_seconds = o.rate_limits.then(|| limit_floor(&requests));
+        let databricks_write_floor = before.map(|b| write_floor(&b, &picture(&dbx.state), chunk));
         runs.push(RunResult {
             limit_floor_seconds,
+            databricks_write_floor,
             name: name.clone(),
             exit,
             seconds,
@@ -471,7 +542,7 @@ worker_threads = {w}
 /// The report as a Markdown table.
 pub fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "### {} ({} users, {} service principals, {} groups, {} memberships; {} ms per request; {} workers; {})\n\n| run | wall | peak RSS | Graph requests | Databricks requests (writes) | lakeFS requests (writes) |{}\n|---|---|---|---|---|---|{}\n",
+        "### {} ({} users, {} service principals, {} groups, {} memberships; {} ms per request; {} workers; {})\n\n| run | wall | peak RSS | Graph requests | Databricks requests (writes, floor) | lakeFS requests (writes) |{}\n|---|---|---|---|---|---|{}\n",
         r.size,
         r.tenant["users"],
         r.tenant["servicePrincipals"],
@@ -515,13 +586,15 @@ pub fn markdown(r: &Report) -> String {
             }
         });
         s.push_str(&format!(
-            "| {} | {:.1} s | {:.0} MiB | {} | {} ({}) | {} ({}) |{floor}\n",
+            "| {} | {:.1} s | {:.0} MiB | {} | {} ({}, {}) | {} ({}) |{floor}\n",
             run.name,
             run.seconds,
             run.peak_rss_mib,
             graph_http,
             total("databricks"),
             run.writes.get("databricks").copied().unwrap_or(0),
+            run.databricks_write_floor
+                .map_or_else(|| "—".to_owned(), |f| f.to_string()),
             total("lakefs"),
             run.writes.get("lakefs").copied().unwrap_or(0),
         ));

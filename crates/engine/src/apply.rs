@@ -232,101 +232,61 @@ pub async fn apply(
     let mut links = Links::default();
     let workers = opts.workers.max(1);
 
-    let mut phases: BTreeMap<u8, Vec<(usize, &Op)>> = BTreeMap::new();
+    let mut phases: BTreeMap<u8, Vec<Unit<'_>>> = BTreeMap::new();
     for (i, op) in plan.ops.iter().enumerate() {
         if opts.stages.contains(&op.stage()) {
-            phases.entry(op.phase()).or_default().push((i, op));
+            phases.entry(op.phase()).or_default().push(Unit {
+                first: (i, op),
+                then: None,
+            });
         } else {
             report.pending += 1;
         }
     }
+    if target.combines_member_changes() {
+        pair_member_changes(&mut phases);
+    }
     // Set by the first failure of an apply that is to be rolled back: no further write starts.
     let halted = std::sync::atomic::AtomicBool::new(false);
-    let halted = &halted;
-    let halt = || halted.load(std::sync::atomic::Ordering::SeqCst);
+    let ctx = Ctx {
+        target,
+        opts,
+        halted: &halted,
+        caps: &caps,
+    };
 
-    for (phase, ops) in phases {
+    for (phase, units) in phases {
         // Renames run one at a time in plan order: each may free the key the next one takes.
         let width = if phase == idsync_model::plan::RENAME_PHASE {
             1
         } else {
             workers
         };
-        // Each operation is resolved just before it runs, and a member or policy operation that
-        // succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
-        let created_now = &created;
-        let caps_now = &caps;
         // After a stop no write starts; state-only operations (adopting what an interrupted
         // apply created, forgetting what is gone) still run, so the journal is never lost.
-        if (opts.stopped() || halt()) && ops.iter().all(|(_, o)| o.writes()) {
-            report.pending += ops.len();
+        if (opts.stopped() || ctx.halt()) && units.iter().all(|u| u.first.1.writes()) {
+            let n: usize = units.iter().map(Unit::len).sum();
+            report.pending += n;
             if opts.stopped() {
-                report.stopped += ops.len();
+                report.stopped += n;
             } else {
-                report.halted += ops.len();
+                report.halted += n;
             }
             continue;
         }
-        let mut results: Vec<Ran> = futures::stream::iter(ops)
-            .map(|(i, op)| async move {
-                let key = (op.sort_key(), i);
-                if (opts.stopped() || halt()) && op.writes() {
-                    return Ran {
-                        key,
-                        op: None,
-                        result: None,
-                        skipped: Vec::new(),
-                        stopped: true,
-                    };
-                }
-                let (resolved, dropped) = match resolve(op, created_now) {
-                    Ok(r) => r,
-                    Err(dep) => {
-                        let skipped = vec![Failure {
-                            op: op.clone(),
-                            error: format!("{dep} was not created, so this was not attempted"),
-                            kind: None,
-                        }];
-                        if opts.rollback {
-                            halted.store(true, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        return Ran {
-                            key,
-                            op: None,
-                            result: None,
-                            skipped,
-                            stopped: false,
-                        };
-                    }
-                };
-                let skipped: Vec<Failure> = dropped
-                    .into_iter()
-                    .map(|d| Failure {
-                        op: op.clone(),
-                        error: format!("member {d} was not created, so it is not added"),
-                        kind: None,
-                    })
-                    .collect();
-                let r = if resolved.writes() {
-                    execute(target, &resolved, caps_now)
-                        .await
-                        .map(|o| (o, true))
-                } else {
-                    Ok((Outcome::Done, false))
-                };
-                if opts.rollback && (r.is_err() || !skipped.is_empty()) {
-                    halted.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                let keep = r.is_err() || records(&resolved);
-                Ran {
-                    key,
-                    op: keep.then_some(resolved),
-                    result: Some(r),
-                    skipped,
-                    stopped: false,
+        // Each operation is resolved just before it runs, and a member or policy operation that
+        // succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
+        let created_now = &created;
+        let ctx = &ctx;
+        let mut results: Vec<Ran> = futures::stream::iter(units)
+            .map(|unit| async move {
+                match unit.then {
+                    None => vec![ctx.run(unit.first, created_now).await],
+                    Some(add) => ctx.run_pair(unit.first, add, created_now).await,
                 }
             })
             .buffer_unordered(width)
+            .flat_map(futures::stream::iter)
             .collect()
             .await;
         results.sort_by(|a, b| a.key.cmp(&b.key));
@@ -372,6 +332,223 @@ pub async fn apply(
         }
     }
     report
+}
+
+/// What the apply runs as one task: an operation, or a group's member removals followed by its
+/// member additions when the target sends both in one write.
+struct Unit<'a> {
+    first: (usize, &'a Op),
+    then: Option<(usize, &'a Op)>,
+}
+
+impl Unit<'_> {
+    fn len(&self) -> usize {
+        1 + usize::from(self.then.is_some())
+    }
+}
+
+/// Moves each group's member additions into the task of its member removals, where the target
+/// sends both together: one write per group (and member chunk) instead of two. Additions that
+/// nest a group stay in their own phase, after every removal, since removals are what break a
+/// cycle of nested groups before an addition would close one.
+fn pair_member_changes(phases: &mut BTreeMap<u8, Vec<Unit<'_>>>) {
+    use idsync_model::plan::{ADD_MEMBERS_PHASE, REMOVE_MEMBERS_PHASE};
+    let Some(adds) = phases.remove(&ADD_MEMBERS_PHASE) else {
+        return;
+    };
+    let mut by_group: BTreeMap<(Kind, &str), (usize, &Op)> = BTreeMap::new();
+    let mut rest = Vec::with_capacity(adds.len());
+    for unit in adds {
+        match unit.first.1 {
+            Op::AddMembers { group, members }
+                if members.iter().all(|m| m.kind != Kind::Group)
+                    && !by_group.contains_key(&(group.kind, group.key.as_str())) =>
+            {
+                by_group.insert((group.kind, group.key.as_str()), unit.first);
+            }
+            _ => rest.push(unit),
+        }
+    }
+    if let Some(removes) = phases.get_mut(&REMOVE_MEMBERS_PHASE) {
+        for unit in removes.iter_mut() {
+            if let Op::RemoveMembers { group, .. } = unit.first.1 {
+                unit.then = by_group.remove(&(group.kind, group.key.as_str()));
+            }
+        }
+    }
+    // Additions without removals keep their phase, in plan order.
+    rest.extend(
+        by_group
+            .into_values()
+            .map(|first| Unit { first, then: None }),
+    );
+    rest.sort_by_key(|u| u.first.0);
+    if !rest.is_empty() {
+        phases.insert(ADD_MEMBERS_PHASE, rest);
+    }
+}
+
+/// What every task of an apply shares.
+struct Ctx<'a> {
+    target: &'a dyn Target,
+    opts: &'a ApplyOptions,
+    halted: &'a std::sync::atomic::AtomicBool,
+    caps: &'a Capabilities,
+}
+
+impl Ctx<'_> {
+    /// Whether an earlier failure halted the apply (it is to be rolled back).
+    fn halt(&self) -> bool {
+        self.halted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set_halt(&self) {
+        self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether no further write may start.
+    fn stop_writes(&self, op: &Op) -> bool {
+        (self.opts.stopped() || self.halt()) && op.writes()
+    }
+
+    /// Runs one operation.
+    async fn run(&self, (i, op): (usize, &Op), created: &BTreeMap<(Kind, String), String>) -> Ran {
+        let key = (op.sort_key(), i);
+        if self.stop_writes(op) {
+            return Ran::stopped(key);
+        }
+        let (resolved, skipped) = match self.resolve(op, created) {
+            Ok(r) => r,
+            Err(skipped) => return Ran::skipped(key, skipped),
+        };
+        let r = if resolved.writes() {
+            execute(self.target, &resolved, self.caps)
+                .await
+                .map(|o| (o, true))
+        } else {
+            Ok((Outcome::Done, false))
+        };
+        self.finish(key, resolved, r, skipped)
+    }
+
+    /// Runs a group's member removals and additions as one write. When either cannot run (its
+    /// group or every member it adds was not created), each runs on its own, removals first.
+    async fn run_pair(
+        &self,
+        (i, remove): (usize, &Op),
+        (j, add): (usize, &Op),
+        created: &BTreeMap<(Kind, String), String>,
+    ) -> Vec<Ran> {
+        let keys = ((remove.sort_key(), i), (add.sort_key(), j));
+        if self.stop_writes(remove) {
+            return vec![Ran::stopped(keys.0), Ran::stopped(keys.1)];
+        }
+        let (Ok((r, skipped_r)), Ok((a, skipped_a))) =
+            (self.resolve(remove, created), self.resolve(add, created))
+        else {
+            return vec![
+                self.run((i, remove), created).await,
+                self.run((j, add), created).await,
+            ];
+        };
+        let (
+            Op::RemoveMembers {
+                group,
+                members: gone,
+            },
+            Op::AddMembers { members: new, .. },
+        ) = (&r, &a)
+        else {
+            return vec![
+                self.run((i, remove), created).await,
+                self.run((j, add), created).await,
+            ];
+        };
+        let result = self
+            .target
+            .execute_members(group, gone, new)
+            .await
+            .map(|o| (o, true));
+        vec![
+            self.finish(keys.0, r, result.clone(), skipped_r),
+            self.finish(keys.1, a, result, skipped_a),
+        ]
+    }
+
+    /// Fills in the ids of principals created earlier in the apply: the operation, and what of
+    /// it is skipped (members not created); or, when it cannot run at all, why.
+    fn resolve(
+        &self,
+        op: &Op,
+        created: &BTreeMap<(Kind, String), String>,
+    ) -> Result<(Op, Vec<Failure>), Vec<Failure>> {
+        match resolve(op, created) {
+            Ok((resolved, dropped)) => {
+                let skipped = dropped
+                    .into_iter()
+                    .map(|d| Failure {
+                        op: op.clone(),
+                        error: format!("member {d} was not created, so it is not added"),
+                        kind: None,
+                    })
+                    .collect();
+                Ok((resolved, skipped))
+            }
+            Err(dep) => {
+                if self.opts.rollback {
+                    self.set_halt();
+                }
+                Err(vec![Failure {
+                    op: op.clone(),
+                    error: format!("{dep} was not created, so this was not attempted"),
+                    kind: None,
+                }])
+            }
+        }
+    }
+
+    /// The record of an operation that ran.
+    fn finish(
+        &self,
+        key: ((u8, u8, String), usize),
+        resolved: Op,
+        r: Result<(Outcome, bool), TargetError>,
+        skipped: Vec<Failure>,
+    ) -> Ran {
+        if self.opts.rollback && (r.is_err() || !skipped.is_empty()) {
+            self.set_halt();
+        }
+        let keep = r.is_err() || records(&resolved);
+        Ran {
+            key,
+            op: keep.then_some(resolved),
+            result: Some(r),
+            skipped,
+            stopped: false,
+        }
+    }
+}
+
+impl Ran {
+    fn stopped(key: ((u8, u8, String), usize)) -> Ran {
+        Ran {
+            key,
+            op: None,
+            result: None,
+            skipped: Vec::new(),
+            stopped: true,
+        }
+    }
+
+    fn skipped(key: ((u8, u8, String), usize), skipped: Vec<Failure>) -> Ran {
+        Ran {
+            key,
+            op: None,
+            result: None,
+            skipped,
+            stopped: false,
+        }
+    }
 }
 
 /// How many times a create whose outcome is unknown is tried again within a run, after looking

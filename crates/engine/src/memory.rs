@@ -48,6 +48,7 @@ struct Inner {
 pub struct MemoryTarget {
     caps: Capabilities,
     inner: Mutex<Inner>,
+    combine: bool,
 }
 
 fn err(kind: TargetErrorKind, msg: String) -> TargetError {
@@ -63,7 +64,15 @@ impl MemoryTarget {
                 next_id: 1,
                 ..Inner::default()
             }),
+            combine: false,
         }
+    }
+
+    /// Sends a group's member removals and additions together, as a SCIM target does
+    /// ([`Target::combines_member_changes`]): one write per chunk of both.
+    pub fn combining_member_changes(mut self) -> Self {
+        self.combine = true;
+        self
     }
 
     /// A target holding `data`.
@@ -163,6 +172,49 @@ fn id_of(r: &PRef) -> Result<&str, TargetError> {
 }
 
 impl Inner {
+    /// Removes then adds members of a group, all or nothing (an invalid addition changes
+    /// nothing). Counts the writes beyond the first a real target would send: one per chunk of
+    /// `max_members_per_write` members.
+    fn change_members(
+        &mut self,
+        caps: &Capabilities,
+        group: &PRef,
+        remove: &[PRef],
+        add: &[PRef],
+    ) -> Result<(), TargetError> {
+        let gid = id_of(group)?.to_owned();
+        self.get_mut(group)?;
+        for m in add {
+            let mid = id_of(m)?;
+            if !caps.member_allowed(m.kind) {
+                return Err(err(
+                    TargetErrorKind::Invalid,
+                    format!("a group cannot hold a {}", m.kind),
+                ));
+            }
+            if !self.principals.contains_key(&(m.kind, mid.to_owned())) {
+                return Err(err(
+                    TargetErrorKind::NotFound,
+                    format!("member {m} (id {mid}) not found"),
+                ));
+            }
+        }
+        if let Some(ms) = self.members.get_mut(&gid) {
+            for m in remove {
+                ms.remove(&(m.kind, id_of(m)?.to_owned()));
+            }
+        }
+        if !add.is_empty() {
+            let ms = self.members.entry(gid).or_default();
+            for m in add {
+                ms.insert((m.kind, id_of(m)?.to_owned()));
+            }
+        }
+        let chunks = (remove.len() + add.len()).div_ceil(caps.max_members_per_write.max(1));
+        self.writes += chunks.saturating_sub(1);
+        Ok(())
+    }
+
     fn key_taken(&self, caps: &Capabilities, kind: Kind, key: &str, except: Option<&str>) -> bool {
         let k = caps.fold(key);
         self.principals.iter().any(|((pk, id), p)| {
@@ -239,6 +291,28 @@ impl Target for MemoryTarget {
             out.members.insert(id, ids);
         }
         Ok(Some(out))
+    }
+
+    fn combines_member_changes(&self) -> bool {
+        self.combine
+    }
+
+    async fn execute_members(
+        &self,
+        group: &PRef,
+        remove: &[PRef],
+        add: &[PRef],
+    ) -> Result<Outcome, TargetError> {
+        let mut i = self.lock();
+        if i.fail_after.is_some_and(|n| i.writes >= n) {
+            return Err(err(
+                TargetErrorKind::Unavailable,
+                "connection reset (injected)".into(),
+            ));
+        }
+        i.change_members(&self.caps, group, remove, add)?;
+        i.writes += 1;
+        Ok(Outcome::Done)
     }
 
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {
@@ -333,36 +407,12 @@ impl Target for MemoryTarget {
                 }
                 Outcome::Done
             }
-            Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
-                // A real target sends one request per chunk of `max_members_per_write`.
-                let chunks = members.len().div_ceil(caps.max_members_per_write.max(1));
-                let gid = id_of(group)?.to_owned();
-                i.get_mut(group)?;
-                let adding = matches!(op, Op::AddMembers { .. });
-                for m in members {
-                    let mid = id_of(m)?.to_owned();
-                    if adding {
-                        if !caps.member_allowed(m.kind) {
-                            return Err(err(
-                                TargetErrorKind::Invalid,
-                                format!("a group cannot hold a {}", m.kind),
-                            ));
-                        }
-                        if !i.principals.contains_key(&(m.kind, mid.clone())) {
-                            return Err(err(
-                                TargetErrorKind::NotFound,
-                                format!("member {m} (id {mid}) not found"),
-                            ));
-                        }
-                        i.members
-                            .entry(gid.clone())
-                            .or_default()
-                            .insert((m.kind, mid));
-                    } else if let Some(ms) = i.members.get_mut(&gid) {
-                        ms.remove(&(m.kind, mid));
-                    }
-                }
-                i.writes += chunks.saturating_sub(1);
+            Op::AddMembers { group, members } => {
+                i.change_members(caps, group, &[], members)?;
+                Outcome::Done
+            }
+            Op::RemoveMembers { group, members } => {
+                i.change_members(caps, group, members, &[])?;
                 Outcome::Done
             }
             Op::Adopt { .. } | Op::Forget { .. } => Outcome::Done,

@@ -1,7 +1,7 @@
 //! The [`Target`] trait: a system idsync writes principals to, and what its calls answer.
 
 use async_trait::async_trait;
-use idsync_model::{Capabilities, Observed, Op};
+use idsync_model::{Capabilities, Observed, Op, PRef};
 use serde::{Deserialize, Serialize};
 
 /// What went wrong with one target call.
@@ -103,6 +103,39 @@ pub trait Target: Send + Sync {
     /// Executes one writing operation. Every [`PRef`] in it carries its target id. Must be
     /// idempotent where the API allows: removing an absent member is not an error.
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError>;
+
+    /// Whether [`Target::execute_members`] sends a group's member removals and additions in the
+    /// same requests (a SCIM PATCH holds several operations, applied in order and atomically,
+    /// RFC 7644 §3.5.2). The apply then runs a group's removals with its additions as one write.
+    fn combines_member_changes(&self) -> bool {
+        false
+    }
+
+    /// Removes `remove` from `group` and adds `add` to it, removals first. Every [`PRef`] carries
+    /// its target id. By default two operations; targets that can send both together say so with
+    /// [`Target::combines_member_changes`].
+    async fn execute_members(
+        &self,
+        group: &PRef,
+        remove: &[PRef],
+        add: &[PRef],
+    ) -> Result<Outcome, TargetError> {
+        if !remove.is_empty() {
+            self.execute(&Op::RemoveMembers {
+                group: group.clone(),
+                members: remove.to_vec(),
+            })
+            .await?;
+        }
+        if !add.is_empty() {
+            self.execute(&Op::AddMembers {
+                group: group.clone(),
+                members: add.to_vec(),
+            })
+            .await?;
+        }
+        Ok(Outcome::Done)
+    }
 
     /// Called once after an apply, whatever its outcome (a file target saves here).
     async fn flush(&self) -> Result<(), TargetError> {

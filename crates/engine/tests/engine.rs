@@ -1314,3 +1314,101 @@ fn a_principal_carrying_the_source_id_as_external_id_is_the_same_one_after_a_ren
         assert!(again.plan.ops.is_empty(), "{:?}", ops(&again.plan));
     })
 }
+
+/// A group whose members come and go in one run: on a target that sends removals and additions
+/// together (SCIM), one write per group; additions of nested groups still wait for every removal.
+#[test]
+fn a_groups_removals_and_additions_are_one_write_where_the_target_combines_them() {
+    block(async {
+        let mut changed = base();
+        let alpha = changed.groups.get_mut("g1").unwrap();
+        alpha.members.retain(|m| m.id != "u1");
+        alpha.members.insert(Member::user("u2"));
+        let eta = changed.groups.get_mut("g2").unwrap();
+        eta.members.retain(|m| m.id != "u3");
+        eta.members.insert(Member::group("g3"));
+        changed
+            .groups
+            .get_mut("g3")
+            .unwrap()
+            .members
+            .insert(Member::user("u1"));
+        let mut writes = Vec::new();
+        for combine in [false, true] {
+            let t = if combine {
+                MemoryTarget::new(Capabilities::full()).combining_member_changes()
+            } else {
+                MemoryTarget::new(Capabilities::full())
+            };
+            let mut st = AgreementState::new("t");
+            sync(&base(), &t, &mut st, &Policy::default()).await;
+            let before = t.writes();
+            let r = sync(&changed, &t, &mut st, &Policy::default()).await;
+            assert_eq!(
+                ops(&r.plan),
+                [
+                    "removeMembers group \"TEAM_ALPHA\" [\"alice@x\"]",
+                    "removeMembers group \"TEAM_ETA\" [\"kevin@x\"]",
+                    "addMembers group \"TEAM_ALPHA\" [\"bob@x\"]",
+                    "addMembers group \"TEAM_ETA\" [\"TEAM_ZETA\"]",
+                    "addMembers group \"TEAM_ZETA\" [\"alice@x\"]",
+                ]
+            );
+            let rep = r.report.unwrap();
+            assert!(rep.is_success(), "{rep:?}");
+            // Operations are counted as before; the target's requests are what changes.
+            assert_eq!((rep.applied, rep.writes), (5, 5));
+            writes.push(t.writes() - before);
+            let again = sync(&changed, &t, &mut st, &Policy::default()).await;
+            assert!(again.plan.ops.is_empty(), "{:?}", ops(&again.plan));
+        }
+        // TEAM_ALPHA's removal and addition went out together; TEAM_ETA's addition of a group
+        // did not (a removal elsewhere may be what keeps it from closing a cycle).
+        assert_eq!(writes, [5, 4]);
+    })
+}
+
+/// A combined member write that fails fails both of its operations, and changes nothing.
+#[test]
+fn a_failed_combined_member_write_fails_both_operations() {
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full()).combining_member_changes();
+        let mut st = AgreementState::new("t");
+        sync(&base(), &t, &mut st, &Policy::default()).await;
+        let before = t.observe().await.unwrap();
+        let mut changed = base();
+        let alpha = changed.groups.get_mut("g1").unwrap();
+        alpha.members.retain(|m| m.id != "u1");
+        alpha.members.insert(Member::user("u2"));
+        t.fail_after(Some(0));
+        let rep = sync(&changed, &t, &mut st, &Policy::default())
+            .await
+            .report
+            .unwrap();
+        let failed: Vec<(&str, &str)> = rep
+            .failed
+            .iter()
+            .map(|f| {
+                let name = match f.op {
+                    Op::RemoveMembers { .. } => "remove",
+                    Op::AddMembers { .. } => "add",
+                    _ => "other",
+                };
+                (name, f.error.as_str())
+            })
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                ("remove", "connection reset (injected)"),
+                ("add", "connection reset (injected)")
+            ]
+        );
+        assert_eq!(t.observe().await.unwrap(), before);
+        // The next run, with the target back, plans and applies both again.
+        t.fail_after(None);
+        let r = sync(&changed, &t, &mut st, &Policy::default()).await;
+        assert_eq!(r.plan.ops.len(), 2, "{:?}", ops(&r.plan));
+        assert!(r.report.unwrap().is_success());
+    })
+}

@@ -204,9 +204,16 @@ proptest! {
         caps in capabilities(),
         outside in outsiders(),
         policy in policy(),
+        combine in any::<bool>(),
     ) {
         block(async {
-            let t = MemoryTarget::new(caps.clone());
+            // Either way a target takes member changes: one operation each, or a group's
+            // removals and additions together.
+            let t = if combine {
+                MemoryTarget::new(caps.clone()).combining_member_changes()
+            } else {
+                MemoryTarget::new(caps.clone())
+            };
             let before = insert_outsiders(&t, &outside);
             let mut st = AgreementState::new("prop");
             let mapping = Mapping::defaults();

@@ -13,6 +13,12 @@ pub const PLAN_FORMAT: u32 = 1;
 /// The phase of key changes: its operations run one at a time, in plan order.
 pub const RENAME_PHASE: u8 = 1;
 
+/// The phase of member removals: before every addition, as removals break cycles of nested groups.
+pub const REMOVE_MEMBERS_PHASE: u8 = 5;
+
+/// The phase of member additions.
+pub const ADD_MEMBERS_PHASE: u8 = 6;
+
 /// A reference to a target principal: its folded key, and its target id once it exists (a
 /// principal created by the same plan gets its id during apply).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -150,8 +156,8 @@ impl Op {
             Op::Update { .. } => 2,
             Op::Create { .. } => 3,
             Op::AttachPolicies { .. } | Op::DetachPolicies { .. } => 4,
-            Op::RemoveMembers { .. } => 5,
-            Op::AddMembers { .. } => 6,
+            Op::RemoveMembers { .. } => REMOVE_MEMBERS_PHASE,
+            Op::AddMembers { .. } => ADD_MEMBERS_PHASE,
             Op::Deactivate { .. } => 7,
             Op::Delete { .. } => 8,
         }

@@ -462,7 +462,54 @@ pub async fn conformance(s: Subject<'_>, mut dir: Snapshot) -> Result<(), String
         )?;
     }
 
-    // 6. A 429 storm: the next changes still converge.
+    // 6. Members that come and go in one group: where the target sends a group's removals and
+    //    additions together, one write does both.
+    let carol = id_by_name(&dir, "carol@company.com");
+    let kevin = id_by_name(&dir, "kevin@company.com");
+    let epsilon = dir
+        .groups
+        .values_mut()
+        .find(|g| g.display_name == "TEAM_EPSILON")
+        .ok_or("TEAM_EPSILON")?;
+    epsilon.members.remove(&Member::user(carol));
+    epsilon.members.insert(Member::user(kevin));
+    let (p, r) = suite.sync(&dir, &policy).await?;
+    let shape: Vec<(&str, usize)> = p
+        .ops
+        .iter()
+        .map(|o| match o {
+            Op::RemoveMembers { group, members } if group.key == "TEAM_EPSILON" => {
+                ("remove", members.len())
+            }
+            Op::AddMembers { group, members } if group.key == "TEAM_EPSILON" => {
+                ("add", members.len())
+            }
+            _ => ("other", 0),
+        })
+        .collect();
+    check(
+        shape == [("remove", 1), ("add", 1)],
+        format!("one member out, one in: {:?}", p.summary.ops),
+    )?;
+    check(r.is_success(), format!("members swapped: {r:?}"))?;
+    let want = if s.target.combines_member_changes() {
+        1
+    } else {
+        2
+    };
+    check(
+        r.requests.is_none_or(|q| q.writes == want),
+        format!(
+            "{want} write(s) for a removal and an addition in one group: {:?}",
+            r.requests
+        ),
+    )?;
+    check(
+        suite.plan(&dir, &policy, true).await?.ops.is_empty(),
+        "converged after the swap",
+    )?;
+
+    // 7. A 429 storm: the next changes still converge.
     if let Some(storm) = &s.storm {
         if let Some(g) = dir
             .groups
@@ -484,7 +531,7 @@ pub async fn conformance(s: Subject<'_>, mut dir: Snapshot) -> Result<(), String
         )?;
     }
 
-    // 7. Incremental observation: after a clean apply, nothing changed reads nothing; changes read
+    // 8. Incremental observation: after a clean apply, nothing changed reads nothing; changes read
     //    only what they touch, and plan exactly what a full observation plans.
     let incremental = |plan: Plan| match plan.observation {
         Observation::Incremental { read, .. } => Ok((plan, read)),

@@ -271,6 +271,14 @@ pub(crate) fn scim_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
+/// One PATCH's operations: the removals, then one addition of every value.
+fn member_patch(mut ops: Vec<Value>, values: Vec<Value>) -> Vec<Value> {
+    if !values.is_empty() {
+        ops.push(json!({"op": "add", "path": "members", "value": values}));
+    }
+    ops
+}
+
 /// The PATCH path that selects one member.
 pub(crate) fn member_path(id: &str) -> String {
     format!("members[value eq {}]", scim_string(id))
@@ -732,6 +740,54 @@ impl ScimTarget {
         Ok(())
     }
 
+    /// Removes and adds members of a group: PATCHes of at most `member_chunk` members each, the
+    /// removals (one operation per member, by filter) before the additions (one operation with
+    /// every value), both kinds sharing a PATCH where they fit, so a group whose members come and
+    /// go takes one request per chunk, not one per kind.
+    async fn change_members(
+        &self,
+        group: &PRef,
+        remove: &[PRef],
+        add: &[PRef],
+    ) -> Result<Outcome, TargetError> {
+        let chunk = self.chunk();
+        let mut patches = Vec::new();
+        let mut ops: Vec<Value> = Vec::new();
+        let mut values: Vec<Value> = Vec::new();
+        let mut size = 0;
+        let changes = remove
+            .iter()
+            .map(|m| (false, m))
+            .chain(add.iter().map(|m| (true, m)));
+        for (adding, m) in changes {
+            let id = id_of(m)?;
+            if adding {
+                let mut v = json!({"value": id});
+                if m.kind == Kind::Group && self.dialect.typed_group_members {
+                    v["type"] = json!("Group");
+                }
+                values.push(v);
+            } else {
+                ops.push(json!({"op": "remove", "path": member_path(id)}));
+            }
+            size += 1;
+            if size == chunk {
+                patches.push(member_patch(
+                    std::mem::take(&mut ops),
+                    std::mem::take(&mut values),
+                ));
+                size = 0;
+            }
+        }
+        if size > 0 {
+            patches.push(member_patch(ops, values));
+        }
+        if !patches.is_empty() {
+            self.modify_all(Kind::Group, id_of(group)?, patches).await?;
+        }
+        Ok(Outcome::Done)
+    }
+
     /// Several PATCHes of one resource (member chunks): in `/Bulk` requests where the provider
     /// offers them (the first operation carrying the version, `failOnErrors` 1), else one by one.
     async fn modify_all(
@@ -957,6 +1013,19 @@ impl Target for ScimTarget {
         read_some(want, self.concurrency, features.page, get, key_attr, parse).await
     }
 
+    fn combines_member_changes(&self) -> bool {
+        true
+    }
+
+    async fn execute_members(
+        &self,
+        group: &PRef,
+        remove: &[PRef],
+        add: &[PRef],
+    ) -> Result<Outcome, TargetError> {
+        self.change_members(group, remove, add).await
+    }
+
     async fn execute(&self, op: &Op) -> Result<Outcome, TargetError> {
         let caps = &self.dialect.capabilities;
         match op {
@@ -1053,38 +1122,8 @@ impl Target for ScimTarget {
                     other => other.map(|_| Outcome::Done),
                 }
             }
-            Op::AddMembers { group, members } => {
-                let mut patches = Vec::new();
-                for chunk in members.chunks(self.chunk()) {
-                    let value: Result<Vec<Value>, TargetError> = chunk
-                        .iter()
-                        .map(|m| {
-                            let mut v = json!({"value": id_of(m)?});
-                            if m.kind == Kind::Group && self.dialect.typed_group_members {
-                                v["type"] = json!("Group");
-                            }
-                            Ok(v)
-                        })
-                        .collect();
-                    patches.push(vec![
-                        json!({"op": "add", "path": "members", "value": value?}),
-                    ]);
-                }
-                self.modify_all(Kind::Group, id_of(group)?, patches).await?;
-                Ok(Outcome::Done)
-            }
-            Op::RemoveMembers { group, members } => {
-                let mut patches = Vec::new();
-                for chunk in members.chunks(self.chunk()) {
-                    let ops: Result<Vec<Value>, TargetError> = chunk
-                        .iter()
-                        .map(|m| Ok(json!({"op": "remove", "path": member_path(id_of(m)?)})))
-                        .collect();
-                    patches.push(ops?);
-                }
-                self.modify_all(Kind::Group, id_of(group)?, patches).await?;
-                Ok(Outcome::Done)
-            }
+            Op::AddMembers { group, members } => self.change_members(group, &[], members).await,
+            Op::RemoveMembers { group, members } => self.change_members(group, members, &[]).await,
             Op::AttachPolicies { .. } | Op::DetachPolicies { .. } => Err(TargetError::new(
                 TargetErrorKind::NotImplemented,
                 format!("{} keeps no group policies", self.dialect.service),
