@@ -1332,6 +1332,14 @@ async fn the_small_benchmark_writes_nothing_when_nothing_changed() {
         .sum();
     assert!(graph <= 30, "100 changes read with {graph} Graph requests");
     assert!(inc.writes["databricks"] > 0, "the changes were applied");
+    // Exactly the writes the changes need: one per changed principal, and a group's member
+    // removals and additions together (issue #18), measured from the account before and after.
+    assert_eq!(
+        Some(inc.writes["databricks"]),
+        inc.databricks_write_floor,
+        "{:?}",
+        inc.requests["databricks"]
+    );
     // The targets are read only where the changes touch them, by key in batches: issue #7 asks
     // for at most 30 requests besides the writes the changes need.
     let reads: u64 = ["databricks", "lakefs"]
