@@ -51,6 +51,7 @@ graph_url = "{g}"
 [scope]
 groups_file = "groups_to_sync.json"
 search_depth = 2
+edge_groups = "empty"
 
 [policy]
 adopt = {adopt}

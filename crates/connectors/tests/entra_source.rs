@@ -186,6 +186,72 @@ async fn all_users_are_read_in_full_and_incrementally() {
     .unwrap();
 }
 
+/// `edge_groups = "empty"`: the groups nested one level beyond the depth come from the member
+/// reads (no extra request), without their members; folding the changes (a new nesting at the
+/// edge, an edge group renamed) draws them as a full read does.
+#[tokio::test]
+async fn edge_groups_are_read_without_members_and_follow_the_changes() {
+    let g = Graph::start(Tenant::new(tenant())).await.unwrap();
+    let src = source(&g, DEFAULT_CLIENT_SECRET);
+    let scope = Scope {
+        group_names: ["TEAM_ZETA".to_owned()].into(),
+        search_depth: 1,
+        edge_groups: idsync_engine::scope::EdgeGroups::Empty,
+        ..Scope::default()
+    };
+    let r = src.read_full(&scope).await.unwrap();
+    assert_eq!(names(&r.snapshot), ["TEAM_ZETA"]);
+    let edges: Vec<&str> = r
+        .snapshot
+        .edge_groups
+        .values()
+        .map(|g| g.display_name.as_str())
+        .collect();
+    assert_eq!(edges, ["TEAM_ETA"]);
+    assert!(
+        r.snapshot
+            .edge_groups
+            .values()
+            .all(|g| g.members.is_empty())
+    );
+    assert!(
+        !r.snapshot
+            .users
+            .values()
+            .any(|u| u.user_name == "kevin@company.com"),
+        "TEAM_ETA's users stay out"
+    );
+    let id_of = |name: &str| {
+        g.state
+            .tenant()
+            .groups
+            .values()
+            .find(|x| x.display_name == name)
+            .unwrap()
+            .id
+            .clone()
+    };
+    let (zeta, alpha, eta) = (id_of("TEAM_ZETA"), id_of("TEAM_ALPHA"), id_of("TEAM_ETA"));
+    idsync_runner::testing::source_conformance(&src, &scope, || async {
+        let mut t = g.state.tenant_mut();
+        t.add_member(&zeta, Member::group(alpha.clone()));
+        let mut renamed = t.groups[&eta].clone();
+        renamed.display_name = "TEAM_ETA (renamed)".into();
+        t.upsert_group(renamed);
+    })
+    .await
+    .unwrap();
+    let now = src.read_full(&scope).await.unwrap();
+    let mut edges: Vec<&str> = now
+        .snapshot
+        .edge_groups
+        .values()
+        .map(|g| g.display_name.as_str())
+        .collect();
+    edges.sort_unstable();
+    assert_eq!(edges, ["TEAM_ALPHA", "TEAM_ETA (renamed)"]);
+}
+
 #[tokio::test]
 async fn filters_select_all_errors_and_throttling() {
     let g = Graph::start(Tenant::new(tenant())).await.unwrap();

@@ -365,6 +365,7 @@ mod tests {
             service_principals: t.service_principals.clone(),
             groups: t.groups.clone(),
             incomplete_groups: Default::default(),
+            edge_groups: Default::default(),
         }))
         .unwrap();
         let j = Tenant::parse(&json, false).unwrap();

@@ -7,7 +7,7 @@
 //! The promise, which `idsync_runner::testing::source_conformance` holds every source to: folding
 //! the changes since a full read into that read's snapshot equals a full read of the directory now.
 
-use crate::scope::{Scope, Selection, depths, select};
+use crate::scope::{EdgeGroups, Scope, Selection, depths, select, without_members};
 use crate::source::SourceError;
 use async_trait::async_trait;
 use idsync_model::{Change, Group, Kind, Member, ServicePrincipal, Snapshot, User};
@@ -65,6 +65,11 @@ pub async fn fold(
     let mut new_edges: BTreeSet<(String, String)> = BTreeSet::new();
     let selected_by_id = |id: &str| scope.selects_all() || scope.group_ids.contains(id);
     for change in changes {
+        // A change to a group kept beyond the depth (its name, its type) drops it: the end reads
+        // it again if it is still at the edge.
+        if let Change::UpsertGroup { id: group, .. } | Change::Touched { group } = change {
+            snap.edge_groups.remove(group);
+        }
         match change {
             Change::Remove(_) | Change::RemoveMember { .. } => snap.apply_change(change),
             Change::Touched { group } => {
@@ -193,6 +198,34 @@ pub async fn fold(
             lookup
                 .expand(found, level, scope, &mut snap, &mut depth)
                 .await?;
+        }
+    }
+    if scope.edge_groups == EdgeGroups::Empty {
+        // Groups now one level beyond the depth whose attributes the snapshot lacks: read by id,
+        // without members.
+        let (now, _) = depths(&snap, scope);
+        let mut missing: BTreeSet<String> = BTreeSet::new();
+        for (gid, &d) in &now {
+            if d != scope.search_depth {
+                continue;
+            }
+            let Some(g) = snap.groups.get(gid) else {
+                continue;
+            };
+            for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+                if !now.contains_key(&m.id)
+                    && !snap.groups.contains_key(&m.id)
+                    && !snap.edge_groups.contains_key(&m.id)
+                {
+                    missing.insert(m.id.clone());
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let ids: Vec<String> = missing.into_iter().collect();
+            for g in lookup.groups(&ids, scope).await? {
+                snap.edge_groups.insert(g.id.clone(), without_members(&g));
+            }
         }
     }
     Ok(select(&snap, scope))

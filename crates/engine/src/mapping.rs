@@ -250,7 +250,11 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
         }
     }
 
-    for g in snapshot.groups.values() {
+    for g in snapshot
+        .groups
+        .values()
+        .chain(snapshot.edge_groups.values())
+    {
         let source = SourceRef {
             kind: Kind::Group,
             id: g.id.clone(),
@@ -310,7 +314,9 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
                 Some(k) => {
                     members.insert(k.clone());
                 }
-                None if snapshot.contains(*kind, id) => {} // held back or unsupported: reported there
+                // Held back or unsupported: reported there.
+                None if snapshot.contains(*kind, id)
+                    || (*kind == Kind::Group && snapshot.edge_groups.contains_key(id)) => {}
                 // A nested group the scope did not select (beyond the depth, not security).
                 None if *kind == Kind::Group => b.desired.dangling_members += 1,
                 // Selected groups bring their users and service principals along: one that is
@@ -322,6 +328,14 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
             b.desired.incomplete_groups.insert(gkey.clone());
         }
         b.desired.members.insert(gkey, members);
+    }
+    // Groups beyond the search depth: their members were never read, so none is added and none
+    // removed.
+    for g in snapshot.edge_groups.values() {
+        if let Some(gkey) = b.by_source.groups.get(g.id.as_str()).cloned() {
+            b.desired.edge_groups.insert(gkey.clone());
+            b.desired.members.insert(gkey, BTreeSet::new());
+        }
     }
     b.desired
 }

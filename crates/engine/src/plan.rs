@@ -839,7 +839,9 @@ impl Ctx<'_> {
                     _ => {}
                 }
             }
-            let keep_all = self.policy.yield_members || incomplete.contains(gkey);
+            let keep_all = self.policy.yield_members
+                || incomplete.contains(gkey)
+                || self.desired.edge_groups.contains(gkey);
             let mut remove = Vec::new();
             // Every member there is wanted when all of them were found: nothing to remove.
             if !keep_all && found < have.len() {

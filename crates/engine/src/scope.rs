@@ -24,6 +24,30 @@ pub struct Scope {
     pub include_non_security: bool,
     /// Sync every user of the directory, not only those reached through memberships.
     pub all_users: bool,
+    /// What becomes of groups nested one level beyond the search depth.
+    pub edge_groups: EdgeGroups,
+}
+
+/// What becomes of a group nested in a group at the search depth (one level beyond it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EdgeGroups {
+    /// Left out, and so is its membership in the group at the edge: no group appears in the
+    /// target without its members.
+    #[default]
+    Omit,
+    /// Synced without members and nested in the group at the edge, as the Databricks script does;
+    /// idsync adds no member to it and removes none (it never read them).
+    Empty,
+}
+
+impl EdgeGroups {
+    /// The setting's value in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdgeGroups::Omit => "omit",
+            EdgeGroups::Empty => "empty",
+        }
+    }
 }
 
 impl Default for Scope {
@@ -36,6 +60,7 @@ impl Default for Scope {
             search_depth: 1,
             include_non_security: false,
             all_users: false,
+            edge_groups: EdgeGroups::Omit,
         }
     }
 }
@@ -196,11 +221,57 @@ pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
             out.service_principals.insert(s.id.clone(), s.clone());
         }
     }
+    if scope.edge_groups == EdgeGroups::Empty {
+        out.edge_groups = edges(dir, &depth, scope);
+    }
     notes.extend(cycle_notes(&out));
     Selection {
         snapshot: out,
         depth,
         notes,
+    }
+}
+
+/// The groups nested in a group at the search depth that the scope does not reach, without
+/// their members: what `edge_groups = "empty"` syncs. Their attributes come from `dir`'s groups,
+/// or from its own edge groups (a folded snapshot holds only those of the scope).
+pub fn edges(
+    dir: &Snapshot,
+    depth: &BTreeMap<String, u32>,
+    scope: &Scope,
+) -> BTreeMap<String, idsync_model::Group> {
+    let mut out = BTreeMap::new();
+    for (gid, &d) in depth {
+        if d != scope.search_depth {
+            continue;
+        }
+        let Some(g) = dir.groups.get(gid) else {
+            continue;
+        };
+        for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+            if depth.contains_key(&m.id) || out.contains_key(&m.id) {
+                continue;
+            }
+            let Some(child) = dir.groups.get(&m.id).or_else(|| dir.edge_groups.get(&m.id)) else {
+                continue;
+            };
+            if child.security_enabled || scope.include_non_security {
+                out.insert(m.id.clone(), without_members(child));
+            }
+        }
+    }
+    out
+}
+
+/// A group's attributes, without its members.
+pub fn without_members(g: &idsync_model::Group) -> idsync_model::Group {
+    idsync_model::Group {
+        id: g.id.clone(),
+        display_name: g.display_name.clone(),
+        description: g.description.clone(),
+        security_enabled: g.security_enabled,
+        mail_enabled: g.mail_enabled,
+        members: BTreeSet::new(),
     }
 }
 
@@ -481,6 +552,7 @@ mod tests {
                 g("dl", vec![Member::user("loner")]),
             ],
             incomplete_groups: Default::default(),
+            edge_groups: Default::default(),
         }
         .try_into()
         .unwrap()
@@ -508,6 +580,61 @@ mod tests {
         let sel = select(&d, &s);
         assert_eq!(sel.depth.len(), 3);
         assert_eq!(ids(&sel), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn edge_groups_empty_keeps_the_groups_one_level_beyond_the_depth_without_members() {
+        let mut d = dir();
+        d.groups
+            .get_mut("mid")
+            .unwrap()
+            .members
+            .insert(Member::group("dl"));
+        let s = Scope {
+            group_names: ["TOP".to_string()].into(),
+            search_depth: 2,
+            ..Scope::default()
+        };
+        // Omitted by default: "low" is beyond the depth.
+        assert!(select(&d, &s).snapshot.edge_groups.is_empty());
+        let empty = Scope {
+            edge_groups: EdgeGroups::Empty,
+            ..s.clone()
+        };
+        let sel = select(&d, &empty);
+        // "low" is kept without its members (c and the cycle back to top); "dl" is not a security
+        // group, so it stays out as it would within the depth.
+        assert_eq!(sel.snapshot.edge_groups.keys().collect::<Vec<_>>(), ["low"]);
+        assert!(sel.snapshot.edge_groups["low"].members.is_empty());
+        assert_eq!(sel.depth, select(&d, &s).depth, "the depths do not change");
+        assert_eq!(
+            sel.snapshot.users.keys().collect::<Vec<_>>(),
+            ["a", "b"],
+            "no user of an edge group"
+        );
+        // "top" is reached within the depth, so it is never an edge group, even though "low"
+        // nests it; with the whole cycle in scope there is no edge at all.
+        let deep = Scope {
+            search_depth: 3,
+            ..empty.clone()
+        };
+        assert!(select(&d, &deep).snapshot.edge_groups.is_empty());
+        let with_dl = Scope {
+            include_non_security: true,
+            ..empty
+        };
+        assert_eq!(
+            select(&d, &with_dl)
+                .snapshot
+                .edge_groups
+                .keys()
+                .collect::<Vec<_>>(),
+            ["dl", "low"]
+        );
+        // A snapshot round-trips through its serialised form with its edge groups.
+        let back: Snapshot =
+            serde_json::from_str(&serde_json::to_string(&sel.snapshot).unwrap()).unwrap();
+        assert_eq!(back, sel.snapshot);
     }
 
     #[test]

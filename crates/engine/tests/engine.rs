@@ -1412,3 +1412,80 @@ fn a_failed_combined_member_write_fails_both_operations() {
         assert!(r.report.unwrap().is_success());
     })
 }
+
+/// Groups beyond the search depth (`edge_groups = "empty"`): created without members and nested
+/// where the target nests; members someone adds to them in the target are left alone.
+#[test]
+fn edge_groups_are_created_empty_nested_and_their_members_left_alone() {
+    block(async {
+        let mut s = base();
+        s.groups
+            .get_mut("g1")
+            .unwrap()
+            .members
+            .insert(Member::group("g9"));
+        s.edge_groups
+            .insert("g9".into(), group("g9", "TEAM_EDGE", &[]));
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        let r = sync(&s, &t, &mut st, &Policy::default()).await;
+        let plan = ops(&r.plan);
+        assert!(
+            plan.contains(&"create group \"TEAM_EDGE\"".to_owned()),
+            "{plan:?}"
+        );
+        assert!(
+            plan.contains(
+                &"addMembers group \"TEAM_ALPHA\" [\"alice@x\", \"app-1\", \"TEAM_EDGE\", \"TEAM_ETA\"]"
+                    .to_owned()
+            ),
+            "{plan:?}"
+        );
+        assert!(
+            !plan
+                .iter()
+                .any(|o| o.starts_with("addMembers group \"TEAM_EDGE\""))
+        );
+        assert!(r.report.unwrap().is_success());
+        // Someone fills the edge group in the target: idsync never read its members, so it
+        // removes none.
+        let o = t.observe().await.unwrap();
+        let id = |kind: Kind, key: &str| {
+            o.principals
+                .get(kind)
+                .values()
+                .find(|p| p.principal.key == key)
+                .unwrap()
+                .id
+                .clone()
+        };
+        let pref = |kind: Kind, key: &str| idsync_model::PRef {
+            kind,
+            key: key.into(),
+            id: Some(id(kind, key)),
+        };
+        t.execute(&Op::AddMembers {
+            group: pref(Kind::Group, "TEAM_EDGE"),
+            members: vec![pref(Kind::User, "bob@x")],
+        })
+        .await
+        .unwrap();
+        let again = sync(&s, &t, &mut st, &Policy::default()).await;
+        assert!(again.plan.ops.is_empty(), "{:?}", ops(&again.plan));
+
+        // Where groups are flattened, the edge group is created, empty, and brings no member.
+        let t = MemoryTarget::new(flat_caps());
+        let mut st = AgreementState::new("t");
+        let r = sync(&s, &t, &mut st, &Policy::default()).await;
+        let plan = ops(&r.plan);
+        assert!(
+            plan.contains(&"create group \"TEAM_EDGE\"".to_owned()),
+            "{plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|o| o.contains("TEAM_EDGE\" [")),
+            "{plan:?}"
+        );
+        assert!(r.report.unwrap().is_success());
+    })
+}

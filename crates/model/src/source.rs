@@ -201,6 +201,10 @@ pub struct Directory {
     /// Groups whose member list could not be read completely. Their members are never removed.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub incomplete_groups: BTreeSet<String>,
+    /// Groups nested one level beyond the search depth, kept without members
+    /// (`edge_groups = "empty"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edge_groups: Vec<Group>,
 }
 
 /// One consistent read of a source scope, indexed by source id. Ordered, so that everything derived
@@ -217,6 +221,10 @@ pub struct Snapshot {
     /// Groups whose members were not read completely (a failed or truncated read): the engine never
     /// removes members from them.
     pub incomplete_groups: BTreeSet<String>,
+    /// Groups nested one level beyond the search depth in a group of the snapshot, by source id,
+    /// without members: synced as empty groups when the scope asks for them
+    /// (`edge_groups = "empty"`), and never in `groups`.
+    pub edge_groups: BTreeMap<String, Group>,
 }
 
 /// A directory that cannot become a snapshot.
@@ -238,6 +246,17 @@ impl TryFrom<Directory> for Snapshot {
             incomplete_groups: d.incomplete_groups,
             ..Snapshot::default()
         };
+        for g in d.edge_groups {
+            let id = g.id.clone();
+            if !g.members.is_empty() {
+                return Err(DirectoryError(format!(
+                    "edge group {id:?} has members (groups beyond the search depth are kept empty)"
+                )));
+            }
+            if s.edge_groups.insert(id.clone(), g).is_some() {
+                return Err(DirectoryError(format!("duplicate edge group id {id:?}")));
+            }
+        }
         for u in d.users {
             let id = u.id.clone();
             if s.users.insert(id.clone(), u).is_some() {
@@ -254,6 +273,11 @@ impl TryFrom<Directory> for Snapshot {
         }
         for g in d.groups {
             let id = g.id.clone();
+            if s.edge_groups.contains_key(&id) {
+                return Err(DirectoryError(format!(
+                    "group {id:?} is both in the scope and beyond its depth"
+                )));
+            }
             if s.groups.insert(id.clone(), g).is_some() {
                 return Err(DirectoryError(format!("duplicate group id {id:?}")));
             }
@@ -269,6 +293,7 @@ impl From<Snapshot> for Directory {
             service_principals: s.service_principals.into_values().collect(),
             groups: s.groups.into_values().collect(),
             incomplete_groups: s.incomplete_groups,
+            edge_groups: s.edge_groups.into_values().collect(),
         }
     }
 }
@@ -313,6 +338,16 @@ impl Snapshot {
                 id,
                 display_name,
                 description,
+            } if self.edge_groups.contains_key(id) && !self.groups.contains_key(id) => {
+                if let Some(g) = self.edge_groups.get_mut(id) {
+                    g.display_name = display_name.clone();
+                    g.description = description.clone();
+                }
+            }
+            Change::UpsertGroup {
+                id,
+                display_name,
+                description,
             } => {
                 let g = self.groups.entry(id.clone()).or_insert_with(|| Group {
                     id: id.clone(),
@@ -342,6 +377,7 @@ impl Snapshot {
                     Kind::Group => {
                         self.groups.remove(&m.id);
                         self.incomplete_groups.remove(&m.id);
+                        self.edge_groups.remove(&m.id);
                     }
                 }
                 for g in self.groups.values_mut() {

@@ -306,6 +306,9 @@ pub struct Desired {
     pub members: BTreeMap<PKey, BTreeSet<PKey>>,
     /// Groups whose member lists are incomplete: members are added, never removed.
     pub incomplete_groups: BTreeSet<PKey>,
+    /// Groups beyond the search depth (`edge_groups = "empty"`): their members were never read,
+    /// so whatever members they have in the target are left alone.
+    pub edge_groups: BTreeSet<PKey>,
     /// Source principals that could not be mapped or collided with another on their key. Whatever
     /// idsync linked them to before is left alone.
     pub held_back: BTreeMap<SourceRef, HeldBack>,

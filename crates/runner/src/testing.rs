@@ -968,6 +968,11 @@ where
         a.groups.values().map(|g| fmt(g)).collect(),
         b.groups.values().map(|g| fmt(g)).collect(),
     )?;
+    differ(
+        "groups beyond the search depth",
+        a.edge_groups.values().map(|g| fmt(g)).collect(),
+        b.edge_groups.values().map(|g| fmt(g)).collect(),
+    )?;
     check(a == b, "the snapshots differ (incomplete groups)")?;
     check(
         inc.depth == full.depth,

@@ -108,6 +108,7 @@ struct RawScope {
     search_depth: Option<u32>,
     include_non_security: Option<bool>,
     all_users: Option<bool>,
+    edge_groups: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -490,7 +491,18 @@ impl Validator<'_> {
             search_depth: rs.search_depth.unwrap_or(1),
             include_non_security: rs.include_non_security.unwrap_or(false),
             all_users: rs.all_users.unwrap_or(false),
+            edge_groups: idsync_engine::scope::EdgeGroups::Omit,
         };
+        match rs.edge_groups.as_deref() {
+            None | Some("omit") => {}
+            Some("empty") => scope.edge_groups = idsync_engine::scope::EdgeGroups::Empty,
+            Some(other) => self.err(
+                Origin::File("scope.edge_groups"),
+                format!(
+                    "{other:?} is not a choice: \"omit\" (groups beyond the search depth are left out) or \"empty\" (synced without members and nested)"
+                ),
+            ),
+        }
         if let Some(p) = &rs.group_regex {
             match idsync_engine::scope::NameRegex::new(p) {
                 Ok(r) => scope.group_regex = Some(r),

@@ -76,6 +76,27 @@ fn on_apply_error_is_resume_or_rollback() {
 }
 
 #[test]
+fn edge_groups_are_omitted_or_kept_empty() {
+    let c = parse_str(GOOD, &Env::default()).unwrap();
+    assert_eq!(c.scope.edge_groups, idsync_engine::scope::EdgeGroups::Omit);
+    let text = GOOD.replace(
+        "search_depth = 2",
+        "search_depth = 2\nedge_groups = \"empty\"",
+    );
+    let c = parse_str(&text, &Env::default()).unwrap();
+    assert_eq!(c.scope.edge_groups, idsync_engine::scope::EdgeGroups::Empty);
+    let text = GOOD.replace(
+        "search_depth = 2",
+        "search_depth = 2\nedge_groups = \"create\"",
+    );
+    let e = parse_str(&text, &Env::default()).unwrap_err().to_string();
+    assert!(
+        e.contains("scope.edge_groups: \"create\" is not a choice: \"omit\""),
+        "{e}"
+    );
+}
+
+#[test]
 fn every_error_is_reported_with_its_line() {
     let text = r#"
 [source]

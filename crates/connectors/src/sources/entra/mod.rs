@@ -17,7 +17,7 @@ use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use idsync_engine::Lookup;
-use idsync_engine::scope::{Scope, Selection};
+use idsync_engine::scope::{EdgeGroups, Scope, Selection};
 use idsync_engine::{Changes, Read, Source, SourceError, SourceErrorKind};
 use idsync_model::{
     Change, Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType,
@@ -534,14 +534,22 @@ fn take_members(
                     }
                 }
                 Kind::Group => {
+                    let admitted =
+                        || group_of(m).filter(|c| c.security_enabled || scope.include_non_security);
                     if level < scope.search_depth
                         && !depth.contains_key(&member.id)
                         && !snap.groups.contains_key(&member.id)
-                        && let Some(child) =
-                            group_of(m).filter(|c| c.security_enabled || scope.include_non_security)
+                        && let Some(child) = admitted()
                     {
                         depth.insert(member.id.clone(), level + 1);
                         next.push(child);
+                    } else if level == scope.search_depth
+                        && scope.edge_groups == EdgeGroups::Empty
+                        && !depth.contains_key(&member.id)
+                        && let Some(edge) = admitted()
+                    {
+                        // One level beyond the depth: kept without members.
+                        snap.edge_groups.insert(member.id.clone(), edge);
                     }
                 }
             }
@@ -806,6 +814,8 @@ impl Source for EntraSource {
                 snap.users.entry(u.id.clone()).or_insert(u);
             }
         }
+        // Beyond the depth means the scope does not reach it by any path (as `select` draws it).
+        snap.edge_groups.retain(|id, _| !depth.contains_key(id));
         notes.extend(idsync_engine::scope::cycle_notes(&snap));
         Ok(Read {
             snapshot: snap.into(),

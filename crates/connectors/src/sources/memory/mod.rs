@@ -172,6 +172,7 @@ mod tests {
                 g("g5", "FIVE", vec![Member::user("d")]),
             ],
             incomplete_groups: Default::default(),
+            edge_groups: Default::default(),
         }
         .try_into()
         .unwrap();
@@ -212,6 +213,76 @@ mod tests {
         .unwrap();
     }
 
+    /// With `edge_groups = "empty"`, the groups one level beyond the depth follow the changes as
+    /// a full read draws them: an edge group that becomes selected (read in full, its own nested
+    /// group now at the edge), a membership that adds an edge group, an edge group renamed, one
+    /// deleted.
+    #[tokio::test]
+    async fn folding_keeps_the_edge_groups_a_full_read_draws() {
+        let dir: Snapshot = Directory {
+            users: vec![u("a"), u("b"), u("c"), u("d")],
+            service_principals: vec![],
+            groups: vec![
+                g(
+                    "g1",
+                    "ONE",
+                    vec![Member::user("a"), Member::group("g2"), Member::group("g5")],
+                ),
+                g("g2", "TWO", vec![Member::user("b"), Member::group("g3")]),
+                g("g3", "THREE", vec![Member::user("c")]),
+                g("g4", "FOUR", vec![Member::user("d")]),
+                g("g5", "FIVE", vec![]),
+            ],
+            incomplete_groups: Default::default(),
+            edge_groups: Default::default(),
+        }
+        .try_into()
+        .unwrap();
+        let src = MemorySource::new(dir);
+        let scope = Scope {
+            group_names: ["ONE", "SIX"].map(String::from).into(),
+            search_depth: 1,
+            edge_groups: idsync_engine::scope::EdgeGroups::Empty,
+            ..Scope::default()
+        };
+        let first = src.read_full(&scope).await.unwrap();
+        assert_eq!(
+            first.snapshot.edge_groups.keys().collect::<Vec<_>>(),
+            ["g2", "g5"]
+        );
+        idsync_runner::testing::source_conformance(&src, &scope, || async {
+            // TWO is renamed into the selection: read with its members; THREE is now the edge.
+            src.edit(Change::UpsertGroup {
+                id: "g2".into(),
+                display_name: "SIX".into(),
+                description: None,
+            });
+            // FOUR nests under ONE, beyond the depth, then is renamed.
+            src.edit(Change::AddMember {
+                group: "g1".into(),
+                member: Member::group("g4"),
+            });
+            src.edit(Change::UpsertGroup {
+                id: "g4".into(),
+                display_name: "FOUR (renamed)".into(),
+                description: Some("d".into()),
+            });
+            // FIVE is deleted.
+            src.edit(Change::Remove(Member::group("g5")));
+        })
+        .await
+        .unwrap();
+        let now = src.read_full(&scope).await.unwrap();
+        assert_eq!(
+            now.snapshot.edge_groups.keys().collect::<Vec<_>>(),
+            ["g3", "g4"]
+        );
+        assert_eq!(
+            now.snapshot.edge_groups["g4"].display_name,
+            "FOUR (renamed)"
+        );
+    }
+
     /// The incremental read must equal a full read of the same directory, for the edits the feed
     /// handles.
     #[tokio::test]
@@ -224,6 +295,7 @@ mod tests {
                 g("g2", "TWO", vec![Member::user("c")]),
             ],
             incomplete_groups: Default::default(),
+            edge_groups: Default::default(),
         }
         .try_into()
         .unwrap();
