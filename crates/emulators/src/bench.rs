@@ -196,8 +196,28 @@ pub struct Report {
     /// The lower bound of Databricks writes for the first sync: one per principal plus the
     /// member PATCHes at 100 members each.
     pub databricks_write_floor: u64,
+    /// What the counts of each run mean, for whoever reads the JSON without this documentation.
+    pub legend: BTreeMap<&'static str, &'static str>,
     /// The runs, in order.
     pub runs: Vec<RunResult>,
+}
+
+/// The [`Report::legend`].
+fn legend() -> BTreeMap<&'static str, &'static str> {
+    BTreeMap::from([
+        (
+            "requests",
+            "HTTP requests each emulator received, by method and route, every retry included; a throttled one is also counted apart as \"429 METHOD route\"",
+        ),
+        (
+            "writes",
+            "requests other than GET each emulator received (HTTP requests, not idsync operations: idsync's own summary counts operations and requests apart)",
+        ),
+        (
+            "databricks_write_floor",
+            "the fewest Databricks write requests that take the account from what it held before the run to what it held after: one per principal created, changed or deleted, and a group's member additions and removals together, 100 to a PATCH",
+        ),
+    ])
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -535,6 +555,7 @@ worker_threads = {w}
         rate_limits: o.rate_limits,
         workers: o.workers,
         databricks_write_floor: floor,
+        legend: legend(),
         runs,
     })
 }
