@@ -24,8 +24,14 @@ pub struct HttpConfig {
     pub timeout: Duration,
     /// Requests in flight at most (`--worker-threads`); lowered on throttling, raised back after.
     pub max_concurrency: usize,
-    /// Attempts per request, the first included.
+    /// Attempts per request, the first included, for 5xx answers and failed connections. A 429
+    /// is bounded by `throttle_deadline` instead.
     pub max_attempts: u32,
+    /// How long a request may keep being answered 429 before it fails. Each 429 waits its
+    /// `Retry-After`; requests competing for a service's rate win in turn, so a long queue slows
+    /// the run instead of failing it, and a service that never stops throttling fails the request
+    /// after this long. The Databricks SDK's deadline is 300 s.
+    pub throttle_deadline: Duration,
     /// Rounds of attempts for a paged read that keeps failing transiently (a 5xx or 429 storm,
     /// dropped connections): after each failed round the read pauses, then asks for the same page
     /// again, so a storm slows a paged read instead of failing it.
@@ -49,6 +55,7 @@ impl HttpConfig {
             timeout: Duration::from_secs(60),
             max_concurrency: 10,
             max_attempts: 8,
+            throttle_deadline: Duration::from_secs(300),
             read_rounds: 4,
             allow_insecure_http: false,
             base_backoff: Duration::from_millis(200),
@@ -475,22 +482,34 @@ impl Http {
                 None,
             ));
         }
+        let first = Instant::now();
+        // Requests sent (for the log and the backoff), and of them the failures other than 429
+        // (counted against `max_attempts`).
         let mut attempt = 0u32;
+        let mut failures = 0u32;
         loop {
             attempt += 1;
-            if let Some(t) = self.limiter.not_before() {
-                tokio::time::sleep_until(t.into()).await;
-            }
-            let permit = self.limiter.sem.acquire().await.map_err(|_| {
-                self.fail(
-                    ErrorKind::Unavailable,
-                    None,
-                    &what,
-                    "the client is shutting down".into(),
-                    None,
-                    None,
-                )
-            })?;
+            let permit = loop {
+                if let Some(t) = self.limiter.not_before() {
+                    tokio::time::sleep_until(t.into()).await;
+                }
+                let permit = self.limiter.sem.acquire().await.map_err(|_| {
+                    self.fail(
+                        ErrorKind::Unavailable,
+                        None,
+                        &what,
+                        "the client is shutting down".into(),
+                        None,
+                        None,
+                    )
+                })?;
+                // Another request may have been throttled while this one waited for a slot: wait
+                // too, rather than spend an attempt on a 429.
+                if self.limiter.not_before().is_none() {
+                    break permit;
+                }
+                self.limiter.give_back(permit);
+            };
             let mut req = self.client.request(method.clone(), url);
             for (k, v) in headers {
                 if let (Ok(k), Ok(v)) = (HeaderName::try_from(*k), HeaderValue::try_from(*v)) {
@@ -557,7 +576,7 @@ impl Http {
                     "request failed"
                 ),
             }
-            let last = attempt >= self.cfg.max_attempts;
+            let last = failures + 1 >= self.cfg.max_attempts;
             match outcome {
                 Ok((status, h, body)) if status.is_success() => {
                     self.limiter.succeeded();
@@ -573,13 +592,22 @@ impl Http {
                         .min(self.cfg.max_backoff);
                     self.limiter.throttled(wait);
                     tracing::info!(service = %self.cfg.service, request = %what, wait_ms = wait.as_millis() as u64, "throttled");
-                    if last {
+                    let waited = first.elapsed();
+                    if waited + wait > self.cfg.throttle_deadline {
                         let (code, msg) = service_error(&body);
+                        let mut detail = msg.unwrap_or_default();
+                        if !detail.is_empty() {
+                            detail.push_str("; ");
+                        }
+                        detail.push_str(&format!(
+                            "still throttled after {attempt} attempts in {} s",
+                            waited.as_secs()
+                        ));
                         return Err(self.fail(
                             ErrorKind::Throttled,
                             Some(status),
                             &what,
-                            msg.unwrap_or_default(),
+                            detail,
                             code,
                             request_id(&h),
                         ));
@@ -603,6 +631,7 @@ impl Http {
                         .unwrap_or_else(|| self.jitter(attempt))
                         .min(self.cfg.max_backoff);
                     tracing::info!(service = %self.cfg.service, request = %what, status = status.as_u16(), "server error; retrying");
+                    failures += 1;
                     tokio::time::sleep(wait).await;
                 }
                 Ok((status, h, body)) => {
@@ -630,6 +659,7 @@ impl Http {
                         return Err(self.fail(kind, status, &what, msg, None, None));
                     }
                     tracing::info!(service = %self.cfg.service, request = %what, error = %msg, "retrying");
+                    failures += 1;
                     tokio::time::sleep(self.jitter(attempt)).await;
                 }
             }

@@ -4,7 +4,7 @@
 use idsync_connectors::http::{Auth, ErrorKind, Http, HttpConfig};
 use idsync_emulators::infra::{Faults, ThrottleConfig};
 use idsync_emulators::tenant::Tenant;
-use idsync_emulators::{Graph, Tls};
+use idsync_emulators::{Databricks, Graph, Tls};
 use idsync_model::Secret;
 use reqwest::Method;
 use std::sync::Arc;
@@ -72,6 +72,112 @@ async fn a_429_storm_converges_and_lowers_the_shared_limit() {
         "the shared limit came down: {}",
         http.concurrency()
     );
+}
+
+/// A queue longer than a service's rate slows requests instead of failing them: 40 concurrent
+/// PATCHes against Databricks' PATCH bucket (2, refilled at 2 a second; whole-second
+/// Retry-After) all get through. Bounded by 8 attempts about a second apart, at most about
+/// 2 + 2 x 8 of them could.
+#[tokio::test]
+async fn a_queue_on_a_slow_bucket_is_slowed_not_failed() {
+    let d = Databricks::start_on(0, None).await.unwrap();
+    let auth = Auth::Bearer(Secret::new(idsync_emulators::databricks::TOKEN));
+    let http = Arc::new(
+        Http::new(HttpConfig {
+            service: "Databricks".into(),
+            max_concurrency: 10,
+            ..cfg()
+        })
+        .unwrap(),
+    );
+    let groups = format!("{}/Groups", d.scim_url());
+    let body = br#"{"displayName":"QUEUE"}"#.to_vec();
+    let a = http
+        .send(
+            Method::POST,
+            &groups,
+            &auth,
+            &[],
+            Some(("application/scim+json", body)),
+            false,
+        )
+        .await
+        .unwrap();
+    let id = a
+        .json::<serde_json::Value>("Databricks", "the create")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d.state.infra.set_throttles(vec![(
+        vec!["PATCH".into()],
+        ThrottleConfig {
+            capacity: 2.0,
+            per_second: 2.0,
+        },
+    )]);
+    let url = format!("{groups}/{id}");
+    let patch = br#"{"schemas":["urn:ietf:params:scim:api:messages:2.0:PatchOp"],"Operations":[{"op":"replace","path":"displayName","value":"QUEUE"}]}"#;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (http, url, auth) = (http.clone(), url.clone(), auth.clone());
+        let body = Some(("application/scim+json", patch.to_vec()));
+        tasks.push(tokio::spawn(async move {
+            http.send(Method::PATCH, &url, &auth, &[], body, true).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("every PATCH gets through");
+    }
+    let elapsed = started.elapsed();
+    let counts = d.state.infra.accounting.snapshot();
+    let key = "PATCH /api/2.0/accounts/{acct}/scim/v2/{type}/{id}";
+    let throttled = counts.get(&format!("429 {key}")).copied().unwrap_or(0);
+    assert_eq!(counts[key] - throttled, 40, "{counts:?}");
+    assert!(throttled > 0, "{counts:?}");
+    // The bucket lets 40 through in no less than 19 s; coarse bounds only.
+    assert!(
+        elapsed >= Duration::from_secs(15) && elapsed < Duration::from_secs(120),
+        "{elapsed:?}"
+    );
+}
+
+/// A service that never stops throttling fails a request after `throttle_deadline`, with a
+/// clear error, having retried.
+#[tokio::test]
+async fn endless_throttling_fails_in_bounded_time() {
+    let (g, auth) = graph().await;
+    g.state.infra.set_throttle(Some(ThrottleConfig {
+        capacity: 0.0,
+        per_second: 0.001,
+    }));
+    let http = Http::new(HttpConfig {
+        throttle_deadline: Duration::from_secs(5),
+        ..cfg()
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let e = http
+        .send(
+            Method::GET,
+            &format!("{}/users", g.graph_url()),
+            &auth,
+            &[],
+            None,
+            true,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Throttled);
+    assert_eq!(e.status, Some(429));
+    assert!(e.message.contains("still throttled after"), "{}", e.message);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(requests(&g, "429 GET /v1.0/users") >= 2, "it retried");
 }
 
 #[tokio::test]
