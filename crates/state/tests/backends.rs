@@ -108,6 +108,104 @@ async fn gcs_with_a_service_account_key_passes_the_conformance_suite() {
         counts["POST /sts/v1/token"], 1,
         "one exchange, cached: {counts:?}"
     );
+    // From Azure: a URL-sourced credential, as `create-cred-config --azure` writes it, reading
+    // a managed identity's token from the instance metadata endpoint (the Graph emulator's),
+    // then exchanged at STS and a service account impersonated.
+    let graph =
+        idsync_emulators::Graph::start(idsync_emulators::tenant::Tenant::new(Default::default()))
+            .await
+            .unwrap();
+    let imds = format!(
+        "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=api://AzureADTokenExchange",
+        graph.server.base_url
+    );
+    let azure = |headers: serde_json::Value, format: serde_json::Value| {
+        let mut e = ext.clone();
+        e["credential_source"] =
+            serde_json::json!({"url": imds, "headers": headers, "format": format});
+        let path = dir.path().join("azure.json");
+        std::fs::write(&path, e.to_string()).unwrap();
+        StoreOptions {
+            endpoint: Some(base.clone()),
+            google_application_credentials: Some(path.display().to_string()),
+            ..StoreOptions::default()
+        }
+    };
+    let json_token =
+        serde_json::json!({"type": "json", "subject_token_field_name": "access_token"});
+    let from_azure = azure(serde_json::json!({"Metadata": "True"}), json_token.clone());
+    gcs.state.infra.accounting.reset();
+    let s = object::open("gs://idsync-state/from-azure", &from_azure).unwrap();
+    testing::run(&s, "gcs-from-azure").await.unwrap();
+    let counts = gcs.state.infra.accounting.snapshot();
+    assert_eq!(counts["POST /sts/v1/token"], 1, "{counts:?}");
+    let imds_reads = graph.state.infra.accounting.snapshot();
+    assert_eq!(
+        imds_reads["GET /metadata/identity/oauth2/token"], 1,
+        "one metadata read, cached with the token: {imds_reads:?}"
+    );
+    // Without the Metadata header the endpoint refuses, and the error names that step.
+    let e = object::open(
+        "gs://idsync-state/from-azure",
+        &azure(serde_json::json!({}), json_token),
+    )
+    .unwrap()
+    .load("x")
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("the credential source URL (host 127.0.0.1) answered 400"),
+        "{e}"
+    );
+    // A JSON field that is not there, and an executable source: clear errors before any exchange.
+    let wrong_field = azure(
+        serde_json::json!({"Metadata": "True"}),
+        serde_json::json!({"type": "json", "subject_token_field_name": "id_token"}),
+    );
+    let e = object::open("gs://idsync-state/from-azure", &wrong_field)
+        .unwrap()
+        .load("x")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has no \"id_token\" text field"), "{e}");
+    let mut exe = ext.clone();
+    exe["credential_source"] = serde_json::json!({"executable": {"command": "/usr/bin/get-token", "timeout_millis": 5000}});
+    let exe_path = dir.path().join("exe.json");
+    std::fs::write(&exe_path, exe.to_string()).unwrap();
+    let e = object::open(
+        "gs://idsync-state/x",
+        &StoreOptions {
+            endpoint: Some(base.clone()),
+            google_application_credentials: Some(exe_path.display().to_string()),
+            ..StoreOptions::default()
+        },
+    )
+    .map(|_| ())
+    .expect_err("refused")
+    .to_string();
+    assert!(
+        e.contains("executable-sourced external accounts are not supported"),
+        "{e}"
+    );
+    // Plain http to another host is refused: the token would cross the network in clear.
+    let mut far = ext.clone();
+    far["credential_source"] = serde_json::json!({"url": "http://metadata.example.com/token"});
+    std::fs::write(&exe_path, far.to_string()).unwrap();
+    let e = object::open(
+        "gs://idsync-state/x",
+        &StoreOptions {
+            endpoint: Some(base.clone()),
+            google_application_credentials: Some(exe_path.display().to_string()),
+            ..StoreOptions::default()
+        },
+    )
+    .map(|_| ())
+    .expect_err("refused")
+    .to_string();
+    assert!(e.contains("must be https"), "{e}");
+
     // An empty subject token is refused by STS, and says so.
     std::fs::write(&token, "").unwrap();
     let e = object::open("gs://idsync-state/federated", &fed)

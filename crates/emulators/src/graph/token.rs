@@ -597,7 +597,13 @@ async fn imds(
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
 ) -> Response {
-    if headers.get("metadata").and_then(|v| v.to_str().ok()) != Some("true") {
+    // Any case: Google's credential configuration for Azure sends `Metadata: True`
+    // (docs/apis/graph.md, managed identity).
+    if !headers
+        .get("metadata")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
         return (
             StatusCode::BAD_REQUEST,
             axum::Json(json!({"error": "invalid_request", "error_description": "Required metadata header not specified"})),
