@@ -99,6 +99,10 @@ if [ "$mode" != faults ]; then
   AZURE_STORAGE_ACCOUNT_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==" \
   AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
     cargo test -q --locked -p idsync-state --test backends -- --ignored --test-threads 1
+  # The real binary with S3 state on moto, signed in from Azure (web_identity = "entra") and as a
+  # role on top of the container and instance roles (STS: idsync's AWS emulator).
+  IDSYNC_TEST_MOTO="http://127.0.0.1:$moto_port" \
+    cargo test -q --locked -p idsync --test aws_state -- --ignored
   IDSYNC_TEST_SCIM="http://127.0.0.1:$scim_port" IDSYNC_TEST_SCIM_TOKEN="$scim_token" \
     cargo test -q --locked -p idsync-connectors --test scim_target -- --ignored
 fi

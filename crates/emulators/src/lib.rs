@@ -1,6 +1,8 @@
 //! Stateful emulators of the SaaS APIs idsync talks to, for tests, the demo and benchmarks:
 //! Microsoft Graph with the Microsoft identity platform's token endpoint ([`graph`]), the lakeFS
-//! auth API ([`lakefs`]) and the Databricks account SCIM API ([`databricks`]). Each serves
+//! auth API ([`lakefs`]) and the Databricks account SCIM API ([`databricks`]); for state, a GCS
+//! ([`gcs`]) and AWS's credential services ([`aws`]: STS with trust policies, the container and
+//! instance metadata endpoints). Each serves
 //! HTTP on 127.0.0.1 only, in process ([`Graph::start`]) or from the `idsync-emulator` binary, with
 //! fault injection, throttling and request accounting ([`infra`]) and a deterministic tenant
 //! generator ([`generator`]).
@@ -9,6 +11,7 @@
 // one is built per failed request, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod aws;
 pub mod bench;
 pub mod databricks;
 pub mod faults;
@@ -200,6 +203,23 @@ impl Gcs {
         let state = gcs::GcsState::new(buckets);
         let server = serve(gcs::router(state.clone()), port).await?;
         Ok(Gcs { state, server })
+    }
+}
+
+/// A running AWS credential services emulator (STS, container and instance metadata).
+pub struct Aws {
+    /// Its state.
+    pub state: Arc<aws::AwsState>,
+    /// The server.
+    pub server: Running,
+}
+
+impl Aws {
+    /// Starts one on a free port of 127.0.0.1, trusting web identity tokens from `entra`.
+    pub async fn start(entra: Option<Arc<graph::GraphState>>) -> std::io::Result<Aws> {
+        let state = aws::AwsState::new(entra);
+        let server = serve(aws::router(state.clone()), 0).await?;
+        Ok(Aws { state, server })
     }
 }
 

@@ -23,7 +23,7 @@ pub use target::{
     Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, MemberIds, Observed,
     ObservedPrincipal, PKey, Principal, SourceRef,
 };
-pub use time::civil;
+pub use time::{civil, parse_rfc3339, unix_of};
 
 /// A file's bytes without a UTF-8 byte order mark (editors on Windows write one; JSON parsers
 /// then fail at "line 1 column 1").

@@ -6,7 +6,7 @@
 //! Credentials come from the environment, by the names each cloud's own tools use (read by the
 //! `object_store` builders), plus what [`StoreOptions`] adds: an endpoint for S3-compatible
 //! stores and emulators, an Azure connection string, and for S3 a role assumed with an external id
-//! or from a web identity token ([`crate::sts`]).
+//! (on top of the chain's credentials) or from a web identity token ([`crate::sts`]).
 
 use crate::StateError;
 use crate::blob::{BlobStore, Blobs, Cond, Tag};
@@ -34,6 +34,9 @@ pub struct StoreOptions {
     /// A web identity token file (OIDC: Kubernetes, CI, or an Entra ID token for a service
     /// running in Azure) exchanged for the role's credentials (`AWS_WEB_IDENTITY_TOKEN_FILE`).
     pub web_identity_token_file: Option<String>,
+    /// A web identity token source for `role_arn` when there is no file (idsync's Entra ID
+    /// sign-in, for a service running in Azure under a managed identity).
+    pub web_identity: Option<Arc<dyn crate::sts::WebIdentityToken>>,
     /// An Azure Storage connection string (`AZURE_STORAGE_CONNECTION_STRING`).
     pub azure_connection_string: Option<idsync_model::Secret>,
     /// A Google service account key file (else `GOOGLE_SERVICE_ACCOUNT`,
@@ -290,7 +293,11 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<ObjectStateStore, StateErr
             if let Some(r) = &opts.region {
                 b = b.with_region(r);
             }
-            if let Some(p) = crate::sts::provider(opts)? {
+            // A role is assumed with the credentials the chain would use without it (keys,
+            // web identity, container or instance role).
+            let chain = b.clone();
+            let caller = || chain.build().map(|s| s.credentials().clone()).map_err(fail);
+            if let Some(p) = crate::sts::provider(opts, caller)? {
                 b = b.with_credentials(p);
             }
             Arc::new(b.build().map_err(fail)?)

@@ -1,28 +1,50 @@
 //! AWS STS for S3 state: a role assumed with an external id (the cross-account pattern:
-//! `AssumeRole`, signed with the caller's keys from the environment), or from a web identity
-//! token file (`AssumeRoleWithWebIdentity`, unsigned: a Kubernetes service account token, a CI
-//! system's OIDC token, or an Entra ID token for a service running in Azure). Credentials are cached
-//! and fetched again five minutes before they expire. The STS endpoint is configurable (regional
+//! `AssumeRole`, signed with the caller's credentials from `object_store`'s chain: the
+//! environment's keys, `AWS_WEB_IDENTITY_TOKEN_FILE` with `AWS_ROLE_ARN`, the ECS / EKS container
+//! credentials, the instance role), or from a web identity (`AssumeRoleWithWebIdentity`, unsigned):
+//! a token file (a Kubernetes service account token, a CI system's OIDC token, AKS workload
+//! identity's), or a token fetched for each exchange from a [`WebIdentityToken`] source (idsync's
+//! Entra ID sign-in: a managed identity has no file). Credentials are cached and fetched again five
+//! minutes before the `Expiration` STS gives them. The STS endpoint is configurable (regional
 //! endpoints, private links, emulators).
 //!
-//! Without `role_arn`, S3 credentials come from `object_store`'s own chain: the static keys of the
-//! environment, `AWS_WEB_IDENTITY_TOKEN_FILE` with `AWS_ROLE_ARN`, the ECS / EKS container
-//! credentials, the instance metadata service.
+//! Without `role_arn`, S3 credentials come from `object_store`'s chain directly.
 
 use crate::StateError;
 use crate::cache::{Cached, form};
 use crate::object::StoreOptions;
 use async_trait::async_trait;
+use idsync_model::Secret;
 use object_store::CredentialProvider;
 use object_store::aws::{AwsAuthorizer, AwsCredential, AwsCredentialProvider};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where web identity tokens come from when there is no token file: fetched again for each
+/// exchange (tokens expire; the source caches them as it sees fit).
+#[async_trait]
+pub trait WebIdentityToken: std::fmt::Debug + Send + Sync {
+    /// A token for the audience the role trusts. The error says which step failed and never
+    /// holds a token.
+    async fn token(&self) -> Result<Secret, String>;
+    /// What signs in, for messages (`Entra ID (managed identity), audience api://...`).
+    fn describe(&self) -> String;
+}
+
 /// How credentials are obtained.
 #[derive(Debug, Clone)]
 enum Method {
-    WebIdentity { token_file: String },
-    AssumeRole { external_id: Option<String> },
+    WebIdentityFile {
+        token_file: String,
+    },
+    WebIdentity {
+        source: Arc<dyn WebIdentityToken>,
+    },
+    /// `AssumeRole`, signed with the caller's credentials.
+    AssumeRole {
+        external_id: Option<String>,
+        caller: AwsCredentialProvider,
+    },
 }
 
 /// A role's temporary credentials, from STS.
@@ -44,18 +66,41 @@ fn sts_error(detail: String) -> object_store::Error {
     }
 }
 
-/// The provider the options ask for, if any.
-pub fn provider(opts: &StoreOptions) -> Result<Option<AwsCredentialProvider>, StateError> {
+/// The provider the options ask for, if any. `caller` gives the credentials that sign
+/// `AssumeRole` (`object_store`'s chain, built without the role); it is asked for only when the
+/// options assume a role without a web identity.
+pub fn provider(
+    opts: &StoreOptions,
+    caller: impl FnOnce() -> Result<AwsCredentialProvider, StateError>,
+) -> Result<Option<AwsCredentialProvider>, StateError> {
+    let refuse = |detail: &str| StateError::Backend {
+        action: "open",
+        location: "S3 state".into(),
+        detail: detail.to_owned(),
+    };
     let Some(role_arn) = opts.role_arn.clone() else {
-        if opts.external_id.is_some() || opts.web_identity_token_file.is_some() {
-            return Err(StateError::Backend {
-                action: "open",
-                location: "S3 state".into(),
-                detail: "external_id and web_identity_token_file need role_arn".into(),
-            });
+        if opts.external_id.is_some()
+            || opts.web_identity_token_file.is_some()
+            || opts.web_identity.is_some()
+        {
+            return Err(refuse(
+                "external_id and a web identity (web_identity_token_file, web_identity) need role_arn",
+            ));
         }
         return Ok(None);
     };
+    if opts.web_identity_token_file.is_some() && opts.web_identity.is_some() {
+        return Err(refuse(
+            "web_identity_token_file and web_identity are two sources of the same token: keep one",
+        ));
+    }
+    if opts.external_id.is_some()
+        && (opts.web_identity_token_file.is_some() || opts.web_identity.is_some())
+    {
+        return Err(refuse(
+            "external_id goes with AssumeRole, not with a web identity (AssumeRoleWithWebIdentity takes none): remove it, or the web identity",
+        ));
+    }
     let region = opts
         .region
         .clone()
@@ -67,12 +112,16 @@ pub fn provider(opts: &StoreOptions) -> Result<Option<AwsCredentialProvider>, St
         .clone()
         .or_else(|| std::env::var("AWS_ENDPOINT_URL_STS").ok())
         .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
-    let method = match &opts.web_identity_token_file {
-        Some(f) => Method::WebIdentity {
+    let method = match (&opts.web_identity_token_file, &opts.web_identity) {
+        (Some(f), _) => Method::WebIdentityFile {
             token_file: f.clone(),
         },
-        None => Method::AssumeRole {
+        (None, Some(source)) => Method::WebIdentity {
+            source: source.clone(),
+        },
+        (None, None) => Method::AssumeRole {
             external_id: opts.external_id.clone(),
+            caller: caller()?,
         },
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -112,7 +161,7 @@ impl StsProvider {
             ("DurationSeconds", "3600".into()),
         ];
         let signer_cred = match &self.method {
-            Method::WebIdentity { token_file } => {
+            Method::WebIdentityFile { token_file } => {
                 let token = std::fs::read_to_string(token_file).map_err(|e| {
                     format!("cannot read the web identity token file {token_file}: {e}")
                 })?;
@@ -120,21 +169,33 @@ impl StsProvider {
                 body_pairs.push(("WebIdentityToken", token.trim().to_owned()));
                 None
             }
-            Method::AssumeRole { external_id } => {
+            Method::WebIdentity { source } => {
+                let token = source.token().await.map_err(|e| {
+                    format!(
+                        "getting the web identity token for {} ({}) failed: {e}",
+                        self.role_arn,
+                        source.describe()
+                    )
+                })?;
+                body_pairs.push(("Action", "AssumeRoleWithWebIdentity".into()));
+                body_pairs.push(("WebIdentityToken", token.expose().trim().to_owned()));
+                None
+            }
+            Method::AssumeRole {
+                external_id,
+                caller,
+            } => {
                 body_pairs.push(("Action", "AssumeRole".into()));
                 if let Some(x) = external_id {
                     body_pairs.push(("ExternalId", x.clone()));
                 }
-                let key_id = std::env::var("AWS_ACCESS_KEY_ID").map_err(|_| {
-                    "assuming a role needs the caller's keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".to_owned()
+                let c = caller.get_credential().await.map_err(|e| {
+                    format!(
+                        "assuming {} needs the caller's own AWS credentials (the environment's keys, AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, the container or the instance role), and none could be had: {e}",
+                        self.role_arn
+                    )
                 })?;
-                let secret_key = std::env::var("AWS_SECRET_ACCESS_KEY")
-                    .map_err(|_| "AWS_SECRET_ACCESS_KEY is not set".to_owned())?;
-                Some(AwsCredential {
-                    key_id,
-                    secret_key,
-                    token: std::env::var("AWS_SESSION_TOKEN").ok(),
-                })
+                Some(c)
             }
         };
         let pairs: Vec<(&str, &str)> = body_pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -149,7 +210,7 @@ impl StsProvider {
             .body(object_store::client::HttpRequestBody::from(body.clone()))
             .map_err(|e| e.to_string())?;
         if let Some(c) = &signer_cred {
-            AwsAuthorizer::new(c, "sts", &self.region)
+            AwsAuthorizer::new(c.as_ref(), "sts", &self.region)
                 .with_sign_payload(true)
                 .try_authorize(&mut req, None)
                 .map_err(|e| format!("signing the STS request: {e}"))?;
@@ -167,15 +228,25 @@ impl StsProvider {
         if !status.is_success() {
             let code = xml_text(&text, "Code").unwrap_or("no code");
             let msg = xml_text(&text, "Message").unwrap_or("");
-            return Err(format!(
-                "STS refused to let this identity assume {} ({status}, {code}: {msg}); check the role's trust policy{}",
-                self.role_arn,
-                match &self.method {
-                    Method::AssumeRole {
-                        external_id: Some(_),
-                    } => " and the external id",
-                    _ => "",
+            let (identity, check) = match &self.method {
+                Method::AssumeRole {
+                    external_id: Some(_),
+                    ..
+                } => (
+                    "the caller's credentials",
+                    "the role's trust policy and the external id",
+                ),
+                Method::AssumeRole { .. } => {
+                    ("the caller's credentials", "the role's trust policy")
                 }
+                Method::WebIdentityFile { .. } | Method::WebIdentity { .. } => (
+                    "the web identity token",
+                    "the role's trust policy, its OIDC provider (issuer) and the audience",
+                ),
+            };
+            return Err(format!(
+                "STS at {} refused {identity} for {} ({status}, {code}: {msg}); check {check}",
+                self.endpoint, self.role_arn,
             ));
         }
         let cred = AwsCredential {
@@ -187,7 +258,18 @@ impl StsProvider {
                 .to_owned(),
             token: xml_text(&text, "SessionToken").map(str::to_owned),
         };
-        Ok((cred, Duration::from_secs(3600)))
+        // The lifetime STS gives (an hour was asked for; a role's maximum or a chained role can
+        // make it shorter).
+        let ttl = xml_text(&text, "Expiration")
+            .and_then(idsync_model::parse_rfc3339)
+            .map(|exp| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                Duration::from_secs(exp.saturating_sub(now))
+            })
+            .unwrap_or(Duration::from_secs(3600));
+        Ok((cred, ttl))
     }
 }
 

@@ -3,6 +3,8 @@
 //! `cargo test` and run by `scripts/test.sh` with the services up).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use idsync_state::object::{self, StoreOptions};
 use idsync_state::{StateError, StateStore, testing};
 
@@ -318,6 +320,48 @@ async fn moto_with_keys_an_external_id_role_and_a_web_identity_passes_the_suite(
     };
     let s = object::open("s3://idsync-state/teams/web", &web).unwrap();
     testing::run(&s, "moto-web").await.unwrap();
+
+    // From Azure without a token file: a managed identity's Entra ID token (the Graph emulator's
+    // metadata endpoint) exchanged at STS (idsync's AWS emulator, which checks the audience), the
+    // role's credentials used on moto. They live 302 s, so they are refreshed 2 s in: the suite
+    // runs on both sides of that, on one store.
+    let graph =
+        idsync_emulators::Graph::start(idsync_emulators::tenant::Tenant::new(Default::default()))
+            .await
+            .unwrap();
+    let aws = idsync_emulators::Aws::start(Some(graph.state.clone()))
+        .await
+        .unwrap();
+    let role = "arn:aws:iam::123456789012:role/idsync-from-azure";
+    aws.state.role(
+        role,
+        idsync_emulators::aws::Trust {
+            web_audiences: vec!["api://idsync-state".into()],
+            ..Default::default()
+        },
+    );
+    aws.state
+        .ttl_secs
+        .store(302, std::sync::atomic::Ordering::Relaxed);
+    let azure = StoreOptions {
+        role_arn: Some(role.into()),
+        web_identity: Some(std::sync::Arc::new(common::Imds {
+            base: graph.server.base_url.clone(),
+            audience: "api://idsync-state".into(),
+        })),
+        sts_endpoint: Some(aws.server.base_url.clone()),
+        ..base.clone()
+    };
+    let s = object::open("s3://idsync-state/teams/azure", &azure).unwrap();
+    testing::run(&s, "moto-azure-1").await.unwrap();
+    let exchanges = aws.state.infra.accounting.snapshot()["POST /"];
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    testing::run(&s, "moto-azure-2").await.unwrap();
+    let after = aws.state.infra.accounting.snapshot()["POST /"];
+    assert!(
+        after > exchanges,
+        "refreshed mid-run: {exchanges} then {after} exchanges"
+    );
 
     let e = object::open("s3://no-such-bucket/x", &base)
         .unwrap()

@@ -85,6 +85,8 @@ struct RawState {
     web_identity_token_file: Option<String>,
     google_service_account: Option<String>,
     google_application_credentials: Option<String>,
+    web_identity: Option<String>,
+    audience: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,6 +262,31 @@ pub fn parse(text: &str, name: &str, base: &Path, env: &Env) -> Result<Config, C
     }
 }
 
+/// The source of a configuration, checked alone: for `idsync state` commands whose state signs in
+/// as the source does (`[state] web_identity = "entra"`), which must not need the targets' secrets.
+fn source_alone(
+    text: &str,
+    name: &str,
+    base: &Path,
+    env: &Env,
+    src: Option<toml::Table>,
+) -> Result<Option<Box<dyn SourceConfig>>, ConfigErrors> {
+    let mut v = Validator {
+        file: name.to_owned(),
+        text,
+        spans: toml::de::DeTable::parse(text).ok().map(|t| t.into_inner()),
+        errors: Vec::new(),
+    };
+    let lookup = |n: &str| env.get(n);
+    let cx = Context::new(base, &lookup);
+    let source = v.source(src, &cx).flatten();
+    if v.errors.is_empty() {
+        Ok(source)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
@@ -377,6 +404,92 @@ impl Validator<'_> {
         }
     }
 
+    /// `[source]`: its kind, named or chosen by the environment (Entra's variables), checks it.
+    /// `None` inside when it is wrong (reported); `None` outside when the run cannot go on.
+    #[allow(clippy::option_option)]
+    fn source(
+        &mut self,
+        src: Option<toml::Table>,
+        cx: &Context<'_>,
+    ) -> Option<Option<Box<dyn SourceConfig>>> {
+        let mut src = src.unwrap_or_default();
+        let named = match src.remove("kind") {
+            None => None,
+            Some(toml::Value::String(k)) => Some(k),
+            Some(_) => {
+                self.err(Origin::File("source.kind"), "must be a string");
+                return None;
+            }
+        };
+        let kind = named.or_else(|| {
+            registry::SOURCES
+                .iter()
+                .find(|k| k.implied_by_env(cx))
+                .map(|k| k.name().to_owned())
+        });
+        let source = match kind.as_deref() {
+            None => {
+                self.err(Origin::File("source.kind"), "missing: set [source] kind = \"file\" (or set ENTRA_TENANT_ID and friends for Entra ID)");
+                None
+            }
+            Some(name) => match registry::source_kind(name) {
+                None => {
+                    self.unavailable(
+                        "source.kind",
+                        name,
+                        registry::SOURCES.iter().map(|k| k.name()),
+                        registry::PLANNED_SOURCES,
+                    );
+                    None
+                }
+                Some(kind) => {
+                    let mut settings = Self::settings(src);
+                    let from_env = registry::apply_env(&mut settings, kind.env(), cx);
+                    self.problems("source", from_env);
+                    match kind.configure(settings, cx) {
+                        Ok(s) => Some(s),
+                        Err(problems) => {
+                            self.problems("source", problems);
+                            None
+                        }
+                    }
+                }
+            },
+        };
+        Some(source)
+    }
+
+    /// `[state] web_identity`: S3 state's AssumeRoleWithWebIdentity with a token from the Entra
+    /// ID source's sign-in.
+    fn web_identity(
+        &mut self,
+        state: &RawState,
+        url: &str,
+        source: Option<&dyn SourceConfig>,
+        opts: &mut idsync_state::StoreOptions,
+    ) {
+        match state.web_identity.as_deref() {
+            None => {
+                if state.audience.is_some() {
+                    self.err(
+                        Origin::File("state.audience"),
+                        "goes with web_identity = \"entra\": set that too, or remove the audience",
+                    );
+                }
+            }
+            Some("entra") => match state::entra_web_identity(state, url, source) {
+                Ok(w) => opts.web_identity = Some(w),
+                Err((key, message)) => self.err(Origin::File(key), message),
+            },
+            Some(other) => self.err(
+                Origin::File("state.web_identity"),
+                format!(
+                    "{other:?} is not a choice: \"entra\" (a token from the Entra ID source's sign-in; for a token file, set web_identity_token_file instead)"
+                ),
+            ),
+        }
+    }
+
     fn build(&mut self, mut raw: Raw, base: &Path, env: &Env) -> Option<Config> {
         let resolve = |p: &str| -> PathBuf {
             let p = PathBuf::from(p);
@@ -436,50 +549,9 @@ impl Validator<'_> {
             .unwrap_or(24);
 
         // [source]: its kind, named or chosen by the environment (Entra's variables), checks it.
-        let mut src = raw.source.unwrap_or_default();
-        let named = match src.remove("kind") {
-            None => None,
-            Some(toml::Value::String(k)) => Some(k),
-            Some(_) => {
-                self.err(Origin::File("source.kind"), "must be a string");
-                return None;
-            }
-        };
-        let kind = named.or_else(|| {
-            registry::SOURCES
-                .iter()
-                .find(|k| k.implied_by_env(&cx))
-                .map(|k| k.name().to_owned())
-        });
-        let source = match kind.as_deref() {
-            None => {
-                self.err(Origin::File("source.kind"), "missing: set [source] kind = \"file\" (or set ENTRA_TENANT_ID and friends for Entra ID)");
-                None
-            }
-            Some(name) => match registry::source_kind(name) {
-                None => {
-                    self.unavailable(
-                        "source.kind",
-                        name,
-                        registry::SOURCES.iter().map(|k| k.name()),
-                        registry::PLANNED_SOURCES,
-                    );
-                    None
-                }
-                Some(kind) => {
-                    let mut settings = Self::settings(src);
-                    let from_env = registry::apply_env(&mut settings, kind.env(), &cx);
-                    self.problems("source", from_env);
-                    match kind.configure(settings, &cx) {
-                        Ok(s) => Some(s),
-                        Err(problems) => {
-                            self.problems("source", problems);
-                            None
-                        }
-                    }
-                }
-            },
-        };
+        let source = self.source(raw.source.take(), &cx)?;
+        let mut state_options = state_options;
+        self.web_identity(&state, &state_url, source.as_deref(), &mut state_options);
 
         // [scope]
         let rs = raw.scope.unwrap_or_default();

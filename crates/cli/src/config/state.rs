@@ -1,9 +1,13 @@
 //! The `[state]` section: where the state is and how to reach it.
 
 use super::{ConfigError, ConfigErrors, Env, RawState};
+use idsync_connectors::entra_auth::EntraAuth;
+use idsync_connectors::http::{Http, HttpConfig};
+use idsync_connectors::registry::SourceConfig;
 use idsync_model::Secret;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The object store settings of a `[state]` table (paths resolved against the configuration's
 /// folder; the Azure connection string from the environment only).
@@ -25,6 +29,8 @@ pub(super) fn store_options(
         azure_connection_string: env
             .first(&["AZURE_STORAGE_CONNECTION_STRING"])
             .map(|(_, v)| Secret::new(v)),
+        // Set once the source is checked (`web_identity = "entra"` signs in as it does).
+        web_identity: None,
     }
 }
 
@@ -39,6 +45,8 @@ pub fn load_state(
     struct StateOnly {
         #[serde(default)]
         state: Option<RawState>,
+        #[serde(default)]
+        source: Option<toml::Table>,
     }
     let fail = |message: String| {
         ConfigErrors(vec![ConfigError {
@@ -47,13 +55,16 @@ pub fn load_state(
             message,
         }])
     };
-    let raw: StateOnly = match path {
+    let (raw, text): (StateOnly, String) = match path {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| fail(format!("cannot read the configuration file: {e}")))?;
-            toml::from_str(&text).map_err(|e| fail(e.message().to_owned()))?
+            (
+                toml::from_str(&text).map_err(|e| fail(e.message().to_owned()))?,
+                text,
+            )
         }
-        None => StateOnly::default(),
+        None => (StateOnly::default(), String::new()),
     };
     let base = path
         .and_then(Path::parent)
@@ -69,5 +80,126 @@ pub fn load_state(
         .map(|(_, v)| v.to_owned())
         .or_else(|| state.url.clone())
         .unwrap_or_else(|| ".idsync/state".to_owned());
-    Ok((url, store_options(&state, &resolve, env)))
+    let mut opts = store_options(&state, &resolve, env);
+    match state.web_identity.as_deref() {
+        None => {}
+        Some("entra") => {
+            let name = path.map_or_else(
+                || "(no configuration file)".into(),
+                |p| p.display().to_string(),
+            );
+            let source = super::source_alone(&text, &name, &base, env, raw.source)?;
+            opts.web_identity = Some(entra_web_identity(&state, &url, source.as_deref()).map_err(
+                |(key, message)| {
+                    ConfigErrors(vec![ConfigError {
+                        location: name.clone(),
+                        key: key.into(),
+                        message,
+                    }])
+                },
+            )?);
+        }
+        Some(other) => {
+            return Err(fail(format!(
+                "web_identity: {other:?} is not a choice: \"entra\""
+            )));
+        }
+    }
+    Ok((url, opts))
+}
+
+/// Entra ID tokens for S3 state's `AssumeRoleWithWebIdentity`: the Entra ID source's sign-in
+/// (any method: a managed identity, workload identity, a secret, a certificate), asked for the
+/// audience the AWS role's OIDC provider trusts. The token is cached by [`EntraAuth`] and fetched
+/// again before it expires; STS is asked again before the role's credentials expire.
+#[derive(Debug)]
+struct EntraWebIdentity {
+    auth: EntraAuth,
+    scope: String,
+    what: String,
+}
+
+#[async_trait::async_trait]
+impl idsync_state::sts::WebIdentityToken for EntraWebIdentity {
+    async fn token(&self) -> Result<Secret, String> {
+        self.auth.token(&self.scope).await.map_err(|e| e.message)
+    }
+
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+}
+
+/// The web identity token source `web_identity = "entra"` asks for, or the key and message of
+/// what is wrong.
+pub(super) fn entra_web_identity(
+    state: &RawState,
+    url: &str,
+    source: Option<&dyn SourceConfig>,
+) -> Result<Arc<dyn idsync_state::sts::WebIdentityToken>, (&'static str, String)> {
+    if !url.starts_with("s3://") {
+        return Err((
+            "state.web_identity",
+            "only S3 state exchanges a web identity token for its credentials (Azure state signs in with the AZURE_* variables, GCS with an external_account file)".into(),
+        ));
+    }
+    if state.role_arn.is_none() {
+        return Err((
+            "state.role_arn",
+            "web_identity = \"entra\" exchanges an Entra ID token for an AWS role's credentials: set the role's ARN".into(),
+        ));
+    }
+    if state.web_identity_token_file.is_some() {
+        return Err((
+            "state.web_identity_token_file",
+            "two sources of the same token: keep web_identity = \"entra\" or the token file".into(),
+        ));
+    }
+    if state.external_id.is_some() {
+        return Err((
+            "state.external_id",
+            "AssumeRoleWithWebIdentity takes no external id: remove it".into(),
+        ));
+    }
+    let Some(audience) = state.audience.clone().filter(|a| !a.trim().is_empty()) else {
+        return Err((
+            "state.audience",
+            "missing: the audience the role's OIDC provider lists, which the Entra ID token is requested for (an application ID URI such as api://idsync-state, or an app's client id)".into(),
+        ));
+    };
+    let Some(e) = source.and_then(SourceConfig::entra) else {
+        return Err((
+            "state.web_identity",
+            format!(
+                "\"entra\" signs in as the Entra ID source does, and the source is {}: with another source, give the role a token file (web_identity_token_file)",
+                source.map_or("not configured", SourceConfig::kind)
+            ),
+        ));
+    };
+    let credential = e
+        .credential()
+        .map_err(|err| ("state.web_identity", err.to_string()))?;
+    let method = credential.method();
+    let http = Http::new(HttpConfig {
+        allow_insecure_http: e.allow_insecure_http,
+        ca_bundle: e.ca_bundle.as_ref().map(PathBuf::from),
+        // A metadata endpoint that does not answer fails the state's sign-in in seconds, not
+        // after the long retries of a sync's requests.
+        max_attempts: 4,
+        ..HttpConfig::new("Entra ID")
+    })
+    .map_err(|err| ("state.web_identity", err.message))?;
+    let scope = if audience.ends_with("/.default") {
+        audience.clone()
+    } else {
+        format!("{}/.default", audience.trim_end_matches('/'))
+    };
+    Ok(Arc::new(EntraWebIdentity {
+        auth: EntraAuth::new(&e.authority_host, &e.tenant_id, credential, http),
+        scope,
+        what: format!(
+            "Entra ID, {method}, tenant {}, audience {audience}",
+            e.tenant_id
+        ),
+    }))
 }

@@ -418,3 +418,82 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn s3_state_signs_in_as_the_entra_source_does() {
+    let entra = r#"
+[source]
+kind = "entra"
+tenant_id = "t1"
+auth = "managed_identity"
+
+[targets.lake]
+kind = "file"
+profile = "lakefs"
+path = "lake.json"
+"#;
+    let state = |extra: &str| {
+        format!(
+            "[state]\nurl = \"s3://platform-state/idsync\"\nrole_arn = \"arn:aws:iam::1:role/idsync\"\nweb_identity = \"entra\"\naudience = \"api://idsync-state\"\n{extra}\n{entra}"
+        )
+    };
+    let c = parse_str(&state(""), &Env::default()).unwrap();
+    let w = c
+        .state_options
+        .web_identity
+        .as_ref()
+        .expect("a token source");
+    assert_eq!(
+        w.describe(),
+        "Entra ID, managed identity, tenant t1, audience api://idsync-state"
+    );
+
+    let fails = |text: &str, key: &str, says: &str| {
+        let e = parse_str(text, &Env::default()).unwrap_err();
+        assert!(
+            e.0.iter().any(|e| e.key == key && e.message.contains(says)),
+            "{key}: {says}: {e}"
+        );
+    };
+    fails(
+        &state("").replace("audience = \"api://idsync-state\"\n", ""),
+        "state.audience",
+        "missing",
+    );
+    fails(
+        &state("").replace("role_arn = \"arn:aws:iam::1:role/idsync\"\n", ""),
+        "state.role_arn",
+        "set the role's ARN",
+    );
+    fails(
+        &state("web_identity_token_file = \"/var/run/token\""),
+        "state.web_identity_token_file",
+        "keep",
+    );
+    fails(
+        &state("external_id = \"x\""),
+        "state.external_id",
+        "no external id",
+    );
+    fails(
+        &state("").replace("s3://", "gs://"),
+        "state.web_identity",
+        "only S3",
+    );
+    fails(
+        &state("").replace("= \"entra\"", "= \"azure\""),
+        "state.web_identity",
+        "is not a choice",
+    );
+    fails(
+        &state("").replace("web_identity = \"entra\"\n", ""),
+        "state.audience",
+        "goes with web_identity",
+    );
+    // Another source has no Entra sign-in to lend.
+    let file_source = state("").replace(
+        "kind = \"entra\"\ntenant_id = \"t1\"\nauth = \"managed_identity\"",
+        "kind = \"file\"\npath = \"dir.json\"",
+    );
+    fails(&file_source, "state.web_identity", "the source is file");
+}
