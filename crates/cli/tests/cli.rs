@@ -1290,6 +1290,64 @@ async fn state_lives_in_a_bucket_when_the_url_says_so() {
     assert!(counts["PUT /{bucket}/{*key}"] >= 4, "{counts:?}");
 }
 
+/// State in a bucket with the credentials of the machine idsync runs on: on Compute Engine or GKE
+/// (workload identity), the metadata server, here the GCS emulator's (`GCE_METADATA_HOST`). The
+/// bucket accepts no other token (a signer is required, and only its tokens are issued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_in_gcs_with_the_metadata_servers_service_account() {
+    let gcs = idsync_emulators::Gcs::start_on(0, &["idsync-state"])
+        .await
+        .unwrap();
+    let pem = include_str!("../../../tests/fixtures/other-test-key.pem");
+    let cert = &pem[pem.find("-----BEGIN CERTIFICATE-----").unwrap()..];
+    gcs.state.require_signer(cert);
+    let s = Sandbox::new("");
+    let cfg = s.read("idsync.toml").replace(
+        "[state]\nurl = \"state\"",
+        &format!(
+            "[state]\nurl = \"gs://idsync-state/on-gke\"\nendpoint = \"{}\"",
+            gcs.server.base_url
+        ),
+    );
+    s.write("idsync.toml", &cfg);
+    let host = gcs.server.base_url.trim_start_matches("http://").to_owned();
+    let home = s.path("home").display().to_string();
+    let (s, o) = tokio::task::spawn_blocking(move || {
+        let mut c = s.command(&["sync"], &[]);
+        for v in [
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "GOOGLE_SERVICE_ACCOUNT",
+            "GOOGLE_SERVICE_ACCOUNT_PATH",
+            "GOOGLE_SERVICE_ACCOUNT_KEY",
+            "SERVICE_ACCOUNT",
+        ] {
+            c.env_remove(v);
+        }
+        // Both names object_store tries, so that nothing leaves this machine; and a home
+        // without gcloud's application default credentials.
+        c.env("GCE_METADATA_HOST", &host)
+            .env("GCE_METADATA_IP", &host)
+            .env("HOME", &home);
+        let o = c.output().unwrap();
+        (s, o)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let counts = gcs.state.infra.accounting.snapshot();
+    assert_eq!(
+        counts["GET /computeMetadata/v1/instance/service-accounts/default/token"], 1,
+        "one token for the run: {counts:?}"
+    );
+    assert!(counts["PUT /{bucket}/{*key}"] >= 2, "{counts:?}");
+    assert!(
+        gcs.state
+            .object("idsync-state", "on-gke/dbx.state")
+            .is_some()
+    );
+    drop(s);
+}
+
 /// Issue #7's CI smoke test: the benchmark driver at the small size, no latency. Request counts
 /// and writes only, never a timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

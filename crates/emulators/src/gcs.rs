@@ -8,7 +8,8 @@
 //! (`crates/state/tests/backends.rs`), and so does the fault suite (`scripts/servers.sh`).
 //!
 //! Authentication as `object_store` performs it with a service account key: a self-signed RS256
-//! JWT as the bearer token. When the emulator is given the account's certificate, it verifies
+//! JWT as the bearer token; or a token from the emulator's own STS, service account impersonation
+//! or metadata server endpoints. When the emulator is given the account's certificate, it verifies
 //! the signature; without, it only requires a bearer token.
 
 use crate::infra::{self, Infra};
@@ -391,10 +392,32 @@ async fn generate_access_token(
         .into_response()
 }
 
+/// `GET /computeMetadata/v1/instance/service-accounts/default/token`: the metadata server of
+/// Compute Engine and GKE (workload identity), which wants `Metadata-Flavor: Google`; a token for
+/// the instance's service account. `GCE_METADATA_HOST` points clients here.
+async fn metadata_token(State(st): State<Arc<GcsState>>, headers: HeaderMap) -> Response {
+    if headers.get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
+        return (
+            StatusCode::FORBIDDEN,
+            "Missing required header \"Metadata-Flavor\": \"Google\"",
+        )
+            .into_response();
+    }
+    let token = issue(&st, "metadata");
+    axum::Json(
+        serde_json::json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}),
+    )
+    .into_response()
+}
+
 /// The emulator's routes.
 pub fn router(st: Arc<GcsState>) -> Router {
     Router::new()
         .route("/sts/v1/token", axum::routing::post(sts_token))
+        .route(
+            "/computeMetadata/v1/instance/service-accounts/default/token",
+            get(metadata_token),
+        )
         .route(
             "/iam/v1/projects/-/serviceAccounts/{*rest}",
             axum::routing::post(generate_access_token),
