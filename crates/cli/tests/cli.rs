@@ -1348,6 +1348,129 @@ async fn state_in_gcs_with_the_metadata_servers_service_account() {
     drop(s);
 }
 
+/// State in GCS from AWS (the seed's workload identity federation, "if you are in AWS"): an
+/// `external_account` file as `create-cred-config --aws` writes it; the subject token a
+/// `GetCallerIdentity` request signed with the instance role's credentials (IMDSv2 on idsync's AWS
+/// emulator), or with the environment's keys; exchanged at the GCS emulator's STS (which checks the
+/// request's form and target resource), then a service account impersonated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_in_gcs_from_aws_with_the_instance_role_or_keys() {
+    let gcs = idsync_emulators::Gcs::start_on(0, &["idsync-state"])
+        .await
+        .unwrap();
+    let pem = include_str!("../../../tests/fixtures/other-test-key.pem");
+    gcs.state
+        .require_signer(&pem[pem.find("-----BEGIN CERTIFICATE-----").unwrap()..]);
+    let aws = idsync_emulators::Aws::start(None).await.unwrap();
+    aws.state.set_workload_role("idsync-on-ec2");
+    let (g, a) = (&gcs.server.base_url, &aws.server.base_url);
+    let file = |metadata: &str| {
+        serde_json::json!({
+            "type": "external_account",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/idsync/providers/aws",
+            "subject_token_type": "urn:ietf:params:aws:token-type:aws4_request",
+            "token_url": format!("{g}/sts/v1/token"),
+            "credential_source": {
+                "environment_id": "aws1",
+                "region_url": format!("{metadata}/latest/meta-data/placement/availability-zone"),
+                "url": format!("{metadata}/latest/meta-data/iam/security-credentials"),
+                "regional_cred_verification_url": "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15",
+                "imdsv2_session_token_url": format!("{metadata}/latest/api/token"),
+            },
+            "service_account_impersonation_url": format!("{g}/iam/v1/projects/-/serviceAccounts/idsync@p.iam.gserviceaccount.com:generateAccessToken"),
+        })
+        .to_string()
+    };
+    let s = Sandbox::new("");
+    s.write("aws-federation.json", &file(a));
+    let cfg = s.read("idsync.toml").replace(
+        "[state]\nurl = \"state\"",
+        &format!(
+            "[state]\nurl = \"gs://idsync-state/from-aws\"\nendpoint = \"{g}\"\ngoogle_application_credentials = \"aws-federation.json\""
+        ),
+    );
+    s.write("idsync.toml", &cfg);
+    const AWS_VARS: &[&str] = &[
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    ];
+    let run = |s: Sandbox, env: Vec<(&'static str, &'static str)>| async move {
+        tokio::task::spawn_blocking(move || {
+            let mut c = s.command(&["sync"], &env);
+            for v in AWS_VARS
+                .iter()
+                .filter(|v| !env.iter().any(|(k, _)| k == *v))
+            {
+                c.env_remove(v);
+            }
+            let o = c.output().unwrap();
+            (s, o)
+        })
+        .await
+        .unwrap()
+    };
+    let (s, o) = run(s, vec![]).await;
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let counts = aws.state.infra.accounting.snapshot();
+    assert_eq!(
+        counts["PUT /latest/api/token"], 1,
+        "one IMDSv2 session: {counts:?}"
+    );
+    assert_eq!(
+        counts["GET /latest/meta-data/placement/availability-zone"], 1,
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts["GET /latest/meta-data/iam/security-credentials"], 1,
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts["GET /latest/meta-data/iam/security-credentials/{role}"], 1,
+        "{counts:?}"
+    );
+    let google = gcs.state.infra.accounting.snapshot();
+    assert_eq!(google["POST /sts/v1/token"], 1, "{google:?}");
+    assert!(
+        gcs.state
+            .object("idsync-state", "from-aws/dbx.state")
+            .is_some()
+    );
+
+    // With keys and a region in the environment, the metadata endpoints are not asked.
+    aws.state.infra.accounting.reset();
+    let keys = vec![
+        ("AWS_ACCESS_KEY_ID", "AKIAIDSYNCEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "not-a-real-secret"),
+        ("AWS_REGION", "eu-west-1"),
+    ];
+    let (s, o) = run(s, keys).await;
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(text(&o).contains("in sync"), "{}", text(&o));
+    assert_eq!(aws.state.infra.accounting.total(), 0);
+    assert_eq!(
+        gcs.state.infra.accounting.snapshot()["POST /sts/v1/token"],
+        2
+    );
+
+    // No instance role behind the metadata address: the step and the endpoint are named, and no
+    // key.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    s.write("aws-federation.json", &file(&closed));
+    let (s, o) = run(s, vec![]).await;
+    let t = text(&o);
+    assert_ne!(code(&o), 0, "{t}");
+    assert!(t.contains("reading an IMDSv2 session token from"), "{t}");
+    assert!(t.contains(&closed), "{t}");
+    drop(s);
+}
+
 /// Issue #7's CI smoke test: the benchmark driver at the small size, no latency. Request counts
 /// and writes only, never a timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

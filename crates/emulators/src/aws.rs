@@ -405,6 +405,14 @@ async fn imds_credentials(
     workload_credentials(&st)
 }
 
+/// `GET /latest/meta-data/placement/availability-zone`: the instance's zone (`us-east-1a`).
+async fn imds_zone(headers: HeaderMap) -> Response {
+    if !imds_session(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    "us-east-1a".into_response()
+}
+
 /// The emulator's routes.
 pub fn router(st: Arc<AwsState>) -> Router {
     Router::new()
@@ -412,9 +420,15 @@ pub fn router(st: Arc<AwsState>) -> Router {
         .route("/v2/credentials/{id}", get(container))
         .route("/latest/api/token", put(imds_token))
         .route(
+            "/latest/meta-data/placement/availability-zone",
+            get(imds_zone),
+        )
+        // Google's AWS credential files name it without the slash, object_store with.
+        .route(
             "/latest/meta-data/iam/security-credentials/",
             get(imds_role),
         )
+        .route("/latest/meta-data/iam/security-credentials", get(imds_role))
         .route(
             "/latest/meta-data/iam/security-credentials/{role}",
             get(imds_credentials),

@@ -358,11 +358,102 @@ async fn sts_token(
     if f.get("subject_token").is_none_or(|t| t.trim().is_empty()) {
         return err("invalid_grant", "The subject token is empty.");
     }
+    if f.get("subject_token_type").map(String::as_str)
+        == Some("urn:ietf:params:aws:token-type:aws4_request")
+    {
+        let audience = f.get("audience").map_or("", String::as_str);
+        if let Err(why) = check_aws_subject(&f["subject_token"], audience) {
+            return err("invalid_grant", &why);
+        }
+    }
     let token = issue(&st, "sts");
     axum::Json(serde_json::json!({"access_token": token,
         "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
         "token_type": "Bearer", "expires_in": 3600}))
     .into_response()
+}
+
+/// `%XX` and `+` decoded (a form value, or Google's clients' quoted JSON).
+fn form_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// An AWS subject token as Google's STS takes it: a quoted JSON serialisation of a SigV4-signed
+/// `POST` of STS `GetCallerIdentity`, whose `x-goog-cloud-target-resource` header names the
+/// provider (the exchange's audience). Google forwards the request to AWS to learn the caller;
+/// here its form is checked (the signature is AWS's to verify). Accepted as each of Google's
+/// libraries writes it: header names in any case and order, the target header once or twice.
+fn check_aws_subject(token: &str, audience: &str) -> Result<(), String> {
+    let json = form_decode(token).ok_or("The AWS subject token is not URL-encoded JSON.")?;
+    let v: serde_json::Value = serde_json::from_str(&json)
+        .map_err(|_| "The AWS subject token is not valid JSON.".to_owned())?;
+    if v["method"].as_str() != Some("POST") {
+        return Err("The AWS request must use the POST method.".into());
+    }
+    let url = v["url"].as_str().unwrap_or_default();
+    let host = url
+        .strip_prefix("https://")
+        .and_then(|r| r.split(['/', '?']).next())
+        .unwrap_or_default();
+    let regional_sts = host.starts_with("sts.") && host.ends_with(".amazonaws.com");
+    if !regional_sts || !url.contains("Action=GetCallerIdentity") {
+        return Err(format!(
+            "The AWS request URL {url:?} is not a regional STS GetCallerIdentity request."
+        ));
+    }
+    let headers: Vec<(String, String)> = v["headers"]
+        .as_array()
+        .ok_or("The AWS subject token has no headers.")?
+        .iter()
+        .filter_map(|h| {
+            Some((
+                h["key"].as_str()?.to_ascii_lowercase(),
+                h["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    let get = |k: &'static str| {
+        headers
+            .iter()
+            .filter(move |(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let auth = get("authorization").next().unwrap_or_default();
+    if !auth.starts_with("AWS4-HMAC-SHA256 Credential=") || !auth.contains("/sts/aws4_request") {
+        return Err("The AWS request is not signed with SigV4 for STS.".into());
+    }
+    if get("host").next() != Some(host) || get("x-amz-date").next().is_none() {
+        return Err("The AWS request lacks its host or x-amz-date header.".into());
+    }
+    if get("x-goog-cloud-target-resource").any(|t| t != audience)
+        || get("x-goog-cloud-target-resource").next().is_none()
+    {
+        return Err(
+            "The x-goog-cloud-target-resource header of the AWS request does not match the audience."
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// `POST /iam/v1/projects/-/serviceAccounts/{email}:generateAccessToken`: impersonation, for a

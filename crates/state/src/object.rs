@@ -37,6 +37,9 @@ pub struct StoreOptions {
     /// A web identity token source for `role_arn` when there is no file (idsync's Entra ID
     /// sign-in, for a service running in Azure under a managed identity).
     pub web_identity: Option<Arc<dyn crate::sts::WebIdentityToken>>,
+    /// Extra CA certificates (a PEM file) to trust besides the system's: a private CA in front of
+    /// the store.
+    pub ca_bundle: Option<String>,
     /// An Azure Storage connection string (`AZURE_STORAGE_CONNECTION_STRING`).
     pub azure_connection_string: Option<idsync_model::Secret>,
     /// A Google service account key file (else `GOOGLE_SERVICE_ACCOUNT`,
@@ -281,7 +284,36 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<ObjectStateStore, StateErr
         .endpoint
         .as_deref()
         .is_some_and(|e| e.starts_with("http://"));
-    let client = ClientOptions::new().with_allow_http(http_endpoint);
+    // Extra roots for a private CA (S3-compatible stores, proxies, emulators), besides the
+    // system's.
+    let mut roots = Vec::new();
+    if let Some(path) = &opts.ca_bundle {
+        let pem = std::fs::read(path).map_err(|e| StateError::Backend {
+            action: "open",
+            location: url.to_owned(),
+            detail: format!("cannot read the CA bundle {path}: {e}"),
+        })?;
+        roots =
+            object_store::Certificate::from_pem_bundle(&pem).map_err(|e| StateError::Backend {
+                action: "open",
+                location: url.to_owned(),
+                detail: format!("the CA bundle {path} holds no usable PEM certificate: {e}"),
+            })?;
+        if roots.is_empty() {
+            return Err(StateError::Backend {
+                action: "open",
+                location: url.to_owned(),
+                detail: format!("the CA bundle {path} holds no PEM certificate"),
+            });
+        }
+    }
+    let with_roots = |mut c: ClientOptions| {
+        for r in &roots {
+            c = c.with_root_certificate(r.clone());
+        }
+        c
+    };
+    let client = with_roots(ClientOptions::new().with_allow_http(http_endpoint));
     let store: Arc<dyn ObjectStore> = match base.split_once("://").map(|(s, _)| s) {
         Some("s3") => {
             let mut b = object_store::aws::AmazonS3Builder::from_env()
@@ -330,7 +362,9 @@ pub fn open(url: &str, opts: &StoreOptions) -> Result<ObjectStateStore, StateErr
                     b = b
                         .with_endpoint(e.trim_end_matches('/').to_owned())
                         .with_allow_http(http)
-                        .with_client_options(ClientOptions::new().with_allow_http(http));
+                        .with_client_options(with_roots(
+                            ClientOptions::new().with_allow_http(http),
+                        ));
                 }
             }
             if let Some(e) = &opts.endpoint {

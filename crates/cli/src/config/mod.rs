@@ -87,6 +87,7 @@ struct RawState {
     google_application_credentials: Option<String>,
     web_identity: Option<String>,
     audience: Option<String>,
+    ca_bundle: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

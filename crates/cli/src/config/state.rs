@@ -25,6 +25,7 @@ pub(super) fn store_options(
         sts_endpoint: state.sts_endpoint.clone(),
         web_identity_token_file: path(&state.web_identity_token_file),
         google_service_account: path(&state.google_service_account),
+        ca_bundle: path(&state.ca_bundle),
         google_application_credentials: path(&state.google_application_credentials),
         azure_connection_string: env
             .first(&["AZURE_STORAGE_CONNECTION_STRING"])
