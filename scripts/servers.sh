@@ -49,9 +49,9 @@ free_port() {
   "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 
-wait_for() { # url name log
+wait_for() { # url name log [curl options]
   for _ in $(seq 300); do
-    if curl -s -o /dev/null "$1"; then return 0; fi
+    if curl -s -o /dev/null "${@:4}" "$1"; then return 0; fi
     sleep 0.1
   done
   echo "$2 did not start:"; cat "$3"; exit 1
@@ -65,6 +65,35 @@ azurite_port=$(free_port)
   --location "$work/azurite" --skipApiVersionCheck --disableTelemetry --silent > "$work/azurite.log" 2>&1 &
 pids+=($!)
 
+# A second Azurite over HTTPS with OAuth ("basic": it reads a bearer token's issuer, audience and
+# lifetime, not its signature), for the Azure state paths that sign in with Entra ID: a service
+# principal, workload identity, a managed identity. Its certificate (CA:FALSE, for 127.0.0.1) is
+# made with Python's cryptography, which azure-storage-blob already installs.
+"$venv/bin/python" - "$work" <<'PY'
+import datetime, ipaddress, sys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+now = datetime.datetime.now(datetime.timezone.utc)
+cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256()))
+open(sys.argv[1] + "/azurite-cert.pem", "wb").write(cert.public_bytes(serialization.Encoding.PEM))
+open(sys.argv[1] + "/azurite-key.pem", "wb").write(key.private_bytes(serialization.Encoding.PEM,
+     serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+PY
+azurite_tls_port=$(free_port)
+.services/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$azurite_tls_port" \
+  --location "$work/azurite-tls" --cert "$work/azurite-cert.pem" --key "$work/azurite-key.pem" \
+  --oauth basic --skipApiVersionCheck --disableTelemetry --silent > "$work/azurite-tls.log" 2>&1 &
+pids+=($!)
+
 scim_port=$(free_port)
 scim_token="idsync-test-$RANDOM$RANDOM"
 "$venv/bin/scim2-server" --hostname 127.0.0.1 --port "$scim_port" --bearer-token "$scim_token" \
@@ -74,6 +103,8 @@ pids+=($!)
 wait_for "http://127.0.0.1:$moto_port/" moto "$work/moto.log"
 wait_for "http://127.0.0.1:$scim_port/ServiceProviderConfig" scim2-server "$work/scim.log"
 wait_for "http://127.0.0.1:$azurite_port/devstoreaccount1?comp=list" Azurite "$work/azurite.log"
+wait_for "https://127.0.0.1:$azurite_tls_port/devstoreaccount1?comp=list" "Azurite (HTTPS)" \
+  "$work/azurite-tls.log" --cacert "$work/azurite-cert.pem"
 
 # The bucket and the container (object stores are not asked to create them).
 curl -sf -X PUT "http://127.0.0.1:$moto_port/idsync-state" > /dev/null
@@ -90,6 +121,14 @@ print(generate_container_sas("devstoreaccount1", "idsync-state", account_key=key
       expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=2)))
 PY
 )
+"$venv/bin/python" - "$azurite_tls_port" "$work/azurite-cert.pem" <<'PY'
+import sys
+from azure.storage.blob import BlobServiceClient
+key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+cs = ("DefaultEndpointsProtocol=https;AccountName=devstoreaccount1;AccountKey=" + key +
+      ";BlobEndpoint=https://127.0.0.1:%s/devstoreaccount1;" % sys.argv[1])
+BlobServiceClient.from_connection_string(cs, connection_verify=sys.argv[2]).create_container("idsync-state")
+PY
 
 if [ "$mode" != faults ]; then
   IDSYNC_TEST_MOTO="http://127.0.0.1:$moto_port" \
@@ -103,6 +142,11 @@ if [ "$mode" != faults ]; then
   # role on top of the container and instance roles (STS: idsync's AWS emulator).
   IDSYNC_TEST_MOTO="http://127.0.0.1:$moto_port" \
     cargo test -q --locked -p idsync --test aws_state -- --ignored
+  # The real binary with Azure state signed in through Entra ID (the Graph emulator): a service
+  # principal, workload identity, a managed identity, on Azurite over HTTPS with OAuth.
+  IDSYNC_TEST_AZURITE_TLS="https://127.0.0.1:$azurite_tls_port/devstoreaccount1" \
+  IDSYNC_TEST_AZURITE_CA="$work/azurite-cert.pem" \
+    cargo test -q --locked -p idsync --test azure_state -- --ignored
   IDSYNC_TEST_SCIM="http://127.0.0.1:$scim_port" IDSYNC_TEST_SCIM_TOKEN="$scim_token" \
     cargo test -q --locked -p idsync-connectors --test scim_target -- --ignored
 fi

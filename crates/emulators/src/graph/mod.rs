@@ -126,15 +126,33 @@ impl GraphState {
         self.counter.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Issues an access token for an audience.
+    /// Issues an access token for an audience: opaque (`emu.`), or a JWT for Azure Storage.
     pub fn issue_token(&self, audience: &str) -> (String, u64) {
         let ttl = self.settings().token_ttl_secs;
         lock(&self.tokens).retain(|_, i| i.expires > Instant::now());
-        let tok = format!(
-            "emu.{}.{:x}",
-            audience.len(),
-            self.unique().wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        );
+        let serial = self.unique().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let tok = if is_storage_audience(audience) {
+            // Azure Storage (and Azurite, which tests stand in for it with) reads the token's
+            // claims: a JWT with the v1 issuer, as Entra ID issues for storage. Its signature is
+            // not a real one (Azurite does not verify it; this emulator knows its own tokens).
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let tenant = self.tenant().tenant_id.clone();
+            let part = |v: serde_json::Value| token::b64url_encode(v.to_string().as_bytes());
+            format!(
+                "{}.{}.{}",
+                part(serde_json::json!({"alg": "RS256", "typ": "JWT"})),
+                part(
+                    serde_json::json!({"aud": audience, "iss": format!("https://sts.windows.net/{tenant}/"),
+                    "iat": now, "nbf": now, "exp": now + ttl, "tid": tenant, "ver": "1.0",
+                    "uti": format!("{serial:x}")})
+                ),
+                part(serde_json::json!("emulator: not signed"))
+            )
+        } else {
+            format!("emu.{}.{serial:x}", audience.len())
+        };
         lock(&self.tokens).insert(
             tok.clone(),
             Issued {
@@ -157,6 +175,13 @@ impl GraphState {
             Some(_) => Ok(()),
         }
     }
+}
+
+/// Azure Storage's resource ids (`https://storage.azure.com`, an account's blob endpoint).
+fn is_storage_audience(audience: &str) -> bool {
+    let a = audience.trim_end_matches('/');
+    a == "https://storage.azure.com"
+        || (a.starts_with("https://") && a.ends_with(".blob.core.windows.net"))
 }
 
 /// The Graph error body, with the request-id headers Graph sends.

@@ -61,6 +61,22 @@ pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Encodes base64url without padding (JWT segments).
+pub fn b64url_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
 /// The header and claims of a JWT, unverified.
 fn jwt_parts(jwt: &str) -> Option<(Value, Value)> {
     let mut it = jwt.split('.');
@@ -754,6 +770,24 @@ pub fn routes() -> Router<Arc<GraphState>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64url_round_trips() {
+        for s in [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "abcd",
+            "{\"aud\":\"https://storage.azure.com\"}",
+        ] {
+            assert_eq!(
+                b64_decode(&b64url_encode(s.as_bytes())).unwrap(),
+                s.as_bytes()
+            );
+        }
+        assert_eq!(b64url_encode(b"\xfb\xff"), "-_8");
+    }
 
     #[test]
     fn base64url_decodes_with_and_without_padding() {
