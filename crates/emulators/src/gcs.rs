@@ -38,6 +38,10 @@ pub struct GcsState {
     pub signer_certificate: Mutex<Option<String>>,
     /// Access tokens this emulator's STS and IAM credentials endpoints issued (always accepted).
     issued: Mutex<BTreeSet<String>>,
+    /// Lifetime of the tokens STS, impersonation and the metadata server issue, in seconds.
+    pub ttl_secs: std::sync::atomic::AtomicU64,
+    /// Service accounts federated principals may impersonate; none: any.
+    pub impersonable: Mutex<Option<BTreeSet<String>>>,
     /// Accounting and faults.
     pub infra: Arc<Infra>,
 }
@@ -103,8 +107,14 @@ impl GcsState {
             generation: Mutex::new(1_700_000_000_000_000),
             signer_certificate: Mutex::new(None),
             issued: Mutex::new(BTreeSet::new()),
+            ttl_secs: std::sync::atomic::AtomicU64::new(3600),
+            impersonable: Mutex::new(None),
             infra: Infra::new(gcs_error),
         })
+    }
+
+    fn ttl(&self) -> u64 {
+        self.ttl_secs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Requires bearer tokens signed by the key of this certificate (PEM).
@@ -369,7 +379,7 @@ async fn sts_token(
     let token = issue(&st, "sts");
     axum::Json(serde_json::json!({"access_token": token,
         "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
-        "token_type": "Bearer", "expires_in": 3600}))
+        "token_type": "Bearer", "expires_in": st.ttl()}))
     .into_response()
 }
 
@@ -478,8 +488,19 @@ async fn generate_access_token(
         )
             .into_response();
     }
+    let email = rest.trim_end_matches(":generateAccessToken");
+    if lock(&st.impersonable)
+        .as_ref()
+        .is_some_and(|allowed| !allowed.contains(email))
+    {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({"error": {"code": 403, "message": "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist).", "status": "PERMISSION_DENIED"}})),
+        )
+            .into_response();
+    }
     let token = issue(&st, "sa");
-    axum::Json(serde_json::json!({"accessToken": token, "expireTime": rfc3339(now() + 3600)}))
+    axum::Json(serde_json::json!({"accessToken": token, "expireTime": rfc3339(now() + st.ttl())}))
         .into_response()
 }
 
@@ -496,7 +517,7 @@ async fn metadata_token(State(st): State<Arc<GcsState>>, headers: HeaderMap) -> 
     }
     let token = issue(&st, "metadata");
     axum::Json(
-        serde_json::json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}),
+        serde_json::json!({"access_token": token, "expires_in": st.ttl(), "token_type": "Bearer"}),
     )
     .into_response()
 }

@@ -546,7 +546,17 @@ impl ExternalAccountProvider {
             .as_str()
             .ok_or("the IAM credentials answer has no accessToken")?
             .to_owned();
-        Ok((token, Duration::from_secs(3600)))
+        // An hour was asked for; the answer says how long it is.
+        let ttl = v["expireTime"]
+            .as_str()
+            .and_then(idsync_model::parse_rfc3339)
+            .map_or(Duration::from_secs(3600), |exp| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                Duration::from_secs(exp.saturating_sub(now))
+            });
+        Ok((token, ttl))
     }
 }
 

@@ -216,6 +216,41 @@ async fn gcs_with_a_service_account_key_passes_the_conformance_suite() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("Google STS refused"), "{e}");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJpZHN5bmMifQ.c2ln").unwrap();
+
+    // The pool's principal may not impersonate this service account: that step is named, with
+    // what to grant.
+    *gcs.state.impersonable.lock().unwrap() =
+        Some(["someone-else@p.iam.gserviceaccount.com".to_owned()].into());
+    let e = object::open("gs://idsync-state/federated", &fed)
+        .unwrap()
+        .load("x")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("impersonating the service account was refused")
+            && e.contains("iam.serviceAccounts.getAccessToken")
+            && e.contains("roles/iam.workloadIdentityUser"),
+        "{e}"
+    );
+    *gcs.state.impersonable.lock().unwrap() = None;
+
+    // A long run: tokens that live 302 s are fetched again 2 s in (five minutes before they
+    // expire), exchange and impersonation both, and the run goes on.
+    gcs.state
+        .ttl_secs
+        .store(302, std::sync::atomic::Ordering::Relaxed);
+    let s = object::open("gs://idsync-state/long-run", &fed).unwrap();
+    testing::run(&s, "gcs-long-1").await.unwrap();
+    let before = gcs.state.infra.accounting.snapshot()["POST /sts/v1/token"];
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    testing::run(&s, "gcs-long-2").await.unwrap();
+    let after = gcs.state.infra.accounting.snapshot()["POST /sts/v1/token"];
+    assert!(
+        after > before,
+        "refreshed mid-run: {before} then {after} exchanges"
+    );
 }
 
 /// `IDSYNC_TEST_AZURITE`: Azurite's blob endpoint with the account (`http://127.0.0.1:PORT/devstoreaccount1`).
