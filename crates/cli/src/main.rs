@@ -74,6 +74,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: StateCmd,
     },
+    /// Show the change log: every operation an apply attempted, newest last (kept beside the
+    /// state, one object per apply).
+    Log {
+        /// Only this agreement.
+        agreement: Option<String>,
+        /// From this day on (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records about this principal: its key (`alice@corp.example`), `kind:key`, or its
+        /// target id; member changes that name it count.
+        #[arg(long)]
+        principal: Option<String>,
+        /// State location [default: from the configuration].
+        #[arg(long)]
+        state: Option<String>,
+        /// Print JSON lines, as stored.
+        #[arg(long)]
+        json: bool,
+    },
     /// Free a quarantined principal, or resume a halted agreement.
     Agreement {
         #[command(subcommand)]
@@ -329,6 +348,84 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Ok(exit::OK)
         }
         Cmd::State { cmd } => state_cmd(&cli, cmd).await,
+        Cmd::Log {
+            agreement,
+            since,
+            principal,
+            state,
+            json,
+        } => {
+            let (url, opts) = state_location(&cli, state)?;
+            let store = store_for(&url, &opts)?;
+            if let Some(d) = since
+                && !(d.len() == 10
+                    && idsync_model::parse_rfc3339(&format!("{d}T00:00:00Z")).is_some())
+            {
+                anyhow::bail!("--since {d:?} is not a day: use YYYY-MM-DD");
+            }
+            let objects = store
+                .changes(agreement.as_deref(), since.as_deref())
+                .await?;
+            let (records, unreadable) = idsync_runner::changes::parse(&objects);
+            let about = |c: &idsync_runner::changes::Change| match principal {
+                None => true,
+                Some(p) => {
+                    let key_of = |k: &str| {
+                        k.split_once(':')
+                            .map_or(k.to_owned(), |(_, key)| key.to_owned())
+                    };
+                    c.principal == *p
+                        || key_of(&c.principal) == *p
+                        || c.target_id.as_deref() == Some(p.as_str())
+                        || c.members.iter().any(|m| m == p || key_of(m) == *p)
+                }
+            };
+            let mut shown = 0;
+            for c in records.iter().filter(|c| about(c)) {
+                shown += 1;
+                if *json {
+                    println!("{}", serde_json::to_string(c)?);
+                } else {
+                    let id = c
+                        .target_id
+                        .as_deref()
+                        .map(|i| format!(" [{i}]"))
+                        .unwrap_or_default();
+                    let detail = if !c.members.is_empty() {
+                        format!(" {}", c.members.join(", "))
+                    } else if !c.changed.is_empty() {
+                        format!(" ({})", c.changed.join(", "))
+                    } else {
+                        String::new()
+                    };
+                    let error = c
+                        .error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default();
+                    let undone = if c.rolled_back { " (rolled back)" } else { "" };
+                    println!(
+                        "{} {} {} {} {}{id}{detail} {}{undone}{error}",
+                        c.time, c.agreement, c.run, c.op, c.principal, c.result
+                    );
+                }
+            }
+            if !*json && shown == 0 {
+                println!(
+                    "no changes recorded{}",
+                    match principal {
+                        Some(p) => format!(" for {p}"),
+                        None => String::new(),
+                    }
+                );
+            }
+            if unreadable > 0 {
+                eprintln!(
+                    "warning: {unreadable} line(s) of the change log are not records and were skipped"
+                );
+            }
+            Ok(exit::OK)
+        }
         Cmd::Agreement { cmd } => agreement::run(&cli, cmd).await,
         Cmd::Plan { run, out } => {
             let mode = Mode::Plan;

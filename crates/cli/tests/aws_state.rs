@@ -80,19 +80,7 @@ async fn run(
     args: &'static [&'static str],
     env: Vec<(String, String)>,
 ) -> (Sandbox, std::process::Output) {
-    tokio::task::spawn_blocking(move || {
-        let mut c = s.command(args, &[]);
-        for v in AWS_VARS {
-            c.env_remove(v);
-        }
-        for (k, v) in &env {
-            c.env(k, v);
-        }
-        let o = c.output().unwrap();
-        (s, o)
-    })
-    .await
-    .unwrap()
+    common::run_isolated(s, args, AWS_VARS, env).await
 }
 
 async fn emulators() -> (Graph, Aws, String) {

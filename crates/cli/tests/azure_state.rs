@@ -56,21 +56,12 @@ fn federated_token() -> String {
     )
 }
 
-async fn run(s: Sandbox, env: Vec<(String, String)>) -> (Sandbox, std::process::Output) {
-    tokio::task::spawn_blocking(move || {
-        let mut c = s.command(&["sync"], &[]);
-        for v in AZURE_VARS {
-            c.env_remove(v);
-        }
-        c.env("AZURE_STORAGE_ACCOUNT_NAME", "devstoreaccount1");
-        for (k, v) in &env {
-            c.env(k, v);
-        }
-        let o = c.output().unwrap();
-        (s, o)
-    })
-    .await
-    .unwrap()
+async fn run(s: Sandbox, mut env: Vec<(String, String)>) -> (Sandbox, std::process::Output) {
+    env.push((
+        "AZURE_STORAGE_ACCOUNT_NAME".into(),
+        "devstoreaccount1".into(),
+    ));
+    common::run_isolated(s, &["sync"], AZURE_VARS, env).await
 }
 
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -1471,6 +1471,110 @@ async fn state_in_gcs_from_aws_with_the_instance_role_or_keys() {
     drop(s);
 }
 
+/// The change log (issue #16, item 3): one record per operation an apply attempted, kept beside
+/// the state, read back by `idsync log`, filtered by agreement, day and principal; a run that
+/// changes nothing adds nothing.
+#[test]
+fn the_change_log_holds_exactly_the_applied_operations() {
+    let s = Sandbox::new("");
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let applied: usize = text(&o)
+        .split(" operations applied")
+        .next()
+        .and_then(|t| t.rsplit(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count of applied operations: {}", text(&o)));
+    assert!(applied > 5, "{}", text(&o));
+
+    let log = s.run(&["log", "--json"]);
+    assert_eq!(code(&log), 0, "{}", text(&log));
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&log.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        records.len(),
+        applied,
+        "one record per operation: {records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r["result"] == "applied" && r["agreement"] == "dbx")
+    );
+    let run = &records[0]["run"];
+    assert!(
+        records.iter().all(|r| r["run"] == *run),
+        "one apply, one run id"
+    );
+    let chloe = records
+        .iter()
+        .find(|r| r["op"] == "create" && r["principal"] == "user:chloé@corp.example")
+        .unwrap_or_else(|| panic!("the create of chloé: {records:?}"));
+    assert!(
+        chloe["targetId"].as_str().is_some_and(|i| !i.is_empty()),
+        "{chloe}"
+    );
+    // The records are stored beside the state, one object for the apply.
+    let day = chloe["time"].as_str().unwrap()[..10].to_owned();
+    let stored: Vec<_> = std::fs::read_dir(s.path(&format!("state/changes/dbx/{day}")))
+        .unwrap()
+        .collect();
+    assert_eq!(stored.len(), 1);
+
+    // By principal: bob's create and the membership that names him.
+    let bob = s.run(&["log", "--principal", "bob@corp.example"]);
+    let t = text(&bob);
+    assert!(t.contains("create user:bob@corp.example"), "{t}");
+    assert!(t.contains("addMembers group:Data \"Eng\""), "{t}");
+    assert!(!t.contains("chloé"), "{t}");
+    // By day and agreement.
+    let none = s.run(&["log", "dbx", "--since", "2999-01-01"]);
+    assert!(
+        text(&none).contains("no changes recorded"),
+        "{}",
+        text(&none)
+    );
+    let bad = s.run(&["log", "--since", "yesterday"]);
+    assert_ne!(code(&bad), 0);
+    assert!(text(&bad).contains("YYYY-MM-DD"), "{}", text(&bad));
+
+    // Nothing changed: nothing recorded. One change: its records only.
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let again = s.run(&["log", "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).lines().count(),
+        applied
+    );
+    let dir = s.read("directory.json").replace(
+        "\"displayName\": \"Kevin\"",
+        "\"displayName\": \"Kevin M.\"",
+    );
+    s.write("directory.json", &dir);
+    let o = s.run(&["sync"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let after = s.run(&["log", "--principal", "kevin@corp.example", "--json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&after.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let update = lines
+        .iter()
+        .find(|r| r["op"] == "update")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(
+        update["changed"],
+        serde_json::json!(["displayName"]),
+        "{update}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&after.stdout).contains("Kevin M."),
+        "names of attributes, not values"
+    );
+}
+
 /// Issue #7's CI smoke test: the benchmark driver at the small size, no latency. Request counts
 /// and writes only, never a timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@
 //! [`observation`]), plans, and then, as far as the [`Mode`] allows: journals the creates, applies,
 //! flushes, records and commits. What it shows goes to a [`Reporter`].
 
+pub mod changes;
 mod error;
 pub mod observation;
 mod read;
@@ -443,6 +444,22 @@ async fn apply_file(
         store.renew(l, ttl).await?;
     }
     store.commit(&state).await.map_err(RunError::Commit)?;
+    if flushed.is_ok() {
+        // The change log, after the commit: it never records what the state does not hold.
+        let now = run.now.unwrap_or_else(unix_now);
+        let run_id = changes::run_id(unix_now());
+        let records = changes::records(a.name, &run_id, now, &file.plan, &report, &state);
+        if !records.is_empty() {
+            let (day, hms, _) = changes::day_time(now);
+            let name = format!("{hms}-{run_id}");
+            if let Err(e) = store
+                .append_changes(a.name, &day, &name, changes::to_lines(&records))
+                .await
+            {
+                tracing::warn!(error = %e, "the change log of this run could not be written");
+            }
+        }
+    }
     flushed.map_err(|error| RunError::Flush {
         agreement: a.name.to_owned(),
         error,

@@ -209,6 +209,22 @@ impl StateStore for CommitsThenDies<'_> {
     async fn unlock(&self, agreement: &str) -> Result<Option<Lease>, StateError> {
         self.inner.unlock(agreement).await
     }
+    async fn append_changes(
+        &self,
+        agreement: &str,
+        day: &str,
+        name: &str,
+        lines: Vec<u8>,
+    ) -> Result<(), StateError> {
+        self.inner.append_changes(agreement, day, name, lines).await
+    }
+    async fn changes(
+        &self,
+        agreement: Option<&str>,
+        since_day: Option<&str>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        self.inner.changes(agreement, since_day).await
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }

@@ -35,8 +35,13 @@ pub trait Blobs: Send + Sync {
     async fn put(&self, key: &str, bytes: Vec<u8>, cond: Cond) -> Result<bool, StateError>;
     /// Removes the object (absent is fine).
     async fn delete(&self, key: &str) -> Result<(), StateError>;
-    /// The keys of every object.
+    /// The keys of every object (this level only: not those under nested prefixes).
     async fn list(&self) -> Result<Vec<String>, StateError>;
+    /// Writes a new object at a key that may be nested (`changes/a/2026-12-05/x.jsonl`) and is
+    /// unique to its writer: the change log's records, never rewritten.
+    async fn create(&self, key: &str, bytes: Vec<u8>) -> Result<(), StateError>;
+    /// The keys of every object under `prefix` (`changes/a/`), nested ones included, sorted.
+    async fn list_under(&self, prefix: &str) -> Result<Vec<String>, StateError>;
     /// Where an object is, for messages (no credentials).
     fn location(&self, key: &str) -> String;
     /// Where the store is, for messages (no credentials).
@@ -63,6 +68,18 @@ fn token() -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!("{}-{t:x}-{n:x}", std::process::id())
+}
+
+/// `YYYY-MM-DD`.
+fn is_day(d: &str) -> bool {
+    d.len() == 10
+        && d.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
 }
 
 fn state_key(agreement: &str) -> String {
@@ -286,6 +303,53 @@ impl<B: Blobs> StateStore for BlobStore<B> {
     async fn delete(&self, agreement: &str) -> Result<(), StateError> {
         check_name(agreement)?;
         self.blobs.delete(&state_key(agreement)).await
+    }
+
+    async fn append_changes(
+        &self,
+        agreement: &str,
+        day: &str,
+        name: &str,
+        lines: Vec<u8>,
+    ) -> Result<(), StateError> {
+        check_name(agreement)?;
+        check_name(name)?;
+        if !is_day(day) {
+            return Err(StateError::Backend {
+                action: "write",
+                location: self.blobs.describe(),
+                detail: format!("{day:?} is not a day (YYYY-MM-DD)"),
+            });
+        }
+        self.blobs
+            .create(&format!("changes/{agreement}/{day}/{name}.jsonl"), lines)
+            .await
+    }
+
+    async fn changes(
+        &self,
+        agreement: Option<&str>,
+        since_day: Option<&str>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let prefix = match agreement {
+            Some(a) => {
+                check_name(a)?;
+                format!("changes/{a}/")
+            }
+            None => "changes/".to_owned(),
+        };
+        let mut out = Vec::new();
+        for key in self.blobs.list_under(&prefix).await? {
+            // changes/<agreement>/<day>/<name>.jsonl
+            let day = key.split('/').nth(2).unwrap_or_default();
+            if !key.ends_with(".jsonl") || since_day.is_some_and(|s| day < s) {
+                continue;
+            }
+            if let Some((bytes, _)) = self.blobs.get(&key).await? {
+                out.push((key, bytes));
+            }
+        }
+        Ok(out)
     }
 
     async fn list(&self) -> Result<Vec<String>, StateError> {

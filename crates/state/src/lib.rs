@@ -180,6 +180,25 @@ pub trait StateStore: Send + Sync {
     /// The names of agreements with state.
     async fn list(&self) -> Result<Vec<String>, StateError>;
 
+    /// Records a run's changes (JSON lines) as a new object,
+    /// `changes/<agreement>/<day>/<name>.jsonl` beside the state: appended by new objects, never
+    /// by rewriting one. `day` is `YYYY-MM-DD`; `name` is unique to the run.
+    async fn append_changes(
+        &self,
+        agreement: &str,
+        day: &str,
+        name: &str,
+        lines: Vec<u8>,
+    ) -> Result<(), StateError>;
+
+    /// The change log's objects of `agreement` (every agreement's when `None`) from `since_day`
+    /// on, as (key, bytes), ordered by key: by agreement, then day, then name.
+    async fn changes(
+        &self,
+        agreement: Option<&str>,
+        since_day: Option<&str>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StateError>;
+
     /// Ends the agreement's lease, whoever holds it (`idsync state unlock`, for a lease left by a
     /// process that is gone): the lease that was ended, or `None` when none was in force. A run
     /// still holding it finds out at its next renewal and stops without saving.

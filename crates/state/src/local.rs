@@ -187,6 +187,59 @@ impl Blobs for LocalBlobs {
             .collect())
     }
 
+    async fn create(&self, key: &str, bytes: Vec<u8>) -> Result<(), StateError> {
+        let path = self.path(key);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io("create the folder", parent))?;
+        }
+        // Written beside, synced, then moved into place: a reader never sees half a record.
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        f.write_all(&bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+        drop(f);
+        if path.exists() {
+            let _ = fs::remove_file(&tmp);
+            return Err(StateError::Backend {
+                action: "write",
+                location: path.display().to_string(),
+                detail: "the object exists already".into(),
+            });
+        }
+        fs::rename(&tmp, &path).map_err(io("rename into place", &path))?;
+        Ok(())
+    }
+
+    async fn list_under(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<(), StateError> {
+            let rd = match fs::read_dir(dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io("list", dir)(e)),
+            };
+            for e in rd.filter_map(Result::ok) {
+                let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                let key = format!("{rel}{name}");
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), &format!("{key}/"), out)?;
+                } else if !name.contains(".tmp.") {
+                    out.push(key);
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        walk(&self.path(prefix), prefix, &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+
     fn location(&self, key: &str) -> String {
         self.path(key).display().to_string()
     }

@@ -65,7 +65,33 @@ impl Blobs for MemoryBlobs {
     }
 
     async fn list(&self) -> Result<Vec<String>, StateError> {
-        Ok(self.objects().keys().cloned().collect())
+        Ok(self
+            .objects()
+            .keys()
+            .filter(|k| !k.contains('/'))
+            .cloned()
+            .collect())
+    }
+
+    async fn create(&self, key: &str, bytes: Vec<u8>) -> Result<(), StateError> {
+        if self.put(key, bytes, Cond::Absent).await? {
+            Ok(())
+        } else {
+            Err(StateError::Backend {
+                action: "write",
+                location: self.location(key),
+                detail: "the object exists already".into(),
+            })
+        }
+    }
+
+    async fn list_under(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        Ok(self
+            .objects()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
     }
 
     fn location(&self, key: &str) -> String {

@@ -146,8 +146,11 @@ impl ObjectBlobs {
         }
     }
 
+    /// The object of a key; a nested key (`changes/a/day/x.jsonl`) is a path of parts.
     fn path(&self, key: &str) -> Path {
-        self.prefix.clone().join(key)
+        key.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone(), |p, part| p.join(part))
     }
 }
 
@@ -223,6 +226,42 @@ impl Blobs for ObjectBlobs {
             .into_iter()
             .filter_map(|m| m.location.filename().map(str::to_owned))
             .collect())
+    }
+
+    async fn create(&self, key: &str, bytes: Vec<u8>) -> Result<(), StateError> {
+        if self.put(key, bytes, Cond::Absent).await? {
+            Ok(())
+        } else {
+            Err(StateError::Backend {
+                action: "write",
+                location: self.location(key),
+                detail: "the object exists already".into(),
+            })
+        }
+    }
+
+    async fn list_under(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        use futures::TryStreamExt;
+        let base = self.path(prefix.trim_end_matches('/'));
+        let metas: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&base))
+            .try_collect()
+            .await
+            .map_err(|e| backend("list", &self.location(prefix), e))?;
+        let root = self.prefix.as_ref();
+        let mut out: Vec<String> = metas
+            .into_iter()
+            .map(|m| {
+                let full = m.location.as_ref();
+                full.strip_prefix(root)
+                    .unwrap_or(full)
+                    .trim_start_matches('/')
+                    .to_owned()
+            })
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     fn location(&self, key: &str) -> String {

@@ -1,7 +1,7 @@
 //! The conformance suite every state backend runs (the local folder in unit tests; S3, Azure Blob
 //! and GCS against real or emulated servers in `tests/`): round trip, compare-and-swap with
 //! concurrent writers, leases (exclusive, renewed, expired and taken over, released late),
-//! corrupted and newer documents refused and kept.
+//! corrupted and newer documents refused and kept, the change log's objects.
 
 use crate::blob::{BlobStore, Blobs, Cond};
 use crate::{StateError, StateStore};
@@ -19,7 +19,89 @@ pub async fn run<B: Blobs>(store: &BlobStore<B>, prefix: &str) -> Result<(), Str
     compare_and_swap(store, &format!("{prefix}-cas")).await?;
     leases(store, &format!("{prefix}-lease")).await?;
     corrupted(store, &format!("{prefix}-bad")).await?;
+    change_log(store, &format!("{prefix}-log")).await?;
     Ok(())
+}
+
+/// The change log: records appended as new objects, read back in order, filtered by day and
+/// agreement, never overwritten; the state's own listing does not see them.
+async fn change_log<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
+    let e = |e: StateError| e.to_string();
+    // Unique per run: a bucket may keep what an earlier run wrote.
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let other = format!("{a}-other");
+    s.append_changes(
+        a,
+        "2026-12-04",
+        &format!("235959-{run}"),
+        b"{\"n\":1}\n".to_vec(),
+    )
+    .await
+    .map_err(e)?;
+    s.append_changes(
+        a,
+        "2026-12-05",
+        &format!("000001-{run}"),
+        b"{\"n\":2}\n".to_vec(),
+    )
+    .await
+    .map_err(e)?;
+    s.append_changes(
+        &other,
+        "2026-12-05",
+        &format!("000000-{run}"),
+        b"{\"n\":3}\n".to_vec(),
+    )
+    .await
+    .map_err(e)?;
+    let mine: Vec<Vec<u8>> = s
+        .changes(Some(a), None)
+        .await
+        .map_err(e)?
+        .into_iter()
+        .filter(|(k, _)| k.contains(&run))
+        .map(|(_, b)| b)
+        .collect();
+    assert_that(
+        mine == [b"{\"n\":1}\n".to_vec(), b"{\"n\":2}\n".to_vec()],
+        "an agreement's records come back in order, without another agreement's",
+    )?;
+    let since = s.changes(Some(a), Some("2026-12-05")).await.map_err(e)?;
+    assert_that(
+        since.iter().filter(|(k, _)| k.contains(&run)).count() == 1,
+        "records before the day asked for are left out",
+    )?;
+    let all = s.changes(None, None).await.map_err(e)?;
+    assert_that(
+        all.iter().filter(|(k, _)| k.contains(&run)).count() == 3,
+        "every agreement's records when none is named",
+    )?;
+    assert_that(
+        s.append_changes(a, "2026-12-05", &format!("000001-{run}"), b"x".to_vec())
+            .await
+            .is_err(),
+        "a record object is never overwritten",
+    )?;
+    assert_that(
+        s.append_changes(a, "12/05/2026", "x", b"x".to_vec())
+            .await
+            .is_err(),
+        "a day is YYYY-MM-DD",
+    )?;
+    assert_that(
+        !s.list()
+            .await
+            .map_err(e)?
+            .iter()
+            .any(|n| n.contains("changes")),
+        "the state's listing does not show the change log",
+    )
 }
 
 async fn round_trip<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {

@@ -242,15 +242,12 @@ async fn gcs_with_a_service_account_key_passes_the_conformance_suite() {
         .ttl_secs
         .store(302, std::sync::atomic::Ordering::Relaxed);
     let s = object::open("gs://idsync-state/long-run", &fed).unwrap();
-    testing::run(&s, "gcs-long-1").await.unwrap();
-    let before = gcs.state.infra.accounting.snapshot()["POST /sts/v1/token"];
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    testing::run(&s, "gcs-long-2").await.unwrap();
-    let after = gcs.state.infra.accounting.snapshot()["POST /sts/v1/token"];
-    assert!(
-        after > before,
-        "refreshed mid-run: {before} then {after} exchanges"
-    );
+    common::across_a_refresh(
+        &s,
+        "gcs-long",
+        || gcs.state.infra.accounting.snapshot()["POST /sts/v1/token"],
+    )
+    .await;
 }
 
 /// `IDSYNC_TEST_AZURITE`: Azurite's blob endpoint with the account (`http://127.0.0.1:PORT/devstoreaccount1`).
@@ -388,15 +385,12 @@ async fn moto_with_keys_an_external_id_role_and_a_web_identity_passes_the_suite(
         ..base.clone()
     };
     let s = object::open("s3://idsync-state/teams/azure", &azure).unwrap();
-    testing::run(&s, "moto-azure-1").await.unwrap();
-    let exchanges = aws.state.infra.accounting.snapshot()["POST /"];
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    testing::run(&s, "moto-azure-2").await.unwrap();
-    let after = aws.state.infra.accounting.snapshot()["POST /"];
-    assert!(
-        after > exchanges,
-        "refreshed mid-run: {exchanges} then {after} exchanges"
-    );
+    common::across_a_refresh(
+        &s,
+        "moto-azure",
+        || aws.state.infra.accounting.snapshot()["POST /"],
+    )
+    .await;
 
     let e = object::open("s3://no-such-bucket/x", &base)
         .unwrap()

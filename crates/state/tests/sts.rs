@@ -155,6 +155,19 @@ fn chain(configure: impl FnOnce(AmazonS3Builder) -> AmazonS3Builder) -> AwsCrede
     configure(b).build().unwrap().credentials().clone()
 }
 
+/// The role's credentials, or the error's text.
+async fn credential(
+    o: &StoreOptions,
+    caller: impl FnOnce() -> Result<AwsCredentialProvider, idsync_state::StateError>,
+) -> Result<std::sync::Arc<object_store::aws::AwsCredential>, String> {
+    sts::provider(o, caller)
+        .map_err(|e| e.to_string())?
+        .expect("a role is configured")
+        .get_credential()
+        .await
+        .map_err(|e| e.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_is_assumed_on_top_of_the_container_or_instance_role() {
     let (_graph, aws) = emulators().await;
@@ -190,12 +203,7 @@ async fn a_role_is_assumed_on_top_of_the_container_or_instance_role() {
         external_id: Some("idsync-prod".into()),
         ..opts(&aws)
     };
-    let c = sts::provider(&o, container.clone())
-        .unwrap()
-        .unwrap()
-        .get_credential()
-        .await
-        .unwrap();
+    let c = credential(&o, container.clone()).await.unwrap();
     assert_eq!(aws.state.role_of(&c.key_id).as_deref(), Some(ROLE));
     let counts = aws.state.infra.accounting.snapshot();
     assert_eq!(counts["GET /v2/credentials/{id}"], 1, "{counts:?}");
@@ -210,12 +218,7 @@ async fn a_role_is_assumed_on_top_of_the_container_or_instance_role() {
             }))
         }
     };
-    let c = sts::provider(&o, instance.clone())
-        .unwrap()
-        .unwrap()
-        .get_credential()
-        .await
-        .unwrap();
+    let c = credential(&o, instance).await.unwrap();
     assert_eq!(aws.state.role_of(&c.key_id).as_deref(), Some(ROLE));
     let counts = aws.state.infra.accounting.snapshot();
     assert_eq!(counts["PUT /latest/api/token"], 1, "{counts:?}");
@@ -225,28 +228,14 @@ async fn a_role_is_assumed_on_top_of_the_container_or_instance_role() {
         external_id: Some("guess".into()),
         ..opts(&aws)
     };
-    let e = sts::provider(&wrong, container.clone())
-        .unwrap()
-        .unwrap()
-        .get_credential()
-        .await
-        .map(|_| ())
-        .expect_err("refused")
-        .to_string();
+    let e = credential(&wrong, container.clone()).await.unwrap_err();
     assert!(e.contains("AccessDenied"), "{e}");
     assert!(
         e.contains("the caller's credentials") && e.contains("external id"),
         "{e}"
     );
     aws.state.set_workload_role("someone-else");
-    let e = sts::provider(&o, container)
-        .unwrap()
-        .unwrap()
-        .get_credential()
-        .await
-        .map(|_| ())
-        .expect_err("refused")
-        .to_string();
+    let e = credential(&o, container.clone()).await.unwrap_err();
     assert!(
         e.contains("is not authorized to perform: sts:AssumeRole"),
         "{e}"
@@ -256,28 +245,6 @@ async fn a_role_is_assumed_on_top_of_the_container_or_instance_role() {
     // No credentials at all (the container endpoint refuses the token): the step is named.
     std::fs::write(&token_file, "wrong").unwrap();
     aws.state.set_workload_role("idsync-pod");
-    let fresh = {
-        let token_file = token_file.display().to_string();
-        move || {
-            Ok(chain(|b| {
-                b.with_config(
-                    AmazonS3ConfigKey::ContainerCredentialsFullUri,
-                    format!("{base}/v2/credentials/pod"),
-                )
-                .with_config(
-                    AmazonS3ConfigKey::ContainerAuthorizationTokenFile,
-                    token_file,
-                )
-            }))
-        }
-    };
-    let e = sts::provider(&o, fresh)
-        .unwrap()
-        .unwrap()
-        .get_credential()
-        .await
-        .map(|_| ())
-        .expect_err("refused")
-        .to_string();
+    let e = credential(&o, container).await.unwrap_err();
     assert!(e.contains("needs the caller's own AWS credentials"), "{e}");
 }

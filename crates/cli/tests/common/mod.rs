@@ -137,3 +137,27 @@ pub fn state_of(s: &Sandbox, agreement: &str) -> serde_json::Value {
     assert_eq!(code(&o), 0, "{}", text(&o));
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// Runs the binary off the async runtime (the emulators serve on it), with the variables in
+/// `remove` taken out of its environment (credentials the path under test must not see) and `env`
+/// added.
+pub async fn run_isolated(
+    s: Sandbox,
+    args: &'static [&'static str],
+    remove: &'static [&'static str],
+    env: Vec<(String, String)>,
+) -> (Sandbox, Output) {
+    tokio::task::spawn_blocking(move || {
+        let mut c = s.command(args, &[]);
+        for v in remove {
+            c.env_remove(v);
+        }
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        (s, o)
+    })
+    .await
+    .unwrap()
+}

@@ -1,5 +1,5 @@
 //! What the state tests share: a web identity token source on the Graph emulator.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::panic)]
 
 use idsync_model::Secret;
 use idsync_state::sts::WebIdentityToken;
@@ -36,4 +36,27 @@ impl WebIdentityToken for Imds {
     fn describe(&self) -> String {
         format!("managed identity, audience {}", self.audience)
     }
+}
+
+/// The conformance suite on `store`, then again 2.5 s later, when credentials that live 302 s
+/// (refreshed five minutes before they expire) are due: `exchanges` (the token exchanges the
+/// emulator counted) must have grown, and the second run pass.
+pub async fn across_a_refresh<B: idsync_state::blob::Blobs>(
+    store: &idsync_state::BlobStore<B>,
+    name: &str,
+    exchanges: impl Fn() -> u64,
+) {
+    idsync_state::testing::run(store, &format!("{name}-1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = exchanges();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    idsync_state::testing::run(store, &format!("{name}-2"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let after = exchanges();
+    assert!(
+        after > before,
+        "refreshed mid-run: {before} then {after} exchanges"
+    );
 }
