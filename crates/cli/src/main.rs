@@ -5,6 +5,7 @@
 
 mod agreement;
 mod config;
+mod daemon;
 mod draw;
 mod output;
 mod run;
@@ -68,6 +69,14 @@ enum Cmd {
     Sync {
         #[command(flatten)]
         run: RunArgs,
+    },
+    /// Sync every agreement now and then on a schedule (`--every 30m` or `[run] every`), until
+    /// SIGTERM or Ctrl-C; SIGHUP reloads the configuration. `--once` runs one cycle (a CronJob).
+    Run {
+        #[command(flatten)]
+        run: RunArgs,
+        #[command(flatten)]
+        schedule: daemon::Schedule,
     },
     /// Inspect or reset idsync's state.
     State {
@@ -348,6 +357,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Ok(exit::OK)
         }
         Cmd::State { cmd } => state_cmd(&cli, cmd).await,
+        Cmd::Run { run, schedule } => daemon::run(&cli, run, schedule).await,
         Cmd::Log {
             agreement,
             since,
@@ -522,8 +532,20 @@ fn store_for(url: &str, opts: &idsync_state::StoreOptions) -> Result<Box<dyn Sta
     Ok(idsync_state::open(url, opts)?)
 }
 
-async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) -> Result<u8> {
+async fn run_all(cli: &Cli, args: &RunArgs, mode: Mode, out: Option<&Path>) -> Result<u8> {
     let mut cfg = load_config(cli)?;
+    run_with(cli, &mut cfg, args, mode, out, stop_on_signals()).await
+}
+
+/// One run of every chosen agreement with a loaded configuration, stopping at `stop`.
+async fn run_with(
+    cli: &Cli,
+    cfg: &mut Config,
+    args: &RunArgs,
+    mut mode: Mode,
+    out: Option<&Path>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<u8> {
     if cfg.dry_run {
         mode = Mode::Plan;
     }
@@ -540,7 +562,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
     }
     // --worker-threads bounds the source's requests too.
     let workers = args.worker_threads.unwrap_or(cfg.worker_threads).max(1);
-    let source = build_source(&cfg, workers)?;
+    let source = build_source(cfg, workers)?;
     let mut printer = Printer::stdout(cli.verbose);
 
     if args.query_graph_only || args.save_graph_response_json.is_some() {
@@ -595,7 +617,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
         reconcile: (cfg.reconcile_hours > 0)
             .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
         now: None,
-        stop: Some(stop_on_signals()),
+        stop: Some(stop),
     };
     let mut cache = ReadCache::default();
     let mut worst = exit::OK;
@@ -614,7 +636,7 @@ async fn run_all(cli: &Cli, args: &RunArgs, mut mode: Mode, out: Option<&Path>) 
             continue;
         }
         let outcome = async {
-            let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
+            let (target, identity, describe) = build_target(a, cfg, opts.workers)?;
             let agreement = Agreement {
                 name: &a.name,
                 target: target.as_ref(),

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// One problem in the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +94,7 @@ struct RawState {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRun {
+    every: Option<String>,
     worker_threads: Option<usize>,
     reconcile_hours: Option<u64>,
     dry_run: Option<bool>,
@@ -185,6 +187,8 @@ pub struct Config {
     /// before observing it in full again (`[run] reconcile_hours`, default 24; 0 observes every
     /// target in full on every run).
     pub reconcile_hours: u64,
+    /// How often `idsync run` syncs (`[run] every`).
+    pub every: Option<Duration>,
     /// Things to tell the user that do not stop a run (a secret in a file others can read).
     pub warnings: Vec<String>,
 }
@@ -261,6 +265,33 @@ pub fn parse(text: &str, name: &str, base: &Path, env: &Env) -> Result<Config, C
         });
         Err(ConfigErrors(v.errors))
     }
+}
+
+/// An interval: `90s`, `30m`, `1h`, `1h30m`, `2d` (at least a second).
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not an interval: write it like 90s, 30m, 1h or 1h30m");
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        total = total.saturating_add(n.saturating_mul(unit));
+        number.clear();
+    }
+    if !number.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
 }
 
 /// The source of a configuration, checked alone: for `idsync state` commands whose state signs in
@@ -548,6 +579,16 @@ impl Validator<'_> {
             .as_ref()
             .and_then(|r| r.reconcile_hours)
             .unwrap_or(24);
+        let every = match raw.run.as_ref().and_then(|r| r.every.as_deref()) {
+            None => None,
+            Some(text) => match parse_interval(text) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.err(Origin::File("run.every"), e);
+                    None
+                }
+            },
+        };
 
         // [source]: its kind, named or chosen by the environment (Entra's variables), checks it.
         let source = self.source(raw.source.take(), &cx)?;
@@ -711,6 +752,7 @@ impl Validator<'_> {
             dry_run,
             worker_threads: worker_threads.max(1),
             reconcile_hours,
+            every,
             warnings: Vec::new(),
         })
     }
