@@ -5,7 +5,8 @@
 # conformance suite (the vendors' Python clients, installed into .venv from PyPI), and the state
 # backends against moto (PyPI) and Azurite (npm), the SCIM target against scim2-server (PyPI) and
 # the LDAP source against OpenLDAP (slapd, a Debian package: scripts/ldap.sh) and Active Directory
-# (a Samba AD domain controller, Debian packages: scripts/samba.sh),
+# (a Samba AD domain controller, Debian packages: scripts/samba.sh), the metrics of `idsync run`
+# against a real Prometheus and promtool (Debian packages: scripts/prometheus.sh),
 # started on 127.0.0.1 and stopped by pid, then the fault suite at the size CI affords (RELIABILITY.md).
 #
 # CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
@@ -59,3 +60,6 @@ scripts/samba.sh
 
 echo "== against real servers: state on moto (S3, STS) and Azurite (Azure Blob); the SCIM target on scim2-server"
 scripts/servers.sh
+
+echo "== idsync run --listen scraped by a real Prometheus, its exposition checked by promtool (Debian's prometheus)"
+scripts/prometheus.sh

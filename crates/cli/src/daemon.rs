@@ -28,6 +28,9 @@ pub struct Schedule {
     /// Run one cycle and exit with its code (a Kubernetes CronJob, a scheduled CI job).
     #[arg(long)]
     once: bool,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address (127.0.0.1:9464).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
     /// Random delay added to each wait, as a percentage of the interval.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=50))]
     jitter: u8,
@@ -124,8 +127,33 @@ pub async fn run(cli: &Cli, args: &RunArgs, schedule: &Schedule) -> Result<u8> {
         .map_err(|e| anyhow!("--every: {e}"))?;
     let stop = stop_on_signals();
     let hangup = reload_on_hangup();
+    let metrics = match schedule.listen {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow!("--listen {addr}: {e}"))?;
+            let m = crate::metrics::Metrics::new();
+            eprintln!(
+                "{}: serving /metrics, /healthz and /readyz on http://{}",
+                clock(),
+                listener.local_addr().unwrap_or(addr)
+            );
+            crate::metrics::serve(listener, m.clone());
+            Some(m)
+        }
+    };
     if schedule.once {
-        return run_with(cli, &mut cfg, args, Mode::Sync, None, stop).await;
+        return run_with(
+            cli,
+            &mut cfg,
+            args,
+            Mode::Sync,
+            None,
+            stop,
+            metrics.as_deref(),
+        )
+        .await;
     }
     let mut cycle: u64 = 0;
     loop {
@@ -135,7 +163,25 @@ pub async fn run(cli: &Cli, args: &RunArgs, schedule: &Schedule) -> Result<u8> {
         cycle += 1;
         let started = Instant::now();
         eprintln!("{}: cycle {cycle} starts", clock());
-        let code = match run_with(cli, &mut cfg, args, Mode::Sync, None, stop.clone()).await {
+        if let Some(m) = &metrics {
+            m.cycle();
+            // Ready: the configuration in force is valid, and the state store answers.
+            let store_ok = match idsync_state::open(&cfg.state_url, &cfg.state_options) {
+                Ok(store) => store.list().await.is_ok(),
+                Err(_) => false,
+            };
+            m.ready.store(store_ok, Ordering::SeqCst);
+        }
+        let run = run_with(
+            cli,
+            &mut cfg,
+            args,
+            Mode::Sync,
+            None,
+            stop.clone(),
+            metrics.as_deref(),
+        );
+        let code = match run.await {
             Ok(c) => c,
             Err(e) => {
                 // A cycle that could not start (the source unreachable, the state store

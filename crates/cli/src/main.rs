@@ -7,6 +7,7 @@ mod agreement;
 mod config;
 mod daemon;
 mod draw;
+mod metrics;
 mod output;
 mod run;
 
@@ -534,7 +535,7 @@ fn store_for(url: &str, opts: &idsync_state::StoreOptions) -> Result<Box<dyn Sta
 
 async fn run_all(cli: &Cli, args: &RunArgs, mode: Mode, out: Option<&Path>) -> Result<u8> {
     let mut cfg = load_config(cli)?;
-    run_with(cli, &mut cfg, args, mode, out, stop_on_signals()).await
+    run_with(cli, &mut cfg, args, mode, out, stop_on_signals(), None).await
 }
 
 /// One run of every chosen agreement with a loaded configuration, stopping at `stop`.
@@ -545,6 +546,7 @@ async fn run_with(
     mut mode: Mode,
     out: Option<&Path>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: Option<&metrics::Metrics>,
 ) -> Result<u8> {
     if cfg.dry_run {
         mode = Mode::Plan;
@@ -635,6 +637,7 @@ async fn run_with(
             worst = run::worse(worst, exit::ERROR);
             continue;
         }
+        let started = std::time::Instant::now();
         let outcome = async {
             let (target, identity, describe) = build_target(a, cfg, opts.workers)?;
             let agreement = Agreement {
@@ -660,6 +663,10 @@ async fn run_with(
         }
         .await
         .with_context(|| format!("target {}", a.name));
+        if let Some(m) = metrics {
+            let code = outcome.as_ref().err().map_or(exit::OK, run::code_of);
+            m.agreement(&a.name, &outcome, started.elapsed(), code);
+        }
         match outcome {
             Ok(o) => {
                 worst = run::worse(worst, o.code);

@@ -13,6 +13,54 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
+/// Every request this process sent, for metrics: by service, method and answer (`200`, `429`, or
+/// `error` when none came), and per service the 429s and the time spent waiting before a retry.
+/// Counts only grow.
+pub mod ledger {
+    use std::collections::BTreeMap;
+    use std::sync::{LazyLock, Mutex};
+    use std::time::Duration;
+
+    /// What the ledger holds.
+    #[derive(Clone, Debug, Default, PartialEq)]
+    pub struct Ledger {
+        /// (service, method, status) → requests.
+        pub requests: BTreeMap<(String, String, String), u64>,
+        /// service → answers 429.
+        pub throttled: BTreeMap<String, u64>,
+        /// service → seconds waited before retries (`Retry-After` and backoff).
+        pub retry_wait_seconds: BTreeMap<String, f64>,
+    }
+
+    static LEDGER: LazyLock<Mutex<Ledger>> = LazyLock::new(Mutex::default);
+
+    fn with<T>(f: impl FnOnce(&mut Ledger) -> T) -> T {
+        f(&mut LEDGER.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn request(service: &str, method: &str, status: Option<u16>) {
+        let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+        with(|l| {
+            *l.requests
+                .entry((service.to_owned(), method.to_owned(), status))
+                .or_default() += 1;
+        });
+    }
+
+    pub(crate) fn throttled(service: &str) {
+        with(|l| *l.throttled.entry(service.to_owned()).or_default() += 1);
+    }
+
+    pub(crate) fn waited(service: &str, d: Duration) {
+        with(|l| *l.retry_wait_seconds.entry(service.to_owned()).or_default() += d.as_secs_f64());
+    }
+
+    /// A copy of the ledger now.
+    pub fn snapshot() -> Ledger {
+        with(|l| l.clone())
+    }
+}
+
 /// How to talk to one service.
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
@@ -554,6 +602,14 @@ impl Http {
                 }
             };
             self.limiter.give_back(permit);
+            ledger::request(
+                &self.cfg.service,
+                method.as_str(),
+                match &outcome {
+                    Ok((status, _, _)) | Err((_, Some(status), _, _)) => Some(status.as_u16()),
+                    Err(_) => None,
+                },
+            );
             // One line per request for `--debug`: the path without its query (which can hold delta
             // and skip tokens), never a header or a body.
             match &outcome {
@@ -591,6 +647,8 @@ impl Http {
                         .unwrap_or_else(|| self.jitter(attempt))
                         .min(self.cfg.max_backoff);
                     self.limiter.throttled(wait);
+                    ledger::throttled(&self.cfg.service);
+                    ledger::waited(&self.cfg.service, wait);
                     tracing::info!(service = %self.cfg.service, request = %what, wait_ms = wait.as_millis() as u64, "throttled");
                     let waited = first.elapsed();
                     if waited + wait > self.cfg.throttle_deadline {
@@ -632,6 +690,7 @@ impl Http {
                         .min(self.cfg.max_backoff);
                     tracing::info!(service = %self.cfg.service, request = %what, status = status.as_u16(), "server error; retrying");
                     failures += 1;
+                    ledger::waited(&self.cfg.service, wait);
                     tokio::time::sleep(wait).await;
                 }
                 Ok((status, h, body)) => {
@@ -660,7 +719,9 @@ impl Http {
                     }
                     tracing::info!(service = %self.cfg.service, request = %what, error = %msg, "retrying");
                     failures += 1;
-                    tokio::time::sleep(self.jitter(attempt)).await;
+                    let wait = self.jitter(attempt);
+                    ledger::waited(&self.cfg.service, wait);
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

@@ -107,6 +107,13 @@ pub struct ApplyReport {
     /// The rollback that followed, if the apply was rolled back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollback: Option<crate::rollback::RollbackReport>,
+    /// Principals idsync owns once the apply is committed: users, service principals, groups
+    /// (set by the runner, for metrics).
+    #[serde(skip)]
+    pub owned_after: [usize; 3],
+    /// Whether the committed state trusts its picture of the target (set by the runner).
+    #[serde(skip)]
+    pub trusted_after: bool,
 }
 
 impl ApplyReport {

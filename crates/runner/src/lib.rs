@@ -25,7 +25,7 @@ use idsync_engine::recheck::{Recheck, recheck};
 use idsync_engine::{
     Mapping, OnApplyError, Policy, Scope, Source, Target, TargetIdentity, map_snapshot,
 };
-use idsync_model::{AgreementState, AgreementStatus, Halt, Plan, PlanFile, Stage};
+use idsync_model::{AgreementState, AgreementStatus, Halt, Kind, Plan, PlanFile, Stage};
 use idsync_state::{Lease, StateError, StateStore};
 use std::time::Duration;
 
@@ -444,6 +444,8 @@ async fn apply_file(
         store.renew(l, ttl).await?;
     }
     store.commit(&state).await.map_err(RunError::Commit)?;
+    report.owned_after = Kind::ALL.map(|k| state.owned.get(k).len());
+    report.trusted_after = state.trust.is_some();
     if flushed.is_ok() {
         // The change log, after the commit: it never records what the state does not hold.
         let now = run.now.unwrap_or_else(unix_now);
