@@ -149,6 +149,8 @@ async fn refusals_name_the_step_and_never_the_token() {
 /// `object_store`'s chain as the S3 state builds it without a role: here from the container
 /// endpoint (EKS Pod Identity) or the instance metadata service, both on the emulator.
 fn chain(configure: impl FnOnce(AmazonS3Builder) -> AmazonS3Builder) -> AwsCredentialProvider {
+    // As `object::open` does: reqwest is built without a default crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let b = AmazonS3Builder::new()
         .with_bucket_name("idsync-state")
         .with_region("eu-west-1");
