@@ -21,6 +21,7 @@ impl WebIdentityToken for Imds {
             "{}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={}",
             self.base, self.audience
         );
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let r = reqwest::Client::new()
             .get(url)
             .header("Metadata", "true")
