@@ -118,6 +118,11 @@ fn reload(cli: &Cli, cfg: Config) -> Config {
 
 /// `idsync run`.
 pub async fn run(cli: &Cli, args: &RunArgs, schedule: &Schedule) -> Result<u8> {
+    if !args.only.is_empty() && !schedule.once {
+        return Err(anyhow!(
+            "--only is provisioning on demand, once: use `idsync sync --only` (or `idsync run --once --only`)"
+        ));
+    }
     let mut cfg = load_config(cli)?;
     let from_flag = schedule
         .every

@@ -200,6 +200,11 @@ struct RunArgs {
     /// Only these targets (repeatable) [default: all].
     #[arg(long = "target")]
     targets: Vec<String>,
+    /// Provision on demand: only this principal and its memberships, now (repeatable;
+    /// `user:alice@corp.example`, `group:Platform`, or a source or target id after the kind). The
+    /// change feed's cursors do not move: the next run still sees every change.
+    #[arg(long = "only", value_name = "KIND:KEY")]
+    only: Vec<String>,
     /// Read the whole scope instead of the changes since the last run, and observe every target
     /// in full instead of only what the changes touch.
     #[arg(long)]
@@ -620,6 +625,12 @@ async fn run_with(
             .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
         now: None,
         stop: Some(stop),
+        only: args
+            .only
+            .iter()
+            .map(|o| idsync_engine::ondemand::Only::parse(o))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow!("--only {e}"))?,
     };
     let mut cache = ReadCache::default();
     let mut worst = exit::OK;
@@ -736,7 +747,14 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             .then(|| Duration::from_secs(cfg.reconcile_hours.saturating_mul(3600))),
         now: None,
         stop: Some(stop_on_signals()),
+        // A saved plan made with --only is already restricted (and counts the rest as held back).
+        only: Vec::new(),
     };
+    if !args.only.is_empty() {
+        return Err(anyhow!(
+            "--only restricts a plan as it is made: use it with `idsync plan --out` or `idsync sync`, not with a saved plan"
+        ));
+    }
     let mut printer = Printer::stdout(cli.verbose);
     let mut worst = exit::OK;
     for file in &bundle.plans {

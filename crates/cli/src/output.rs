@@ -171,7 +171,7 @@ impl Printer {
                 return self.paint(
                     "33",
                     &format!(
-                        "nothing to do but {} operation(s) held back: quarantined (see the notes)",
+                        "nothing to do but {} operation(s) held back: quarantined, or left out by --only (see the notes)",
                         plan.held_back
                     ),
                 );

@@ -1575,6 +1575,108 @@ fn the_change_log_holds_exactly_the_applied_operations() {
     );
 }
 
+/// Provision on demand (issue #16, item 6): `sync --only user:KEY` creates that user and adds it to
+/// its groups now; another change waits, the delta cursors do not move, and the next run applies
+/// the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_provisions_one_principal_now_and_leaves_the_change_feed_alone() {
+    use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
+    use idsync_model::{Kind, Member, User};
+    let dir: idsync_model::Directory =
+        serde_json::from_str(include_str!("../../demo/src/directory.json")).unwrap();
+    let graph = idsync_emulators::Graph::start(Tenant::new(dir.try_into().unwrap()))
+        .await
+        .unwrap();
+    let s = entra_sandbox(
+        &graph,
+        &format!("client_id = \"{DEFAULT_CLIENT_ID}\""),
+        "\n[scope]\ngroups = [\"TEAM_ALPHA\"]\n\n[targets.dbx]\nkind = \"file\"\npath = \"dbx.json\"\nprofile = \"databricks\"\n",
+    );
+    let env = vec![("ENTRA_CLIENT_SECRET_VALUE", DEFAULT_CLIENT_SECRET)];
+    let run = |s: Sandbox, args: Vec<&'static str>, env: Vec<(&'static str, &'static str)>| {
+        tokio::task::spawn_blocking(move || {
+            let o = s.run_env(&args, &env);
+            (s, o)
+        })
+    };
+    let (s, o) = run(s, vec!["sync"], env.clone()).await.unwrap();
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let cursors = state_of(&s, "dbx")["cursors"].clone();
+    assert!(
+        cursors.as_object().is_some_and(|c| !c.is_empty()),
+        "{cursors}"
+    );
+
+    // Two people join TEAM_ALPHA.
+    let alpha = "9e7a0000-0000-4000-8000-0000000a1fa0";
+    for (id, name) in [
+        ("0b6f1c2e-0000-4000-8000-00000000f001", "fiona"),
+        ("0b6f1c2e-0000-4000-8000-00000000f002", "gus"),
+    ] {
+        let mut t = graph.state.tenant_mut();
+        let user: User = serde_json::from_value(serde_json::json!({
+            "id": id, "userName": format!("{name}@company.com"), "displayName": name,
+            "emails": [format!("{name}@company.com")]
+        }))
+        .unwrap();
+        t.upsert_user(user);
+        t.add_member(
+            alpha,
+            Member {
+                kind: Kind::User,
+                id: id.to_owned(),
+            },
+        );
+    }
+
+    // Fiona now: created and added to TEAM_ALPHA; Gus waits.
+    let (s, o) = run(
+        s,
+        vec!["sync", "--only", "user:fiona@company.com"],
+        env.clone(),
+    )
+    .await
+    .unwrap();
+    let t = text(&o);
+    assert_eq!(code(&o), 0, "{t}");
+    assert!(t.contains("on demand"), "{t}");
+    let target = s.read("dbx.json");
+    assert!(target.contains("fiona@company.com"), "{target}");
+    assert!(!target.contains("gus@company.com"), "{target}");
+    let state = state_of(&s, "dbx");
+    assert_eq!(state["cursors"], cursors, "the change feed did not move");
+    assert!(state["trust"].is_null(), "the picture is not complete");
+    let log = s.run(&["log", "--principal", "fiona@company.com", "--json"]);
+    let ops: Vec<String> = String::from_utf8_lossy(&log.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["op"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ops, ["create", "addMembers"], "{ops:?}");
+
+    // The next run reads the same changes and does the rest.
+    let (s, o) = run(s, vec!["sync"], env.clone()).await.unwrap();
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(s.read("dbx.json").contains("gus@company.com"));
+    let (s, o) = run(s, vec!["sync"], env.clone()).await.unwrap();
+    assert!(text(&o).contains("in sync: nothing to do"), "{}", text(&o));
+    assert_ne!(
+        state_of(&s, "dbx")["cursors"],
+        cursors,
+        "now the feed moved"
+    );
+
+    // A selector that is not one.
+    let (s, o) = run(s, vec!["sync", "--only", "fiona"], env).await.unwrap();
+    assert_ne!(code(&o), 0);
+    assert!(text(&o).contains("KIND:KEY"), "{}", text(&o));
+    drop(s);
+}
+
 /// Issue #7's CI smoke test: the benchmark driver at the small size, no latency. Request counts
 /// and writes only, never a timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,6 +158,7 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
         reconcile: Some(Duration::from_secs(24 * 3600)),
         now: None,
         stop: None,
+        only: Vec::new(),
     };
 
     p.heading("idsync demo: an Entra ID tenant synced into lakeFS and the Databricks account, all emulated on 127.0.0.1");

@@ -12,6 +12,7 @@ pub mod fold;
 pub mod mapping;
 pub mod memory;
 pub mod observe;
+pub mod ondemand;
 pub mod plan;
 pub mod quarantine;
 pub mod recheck;

@@ -78,6 +78,9 @@ pub struct RunOptions {
     /// Once set (the CLI sets it on Ctrl-C or SIGTERM), no further write starts: those in flight
     /// finish, what was applied is committed, and the lease is released.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Provision on demand: only these principals and their memberships; the change feed's
+    /// cursors stay where they were.
+    pub only: Vec<idsync_engine::ondemand::Only>,
 }
 
 impl RunOptions {
@@ -102,6 +105,7 @@ impl Default for RunOptions {
             reconcile: Some(Duration::from_secs(24 * 3600)),
             now: None,
             stop: None,
+            only: Vec::new(),
         }
     }
 }
@@ -287,6 +291,13 @@ async fn plan_and_apply(
     }
     let now = opts.now.unwrap_or_else(unix_now);
     idsync_engine::quarantine::hold(&mut plan, &state, now, &caps);
+    if !opts.only.is_empty() {
+        let left = idsync_engine::ondemand::restrict(&mut plan, &opts.only);
+        reporter.note(&format!(
+            "on demand: {} operation(s) for the principals asked for; {left} other(s) left for the next run (the change feed's cursors do not move)",
+            plan.ops.len()
+        ));
+    }
     let file = PlanFile {
         plan,
         snapshot: read.snapshot.clone(),
@@ -429,7 +440,7 @@ async fn apply_file(
             &report,
             &caps,
             &mut state,
-            all && report.pending == 0 && file.plan.held_back == 0,
+            all && report.pending == 0 && file.plan.held_back == 0 && run.only.is_empty(),
         );
     } else {
         state = at_begin;
