@@ -103,6 +103,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout:
+    /// `idsync completions bash > /etc/bash_completion.d/idsync`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout: `idsync man > /usr/share/man/man1/idsync.1`.
+    Man,
     /// Free a quarantined principal, or resume a halted agreement.
     Agreement {
         #[command(subcommand)]
@@ -363,6 +371,22 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Ok(exit::OK)
         }
         Cmd::State { cmd } => state_cmd(&cli, cmd).await,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "idsync", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .context("rendering the manual page")?;
+            use std::io::Write;
+            std::io::stdout().write_all(&out)?;
+            Ok(exit::OK)
+        }
         Cmd::Run { run, schedule } => daemon::run(&cli, run, schedule).await,
         Cmd::Log {
             agreement,

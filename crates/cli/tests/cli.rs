@@ -1902,3 +1902,41 @@ guest_user_name = "guest|{mail}"
         s.read("dbx.json")
     );
 }
+
+/// Shell completions and the manual page (issue #16, item 8): generated from the command's own
+/// definition, so they name every command; the bash script is valid bash.
+#[test]
+fn completions_and_the_manual_page_name_every_command() {
+    let s = Sandbox::new("");
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let o = s.run(&["completions", shell]);
+        assert_eq!(code(&o), 0, "{shell}: {}", text(&o));
+        let script = String::from_utf8_lossy(&o.stdout);
+        // Options as each shell writes them (fish: `-l only`).
+        for cmd in ["sync", "run", "log", "state", "only", "every"] {
+            assert!(script.contains(cmd), "{shell} lacks {cmd}");
+        }
+    }
+    let o = s.run(&["completions", "bash"]);
+    s.write("idsync.bash", &String::from_utf8_lossy(&o.stdout));
+    let syntax = Command::new("bash")
+        .args(["-n", s.path("idsync.bash").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "{}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    let o = s.run(&["completions", "tcsh"]);
+    assert_ne!(code(&o), 0);
+
+    let man = s.run(&["man"]);
+    assert_eq!(code(&man), 0, "{}", text(&man));
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.contains(".TH idsync 1"), "{page}");
+    for cmd in ["sync", "run", "log", "completions"] {
+        assert!(page.contains(&format!("idsync\\-{cmd}")), "{cmd}: {page}");
+    }
+    assert!(page.contains("Exit codes"), "{page}");
+}
