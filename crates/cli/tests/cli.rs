@@ -630,17 +630,8 @@ fn a_hand_edited_saved_plan_is_refused_or_halted() {
 /// the next run does the rest; `idsync state unlock` ends a lease a killed process left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_saves_what_was_applied_and_releases_the_lease() {
-    use idsync_emulators::infra::Faults;
-    use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
-    let l = idsync_emulators::Lakefs::start_on(0).await.unwrap();
-    l.state.infra.set_faults(Faults {
-        latency_ms: 150,
-        ..Faults::default()
-    });
-    let extra = format!(
-        "\n[targets.lake]\nkind = \"lakefs\"\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\n",
-        l.server.base_url
-    );
+    use idsync_emulators::lakefs::SECRET_ACCESS_KEY;
+    let (_lake, extra) = common::slow_lakefs().await;
     let s = Sandbox::new(&extra);
     let env = [("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)];
     let (s, stopped, second, third) = tokio::task::spawn_blocking(move || {

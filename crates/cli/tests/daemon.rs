@@ -144,17 +144,8 @@ fn once_runs_a_single_cycle_and_a_schedule_is_required_otherwise() {
 /// saved, the lease released; the service exits 1 (work was left) and the next run converges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_apply_leaves_a_state_the_next_run_resumes() {
-    use idsync_emulators::infra::Faults;
-    use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
-    let l = idsync_emulators::Lakefs::start_on(0).await.unwrap();
-    l.state.infra.set_faults(Faults {
-        latency_ms: 150,
-        ..Faults::default()
-    });
-    let extra = format!(
-        "\n[targets.lake]\nkind = \"lakefs\"\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\n",
-        l.server.base_url
-    );
+    use idsync_emulators::lakefs::SECRET_ACCESS_KEY;
+    let (_lake, extra) = common::slow_lakefs().await;
     let s = Sandbox::new(&extra);
     let env = [("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)];
     let (s, status, second, third) = tokio::task::spawn_blocking(move || {
@@ -253,13 +244,9 @@ fn value(text: &str, series: &str) -> Option<f64> {
 /// The service with a lakeFS target (the emulator counts its requests) and `--listen`: one cycle,
 /// then the metrics against what the emulator, the change log and the state say.
 async fn service_with_metrics() -> (Sandbox, Child, u16, idsync_emulators::Lakefs) {
-    use idsync_emulators::lakefs::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    use idsync_emulators::lakefs::SECRET_ACCESS_KEY;
     let l = idsync_emulators::Lakefs::start_on(0).await.unwrap();
-    let extra = format!(
-        "\n[targets.lake]\nkind = \"lakefs\"\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY_ID}\"\n",
-        l.server.base_url
-    );
-    let s = Sandbox::new(&extra);
+    let s = Sandbox::new(&common::lakefs_target(&l));
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let (s, child) = tokio::task::spawn_blocking(move || {

@@ -39,7 +39,18 @@ pub trait Blobs: Send + Sync {
     async fn list(&self) -> Result<Vec<String>, StateError>;
     /// Writes a new object at a key that may be nested (`changes/a/2026-12-05/x.jsonl`) and is
     /// unique to its writer: the change log's records, never rewritten.
-    async fn create(&self, key: &str, bytes: Vec<u8>) -> Result<(), StateError>;
+    /// By default a write conditional on absence; a folder also makes the nested folders.
+    async fn create(&self, key: &str, bytes: Vec<u8>) -> Result<(), StateError> {
+        if self.put(key, bytes, Cond::Absent).await? {
+            Ok(())
+        } else {
+            Err(StateError::Backend {
+                action: "write",
+                location: self.location(key),
+                detail: "the object exists already".into(),
+            })
+        }
+    }
     /// The keys of every object under `prefix` (`changes/a/`), nested ones included, sorted.
     async fn list_under(&self, prefix: &str) -> Result<Vec<String>, StateError>;
     /// Where an object is, for messages (no credentials).

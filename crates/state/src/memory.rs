@@ -73,18 +73,6 @@ impl Blobs for MemoryBlobs {
             .collect())
     }
 
-    async fn create(&self, key: &str, bytes: Vec<u8>) -> Result<(), StateError> {
-        if self.put(key, bytes, Cond::Absent).await? {
-            Ok(())
-        } else {
-            Err(StateError::Backend {
-                action: "write",
-                location: self.location(key),
-                detail: "the object exists already".into(),
-            })
-        }
-    }
-
     async fn list_under(&self, prefix: &str) -> Result<Vec<String>, StateError> {
         Ok(self
             .objects()

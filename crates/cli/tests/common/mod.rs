@@ -161,3 +161,25 @@ pub async fn run_isolated(
     .await
     .unwrap()
 }
+
+/// The `[targets.lake]` table for a lakeFS emulator (its secret goes in the environment:
+/// `LAKEFS_SECRET_ACCESS_KEY`).
+pub fn lakefs_target(l: &idsync_emulators::Lakefs) -> String {
+    format!(
+        "\n[targets.lake]\nkind = \"lakefs\"\nendpoint = \"{}\"\naccess_key_id = \"{}\"\n",
+        l.server.base_url,
+        idsync_emulators::lakefs::ACCESS_KEY_ID
+    )
+}
+
+/// A lakeFS emulator that answers every request 150 ms late (an apply long enough to be
+/// interrupted), and its target table.
+pub async fn slow_lakefs() -> (idsync_emulators::Lakefs, String) {
+    let l = idsync_emulators::Lakefs::start_on(0).await.unwrap();
+    l.state.infra.set_faults(idsync_emulators::infra::Faults {
+        latency_ms: 150,
+        ..idsync_emulators::infra::Faults::default()
+    });
+    let table = lakefs_target(&l);
+    (l, table)
+}
