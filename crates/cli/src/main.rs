@@ -8,6 +8,7 @@ mod config;
 mod daemon;
 mod draw;
 mod metrics;
+mod notify;
 mod output;
 mod run;
 
@@ -567,15 +568,52 @@ async fn run_all(cli: &Cli, args: &RunArgs, mode: Mode, out: Option<&Path>) -> R
     run_with(cli, &mut cfg, args, mode, out, stop_on_signals(), None).await
 }
 
-/// One run of every chosen agreement with a loaded configuration, stopping at `stop`.
+/// What watches a run besides its printer: the metrics of `idsync run --listen`, the webhook of
+/// `[notify]`.
+#[derive(Clone, Copy, Default)]
+struct Watch<'a> {
+    metrics: Option<&'a metrics::Metrics>,
+    notifier: Option<&'a notify::Notifier>,
+}
+
+/// Runs the agreements ([`run_agreements`]), posting a summary of what failed or halted to the
+/// `[notify]` webhook (never in plan mode), and waiting a bounded time for it at the end.
 async fn run_with(
+    cli: &Cli,
+    cfg: &mut Config,
+    args: &RunArgs,
+    mode: Mode,
+    out: Option<&Path>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    metrics: Option<&metrics::Metrics>,
+) -> Result<u8> {
+    let notifier = match &cfg.notify {
+        Some(n) if mode != Mode::Plan && !cfg.dry_run => Some(notify::Notifier::new(n.clone())?),
+        _ => None,
+    };
+    let watch = Watch {
+        metrics,
+        notifier: notifier.as_ref(),
+    };
+    let result = run_agreements(cli, cfg, args, mode, out, stop, watch).await;
+    if let Some(n) = &notifier {
+        if let Err(e) = &result {
+            n.post(&notify::Summary::not_started(e, run::code_of(e)));
+        }
+        n.finish().await;
+    }
+    result
+}
+
+/// One run of every chosen agreement with a loaded configuration, stopping at `stop`.
+async fn run_agreements(
     cli: &Cli,
     cfg: &mut Config,
     args: &RunArgs,
     mut mode: Mode,
     out: Option<&Path>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    metrics: Option<&metrics::Metrics>,
+    watch: Watch<'_>,
 ) -> Result<u8> {
     if cfg.dry_run {
         mode = Mode::Plan;
@@ -698,9 +736,14 @@ async fn run_with(
         }
         .await
         .with_context(|| format!("target {}", a.name));
-        if let Some(m) = metrics {
-            let code = outcome.as_ref().err().map_or(exit::OK, run::code_of);
-            m.agreement(&a.name, &outcome, started.elapsed(), code);
+        let error_code = outcome.as_ref().err().map_or(exit::OK, run::code_of);
+        if let Some(m) = watch.metrics {
+            m.agreement(&a.name, &outcome, started.elapsed(), error_code);
+        }
+        if let Some(n) = watch.notifier
+            && let Some(summary) = notify::Summary::of(&a.name, &outcome, error_code, n.on())
+        {
+            n.post(&summary);
         }
         match outcome {
             Ok(o) => {
@@ -779,6 +822,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             "--only restricts a plan as it is made: use it with `idsync plan --out` or `idsync sync`, not with a saved plan"
         ));
     }
+    let notifier = cfg.notify.clone().map(notify::Notifier::new).transpose()?;
     let mut printer = Printer::stdout(cli.verbose);
     let mut worst = exit::OK;
     for file in &bundle.plans {
@@ -814,6 +858,12 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
         }
         .await
         .with_context(|| format!("target {name}"));
+        if let Some(n) = &notifier {
+            let error_code = outcome.as_ref().err().map_or(exit::OK, run::code_of);
+            if let Some(summary) = notify::Summary::of(name, &outcome, error_code, n.on()) {
+                n.post(&summary);
+            }
+        }
         match outcome {
             Ok(o) => worst = run::worse(worst, o.code),
             Err(e) => {
@@ -821,6 +871,9 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
                 worst = run::worse(worst, run::code_of(&e));
             }
         }
+    }
+    if let Some(n) = &notifier {
+        n.finish().await;
     }
     Ok(worst)
 }

@@ -5,8 +5,9 @@
 
 use bytes::Bytes;
 use idsync_model::Secret;
+pub use reqwest::Method;
+use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use reqwest::{Method, StatusCode};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -92,6 +93,9 @@ pub struct HttpConfig {
     pub base_backoff: Duration,
     /// Longest single wait, `Retry-After` included.
     pub max_backoff: Duration,
+    /// Name requests by the service's origin only (`POST https://hooks.slack.com/…`), in logs and
+    /// errors: for URLs whose path is itself a credential (a chat webhook).
+    pub hide_path: bool,
 }
 
 impl HttpConfig {
@@ -108,6 +112,7 @@ impl HttpConfig {
             allow_insecure_http: false,
             base_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(60),
+            hide_path: false,
         }
     }
 
@@ -519,7 +524,14 @@ impl Http {
         body: Option<(&str, Vec<u8>)>,
         idempotent: bool,
     ) -> Result<Answer, HttpError> {
-        let what = format!("{method} {}", url.split('?').next().unwrap_or(url));
+        let what = if self.cfg.hide_path {
+            let origin = reqwest::Url::parse(url)
+                .map(|u| u.origin().ascii_serialization())
+                .unwrap_or_else(|_| "(an unreadable URL)".into());
+            format!("{method} {origin}/…")
+        } else {
+            format!("{method} {}", url.split('?').next().unwrap_or(url))
+        };
         if !self.cfg.allow_insecure_http && !safe_to_send(url) {
             return Err(self.fail(
                 ErrorKind::Invalid,

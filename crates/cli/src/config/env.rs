@@ -18,6 +18,7 @@ const SHARED_ENV: &[&str] = &[
     "DRY_RUN",
     "GROUP_FILTER",
     "AZURE_STORAGE_CONNECTION_STRING",
+    "IDSYNC_WEBHOOK_URL",
 ];
 
 /// Every variable idsync reads: the shared ones, then each connector kind's.

@@ -71,6 +71,18 @@ struct Raw {
     #[serde(default)]
     targets: BTreeMap<String, toml::Table>,
     run: Option<RawRun>,
+    notify: Option<RawNotify>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    webhook_url: Option<String>,
+    on: Option<String>,
+    format: Option<String>,
+    timeout: Option<String>,
+    ca_bundle: Option<String>,
+    allow_insecure_http: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +201,8 @@ pub struct Config {
     pub reconcile_hours: u64,
     /// How often `idsync run` syncs (`[run] every`).
     pub every: Option<Duration>,
+    /// Where failures (and, if asked, changes) are posted (`[notify]`).
+    pub notify: Option<crate::notify::NotifyConfig>,
     /// Things to tell the user that do not stop a run (a secret in a file others can read).
     pub warnings: Vec<String>,
 }
@@ -590,6 +604,8 @@ impl Validator<'_> {
             },
         };
 
+        let notify = self.notify(raw.notify.take(), &resolve, env);
+
         // [source]: its kind, named or chosen by the environment (Entra's variables), checks it.
         let source = self.source(raw.source.take(), &cx)?;
         let mut state_options = state_options;
@@ -753,7 +769,102 @@ impl Validator<'_> {
             worker_threads: worker_threads.max(1),
             reconcile_hours,
             every,
+            notify,
             warnings: Vec::new(),
+        })
+    }
+
+    /// `[notify]`, with the webhook from `IDSYNC_WEBHOOK_URL` over the file's.
+    fn notify(
+        &mut self,
+        raw: Option<RawNotify>,
+        resolve: &dyn Fn(&str) -> PathBuf,
+        env: &Env,
+    ) -> Option<crate::notify::NotifyConfig> {
+        use crate::notify::{Format, NotifyConfig, On};
+        let from_env = env
+            .first(&["IDSYNC_WEBHOOK_URL"])
+            .map(|(_, v)| v.to_owned());
+        if raw.is_none() && from_env.is_none() {
+            return None;
+        }
+        let raw = raw.unwrap_or_default();
+        let (url, origin) = match (from_env, raw.webhook_url) {
+            (Some(u), _) => (u, Origin::Env("IDSYNC_WEBHOOK_URL")),
+            (None, Some(u)) => (u, Origin::File("notify.webhook_url")),
+            (None, None) => {
+                self.err(
+                    Origin::File("notify"),
+                    "no webhook: set IDSYNC_WEBHOOK_URL (or [notify] webhook_url)",
+                );
+                return None;
+            }
+        };
+        let allow_insecure_http = raw.allow_insecure_http.unwrap_or(false);
+        let mut ok = true;
+        match scheme_of(&url) {
+            Some("https") => {}
+            Some("http") if allow_insecure_http || idsync_connectors::http::safe_to_send(&url) => {}
+            Some("http") => {
+                ok = false;
+                self.err(
+                    origin,
+                    "a webhook URL is a credential: use https:// (plain http:// only to this machine, or with allow_insecure_http = true)",
+                );
+            }
+            _ => {
+                ok = false;
+                // Never echo the value: the URL is the secret.
+                self.err(origin, "is not an http(s):// URL");
+            }
+        }
+        let on = match raw.on.as_deref() {
+            None | Some("failure") => On::Failure,
+            Some("change") => On::Change,
+            Some(other) => {
+                ok = false;
+                self.err(
+                    Origin::File("notify.on"),
+                    format!(
+                        "{other:?} is not a choice: \"failure\" (a run failed or halted) or \"change\" (that, and every run that changed a target)"
+                    ),
+                );
+                On::Failure
+            }
+        };
+        let format = match raw.format.as_deref() {
+            None | Some("slack") => Format::Slack,
+            Some("teams") => Format::Teams,
+            Some("json") => Format::Json,
+            Some(other) => {
+                ok = false;
+                self.err(
+                    Origin::File("notify.format"),
+                    format!(
+                        "{other:?} is not a choice: \"slack\" ({{\"text\": ...}}, also Teams connector webhooks), \"teams\" (an Adaptive Card, Teams Workflows) or \"json\""
+                    ),
+                );
+                Format::Slack
+            }
+        };
+        let timeout = match raw.timeout.as_deref() {
+            None => Duration::from_secs(20),
+            Some(t) => match parse_interval(t) {
+                Ok(d) => d,
+                Err(e) => {
+                    ok = false;
+                    self.err(Origin::File("notify.timeout"), e);
+                    Duration::from_secs(20)
+                }
+            },
+        };
+        ok.then(|| NotifyConfig {
+            url: idsync_model::Secret::new(url),
+            on,
+            format,
+            timeout,
+            ca_bundle: raw.ca_bundle.as_deref().map(resolve),
+            allow_insecure_http,
         })
     }
 
@@ -799,3 +910,16 @@ pub fn read_groups_file(path: &Path) -> Result<BTreeSet<String>, String> {
 
 #[cfg(test)]
 mod tests;
+
+/// The scheme of a URL-looking string, lowercased.
+fn scheme_of(url: &str) -> Option<&'static str> {
+    let (scheme, rest) = url.split_once("://")?;
+    if rest.is_empty() {
+        return None;
+    }
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => Some("https"),
+        "http" => Some("http"),
+        _ => Some("other"),
+    }
+}

@@ -40,6 +40,13 @@ pub(super) fn readable(path: &Path, text: &str) -> Option<String> {
                 }
             }
         }
+        if table
+            .get("notify")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|n| n.contains_key("webhook_url"))
+        {
+            found.push("notify.webhook_url".into());
+        }
         let first = found.first()?;
         Some(format!(
             "{} holds a secret ({first}{}) and others can read it (mode {:o}): `chmod 600 {}`, or move the secret to its environment variable or a NAME_FILE",

@@ -497,3 +497,45 @@ path = "lake.json"
     );
     fails(&file_source, "state.web_identity", "the source is file");
 }
+
+#[test]
+fn notify_takes_its_webhook_from_the_environment_and_checks_each_key() {
+    let secret = "T1/B2/abcdefSECRET";
+    let url = format!("https://hooks.slack.com/services/{secret}");
+    let env = Env::from_pairs([("IDSYNC_WEBHOOK_URL", url.as_str())]);
+    let c = parse_str(GOOD, &env).unwrap();
+    let n = c.notify.unwrap();
+    assert_eq!(n.url.expose(), url);
+    assert_eq!(n.on, crate::notify::On::Failure);
+    assert_eq!(n.format, crate::notify::Format::Slack);
+    assert_eq!(n.timeout, Duration::from_secs(20));
+    assert!(!format!("{n:?}").contains(secret), "{n:?}");
+
+    // No webhook, no notifications; a [notify] table without one is an error.
+    assert!(parse_str(GOOD, &Env::default()).unwrap().notify.is_none());
+    let text = format!("{GOOD}\n[notify]\non = \"change\"\n");
+    let e = parse_str(&text, &Env::default()).unwrap_err().to_string();
+    assert!(e.contains("no webhook: set IDSYNC_WEBHOOK_URL"), "{e}");
+
+    let text = format!(
+        "{GOOD}\n[notify]\non = \"always\"\nformat = \"discord\"\ntimeout = \"soon\"\nwebhook_url = \"http://hooks.example.com/{secret}\"\n"
+    );
+    let e = parse_str(&text, &Env::default()).unwrap_err().to_string();
+    for want in [
+        "notify.on",
+        "\"always\" is not a choice",
+        "notify.format",
+        "\"discord\" is not a choice",
+        "notify.timeout",
+        "notify.webhook_url",
+        "use https://",
+    ] {
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    assert!(!e.contains(secret), "{e}");
+    let text = format!("{GOOD}\n[notify]\nformat = \"teams\"\non = \"change\"\ntimeout = \"5s\"\n");
+    let n = parse_str(&text, &env).unwrap().notify.unwrap();
+    assert_eq!(n.format, crate::notify::Format::Teams);
+    assert_eq!(n.on, crate::notify::On::Change);
+    assert_eq!(n.timeout, Duration::from_secs(5));
+}
