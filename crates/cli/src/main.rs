@@ -10,6 +10,7 @@ mod draw;
 mod metrics;
 mod notify;
 mod output;
+mod progress;
 mod run;
 
 use anyhow::{Context, Result, anyhow};
@@ -46,6 +47,17 @@ struct Cli {
     /// Log in detail, including requests.
     #[arg(long, global = true)]
     debug: bool,
+    /// No progress on standard error (bars on a terminal, a line per interval otherwise).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// When standard error is not a terminal: a progress line this often, for a step that runs
+    /// that long (30s, 1m).
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_every)]
+    progress_every: Duration,
+}
+
+fn parse_every(s: &str) -> Result<Duration, String> {
+    config::parse_interval(s)
 }
 
 #[derive(Subcommand)]
@@ -310,6 +322,13 @@ fn load_config(cli: &Cli) -> Result<Config> {
 }
 
 async fn dispatch(cli: Cli) -> Result<u8> {
+    if matches!(
+        cli.cmd,
+        Cmd::Plan { .. } | Cmd::Sync { .. } | Cmd::Apply { .. } | Cmd::Run { .. }
+    ) && let Some(style) = progress::style(cli.quiet, cli.progress_every)
+    {
+        progress::install(style);
+    }
     match &cli.cmd {
         #[cfg(feature = "demo")]
         Cmd::Demo { dir } => Ok(idsync_demo::run(dir, &mut Printer::stdout(cli.verbose)).await?),

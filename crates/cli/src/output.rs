@@ -79,8 +79,11 @@ impl Printer {
     }
 
     fn emit(&mut self, s: &str) {
-        let _ = self.out.write_all(s.as_bytes());
-        let _ = self.out.flush();
+        let out = &mut self.out;
+        idsync_engine::progress::suspend(|| {
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+        });
     }
 
     /// A heading line.

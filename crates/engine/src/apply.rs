@@ -293,6 +293,9 @@ pub async fn apply(
                 }
             })
             .buffer_unordered(width)
+            .inspect(|ran| {
+                crate::progress::add(crate::progress::Phase::Apply, ran.len());
+            })
             .flat_map(futures::stream::iter)
             .collect()
             .await;

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod observe;
 pub mod ondemand;
 pub mod plan;
+pub mod progress;
 pub mod quarantine;
 pub mod recheck;
 pub mod rollback;

@@ -399,6 +399,17 @@ async fn apply_file(
         stop: run.stop.clone(),
         rollback: undoable,
     };
+    let _step = idsync_engine::progress::begin(
+        idsync_engine::progress::Phase::Apply,
+        &format!("applying to {}", a.describe),
+        Some(
+            file.plan
+                .ops
+                .iter()
+                .filter(|o| stages.contains(&o.stage()))
+                .count() as u64,
+        ),
+    );
     let mut report = {
         let work = apply::apply(&file.plan, a.target, &mut state, &opts);
         match lease {

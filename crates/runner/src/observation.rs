@@ -58,6 +58,12 @@ pub(crate) async fn observe_and_plan(
         target: a.describe.clone(),
         error,
     };
+    // The step covers the planning too (at 100k users it takes seconds of its own).
+    let _step = idsync_engine::progress::begin(
+        idsync_engine::progress::Phase::Observe,
+        &format!("observing {}", a.describe),
+        None,
+    );
     let mut incremental = None;
     if let Some((since, prev)) = trusted(state, &fingerprint, opts, now) {
         let prev = map_snapshot(prev, a.mapping, caps);

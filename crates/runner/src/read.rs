@@ -33,6 +33,11 @@ impl ReadCache {
             return r.clone();
         }
         let read = async {
+            let _step = idsync_engine::progress::begin(
+                idsync_engine::progress::Phase::Read,
+                "reading the source",
+                None,
+            );
             Ok(match (incremental, &state.last_applied) {
                 (true, Some(base)) => match source.read_changes(scope, base, &state.cursors).await?
                 {

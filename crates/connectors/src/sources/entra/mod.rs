@@ -243,7 +243,9 @@ impl EntraSource {
                     },
                 )
                 .await?;
-            out.extend(items(&mut page, "a page")?);
+            let got = items(&mut page, "a page")?;
+            idsync_engine::progress::add(idsync_engine::progress::Phase::Read, got.len());
+            out.extend(got);
             match follow(text(&page, "@odata.nextLink"), &self.cfg.graph, &mut seen)? {
                 Some(next) => url = next,
                 None => return Ok(out),
@@ -463,6 +465,7 @@ impl EntraSource {
                 .pointer("/body/@odata.nextLink")
                 .and_then(Value::as_str)
                 .map(str::to_owned);
+            idsync_engine::progress::add(idsync_engine::progress::Phase::Read, items.len());
             if let Some(next) = follow(next, &self.cfg.graph, &mut Default::default())? {
                 items.extend(self.all(next).await?);
             }
@@ -650,7 +653,9 @@ impl EntraSource {
             let mut page: Value = a
                 .json("Microsoft Graph", "a delta page")
                 .map_err(source_error)?;
-            items.extend(self::items(&mut page, "a delta page")?);
+            let got = self::items(&mut page, "a delta page")?;
+            idsync_engine::progress::add(idsync_engine::progress::Phase::Read, got.len());
+            items.extend(got);
             if let Some(next) = follow(text(&page, "@odata.nextLink"), &self.cfg.graph, &mut seen)?
             {
                 url = next;

@@ -643,6 +643,7 @@ impl Conn {
                         ));
                     }
                     found.entries.push(e);
+                    idsync_engine::progress::add(idsync_engine::progress::Phase::Read, 1);
                 } else {
                     let _ = stream.finish().await;
                     return Err(err(

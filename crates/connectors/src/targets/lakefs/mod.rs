@@ -176,6 +176,10 @@ impl LakefsTarget {
                 )
                 .await
                 .map_err(target_error)?;
+            idsync_engine::progress::add(
+                idsync_engine::progress::Phase::Observe,
+                page.results.len(),
+            );
             out.extend(page.results);
             if !page.pagination.has_more {
                 return Ok(out);

@@ -682,6 +682,10 @@ impl ScimTarget {
                     ListResponse::from_value(v, self.dialect.service, &what)
                 })
                 .await?;
+            idsync_engine::progress::add(
+                idsync_engine::progress::Phase::Observe,
+                page.resources.len(),
+            );
             // A server that ignores `startIndex` sends the same page forever.
             let fresh = page
                 .resources
