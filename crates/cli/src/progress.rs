@@ -123,7 +123,11 @@ impl Current {
         } else {
             l.push_str(&format!(" {}", self.phase.unit()));
         }
-        l.push_str(&format!(", {}/s, {}", grouped(rate as u64), human(secs)));
+        l.push_str(&format!(
+            ", {}/s, {}",
+            grouped(rate.round() as u64),
+            human(secs)
+        ));
         if done {
             l.push_str(", done");
         } else if let Some(t) = self.total
