@@ -6,7 +6,8 @@
 # backends against moto (PyPI) and Azurite (npm), the SCIM target against scim2-server (PyPI) and
 # the LDAP source against OpenLDAP (slapd, a Debian package: scripts/ldap.sh) and Active Directory
 # (a Samba AD domain controller, Debian packages: scripts/samba.sh), the metrics of `idsync run`
-# against a real Prometheus and promtool (Debian packages: scripts/prometheus.sh),
+# against a real Prometheus and promtool (Debian packages: scripts/prometheus.sh), its status page
+# in Chromium's headless shell (a Debian package: scripts/browser.sh),
 # started on 127.0.0.1 and stopped by pid, then the fault suite at the size CI affords (RELIABILITY.md).
 #
 # CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
@@ -63,3 +64,6 @@ scripts/servers.sh
 
 echo "== idsync run --listen scraped by a real Prometheus, its exposition checked by promtool (Debian's prometheus)"
 scripts/prometheus.sh
+
+echo "== the status page of idsync run --listen in a headless browser (Debian's chromium-headless-shell)"
+scripts/browser.sh

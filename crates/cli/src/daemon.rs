@@ -172,7 +172,15 @@ pub async fn run(cli: &Cli, args: &RunArgs, schedule: &Schedule) -> Result<u8> {
             m.cycle();
             // Ready: the configuration in force is valid, and the state store answers.
             let store_ok = match idsync_state::open(&cfg.state_url, &cfg.state_options) {
-                Ok(store) => store.list().await.is_ok(),
+                Ok(store) => {
+                    let ok = store.list().await.is_ok();
+                    m.board.configure(
+                        store,
+                        &cfg.state_url,
+                        cfg.agreements.iter().map(|a| a.name.clone()).collect(),
+                    );
+                    ok
+                }
                 Err(_) => false,
             };
             m.ready.store(store_ok, Ordering::SeqCst);
@@ -205,6 +213,10 @@ pub async fn run(cli: &Cli, args: &RunArgs, schedule: &Schedule) -> Result<u8> {
             });
         }
         let next = every.saturating_sub(started.elapsed()) + jitter(every, schedule.jitter);
+        if let Some(m) = &metrics {
+            m.board
+                .next_cycle(idsync_runner::unix_now() + next.as_secs());
+        }
         eprintln!(
             "{}: cycle {cycle} ended with exit code {code}; the next starts in {}",
             clock(),

@@ -12,6 +12,7 @@ mod notify;
 mod output;
 mod progress;
 mod run;
+mod status;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};

@@ -73,6 +73,8 @@ pub struct Metrics {
     seen: Mutex<Ledger>,
     /// The configuration is valid and the state store answered.
     pub ready: AtomicBool,
+    /// What the status page shows besides the state.
+    pub board: crate::status::Board,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +111,7 @@ impl Metrics {
             cycles: Counter::default(),
             seen: Mutex::new(Ledger::default()),
             ready: AtomicBool::new(false),
+            board: crate::status::Board::new(),
             registry: Registry::default(),
         };
         registry.register(
@@ -180,6 +183,19 @@ impl Metrics {
             Ok(o) => o.code,
             Err(_) => code_of_error,
         };
+        let report = result.as_ref().ok().and_then(|o| o.report.as_ref());
+        self.board.record(
+            name,
+            crate::status::LastRun {
+                at: idsync_runner::unix_now(),
+                outcome: outcome(code),
+                code,
+                took,
+                applied: report.map_or(0, |r| r.applied),
+                failed: report.map_or(0, |r| r.failed.len()),
+                error: result.as_ref().err().map(|e| format!("{e:#}")),
+            },
+        );
         self.runs
             .get_or_create(&RunLabels {
                 agreement: name.to_owned(),
@@ -298,14 +314,35 @@ pub fn classic(openmetrics: &str) -> String {
     out
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process ends.
+/// Serves the status page (`/`), `/metrics`, `/healthz` and `/readyz` on `listener` until the
+/// process ends.
 pub fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     use axum::http::{StatusCode, header};
     use axum::response::IntoResponse;
     use axum::routing::get;
     let m = metrics.clone();
-    let r = metrics;
+    let r = metrics.clone();
+    let p = metrics;
     let app = axum::Router::new()
+        .route(
+            "/",
+            get(move || {
+                let p = p.clone();
+                async move {
+                    (
+                        [
+                            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                            (header::CACHE_CONTROL, "no-store"),
+                            (
+                                header::CONTENT_SECURITY_POLICY,
+                                "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+                            ),
+                        ],
+                        p.board.page().await,
+                    )
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move |headers: axum::http::HeaderMap| {
