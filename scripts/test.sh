@@ -67,3 +67,6 @@ scripts/prometheus.sh
 
 echo "== the status page of idsync run --listen in a headless browser (Debian's chromium-headless-shell)"
 scripts/browser.sh
+
+echo "== the deployment examples: the manifests fit together, each configuration validates"
+scripts/examples.sh
