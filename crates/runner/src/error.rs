@@ -83,6 +83,10 @@ pub enum RunError {
         /// The first failure.
         first: String,
     },
+    /// Ending an agreement (finalise, terminate) cannot go on; the message says why and what to
+    /// do.
+    #[error("{0}")]
+    Lifecycle(String),
     /// The target could not make the writes durable; the state went back to before the apply.
     #[error("finishing the writes to target {agreement}: {error}")]
     Flush {

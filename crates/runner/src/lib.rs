@@ -10,6 +10,7 @@
 
 pub mod changes;
 mod error;
+pub mod lifecycle;
 pub mod observation;
 mod read;
 mod rollback;
@@ -208,7 +209,7 @@ async fn load_state(store: &dyn StateStore, name: &str) -> Result<AgreementState
         AgreementStatus::Active => Ok(st),
         other => Err(RunError::Inactive {
             agreement: name.to_owned(),
-            status: format!("{other:?}"),
+            status: format!("{other:?}").to_lowercase(),
         }),
     }
 }
