@@ -140,15 +140,8 @@ pub async fn run(cli: &Cli, cmd: &AgreementCmd) -> Result<u8> {
         AgreementCmd::Status { agreement, state } => {
             let (u, o) = state_location(cli, state)?;
             let store = store_for(&u, &o)?;
-            let names = match agreement {
-                Some(a) => vec![a.clone()],
-                None => store.list().await?,
-            };
-            if names.is_empty() {
-                println!("no agreement has state in {} yet", store.describe());
-            }
-            for name in names {
-                match store.load(&name).await? {
+            for (name, st) in states(store.as_ref(), agreement).await? {
+                match st {
                     None => println!("{name}: no state in {} (it never ran)", store.describe()),
                     Some(st) => print_status(&name, &st),
                 }
@@ -313,6 +306,32 @@ fn print_status(name: &str, st: &AgreementState) {
             "  an apply was interrupted: its journal is open; the next `idsync sync --target {name}` finishes it (and must, before the agreement can end)"
         );
     }
+    endings(name, st);
+}
+
+/// The named agreement's state, or every agreement's in the store (saying so when there is none).
+pub async fn states(
+    store: &dyn StateStore,
+    agreement: &Option<String>,
+) -> Result<Vec<(String, Option<AgreementState>)>> {
+    let names = match agreement {
+        Some(a) => vec![a.clone()],
+        None => store.list().await?,
+    };
+    if names.is_empty() {
+        println!("no agreement has state in {} yet", store.describe());
+    }
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let st = store.load(&name).await?;
+        out.push((name, st));
+    }
+    Ok(out)
+}
+
+/// What finalising and terminating the agreement would do (or that it has ended).
+pub fn endings(name: &str, st: &AgreementState) {
+    let held = lifecycle::Holdings::of(st);
     if st.status != AgreementStatus::Active {
         println!(
             "  later runs of {name} stop; `idsync state reset {name} --yes` starts a new agreement"

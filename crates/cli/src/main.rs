@@ -931,15 +931,8 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
         } => {
             let (u, o) = url(state)?;
             let store = store_for(&u, &o)?;
-            let names = match agreement {
-                Some(a) => vec![a.clone()],
-                None => store.list().await?,
-            };
-            if names.is_empty() {
-                println!("no state in {}", store.describe());
-            }
-            for name in names {
-                let Some(st) = store.load(&name).await? else {
+            for (name, st) in agreement::states(store.as_ref(), agreement).await? {
+                let Some(st) = st else {
                     println!("{name}: no state in {}", store.describe());
                     continue;
                 };
@@ -1034,6 +1027,7 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
                         );
                     }
                 }
+                agreement::endings(&name, &st);
             }
             Ok(exit::OK)
         }

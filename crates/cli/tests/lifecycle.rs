@@ -61,6 +61,9 @@ fn terminate_plans_first_deletes_what_it_created_and_ends_the_agreement() {
         "{out}"
     );
 
+    let out = text(&s.run(&["state", "show", "dbx"]));
+    assert!(out.contains("terminate would: delete the 7 principal(s)"), "{out}");
+
     // A plan: nothing deleted, the count to confirm named.
     let before = s.read("dbx.json");
     let o = s.run(&["agreement", "terminate", "dbx"]);
