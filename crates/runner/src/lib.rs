@@ -127,6 +127,25 @@ pub struct Agreement<'a> {
     pub policy: &'a Policy,
 }
 
+impl Agreement<'_> {
+    /// The error of a failed observation of this agreement's target.
+    pub fn observe_error(&self, error: idsync_engine::TargetError) -> RunError {
+        RunError::Observe {
+            agreement: self.name.to_owned(),
+            target: self.describe.clone(),
+            error,
+        }
+    }
+
+    /// Observes the target in full.
+    pub async fn observe(&self) -> Result<idsync_model::Observed, RunError> {
+        self.target
+            .observe()
+            .await
+            .map_err(|e| self.observe_error(e))
+    }
+}
+
 /// What a run shows a person. The CLI prints; tests collect or ignore.
 pub trait Reporter {
     /// A remark (a fallback taken, a file saved).

@@ -179,15 +179,7 @@ async fn terminate_under_lease(
         }
     }
     let caps = a.target.capabilities();
-    let observed = a
-        .target
-        .observe()
-        .await
-        .map_err(|error| RunError::Observe {
-            agreement: a.name.to_owned(),
-            target: a.describe.clone(),
-            error,
-        })?;
+    let observed = a.observe().await?;
     let desired = map_snapshot(&Snapshot::default(), a.mapping, &caps);
     let policy = Policy {
         deprovision: Deprovision::Delete,

@@ -53,11 +53,7 @@ pub(crate) async fn observe_and_plan(
 ) -> Result<Plan, RunError> {
     let fingerprint = observe::fingerprint(&a.identity, a.mapping, caps, policy);
     let now = opts.now.unwrap_or_else(unix_now);
-    let failed = |error| RunError::Observe {
-        agreement: a.name.to_owned(),
-        target: a.describe.clone(),
-        error,
-    };
+    let failed = |error| a.observe_error(error);
     // The step covers the planning too (at 100k users it takes seconds of its own).
     let _step = idsync_engine::progress::begin(
         idsync_engine::progress::Phase::Observe,

@@ -141,15 +141,7 @@ pub(crate) async fn finish(
     if !journal.pending_creates.is_empty()
         && journal.undo.iter().any(|op| !ids.finds_all(op, &caps))
     {
-        let observed = a
-            .target
-            .observe()
-            .await
-            .map_err(|error| RunError::Observe {
-                agreement: a.name.to_owned(),
-                target: a.describe.clone(),
-                error,
-            })?;
+        let observed = a.observe().await?;
         ids.add_observed(&observed, &journal.pending_creates, &caps);
     }
     let undo: Vec<Op> = journal
