@@ -7,7 +7,8 @@
 # the LDAP source against OpenLDAP (slapd, a Debian package: scripts/ldap.sh) and Active Directory
 # (a Samba AD domain controller, Debian packages: scripts/samba.sh), the metrics of `idsync run`
 # against a real Prometheus and promtool (Debian packages: scripts/prometheus.sh), its status page
-# in Chromium's headless shell (a Debian package: scripts/browser.sh),
+# in Chromium's headless shell (a Debian package: scripts/browser.sh), the Kanidm emulator against
+# Kanidm's own server library (crates.io: scripts/kanidm.sh),
 # started on 127.0.0.1 and stopped by pid, then the fault suite at the size CI affords (RELIABILITY.md).
 #
 # CI calls this through .ci/run. Everything runs on 127.0.0.1 only; nothing here reaches the network
@@ -70,3 +71,6 @@ scripts/browser.sh
 
 echo "== the deployment examples: the manifests fit together, each configuration validates"
 scripts/examples.sh
+
+echo "== the Kanidm emulator against Kanidm's own server library (kanidmd_lib 1.7.4, tests/kanidm)"
+scripts/kanidm.sh

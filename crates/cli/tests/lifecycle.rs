@@ -62,7 +62,10 @@ fn terminate_plans_first_deletes_what_it_created_and_ends_the_agreement() {
     );
 
     let out = text(&s.run(&["state", "show", "dbx"]));
-    assert!(out.contains("terminate would: delete the 7 principal(s)"), "{out}");
+    assert!(
+        out.contains("terminate would: delete the 7 principal(s)"),
+        "{out}"
+    );
 
     // A plan: nothing deleted, the count to confirm named.
     let before = s.read("dbx.json");

@@ -19,6 +19,7 @@ pub mod gcs;
 pub mod generator;
 pub mod graph;
 pub mod infra;
+pub mod kanidm;
 pub mod lakefs;
 pub mod tenant;
 
@@ -242,6 +243,23 @@ impl Lakefs {
     /// The API base URL (`http://127.0.0.1:PORT/api/v1`).
     pub fn api_url(&self) -> String {
         format!("{}/api/v1", self.server.base_url)
+    }
+}
+
+/// A running Kanidm sync-account API emulator.
+pub struct Kanidm {
+    /// Its state.
+    pub state: Arc<kanidm::KanidmState>,
+    /// The server.
+    pub server: Running,
+}
+
+impl Kanidm {
+    /// Starts one on a free port of 127.0.0.1 (or `port`).
+    pub async fn start_on(port: u16) -> std::io::Result<Kanidm> {
+        let state = kanidm::KanidmState::new();
+        let server = serve(kanidm::router(state.clone()), port).await?;
+        Ok(Kanidm { state, server })
     }
 }
 
