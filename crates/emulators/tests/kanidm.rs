@@ -394,7 +394,7 @@ async fn emulated() -> (idsync_emulators::Kanidm, Server) {
         sync_token: idsync_emulators::kanidm::SYNC_TOKEN.into(),
         admin_token: idsync_emulators::kanidm::ADMIN_TOKEN.into(),
         sync_account: idsync_emulators::kanidm::SYNC_ACCOUNT.into(),
-        http: reqwest::Client::new(),
+        http: client(),
     };
     (k, s)
 }
@@ -444,7 +444,7 @@ fn real() -> Real {
             sync_token: text("sync_token"),
             admin_token: text("admin_token"),
             sync_account: text("sync_account"),
-            http: reqwest::Client::new(),
+            http: client(),
         },
         child,
     }
@@ -462,4 +462,10 @@ async fn kanidm_follows_the_suite_to_finalise() {
 async fn kanidm_follows_the_suite_to_terminate() {
     let r = real();
     suite(&r.server, true).await;
+}
+
+/// An HTTP client (reqwest without a default crypto provider: ring, as idsync uses).
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
