@@ -480,10 +480,19 @@ fn delete(d: &mut KanidmData, gone: &[String]) {
     }
 }
 
+/// The largest `POST /scim/v1/Sync` body Kanidm accepts: 32 MiB (`DEFAULT_SCIM_SYNC_BYTES`,
+/// `server/core/src/https/v1_scim.rs`, at v1.7.4 and on main).
+pub const MAX_SYNC_BYTES: usize = 32 * 1024 * 1024;
+
 /// The emulator's routes.
 pub fn router(st: Arc<KanidmState>) -> axum::Router {
     axum::Router::new()
-        .route("/scim/v1/Sync", get(get_state).post(post_sync))
+        .route(
+            "/scim/v1/Sync",
+            get(get_state)
+                .post(post_sync)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_SYNC_BYTES)),
+        )
         .route("/v1/sync_account/{id}/_finalise", get(finalise))
         .route("/v1/sync_account/{id}/_terminate", get(terminate))
         .route("/_idsync/entries", get(entries))

@@ -387,6 +387,42 @@ async fn the_emulator_answers_a_conflict_as_later_releases_do() {
     assert!(s.entries().await.is_empty());
 }
 
+/// Kanidm takes a sync request of up to 32 MiB (axum's own default would stop at 2 MB).
+#[tokio::test]
+async fn the_emulator_takes_sync_bodies_up_to_kanidms_limit() {
+    let (_k, s) = emulated().await;
+    let many = |n: usize| -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                let id = format!("5f1c3a1e-0b7d-4e55-9b41-{i:012x}");
+                person(&id, &format!("user{i}"), &"x".repeat(200), None)
+            })
+            .collect()
+    };
+    let body = request(json!("Refresh"), active("Yg"), many(8_000), json!("Ignore"));
+    assert!(body.to_string().len() > 3_000_000);
+    let (st, v) = s.sync(&body).await;
+    assert_eq!((st, &v), (StatusCode::OK, &Value::Null), "{v}");
+    assert_eq!(s.entries().await.len(), 8_000);
+    let big = request(active("Yg"), active("Yw"), many(90_000), json!("Ignore"));
+    let text = big.to_string();
+    assert!(text.len() > idsync_emulators::kanidm::MAX_SYNC_BYTES);
+    let r = s
+        .http
+        .post(format!("{}/scim/v1/Sync", s.url))
+        .bearer_auth(&s.sync_token)
+        .header("content-type", "application/json")
+        .body(text)
+        .send()
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE),
+        // Refused before it was all sent.
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
+    assert_eq!(s.state().await.1, active("Yg"));
+}
+
 async fn emulated() -> (idsync_emulators::Kanidm, Server) {
     let k = idsync_emulators::Kanidm::start_on(0).await.unwrap();
     let s = Server {

@@ -9,6 +9,7 @@ Only the standard library; 127.0.0.1 only.
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -52,9 +53,15 @@ def main():
     req = urllib.request.Request(url + "/scim/v1/Sync", data=body, method="POST", headers={
         "Authorization": "Bearer " + token, "Content-Type": "application/json"})
     started = time.monotonic()
-    with urllib.request.urlopen(req, timeout=3600) as r:
-        status = r.status
-        r.read()
+    try:
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            status = r.status
+            r.read()
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except urllib.error.URLError as e:
+        # A server that refuses the body early (its size limit) closes the connection on it.
+        status = f"refused: {e.reason}"
     took = time.monotonic() - started
     print(json.dumps({"users": users, "groups": max(1, users // 10), "memberships": max(1, users // 10) * 100,
                       "request_bytes": len(body), "status": status, "seconds": round(took, 2)}))
