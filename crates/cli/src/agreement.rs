@@ -55,8 +55,8 @@ pub enum AgreementCmd {
         #[arg(long)]
         state: Option<String>,
     },
-    /// Remove what the agreement created (memberships, then groups, users and service
-    /// principals) and end it. A plan first: it deletes only with --yes-delete N, N being the
+    /// Remove what the agreement created (its groups, users and service principals, and with them
+    /// their memberships) and end it. A plan first: it deletes only with --yes-delete N, N being the
     /// number of deletions the plan shows.
     Terminate {
         /// The agreement (`[targets.NAME]` of the configuration).

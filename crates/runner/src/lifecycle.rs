@@ -3,9 +3,10 @@
 //! - **finalise**: idsync gives its authority up and the principals stay in the target, now the
 //!   target's own. The state forgets what it owned (idsync writes no ownership marker into a
 //!   target, so nothing there changes) and the agreement is `Finalised`: later runs stop.
-//! - **terminate**: what the agreement created is removed, memberships first (the member removals
-//!   of the members stage), then the principals (the deprovision stage: groups, users, service
-//!   principals), and the agreement is `Terminated`. A principal it only adopted is left as it is
+//! - **terminate**: the principals the agreement created are deleted (the deprovision stage:
+//!   groups, users, service principals; a target drops a deleted principal's memberships with it),
+//!   and the agreement is `Terminated`. Members idsync added to a group it only adopted stay when
+//!   they are principals it adopted too: the plan has no member removals of its own. A principal it only adopted is left as it is
 //!   and forgotten, unless `include_adopted`. Terminate is a plan first, like every change: it is
 //!   applied only when the caller confirms the exact number of deletions the plan shows, which
 //!   also stands in for the deletion threshold's approval.
@@ -257,6 +258,12 @@ async fn terminate_under_lease(
     }
     let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
     let lease = lease.map(|l| (l, opts.lease));
+    // Until every deletion succeeded, ordinary runs must not put back what was deleted: the
+    // agreement is halted in the same commit as the journal, before the first delete.
+    state.halted = Some(format!(
+        "a terminate of {} was started and has not finished; run `idsync agreement terminate {} --yes-delete N` again to finish it",
+        a.name, a.name
+    ));
     let report = apply_file(&file, a, store, state, &stages, opts, lease).await?;
     reporter.report(&report);
     if !report.is_success() || report.pending > 0 {
