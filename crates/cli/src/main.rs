@@ -608,7 +608,7 @@ async fn run_with(
     metrics: Option<&metrics::Metrics>,
 ) -> Result<u8> {
     let notifier = match &cfg.notify {
-        Some(n) if mode != Mode::Plan && !cfg.dry_run => Some(notify::Notifier::new(n.clone())?),
+        Some(n) if mode != Mode::Plan && !cfg.dry_run => notify::Notifier::start(n),
         _ => None,
     };
     let watch = Watch {
@@ -842,7 +842,7 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
             "--only restricts a plan as it is made: use it with `idsync plan --out` or `idsync sync`, not with a saved plan"
         ));
     }
-    let notifier = cfg.notify.clone().map(notify::Notifier::new).transpose()?;
+    let notifier = cfg.notify.as_ref().and_then(notify::Notifier::start);
     let mut printer = Printer::stdout(cli.verbose);
     let mut worst = exit::OK;
     for file in &bundle.plans {

@@ -4,8 +4,9 @@
 //! - The URL is a credential (a Slack or Teams webhook's path is its token): it comes from
 //!   `IDSYNC_WEBHOOK_URL` (or `[notify] webhook_url`), is held as a [`Secret`], and requests are
 //!   named by the service's origin only in logs and errors.
-//! - Posting never holds a run up: each summary is sent by its own task, retried on 429 (after
-//!   `Retry-After`), 5xx and dropped connections, while the next agreement runs. When the command
+//! - Posting never holds a run up: each summary is sent by its own task while the next agreement
+//!   runs, and sent again after a 429 (its `Retry-After`) or a failed connection; not after a 5xx
+//!   or a timeout, when the message may have been posted already. When the command
 //!   ends it waits at most `timeout` for what is still being sent, then says what was not
 //!   delivered.
 //! - Shapes (`format`), see `docs/apis/webhooks.md`: `slack` is `{"text": ...}`, which Slack's
@@ -154,6 +155,9 @@ impl Summary {
                     None => "the run halted: `idsync state show` says why".into(),
                 }));
             }
+            exit::ERROR if o.report.is_none() => {
+                s.message = Some("the run stopped before it applied anything".into());
+            }
             exit::ERROR => {
                 s.message = Some(format!(
                     "{} operation(s) failed; the next run tries them again",
@@ -221,10 +225,12 @@ impl Summary {
         match format {
             Format::Json => serde_json::to_value(self).unwrap_or_default(),
             Format::Slack => {
-                let mut text = format!("*{}*", self.headline());
+                // Names and errors come from the directory: escaped as Slack asks (&, <, >), so
+                // a group named `<!channel>` pings nobody and no link is hidden.
+                let mut text = format!("*{}*", slack_escape(&self.headline()));
                 for l in self.lines() {
                     text.push('\n');
-                    text.push_str(&l);
+                    text.push_str(&slack_escape(&l));
                 }
                 serde_json::json!({ "text": text })
             }
@@ -264,6 +270,14 @@ impl Summary {
             }
         }
     }
+}
+
+/// Slack's escaping of `&`, `<` and `>` in message text
+/// (<https://docs.slack.dev/messaging/formatting-message-text/#escaping>).
+fn slack_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn now() -> String {
@@ -320,6 +334,18 @@ impl Notifier {
         })
     }
 
+    /// A notifier, or `None` with a warning when it cannot be set up (an unreadable CA bundle):
+    /// notifications never stop a run.
+    pub fn start(cfg: &NotifyConfig) -> Option<Notifier> {
+        match Notifier::new(cfg.clone()) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                eprintln!("warning: notifications are off for this run: {e:#}");
+                None
+            }
+        }
+    }
+
     /// When summaries are posted.
     pub fn on(&self) -> On {
         self.cfg.on
@@ -337,7 +363,9 @@ impl Notifier {
                 &Auth::None,
                 &[],
                 Some(("application/json", body)),
-                true,
+                // A chat message posted twice is worse than a retry skipped: a POST is sent
+                // again only when it surely did not arrive (no connection) or after a 429.
+                false,
             )
             .await
             .map(|_| ())
@@ -395,6 +423,12 @@ mod tests {
         let slack = s.payload(Format::Slack);
         let text = slack["text"].as_str().unwrap_or_default();
         assert!(text.starts_with("*idsync: the run failed on "), "{text}");
+        let hostile = Summary::not_started(&anyhow::anyhow!("group <!channel> & <https://x|y>"), 1);
+        let escaped = hostile.payload(Format::Slack)["text"].to_string();
+        assert!(
+            escaped.contains("group &lt;!channel&gt; &amp; &lt;https://x|y&gt;"),
+            "{escaped}"
+        );
         assert!(text.contains("Microsoft Graph answered 503"), "{text}");
         assert_eq!(slack.as_object().map(|o| o.len()), Some(1));
 

@@ -1,5 +1,5 @@
 //! `[notify]` (issue #16, item 5): the real binary posts run summaries to a webhook receiver on
-//! loopback: a failure (retried after a 503), a halt and a change in the Teams shape, and a receiver
+//! loopback: a failure (retried after a 429, not after a 503), a halt and a change in the Teams shape, and a receiver
 //! that never answers does not hold the run up. The webhook's path is a credential: it never shows
 //! in the output.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -93,9 +93,14 @@ fn serve(conn: std::net::TcpStream, got: &Mutex<Vec<Got>>, answers: &Mutex<Vec<u
             return;
         }
         let reply = if status == 200 { "ok" } else { "busy" };
+        let retry = if status == 429 {
+            "retry-after: 1\r\n"
+        } else {
+            ""
+        };
         let _ = write!(
             conn,
-            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{reply}",
+            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\n{retry}content-length: {}\r\n\r\n{reply}",
             reply.len()
         );
     }
@@ -105,8 +110,8 @@ fn serve(conn: std::net::TcpStream, got: &Mutex<Vec<Got>>, answers: &Mutex<Vec<u
 const BROKEN: &str = "\n[targets.broken]\nkind = \"file\"\nprofile = \"lakefs\"\npath = \"directory.json/lake.json\"\n";
 
 #[test]
-fn a_failure_is_posted_retried_after_a_503_and_the_url_never_shows() {
-    let r = Receiver::start(&[503]);
+fn a_failure_is_posted_retried_after_a_429_and_the_url_never_shows() {
+    let r = Receiver::start(&[429]);
     let s = Sandbox::new(BROKEN);
     let o = s.run_env(&["sync"], &[("IDSYNC_WEBHOOK_URL", &r.url)]);
     let out = text(&o);
@@ -114,7 +119,7 @@ fn a_failure_is_posted_retried_after_a_503_and_the_url_never_shows() {
     assert!(!out.contains(TOKEN), "the webhook URL leaked: {out}");
     assert!(!out.contains("not delivered"), "{out}");
 
-    // Two requests for one summary: the 503, then its retry. The good target is not reported.
+    // Two requests for one summary: the 429, then its retry. The good target is not reported.
     let got = r.got();
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(got[0].body, got[1].body);
@@ -130,6 +135,17 @@ fn a_failure_is_posted_retried_after_a_503_and_the_url_never_shows() {
         "the error says what failed: {t}"
     );
     assert!(!t.contains("target dbx"), "{t}");
+
+    // A 503 is not retried (the message may have been posted): one request, and a warning.
+    let r503 = Receiver::start(&[503]);
+    let o = s.run_env(&["sync"], &[("IDSYNC_WEBHOOK_URL", &r503.url)]);
+    let out = text(&o);
+    assert_eq!(r503.got().len(), 1, "{out}");
+    assert!(
+        out.contains("warning: the notification of target broken's failed run was not delivered"),
+        "{out}"
+    );
+    assert!(!out.contains(TOKEN), "{out}");
 
     // A plan changes nothing and posts nothing.
     let o = s.run_env(&["plan"], &[("IDSYNC_WEBHOOK_URL", &r.url)]);

@@ -19,6 +19,7 @@ const SHARED_ENV: &[&str] = &[
     "GROUP_FILTER",
     "AZURE_STORAGE_CONNECTION_STRING",
     "IDSYNC_WEBHOOK_URL",
+    "IDSYNC_WEBHOOK_URL_FILE",
 ];
 
 /// Every variable idsync reads: the shared ones, then each connector kind's.

@@ -782,9 +782,24 @@ impl Validator<'_> {
         env: &Env,
     ) -> Option<crate::notify::NotifyConfig> {
         use crate::notify::{Format, NotifyConfig, On};
-        let from_env = env
+        let mut from_env = env
             .first(&["IDSYNC_WEBHOOK_URL"])
             .map(|(_, v)| v.to_owned());
+        // As every secret: `NAME_FILE` names a file holding it (a mounted Kubernetes secret).
+        if from_env.is_none()
+            && let Some((_, path)) = env.first(&["IDSYNC_WEBHOOK_URL_FILE"])
+        {
+            match std::fs::read_to_string(resolve(path)) {
+                Ok(text) => from_env = Some(text.trim().to_owned()),
+                Err(e) => {
+                    self.err(
+                        Origin::Env("IDSYNC_WEBHOOK_URL_FILE"),
+                        format!("cannot read {path}: {e}"),
+                    );
+                    return None;
+                }
+            }
+        }
         if raw.is_none() && from_env.is_none() {
             return None;
         }

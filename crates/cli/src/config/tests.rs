@@ -539,3 +539,24 @@ fn notify_takes_its_webhook_from_the_environment_and_checks_each_key() {
     assert_eq!(n.on, crate::notify::On::Change);
     assert_eq!(n.timeout, Duration::from_secs(5));
 }
+
+#[test]
+fn the_webhook_may_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("webhook");
+    std::fs::write(&f, "https://hooks.slack.com/services/T1/B2/fromfile\n").unwrap();
+    let path = f.display().to_string();
+    let env = Env::from_pairs([("IDSYNC_WEBHOOK_URL_FILE", path.as_str())]);
+    let n = parse_str(GOOD, &env).unwrap().notify.unwrap();
+    assert_eq!(
+        n.url.expose(),
+        "https://hooks.slack.com/services/T1/B2/fromfile"
+    );
+    let missing = dir.path().join("nope").display().to_string();
+    let env = Env::from_pairs([("IDSYNC_WEBHOOK_URL_FILE", missing.as_str())]);
+    let e = parse_str(GOOD, &env).unwrap_err().to_string();
+    assert!(
+        e.contains("IDSYNC_WEBHOOK_URL_FILE") && e.contains("cannot read"),
+        "{e}"
+    );
+}
