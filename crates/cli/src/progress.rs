@@ -205,7 +205,7 @@ impl Listener for Progress {
         if let Some(old) = guard.take()
             && let Some(bar) = old.bar
         {
-            bar.finish();
+            bar.abandon();
         }
         let now = Instant::now();
         let mut c = Current {
@@ -243,7 +243,12 @@ impl Listener for Progress {
             match &c.bar {
                 Some(bar) => {
                     bar.set_message(c.message());
-                    bar.finish();
+                    // `finish` would show the total as reached; a stopped apply did not reach it.
+                    if c.total.is_some_and(|t| c.done < t) {
+                        bar.abandon();
+                    } else {
+                        bar.finish();
+                    }
                 }
                 // A step long enough to have shown a line gets its last one.
                 None if c.lines > 0 => eprintln!("{}", c.line(true)),
@@ -297,6 +302,6 @@ mod tests {
         c.total = None;
         c.phase = Phase::Read;
         let l = c.line(true);
-        assert!(l.ends_with("1,000 principals, 100/s, 10s, done"), "{l}");
+        assert!(l.ends_with("1,000 entries, 100/s, 10s, done"), "{l}");
     }
 }

@@ -48,7 +48,14 @@ pub struct Board {
     next: Mutex<Option<u64>>,
     source: Mutex<Option<Arc<Source>>>,
     started: u64,
+    /// The page last made, and when: pages asked for within [`FRESH`] of it get it again.
+    made: Mutex<Option<(std::time::Instant, String)>>,
+    /// One page is made at a time (each reads every agreement's state).
+    making: tokio::sync::Mutex<()>,
 }
+
+/// How long a page made is served again.
+const FRESH: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Board {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,6 +79,15 @@ impl Board {
     /// An agreement's run ended.
     pub fn record(&self, name: &str, run: LastRun) {
         lock(&self.runs).insert(name.to_owned(), run);
+        // A run that ended shows at once.
+        *lock(&self.made) = None;
+    }
+
+    fn fresh(&self) -> Option<String> {
+        lock(&self.made)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < FRESH)
+            .map(|(_, page)| page.clone())
     }
 
     /// When the next cycle starts (Unix time).
@@ -88,8 +104,22 @@ impl Board {
         }));
     }
 
-    /// The page, from the state store and this process's runs.
+    /// The page, from the state store and this process's runs: made at most once per [`FRESH`],
+    /// one at a time, however often it is asked for.
     pub async fn page(&self) -> String {
+        if let Some(p) = self.fresh() {
+            return p;
+        }
+        let _one = self.making.lock().await;
+        if let Some(p) = self.fresh() {
+            return p;
+        }
+        let page = self.make().await;
+        *lock(&self.made) = Some((std::time::Instant::now(), page.clone()));
+        page
+    }
+
+    async fn make(&self) -> String {
         let source = lock(&self.source).clone();
         let mut view = View {
             now: idsync_runner::unix_now(),
@@ -489,6 +519,46 @@ pub fn nesting_svg(s: &Snapshot) -> String {
         y += ROW;
     }
     let height = y - ROW + H + 16;
+    // The edges that close a cycle: back edges of a depth-first walk. Only those are dashed; an
+    // edge to a group on the same or an earlier row is not a cycle by itself.
+    let mut back: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    for root in &order {
+        if done.contains(root) {
+            continue;
+        }
+        // (group, its children, the next child to look at); the stack is the current path.
+        let mut stack: Vec<(&str, Vec<&str>, usize)> = Vec::new();
+        let mut on_path: BTreeSet<&str> = BTreeSet::new();
+        let kids = |id: &str| -> Vec<&str> {
+            s.groups
+                .get(id)
+                .map(|g| nested(s, g))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| place.contains_key(c))
+                .collect()
+        };
+        stack.push((root, kids(root), 0));
+        on_path.insert(root);
+        while let Some((id, children, next)) = stack.last_mut() {
+            let id: &str = id;
+            if *next < children.len() {
+                let child = children[*next];
+                *next += 1;
+                if on_path.contains(child) {
+                    back.insert((id, child));
+                } else if !done.contains(child) {
+                    on_path.insert(child);
+                    stack.push((child, kids(child), 0));
+                }
+            } else {
+                on_path.remove(id);
+                done.insert(id);
+                stack.pop();
+            }
+        }
+    }
     let mut svg = String::new();
     let _ = write!(
         svg,
@@ -503,7 +573,7 @@ pub fn nesting_svg(s: &Snapshot) -> String {
             };
             let (x1, y1) = (px + pw / 2, py + H);
             let (x2, y2) = (cx + cw / 2, cy);
-            let back = row[child] <= row[id];
+            let back = back.contains(&(*id, child));
             let mid = (y1 + y2) / 2;
             let _ = write!(
                 svg,
@@ -589,6 +659,19 @@ mod tests {
         assert_eq!(svg.matches("marker-end=").count(), 3, "{svg}");
         assert_eq!(svg.matches("stroke-dasharray").count(), 1, "{svg}");
         assert!(svg.contains(">1 user<"), "{svg}");
+    }
+
+    #[test]
+    fn a_shortcut_is_not_a_cycle() {
+        let mut s = Snapshot::default();
+        s.groups.extend([
+            group("a", "A", &[(Kind::Group, "b"), (Kind::Group, "c")]),
+            group("b", "B", &[(Kind::Group, "c")]),
+            group("c", "C", &[]),
+        ]);
+        let svg = nesting_svg(&s);
+        assert_eq!(svg.matches("marker-end=").count(), 3, "{svg}");
+        assert!(!svg.contains("stroke-dasharray"), "{svg}");
     }
 
     #[test]

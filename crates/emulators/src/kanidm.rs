@@ -338,6 +338,8 @@ fn apply(d: &mut KanidmData, req: &Value) -> Result<(), Fail> {
         // Yielded attributes keep the value Kanidm holds.
         for a in &d.yielded {
             match a.as_str() {
+                "name" => next.name = current.name.clone(),
+                "gidnumber" => next.gidnumber = current.gidnumber,
                 "displayname" => next.displayname = current.displayname.clone(),
                 "mail" => next.mail = current.mail.clone(),
                 "description" => next.description = current.description.clone(),

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 /// What a step does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// Reading the source (principals).
+    /// Reading the source (entries: principals and group members).
     Read,
     /// Observing a target (principals).
     Observe,
@@ -24,7 +24,10 @@ impl Phase {
     /// What its counts count.
     pub fn unit(self) -> &'static str {
         match self {
-            Phase::Read | Phase::Observe => "principals",
+            // A source's pages: principals, and group members (a user in five groups counts five
+            // times), so "entries".
+            Phase::Read => "entries",
+            Phase::Observe => "principals",
             Phase::Apply => "operations",
         }
     }
