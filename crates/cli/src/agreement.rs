@@ -4,8 +4,10 @@
 //! made under the agreement's lease, so it never races a run.
 
 use crate::output::{Printer, clean};
-use crate::run::{Agreement, Mode, RunOptions};
-use crate::{Cli, build_target, exit, load_config, state_location, stop_on_signals, store_for};
+use crate::run::{Mode, RunOptions};
+use crate::{
+    Cli, agreement_of, build_target, exit, load_config, state_location, stop_on_signals, store_for,
+};
 use anyhow::{Context, Result, anyhow};
 use clap::Subcommand;
 use idsync_model::{AgreementState, AgreementStatus, Kind};
@@ -210,15 +212,8 @@ async fn terminate(
         .find(|a| a.name == name)
         .ok_or_else(|| anyhow!("no target named {name:?} in the configuration"))?;
     let workers = workers.unwrap_or(cfg.worker_threads).max(1);
-    let (target, identity, describe) = build_target(a, &cfg, workers)?;
-    let agreement = Agreement {
-        name,
-        target: target.as_ref(),
-        identity,
-        describe,
-        mapping: &a.mapping,
-        policy: &a.policy,
-    };
+    let built = build_target(a, &cfg, workers)?;
+    let agreement = agreement_of(a, &built);
     let store = store_for(&cfg.state_url, &cfg.state_options)?;
     let opts = RunOptions {
         full_sync: true,

@@ -531,6 +531,18 @@ fn build_target(a: &config::AgreementConfig, cfg: &Config, workers: usize) -> Re
     Ok((target, a.target.identity(), a.target.describe()))
 }
 
+/// The runner's view of an agreement, with the target [`build_target`] built for it.
+fn agreement_of<'a>(a: &'a config::AgreementConfig, built: &'a BuiltTarget) -> Agreement<'a> {
+    Agreement {
+        name: &a.name,
+        target: built.0.as_ref(),
+        identity: built.1.clone(),
+        describe: built.2.clone(),
+        mapping: &a.mapping,
+        policy: &a.policy,
+    }
+}
+
 /// A state command that replaces or forgets something goes on only with `--yes`.
 fn confirmed(yes: bool, what: impl FnOnce() -> String) -> Result<()> {
     if yes {
@@ -732,15 +744,8 @@ async fn run_agreements(
         }
         let started = std::time::Instant::now();
         let outcome = async {
-            let (target, identity, describe) = build_target(a, cfg, opts.workers)?;
-            let agreement = Agreement {
-                name: &a.name,
-                target: target.as_ref(),
-                identity,
-                describe,
-                mapping: &a.mapping,
-                policy: &a.policy,
-            };
+            let built = build_target(a, cfg, opts.workers)?;
+            let agreement = agreement_of(a, &built);
             Ok::<_, anyhow::Error>(
                 idsync_runner::run_agreement(
                     &agreement,
@@ -862,15 +867,8 @@ async fn apply_saved(cli: &Cli, path: &Path, args: &RunArgs) -> Result<u8> {
                         "the plan is for target {name:?}, which the configuration does not have"
                     )
                 })?;
-            let (target, identity, describe) = build_target(a, &cfg, opts.workers)?;
-            let agreement = Agreement {
-                name,
-                target: target.as_ref(),
-                identity,
-                describe,
-                mapping: &a.mapping,
-                policy: &a.policy,
-            };
+            let built = build_target(a, &cfg, opts.workers)?;
+            let agreement = agreement_of(a, &built);
             Ok::<_, anyhow::Error>(
                 idsync_runner::apply_saved(file, &agreement, store.as_ref(), &opts, &mut printer)
                     .await?,
