@@ -171,7 +171,23 @@ pub async fn run(cli: &Cli, cmd: &AgreementCmd) -> Result<u8> {
                 return Ok(exit::PENDING);
             }
             let lease = std::time::Duration::from_secs(600);
-            let held = lifecycle::finalise(store.as_ref(), agreement, lease).await?;
+            // A target that keeps the agreement on its side (Kanidm) finalises it there too: it
+            // is reached through the configuration that names it.
+            let cfg = load_config(cli).ok();
+            let built = match cfg.as_ref().and_then(|c| {
+                c.agreements
+                    .iter()
+                    .find(|a| a.name == *agreement)
+                    .map(|a| (c, a))
+            }) {
+                Some((c, a)) => Some(build_target(a, c, 1)?),
+                None => None,
+            };
+            let target = built
+                .as_ref()
+                .map(|b| b.0.as_ref())
+                .filter(|t| !t.readable());
+            let held = lifecycle::finalise(store.as_ref(), agreement, lease, target).await?;
             println!(
                 "finalised {agreement}: idsync gave up its authority over {} principal(s) ({}); they stay in the target, now its own, and later runs of {agreement} stop",
                 held.created_total() + held.adopted_total(),

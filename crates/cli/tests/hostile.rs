@@ -346,13 +346,20 @@ fn an_unknown_connector_kind_lists_the_known_ones() {
 }
 
 #[test]
-fn a_planned_connector_is_refused_as_not_in_this_build() {
+fn a_kanidm_target_without_its_server_or_token_is_refused_with_both_named() {
     let s = Sandbox::new("");
     s.write(
         "idsync.toml",
-        "[source]\nkind = \"file\"\npath = \"directory.json\"\n\n[targets.t]\nkind = \"kanidm\"\n",
+        "[source]\nkind = \"file\"\npath = \"directory.json\"\n\n[targets.t]\nkind = \"kanidm\"\nyield_attributes = [\"name\"]\n",
     );
-    refused(&s, &["validate"], 1, "not in this build");
+    refused(&s, &["validate"], 1, "url");
+    refused(&s, &["validate"], 1, "KANIDM_SYNC_TOKEN");
+    refused(
+        &s,
+        &["validate"],
+        1,
+        "\"name\" is not an attribute idsync writes that can be yielded",
+    );
 }
 
 #[test]

@@ -407,6 +407,40 @@ fn service_error(body: &[u8]) -> (Option<String>, Option<String>) {
         return (None, (!text.trim().is_empty()).then(|| preview(body)));
     };
     let s = |x: &serde_json::Value| x.as_str().map(str::to_owned);
+    // Kanidm: an `OperationError` as a JSON string (`"invalidsyncstate"`), or a one-key object
+    // down to a string (`{"plugin":{"attrunique":"duplicate value detected"}}`).
+    if let Some(code) = v.as_str() {
+        return (Some(code.to_owned()), None);
+    }
+    if let Some(attrs) = v.get("conflicting_attributes").and_then(|a| a.as_array()) {
+        let attrs: Vec<String> = attrs.iter().filter_map(&s).collect();
+        return (
+            Some("attributeuniqueness".into()),
+            Some(format!(
+                "{} (conflicting attributes: {})",
+                s(&v["error"]).unwrap_or_default(),
+                attrs.join(", ")
+            )),
+        );
+    }
+    if let Some(obj) = v.as_object().filter(|o| o.len() == 1) {
+        let mut path = Vec::new();
+        let mut cur = &v;
+        let mut o = Some(obj);
+        while let Some((k, next)) = o.filter(|m| m.len() == 1).and_then(|m| m.iter().next()) {
+            path.push(k.clone());
+            cur = next;
+            o = cur.as_object();
+        }
+        if let Some(text) = cur.as_str()
+            && !matches!(
+                path.first().map(String::as_str),
+                Some("error" | "message" | "detail")
+            )
+        {
+            return (Some(path.join("/")), Some(text.to_owned()));
+        }
+    }
     if let Some(e) = v.get("error").filter(|e| e.is_object()) {
         return (s(&e["code"]), s(&e["message"]));
     }

@@ -28,12 +28,13 @@ pub static TARGETS: &[&dyn TargetKind] = &[
     &crate::targets::lakefs::config::KIND,
     &crate::targets::databricks::config::KIND,
     &crate::targets::scim::config::KIND,
+    &crate::targets::kanidm::config::KIND,
 ];
 
 /// Source kinds the configuration knows whose connectors are not in this build yet.
 pub const PLANNED_SOURCES: &[&str] = &[];
 /// Target kinds the configuration knows whose connectors are not in this build yet.
-pub const PLANNED_TARGETS: &[&str] = &["kanidm"];
+pub const PLANNED_TARGETS: &[&str] = &[];
 
 /// The source kind of this name.
 pub fn source_kind(name: &str) -> Option<&'static dyn SourceKind> {

@@ -1,7 +1,7 @@
 //! `idsync demo`: the whole job with no cloud account. It starts emulators of Microsoft Graph (with
-//! its token endpoint), the lakeFS auth API and the Databricks account SCIM API on 127.0.0.1,
-//! loads an embedded directory into the Graph one, and runs idsync's real Entra source and real
-//! lakeFS and Databricks targets against them: a full sync, a few edits in the directory, an
+//! its token endpoint), the lakeFS auth API, the Databricks account SCIM API and Kanidm's
+//! sync-account API on 127.0.0.1, loads an embedded directory into the Graph one, and runs
+//! idsync's real Entra source and real lakeFS, Databricks and Kanidm targets against them: a full sync, a few edits in the directory, an
 //! incremental sync that reads only those edits (Graph delta), and a last run that finds nothing to
 //! do. State lives in a local folder you can inspect afterwards. Every run goes through
 //! [`idsync_runner::run_agreement`], as `idsync sync` does.
@@ -10,10 +10,11 @@ use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::sources::entra::{EntraSource, EntraSourceConfig};
 use idsync_connectors::targets::databricks::{DatabricksAuth, DatabricksConfig, DatabricksTarget};
+use idsync_connectors::targets::kanidm::{KANIDM_MAX_BYTES, KanidmConfig, KanidmTarget};
 use idsync_connectors::targets::lakefs::config::DEFAULT_POLICIES;
 use idsync_connectors::targets::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_emulators::tenant::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, Tenant};
-use idsync_emulators::{Databricks, Graph, Lakefs};
+use idsync_emulators::{Databricks, Graph, Kanidm, Lakefs};
 use idsync_engine::{Mapping, Policy, Scope, Target, TargetIdentity};
 use idsync_model::{Directory, Member, Secret, Snapshot};
 use idsync_runner::{Agreement, Mode, ReadCache, Reporter, RunOptions, exit};
@@ -103,6 +104,9 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
     let dbx = Databricks::start_on(0, None)
         .await
         .doing(|| "starting the Databricks emulator".into())?;
+    let kanidm_server = Kanidm::start_on(0)
+        .await
+        .doing(|| "starting the Kanidm emulator".into())?;
 
     let http = |service: &str| HttpConfig {
         max_concurrency: 4,
@@ -135,6 +139,15 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
         member_chunk: 100,
     })
     .doing(|| "the Databricks target".into())?;
+    let kanidm = KanidmTarget::new(KanidmConfig {
+        url: kanidm_server.server.base_url.clone(),
+        token: Secret::new(idsync_emulators::kanidm::SYNC_TOKEN),
+        http: http("Kanidm"),
+        max_request_bytes: KANIDM_MAX_BYTES,
+        yield_attributes: Default::default(),
+        admin: None,
+    })
+    .doing(|| "the Kanidm target".into())?;
 
     let scope = Scope {
         group_names: ["TEAM_ALPHA", "TEAM_EPSILON", "TEAM_ZETA"]
@@ -147,6 +160,17 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
     let dbx_mapping = Mapping::defaults();
     let mut lake_mapping = Mapping::defaults();
     lake_mapping.group_policies = DEFAULT_POLICIES.iter().map(|p| (*p).to_owned()).collect();
+    // Kanidm's names hold no `@` and are kept in lower case.
+    let kanidm_mapping = Mapping {
+        user_name: Mapping::user_template("{userName|localpart}")
+            .doing(|| "the Kanidm mapping".into())?,
+        group_name: Mapping::group_template("{displayName|lower}")
+            .doing(|| "the Kanidm mapping".into())?,
+        group_description: Some(
+            Mapping::group_template("{description}").doing(|| "the Kanidm mapping".into())?,
+        ),
+        ..Mapping::defaults()
+    };
     let policy = Policy::default();
     let opts = RunOptions {
         full_sync: false,
@@ -161,15 +185,19 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
         only: Vec::new(),
     };
 
-    p.heading("idsync demo: an Entra ID tenant synced into lakeFS and the Databricks account, all emulated on 127.0.0.1");
+    p.heading("idsync demo: an Entra ID tenant synced into lakeFS, the Databricks account and Kanidm, all emulated on 127.0.0.1");
     p.note(&format!(
         "Microsoft Graph and its token endpoint: {}",
         graph.server.base_url
     ));
     p.note(&format!("lakeFS auth API: {}", lake.api_url()));
     p.note(&format!("Databricks account SCIM: {}", dbx.scim_url()));
+    p.note(&format!(
+        "Kanidm sync-account API: {}/scim/v1/Sync",
+        kanidm_server.server.base_url
+    ));
     p.note("scope: groups TEAM_ALPHA, TEAM_EPSILON, TEAM_ZETA with --group-search-depth 2, so TEAM_ETA (nested in TEAM_ZETA) is found too");
-    p.note("Databricks nests groups and has service principals; lakeFS groups hold only users, so nested groups are flattened");
+    p.note("Databricks nests groups and has service principals; lakeFS groups hold only users, so nested groups are flattened; Kanidm nests groups and has no service principals, and takes each run as one transaction");
     p.note(&format!("state: {}", state_dir.display()));
 
     let mut worst = exit::OK;
@@ -215,6 +243,14 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
                 mapping: &lake_mapping,
                 policy: &policy,
             },
+            Agreement {
+                name: "kanidm",
+                target: &kanidm as &dyn Target,
+                identity: TargetIdentity::new("kanidm", kanidm_server.server.base_url.clone()),
+                describe: format!("Kanidm (emulated, {})", kanidm_server.server.base_url),
+                mapping: &kanidm_mapping,
+                policy: &policy,
+            },
         ];
         for a in &agreements {
             let out =
@@ -250,8 +286,11 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
     let (gr, _) = count(graph.state.infra.accounting.snapshot());
     let (lr, lw) = count(lake.state.infra.accounting.snapshot());
     let (dr, dw) = count(dbx.state.infra.accounting.snapshot());
+    let k = kanidm.requests().unwrap_or_default();
     p.note(&format!(
-        "requests: Microsoft Graph {gr}; lakeFS {lr} ({lw} writes); Databricks {dr} ({dw} writes)"
+        "requests: Microsoft Graph {gr}; lakeFS {lr} ({lw} writes); Databricks {dr} ({dw} writes); Kanidm {} ({} writes: one sync request per run that changed something)",
+        k.reads + k.writes,
+        k.writes
     ));
     p.note(&format!(
         "inspect the state: idsync state show --state {}",

@@ -145,7 +145,6 @@ enum Fail {
     AccessDenied,
     InvalidSyncState,
     InvalidEntryState,
-    InvalidAttribute(String),
     Uniqueness(Vec<String>),
     NoMatchingEntries,
     /// A token that verifies but is not a sync token.
@@ -164,9 +163,6 @@ impl Fail {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!("invalidentrystate"),
             ),
-            Fail::InvalidAttribute(a) => {
-                (StatusCode::BAD_REQUEST, json!({ "invalidattribute": a }))
-            }
             Fail::Uniqueness(attrs) => match release {
                 Release::V1_7 => (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -352,9 +348,9 @@ fn apply(d: &mut KanidmData, req: &Value) -> Result<(), Fail> {
                 continue;
             }
             if !classes.iter().any(|c| allowed(c).contains(&k.as_str())) || d.yielded.contains(k) {
-                return Err(Fail::InvalidAttribute(format!(
-                    "Rejecting attribute {k} for entry {id} which is not sync owned"
-                )));
+                // Kanidm logs "Rejecting attribute … which is not sync owned" and fails
+                // the request as an entry in an invalid state.
+                return Err(Fail::InvalidEntryState);
             }
             match k.as_str() {
                 "name" => next.name = text_of(v).map(|n| n.to_lowercase()),

@@ -257,9 +257,17 @@ async fn suite(s: &Server, terminate: bool) {
             json!("Ignore"),
         ))
         .await;
-    assert!(st.is_client_error() || st.is_server_error(), "{st} {v}");
-    assert_ne!(st, StatusCode::CONFLICT, "{v}");
-    let unowned_status = st;
+    // Kanidm 1.7.4 answers an attribute it will not take from this sync account as an entry
+    // in an invalid state (500), whatever the release's error mapping for other errors.
+    assert_eq!(
+        (st, &v),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!("invalidentrystate")
+        ),
+        "{v}"
+    );
+    let unowned = (st, v);
 
     // A yielded attribute may no longer be sent; the rest may.
     s.test_only("/_idsync/yield", &json!(["mail"])).await;
@@ -272,8 +280,9 @@ async fn suite(s: &Server, terminate: bool) {
         ))
         .await;
     assert_eq!(
-        st, unowned_status,
-        "a yielded attribute is refused as an unowned one: {v}"
+        (st, v),
+        unowned,
+        "a yielded attribute is refused as an unowned one"
     );
     let (st, v) = s
         .sync(&request(

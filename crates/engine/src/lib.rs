@@ -30,5 +30,7 @@ pub use memory::MemoryTarget;
 pub use plan::{Deprovision, OnApplyError, OnConflict, Policy, plan};
 pub use scope::Scope;
 pub use source::{Changes, Read, Source, SourceError, SourceErrorKind};
-pub use target::{Outcome, Requests, Target, TargetError, TargetErrorKind, TargetIdentity};
+pub use target::{
+    Ending, Outcome, Requests, Sight, Target, TargetError, TargetErrorKind, TargetIdentity,
+};
 pub use template::Template;

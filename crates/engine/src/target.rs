@@ -141,6 +141,74 @@ pub trait Target: Send + Sync {
     async fn flush(&self) -> Result<(), TargetError> {
         Ok(())
     }
+
+    /// Whether the target can be read. One that cannot (a Kanidm sync account may write, never
+    /// read) is planned against idsync's own picture of it: the runner asks [`Target::resume`]
+    /// whether the target is where idsync left it, then hands it the picture to plan against with
+    /// [`Target::seed`]; [`Target::observe`] is never called.
+    fn readable(&self) -> bool {
+        true
+    }
+
+    /// For a target that cannot be read: where it stands against `cursor`, the cursor the state
+    /// recorded after the last successful flush ([`Target::cursor`]).
+    async fn resume(&self, cursor: Option<&str>) -> Result<Sight, TargetError> {
+        let _ = cursor;
+        Err(TargetError::new(
+            TargetErrorKind::NotImplemented,
+            "this target is read, not resumed",
+        ))
+    }
+
+    /// For a target that cannot be read: what it holds, as idsync pictures it, and the
+    /// attributes yielded to it (never written). Operations are then executed against this.
+    fn seed(&self, picture: &Observed, yielded: &std::collections::BTreeSet<idsync_model::Attr>) {
+        let _ = (picture, yielded);
+    }
+
+    /// Whether [`Target::seed`] was called in this process.
+    fn seeded(&self) -> bool {
+        true
+    }
+
+    /// The cursor to record in the state once [`Target::flush`] succeeded (`None`: nothing to
+    /// record).
+    fn cursor(&self) -> Option<String> {
+        None
+    }
+
+    /// Ends the agreement on the target's own side, for a target that keeps agreements itself
+    /// (Kanidm's sync account): finalising hands the entries over to the target, terminating
+    /// deletes them with the agreement. `Ok(false)`: the target keeps no agreement of its own, so
+    /// idsync ends it in its state (and a terminate deletes through a plan).
+    async fn end(&self, how: Ending) -> Result<bool, TargetError> {
+        let _ = how;
+        Ok(false)
+    }
+}
+
+/// How an agreement ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Ending {
+    /// The target takes the principals over.
+    Finalise,
+    /// What the agreement made is deleted.
+    Terminate,
+}
+
+/// Where a target that cannot be read stands, against the cursor idsync recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Sight {
+    /// Where idsync left it: the state's picture of it holds.
+    Same,
+    /// Something else moved it (another writer, or a run whose state was not saved): the picture
+    /// may be wrong, so every principal idsync wants is written in full.
+    Moved,
+    /// It asks for everything again (a first run, or Kanidm's `force-refresh`): every principal
+    /// idsync holds is written in full, and the target removes whatever is not among them.
+    Refresh,
 }
 
 /// Which target an agreement writes to, as data: its kind and where it is, never a credential.

@@ -1,5 +1,5 @@
-//! Mapping templates: `"{userName}"`, `"waad|{id}"`, `"{mail|lower}"`. A small, closed language on
-//! purpose: variables, two filters, and `{{` / `}}` for literal braces. Parsed and checked once,
+//! Mapping templates: `"{userName}"`, `"waad|{id}"`, `"{mail|lower}"`, `"{userName|localpart}"`. A
+//! small, closed language on purpose: variables, three filters, and `{{` / `}}` for literal braces. Parsed and checked once,
 //! when the config is validated, so a typo is a config error and not a failed run.
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,9 @@ enum Filter {
     None,
     Lower,
     Upper,
+    /// The part before the last `@` (a UPN's or mail's local part), in lower case: names for
+    /// targets that hold no `@` in a name (Kanidm).
+    LocalPart,
 }
 
 /// A template that does not parse, or names a variable that does not exist.
@@ -83,9 +86,10 @@ impl Template {
                             let filter = match f.trim() {
                                 "lower" => Filter::Lower,
                                 "upper" => Filter::Upper,
+                                "localpart" => Filter::LocalPart,
                                 other => {
                                     return Err(err(format!(
-                                        "unknown filter {other:?} (there are: lower, upper)"
+                                        "unknown filter {other:?} (there are: lower, upper, localpart)"
                                     )));
                                 }
                             };
@@ -134,6 +138,15 @@ impl Template {
                         Filter::None => out.push_str(v),
                         Filter::Lower => out.push_str(&v.to_lowercase()),
                         Filter::Upper => out.push_str(&v.to_uppercase()),
+                        Filter::LocalPart => {
+                            let local = v.rsplit_once('@').map_or(v, |(l, _)| l);
+                            if local.is_empty() {
+                                return Err(RenderError {
+                                    variable: name.clone(),
+                                });
+                            }
+                            out.push_str(&local.to_lowercase());
+                        }
                     }
                 }
             }
@@ -184,6 +197,8 @@ mod tests {
         let ok = |t: &str| Template::parse(t, |_| true).unwrap().render(vars).unwrap();
         assert_eq!(ok("waad|{id}"), "waad|0f1e");
         assert_eq!(ok("{userName|lower}"), "jane.doe@corp.example");
+        assert_eq!(ok("{userName|localpart}"), "jane.doe");
+        assert_eq!(ok("{id|localpart}"), "0f1e");
         assert_eq!(ok("{{literal}} {id}"), "{literal} 0f1e");
         assert_eq!(ok("plain"), "plain");
     }

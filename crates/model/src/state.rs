@@ -161,6 +161,11 @@ pub struct AgreementState {
     /// starts, fails, or stops between stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<Trust>,
+    /// For a target that cannot be read (Kanidm): the cursor it was left at by the last
+    /// successful flush (Kanidm's sync cookie). The state's picture of the target holds only
+    /// while the target is still at this cursor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_cursor: Option<String>,
 }
 
 /// What lets an incremental run trust the last applied snapshot instead of observing the whole
@@ -191,6 +196,7 @@ impl AgreementState {
             failing: BTreeMap::new(),
             halted: None,
             trust: None,
+            target_cursor: None,
         }
     }
 

@@ -46,6 +46,17 @@ pub enum RunError {
         /// The version in the store.
         now: u64,
     },
+    /// A saved plan was made against idsync's picture of a target that cannot be read, and the
+    /// target has moved since (another writer, a force-refresh).
+    #[error(
+        "the saved plan for {agreement:?} was made against idsync's picture of {target}, but the target is no longer where idsync left it (another writer, or a refresh asked on its side). Nothing was applied; run `idsync plan` again"
+    )]
+    StaleTarget {
+        /// The agreement.
+        agreement: String,
+        /// Where the target is.
+        target: String,
+    },
     /// A saved plan's content does not match its digest.
     #[error(
         "the saved plan for {agreement:?} is not as `idsync plan --out` sealed it (changed or cut off since, or written by an idsync from before plans were sealed): nothing was applied. Make a new one with `idsync plan --out`"
@@ -99,14 +110,22 @@ pub enum RunError {
 
 impl RunError {
     /// The exit code this error asks for: [`exit::BUSY`] when another run holds or took the
-    /// lease, else [`exit::ERROR`].
+    /// lease, [`exit::HALTED`] when a target refused a whole apply for a conflict, else
+    /// [`exit::ERROR`].
     pub fn exit_code(&self) -> u8 {
         let state = match self {
             RunError::State(e) | RunError::Journal(e) | RunError::Commit(e) => Some(e),
             _ => None,
         };
-        match state {
-            Some(StateError::LeaseHeld { .. } | StateError::LeaseLost { .. }) => exit::BUSY,
+        match (state, self) {
+            (Some(StateError::LeaseHeld { .. } | StateError::LeaseLost { .. }), _) => exit::BUSY,
+            // A target that refused the whole apply for a conflict (Kanidm: a name or external
+            // id another entry holds) halts the run: nothing was written, and a person decides.
+            (_, RunError::Flush { error, .. })
+                if error.kind == idsync_engine::TargetErrorKind::AlreadyExists =>
+            {
+                exit::HALTED
+            }
             _ => exit::ERROR,
         }
     }

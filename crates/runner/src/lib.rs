@@ -402,7 +402,26 @@ async fn apply_file(
         .iter()
         .all(|s| stages.contains(s));
     let writes = file.plan.ops.iter().any(|o| stages.contains(&o.stage()));
-    let undoable = a.policy.on_apply_error == OnApplyError::Rollback;
+    if !a.target.readable() && !a.target.seeded() {
+        // A saved plan: the target's picture is made again from the same state (the plan's
+        // precondition). A plan made against the trusted picture needs the target still where
+        // idsync left it; one made against what idsync owns does not.
+        let (_, since) = observation::sight(a, &caps, &state, a.policy, run).await?;
+        if since.is_none()
+            && matches!(
+                file.plan.observation,
+                idsync_model::Observation::Incremental { .. }
+            )
+        {
+            return Err(RunError::StaleTarget {
+                agreement: a.name.to_owned(),
+                target: a.describe.clone(),
+            });
+        }
+    }
+    // A target that cannot be read applies everything at its flush, all or nothing (Kanidm's
+    // sync request is one transaction): there is nothing to undo one operation at a time.
+    let undoable = a.policy.on_apply_error == OnApplyError::Rollback && a.target.readable();
     if writes {
         apply::begin(&file.plan, &caps, &mut state);
         if undoable {
@@ -464,6 +483,9 @@ async fn apply_file(
             }
         }
     } else if flushed.is_ok() {
+        if let Some(c) = a.target.cursor() {
+            state.target_cursor = Some(c);
+        }
         // An apply that left operations pending (interrupted) is not complete: the cursors and the
         // picture stay where they were, and the next run plans what is left.
         apply::finish(

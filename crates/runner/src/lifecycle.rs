@@ -66,12 +66,14 @@ fn endable(state: &AgreementState, name: &str) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Finalises `name`: the state forgets what it owned and the agreement is `Finalised`. Returns
-/// what it held.
+/// Finalises `name`: the target takes over what idsync held, where it keeps agreements of its own
+/// (`target`: Kanidm's finalise), then the state forgets what it owned and the agreement is
+/// `Finalised`. Returns what it held.
 pub async fn finalise(
     store: &dyn StateStore,
     name: &str,
     lease: std::time::Duration,
+    target: Option<&dyn idsync_engine::Target>,
 ) -> Result<Holdings, RunError> {
     let l = store.acquire(name, &holder(), lease).await?;
     let result = async {
@@ -89,6 +91,21 @@ pub async fn finalise(
         }
         endable(&state, name)?;
         let held = Holdings::of(&state);
+        match target {
+            Some(t) => {
+                t.end(idsync_engine::Ending::Finalise)
+                    .await
+                    .map_err(|e| RunError::Lifecycle(format!("finalising {name}: {e}")))?;
+            }
+            // A target that cannot be read keeps the agreement itself (its cursor says so):
+            // forgetting it here alone would leave the principals under an authority nobody uses.
+            None if state.target_cursor.is_some() => {
+                return Err(RunError::Lifecycle(format!(
+                    "{name}'s target keeps the agreement on its side (Kanidm's sync account): finalise it with the configuration that names it, so that idsync can reach the target"
+                )));
+            }
+            None => {}
+        }
         forget(&mut state);
         state.status = AgreementStatus::Finalised;
         store.commit(&state).await.map_err(RunError::Commit)?;
@@ -109,6 +126,7 @@ fn forget(state: &mut AgreementState) {
     state.halted = None;
     state.trust = None;
     state.cursors.clear();
+    state.target_cursor = None;
 }
 
 /// How a terminate is to go.
@@ -180,7 +198,13 @@ async fn terminate_under_lease(
         }
     }
     let caps = a.target.capabilities();
-    let observed = a.observe().await?;
+    let observed = if a.target.readable() {
+        a.observe().await?
+    } else {
+        crate::observation::sight(a, &caps, &state, a.policy, opts)
+            .await?
+            .0
+    };
     let desired = map_snapshot(&Snapshot::default(), a.mapping, &caps);
     let policy = Policy {
         deprovision: Deprovision::Delete,
@@ -252,6 +276,31 @@ async fn terminate_under_lease(
         reporter.halt(h);
         return Ok(Outcome {
             code: exit::HALTED,
+            file: Some(file),
+            report: None,
+        });
+    }
+    // A target that keeps agreements of its own terminates this one itself (Kanidm: the sync
+    // account and every entry it imported go in one transaction).
+    if !a.target.readable()
+        && a.target
+            .end(idsync_engine::Ending::Terminate)
+            .await
+            .map_err(|e| RunError::Lifecycle(format!("terminating {}: {e}", a.name)))?
+    {
+        let mut state = load_state(store, a.name).await?;
+        forget(&mut state);
+        state.status = AgreementStatus::Terminated;
+        if let Some(l) = lease {
+            store.renew(l, opts.lease).await?;
+        }
+        store.commit(&state).await.map_err(RunError::Commit)?;
+        reporter.note(&format!(
+            "{} terminated on the target's side: the {deletions} principal(s) it created and the agreement there are deleted; later runs of it stop",
+            a.name
+        ));
+        return Ok(Outcome {
+            code: exit::OK,
             file: Some(file),
             report: None,
         });

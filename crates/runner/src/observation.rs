@@ -60,6 +60,18 @@ pub(crate) async fn observe_and_plan(
         &format!("observing {}", a.describe),
         None,
     );
+    if !a.target.readable() {
+        let (pictured, since) = sight(a, caps, state, policy, opts).await?;
+        let mut plan = idsync_engine::plan(desired, &pictured, state, policy, caps, mode);
+        if let Some(since) = since {
+            plan.observation = idsync_model::Observation::Incremental { read: 0, since };
+        }
+        plan.trust = observe::leaves_a_faithful_picture(&plan, desired).then_some(Trust {
+            observed_at: since.unwrap_or(now),
+            fingerprint,
+        });
+        return Ok(plan);
+    }
     let mut incremental = None;
     if let Some((since, prev)) = trusted(state, &fingerprint, opts, now) {
         let prev = map_snapshot(prev, a.mapping, caps);
@@ -91,4 +103,48 @@ pub(crate) async fn observe_and_plan(
         fingerprint,
     });
     Ok(plan)
+}
+
+/// For a target that cannot be read (Kanidm): asks it where it stands against the cursor the state
+/// recorded, and seeds it with what to plan against. That is the state's picture when it holds (a
+/// clean, complete apply under the same fingerprint, no journal open, no `--full-sync`, and the
+/// target still at the recorded cursor; such a target's synced attributes cannot drift, so the
+/// reconcile interval does not apply), with since when it is trusted; otherwise only what idsync
+/// owns there, by key, so that every principal idsync wants is written in full.
+pub(crate) async fn sight(
+    a: &Agreement<'_>,
+    caps: &Capabilities,
+    state: &AgreementState,
+    policy: &Policy,
+    opts: &RunOptions,
+) -> Result<(idsync_model::Observed, Option<u64>), RunError> {
+    let fingerprint = observe::fingerprint(&a.identity, a.mapping, caps, policy);
+    let at = a
+        .target
+        .resume(state.target_cursor.as_deref())
+        .await
+        .map_err(|e| a.observe_error(e))?;
+    let trusted = match (&state.trust, &state.last_applied) {
+        (Some(t), Some(prev))
+            if at == idsync_engine::Sight::Same
+                && !opts.full_sync
+                && state.journal.is_none()
+                && t.fingerprint == fingerprint =>
+        {
+            Some((t.observed_at, prev))
+        }
+        _ => None,
+    };
+    let (pictured, since) = match trusted {
+        Some((since, prev)) => {
+            let prev = map_snapshot(prev, a.mapping, caps);
+            (observe::picture(&prev, state, caps, policy), Some(since))
+        }
+        None => (
+            observe::picture(&Desired::default(), state, caps, policy),
+            None,
+        ),
+    };
+    a.target.seed(&pictured, &policy.yield_attributes);
+    Ok((pictured, since))
 }

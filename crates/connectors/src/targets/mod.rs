@@ -2,6 +2,7 @@
 
 pub mod databricks;
 pub mod file;
+pub mod kanidm;
 pub mod lakefs;
 pub mod scim;
 
