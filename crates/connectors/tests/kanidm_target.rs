@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use idsync_connectors::http::HttpConfig;
-use idsync_connectors::targets::kanidm::{KanidmConfig, KanidmTarget, entry_uuid};
+use idsync_connectors::targets::kanidm::{KanidmConfig, KanidmTarget, entry_uuid, wire};
 use idsync_engine::{Deprovision, Mapping, Policy, Target};
 use idsync_model::{AgreementState, Group, Kind, Member, Secret, Snapshot, User};
 use idsync_runner::testing::run_seeded;
@@ -122,6 +122,20 @@ impl Server {
             .json()
             .await
             .unwrap()
+    }
+
+    /// A sync request sent as another tool would (the cookie it moves is not idsync's).
+    async fn post_sync(&self, body: Value) {
+        let r = self
+            .http
+            .post(format!("{}/scim/v1/Sync", self.url))
+            .bearer_auth(&self.sync_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert!(status.is_success(), "{status}: {}", r.text().await.unwrap());
     }
 
     async fn poke(&self, path: &str, body: Value) {
@@ -367,15 +381,34 @@ async fn flows(s: &Server) {
     assert_eq!(s.entries().await, before);
     assert!(s.cookie().await.get("Active").is_some());
 
-    // Moved: the state's cookie is not Kanidm's (a run whose state was lost): everything idsync
-    // wants is sent in full, and the run goes on from there.
-    st.target_cursor = Some("bm90LWthbmlkbXM".into());
+    // Moved: another tool wrote through the same sync account (a stray person), so Kanidm's cookie
+    // is not the one idsync recorded. The picture is not trusted: everything idsync wants is sent
+    // in full, and under deprovision = "delete" with Retain, so the stray goes too.
+    let stray = json!({
+        "schemas": [format!("{}account", wire::SCHEMA_PREFIX), format!("{}person", wire::SCHEMA_PREFIX)],
+        "id": "3c0ffee0-0000-4000-8000-00000000beef",
+        "externalId": "uid=stray,ou=people,dc=example,dc=com",
+        "name": "stray",
+        "displayname": "Stray",
+    });
+    s.post_sync(json!({
+        "from_state": s.cookie().await,
+        "to_state": { "Active": { "cookie": "b3RoZXItdG9vbA" } },
+        "entries": [stray],
+        "retain": "Ignore",
+    }))
+    .await;
+    assert!(names(&s.entries().await).contains(&"stray".to_owned()));
     dir.users.get_mut(ALICE).unwrap().display_name = "Alice A.".into();
     let (code, writes, e) = sync(&t, &dir, &mut st, &keep).await;
     assert_eq!((code, writes), (exit::OK, 1), "{e}");
     let e = s.entries().await;
     assert_eq!(e[&entry_uuid(ALICE)]["displayname"], "Alice A.");
     assert_eq!(names(&e), ["alice", "carol", "devs", "everyone"]);
+    assert_eq!(
+        members(&e, ALL),
+        sorted(vec![entry_uuid(CAROL), entry_uuid(DEVS)])
+    );
     let (code, writes, _) = sync(&t, &dir, &mut st, &keep).await;
     assert_eq!((code, writes), (exit::OK, 0), "settled after the full send");
 

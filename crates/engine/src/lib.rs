@@ -31,6 +31,6 @@ pub use plan::{Deprovision, OnApplyError, OnConflict, Policy, plan};
 pub use scope::Scope;
 pub use source::{Changes, Read, Source, SourceError, SourceErrorKind};
 pub use target::{
-    Ending, Outcome, Requests, Sight, Target, TargetError, TargetErrorKind, TargetIdentity,
+    Ending, Outcome, Requests, Seeding, Sight, Target, TargetError, TargetErrorKind, TargetIdentity,
 };
 pub use template::Template;

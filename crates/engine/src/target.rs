@@ -160,10 +160,10 @@ pub trait Target: Send + Sync {
         ))
     }
 
-    /// For a target that cannot be read: what it holds, as idsync pictures it, and the
-    /// attributes yielded to it (never written). Operations are then executed against this.
-    fn seed(&self, picture: &Observed, yielded: &std::collections::BTreeSet<idsync_model::Attr>) {
-        let _ = (picture, yielded);
+    /// For a target that cannot be read: what it holds, as idsync pictures it, and how the run
+    /// goes. Operations are then executed against this picture.
+    fn seed(&self, picture: &Observed, how: &Seeding) {
+        let _ = (picture, how);
     }
 
     /// Whether [`Target::seed`] was called in this process.
@@ -195,6 +195,19 @@ pub enum Ending {
     Finalise,
     /// What the agreement made is deleted.
     Terminate,
+}
+
+/// How a run of a target that cannot be read goes ([`Target::seed`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Seeding {
+    /// Attributes yielded to the target: never written.
+    pub yielded: std::collections::BTreeSet<idsync_model::Attr>,
+    /// The picture is not trusted (only what idsync owns, by key): every principal idsync wants
+    /// is written in full, so the target ends as idsync wants it whatever it held.
+    pub whole: bool,
+    /// With `whole`: whatever the target holds for this agreement beyond what idsync wants may
+    /// go (`deprovision = "delete"`), so a full run also removes what idsync's state forgot.
+    pub prune: bool,
 }
 
 /// Where a target that cannot be read stands, against the cursor idsync recorded.

@@ -145,6 +145,13 @@ pub(crate) async fn sight(
             None,
         ),
     };
-    a.target.seed(&pictured, &policy.yield_attributes);
+    a.target.seed(
+        &pictured,
+        &idsync_engine::Seeding {
+            yielded: policy.yield_attributes.clone(),
+            whole: since.is_none(),
+            prune: policy.deprovision == idsync_engine::Deprovision::Delete,
+        },
+    );
     Ok((pictured, since))
 }

@@ -4,7 +4,8 @@
 //! idsync-emulator graph --tenant tenant.json --port 8400
 //! idsync-emulator lakefs --port 8401
 //! idsync-emulator databricks --port 8402
-//! idsync-emulator all --tenant tenant.json          # all three, on free ports
+//! idsync-emulator kanidm --port 8403
+//! idsync-emulator all --tenant tenant.json          # all four, on free ports
 //! idsync-emulator all --tls --cert-out cert.pem --ports-file ports.json
 //! idsync-emulator generate --preset large --out large.json
 //! ```
@@ -18,8 +19,8 @@ use idsync_model::Directory;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Emulated Microsoft Graph (with its token endpoint), lakeFS auth and Databricks account SCIM
-/// APIs on 127.0.0.1, for idsync's tests, benchmarks and demos; or a generated tenant file.
+/// Emulated Microsoft Graph (with its token endpoint), lakeFS auth, Databricks account SCIM and
+/// Kanidm sync-account APIs on 127.0.0.1, for idsync's tests, benchmarks and demos; or a generated tenant file.
 #[derive(Parser)]
 #[command(name = "idsync-emulator", version)]
 struct Cli {
@@ -31,12 +32,14 @@ struct Cli {
 enum Cmd {
     /// Serve Microsoft Graph and its token endpoint.
     Graph(Serve),
-    /// Serve Graph, lakeFS and Databricks, each on a free port (see --ports-file).
+    /// Serve Graph, lakeFS, Databricks and Kanidm, each on a free port (see --ports-file).
     All(Serve),
     /// Serve the lakeFS auth API.
     Lakefs(Serve),
     /// Serve the Databricks account SCIM API.
     Databricks(Serve),
+    /// Serve Kanidm's sync-account API (`/scim/v1/Sync`, finalise, terminate).
+    Kanidm(Serve),
     /// Write a generated tenant (the emulators' directory format) to a file.
     Generate {
         #[command(flatten)]
@@ -121,6 +124,7 @@ async fn main() -> ExitCode {
         Cmd::All(s) => serve("all", s).await,
         Cmd::Lakefs(s) => serve("lakefs", s).await,
         Cmd::Databricks(s) => serve("databricks", s).await,
+        Cmd::Kanidm(s) => serve("kanidm", s).await,
     }
 }
 
@@ -278,6 +282,38 @@ async fn serve(cmd: &str, args: Serve) -> ExitCode {
             }
         }
     }
+    let mut kanidm = None;
+    if cmd == "kanidm" || cmd == "all" {
+        match idsync_emulators::Kanidm::start_on(if cmd == "all" { 0 } else { port }).await {
+            Ok(k) => {
+                println!(
+                    "kanidm {} sync-token {} admin-token {} sync-account {}",
+                    k.server.base_url,
+                    idsync_emulators::kanidm::SYNC_TOKEN,
+                    idsync_emulators::kanidm::ADMIN_TOKEN,
+                    idsync_emulators::kanidm::SYNC_ACCOUNT
+                );
+                ports.insert("kanidm".into(), k.server.base_url.clone().into());
+                ports.insert(
+                    "kanidmSyncToken".into(),
+                    idsync_emulators::kanidm::SYNC_TOKEN.into(),
+                );
+                ports.insert(
+                    "kanidmAdminToken".into(),
+                    idsync_emulators::kanidm::ADMIN_TOKEN.into(),
+                );
+                ports.insert(
+                    "kanidmSyncAccount".into(),
+                    idsync_emulators::kanidm::SYNC_ACCOUNT.into(),
+                );
+                kanidm = Some(k);
+            }
+            Err(e) => {
+                eprintln!("error: cannot listen on 127.0.0.1:{port}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if let Some(f) = &args.ports_file {
         // Written last and atomically: its presence means every server is up.
         let tmp = PathBuf::from(format!("{}.tmp", f.display()));
@@ -291,7 +327,7 @@ async fn serve(cmd: &str, args: Serve) -> ExitCode {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
-    drop((graph, lakefs, databricks));
+    drop((graph, lakefs, databricks, kanidm));
     ExitCode::SUCCESS
 }
 

@@ -33,7 +33,7 @@ pub mod wire;
 use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError};
 use crate::targets::Hints;
 use async_trait::async_trait;
-use idsync_engine::{Ending, Outcome, Sight, Target, TargetError, TargetErrorKind};
+use idsync_engine::{Ending, Outcome, Seeding, Sight, Target, TargetError, TargetErrorKind};
 use idsync_model::{Attr, Capabilities, Kind, Observed, Op, Principal, Secret};
 use reqwest::Method;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -180,6 +180,8 @@ struct Copy {
     deleted: BTreeSet<String>,
     /// Idsync attributes never sent.
     yielded: BTreeSet<Attr>,
+    /// A full run that may remove what idsync does not hold: `Retain` instead of `Delete`.
+    retain_held: bool,
     /// The cookie the last successful flush left, for the state.
     recorded: Option<String>,
     /// Cookies made by this process (they must differ from one another).
@@ -458,7 +460,13 @@ impl KanidmTarget {
             .iter()
             .partition(|u| copy.held[*u].principal.kind != Kind::Group);
         let groups = nesting_order(&groups, &copy.held);
-        let retain = if deleted.is_empty() {
+        let retain = if copy.retain_held && !refresh {
+            // A full run under `deprovision = "delete"`: whatever the agreement holds in Kanidm
+            // beyond what idsync holds goes, forgotten leftovers included.
+            let mut all: Vec<String> = copy.held.keys().cloned().collect();
+            all.sort();
+            Retain::Retain(all)
+        } else if deleted.is_empty() {
             Retain::Ignore
         } else {
             Retain::Delete(deleted)
@@ -663,7 +671,7 @@ impl Target for KanidmTarget {
         Ok(sight)
     }
 
-    fn seed(&self, picture: &Observed, yielded: &BTreeSet<Attr>) {
+    fn seed(&self, picture: &Observed, how: &Seeding) {
         let mut c = self.lock();
         c.held = picture
             .iter()
@@ -683,7 +691,8 @@ impl Target for KanidmTarget {
                 h.members = ms.iter().map(|(_, m)| m.to_owned()).collect();
             }
         }
-        c.yielded = yielded.clone();
+        c.yielded = how.yielded.clone();
+        c.retain_held = how.whole && how.prune;
         c.dirty.clear();
         c.created.clear();
         c.renamed.clear();

@@ -31,7 +31,6 @@ pub enum Retain {
     /// Delete nothing.
     Ignore,
     /// Delete the agreement's entries not listed.
-    #[allow(dead_code)]
     Retain(Vec<String>),
     /// Delete these.
     Delete(Vec<String>),
