@@ -475,14 +475,21 @@ async fn parts(s: &Server) {
     // A refresh must list every entry in one request: too small a limit is refused up front.
     let (code, writes, e) = sync(&small, &dir, &mut st, &keep).await;
     assert_eq!((code, writes), (exit::ERROR, 0), "{e}");
-    assert!(e.contains("even without groups' members"), "{e}");
+    assert!(e.contains("even in their smallest form"), "{e}");
     assert_eq!(s.cookie().await, json!("Refresh"));
     assert!(s.entries().await.is_empty());
-    // Everything listed in the first request (groups without members), the groups after.
+    // Everything listed in the first request in its smallest form (names only), then in full.
     let (code, writes, e) = sync(&t, &dir, &mut st, &keep).await;
-    assert_eq!((code, writes), (exit::OK, 2), "{e}");
+    assert_eq!((code, writes), (exit::OK, 3), "{e}");
     let e = s.entries().await;
     assert_eq!(e.len(), 43);
+    assert_eq!(
+        e[&entry_uuid(&ids[7])]["mail"],
+        json!(["user7@example.com"])
+    );
+    assert_eq!(e[&entry_uuid(&ids[7])]["external_id"], ids[7]);
+    assert_eq!(e[&entry_uuid(&g(2))]["external_id"], g(2));
+    assert_eq!(e[&entry_uuid(&g(2))]["description"], "the middle team");
     assert_eq!(
         e[&entry_uuid(&g(3))]["members"].as_array().unwrap().len(),
         40
@@ -541,4 +548,74 @@ async fn kanidm_takes_every_flow() {
 #[ignore = "needs Kanidm's server library: run scripts/kanidm.sh"]
 async fn kanidm_takes_imports_in_parts() {
     parts(&real()).await;
+}
+
+/// `IDSYNC_KANIDM_SCALE=N`: N people and N/10 groups of about 100 members (three levels of
+/// nesting), synced in full, then 100 changes, then nothing, into the Kanidm emulator, or into
+/// Kanidm's server library with `IDSYNC_TEST_KANIDM`; prints a row of `bench/RESULTS.md`.
+#[tokio::test]
+#[ignore = "a measurement: IDSYNC_KANIDM_SCALE=N, see bench/RESULTS.md"]
+async fn kanidm_at_scale() {
+    let n: usize = std::env::var("IDSYNC_KANIDM_SCALE")
+        .expect("IDSYNC_KANIDM_SCALE")
+        .parse()
+        .unwrap();
+    let s = if std::env::var("IDSYNC_TEST_KANIDM").is_ok() {
+        real()
+    } else {
+        emulated().await
+    };
+    let mut dir = idsync_emulators::generator::generate(&idsync_emulators::generator::Params {
+        users: n,
+        guest_ratio: 0.0,
+        disabled_ratio: 0.0,
+        service_principals: 0,
+        groups: (n / 10).max(1),
+        memberships: n * 10,
+        ..Default::default()
+    });
+    let mapping = Mapping {
+        group_name: Mapping::group_template("{displayName|lower}").unwrap(),
+        ..mapping()
+    };
+    let t = s.target();
+    let mut st = AgreementState::new("scale");
+    let p = policy(Deprovision::Delete);
+    let mut row = format!(
+        "| {} | {} | {} |",
+        n,
+        dir.groups.len(),
+        dir.groups.values().map(|g| g.members.len()).sum::<usize>()
+    );
+    for step in ["full", "100 changes", "no change"] {
+        if step == "100 changes" {
+            for u in dir.users.values_mut().take(100) {
+                u.display_name.push_str(" (changed)");
+            }
+        }
+        let before = t.sync_requests();
+        let started = std::time::Instant::now();
+        let out = run_seeded(&t, &dir, &mapping, &p, &mut st, &opts()).await;
+        let took = started.elapsed();
+        let code = match &out {
+            Ok(o) => o.code,
+            Err(e) => panic!("{step}: {e}"),
+        };
+        assert_eq!(code, exit::OK, "{step}");
+        let after = t.sync_requests();
+        let largest = if step == "full" {
+            format!(", largest {:.1} MB", after.2 as f64 / 1e6)
+        } else {
+            String::new()
+        };
+        row.push_str(&format!(
+            " {} request(s), {:.2} MB{largest}, {:.1} s |",
+            after.0 - before.0,
+            (after.1 - before.1) as f64 / 1e6,
+            took.as_secs_f64()
+        ));
+    }
+    let e = s.entries().await;
+    assert_eq!(e.len(), n + dir.groups.len());
+    println!("{row}");
 }

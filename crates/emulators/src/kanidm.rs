@@ -145,6 +145,8 @@ enum Fail {
     AccessDenied,
     InvalidSyncState,
     InvalidEntryState,
+    /// An entry without `externalId` (Kanidm 1.7.4: 400 `emptyrequest`).
+    EmptyRequest,
     Uniqueness(Vec<String>),
     NoMatchingEntries,
     /// A token that verifies but is not a sync token.
@@ -174,6 +176,7 @@ impl Fail {
                 ),
             },
             Fail::NoMatchingEntries => (StatusCode::NOT_FOUND, json!("nomatchingentries")),
+            Fail::EmptyRequest => (StatusCode::BAD_REQUEST, json!("emptyrequest")),
             Fail::NotASyncToken => match release {
                 Release::V1_7 => (StatusCode::INTERNAL_SERVER_ERROR, json!("serdejsonerror")),
                 Release::Current => (StatusCode::FORBIDDEN, json!("accessdenied")),
@@ -282,6 +285,9 @@ fn apply(d: &mut KanidmData, req: &Value) -> Result<(), Fail> {
         let id = e["id"].as_str().ok_or(Fail::InvalidEntryState)?;
         if !is_uuid(id) {
             return Err(Fail::InvalidEntryState);
+        }
+        if e["externalId"].as_str().is_none() {
+            return Err(Fail::EmptyRequest);
         }
         let id = id.to_lowercase();
         if let Some(existing) = d.entries.get(&id)

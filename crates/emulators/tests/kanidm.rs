@@ -246,6 +246,24 @@ async fn suite(s: &Server, terminate: bool) {
     );
     assert!(!s.entries().await.contains_key(CAROL));
 
+    // An entry without an external id: refused, nothing changes.
+    let mut anonymous = person(BOB, "bob", "Bob Nobody", None);
+    anonymous.as_object_mut().unwrap().remove("externalId");
+    let (st, v) = s
+        .sync(&request(
+            active("Y29va2llLTI"),
+            active("Y29va2llLTM"),
+            vec![anonymous],
+            json!("Ignore"),
+        ))
+        .await;
+    assert_eq!(
+        (st, &v),
+        (StatusCode::BAD_REQUEST, &json!("emptyrequest")),
+        "{v}"
+    );
+    assert_eq!(s.entries().await[BOB]["displayname"], "Bob B");
+
     // An attribute the entry's classes do not have: refused.
     let mut odd = person(BOB, "bob", "Bob B", None);
     odd["description"] = json!("a person has no description here");

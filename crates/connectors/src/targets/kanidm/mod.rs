@@ -19,8 +19,9 @@
 //! A request larger than `max_request_bytes` (Kanidm refuses bodies over 32 MiB) is sent in
 //! parts, each its own transaction, chained by cookies: people first, then groups (groups that
 //! hold groups after them), deletions with the first part. A refresh too large for one request
-//! lists every entry first with groups' members left out, then sends the groups with their
-//! members. Should a part fail, the parts before it stay applied and idsync's cookie no longer
+//! lists every entry first in its smallest form (names only; Kanidm deletes what a refresh leaves
+//! out), then sends in full what that left out (mail, descriptions, members): until those parts
+//! arrive, Kanidm holds those attributes empty. Should a part fail, the parts before it stay applied and idsync's cookie no longer
 //! matches Kanidm's, so the next run sends every principal it wants again.
 //!
 //! An entry's UUID is derived from the source's stable id ([`entry_uuid`]): Entra object ids,
@@ -195,6 +196,8 @@ pub struct KanidmTarget {
     http: Http,
     auth: Auth,
     copy: Mutex<Copy>,
+    /// Sync requests sent and their bytes, for reports and benchmarks.
+    sent: Mutex<(u64, u64, u64)>,
 }
 
 const HINTS: Hints = Hints {
@@ -218,7 +221,13 @@ impl KanidmTarget {
             http,
             auth,
             copy: Mutex::new(Copy::default()),
+            sent: Mutex::new((0, 0, 0)),
         })
+    }
+
+    /// Sync requests sent so far: how many, their bytes in all, and the largest.
+    pub fn sync_requests(&self) -> (u64, u64, u64) {
+        *self.sent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Copy> {
@@ -372,18 +381,20 @@ impl KanidmTarget {
         )
     }
 
-    /// Kanidm's entry for one held principal, as JSON bytes; `members` false leaves a group's
-    /// members out.
-    fn entry(&self, uuid: &str, h: &Held, yielded: &BTreeSet<Attr>, members: bool) -> Vec<u8> {
+    /// Kanidm's entry for one held principal, as JSON bytes; `full` false gives its smallest form
+    /// (names only: a person without mail, a group without description and members).
+    fn entry(&self, uuid: &str, h: &Held, yielded: &BTreeSet<Attr>, full: bool) -> Vec<u8> {
         let p = &h.principal;
         let keep = |a: Attr, name: &str| {
             !yielded.contains(&a) && !self.cfg.yield_attributes.contains(name)
         };
-        let external_id = p
-            .external_id
-            .clone()
-            .or_else(|| h.source.clone())
-            .unwrap_or_else(|| uuid.to_owned());
+        // Kanidm refuses an entry without one (400 `emptyrequest`), even in a refresh's listing.
+        let external_id = Some(
+            p.external_id
+                .clone()
+                .or_else(|| h.source.clone())
+                .unwrap_or_else(|| uuid.to_owned()),
+        );
         let e = match p.kind {
             Kind::Group => wire::Entry {
                 schemas: vec![wire::schema("group")],
@@ -394,9 +405,9 @@ impl KanidmTarget {
                 description: p
                     .description
                     .clone()
-                    .filter(|_| keep(Attr::Description, "description")),
+                    .filter(|_| full && keep(Attr::Description, "description")),
                 mail: Vec::new(),
-                member: (members && !self.cfg.yield_attributes.contains("member")).then(|| {
+                member: (full && !self.cfg.yield_attributes.contains("member")).then(|| {
                     h.members
                         .iter()
                         .map(|m| wire::Member {
@@ -414,7 +425,7 @@ impl KanidmTarget {
                 displayname: keep(Attr::DisplayName, "displayname")
                     .then(|| p.display_name.clone().unwrap_or_else(|| p.key.clone())),
                 description: None,
-                mail: if keep(Attr::Emails, "mail") {
+                mail: if full && keep(Attr::Emails, "mail") {
                     p.emails
                         .iter()
                         .enumerate()
@@ -491,28 +502,34 @@ impl KanidmTarget {
             }]);
         }
         if refresh {
-            // One request must list every entry: groups without their members first.
-            let mut first: Vec<Vec<u8>> = whole[..people.len()].to_vec();
-            first.extend(
-                groups
-                    .iter()
-                    .map(|u| self.entry(u, &copy.held[*u], &yielded, false)),
-            );
+            // One request must list every entry, lest Kanidm delete it: every entry in its
+            // smallest form first, then in full those it leaves something out of.
+            let order: Vec<&String> = people.iter().chain(groups.iter()).copied().collect();
+            let first: Vec<Vec<u8>> = order
+                .iter()
+                .map(|u| self.entry(u, &copy.held[*u], &yielded, false))
+                .collect();
             let listed: usize = first.iter().map(|e| e.len() + 1).sum::<usize>() + overhead;
             if listed > limit {
                 return Err(err(
                     TargetErrorKind::Invalid,
                     format!(
-                        "Kanidm asks for a refresh, which must list every entry in one request, and the {} entries take {listed} bytes even without groups' members: more than max_request_bytes ({limit}). Raise max_request_bytes up to Kanidm's limit ({KANIDM_MAX_BYTES} bytes), or narrow the scope",
+                        "Kanidm asks for a refresh, which must list every entry in one request (Kanidm deletes the agreement's entries a refresh leaves out), and the {} entries take {listed} bytes even in their smallest form (names only): more than max_request_bytes ({limit}; Kanidm refuses bodies over {KANIDM_MAX_BYTES}). Nothing was sent. Narrow the scope, or split it into several agreements, each with a sync account of its own",
                         whole.len()
                     ),
                 ));
             }
+            let rest: Vec<Vec<u8>> = whole
+                .into_iter()
+                .zip(&first)
+                .filter(|(full, small)| full != *small)
+                .map(|(full, _)| full)
+                .collect();
             let mut parts = vec![wire::Part {
                 entries: first,
                 retain: Retain::Ignore,
             }];
-            parts.extend(pack(whole[people.len()..].to_vec(), limit, wire::OVERHEAD)?);
+            parts.extend(pack(rest, limit, wire::OVERHEAD)?);
             return Ok(parts);
         }
         let mut parts = pack(whole, limit, overhead)?;
@@ -875,6 +892,12 @@ impl Target for KanidmTarget {
                 Self::next_cookie(&mut c)
             };
             let body = part.body(&from, &to);
+            {
+                let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+                sent.0 += 1;
+                sent.1 += body.len() as u64;
+                sent.2 = sent.2.max(body.len() as u64);
+            }
             tracing::debug!(
                 part = i + 1,
                 of = n,

@@ -73,8 +73,8 @@ pub struct Entry {
     /// The entry's UUID.
     pub id: String,
     /// Stored as `sync_external_id`.
-    #[serde(rename = "externalId")]
-    pub external_id: String,
+    #[serde(rename = "externalId", skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
     /// `name`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
