@@ -86,25 +86,39 @@ fn real() -> Server {
 
 impl Server {
     /// The person and group entries (`synced`: still under the sync account's authority).
-    fn entries(&self) -> Vec<Value> {
+    /// One request to a test-only route; the answer's body.
+    fn call(&self, method: &str, path: &str, body: &str) -> String {
         use std::io::{Read, Write};
         let addr = self.url.trim_start_matches("http://");
         let mut c = std::net::TcpStream::connect(addr).unwrap();
         write!(
             c,
-            "GET /_idsync/entries HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
         )
         .unwrap();
         let mut raw = Vec::new();
         c.read_to_end(&mut raw).unwrap();
         let text = String::from_utf8(raw).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(" 200 "), "{head}");
-        serde_json::from_str::<Value>(body)
+        assert!(head.contains(" 200 "), "{method} {path}: {head}");
+        body.to_owned()
+    }
+
+    /// The person and group entries (`synced`: still under the sync account's authority).
+    fn entries(&self) -> Vec<Value> {
+        serde_json::from_str::<Value>(&self.call("GET", "/_idsync/entries", ""))
             .unwrap()
             .as_array()
             .unwrap()
             .clone()
+    }
+
+    fn entry(&self, name: &str) -> Value {
+        self.entries()
+            .into_iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or(Value::Null)
     }
 
     fn names(&self, synced: bool) -> Vec<String> {
@@ -236,6 +250,54 @@ fn finalise(k: &Server) {
     assert!(k.names(true).is_empty(), "{:?}", k.entries());
     assert_eq!(k.names(false), SYNCED);
     assert_eq!(state(&s)["status"], "finalised");
+}
+
+/// A saved plan: applied against the picture it was made from; refused once Kanidm moved.
+fn saved_plans(k: &Server) {
+    let s = k.sandbox();
+    let (code, out) = run(&s, k, false, &["sync"]);
+    assert_eq!(code, 0, "{out}");
+    let edit = |name: &str| {
+        let mut dir: Value = serde_json::from_str(DIRECTORY).unwrap();
+        dir["users"][0]["displayName"] = name.into();
+        s.write("directory.json", &dir.to_string());
+    };
+    edit("Alice Liddell");
+    let (code, out) = run(&s, k, false, &["plan", "--out", "p.json"]);
+    assert_eq!(code, 2, "{out}");
+    let (code, out) = run(&s, k, false, &["apply", "p.json"]);
+    assert_eq!(code, 0, "{out}");
+    let alice = k.entry("alice");
+    assert_eq!(alice["displayname"], "Alice Liddell");
+    // The whole entry went, from idsync's picture: the mail the update did not touch stays.
+    assert_eq!(alice["mail"], serde_json::json!(["alice@corp.example"]));
+
+    // Planned, then Kanidm is force-refreshed: the plan was made against a picture that no longer
+    // holds, so it is refused and nothing is written.
+    edit("Alice L.");
+    let (code, out) = run(&s, k, false, &["plan", "--out", "q.json"]);
+    assert_eq!(code, 2, "{out}");
+    k.call("POST", "/_idsync/force_refresh", "{}");
+    let (code, out) = run(&s, k, false, &["apply", "q.json"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no longer where idsync left it"), "{out}");
+    assert_eq!(k.entry("alice")["displayname"], "Alice Liddell");
+    // A sync sends everything again, the change with it.
+    let (code, out) = run(&s, k, false, &["sync"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(k.entry("alice")["displayname"], "Alice L.");
+    assert_eq!(k.names(true), SYNCED);
+}
+
+#[test]
+fn the_emulator_takes_saved_plans() {
+    saved_plans(&emulated());
+}
+
+#[test]
+#[ignore = "needs Kanidm's server library: run scripts/kanidm.sh"]
+fn kanidm_takes_saved_plans() {
+    saved_plans(&real());
 }
 
 #[test]

@@ -30,6 +30,9 @@ pub struct Settings {
     yield_attributes: Option<Vec<String>>,
     /// The sync account's name or UUID, for `idsync agreement finalise` and `terminate`.
     sync_account: Option<String>,
+    /// How long one sync request may take, in seconds: Kanidm applies a request whole before it
+    /// answers [default: 900].
+    timeout: Option<u64>,
     /// For finalise and terminate: a session token of an account that manages sync accounts;
     /// keep it out of the file (`KANIDM_ADMIN_TOKEN`).
     admin_token: Option<Secret>,
@@ -73,6 +76,8 @@ pub struct KanidmTargetConfig {
     pub sync_account: Option<String>,
     /// A session token for finalise and terminate.
     pub admin_token: Option<Secret>,
+    /// Per request.
+    pub timeout: std::time::Duration,
 }
 
 impl TargetSettings for Settings {
@@ -128,6 +133,7 @@ impl TargetSettings for Settings {
             yield_attributes: yielded,
             sync_account: self.sync_account,
             admin_token,
+            timeout: std::time::Duration::from_secs(self.timeout.unwrap_or(900).max(1)),
         }))
     }
 }
@@ -139,14 +145,18 @@ impl TargetConfig for KanidmTargetConfig {
     fn describe(&self) -> String {
         format!("Kanidm {}", self.url)
     }
+    /// Kanidm's names hold no `@` (the `@` separates a name from its domain in Kanidm's SPNs):
+    /// people are named by their login's local part, `alice@corp.example` as `alice`.
+    fn default_user_name(&self, _source_kind: &str) -> Option<&'static str> {
+        Some("{userName|localpart}")
+    }
     fn build(&self, workers: usize, _: &dyn SourceConfig) -> Result<Box<dyn Target>, TargetError> {
         let cfg = KanidmConfig {
             url: self.url.clone(),
             token: self.token.clone(),
             http: HttpConfig {
                 allow_insecure_http: self.allow_insecure_http,
-                // A refresh of a large directory takes Kanidm minutes to apply.
-                timeout: std::time::Duration::from_secs(900),
+                timeout: self.timeout,
                 ..HttpConfig::new("Kanidm").bounded(workers, self.ca_bundle.clone())
             },
             max_request_bytes: self.max_request_bytes,

@@ -339,6 +339,14 @@ impl KanidmTarget {
             {
                 match self.state().await {
                     Ok(SyncState::Active { cookie }) if cookie == to => Ok(()),
+                    _ if e.status.is_none() => Err(err(
+                        TargetErrorKind::Unavailable,
+                        format!(
+                            "{} Kanidm had not committed the request when asked afterwards; it may still be applying it (a large import takes Kanidm minutes; the target's `timeout` is {} s). The next run sees whether it did, and sends what it needs.",
+                            e.message,
+                            self.cfg.http.timeout.as_secs()
+                        ),
+                    )),
                     _ => Err(self.refused(e)),
                 }
             }
@@ -533,8 +541,12 @@ impl KanidmTarget {
             return Ok(parts);
         }
         let mut parts = pack(whole, limit, overhead)?;
-        if let Some(first) = parts.first_mut() {
-            first.retain = retain;
+        match parts.first_mut() {
+            Some(first) => first.retain = retain,
+            None => parts.push(wire::Part {
+                entries: Vec::new(),
+                retain,
+            }),
         }
         // A group sent before a group it holds was created (a cycle across parts) would have lost
         // that member (Kanidm skips references it cannot resolve): such groups go again, last.
