@@ -242,7 +242,15 @@ async fn sync(
     let out = run_seeded(t, dir, &mapping(), p, st, &opts()).await;
     let sent = t.requests().unwrap() - before;
     match out {
-        Ok(o) => (o.code, sent.writes, String::new()),
+        // What failed, when the run went on.
+        Ok(o) => {
+            let failed: Vec<String> = o
+                .report
+                .iter()
+                .flat_map(|r| r.failed.iter().map(|f| f.error.clone()))
+                .collect();
+            (o.code, sent.writes, failed.join("\n"))
+        }
         Err(e) => (e.exit_code(), sent.writes, format!("{e}")),
     }
 }
@@ -355,6 +363,24 @@ async fn flows(s: &Server) {
         "Bob Again"
     );
     dir = clash;
+
+    // A name Kanidm would refuse (a space): that person fails alone, named, before anything is
+    // sent; carol's change in the same run goes through.
+    let mut odd = dir.clone();
+    let mut u = user("0b6f1c2e-0000-4000-8000-0000000bad02", "dave", "Dave");
+    u.user_name = "dave smith@example.com".into();
+    odd.users.insert(u.id.clone(), u);
+    odd.users.get_mut(CAROL).unwrap().display_name = "Carol Chen-Li".into();
+    let (code, writes, e) = sync(&t, &odd, &mut st, &keep).await;
+    assert_eq!((code, writes), (exit::ERROR, 1), "{e}");
+    assert!(
+        e.contains("\"dave smith\" cannot be a Kanidm name: it holds a space"),
+        "{e}"
+    );
+    let e = s.entries().await;
+    assert_eq!(e[&entry_uuid(CAROL)]["displayname"], "Carol Chen-Li");
+    assert!(!names(&e).contains(&"dave smith".to_owned()));
+    dir.users.get_mut(CAROL).unwrap().display_name = "Carol Chen-Li".into();
 
     // deprovision = "none": bob leaves the source and stays in Kanidm.
     let none = policy(Deprovision::None);

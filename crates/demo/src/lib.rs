@@ -160,11 +160,11 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
     let dbx_mapping = Mapping::defaults();
     let mut lake_mapping = Mapping::defaults();
     lake_mapping.group_policies = DEFAULT_POLICIES.iter().map(|p| (*p).to_owned()).collect();
-    // Kanidm's names hold no `@` and are kept in lower case.
+    // Kanidm's names: a letter, then letters, digits, `.`, `_` and `-`; no `@`.
     let kanidm_mapping = Mapping {
         user_name: Mapping::user_template("{userName|localpart}")
             .doing(|| "the Kanidm mapping".into())?,
-        group_name: Mapping::group_template("{displayName|lower}")
+        group_name: Mapping::group_template("{displayName|slug}")
             .doing(|| "the Kanidm mapping".into())?,
         group_description: Some(
             Mapping::group_template("{description}").doing(|| "the Kanidm mapping".into())?,

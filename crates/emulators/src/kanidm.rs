@@ -147,6 +147,8 @@ enum Fail {
     InvalidEntryState,
     /// An entry without `externalId` (Kanidm 1.7.4: 400 `emptyrequest`).
     EmptyRequest,
+    /// A value that is not of its attribute's syntax (a name Kanidm does not take).
+    InvalidSyntax(&'static str),
     Uniqueness(Vec<String>),
     NoMatchingEntries,
     /// A token that verifies but is not a sync token.
@@ -177,6 +179,10 @@ impl Fail {
             },
             Fail::NoMatchingEntries => (StatusCode::NOT_FOUND, json!("nomatchingentries")),
             Fail::EmptyRequest => (StatusCode::BAD_REQUEST, json!("emptyrequest")),
+            Fail::InvalidSyntax(attr) => (
+                StatusCode::BAD_REQUEST,
+                json!({ "schemaviolation": { "invalidattributesyntax": attr } }),
+            ),
             Fail::NotASyncToken => match release {
                 Release::V1_7 => (StatusCode::INTERNAL_SERVER_ERROR, json!("serdejsonerror")),
                 Release::Current => (StatusCode::FORBIDDEN, json!("accessdenied")),
@@ -263,6 +269,19 @@ const HEADER_KEYS: [&str; 4] = ["schemas", "id", "externalId", "meta"];
 
 fn text_of(v: &Value) -> Option<String> {
     v.as_str().map(str::to_owned)
+}
+
+/// Whether Kanidm takes `name` (an `iname`), as Kanidm 1.7.4 answered it (probed against
+/// `kanidmd_lib` 1.7.4; the conformance suite checks a few): after ASCII upper case is lowered, a
+/// letter, then letters, digits, `.`, `_` and `-`, 64 characters at most, and not `root`.
+pub fn valid_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    let mut chars = n.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+        && n.len() <= 64
+        && n != "root"
 }
 
 /// `POST /scim/v1/Sync`, on a copy of the data.
@@ -359,7 +378,13 @@ fn apply(d: &mut KanidmData, req: &Value) -> Result<(), Fail> {
                 return Err(Fail::InvalidEntryState);
             }
             match k.as_str() {
-                "name" => next.name = text_of(v).map(|n| n.to_lowercase()),
+                "name" => {
+                    let n = text_of(v).unwrap_or_default();
+                    if !valid_name(&n) {
+                        return Err(Fail::InvalidSyntax("name"));
+                    }
+                    next.name = Some(n.to_ascii_lowercase());
+                }
                 "displayname" => next.displayname = text_of(v),
                 "description" => next.description = text_of(v),
                 "gidnumber" => next.gidnumber = v.as_u64(),

@@ -246,6 +246,35 @@ async fn suite(s: &Server, terminate: bool) {
     );
     assert!(!s.entries().await.contains_key(CAROL));
 
+    // Names Kanidm does not take (an `@`, a space, a leading digit, over 64 characters, `root`):
+    // refused, nothing changes; upper case is lowered.
+    for bad in [
+        "bob@example.com",
+        "data (eng)",
+        "1bob",
+        &"b".repeat(65),
+        "root",
+        "chloé",
+    ] {
+        let (st, v) = s
+            .sync(&request(
+                active("Y29va2llLTI"),
+                active("Y29va2llLTM"),
+                vec![person(BOB, bad, "Bob B", None)],
+                json!("Ignore"),
+            ))
+            .await;
+        assert_eq!(
+            (st, &v),
+            (
+                StatusCode::BAD_REQUEST,
+                &json!({ "schemaviolation": { "invalidattributesyntax": "name" } })
+            ),
+            "{bad:?}: {v}"
+        );
+    }
+    assert_eq!(s.entries().await[BOB]["name"], "bob");
+
     // An entry without an external id: refused, nothing changes.
     let mut anonymous = person(BOB, "bob", "Bob Nobody", None);
     anonymous.as_object_mut().unwrap().remove("externalId");

@@ -1,6 +1,7 @@
-//! Mapping templates: `"{userName}"`, `"waad|{id}"`, `"{mail|lower}"`, `"{userName|localpart}"`. A
-//! small, closed language on purpose: variables, three filters, and `{{` / `}}` for literal braces. Parsed and checked once,
-//! when the config is validated, so a typo is a config error and not a failed run.
+//! Mapping templates: `"{userName}"`, `"waad|{id}"`, `"{mail|lower}"`, `"{userName|localpart}"`,
+//! `"{displayName|slug}"`. A small, closed language on purpose: variables, four filters, and
+//! `{{` / `}}` for literal braces. Parsed and checked once, when the config is validated, so a
+//! typo is a config error and not a failed run.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -26,6 +27,58 @@ enum Filter {
     /// The part before the last `@` (a UPN's or mail's local part), in lower case: names for
     /// targets that hold no `@` in a name (Kanidm).
     LocalPart,
+    /// Lower case ASCII letters, digits, `.`, `_` and `-`: accents folded (`é` → `e`), every
+    /// other run of characters one `-`, none at either end. `Data (Eng) Équipe` →
+    /// `data-eng-equipe`: names for targets with a narrow name syntax (Kanidm).
+    Slug,
+}
+
+/// `Filter::Slug`.
+fn slug(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut dash = false;
+    for c in v.chars() {
+        let folded: &str = match c {
+            'a'..='z' | '0'..='9' | '.' | '_' => {
+                out.push(c);
+                dash = false;
+                continue;
+            }
+            'A'..='Z' => {
+                out.push(c.to_ascii_lowercase());
+                dash = false;
+                continue;
+            }
+            'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'À' | 'Á' | 'Â' | 'Ã' | 'Ä' | 'Å' => {
+                "a"
+            }
+            'ç' | 'Ç' => "c",
+            'è' | 'é' | 'ê' | 'ë' | 'È' | 'É' | 'Ê' | 'Ë' => "e",
+            'ì' | 'í' | 'î' | 'ï' | 'Ì' | 'Í' | 'Î' | 'Ï' => "i",
+            'ñ' | 'Ñ' => "n",
+            'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' | 'Ò' | 'Ó' | 'Ô' | 'Õ' | 'Ö' | 'Ø' => {
+                "o"
+            }
+            'ù' | 'ú' | 'û' | 'ü' | 'Ù' | 'Ú' | 'Û' | 'Ü' => "u",
+            'ý' | 'ÿ' | 'Ý' => "y",
+            'ß' => "ss",
+            'æ' | 'Æ' => "ae",
+            'œ' | 'Œ' => "oe",
+            _ => {
+                if !dash && !out.is_empty() {
+                    out.push('-');
+                }
+                dash = true;
+                continue;
+            }
+        };
+        out.push_str(folded);
+        dash = false;
+    }
+    while out.ends_with('-') {
+        out.pop();
+    }
+    out
 }
 
 /// A template that does not parse, or names a variable that does not exist.
@@ -87,9 +140,10 @@ impl Template {
                                 "lower" => Filter::Lower,
                                 "upper" => Filter::Upper,
                                 "localpart" => Filter::LocalPart,
+                                "slug" => Filter::Slug,
                                 other => {
                                     return Err(err(format!(
-                                        "unknown filter {other:?} (there are: lower, upper, localpart)"
+                                        "unknown filter {other:?} (there are: lower, upper, localpart, slug)"
                                     )));
                                 }
                             };
@@ -147,6 +201,15 @@ impl Template {
                             }
                             out.push_str(&local.to_lowercase());
                         }
+                        Filter::Slug => {
+                            let s = slug(v);
+                            if s.is_empty() {
+                                return Err(RenderError {
+                                    variable: name.clone(),
+                                });
+                            }
+                            out.push_str(&s);
+                        }
                     }
                 }
             }
@@ -199,6 +262,11 @@ mod tests {
         assert_eq!(ok("{userName|lower}"), "jane.doe@corp.example");
         assert_eq!(ok("{userName|localpart}"), "jane.doe");
         assert_eq!(ok("{id|localpart}"), "0f1e");
+        assert_eq!(ok("{userName|slug}"), "jane.doe-corp.example");
+        assert_eq!(slug("Data (Eng) Équipe"), "data-eng-equipe");
+        assert_eq!(slug("  __x__ "), "__x__");
+        assert_eq!(slug("Straße & Œuvre!"), "strasse-oeuvre");
+        assert_eq!(slug("日本"), "");
         assert_eq!(ok("{{literal}} {id}"), "{literal} 0f1e");
         assert_eq!(ok("plain"), "plain");
     }

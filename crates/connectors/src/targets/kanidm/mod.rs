@@ -150,6 +150,44 @@ fn parse_uuid(s: &str) -> Option<String> {
     Some(format_uuid(&b))
 }
 
+/// Why Kanidm would refuse `name` as an entry's name, if it would. Kanidm 1.7.4 takes, once ASCII
+/// upper case is lowered, a letter followed by letters, digits, `.`, `_` and `-`, 64 characters at
+/// most, and not `root` (`docs/apis/kanidm-sync.md`); anything else fails the whole request with
+/// 400 `{"schemaviolation":{"invalidattributesyntax":"name"}}`, without saying which entry. idsync
+/// checks first, so only the principal at fault fails.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    let n = name.to_ascii_lowercase();
+    let first = n.chars().next();
+    if first.is_none() {
+        return Some("it is empty");
+    }
+    if !first.is_some_and(|c| c.is_ascii_lowercase()) {
+        return Some("it does not begin with a letter");
+    }
+    if let Some(c) = n
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')))
+    {
+        return Some(match c {
+            '@' => {
+                "it holds an `@` (Kanidm names hold none: `{userName|localpart}` maps a login to its local part)"
+            }
+            ' ' => "it holds a space (`{displayName|slug}` makes one `-`)",
+            c if !c.is_ascii() => {
+                "it holds a letter outside ASCII (`{displayName|slug}` folds accents)"
+            }
+            _ => "it holds a character other than letters, digits, `.`, `_` and `-`",
+        });
+    }
+    if n.len() > 64 {
+        return Some("it is longer than 64 characters");
+    }
+    if n == "root" {
+        return Some("`root` is reserved");
+    }
+    None
+}
+
 /// One entry as idsync pictures it in Kanidm.
 #[derive(Clone, Debug)]
 struct Held {
@@ -210,6 +248,15 @@ fn err(kind: TargetErrorKind, message: impl Into<String>) -> TargetError {
     TargetError::new(kind, message)
 }
 
+fn bad_name(kind: Kind, name: &str, why: &str) -> TargetError {
+    err(
+        TargetErrorKind::Invalid,
+        format!(
+            "{kind} {name:?} cannot be a Kanidm name: {why}. Kanidm takes a letter followed by letters, digits, `.`, `_` and `-`, 64 characters at most. Map it to another name in the agreement's mapping, or leave it out of the scope; the other principals go on"
+        ),
+    )
+}
+
 impl KanidmTarget {
     /// A target for this server; nothing is sent until the runner resumes it.
     pub fn new(cfg: KanidmConfig) -> Result<Self, TargetError> {
@@ -257,6 +304,20 @@ impl KanidmTarget {
                 format!(
                     "{} Kanidm's sync state moved while idsync was writing (a `kanidm system sync force-refresh`, or another sync tool on the same account): Kanidm applied nothing of this request. Run again: the next run sees where Kanidm stands and sends what it needs.",
                     e.message
+                ),
+            );
+        }
+        if code == "schemaviolation/invalidattributesyntax" {
+            return err(
+                TargetErrorKind::Invalid,
+                format!(
+                    "{} Kanidm refused an attribute's value ({}), and applied nothing of this request.",
+                    e.message,
+                    if e.message.ends_with(": name") {
+                        "a name: a letter followed by letters, digits, `.`, `_` and `-`, 64 characters at most"
+                    } else {
+                        "its syntax"
+                    }
                 ),
             );
         }
@@ -754,6 +815,9 @@ impl Target for KanidmTarget {
         };
         match op {
             Op::Create { principal, source } => {
+                if let Some(why) = name_problem(&principal.key) {
+                    return Err(bad_name(principal.kind, &principal.key, why));
+                }
                 let uuid = entry_uuid(&source.id);
                 if c.held
                     .get(&uuid)
@@ -785,6 +849,13 @@ impl Target for KanidmTarget {
                 source,
                 changes,
             } => {
+                for ch in changes {
+                    if let (Attr::Key, idsync_model::AttrValue::Text(Some(k))) = (ch.attr, &ch.to)
+                        && let Some(why) = name_problem(k)
+                    {
+                        return Err(bad_name(target.kind, k, why));
+                    }
+                }
                 let id = target.id.as_deref().unwrap_or_default().to_owned();
                 let h = c.held.get_mut(&id).ok_or_else(|| missing(&id))?;
                 h.source = Some(source.id.clone());
@@ -980,6 +1051,38 @@ mod tests {
         // Not a UUID: misplaced dashes, non-hex.
         assert_eq!(parse_uuid("5f1c3a1e0-b7d-4e55-9b41-2f7f64f4a001"), None);
         assert_eq!(parse_uuid("zf1c3a1e-0b7d-4e55-9b41-2f7f64f4a001"), None);
+    }
+
+    #[test]
+    fn names_as_kanidm_takes_them() {
+        for ok in [
+            "alice",
+            "Alice",
+            "alice.smith",
+            "a",
+            "team_alpha",
+            "x.",
+            "a--b",
+            &"y".repeat(64),
+        ] {
+            assert_eq!(name_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "alice@corp.example",
+            "data eng",
+            "data (eng)",
+            "chloé",
+            "1abc",
+            "_x",
+            "-lead",
+            "root",
+            "a+b",
+            &"z".repeat(65),
+        ] {
+            assert!(name_problem(bad).is_some(), "{bad}");
+        }
+        assert!(name_problem("a@b").unwrap().contains("localpart"));
     }
 
     #[test]
