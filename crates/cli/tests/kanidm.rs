@@ -206,6 +206,18 @@ const SYNCED: [&str; 4] = ["alice", "bob", "data_eng", "platform"];
 
 fn terminate(k: &Server) {
     let s = k.sandbox();
+    // Kanidm's names: people by their login's local part, guests by their mail slugged.
+    s.write(
+        "idsync.toml",
+        &s.read("idsync.toml")
+            .replace("user_name = \"{userName|localpart}\"\n", ""),
+    );
+    let (code, out) = run(&s, k, false, &["validate"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("users keyed by {userName|localpart} (guests {mail|slug})"),
+        "{out}"
+    );
     let (code, out) = run(&s, k, false, &["sync"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(k.names(true), SYNCED, "{out}");

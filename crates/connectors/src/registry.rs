@@ -228,6 +228,11 @@ pub trait TargetConfig: Debug + Send + Sync + AsAny {
         let _ = source_kind;
         None
     }
+    /// The guest key template that goes with [`TargetConfig::default_user_name`] when that
+    /// applies and no mapping sets `guest_user_name` (`None`: guests are keyed as members).
+    fn default_guest_user_name(&self) -> Option<&'static str> {
+        None
+    }
     /// Connects it, with at most `workers` requests in flight; `source` for a target that reuses
     /// the source's sign-in.
     fn build(

@@ -164,6 +164,9 @@ pub async fn run(dir: &Path, p: &mut dyn Reporter) -> Result<u8, DemoError> {
     let kanidm_mapping = Mapping {
         user_name: Mapping::user_template("{userName|localpart}")
             .doing(|| "the Kanidm mapping".into())?,
+        guest_user_name: Some(
+            Mapping::user_template("{mail|slug}").doing(|| "the Kanidm mapping".into())?,
+        ),
         group_name: Mapping::group_template("{displayName|slug}")
             .doing(|| "the Kanidm mapping".into())?,
         group_description: Some(

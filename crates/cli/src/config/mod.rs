@@ -662,6 +662,10 @@ impl Validator<'_> {
             &Policy::default(),
         );
         let user_name_set = raw.mapping.as_ref().is_some_and(|m| m.user_name.is_some());
+        let guest_name_set = raw
+            .mapping
+            .as_ref()
+            .is_some_and(|m| m.guest_user_name.is_some());
         let mapping = self.mapping(
             "mapping",
             &raw.mapping.unwrap_or_default(),
@@ -692,6 +696,10 @@ impl Validator<'_> {
             let tmapping: Option<RawMapping> = self.typed(&key("mapping"), t.remove("mapping"));
             let user_name_set =
                 user_name_set || tmapping.as_ref().is_some_and(|m| m.user_name.is_some());
+            let guest_name_set = guest_name_set
+                || tmapping
+                    .as_ref()
+                    .is_some_and(|m| m.guest_user_name.is_some());
             // A target that keys its users its own way (lakeFS Cloud's "waad|{id}") keys its
             // guests the same way, unless its own mapping sets guest_user_name: the one in
             // [mapping] goes with [mapping]'s user_name.
@@ -745,6 +753,12 @@ impl Validator<'_> {
                             Err(e) => {
                                 self.err(Origin::File(&key("mapping.user_name")), e.to_string())
                             }
+                        }
+                        // Guests as the target keys them, unless a mapping says otherwise.
+                        if !guest_name_set {
+                            tmapping.guest_user_name = target
+                                .default_guest_user_name()
+                                .and_then(|g| Mapping::user_template(g).ok());
                         }
                     }
                     agreements.push(AgreementConfig {

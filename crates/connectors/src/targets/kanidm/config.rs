@@ -150,6 +150,11 @@ impl TargetConfig for KanidmTargetConfig {
     fn default_user_name(&self, _source_kind: &str) -> Option<&'static str> {
         Some("{userName|localpart}")
     }
+    /// Guests' UPNs (`gus_partner.example#EXT#@…`) hold a `#`: they are named by their mail,
+    /// slugged, `gus@partner.example` as `gus-partner.example`.
+    fn default_guest_user_name(&self) -> Option<&'static str> {
+        Some("{mail|slug}")
+    }
     fn build(&self, workers: usize, _: &dyn SourceConfig) -> Result<Box<dyn Target>, TargetError> {
         let cfg = KanidmConfig {
             url: self.url.clone(),
