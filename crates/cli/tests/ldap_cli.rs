@@ -1,5 +1,5 @@
-//! The real binary reading a real directory into the Databricks and lakeFS emulators and a real
-//! SCIM server (scim2-server): the source alone (`--query-graph-only`, `graph`), a full sync, a
+//! The real binary reading a real directory into the Databricks, lakeFS and Kanidm emulators and a
+//! real SCIM server (scim2-server): the source alone (`--query-graph-only`, `graph`), a full sync, a
 //! change in the directory read incrementally, then a run that writes nothing. Once against
 //! OpenLDAP (`scripts/ldap.sh`), once against Active Directory (`scripts/samba.sh`); the scripts
 //! start the servers and set the variables the tests read.
@@ -96,6 +96,7 @@ async fn flow(d: Directory) {
     let dbx = idsync_emulators::Databricks::start_on(0, None)
         .await
         .unwrap();
+    let idm = idsync_emulators::Kanidm::start_on(0).await.unwrap();
     // lakeFS's default_user_group exists, as lakeFS's own LDAP setting needs it to.
     lake.state.add_group("g-viewers", "Viewers");
     let s = Sandbox::new("");
@@ -135,6 +136,13 @@ user_name = "{{userName}}@corp.example"
 [targets.scim]
 kind = "scim"
 url = "{scim}"
+
+[targets.kanidm]
+kind = "kanidm"
+url = "{k}"
+
+[targets.kanidm.mapping]
+group_name = "{{displayName|slug}}"
 "#,
             url = d.url,
             bind = d.bind_dn,
@@ -142,6 +150,7 @@ url = "{scim}"
             extra = d.extra_source,
             l = lake.server.base_url,
             dbx = dbx.server.base_url,
+            k = idm.server.base_url,
         ),
     );
     let env: Vec<(&str, String)> = vec![
@@ -149,6 +158,10 @@ url = "{scim}"
         ("LAKEFS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY.into()),
         ("DATABRICKS_TOKEN", TOKEN.into()),
         ("SCIM_TOKEN", scim_token.clone()),
+        (
+            "KANIDM_SYNC_TOKEN",
+            idsync_emulators::kanidm::SYNC_TOKEN.into(),
+        ),
     ];
     let run = move |s: Sandbox, args: Vec<&'static str>| {
         let env = env.clone();
@@ -218,6 +231,23 @@ url = "{scim}"
         .find(|g| g["displayName"] == "data (eng)")
         .unwrap_or_else(|| panic!("{groups:?}"));
     assert_eq!(g["members"].as_array().unwrap().len(), 2, "{g}");
+    // Kanidm: the people under their login names (AD's sAMAccountName lowered), keyed by the
+    // directory's UUIDs (entryUUID, objectGUID), the group slugged, with both.
+    let kanidm = |name: &str| {
+        idm.state
+            .data()
+            .entries
+            .into_values()
+            .find(|e| e.name.as_deref() == Some(name))
+    };
+    let kg = kanidm("data-eng").expect("the group in Kanidm");
+    assert_eq!(kg.members.len(), 2, "{kg:?}");
+    let ka = kanidm(&ann.to_lowercase()).expect("ann in Kanidm");
+    assert_eq!(
+        ka.uuid,
+        ka.external_id.as_deref().unwrap().to_lowercase(),
+        "the entry's UUID is the directory's id"
+    );
 
     // A change: cy joins, bob's mail changes. The next run reads only that.
     d.ldif(&d.change);
@@ -250,6 +280,11 @@ url = "{scim}"
     assert_eq!(g["members"].as_array().unwrap().len(), 3, "{g}");
     let users = scim_list(&scim, &scim_token, "Users");
     assert!(users.iter().any(|u| u["userName"] == *cy), "{users:?}");
+    assert_eq!(kanidm("data-eng").unwrap().members.len(), 3);
+    assert_eq!(
+        kanidm(&bob.to_lowercase()).unwrap().mail,
+        ["robert@corp.example".to_owned()].into()
+    );
     // The SCIM target keeps mails (the Databricks target does not write them).
     assert!(
         users
@@ -264,6 +299,7 @@ url = "{scim}"
         writes(lake.state.infra.accounting.snapshot()),
         writes(dbx.state.infra.accounting.snapshot()),
     );
+    let applied = idm.state.data().applied;
     let (_s, third) = run(s, vec!["sync"]).await;
     assert_eq!(code(&third), 0, "{}", text(&third));
     assert_eq!(writes(lake.state.infra.accounting.snapshot()), l0);
@@ -271,10 +307,11 @@ url = "{scim}"
     // Every agreement, scim2-server's too, has nothing to do.
     assert_eq!(
         text(&third).matches("in sync: nothing to do").count(),
-        3,
+        4,
         "{}",
         text(&third)
     );
+    assert_eq!(idm.state.data().applied, applied, "nothing sent to Kanidm");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
