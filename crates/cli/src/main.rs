@@ -1076,6 +1076,7 @@ async fn state_cmd(cli: &Cli, cmd: &StateCmd) -> Result<u8> {
             // An imported state may describe another target, or an older one: the next run
             // observes the target in full before it trusts a picture again.
             st.trust = None;
+            st.settled = None;
             let v = idsync_runner::with_lease(store.as_ref(), agreement, async {
                 st.version = store.load(agreement).await?.map_or(0, |s| s.version);
                 store.commit(&st).await

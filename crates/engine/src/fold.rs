@@ -7,11 +7,12 @@
 //! The promise, which `idsync_runner::testing::source_conformance` holds every source to: folding
 //! the changes since a full read into that read's snapshot equals a full read of the directory now.
 
-use crate::scope::{EdgeGroups, Scope, Selection, depths, select, without_members};
+use crate::scope::{EdgeGroups, Scope, Selection, cycle_notes, depths, select, without_members};
 use crate::source::SourceError;
 use async_trait::async_trait;
 use idsync_model::{Change, Group, Kind, Member, ServicePrincipal, Snapshot, User};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// What a fold asks a source for: principals by id, as they are now.
 #[async_trait]
@@ -39,7 +40,24 @@ pub trait Lookup: Send + Sync {
     ) -> Result<(), SourceError>;
 }
 
+/// What a fold makes of a base and its changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Folded {
+    /// The scoped snapshot now: the base itself (shared, not copied) when nothing changed.
+    pub snapshot: Arc<Snapshot>,
+    /// The search depth at which each selected group is found (1 = selected directly).
+    pub depth: BTreeMap<String, u32>,
+    /// Names and ids asked for that the directory does not have, and other remarks.
+    pub notes: Vec<String>,
+    /// The change feed held no change: `snapshot` is `base`.
+    pub unchanged: bool,
+}
+
 /// Folds `changes` (in the order they happened) into `base` under `scope`.
+///
+/// No change at all costs nothing that grows with the tenant's memberships: the base is shared,
+/// not copied, and only its depths and notes are drawn again (the base is a selection already,
+/// and selecting a selection again gives it back).
 ///
 /// - A user or service principal change counts when the snapshot holds it (or every user is in
 ///   scope); a removal always counts.
@@ -52,11 +70,22 @@ pub trait Lookup: Send + Sync {
 /// - At the end the scope is drawn again as a full read draws it: a group renamed out of the
 ///   selection leaves (unless still nested within the depth), and so do members only it reached.
 pub async fn fold(
-    base: &Snapshot,
+    base: &Arc<Snapshot>,
     changes: &[Change],
     scope: &Scope,
     lookup: &dyn Lookup,
-) -> Result<Selection, SourceError> {
+) -> Result<Folded, SourceError> {
+    if changes.is_empty() {
+        let (depth, mut notes) = depths(base, scope);
+        notes.extend(cycle_notes(base));
+        return Ok(Folded {
+            snapshot: Arc::clone(base),
+            depth,
+            notes,
+            unchanged: true,
+        });
+    }
+    let base: &Snapshot = base;
     let mut snap = base.clone();
     // Groups that may be new to the scope: read by id below and checked with their real name.
     let mut candidates: BTreeSet<String> = BTreeSet::new();
@@ -228,7 +257,17 @@ pub async fn fold(
             }
         }
     }
-    Ok(select(&snap, scope))
+    let Selection {
+        snapshot,
+        depth,
+        notes,
+    } = select(&snap, scope);
+    Ok(Folded {
+        snapshot: Arc::new(snapshot),
+        depth,
+        notes,
+        unchanged: false,
+    })
 }
 
 /// A whole directory held in memory as a fold's [`Lookup`] (the memory source, tests).
@@ -364,14 +403,14 @@ mod tests {
     #[tokio::test]
     async fn a_group_touched_into_the_scope_is_read() {
         let scope = Scope::default();
-        let base = select(&dir(false), &scope).snapshot;
+        let base = Arc::new(select(&dir(false), &scope).snapshot);
         assert!(base.groups.is_empty());
         let now = dir(true);
         let touched = [Change::Touched { group: "g1".into() }];
         let folded = fold(&base, &touched, &scope, &DirectoryLookup(&now))
             .await
             .unwrap();
-        assert_eq!(folded.snapshot, select(&now, &scope).snapshot);
+        assert_eq!(*folded.snapshot, select(&now, &scope).snapshot);
         assert!(folded.snapshot.groups.contains_key("g1"));
         // Not selected by id (a name-based scope): a touch alone reads nothing.
         let by_name = Scope {

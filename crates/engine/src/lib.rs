@@ -24,7 +24,7 @@ pub mod target;
 pub mod template;
 
 pub use apply::{ApplyOptions, ApplyReport, apply};
-pub use fold::{Lookup, fold};
+pub use fold::{Folded, Lookup, fold};
 pub use mapping::{Mapping, map_snapshot};
 pub use memory::MemoryTarget;
 pub use plan::{Deprovision, OnApplyError, OnConflict, Policy, plan};

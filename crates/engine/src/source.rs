@@ -19,6 +19,9 @@ pub struct Read {
     pub depth: BTreeMap<String, u32>,
     /// Remarks for the plan output (missing groups, skipped groups, ...).
     pub notes: Vec<String>,
+    /// A change read whose feed held no change: `snapshot` is the base it was given (the same
+    /// `Arc`), so a run may skip mapping and planning what it already applied.
+    pub unchanged: bool,
 }
 
 /// The outcome of asking for changes.
@@ -89,7 +92,7 @@ pub trait Source: Send + Sync {
     async fn read_changes(
         &self,
         scope: &Scope,
-        base: &Snapshot,
+        base: &std::sync::Arc<Snapshot>,
         cursors: &BTreeMap<String, String>,
     ) -> Result<Changes, SourceError>;
 }

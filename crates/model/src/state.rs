@@ -166,6 +166,39 @@ pub struct AgreementState {
     /// while the target is still at this cursor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_cursor: Option<String>,
+    /// When `cursors` were last committed (seconds since the Unix epoch). A run whose source
+    /// reported no change does not commit the newer cursors it was handed until these are
+    /// [`CURSOR_REFRESH_SECS`] old: reading from an older cursor yields the same (no) changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursors_at: Option<u64>,
+    /// What the last run planned when it found nothing to do, valid only in the version of the
+    /// state it was committed with: the next run whose source reports no change says the same
+    /// without mapping and planning the whole tenant again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled: Option<Settled>,
+}
+
+/// How old committed cursors may grow before a run that found no change commits the newer ones
+/// its source handed it: six hours, well inside the shortest life of a cursor idsync reads (a
+/// Microsoft Graph delta token is kept 7 days).
+pub const CURSOR_REFRESH_SECS: u64 = 6 * 3600;
+
+/// The plan of a run that found nothing to do, as far as it does not come from the source read:
+/// what a run whose source reports no change would plan again, kept with the state it holds for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settled {
+    /// The state version this holds for: the version the commit that recorded it wrote. Any
+    /// other commit since (an apply, `idsync agreement`, an import) makes it stale.
+    pub version: u64,
+    /// The fingerprint of the mapping, capabilities and policy it was planned under.
+    pub fingerprint: String,
+    /// Whether an empty source was allowed when it was planned.
+    pub allow_empty_source: bool,
+    /// The plan's own notes (the read's are drawn again from the snapshot).
+    pub notes: Vec<String>,
+    /// The plan's counts.
+    pub summary: crate::plan::Summary,
 }
 
 /// What lets an incremental run trust the last applied snapshot instead of observing the whole
@@ -197,6 +230,8 @@ impl AgreementState {
             halted: None,
             trust: None,
             target_cursor: None,
+            cursors_at: None,
+            settled: None,
         }
     }
 

@@ -15,6 +15,7 @@ pub mod observation;
 mod read;
 mod rollback;
 pub mod saved;
+mod settled;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -297,20 +298,26 @@ async fn plan_and_apply(
         .await
         .map_err(RunError::Source)?;
     let caps = a.target.capabilities();
-    let desired = map_snapshot(&read.snapshot, a.mapping, &caps);
     let policy = Policy {
         approved_deletions: opts.approve_deletions,
         allow_empty_source: opts.allow_empty_source || a.policy.allow_empty_source,
         ..a.policy.clone()
     };
+    if let Some(plan) = settled::plan(a, &caps, &read, &state, &policy, opts) {
+        return settle(a, store, state, &read, plan, opts, lease, reporter).await;
+    }
+    let desired = map_snapshot(&read.snapshot, a.mapping, &caps);
     let mut plan =
         observation::observe_and_plan(a, &caps, &desired, &state, &policy, read.mode, opts).await?;
+    drop(desired);
+    let own_notes = plan.notes.clone();
     plan.notes.splice(0..0, read.notes.iter().cloned());
     if let Some(halt) = halted {
         plan.notes.insert(0, halt.message);
     }
     let now = opts.now.unwrap_or_else(unix_now);
     idsync_engine::quarantine::hold(&mut plan, &state, now, &caps);
+    let quiet = settled::record(a, &plan, own_notes, &policy, opts);
     if !opts.only.is_empty() {
         let left = idsync_engine::ondemand::restrict(&mut plan, &opts.only);
         reporter.note(&format!(
@@ -359,7 +366,7 @@ async fn plan_and_apply(
         _ => vec![Stage::Principals, Stage::Members, Stage::Deprovision],
     };
     let lease = lease.map(|l| (l, opts.lease));
-    let report = apply_file(&file, a, store, state, &stages, opts, lease).await?;
+    let report = apply_file(&file, a, store, state, &stages, opts, lease, quiet).await?;
     reporter.report(&report);
     let code = if let Some(r) = &report.rollback {
         if r.complete() {
@@ -383,10 +390,70 @@ async fn plan_and_apply(
     })
 }
 
+/// A run whose source reported no change since a run that found nothing to do
+/// ([`settled::plan`]): shows the plan, and commits only when the cursors it was handed are due
+/// ([`settled::cursors_due`]), so that runs every few minutes do not each write a new version of
+/// the state.
+#[allow(clippy::too_many_arguments)]
+async fn settle(
+    a: &Agreement<'_>,
+    store: &dyn StateStore,
+    mut state: AgreementState,
+    read: &idsync_engine::Read,
+    plan: Plan,
+    opts: &RunOptions,
+    lease: Option<&Lease>,
+    reporter: &mut dyn Reporter,
+) -> Result<Outcome, RunError> {
+    let file = PlanFile {
+        plan,
+        snapshot: read.snapshot.clone(),
+        cursors: read.cursors.clone(),
+        checksum: None,
+    };
+    reporter.plan(&file.plan, &a.describe, opts.mode);
+    if opts.mode == Mode::Plan {
+        return Ok(Outcome {
+            code: exit::OK,
+            file: Some(file),
+            report: None,
+        });
+    }
+    let sent_before = a.target.requests();
+    let now = opts.now.unwrap_or_else(unix_now);
+    if settled::cursors_due(&state, read, now) {
+        state.cursors = read.cursors.clone();
+        state.cursors_at = Some(now);
+        let next = state.version + 1;
+        if let Some(s) = &mut state.settled {
+            s.version = next;
+        }
+        if let Some(l) = lease {
+            store.renew(l, opts.lease).await?;
+        }
+        state.version = store.commit(&state).await.map_err(RunError::Commit)?;
+    }
+    let mut report = ApplyReport {
+        owned_after: Kind::ALL.map(|k| state.owned.get(k).len()),
+        trusted_after: state.trust.is_some(),
+        ..ApplyReport::default()
+    };
+    if let (Some(before), Some(after)) = (sent_before, a.target.requests()) {
+        report.requests = Some(after - before);
+    }
+    reporter.report(&report);
+    Ok(Outcome {
+        code: exit::OK,
+        file: Some(file),
+        report: Some(report),
+    })
+}
+
 /// Applies a plan (fresh or saved) whose precondition the caller checked: journal, apply (renewing
 /// the lease meanwhile), flush, record, commit. A lost lease stops the apply and saves nothing: the
 /// run that took over owns the agreement now, and the journal already committed covers what this
 /// run may have created.
+#[allow(clippy::too_many_arguments)]
 async fn apply_file(
     file: &PlanFile,
     a: &Agreement<'_>,
@@ -395,7 +462,10 @@ async fn apply_file(
     stages: &[Stage],
     run: &RunOptions,
     lease: Option<(&Lease, Duration)>,
+    quiet: Option<idsync_model::state::Settled>,
 ) -> Result<ApplyReport, RunError> {
+    // Whatever this apply does, what the last quiet run recorded no longer holds.
+    state.settled = None;
     let caps = a.target.capabilities();
     let sent_before = a.target.requests();
     let all = [Stage::Principals, Stage::Members, Stage::Deprovision]
@@ -495,6 +565,9 @@ async fn apply_file(
             &mut state,
             all && report.pending == 0 && file.plan.held_back == 0 && run.only.is_empty(),
         );
+        if state.cursors != at_begin.cursors {
+            state.cursors_at = Some(run.now.unwrap_or_else(unix_now));
+        }
     } else {
         state = at_begin;
     }
@@ -507,6 +580,20 @@ async fn apply_file(
     if let Some((l, ttl)) = lease {
         store.renew(l, ttl).await?;
     }
+    // A plan with nothing to do, applied cleanly and in full: the next run whose source reports
+    // no change may say the same without planning (valid in the version this commit writes).
+    let clean = flushed.is_ok()
+        && report.rollback.is_none()
+        && report.is_success()
+        && report.pending == 0
+        && state.trust.is_some()
+        && state.journal.is_none()
+        && state.failing.is_empty()
+        && state.halted.is_none();
+    state.settled = quiet.filter(|_| clean).map(|mut s| {
+        s.version = state.version + 1;
+        s
+    });
     store.commit(&state).await.map_err(RunError::Commit)?;
     report.owned_after = Kind::ALL.map(|k| state.owned.get(k).len());
     report.trusted_after = state.trust.is_some();
@@ -713,7 +800,7 @@ pub async fn apply_saved(
         let shown = Plan { summary, ..file.plan.clone() };
         reporter.plan(&shown, &a.describe, Mode::Sync);
         let stages = [Stage::Principals, Stage::Members, Stage::Deprovision];
-        let report = apply_file(file, a, store, state, &stages, opts, Some((&lease, opts.lease))).await?;
+        let report = apply_file(file, a, store, state, &stages, opts, Some((&lease, opts.lease)), None).await?;
         reporter.report(&report);
         let code = match &report.rollback {
             Some(r) if r.complete() => exit::HALTED,
@@ -760,7 +847,7 @@ impl Source for SnapshotSource {
     async fn read_changes(
         &self,
         _: &Scope,
-        _: &idsync_model::Snapshot,
+        _: &std::sync::Arc<idsync_model::Snapshot>,
         _: &std::collections::BTreeMap<String, String>,
     ) -> Result<idsync_engine::Changes, idsync_engine::SourceError> {
         Ok(idsync_engine::Changes::Unsupported)

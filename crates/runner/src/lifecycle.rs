@@ -313,7 +313,7 @@ async fn terminate_under_lease(
         "a terminate of {} was started and has not finished; run `idsync agreement terminate {} --yes-delete N` again to finish it",
         a.name, a.name
     ));
-    let report = apply_file(&file, a, store, state, &stages, opts, lease).await?;
+    let report = apply_file(&file, a, store, state, &stages, opts, lease, None).await?;
     reporter.report(&report);
     if !report.is_success() || report.pending > 0 {
         return Ok(Outcome {

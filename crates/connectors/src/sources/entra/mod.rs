@@ -17,7 +17,7 @@ use crate::http::{Auth, ErrorKind, Http, HttpConfig, HttpError, percent_encode};
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use idsync_engine::Lookup;
-use idsync_engine::scope::{EdgeGroups, Scope, Selection};
+use idsync_engine::scope::{EdgeGroups, Scope};
 use idsync_engine::{Changes, Read, Source, SourceError, SourceErrorKind};
 use idsync_model::{
     Change, Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType,
@@ -828,13 +828,14 @@ impl Source for EntraSource {
             mode: ReadMode::Full,
             depth,
             notes,
+            unchanged: false,
         })
     }
 
     async fn read_changes(
         &self,
         scope: &Scope,
-        base: &Snapshot,
+        base: &std::sync::Arc<Snapshot>,
         cursors: &BTreeMap<String, String>,
     ) -> Result<Changes, SourceError> {
         let (Some(gl), Some(ul), Some(sl)) = (
@@ -857,10 +858,11 @@ impl Source for EntraSource {
         };
 
         let changes = delta_changes(&groups, &users, &sps);
-        let Selection {
-            snapshot: snap,
+        let idsync_engine::Folded {
+            snapshot,
             depth,
             notes,
+            unchanged,
         } = idsync_engine::fold(base, &changes, scope, self).await?;
         let cursors = BTreeMap::from([
             (CURSOR_GROUPS.to_owned(), gl2),
@@ -868,11 +870,12 @@ impl Source for EntraSource {
             (CURSOR_SPS.to_owned(), sl2),
         ]);
         Ok(Changes::Read(Read {
-            snapshot: snap.into(),
+            snapshot,
             cursors,
             mode: ReadMode::Incremental,
             depth,
             notes,
+            unchanged,
         }))
     }
 }

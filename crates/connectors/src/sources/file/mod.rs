@@ -52,13 +52,14 @@ impl Source for FileSource {
             mode: ReadMode::Full,
             depth: sel.depth,
             notes: sel.notes,
+            unchanged: false,
         })
     }
 
     async fn read_changes(
         &self,
         _scope: &Scope,
-        _base: &Snapshot,
+        _base: &std::sync::Arc<Snapshot>,
         _cursors: &BTreeMap<String, String>,
     ) -> Result<Changes, SourceError> {
         Ok(Changes::Unsupported)

@@ -1673,13 +1673,14 @@ impl Source for LdapSource {
             mode: ReadMode::Full,
             depth: sel.depth,
             notes,
+            unchanged: false,
         })
     }
 
     async fn read_changes(
         &self,
         scope: &Scope,
-        base: &Snapshot,
+        base: &std::sync::Arc<Snapshot>,
         cursors: &BTreeMap<String, String>,
     ) -> Result<Changes, SourceError> {
         if let Some(since) = cursors.get(AD_CURSOR) {
@@ -1743,7 +1744,7 @@ impl LdapSource {
     async fn read_ad_changes(
         &self,
         scope: &Scope,
-        base: &Snapshot,
+        base: &std::sync::Arc<Snapshot>,
         cursors: &BTreeMap<String, String>,
         since: &str,
     ) -> Result<Changes, SourceError> {
@@ -1821,7 +1822,7 @@ impl LdapSource {
         &self,
         mut c: Conn,
         scope: &Scope,
-        base: &Snapshot,
+        base: &std::sync::Arc<Snapshot>,
         delta: Delta,
         next: BTreeMap<String, String>,
     ) -> Result<Changes, SourceError> {
@@ -1871,11 +1872,12 @@ impl LdapSource {
         let sel = idsync_engine::fold(base, &changes, scope, &lookup).await?;
         notes.extend(sel.notes);
         Ok(Changes::Read(Read {
-            snapshot: sel.snapshot.into(),
+            snapshot: sel.snapshot,
             cursors: next,
             mode: ReadMode::Incremental,
             depth: sel.depth,
             notes,
+            unchanged: sel.unchanged,
         }))
     }
 }

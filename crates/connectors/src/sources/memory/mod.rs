@@ -81,13 +81,14 @@ impl Source for MemorySource {
             mode: ReadMode::Full,
             depth: sel.depth,
             notes: sel.notes,
+            unchanged: false,
         })
     }
 
     async fn read_changes(
         &self,
         scope: &Scope,
-        base: &Snapshot,
+        base: &std::sync::Arc<Snapshot>,
         cursors: &BTreeMap<String, String>,
     ) -> Result<Changes, SourceError> {
         let Some(cursor) = cursors.get(CURSOR) else {
@@ -113,11 +114,12 @@ impl Source for MemorySource {
         };
         let sel = idsync_engine::fold(base, &log, scope, &DirectoryLookup(&dir)).await?;
         Ok(Changes::Read(Read {
-            snapshot: sel.snapshot.into(),
+            snapshot: sel.snapshot,
             cursors,
             mode: ReadMode::Incremental,
             depth: sel.depth,
             notes: sel.notes,
+            unchanged: sel.unchanged,
         }))
     }
 }

@@ -1,0 +1,318 @@
+//! A run whose source reports no change (issue #17): after a run that found nothing to do, the
+//! next one takes the plan from the state's record instead of mapping and planning the tenant,
+//! and commits nothing until the cursors it is handed are due. These tests hold it to the plan
+//! the slow way makes, to the request and the note, through `run_agreement` with the memory
+//! source's change feed, for a target that nests groups and one that flattens them, under each
+//! deprovision policy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use async_trait::async_trait;
+use idsync_connectors::sources::memory::MemorySource;
+use idsync_engine::memory::MemoryTarget;
+use idsync_engine::plan::Deprovision;
+use idsync_engine::{Changes, Mapping, Policy, Read, Scope, Source, SourceError, TargetIdentity};
+use idsync_model::state::CURSOR_REFRESH_SECS;
+use idsync_model::{
+    AgreementState, Capabilities, Change, Group, Member, Plan, Snapshot, User, UserType,
+};
+use idsync_runner::{Agreement, Mode, ReadCache, RunOptions, Silent, run_agreement};
+use idsync_state::{MemoryStore, StateStore};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const NAME: &str = "settled";
+const T0: u64 = 1_800_000_000;
+
+fn user(id: &str, name: &str) -> User {
+    User {
+        id: id.into(),
+        user_name: format!("{name}@corp.example"),
+        display_name: name.into(),
+        emails: vec![format!("{name}@corp.example")],
+        active: true,
+        user_type: UserType::Member,
+        external_id: None,
+        attributes: BTreeMap::new(),
+    }
+}
+
+fn group(id: &str, name: &str, members: &[Member]) -> Group {
+    Group {
+        id: id.into(),
+        display_name: name.into(),
+        description: None,
+        security_enabled: true,
+        mail_enabled: false,
+        members: members.iter().cloned().collect(),
+    }
+}
+
+/// Nested groups, a member the source does not have and a group beyond the search depth, so
+/// that the plans carry notes and counts worth comparing.
+fn directory() -> Snapshot {
+    let mut s = Snapshot::default();
+    for (id, name) in [("u1", "ana"), ("u2", "bo"), ("u3", "cy"), ("u4", "di")] {
+        s.users.insert(id.into(), user(id, name));
+    }
+    let groups = [
+        group(
+            "g1",
+            "TEAM_A",
+            &[Member::user("u1"), Member::user("u2"), Member::group("g2")],
+        ),
+        group(
+            "g2",
+            "TEAM_B",
+            &[
+                Member::user("u3"),
+                Member::user("ghost"),
+                Member::group("g3"),
+            ],
+        ),
+        group("g3", "TEAM_C", &[Member::user("u4"), Member::group("g4")]),
+        group("g4", "TEAM_D", &[Member::user("u1")]),
+    ];
+    for g in groups {
+        s.groups.insert(g.id.clone(), g);
+    }
+    s
+}
+
+fn scope() -> Scope {
+    Scope {
+        group_names: ["TEAM_A".to_owned()].into(),
+        search_depth: 3,
+        ..Scope::default()
+    }
+}
+
+/// The memory source, handing a new cursor on every read as Microsoft Graph hands a new delta
+/// token (`calls`), which it does not need to read from.
+struct Feed {
+    inner: MemorySource,
+    calls: AtomicU64,
+}
+
+impl Feed {
+    fn stamp(&self, mut r: Read) -> Read {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        r.cursors.insert("calls".into(), n.to_string());
+        r
+    }
+}
+
+#[async_trait]
+impl Source for Feed {
+    async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError> {
+        Ok(self.stamp(self.inner.read_full(scope).await?))
+    }
+
+    async fn read_changes(
+        &self,
+        scope: &Scope,
+        base: &Arc<Snapshot>,
+        cursors: &BTreeMap<String, String>,
+    ) -> Result<Changes, SourceError> {
+        let mut mine = cursors.clone();
+        mine.remove("calls");
+        Ok(match self.inner.read_changes(scope, base, &mine).await? {
+            Changes::Read(r) => Changes::Read(self.stamp(r)),
+            other => other,
+        })
+    }
+}
+
+struct World {
+    source: Feed,
+    target: MemoryTarget,
+    store: MemoryStore,
+    mapping: Mapping,
+    policy: Policy,
+}
+
+impl World {
+    fn new(caps: Capabilities, deprovision: Deprovision) -> World {
+        World {
+            source: Feed {
+                inner: MemorySource::new(directory()),
+                calls: AtomicU64::new(0),
+            },
+            target: MemoryTarget::new(caps),
+            store: MemoryStore::in_memory(),
+            mapping: Mapping::defaults(),
+            policy: Policy {
+                deprovision,
+                max_deletions_percent: Some(100),
+                ..Policy::default()
+            },
+        }
+    }
+
+    async fn run_on(&self, store: &dyn StateStore, mode: Mode, now: u64) -> (u8, Plan) {
+        let a = Agreement {
+            name: NAME,
+            target: &self.target,
+            identity: TargetIdentity::new("memory", "settled"),
+            describe: "the memory target".into(),
+            mapping: &self.mapping,
+            policy: &self.policy,
+        };
+        let opts = RunOptions {
+            mode,
+            now: Some(now),
+            ..RunOptions::default()
+        };
+        let out = run_agreement(
+            &a,
+            store,
+            &self.source,
+            &scope(),
+            &mut ReadCache::default(),
+            &opts,
+            &mut Silent,
+        )
+        .await
+        .unwrap();
+        (out.code, out.file.unwrap().plan)
+    }
+
+    async fn run(&self, mode: Mode, now: u64) -> (u8, Plan) {
+        self.run_on(&self.store, mode, now).await
+    }
+
+    async fn state(&self) -> AgreementState {
+        self.store.load(NAME).await.unwrap().unwrap()
+    }
+
+    /// The plan the slow way makes from the same state: a copy of it at the same version
+    /// without the record of the last quiet run.
+    async fn slow_plan(&self, now: u64) -> Plan {
+        let mut st = self.state().await;
+        let version = st.version;
+        st.settled = None;
+        let copy = MemoryStore::in_memory();
+        for v in 0..version {
+            st.version = v;
+            copy.commit(&st).await.unwrap();
+        }
+        self.run_on(&copy, Mode::Plan, now).await.1
+    }
+}
+
+async fn settles(caps: Capabilities, deprovision: Deprovision) {
+    let w = World::new(caps, deprovision);
+    let (code, first) = w.run(Mode::Sync, T0).await;
+    assert_eq!(code, 0, "{first:?}");
+    assert!(!first.ops.is_empty());
+    assert!(
+        w.state().await.settled.is_none(),
+        "a run that wrote is not quiet"
+    );
+
+    // The first run without a change plans the slow way and records what it found.
+    let (code, quiet) = w.run(Mode::Sync, T0 + 60).await;
+    assert_eq!(code, 0, "{quiet:?}");
+    assert!(quiet.ops.is_empty(), "{quiet:?}");
+    let st = w.state().await;
+    let recorded = st.settled.clone().expect("a quiet run records itself");
+    assert_eq!(recorded.version, st.version);
+    assert!(
+        quiet
+            .notes
+            .iter()
+            .any(|n| n.contains("users or service principals the source does not have")),
+        "the plans carry notes worth comparing: {:?}",
+        quiet.notes
+    );
+
+    // The next one takes it: the same plan as the slow way, no request to the target, no commit.
+    let writes = w.target.writes();
+    let reads = w.target.reads();
+    let version = st.version;
+    let (code, fast) = w.run(Mode::Sync, T0 + 120).await;
+    assert_eq!(code, 0);
+    assert_eq!(fast, w.slow_plan(T0 + 120).await);
+    assert_eq!(w.target.writes(), writes);
+    assert_eq!(w.target.reads(), reads);
+    assert_eq!(w.state().await.version, version, "nothing to commit");
+    let (code, planned) = w.run(Mode::Plan, T0 + 130).await;
+    assert_eq!(code, 0);
+    assert_eq!(planned, w.slow_plan(T0 + 130).await);
+
+    // Once the committed cursors are due, the newer ones are committed, and the record with them.
+    let due = T0 + 60 + CURSOR_REFRESH_SECS;
+    let before = w.state().await;
+    w.run(Mode::Sync, due).await;
+    let after = w.state().await;
+    assert_eq!(after.version, before.version + 1);
+    assert_ne!(after.cursors, before.cursors);
+    assert_eq!(after.cursors_at, Some(due));
+    assert_eq!(after.last_applied, before.last_applied);
+    assert_eq!(
+        after.settled.as_ref().map(|s| s.version),
+        Some(after.version)
+    );
+    w.run(Mode::Sync, due + 60).await;
+    assert_eq!(w.state().await.version, after.version, "not due again");
+
+    // A change in the source plans the slow way and applies it; the record is gone until a run
+    // finds nothing to do again.
+    w.source.inner.edit(Change::UpsertUser(user("u2", "bob")));
+    let (code, changed) = w.run(Mode::Sync, due + 120).await;
+    assert_eq!(code, 0, "{changed:?}");
+    assert!(!changed.ops.is_empty(), "{changed:?}");
+    assert!(w.state().await.settled.is_none());
+    let v = w.state().await.version;
+    w.run(Mode::Sync, due + 180).await;
+    assert_eq!(w.state().await.version, v + 1, "the slow way commits");
+    let (_, fast) = w.run(Mode::Sync, due + 240).await;
+    assert_eq!(w.state().await.version, v + 1, "the quick way does not");
+    assert_eq!(fast, w.slow_plan(due + 240).await);
+
+    // Any other commit (here one that changes nothing) makes the record stale.
+    let st = w.state().await;
+    w.store.commit(&st).await.unwrap();
+    let v = w.state().await.version;
+    w.run(Mode::Sync, due + 300).await;
+    assert_eq!(
+        w.state().await.version,
+        v + 1,
+        "a stale record plans the slow way"
+    );
+
+    // Past the reconcile interval the target is observed in full again, the slow way.
+    let reads = w.target.reads();
+    w.run(Mode::Sync, due + 2 * 24 * 3600).await;
+    assert!(w.target.reads().0 > reads.0, "observed in full");
+}
+
+#[tokio::test]
+async fn a_target_that_nests_settles() {
+    settles(Capabilities::full(), Deprovision::Delete).await;
+}
+
+#[tokio::test]
+async fn a_target_that_flattens_settles_and_keeps_what_left() {
+    let caps = Capabilities {
+        nested_groups: false,
+        service_principals: false,
+        service_principal_members: false,
+        ..Capabilities::full()
+    };
+    settles(caps, Deprovision::None).await;
+}
+
+/// A principal that left while `deprovision = "none"` keeps being counted as kept: the count
+/// comes back from the record as the slow way computes it.
+#[tokio::test]
+async fn what_was_kept_is_still_counted() {
+    let w = World::new(Capabilities::full(), Deprovision::None);
+    w.run(Mode::Sync, T0).await;
+    w.source.inner.edit(Change::Remove(Member::user("u2")));
+    w.run(Mode::Sync, T0 + 60).await;
+    w.run(Mode::Sync, T0 + 120).await;
+    let (_, fast) = w.run(Mode::Plan, T0 + 180).await;
+    assert!(fast.summary.kept > 0, "{:?}", fast.summary);
+    assert_eq!(fast, w.slow_plan(T0 + 180).await);
+}
