@@ -353,20 +353,22 @@ pub fn parse_filter(s: &str) -> Result<Filter, String> {
 }
 
 /// The value of a (possibly dotted, case-insensitive) attribute; multi-valued ones match any.
+/// Walks the resource by reference: a group may hold 50,000 members, and a filter of 50 terms is
+/// evaluated on every group of the account.
 fn attr_values(v: &Value, path: &str) -> Vec<String> {
-    let mut cur = vec![v.clone()];
+    let mut cur: Vec<&Value> = vec![v];
     for part in path.split('.') {
         let mut next = Vec::new();
         for c in cur {
-            let items = match c {
-                Value::Array(a) => a,
+            let items: Vec<&Value> = match c {
+                Value::Array(a) => a.iter().collect(),
                 other => vec![other],
             };
             for item in items {
                 if let Some(obj) = item.as_object()
                     && let Some((_, x)) = obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(part))
                 {
-                    next.push(x.clone());
+                    next.push(x);
                 }
             }
         }
@@ -374,11 +376,11 @@ fn attr_values(v: &Value, path: &str) -> Vec<String> {
     }
     cur.into_iter()
         .flat_map(|x| match x {
-            Value::Array(a) => a,
+            Value::Array(a) => a.iter().collect(),
             other => vec![other],
         })
         .map(|x| match x {
-            Value::String(s) => s,
+            Value::String(s) => s.clone(),
             Value::Object(o) => o
                 .get("value")
                 .and_then(Value::as_str)
