@@ -1683,6 +1683,10 @@ async fn only_provisions_one_principal_now_and_leaves_the_change_feed_alone() {
     drop(s);
 }
 
+/// The most a run of the small benchmark may hold (issue #17). The release build peaks at 22–26
+/// MiB (bench/RESULTS.md); this test runs the debug build, whose larger code is part of its RSS.
+const SMALL_RUN_RSS_MIB: f64 = 64.0;
+
 /// Issue #7's CI smoke test: the benchmark driver at the small size, no latency. Request counts
 /// and writes only, never a timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1700,6 +1704,17 @@ async fn the_small_benchmark_writes_nothing_when_nothing_changed() {
     .await
     .unwrap();
     let run = |name: &str| report.runs.iter().find(|r| r.name == name).unwrap();
+    // Issue #17: the memory of the small run, as the driver samples it (VmHWM every 20 ms, so a
+    // lower bound of the peak: it cannot fail a run that stayed under the bound).
+    for r in &report.runs {
+        eprintln!("{}: peak RSS {:.1} MiB", r.name, r.peak_rss_mib);
+        assert!(
+            r.peak_rss_mib > 0.0 && r.peak_rss_mib <= SMALL_RUN_RSS_MIB,
+            "{}: peak RSS {:.1} MiB, over {SMALL_RUN_RSS_MIB} MiB",
+            r.name,
+            r.peak_rss_mib
+        );
+    }
     let full = run("full sync into Databricks");
     assert!(
         full.writes["databricks"] as f64 <= 1.05 * report.databricks_write_floor as f64,
