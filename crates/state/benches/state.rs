@@ -1,6 +1,7 @@
 //! State at issue #6's scale: 100k users, 2k service principals, 10k groups, 1M memberships (the
 //! emulators' large tenant as the last-applied snapshot, and an id map and owned set for every
-//! principal). Measures encode + save and load + decode through the local store, and the stored
+//! principal). Measures encode + save and load + decode through the local store (the time, and the
+//! memory each step adds at its peak), and the stored
 //! size. `cargo bench -p idsync-state --bench state`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -44,22 +45,46 @@ fn main() {
         .build()
         .unwrap();
     for round in 1..=3 {
+        let base = reset_peak();
         let t = Instant::now();
         st.version = rt.block_on(store.commit(&st)).unwrap();
         let save = t.elapsed();
+        let save_peak = kib("VmHWM:") - base;
+        let base = reset_peak();
         let t = Instant::now();
         let back = rt.block_on(store.load("bench")).unwrap().unwrap();
         let load = t.elapsed();
+        let load_peak = kib("VmHWM:") - base;
         assert_eq!(back.version, st.version);
+        drop(back);
         let size = std::fs::metadata(dir.path().join("bench.state"))
             .unwrap()
             .len();
         println!(
-            "round {round}: {} memberships; save {:.2} s, load {:.2} s, stored {:.1} MB",
+            "round {round}: {} memberships; save {:.2} s (peak +{} MiB), load {:.2} s (peak +{} MiB), stored {:.1} MB",
             memberships,
             save.as_secs_f64(),
+            save_peak / 1024,
             load.as_secs_f64(),
+            load_peak / 1024,
             size as f64 / 1e6
         );
     }
+}
+
+/// A field of /proc/self/status, in KiB (0 where there is none).
+fn kib(field: &str) -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resets the process's peak RSS to its RSS now (Linux: `5` to `/proc/self/clear_refs`) and
+/// returns that RSS: the peak of the next step, less this, is what the step added.
+fn reset_peak() -> i64 {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    kib("VmRSS:")
 }
