@@ -13,7 +13,7 @@ use idsync_engine::plan::Deprovision;
 use idsync_engine::{Changes, Mapping, Policy, Read, Scope, Source, SourceError, TargetIdentity};
 use idsync_model::state::CURSOR_REFRESH_SECS;
 use idsync_model::{
-    AgreementState, Capabilities, Change, Group, Member, Plan, Snapshot, User, UserType,
+    AgreementState, Capabilities, Change, Group, Member, Plan, ReadMode, Snapshot, User, UserType,
 };
 use idsync_runner::{Agreement, Mode, ReadCache, RunOptions, Silent, run_agreement};
 use idsync_state::{MemoryStore, StateStore};
@@ -129,6 +129,7 @@ struct World {
     store: MemoryStore,
     mapping: Mapping,
     policy: Policy,
+    scope: std::sync::Mutex<Scope>,
 }
 
 impl World {
@@ -146,6 +147,7 @@ impl World {
                 max_deletions_percent: Some(100),
                 ..Policy::default()
             },
+            scope: std::sync::Mutex::new(scope()),
         }
     }
 
@@ -163,11 +165,12 @@ impl World {
             now: Some(now),
             ..RunOptions::default()
         };
+        let scope = self.scope.lock().unwrap().clone();
         let out = run_agreement(
             &a,
             store,
             &self.source,
-            &scope(),
+            &scope,
             &mut ReadCache::default(),
             &opts,
             &mut Silent,
@@ -315,4 +318,49 @@ async fn what_was_kept_is_still_counted() {
     let (_, fast) = w.run(Mode::Plan, T0 + 180).await;
     assert!(fast.summary.kept > 0, "{:?}", fast.summary);
     assert_eq!(fast, w.slow_plan(T0 + 180).await);
+}
+
+/// The change feed's cursors say what changed within the scope they were read under: a scope
+/// changed in the configuration (here the search depth) is read in full on the next run, even
+/// when the feed reports no change and the last run was quiet, in both directions.
+#[tokio::test]
+async fn a_changed_scope_is_read_in_full() {
+    let w = World::new(Capabilities::full(), Deprovision::Delete);
+    w.run(Mode::Sync, T0).await;
+    w.run(Mode::Sync, T0 + 60).await;
+    assert!(w.state().await.settled.is_some(), "quiet");
+    let groups = |st: &AgreementState| -> Vec<String> {
+        let snap = st.last_applied.as_ref().unwrap();
+        snap.groups
+            .values()
+            .map(|g| g.display_name.clone())
+            .collect()
+    };
+    assert_eq!(groups(&w.state().await), ["TEAM_A", "TEAM_B", "TEAM_C"]);
+
+    w.scope.lock().unwrap().search_depth = 1;
+    let (code, narrowed) = w.run(Mode::Sync, T0 + 120).await;
+    assert_eq!(code, 0, "{narrowed:?}");
+    assert_eq!(narrowed.mode, ReadMode::Full, "{narrowed:?}");
+    assert!(
+        narrowed
+            .ops
+            .iter()
+            .any(|o| format!("{o:?}").contains("TEAM_B")),
+        "the groups beyond the new depth are deprovisioned: {narrowed:?}"
+    );
+    assert_eq!(groups(&w.state().await), ["TEAM_A"]);
+    let (_, again) = w.run(Mode::Sync, T0 + 180).await;
+    assert!(again.ops.is_empty(), "{again:?}");
+    assert_eq!(
+        again.mode,
+        ReadMode::Incremental,
+        "read incrementally again"
+    );
+
+    w.scope.lock().unwrap().search_depth = 3;
+    let (_, widened) = w.run(Mode::Sync, T0 + 240).await;
+    assert_eq!(widened.mode, ReadMode::Full);
+    assert!(!widened.ops.is_empty(), "{widened:?}");
+    assert_eq!(groups(&w.state().await), ["TEAM_A", "TEAM_B", "TEAM_C"]);
 }

@@ -66,6 +66,15 @@ impl Default for Scope {
 }
 
 impl Scope {
+    /// A digest of every selection rule: a change feed's cursors hold what changed within the
+    /// scope they were read under, so a run under another scope reads the whole scope again.
+    pub fn fingerprint(&self) -> String {
+        use std::hash::Hasher;
+        let mut h = crate::fnv::Fnv::default();
+        h.write(format!("{self:?}").as_bytes());
+        format!("{:016x}", h.finish())
+    }
+
     /// True when no selector is set: every group is selected.
     pub fn selects_all(&self) -> bool {
         self.group_names.is_empty()

@@ -308,7 +308,7 @@ async fn plan_and_apply(
     }
     let desired = map_snapshot(&read.snapshot, a.mapping, &caps);
     let mut plan =
-        observation::observe_and_plan(a, &caps, &desired, &state, &policy, read.mode, opts).await?;
+        observation::observe_and_plan(a, &caps, &read, &desired, &state, &policy, opts).await?;
     drop(desired);
     let own_notes = plan.notes.clone();
     plan.notes.splice(0..0, read.notes.iter().cloned());

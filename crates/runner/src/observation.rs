@@ -41,16 +41,17 @@ pub fn read_limit(state: &AgreementState) -> usize {
 }
 
 /// Observes the target (incrementally when the state's picture may be trusted, else in full) and
-/// plans. The plan records the trust a clean apply of it leaves.
+/// plans `desired` (what the read's snapshot maps to). The plan records the trust a clean apply of it leaves.
 pub(crate) async fn observe_and_plan(
     a: &Agreement<'_>,
     caps: &Capabilities,
+    read: &idsync_engine::Read,
     desired: &Desired,
     state: &AgreementState,
     policy: &Policy,
-    mode: ReadMode,
     opts: &RunOptions,
 ) -> Result<Plan, RunError> {
+    let (source, mode): (&Snapshot, ReadMode) = (&read.snapshot, read.mode);
     let fingerprint = observe::fingerprint(&a.identity, a.mapping, caps, policy);
     let now = opts.now.unwrap_or_else(unix_now);
     let failed = |error| a.observe_error(error);
@@ -74,11 +75,20 @@ pub(crate) async fn observe_and_plan(
     }
     let mut incremental = None;
     if let Some((since, prev)) = trusted(state, &fingerprint, opts, now) {
-        let prev = map_snapshot(prev, a.mapping, caps);
+        // A change feed that reported nothing hands back the last applied snapshot itself: what
+        // it maps to is `desired` already (the mapping is a function of the snapshot, the
+        // mapping and the capabilities, all the same), so the tenant is not mapped twice.
+        let mapped;
+        let prev = if std::ptr::eq(prev, source) {
+            desired
+        } else {
+            mapped = map_snapshot(prev, a.mapping, caps);
+            &mapped
+        };
         incremental = observe::plan_incrementally(
             a.target,
             desired,
-            &prev,
+            prev,
             state,
             policy,
             caps,

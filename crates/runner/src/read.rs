@@ -12,6 +12,9 @@ pub struct ReadCache {
     reads: BTreeMap<String, Result<Read, SourceError>>,
 }
 
+/// The cursor under which a read records the scope it was made under ([`Scope::fingerprint`]).
+pub(crate) const SCOPE_CURSOR: &str = "idsync.scope";
+
 impl ReadCache {
     /// A full read, or an incremental one from the state's cursors and last applied snapshot
     /// (an expired cursor or a source without a change feed falls back to a full read).
@@ -23,11 +26,24 @@ impl ReadCache {
         full: bool,
         reporter: &mut dyn Reporter,
     ) -> Result<Read, SourceError> {
-        let incremental = !full && !state.cursors.is_empty() && state.last_applied.is_some();
+        // Cursors stored by a build before the scope was recorded are taken as they are.
+        let scope_fp = scope.fingerprint();
+        let rescoped = state
+            .cursors
+            .get(SCOPE_CURSOR)
+            .is_some_and(|fp| *fp != scope_fp);
+        let incremental =
+            !full && !rescoped && !state.cursors.is_empty() && state.last_applied.is_some();
+        if rescoped && !full {
+            reporter.note(
+                "the scope changed since the last run (groups, filter or search depth); \
+                 reading the whole scope",
+            );
+        }
         let key = if incremental {
             serde_json::to_string(&state.cursors).unwrap_or_default()
         } else {
-            "full".to_owned()
+            format!("full {scope_fp}")
         };
         if let Some(r) = self.reads.get(&key) {
             return r.clone();
@@ -51,7 +67,13 @@ impl ReadCache {
                 _ => source.read_full(scope).await?,
             })
         }
-        .await;
+        .await
+        .map(|mut read: Read| {
+            if !read.cursors.is_empty() {
+                read.cursors.insert(SCOPE_CURSOR.to_owned(), scope_fp);
+            }
+            read
+        });
         self.reads.insert(key, read.clone());
         read
     }
