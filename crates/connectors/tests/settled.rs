@@ -363,4 +363,75 @@ async fn a_changed_scope_is_read_in_full() {
     assert_eq!(widened.mode, ReadMode::Full);
     assert!(!widened.ops.is_empty(), "{widened:?}");
     assert_eq!(groups(&w.state().await), ["TEAM_A", "TEAM_B", "TEAM_C"]);
+
+    // Cursors that do not say their scope (an earlier build stored them) are read past once.
+    let (_, quiet) = w.run(Mode::Sync, T0 + 300).await;
+    assert_eq!(quiet.mode, ReadMode::Incremental);
+    let mut st = w.state().await;
+    assert!(st.cursors.remove("idsync.scope").is_some());
+    w.store.commit(&st).await.unwrap();
+    let (_, once) = w.run(Mode::Sync, T0 + 360).await;
+    assert_eq!(once.mode, ReadMode::Full);
+    assert!(once.ops.is_empty(), "{once:?}");
+    let (_, after) = w.run(Mode::Sync, T0 + 420).await;
+    assert_eq!(after.mode, ReadMode::Incremental);
+}
+
+/// A record made by another build, or a run asked to stop, plans the slow way.
+#[tokio::test]
+async fn another_build_or_a_stop_plans_the_slow_way() {
+    let w = World::new(Capabilities::full(), Deprovision::Delete);
+    w.run(Mode::Sync, T0).await;
+    w.run(Mode::Sync, T0 + 60).await;
+    let v = w.state().await.version;
+    w.run(Mode::Sync, T0 + 120).await;
+    assert_eq!(w.state().await.version, v, "the quick way, no commit");
+
+    let mut st = w.state().await;
+    let s = st.settled.as_mut().unwrap();
+    s.build = "idsync 0.0.0".into();
+    s.version = st.version + 1;
+    w.store.commit(&st).await.unwrap();
+    w.run(Mode::Sync, T0 + 180).await;
+    assert_eq!(w.state().await.version, v + 2, "the slow way commits");
+    let settled = w.state().await.settled.unwrap();
+    assert_ne!(
+        settled.build, "idsync 0.0.0",
+        "recorded again by this build"
+    );
+
+    let v = w.state().await.version;
+    let a = Agreement {
+        name: NAME,
+        target: &w.target,
+        identity: TargetIdentity::new("memory", "settled"),
+        describe: "the memory target".into(),
+        mapping: &w.mapping,
+        policy: &w.policy,
+    };
+    let opts = RunOptions {
+        mode: Mode::Sync,
+        now: Some(T0 + 60 + CURSOR_REFRESH_SECS),
+        stop: Some(Arc::new(std::sync::atomic::AtomicBool::new(true))),
+        ..RunOptions::default()
+    };
+    let out = run_agreement(
+        &a,
+        &w.store,
+        &w.source,
+        &scope(),
+        &mut ReadCache::default(),
+        &opts,
+        &mut Silent,
+    )
+    .await;
+    assert!(
+        out.as_ref().map_or(true, |o| o.code != 0),
+        "a run asked to stop does not end as if it synced"
+    );
+    assert_eq!(
+        w.state().await.version,
+        v,
+        "and commits nothing, due cursors or not"
+    );
 }

@@ -199,6 +199,10 @@ pub struct Settled {
     pub notes: Vec<String>,
     /// The plan's counts.
     pub summary: crate::plan::Summary,
+    /// The idsync build that planned it: another build plans afresh (its planner may say
+    /// something else of the same state).
+    #[serde(default)]
+    pub build: String,
 }
 
 /// What lets an incremental run trust the last applied snapshot instead of observing the whole

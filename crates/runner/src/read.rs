@@ -26,19 +26,24 @@ impl ReadCache {
         full: bool,
         reporter: &mut dyn Reporter,
     ) -> Result<Read, SourceError> {
-        // Cursors stored by a build before the scope was recorded are taken as they are.
+        // Cursors that do not say their scope (stored by an earlier build) are read past once:
+        // the scope may have changed in the same deployment, and would never be noticed after.
         let scope_fp = scope.fingerprint();
-        let rescoped = state
-            .cursors
-            .get(SCOPE_CURSOR)
-            .is_some_and(|fp| *fp != scope_fp);
+        let rescoped = !state.cursors.is_empty()
+            && state
+                .cursors
+                .get(SCOPE_CURSOR)
+                .is_none_or(|fp| *fp != scope_fp);
         let incremental =
             !full && !rescoped && !state.cursors.is_empty() && state.last_applied.is_some();
         if rescoped && !full {
-            reporter.note(
+            reporter.note(if state.cursors.contains_key(SCOPE_CURSOR) {
                 "the scope changed since the last run (groups, filter or search depth); \
-                 reading the whole scope",
-            );
+                 reading the whole scope"
+            } else {
+                "the stored cursors do not say which scope they were read under (an earlier \
+                 build stored them); reading the whole scope once"
+            });
         }
         let key = if incremental {
             serde_json::to_string(&state.cursors).unwrap_or_default()

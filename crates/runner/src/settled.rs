@@ -10,12 +10,16 @@
 //! only when its source read was a change read that found no change at all (the snapshot is the
 //! last applied one, the same `Arc`), under the same fingerprint, with the picture still trusted
 //! (a clean, complete apply, the last full observation inside the reconcile interval), no journal,
-//! no quarantine, no halt, and the whole plan asked for. Anything else plans the slow way.
+//! no quarantine, no halt, the whole plan asked for, the same build, and no stop asked for. Anything
+//! else plans the slow way.
 
 use crate::{Agreement, Mode, RunOptions, observation, unix_now};
 use idsync_engine::{Policy, Read, observe};
 use idsync_model::state::{CURSOR_REFRESH_SECS, Settled};
 use idsync_model::{AgreementState, Capabilities, Observation, Plan, ReadMode, Trust};
+
+/// The build that records and takes [`Settled`] plans.
+const BUILD: &str = concat!("idsync ", env!("CARGO_PKG_VERSION"));
 
 /// The plan a run whose source reported no change would make, when the state's record of the
 /// last run that found nothing to do still holds (see the module's documentation).
@@ -34,6 +38,8 @@ pub(crate) fn plan(
             std::sync::Arc::ptr_eq(base, &read.snapshot) || **base == *read.snapshot
         });
     if !unchanged
+        || opts.stopped()
+        || s.build != BUILD
         || s.version != state.version
         || s.allow_empty_source != policy.allow_empty_source
         || opts.mode == Mode::PrincipalsOnly
@@ -99,6 +105,7 @@ pub(crate) fn record(
         allow_empty_source: policy.allow_empty_source,
         notes: own_notes,
         summary: plan.summary.clone(),
+        build: BUILD.to_owned(),
     })
 }
 
