@@ -325,13 +325,7 @@ async fn plan_and_apply(
             plan.ops.len()
         ));
     }
-    let file = PlanFile {
-        plan,
-        snapshot: read.snapshot.clone(),
-        cursors: read.cursors.clone(),
-        checksum: None,
-    };
-    reporter.plan(&file.plan, &a.describe, opts.mode);
+    let file = show(plan, &read, a, opts, reporter);
 
     if let Some(h) = &file.plan.halt {
         reporter.halt(h);
@@ -390,6 +384,24 @@ async fn plan_and_apply(
     })
 }
 
+/// Shows a fresh plan and files it with the read it was made from (what a saved plan holds).
+fn show(
+    plan: Plan,
+    read: &idsync_engine::Read,
+    a: &Agreement<'_>,
+    opts: &RunOptions,
+    reporter: &mut dyn Reporter,
+) -> PlanFile {
+    let file = PlanFile {
+        plan,
+        snapshot: read.snapshot.clone(),
+        cursors: read.cursors.clone(),
+        checksum: None,
+    };
+    reporter.plan(&file.plan, &a.describe, opts.mode);
+    file
+}
+
 /// A run whose source reported no change since a run that found nothing to do
 /// ([`settled::plan`]): shows the plan, and commits only when the cursors it was handed are due
 /// ([`settled::cursors_due`]), so that runs every few minutes do not each write a new version of
@@ -405,13 +417,7 @@ async fn settle(
     lease: Option<&Lease>,
     reporter: &mut dyn Reporter,
 ) -> Result<Outcome, RunError> {
-    let file = PlanFile {
-        plan,
-        snapshot: read.snapshot.clone(),
-        cursors: read.cursors.clone(),
-        checksum: None,
-    };
-    reporter.plan(&file.plan, &a.describe, opts.mode);
+    let file = show(plan, read, a, opts, reporter);
     if opts.mode == Mode::Plan {
         return Ok(Outcome {
             code: exit::OK,

@@ -8,7 +8,7 @@
 
 use crate::{Agreement, RunError, RunOptions, unix_now};
 use idsync_engine::{Policy, map_snapshot, observe};
-use idsync_model::{AgreementState, Capabilities, Desired, Plan, ReadMode, Snapshot, Trust};
+use idsync_model::{AgreementState, Capabilities, Desired, Plan, Snapshot, Trust};
 
 /// When the picture may be trusted: since when (the last full observation) and the last applied
 /// snapshot it is made from; `None` when the target must be observed in full.
@@ -41,7 +41,8 @@ pub fn read_limit(state: &AgreementState) -> usize {
 }
 
 /// Observes the target (incrementally when the state's picture may be trusted, else in full) and
-/// plans `desired` (what the read's snapshot maps to). The plan records the trust a clean apply of it leaves.
+/// plans `desired` (what the read's snapshot maps to). The plan records the trust a clean apply
+/// of it leaves.
 pub(crate) async fn observe_and_plan(
     a: &Agreement<'_>,
     caps: &Capabilities,
@@ -51,7 +52,7 @@ pub(crate) async fn observe_and_plan(
     policy: &Policy,
     opts: &RunOptions,
 ) -> Result<Plan, RunError> {
-    let (source, mode): (&Snapshot, ReadMode) = (&read.snapshot, read.mode);
+    let mode = read.mode;
     let fingerprint = observe::fingerprint(&a.identity, a.mapping, caps, policy);
     let now = opts.now.unwrap_or_else(unix_now);
     let failed = |error| a.observe_error(error);
@@ -79,7 +80,7 @@ pub(crate) async fn observe_and_plan(
         // it maps to is `desired` already (the mapping is a function of the snapshot, the
         // mapping and the capabilities, all the same), so the tenant is not mapped twice.
         let mapped;
-        let prev = if std::ptr::eq(prev, source) {
+        let prev = if std::ptr::eq(prev, &*read.snapshot) {
             desired
         } else {
             mapped = map_snapshot(prev, a.mapping, caps);

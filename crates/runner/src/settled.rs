@@ -32,6 +32,8 @@ pub(crate) fn plan(
     opts: &RunOptions,
 ) -> Option<Plan> {
     let s = state.settled.as_ref()?;
+    // The same `Arc` when this agreement made the read; agreements at the same cursors share a
+    // read (`ReadCache`) made from another agreement's copy of the snapshot, compared in full.
     let unchanged = read.unchanged
         && read.mode == ReadMode::Incremental
         && state.last_applied.as_ref().is_some_and(|base| {

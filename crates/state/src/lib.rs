@@ -155,7 +155,8 @@ pub trait StateStore: Send + Sync {
     async fn load(&self, agreement: &str) -> Result<Option<AgreementState>, StateError>;
 
     /// Commits `state` if the stored version is still `state.version` (0 = nothing stored), and
-    /// returns the new version, `state.version + 1` (the document stored holds it). The store never goes backwards and never loses a concurrent commit.
+    /// returns the new version, `state.version + 1` (the document stored holds it). The store
+    /// never goes backwards and never loses a concurrent commit.
     async fn commit(&self, state: &AgreementState) -> Result<u64, StateError>;
 
     /// Takes the agreement's lease for `ttl`, or fails with [`StateError::LeaseHeld`]. An expired
