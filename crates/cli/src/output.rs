@@ -107,9 +107,15 @@ impl Printer {
         let mut s = String::new();
         let observed = match &plan.observation {
             Observation::Full => String::new(),
-            Observation::Incremental { read: 0, .. } => "; target as last applied".to_owned(),
-            Observation::Incremental { read, .. } => {
-                format!("; target as last applied, {read} principal(s) read live")
+            Observation::Incremental { read, touched, .. } => {
+                let mut o = "; target as last applied".to_owned();
+                if *read > 0 {
+                    let _ = write!(o, ", {read} principal(s) read live");
+                }
+                if let Some(n) = touched.filter(|n| *n > 0) {
+                    let _ = write!(o, ", planned on the change ({n} principal(s))");
+                }
+                o
             }
         };
         let _ = writeln!(

@@ -88,6 +88,12 @@ fn incremental_runs_read_what_changed_and_full_observations_find_drift() {
         "{}",
         text(&o)
     );
+    // Planned on Alice alone, not on the tenant (issue #17).
+    assert!(
+        text(&o).contains("read live, planned on the change ("),
+        "{}",
+        text(&o)
+    );
     assert!(text(&o).contains("\"Alice Liddell\""), "{}", text(&o));
     assert!(s.read("dbx.json").contains("Bobby (by hand)"));
     let drift = "displayName: \"Bobby (by hand)\" → \"Bob\"";

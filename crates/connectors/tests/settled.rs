@@ -435,3 +435,134 @@ async fn another_build_or_a_stop_plans_the_slow_way() {
         "and commits nothing, due cursors or not"
     );
 }
+
+/// What the plan says of how it was made: planned on what changed alone, with how many
+/// principals, or on the whole tenant.
+fn touched(plan: &Plan) -> Option<usize> {
+    match plan.observation {
+        idsync_model::Observation::Incremental { touched, .. } => touched,
+        idsync_model::Observation::Full => None,
+    }
+}
+
+impl World {
+    /// The plan made from the same state on the whole tenant: a copy of it whose trust carries
+    /// no totals (as a state from an earlier build), with the record of the last quiet run gone.
+    async fn whole_plan(&self, now: u64) -> Plan {
+        let mut st = self.state().await;
+        let version = st.version;
+        st.settled = None;
+        if let Some(t) = &mut st.trust {
+            t.totals = None;
+        }
+        let copy = MemoryStore::in_memory();
+        for v in 0..version {
+            st.version = v;
+            copy.commit(&st).await.unwrap();
+        }
+        self.run_on(&copy, Mode::Plan, now).await.1
+    }
+}
+
+/// The plan without how it was made, to compare a plan on the change with the plan on the whole.
+fn made(mut plan: Plan) -> Plan {
+    if let idsync_model::Observation::Incremental { touched, .. } = &mut plan.observation {
+        *touched = None;
+    }
+    if let Some(t) = &mut plan.trust {
+        t.totals = None;
+    }
+    plan
+}
+
+/// After a clean apply, a change is planned on what it touches alone (issue #17): the same plan
+/// as the whole tenant's, field by field, and the totals the apply records are those the whole
+/// plan would record.
+async fn plans_on_the_change(caps: Capabilities, deprovision: Deprovision) {
+    let w = World::new(caps, deprovision);
+    let (code, first) = w.run(Mode::Sync, T0).await;
+    assert_eq!(code, 0, "{first:?}");
+    assert_eq!(touched(&first), None, "the first run observes in full");
+    let totals = w.state().await.trust.and_then(|t| t.totals);
+    assert!(totals.is_some_and(|t| t.principals == 7), "{totals:?}");
+
+    // A rename, a member leaving and a user leaving the source: each planned on the change.
+    let changes = [
+        Change::UpsertUser(user("u2", "bob")),
+        Change::RemoveMember {
+            group: "g3".into(),
+            member: Member::user("u4"),
+        },
+        Change::Remove(Member::user("u3")),
+    ];
+    for (i, change) in changes.into_iter().enumerate() {
+        let now = T0 + 60 * (i as u64 + 1);
+        w.source.inner.edit(change.clone());
+        let (code, planned) = w.run(Mode::Plan, now).await;
+        assert_eq!(
+            code,
+            idsync_runner::exit::PENDING,
+            "{change:?} pends: {planned:?}"
+        );
+        let n = touched(&planned).expect("planned on the change");
+        // Flattened, this directory's groups are one chain: a change anywhere reaches all.
+        assert!(
+            n < 7 || !idsync_engine::Target::capabilities(&w.target).nested_groups,
+            "{change:?} touched {n} principals"
+        );
+        let whole = w.whole_plan(now).await;
+        assert_eq!(touched(&whole), None);
+        assert_eq!(made(planned.clone()), made(whole.clone()), "{change:?}");
+        let (code, applied) = w.run(Mode::Sync, now).await;
+        assert_eq!(code, 0, "{applied:?}");
+        assert_eq!(made(applied), made(planned));
+        // What the apply recorded is what the whole plan of the tenant now counts.
+        let recorded = w.state().await.trust.and_then(|t| t.totals);
+        let counted = w.whole_plan(now + 1).await.trust.and_then(|t| t.totals);
+        assert_eq!(recorded, counted, "after {change:?}");
+    }
+    // Nothing left to do, said on the change as the whole plan says it.
+    let (code, quiet) = w.run(Mode::Plan, T0 + 600).await;
+    assert_eq!(code, 0, "{quiet:?}");
+    assert_eq!(touched(&quiet), Some(0));
+    assert!(quiet.ops.is_empty());
+    assert_eq!(made(quiet), made(w.whole_plan(T0 + 600).await));
+    assert_eq!(w.run(Mode::Sync, T0 + 660).await.0, 0);
+}
+
+#[tokio::test]
+async fn a_target_that_nests_plans_on_the_change() {
+    plans_on_the_change(Capabilities::full(), Deprovision::Delete).await;
+}
+
+#[tokio::test]
+async fn a_target_that_flattens_plans_on_the_change_and_keeps_what_left() {
+    let caps = Capabilities {
+        nested_groups: false,
+        service_principals: false,
+        service_principal_members: false,
+        ..Capabilities::full()
+    };
+    plans_on_the_change(caps, Deprovision::None).await;
+}
+
+/// A state from an earlier build records no totals: the next change is planned on the whole
+/// tenant, and the apply records them, so the change after it is planned on the change.
+#[tokio::test]
+async fn a_state_without_totals_plans_the_whole_tenant_once() {
+    let w = World::new(Capabilities::full(), Deprovision::Delete);
+    w.run(Mode::Sync, T0).await;
+    let mut st = w.state().await;
+    st.trust.as_mut().unwrap().totals = None;
+    w.store.commit(&st).await.unwrap();
+    w.source.inner.edit(Change::UpsertUser(user("u2", "bob")));
+    let (code, whole) = w.run(Mode::Sync, T0 + 60).await;
+    assert_eq!(code, 0, "{whole:?}");
+    assert_eq!(touched(&whole), None);
+    assert!(!whole.ops.is_empty());
+    assert!(w.state().await.trust.and_then(|t| t.totals).is_some());
+    w.source.inner.edit(Change::UpsertUser(user("u2", "bobby")));
+    let (code, delta) = w.run(Mode::Sync, T0 + 120).await;
+    assert_eq!(code, 0, "{delta:?}");
+    assert!(touched(&delta).is_some_and(|n| n > 0), "{delta:?}");
+}

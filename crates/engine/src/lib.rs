@@ -6,6 +6,7 @@
 //! [`Plan`]: idsync_model::Plan
 
 pub mod apply;
+pub mod delta;
 pub mod flatten;
 pub mod fnv;
 pub mod fold;

@@ -12,11 +12,11 @@
 
 use crate::apply::{Target, TargetError};
 use crate::fnv::Fnv;
-use crate::plan::{Deprovision, Policy, plan};
+use crate::plan::{Deprovision, Policy, Window, plan_within};
 use crate::{Mapping, flatten};
 use idsync_model::{
     AgreementState, Attr, AttrValue, Capabilities, Desired, Kind, MemberIds, Observed,
-    ObservedPrincipal, Op, Plan, Principal, ReadMode,
+    ObservedPrincipal, Op, PerKind, Plan, Principal, ReadMode,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hasher;
@@ -195,6 +195,18 @@ pub fn picture(
     caps: &Capabilities,
     policy: &Policy,
 ) -> Observed {
+    picture_within(prev, state, caps, policy, None)
+}
+
+/// [`picture`] of part of the target: `prev` holds only what a change touches, and of the
+/// principals idsync owns that left the source only those in `tids` are pictured.
+pub fn picture_within(
+    prev: &Desired,
+    state: &AgreementState,
+    caps: &Capabilities,
+    policy: &Policy,
+    tids: Option<&PerKind<BTreeSet<String>>>,
+) -> Observed {
     let mut o = Observed::default();
     let mut ids = HashMap::with_capacity(prev.principals.len());
     for (key, dp) in &prev.principals {
@@ -216,7 +228,12 @@ pub fn picture(
     }
     let deactivated = policy.deprovision == Deprovision::Deactivate && caps.deactivate;
     for kind in Kind::ALL {
-        for (tid, owned) in state.owned.get(kind) {
+        let all = state.owned.get(kind);
+        let within: Box<dyn Iterator<Item = (&String, &idsync_model::Owned)>> = match tids {
+            Some(t) => Box::new(t.get(kind).iter().filter_map(|t| all.get_key_value(t))),
+            None => Box::new(all.iter()),
+        };
+        for (tid, owned) in within {
             if o.get(kind, tid).is_none() {
                 let mut p = Principal::new(kind, owned.key.clone());
                 p.active = !(deactivated && kind != Kind::Group);
@@ -348,7 +365,28 @@ pub async fn plan_incrementally(
     since: u64,
     limit: usize,
 ) -> Result<Option<Plan>, TargetError> {
-    let mut pic = picture(prev, state, caps, policy);
+    plan_incrementally_within(
+        target, desired, prev, state, policy, caps, mode, since, limit, None,
+    )
+    .await
+}
+
+/// [`plan_incrementally`] within a [`Window`]: `desired` and `prev` hold only what a change
+/// touches ([`crate::delta`]).
+#[allow(clippy::too_many_arguments)]
+pub async fn plan_incrementally_within(
+    target: &dyn Target,
+    desired: &Desired,
+    prev: &Desired,
+    state: &AgreementState,
+    policy: &Policy,
+    caps: &Capabilities,
+    mode: ReadMode,
+    since: u64,
+    limit: usize,
+    window: Option<&Window>,
+) -> Result<Option<Plan>, TargetError> {
+    let mut pic = picture_within(prev, state, caps, policy, window.map(|w| &w.tids));
     let mut asked = Interest::default();
     // A principal that left the source and is back is linked to an owned principal whose
     // attributes the picture does not know (the deprovision policy kept it as it was): read it.
@@ -392,7 +430,7 @@ pub async fn plan_incrementally(
     for _ in 0..4 {
         let mut p = match stands.take() {
             Some(p) => p,
-            None => plan(desired, &pic, state, policy, caps, mode),
+            None => plan_within(desired, &pic, state, policy, caps, mode, window),
         };
         // A conflict is explained from the whole target (which principal holds a key, owned or
         // not), and is rare: it is worth a bulk observation.
@@ -404,6 +442,7 @@ pub async fn plan_incrementally(
             p.observation = idsync_model::Observation::Incremental {
                 read: asked.len(),
                 since,
+                touched: window.map(|_| desired.principals.len()),
             };
             return Ok(Some(p));
         }
@@ -476,6 +515,7 @@ mod tests {
         let trust = Trust {
             observed_at: 7,
             fingerprint: "f".into(),
+            totals: None,
         };
         let mut plan = crate::plan(
             &Desired::default(),

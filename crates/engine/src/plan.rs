@@ -3,7 +3,7 @@
 use crate::fnv::{FnvMap as HashMap, FnvSet};
 use idsync_model::{
     AgreementState, Attr, AttrChange, Capabilities, Conflict, Desired, DesiredPrincipal, Halt,
-    HaltReason, Kind, Observed, Op, PKey, PRef, Plan, ReadMode, SourceRef, Summary,
+    HaltReason, Kind, Observed, Op, PKey, PRef, PerKind, Plan, ReadMode, SourceRef, Summary,
     plan::PLAN_FORMAT,
 };
 use serde::{Deserialize, Serialize};
@@ -105,6 +105,23 @@ impl Default for Policy {
     }
 }
 
+/// What a plan made on the change alone ([`crate::delta`]) sees: its desired state and picture
+/// hold only the principals the change touches (with what they reference), so the rest of the
+/// tenant is summed up here as the bulk plan would count it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    /// The target ids idsync owns that the change touches: only these can be left over.
+    pub tids: PerKind<BTreeSet<String>>,
+    /// Principals in the whole desired state (for the empty-source guard).
+    pub principals: usize,
+    /// Principals left over and kept outside the window.
+    pub kept_outside: usize,
+    /// Memberships of groups outside the scope, in the whole desired state.
+    pub dangling: usize,
+    /// Memberships of principals the source does not have, in the whole desired state.
+    pub missing: usize,
+}
+
 /// Reverse lookups needed only when some principal did not resolve through its link.
 struct KeyIndex<'a> {
     /// Owned target id → the source id it was made for, per kind.
@@ -173,6 +190,7 @@ struct Ctx<'a> {
     state: &'a AgreementState,
     policy: &'a Policy,
     caps: &'a Capabilities,
+    window: Option<&'a Window>,
     ops: Vec<Op>,
     conflicts: Vec<Conflict>,
     notes: Vec<String>,
@@ -189,12 +207,28 @@ pub fn plan(
     caps: &Capabilities,
     mode: ReadMode,
 ) -> Plan {
+    plan_within(desired, observed, state, policy, caps, mode, None)
+}
+
+/// [`plan()`], for a desired state and a picture that hold only what a change touches when
+/// `window` is given (see [`Window`]): principals idsync owns outside it are neither planned
+/// nor counted one by one.
+pub fn plan_within(
+    desired: &Desired,
+    observed: &Observed,
+    state: &AgreementState,
+    policy: &Policy,
+    caps: &Capabilities,
+    mode: ReadMode,
+    window: Option<&Window>,
+) -> Plan {
     let mut cx = Ctx {
         desired,
         observed,
         state,
         policy,
         caps,
+        window,
         ops: Vec::new(),
         conflicts: Vec::new(),
         notes: Vec::new(),
@@ -209,16 +243,18 @@ pub fn plan(
     let rename_order = cx.check_renames(&mut res);
     cx.memberships(&res);
     cx.held_back();
-    if desired.dangling_members > 0 {
+    let (dangling, missing) = match window {
+        Some(w) => (w.dangling, w.missing),
+        None => (desired.dangling_members, desired.missing_members),
+    };
+    if dangling > 0 {
         cx.notes.push(format!(
-            "{} membership(s) point at groups outside the scope and are not synced (raise the group search depth to include nested groups)",
-            desired.dangling_members
+            "{dangling} membership(s) point at groups outside the scope and are not synced (raise the group search depth to include nested groups)"
         ));
     }
-    if desired.missing_members > 0 {
+    if missing > 0 {
         cx.notes.push(format!(
-            "{} membership(s) point at users or service principals the source does not have (deleted, or not readable with its credentials); they are not synced",
-            desired.missing_members
+            "{missing} membership(s) point at users or service principals the source does not have (deleted, or not readable with its credentials); they are not synced"
         ));
     }
     let Ctx {
@@ -232,7 +268,8 @@ pub fn plan(
     order_renames(&mut ops, &rename_order);
     conflicts.sort();
     tally(&ops, &mut summary);
-    let halt = halt(desired, state, policy, &conflicts, &summary);
+    let principals = window.map_or(desired.principals.len(), |w| w.principals);
+    let halt = halt(principals, desired, state, policy, &conflicts, &summary);
     Plan {
         format: PLAN_FORMAT,
         agreement: state.agreement.clone(),
@@ -890,8 +927,20 @@ impl Ctx<'_> {
             .collect();
         let partial = !self.desired.incomplete_groups.is_empty();
         let mut partial_kept = 0;
+        let window = self.window;
         for kind in Kind::ALL {
-            for (tid, owned) in self.state.owned.get(kind) {
+            let owned_here = self.state.owned.get(kind);
+            // In a window, only the principals the change touches (in the same order).
+            let within: Box<dyn Iterator<Item = (&String, &idsync_model::Owned)>> = match window {
+                Some(w) => Box::new(
+                    w.tids
+                        .get(kind)
+                        .iter()
+                        .filter_map(|t| owned_here.get_key_value(t.as_str())),
+                ),
+                None => Box::new(owned_here.iter()),
+            };
+            for (tid, owned) in within {
                 if claimed.contains(&(kind, tid.as_str())) {
                     continue;
                 }
@@ -929,6 +978,9 @@ impl Ctx<'_> {
                     }
                 }
             }
+        }
+        if let Some(w) = window {
+            self.summary.kept += w.kept_outside;
         }
         if partial_kept > 0 {
             self.notes.push(format!(
@@ -1040,6 +1092,7 @@ pub(crate) fn tally(ops: &[Op], s: &mut Summary) {
 }
 
 fn halt(
+    principals: usize,
     desired: &Desired,
     state: &AgreementState,
     policy: &Policy,
@@ -1048,7 +1101,7 @@ fn halt(
 ) -> Option<Halt> {
     let had_something =
         state.owned_count() > 0 || state.last_applied.as_ref().is_some_and(|s| !s.is_empty());
-    if desired.principals.is_empty()
+    if principals == 0
         && desired.held_back.is_empty()
         && had_something
         && !policy.allow_empty_source

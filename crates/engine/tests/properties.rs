@@ -16,6 +16,7 @@ use idsync_model::{
     AgreementState, Capabilities, Kind, Member, Op, PKey, Principal, Snapshot, UserType,
 };
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -302,6 +303,35 @@ async fn incremental_plan(
         .unwrap()
 }
 
+/// The plan made on what changed between `prev` and `s` alone ([`idsync_engine::delta`]), with
+/// the totals the state's trust recorded; `None` when the engine plans the whole tenant instead.
+async fn delta_plan(
+    s: &Snapshot,
+    prev: &Snapshot,
+    t: &MemoryTarget,
+    st: &AgreementState,
+    policy: &Policy,
+) -> Option<(idsync_model::Plan, idsync_model::Totals)> {
+    let caps = t.capabilities();
+    let totals = st.trust.as_ref()?.totals?;
+    let mode = idsync_model::ReadMode::Incremental;
+    idsync_engine::delta::plan_on_delta(
+        t,
+        prev,
+        s,
+        &Mapping::defaults(),
+        st,
+        policy,
+        &caps,
+        mode,
+        0,
+        usize::MAX,
+        &totals,
+    )
+    .await
+    .unwrap()
+}
+
 /// The directory without what the mapping holds back (duplicate keys), so that most runs are
 /// clean and leave a picture the next run may trust.
 fn without_held_back(s: &Snapshot, caps: &Capabilities) -> Snapshot {
@@ -318,13 +348,202 @@ fn without_held_back(s: &Snapshot, caps: &Capabilities) -> Snapshot {
     s
 }
 
+/// Syncs three directories in turn and, in each round that may trust the last apply's picture,
+/// compares the plan made on an incremental observation, and the plan made on the change alone,
+/// with the plan made on a bulk observation. Returns how many incremental plans were compared,
+/// and how many of them were also made on the change.
+async fn compare_rounds(
+    rounds: [Snapshot; 3],
+    caps: &Capabilities,
+    outside: &[(Kind, usize)],
+    policy: &Policy,
+) -> Result<(usize, usize), TestCaseError> {
+    let t = MemoryTarget::new(caps.clone());
+    let mut st = AgreementState::new("prop");
+    let mapping = Mapping::defaults();
+    let mut trusted = false;
+    let mut prev = Snapshot::default();
+    let mut compared = 0;
+    let mut on_delta = 0;
+    for (round, s) in rounds.iter().enumerate() {
+        if round == 1 {
+            insert_outsiders(&t, outside);
+        }
+        let full = plan_only(s, &t, &st, policy, &mapping).await;
+        if trusted {
+            let bulk = t.reads().0;
+            let inc = incremental_plan(s, &prev, &t, &st, policy).await;
+            prop_assert_eq!(t.reads().0, bulk, "an incremental plan observed in bulk");
+            // Only a conflict sends the engine to a bulk observation here.
+            prop_assert!(
+                inc.is_some() || !full.conflicts.is_empty(),
+                "no incremental plan without a conflict"
+            );
+            if let Some(inc) = inc {
+                prop_assert_eq!(
+                    ops(&inc),
+                    ops(&full),
+                    "conflicts {:?} vs {:?}; notes {:?} vs {:?}",
+                    inc.conflicts,
+                    full.conflicts,
+                    inc.notes,
+                    full.notes
+                );
+                prop_assert_eq!(&inc.ops, &full.ops);
+                prop_assert_eq!(&inc.conflicts, &full.conflicts);
+                prop_assert_eq!(&inc.halt, &full.halt);
+                prop_assert_eq!(&inc.summary, &full.summary);
+                compared += 1;
+                // The same plan again, made on what changed alone: every field alike.
+                let before = t.reads();
+                if let Some((delta, totals)) = delta_plan(s, &prev, &t, &st, policy).await {
+                    prop_assert_eq!(
+                        ops(&delta),
+                        ops(&inc),
+                        "notes {:?} vs {:?}",
+                        delta.notes,
+                        inc.notes
+                    );
+                    prop_assert_eq!(&delta.ops, &inc.ops);
+                    prop_assert_eq!(&delta.conflicts, &inc.conflicts);
+                    prop_assert_eq!(&delta.halt, &inc.halt);
+                    prop_assert_eq!(&delta.summary, &inc.summary);
+                    prop_assert_eq!(&delta.notes, &inc.notes);
+                    let read = |o: &idsync_model::Observation| match o {
+                        idsync_model::Observation::Incremental { read, touched, .. } => {
+                            (*read, touched.is_some())
+                        }
+                        idsync_model::Observation::Full => (usize::MAX, false),
+                    };
+                    prop_assert_eq!(read(&delta.observation).0, read(&inc.observation).0);
+                    prop_assert!(read(&delta.observation).1, "a plan on the change says so");
+                    prop_assert!(!read(&inc.observation).1, "a plan on the whole says it was");
+                    prop_assert_eq!(
+                        t.reads().0,
+                        before.0,
+                        "a plan on the change observed in bulk"
+                    );
+                    let desired = map_snapshot(s, &mapping, caps);
+                    prop_assert_eq!(
+                        totals,
+                        idsync_engine::delta::totals(&desired, &full),
+                        "totals carried forward"
+                    );
+                    on_delta += 1;
+                }
+            }
+        }
+        let r = sync_with(s, &t, &mut st, policy, &mapping).await;
+        let desired = map_snapshot(s, &mapping, caps);
+        trusted = r.report.as_ref().is_some_and(|rep| rep.is_success())
+            && st.journal.is_none()
+            && leaves_a_faithful_picture(&r.plan, &desired);
+        prev = s.clone();
+        if trusted {
+            // The same directory again: nothing to do, and nothing read from the target.
+            let before = t.reads();
+            let again = incremental_plan(s, &prev, &t, &st, policy).await;
+            prop_assert_eq!(t.reads(), before, "an unchanged directory read the target");
+            let again = again.unwrap();
+            prop_assert!(again.ops.is_empty(), "an unchanged directory planned work");
+            // On the change alone: nothing to cut, and the same counts and notes.
+            let (delta, _) = delta_plan(s, &prev, &t, &st, policy)
+                .await
+                .expect("no change is planned on the change");
+            prop_assert_eq!(t.reads(), before, "an unchanged directory read the target");
+            prop_assert_eq!(&delta.summary, &again.summary);
+            prop_assert_eq!(&delta.notes, &again.notes);
+            prop_assert_eq!(&delta.halt, &again.halt);
+        }
+    }
+    Ok((compared, on_delta))
+}
+
+/// A small change to a directory, as a change feed brings one: `(what, a, b)` renames, adds or
+/// removes a user, disables one, adds or removes a member, removes or renames a group, adds or
+/// removes a service principal.
+fn edits() -> impl Strategy<Value = Vec<(u8, usize, usize)>> {
+    prop::collection::vec((0u8..8, 0usize..14, 0usize..7), 1..4)
+}
+
+/// The member `m` of the draws of [`directory`].
+fn member(m: usize) -> Member {
+    match m {
+        0..=5 => Member::user(format!("u{m}")),
+        6..=8 => Member::service_principal(format!("s{}", m - 6)),
+        _ => Member::group(format!("g{}", m - 9)),
+    }
+}
+
+fn edited(s: &Snapshot, edits: &[(u8, usize, usize)]) -> Snapshot {
+    let mut s = s.clone();
+    for &(what, a, b) in edits {
+        let uid = format!("u{}", a % 6);
+        let gid = format!("g{}", a % 5);
+        let other = format!("g{}", b % 5);
+        match what {
+            0 => {
+                let name = USER_NAMES[b % USER_NAMES.len()];
+                match s.users.get_mut(&uid) {
+                    Some(u) => {
+                        u.user_name = name.into();
+                        u.emails = vec![name.into()];
+                    }
+                    None => {
+                        s.users.insert(uid.clone(), user(&uid, name));
+                    }
+                }
+            }
+            1 => {
+                s.users.remove(&uid);
+            }
+            2 => {
+                if let Some(u) = s.users.get_mut(&uid) {
+                    u.active = !u.active;
+                }
+            }
+            3 => {
+                if let Some(g) = s.groups.get_mut(&other) {
+                    g.members.insert(member(a));
+                }
+            }
+            4 => {
+                if let Some(g) = s.groups.get_mut(&other) {
+                    g.members.remove(&member(a));
+                }
+            }
+            5 => {
+                s.groups.remove(&gid);
+            }
+            6 => {
+                let name = GROUP_NAMES[b % GROUP_NAMES.len()];
+                match s.groups.get_mut(&gid) {
+                    Some(g) => g.display_name = name.into(),
+                    None => {
+                        s.groups.insert(gid.clone(), group(&gid, name, &[]));
+                    }
+                }
+            }
+            _ => {
+                let sid = format!("s{}", a % 3);
+                if s.service_principals.remove(&sid).is_none() {
+                    s.service_principals
+                        .insert(sid.clone(), sp(&sid, APP_IDS[b % APP_IDS.len()]));
+                }
+            }
+        }
+    }
+    s
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     /// After a clean, complete apply, an incremental run that reads only what the changes touch
     /// plans exactly what a bulk observation plans: the same operations, conflicts, guard and
     /// counts, over three directory changes and with principals created by hand in between
-    /// (which hold keys the source may create or rename to).
+    /// (which hold keys the source may create or rename to). So does a plan made on the change
+    /// alone.
     #[test]
     fn incremental_observation_plans_what_a_bulk_observation_plans(
         s1 in directory(),
@@ -334,61 +553,47 @@ proptest! {
         outside in outsiders(),
         policy in policy(),
     ) {
-        block(async {
-            let t = MemoryTarget::new(caps.clone());
-            let mut st = AgreementState::new("prop");
-            let mapping = Mapping::defaults();
-            let mut trusted = false;
-            let mut prev = Snapshot::default();
-            let mut compared = 0;
-            let rounds = [&s1, &s2, &s3].map(|s| without_held_back(s, &caps));
-            for (round, s) in rounds.iter().enumerate() {
-                if round == 1 {
-                    insert_outsiders(&t, &outside);
-                }
-                let full = plan_only(s, &t, &st, &policy, &mapping).await;
-                if trusted {
-                    let bulk = t.reads().0;
-                    let inc = incremental_plan(s, &prev, &t, &st, &policy).await;
-                    prop_assert_eq!(t.reads().0, bulk, "an incremental plan observed in bulk");
-                    // Only a conflict sends the engine to a bulk observation here.
-                    prop_assert!(inc.is_some() || !full.conflicts.is_empty(), "no incremental plan without a conflict");
-                    if let Some(inc) = inc {
-                    prop_assert_eq!(ops(&inc), ops(&full), "conflicts {:?} vs {:?}; notes {:?} vs {:?}", inc.conflicts, full.conflicts, inc.notes, full.notes);
-                    prop_assert_eq!(&inc.ops, &full.ops);
-                    prop_assert_eq!(&inc.conflicts, &full.conflicts);
-                    prop_assert_eq!(&inc.halt, &full.halt);
-                    prop_assert_eq!(&inc.summary, &full.summary);
-                    compared += 1;
-                    }
-                }
-                let r = sync_with(s, &t, &mut st, &policy, &mapping).await;
-                let desired = map_snapshot(s, &mapping, &caps);
-                trusted = r.report.as_ref().is_some_and(|rep| rep.is_success())
-                    && st.journal.is_none()
-                    && leaves_a_faithful_picture(&r.plan, &desired);
-                prev = s.clone();
-                if trusted {
-                    // The same directory again: nothing to do, and nothing read from the target.
-                    let before = t.reads();
-                    let again = incremental_plan(s, &prev, &t, &st, &policy).await;
-                    prop_assert_eq!(t.reads(), before, "an unchanged directory read the target");
-                    prop_assert!(again.is_some_and(|p| p.ops.is_empty()), "an unchanged directory planned work");
-                }
-            }
-            // Not vacuous: across the run, most cases reach a trusted round and compare plans.
-            let cases_run = CASES_RUN.fetch_add(1, Ordering::SeqCst) + 1;
-            let all = COMPARED.fetch_add(compared, Ordering::SeqCst) + compared;
-            if cases_run == cases() as usize {
-                prop_assert!(all >= cases_run / 2, "only {all} comparisons in {cases_run} cases");
-            }
-            Ok(())
-        })?;
+        let rounds = [&s1, &s2, &s3].map(|s| without_held_back(s, &caps));
+        let (compared, _) = block(compare_rounds(rounds, &caps, &outside, &policy))?;
+        // Not vacuous: across the run, most cases reach a trusted round and compare plans.
+        let cases_run = CASES_RUN.fetch_add(1, Ordering::SeqCst) + 1;
+        let all = COMPARED.fetch_add(compared, Ordering::SeqCst) + compared;
+        if cases_run == cases() as usize {
+            prop_assert!(all >= cases_run / 2, "only {all} comparisons in {cases_run} cases");
+        }
+    }
+
+    /// Small changes, as a change feed brings them (most of the directory stays as it was): the
+    /// plan made on the change alone is the plan made on the whole directory, field by field,
+    /// nested and flattened.
+    #[test]
+    fn a_plan_on_the_change_is_the_plan_on_the_whole_directory(
+        s1 in directory(),
+        e1 in edits(),
+        e2 in edits(),
+        caps in capabilities(),
+        outside in outsiders(),
+        policy in policy(),
+    ) {
+        let r1 = without_held_back(&s1, &caps);
+        let r2 = without_held_back(&edited(&r1, &e1), &caps);
+        let r3 = without_held_back(&edited(&r2, &e2), &caps);
+        let (compared, on_delta) = block(compare_rounds([r1, r2, r3], &caps, &outside, &policy))?;
+        let cases_run = SMALL_RUN.fetch_add(1, Ordering::SeqCst) + 1;
+        let all = SMALL_COMPARED.fetch_add(compared, Ordering::SeqCst) + compared;
+        let deltas = ON_DELTA.fetch_add(on_delta, Ordering::SeqCst) + on_delta;
+        if cases_run == cases() as usize {
+            prop_assert!(all >= cases_run / 2, "only {all} comparisons in {cases_run} cases");
+            prop_assert!(deltas * 4 >= all * 3, "only {deltas} of {all} plans made on the change");
+        }
     }
 }
 
 static CASES_RUN: AtomicUsize = AtomicUsize::new(0);
 static COMPARED: AtomicUsize = AtomicUsize::new(0);
+static SMALL_RUN: AtomicUsize = AtomicUsize::new(0);
+static SMALL_COMPARED: AtomicUsize = AtomicUsize::new(0);
+static ON_DELTA: AtomicUsize = AtomicUsize::new(0);
 
 #[test]
 fn rename_chains_run_in_order_and_swaps_are_conflicts() {

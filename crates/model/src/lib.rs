@@ -17,7 +17,7 @@ pub use source::{
     Change, Directory, Group, Kind, Member, ServicePrincipal, Snapshot, User, UserType,
 };
 pub use state::{
-    AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind, Strikes, Trust,
+    AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind, Strikes, Totals, Trust,
 };
 pub use target::{
     Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, MemberIds, Observed,

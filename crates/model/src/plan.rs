@@ -355,6 +355,11 @@ pub enum Observation {
         read: usize,
         /// When the target was last observed in full.
         since: u64,
+        /// Principals the plan was made on, when it was made on what changed alone (mapped,
+        /// pictured and compared: the change and what it references); the rest of the tenant is
+        /// as the last apply left it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        touched: Option<usize>,
     },
 }
 

@@ -215,6 +215,25 @@ pub struct Trust {
     pub observed_at: u64,
     /// A digest of the mapping, capabilities and policy the picture was made with.
     pub fingerprint: String,
+    /// Counts over the whole tenant as the last applied snapshot maps to them, which a plan made
+    /// on the change alone cannot see (none from an earlier build: the next run plans in full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<Totals>,
+}
+
+/// Counts over the whole desired state that a plan made on the change alone carries forward: what
+/// a run with no change would count after a clean, complete apply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    /// Principals in the desired state.
+    pub principals: u64,
+    /// Principals idsync owns that left the source and are kept (the plan's `kept`).
+    pub kept: u64,
+    /// Memberships of groups outside the scope.
+    pub dangling: u64,
+    /// Memberships of users or service principals the source does not have.
+    pub missing: u64,
 }
 
 impl AgreementState {

@@ -24,9 +24,7 @@ pub use read::ReadCache;
 
 use idsync_engine::apply::{self, ApplyOptions, ApplyReport};
 use idsync_engine::recheck::{Recheck, recheck};
-use idsync_engine::{
-    Mapping, OnApplyError, Policy, Scope, Source, Target, TargetIdentity, map_snapshot,
-};
+use idsync_engine::{Mapping, OnApplyError, Policy, Scope, Source, Target, TargetIdentity};
 use idsync_model::{AgreementState, AgreementStatus, Halt, Kind, Plan, PlanFile, Stage};
 use idsync_state::{Lease, StateError, StateStore};
 use std::time::Duration;
@@ -306,10 +304,7 @@ async fn plan_and_apply(
     if let Some(plan) = settled::plan(a, &caps, &read, &state, &policy, opts) {
         return settle(a, store, state, &read, plan, opts, lease, reporter).await;
     }
-    let desired = map_snapshot(&read.snapshot, a.mapping, &caps);
-    let mut plan =
-        observation::observe_and_plan(a, &caps, &read, &desired, &state, &policy, opts).await?;
-    drop(desired);
+    let mut plan = observation::observe_and_plan(a, &caps, &read, &state, &policy, opts).await?;
     let own_notes = plan.notes.clone();
     plan.notes.splice(0..0, read.notes.iter().cloned());
     if let Some(halt) = halted {

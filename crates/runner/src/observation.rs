@@ -41,13 +41,13 @@ pub fn read_limit(state: &AgreementState) -> usize {
 }
 
 /// Observes the target (incrementally when the state's picture may be trusted, else in full) and
-/// plans `desired` (what the read's snapshot maps to). The plan records the trust a clean apply
-/// of it leaves.
+/// plans what the read's snapshot maps to: on what changed alone when the trust carries the
+/// totals of the whole tenant ([`idsync_engine::delta`]), else on the whole tenant. The plan
+/// records the trust a clean apply of it leaves.
 pub(crate) async fn observe_and_plan(
     a: &Agreement<'_>,
     caps: &Capabilities,
     read: &idsync_engine::Read,
-    desired: &Desired,
     state: &AgreementState,
     policy: &Policy,
     opts: &RunOptions,
@@ -62,15 +62,50 @@ pub(crate) async fn observe_and_plan(
         &format!("observing {}", a.describe),
         None,
     );
+    if a.target.readable()
+        && let Some((since, prev)) = trusted(state, &fingerprint, opts, now)
+        && let Some(totals) = state.trust.as_ref().and_then(|t| t.totals)
+        && let Some((mut plan, totals)) = idsync_engine::delta::plan_on_delta(
+            a.target,
+            prev,
+            &read.snapshot,
+            a.mapping,
+            state,
+            policy,
+            caps,
+            mode,
+            since,
+            read_limit(state),
+            &totals,
+        )
+        .await
+        .map_err(failed)?
+    {
+        // Faithful as `leaves_a_faithful_picture` has it: a plan on the change holds nothing
+        // back and comes from a complete read, or it would not have been made.
+        let faithful = plan.conflicts.is_empty() && plan.halt.is_none();
+        plan.trust = faithful.then_some(Trust {
+            observed_at: since,
+            fingerprint,
+            totals: Some(totals),
+        });
+        return Ok(plan);
+    }
+    let desired = &map_snapshot(&read.snapshot, a.mapping, caps);
     if !a.target.readable() {
         let (pictured, since) = sight(a, caps, state, policy, opts).await?;
         let mut plan = idsync_engine::plan(desired, &pictured, state, policy, caps, mode);
         if let Some(since) = since {
-            plan.observation = idsync_model::Observation::Incremental { read: 0, since };
+            plan.observation = idsync_model::Observation::Incremental {
+                read: 0,
+                since,
+                touched: None,
+            };
         }
         plan.trust = observe::leaves_a_faithful_picture(&plan, desired).then_some(Trust {
             observed_at: since.unwrap_or(now),
             fingerprint,
+            totals: None,
         });
         return Ok(plan);
     }
@@ -112,6 +147,7 @@ pub(crate) async fn observe_and_plan(
     plan.trust = observe::leaves_a_faithful_picture(&plan, desired).then_some(Trust {
         observed_at,
         fingerprint,
+        totals: Some(idsync_engine::delta::totals(desired, &plan)),
     });
     Ok(plan)
 }

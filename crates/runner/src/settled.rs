@@ -71,10 +71,15 @@ pub(crate) fn plan(
         notes,
         halt: None,
         summary: s.summary.clone(),
-        observation: Observation::Incremental { read: 0, since },
+        observation: Observation::Incremental {
+            read: 0,
+            since,
+            touched: Some(0),
+        },
         trust: Some(Trust {
             observed_at: since,
             fingerprint,
+            totals: state.trust.as_ref().and_then(|t| t.totals),
         }),
         approved_deletions: policy.approved_deletions,
         held_back: 0,
