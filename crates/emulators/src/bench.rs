@@ -4,6 +4,9 @@
 //! an incremental run. Each run records wall time, requests by endpoint and method, writes, and the
 //! idsync process's peak RSS. `idsync-bench` prints the table and writes JSON; the CLI's tests run
 //! the small size as a smoke test (request counts and zero writes, never a timing).
+//!
+//! To see where a run's time goes: `IDSYNC_BENCH_DEBUG=1` runs idsync with `--debug`, and
+//! `IDSYNC_BENCH_OUTPUT=DIR` keeps what each run printed as `DIR/N.log` (N counts the runs).
 
 use crate::databricks::{ACCOUNT_ID, TOKEN};
 use crate::generator::{Params, generate};
@@ -246,20 +249,19 @@ fn run_idsync(
         .spawn()?;
     let pid = child.id();
     let mut peak = 0u64;
-    // Drain the output on threads so the child never blocks on a full pipe.
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    let reader = std::thread::spawn(move || {
-        use std::io::Read;
-        let mut s = String::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.read_to_string(&mut s);
-        }
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
+    // Drain each pipe on a thread of its own, so the child never blocks on a full one (with
+    // --debug, stderr fills long before stdout ends).
+    fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut s);
+            }
+            s
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let status = loop {
         if let Some(k) = peak_rss_kib(pid) {
             peak = peak.max(k);
@@ -269,7 +271,8 @@ fn run_idsync(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let text = reader.join().unwrap_or_default();
+    let mut text = out.join().unwrap_or_default();
+    text.push_str(&err.join().unwrap_or_default());
     Ok((
         status.code().unwrap_or(-1),
         start.elapsed().as_secs_f64(),
@@ -519,7 +522,13 @@ worker_threads = {w}
         let before = with_databricks.then(|| picture(&dbx.state));
         let idsync = idsync.clone();
         let d = dir.clone();
-        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        // IDSYNC_BENCH_DEBUG=1 runs idsync with --debug (its timeline of requests and steps).
+        let debug = std::env::var_os("IDSYNC_BENCH_DEBUG").is_some();
+        let args: Vec<String> = debug
+            .then(|| "--debug".to_owned())
+            .into_iter()
+            .chain(args.iter().map(|a| (*a).to_owned()))
+            .collect();
         let (exit, seconds, rss, text) = tokio::task::spawn_blocking(move || {
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             run_idsync(&idsync, &d, &a)
@@ -529,6 +538,11 @@ worker_threads = {w}
         .map_err(io)?;
         if exit != 0 {
             return Err(format!("{name}: idsync exited {exit}:\n{text}"));
+        }
+        // IDSYNC_BENCH_OUTPUT=DIR keeps what each run printed, as DIR/N.log.
+        if let Some(out) = std::env::var_os("IDSYNC_BENCH_OUTPUT") {
+            let file = Path::new(&out).join(format!("{}.log", runs.len() + 1));
+            std::fs::write(&file, &text).map_err(io)?;
         }
         let mut requests = BTreeMap::new();
         let mut w = BTreeMap::new();

@@ -6,13 +6,18 @@
 //!
 //! The region holds:
 //! - every principal that differs between the snapshots (a group also when its members differ);
-//! - in full, with its members: every such group, and every group with such a principal among
-//!   its direct members (a member renamed, gone or back); for a target that does not nest, also
-//!   every group above those (its flattened members change) and every group below one in the
-//!   region (its members make the flattened ones);
-//! - by reference only: the other direct members of those groups, so that every membership
-//!   resolves as it does in the whole snapshot. A group referenced only keeps its members in the
-//!   target (it is cut as a group beyond the search depth is).
+//! - in full: every such group, and every group with such a principal among its direct members
+//!   (a member renamed, gone or back); for a target that does not nest, also every group above
+//!   those (its flattened members change) and every group below one in the region (its members
+//!   make the flattened ones). Of their memberships, only those that can plan to something: the
+//!   changed principals', those a changed group gained or lost, and every nested group (the
+//!   flattening follows them). A membership that is in both snapshots between principals that
+//!   did not change plans to nothing and counts alike in both, so leaving it out of both cuts
+//!   changes neither the plan nor the counts' difference. When members are yielded to the target,
+//!   groups are read with their members, and are cut with all of them;
+//! - by reference only: the nested groups of those groups, so that every membership resolves
+//!   as it does in the whole snapshot. A group referenced only keeps its members in the target
+//!   (it is cut as a group beyond the search depth is).
 //!
 //! A plan on the change equals the plan on the whole tenant (`tests/properties.rs` holds it to
 //! that). Where it could not, [`plan_on_delta`] says so and the caller plans in full: a source
@@ -107,10 +112,15 @@ fn is_full(prev: &Snapshot, next: &Snapshot, id: &str) -> bool {
     prev.groups.contains_key(id) || next.groups.contains_key(id)
 }
 
-/// Cuts both snapshots down to what differs between them (see the module's documentation).
-/// `None` when a plan on the change could not equal the whole plan: a source read that was
+/// Cuts both snapshots down to what differs between them (see the module's documentation), the
+/// groups in full with only the memberships that change (`whole`: with all of them). `None` when a plan on the change could not equal the whole plan: a source read that was
 /// incomplete.
-pub fn region(prev: &Snapshot, next: &Snapshot, caps: &Capabilities) -> Option<Region> {
+pub fn region<'a>(
+    prev: &'a Snapshot,
+    next: &'a Snapshot,
+    caps: &Capabilities,
+    whole: bool,
+) -> Option<Region> {
     if !prev.incomplete_groups.is_empty() || !next.incomplete_groups.is_empty() {
         return None;
     }
@@ -185,7 +195,50 @@ pub fn region(prev: &Snapshot, next: &Snapshot, caps: &Capabilities) -> Option<R
         }
     }
 
-    // Everything else referenced: the changed principals, and the members of groups in full.
+    // The memberships compared: those of the changed principals, and those a changed group gained
+    // or lost. A membership of neither kind is the same in both snapshots, so it plans to nothing
+    // and counts alike in both (nested groups are always kept: they carry the flattening).
+    let mut compared = touched;
+    // Nested groups a group gained or lost.
+    let mut edges: Vec<&str> = Vec::new();
+    for g in &dirty.groups {
+        let members = |s: &'a Snapshot| s.groups.get(*g).map(|g| &g.members);
+        let changed: Box<dyn Iterator<Item = &Member>> = match (members(prev), members(next)) {
+            (Some(a), Some(b)) => Box::new(a.symmetric_difference(b)),
+            (Some(x), None) | (None, Some(x)) => Box::new(x.iter()),
+            (None, None) => Box::new(std::iter::empty()),
+        };
+        for m in changed {
+            compared.insert((m.kind, m.id.as_str()));
+            if m.kind == Kind::Group {
+                edges.push(&m.id);
+            }
+        }
+    }
+    if !caps.nested_groups {
+        // A nested group gained or lost brings or takes every member below it: those
+        // memberships of the groups above change too.
+        let mut stack = edges;
+        let mut seen: BTreeSet<&str> = stack.iter().copied().collect();
+        while let Some(g) = stack.pop() {
+            for s in [prev, next] {
+                let Some(group) = s.groups.get(g) else {
+                    continue;
+                };
+                for m in &group.members {
+                    if m.kind != Kind::Group {
+                        compared.insert((m.kind, m.id.as_str()));
+                    } else if seen.insert(&m.id) {
+                        stack.push(&m.id);
+                    }
+                }
+            }
+        }
+    }
+    let keep =
+        |m: &Member| whole || m.kind == Kind::Group || compared.contains(&(m.kind, m.id.as_str()));
+
+    // Everything else referenced: the changed principals, and the members kept of groups in full.
     let mut refs: PerKind<BTreeSet<&str>> = PerKind::default();
     for kind in Kind::ALL {
         refs.get_mut(kind).extend(dirty.get(kind).iter().copied());
@@ -193,7 +246,7 @@ pub fn region(prev: &Snapshot, next: &Snapshot, caps: &Capabilities) -> Option<R
     for s in [prev, next] {
         for g in &full {
             if let Some(group) = s.groups.get(*g) {
-                for m in &group.members {
+                for m in group.members.iter().filter(|m| keep(m)) {
                     refs.get_mut(m.kind).insert(&m.id);
                 }
             }
@@ -219,7 +272,15 @@ pub fn region(prev: &Snapshot, next: &Snapshot, caps: &Capabilities) -> Option<R
                 c.edge_groups.insert(e.id.clone(), e.clone());
             } else if let Some(g) = s.groups.get(*id) {
                 if full.contains(id) {
-                    c.groups.insert(g.id.clone(), g.clone());
+                    let kept = Group {
+                        id: g.id.clone(),
+                        display_name: g.display_name.clone(),
+                        description: g.description.clone(),
+                        security_enabled: g.security_enabled,
+                        mail_enabled: g.mail_enabled,
+                        members: g.members.iter().filter(|m| keep(m)).cloned().collect(),
+                    };
+                    c.groups.insert(kept.id.clone(), kept);
                 } else {
                     // Referenced only: its members are left as the target holds them.
                     let mut e = g.clone();
@@ -364,7 +425,9 @@ pub async fn plan_on_delta(
     limit: usize,
     totals: &Totals,
 ) -> Result<Option<(Plan, Totals)>, TargetError> {
-    let Some(region) = region(prev, next, caps) else {
+    // Groups whose members are yielded to the target are read with their members: only their
+    // whole member lists compare with what is read.
+    let Some(region) = region(prev, next, caps, policy.yield_members) else {
         return Ok(None);
     };
     let before = map_snapshot(&region.prev, mapping, caps);

@@ -638,3 +638,24 @@ fn rename_chains_run_in_order_and_swaps_are_conflicts() {
         assert_eq!(PKey::new(Kind::User, "b@x").key, "b@x");
     })
 }
+
+/// Found by the property above: for a target that flattens, a nested group added to a group
+/// brings every member below it, though none of those memberships changed in the source.
+#[test]
+fn a_nested_group_added_brings_its_members_to_a_plan_on_the_change() {
+    let s1 = snap(
+        vec![user("u1", "a@x")],
+        vec![],
+        vec![
+            group("g1", "G1", &[]),
+            group("g3", "G3", &[Member::user("u1")]),
+        ],
+    );
+    let s2 = edited(&s1, &[(3, 12, 1)]);
+    assert!(s2.groups["g1"].members.contains(&Member::group("g3")));
+    let s3 = edited(&s2, &[(4, 12, 1)]);
+    let caps = flat_caps();
+    let (compared, on_delta) =
+        block(compare_rounds([s1, s2, s3], &caps, &[], &Policy::default())).unwrap();
+    assert_eq!((compared, on_delta), (2, 2));
+}
