@@ -31,7 +31,7 @@ use crate::mapping::{Mapping, map_snapshot};
 use crate::observe::plan_incrementally_within;
 use crate::plan::{Deprovision, Policy, Window};
 use idsync_model::{
-    AgreementState, Capabilities, Desired, Group, Kind, Member, PKey, PerKind, Plan, ReadMode,
+    AgreementState, Capabilities, Desired, Group, Kind, Member, Op, PKey, PerKind, Plan, ReadMode,
     Snapshot, Totals,
 };
 use std::cmp::Ordering;
@@ -451,6 +451,16 @@ pub async fn plan_on_delta(
     else {
         return Ok(None);
     };
+    // A group of both cuts planned onto another target group, new or taken over (its key
+    // changed and the target cannot rename a group, or it is gone from the target), gets every
+    // member in the whole plan, but the cut holds only those that changed.
+    let recreated = plan.ops.iter().any(|op| {
+        matches!(op, Op::Create { source, .. } | Op::Adopt { source, .. }
+            if source.kind == Kind::Group && region.prev.groups.contains_key(&source.id))
+    });
+    if recreated && !policy.yield_members {
+        return Ok(None);
+    }
     let totals = Totals {
         principals: w.principals as u64,
         kept: plan.summary.kept as u64,

@@ -387,6 +387,17 @@ pub async fn plan_incrementally_within(
     window: Option<&Window>,
 ) -> Result<Option<Plan>, TargetError> {
     let mut pic = picture_within(prev, state, caps, policy, window.map(|w| &w.tids));
+    // Within a window, a principal idsync owns outside it that a live read finds (a key taken
+    // by hand in the target) is one the window's plan cannot judge: only the whole plan knows
+    // whose it is.
+    let foreign = |live: &Partial| {
+        window.is_some_and(|w| {
+            live.principals.iter().any(|p| {
+                let kind = p.principal.kind;
+                state.owns(kind, &p.id) && !w.tids.get(kind).contains(&p.id)
+            })
+        })
+    };
     let mut asked = Interest::default();
     // A principal that left the source and is back is linked to an owned principal whose
     // attributes the picture does not know (the deprovision policy kept it as it was): read it.
@@ -421,7 +432,7 @@ pub async fn plan_incrementally_within(
         let Some(live) = target.observe_some(&first).await? else {
             return Ok(None);
         };
-        if overlay(&mut pic, &first, live, caps).is_none() {
+        if foreign(&live) || overlay(&mut pic, &first, live, caps).is_none() {
             return Ok(None);
         }
         asked.extend(first);
@@ -452,6 +463,9 @@ pub async fn plan_incrementally_within(
         let Some(live) = target.observe_some(&want).await? else {
             return Ok(None);
         };
+        if foreign(&live) {
+            return Ok(None);
+        }
         match overlay(&mut pic, &want, live, caps) {
             None => return Ok(None),
             // The target is as pictured where the plan touches it: the plan stands.
