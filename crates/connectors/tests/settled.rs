@@ -191,9 +191,16 @@ impl World {
     /// The plan the slow way makes from the same state: a copy of it at the same version
     /// without the record of the last quiet run.
     async fn slow_plan(&self, now: u64) -> Plan {
+        self.plan_from(now, |_| {}).await
+    }
+
+    /// The plan made from a copy of the state at the same version, without the record of the
+    /// last quiet run and as `edit` leaves it.
+    async fn plan_from(&self, now: u64, edit: impl FnOnce(&mut AgreementState)) -> Plan {
         let mut st = self.state().await;
         let version = st.version;
         st.settled = None;
+        edit(&mut st);
         let copy = MemoryStore::in_memory();
         for v in 0..version {
             st.version = v;
@@ -449,18 +456,12 @@ impl World {
     /// The plan made from the same state on the whole tenant: a copy of it whose trust carries
     /// no totals (as a state from an earlier build), with the record of the last quiet run gone.
     async fn whole_plan(&self, now: u64) -> Plan {
-        let mut st = self.state().await;
-        let version = st.version;
-        st.settled = None;
-        if let Some(t) = &mut st.trust {
-            t.totals = None;
-        }
-        let copy = MemoryStore::in_memory();
-        for v in 0..version {
-            st.version = v;
-            copy.commit(&st).await.unwrap();
-        }
-        self.run_on(&copy, Mode::Plan, now).await.1
+        self.plan_from(now, |st| {
+            if let Some(t) = &mut st.trust {
+                t.totals = None;
+            }
+        })
+        .await
     }
 }
 

@@ -355,7 +355,7 @@ pub fn parse_filter(s: &str) -> Result<Filter, String> {
 /// The value of a (possibly dotted, case-insensitive) attribute; multi-valued ones match any.
 /// Walks the resource by reference: a group may hold 50,000 members, and a filter of 50 terms is
 /// evaluated on every group of the account.
-fn attr_values(v: &Value, path: &str) -> Vec<String> {
+fn attr_values<'v>(v: &'v Value, path: &str) -> Vec<std::borrow::Cow<'v, str>> {
     let mut cur: Vec<&Value> = vec![v];
     for part in path.split('.') {
         let mut next = Vec::new();
@@ -380,31 +380,54 @@ fn attr_values(v: &Value, path: &str) -> Vec<String> {
             other => vec![other],
         })
         .map(|x| match x {
-            Value::String(s) => s.clone(),
-            Value::Object(o) => o
-                .get("value")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
-            other => other.to_string(),
+            Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
+            Value::Object(o) => std::borrow::Cow::Borrowed(
+                o.get("value").and_then(Value::as_str).unwrap_or_default(),
+            ),
+            other => std::borrow::Cow::Owned(other.to_string()),
         })
         .collect()
 }
 
+/// Whether two strings are equal ignoring case, without allocating (a filter of 50 terms meets
+/// every user of the account).
+fn eq_fold(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+        || (!(a.is_ascii() && b.is_ascii())
+            && a.chars()
+                .flat_map(char::to_lowercase)
+                .eq(b.chars().flat_map(char::to_lowercase)))
+}
+
 impl Filter {
+    /// `attr eq "a" or attr eq "b" ...` on one attribute (how idsync looks keys up): the attribute
+    /// and the values, lowercased, so that a list looks at each resource once, not once per term.
+    fn eq_any(&self) -> Option<(&str, BTreeSet<String>)> {
+        match self {
+            Filter::Cmp(attr, op, val) if op == "eq" => {
+                Some((attr.as_str(), BTreeSet::from([val.to_lowercase()])))
+            }
+            Filter::Or(a, b) => {
+                let (x, mut xs) = a.eq_any()?;
+                let (y, ys) = b.eq_any()?;
+                x.eq_ignore_ascii_case(y).then(|| {
+                    xs.extend(ys);
+                    (x, xs)
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Evaluates the filter on a resource (string comparisons are case-insensitive).
     pub fn matches(&self, v: &Value) -> bool {
         match self {
             Filter::Cmp(attr, op, val) => {
                 let vals = attr_values(v, attr);
-                let val = val.to_lowercase();
-                let hit = |s: &String| {
-                    let s = s.to_lowercase();
-                    match op.as_str() {
-                        "eq" | "ne" => s == val,
-                        "co" => s.contains(&val),
-                        _ => s.starts_with(&val),
-                    }
+                let hit = |s: &std::borrow::Cow<'_, str>| match op.as_str() {
+                    "eq" | "ne" => eq_fold(s, val),
+                    "co" => s.to_lowercase().contains(&val.to_lowercase()),
+                    _ => s.to_lowercase().starts_with(&val.to_lowercase()),
                 };
                 if op == "ne" {
                     !vals.iter().any(hit)
@@ -495,11 +518,17 @@ async fn list(
         .get("attributes")
         .map(|a| a.split(',').map(|s| s.trim().to_owned()).collect());
     let d = st.data();
+    let any_of = filter.as_ref().and_then(Filter::eq_any);
     let all: Vec<&Value> = d
         .get(&t)
         .map(|m| {
             m.values()
-                .filter(|v| filter.as_ref().is_none_or(|f| f.matches(v)))
+                .filter(|v| match (&any_of, &filter) {
+                    (Some((attr, values)), _) => attr_values(v, attr)
+                        .iter()
+                        .any(|s| values.contains(&s.to_lowercase())),
+                    (None, f) => f.as_ref().is_none_or(|f| f.matches(v)),
+                })
                 .collect()
         })
         .unwrap_or_default();

@@ -262,13 +262,17 @@ pub async fn apply(
         caps: &caps,
     };
 
-    for (phase, units) in phases {
-        // Renames run one at a time in plan order: each may free the key the next one takes.
-        let width = if phase == idsync_model::plan::RENAME_PHASE {
-            1
+    // Key changes run in waves: one that takes a key another frees waits for it (the plan orders
+    // them so); the others run together.
+    let batches = phases.into_iter().flat_map(|(phase, units)| {
+        if phase == idsync_model::plan::RENAME_PHASE {
+            waves(units, &caps)
         } else {
-            workers
-        };
+            vec![units]
+        }
+    });
+    for units in batches {
+        let width = workers;
         // After a stop no write starts; state-only operations (adopting what an interrupted
         // apply created, forgetting what is gone) still run, so the journal is never lost.
         if (opts.stopped() || ctx.halt()) && units.iter().all(|u| u.first.1.writes()) {
@@ -342,6 +346,44 @@ pub async fn apply(
         }
     }
     report
+}
+
+/// Splits the key changes (in plan order, which runs them safely one at a time) into waves that
+/// may each run concurrently: an operation that takes a key goes in the wave after the one that
+/// frees it (a rename away from it, or the deletion of its holder), every other in the first.
+fn waves<'a>(units: Vec<Unit<'a>>, caps: &Capabilities) -> Vec<Vec<Unit<'a>>> {
+    let mut freed: BTreeMap<(Kind, String), usize> = BTreeMap::new();
+    let mut out: Vec<Vec<Unit<'a>>> = Vec::new();
+    for unit in units {
+        let op = unit.first.1;
+        let (frees, takes) = match op {
+            Op::Update {
+                target, changes, ..
+            } => (
+                Some(&target.key),
+                changes.iter().find_map(|c| match (c.attr, &c.to) {
+                    (Attr::Key, AttrValue::Text(Some(k))) => Some(k),
+                    _ => None,
+                }),
+            ),
+            Op::Delete { target, .. } => (Some(&target.key), None),
+            _ => (None, None),
+        };
+        let kind = op.subject().0;
+        let wave = takes
+            .and_then(|k| freed.get(&(kind, caps.fold(k))))
+            .map_or(0, |w| w + 1);
+        if let Some(k) = frees {
+            let k = (kind, caps.fold(k));
+            let w = freed.get(&k).copied().unwrap_or(0).max(wave);
+            freed.insert(k, w);
+        }
+        if out.len() <= wave {
+            out.resize_with(wave + 1, Vec::new);
+        }
+        out[wave].push(unit);
+    }
+    out
 }
 
 /// What the apply runs as one task: an operation, or a group's member removals followed by its

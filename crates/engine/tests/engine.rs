@@ -1489,3 +1489,116 @@ fn edge_groups_are_created_empty_nested_and_their_members_left_alone() {
         assert!(r.report.unwrap().is_success());
     })
 }
+
+/// Key changes run together, except one that takes a key another frees, which waits for it: a
+/// tenant renamed to a new domain is not renamed one principal at a time.
+#[test]
+fn renames_run_together_unless_one_takes_a_key_another_frees() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// Records each rename's start and end, and how many ran at once.
+    struct Timed<'a> {
+        inner: &'a MemoryTarget,
+        now: AtomicUsize,
+        most: AtomicUsize,
+        log: Mutex<Vec<(String, &'static str)>>,
+    }
+    fn taken(op: &idsync_model::Op) -> Option<String> {
+        match op {
+            idsync_model::Op::Update { changes, .. } => {
+                changes.iter().find_map(|c| match (c.attr, &c.to) {
+                    (idsync_model::Attr::Key, idsync_model::AttrValue::Text(Some(k))) => {
+                        Some(k.clone())
+                    }
+                    _ => None,
+                })
+            }
+            _ => None,
+        }
+    }
+    #[async_trait::async_trait]
+    impl idsync_engine::Target for Timed<'_> {
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        async fn observe(&self) -> Result<idsync_model::Observed, idsync_engine::TargetError> {
+            self.inner.observe().await
+        }
+        async fn execute(
+            &self,
+            op: &idsync_model::Op,
+        ) -> Result<idsync_engine::Outcome, idsync_engine::TargetError> {
+            let Some(to) = taken(op) else {
+                return self.inner.execute(op).await;
+            };
+            let from = op.subject().1.to_owned();
+            self.log.lock().unwrap().push((from, "start"));
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let out = self.inner.execute(op).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            self.log.lock().unwrap().push((to, "took"));
+            out
+        }
+    }
+    block(async {
+        let t = MemoryTarget::new(Capabilities::full());
+        let mut st = AgreementState::new("t");
+        let before: Vec<_> = (1..=6)
+            .map(|i| user(&format!("u{i}"), &format!("a{i}@x")))
+            .chain([user("u7", "b@x"), user("u8", "c@x")])
+            .collect();
+        sync(
+            &snap(before, vec![], vec![]),
+            &t,
+            &mut st,
+            &Policy::default(),
+        )
+        .await;
+        // A new domain for six, and a chain: c@x moves to d@x, then b@x takes c@x.
+        let after: Vec<_> = (1..=6)
+            .map(|i| user(&format!("u{i}"), &format!("z{i}@x")))
+            .chain([user("u7", "c@x"), user("u8", "d@x")])
+            .collect();
+        let timed = Timed {
+            inner: &t,
+            now: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+            log: Mutex::new(Vec::new()),
+        };
+        let opts = idsync_runner::RunOptions {
+            workers: 8,
+            reconcile: None,
+            ..Default::default()
+        };
+        let out = idsync_runner::testing::run_seeded(
+            &timed,
+            &snap(after, vec![], vec![]),
+            &Mapping::defaults(),
+            &Policy::default(),
+            &mut st,
+            &opts,
+        )
+        .await
+        .unwrap();
+        assert!(out.report.unwrap().is_success());
+        let log = timed.log.lock().unwrap().clone();
+        assert_eq!(log.len(), 16, "{log:?}");
+        assert!(
+            timed.most.load(Ordering::SeqCst) >= 7,
+            "the renames ran one by one: {log:?}"
+        );
+        // b@x → c@x starts only once c@x was freed (renamed to d@x).
+        let freed = log.iter().position(|e| *e == ("d@x".into(), "took"));
+        let takes = log.iter().position(|e| *e == ("b@x".into(), "start"));
+        assert!(freed.unwrap() < takes.unwrap(), "{log:?}");
+        let keys: std::collections::BTreeSet<String> = t
+            .data()
+            .principals
+            .into_iter()
+            .map(|p| p.principal.key)
+            .collect();
+        assert!(keys.contains("c@x") && keys.contains("d@x") && keys.contains("z6@x"));
+    });
+}

@@ -10,7 +10,8 @@ use std::fmt;
 /// The version of the plan file format.
 pub const PLAN_FORMAT: u32 = 1;
 
-/// The phase of key changes: its operations run one at a time, in plan order.
+/// The phase of key changes: an operation that takes a key another one frees runs after it (the
+/// plan orders them so); the others run concurrently.
 pub const RENAME_PHASE: u8 = 1;
 
 /// The phase of member removals: before every addition, as removals break cycles of nested groups.
@@ -140,10 +141,10 @@ pub enum Stage {
 }
 
 impl Op {
-    /// The order in which operations run: adopt and forget, renames (one at a time, in the plan's
-    /// order, so a rename that frees a key runs before the one that takes it), other updates,
-    /// creates, policies, member removals (they break cycles), member additions, deactivations,
-    /// deletions.
+    /// The order in which operations run: adopt and forget, renames (a rename that frees a key
+    /// runs before the one that takes it, as the plan orders them; the others together), other
+    /// updates, creates, policies, member removals (they break cycles), member additions,
+    /// deactivations, deletions.
     pub fn phase(&self) -> u8 {
         match self {
             Op::Adopt { .. } | Op::Forget { .. } => 0,
