@@ -22,8 +22,9 @@
 //! A plan on the change equals the plan on the whole tenant (`tests/properties.rs` holds it to
 //! that). Where it could not, [`plan_on_delta`] says so and the caller plans in full: a source
 //! read that was incomplete, a principal held back (a template that fails, two principals on one
-//! key), a key the change takes that a principal idsync owns outside the region holds, or no
-//! totals recorded (a state from an earlier build).
+//! key), a key the change takes that a principal idsync owns outside the region holds (or that a
+//! live read finds on one), a group of both snapshots planned onto another target group (the
+//! whole plan adds every member), or no totals recorded (a state from an earlier build).
 
 use crate::apply::{Target, TargetError};
 use crate::fnv::FnvSet;
@@ -44,16 +45,6 @@ pub struct Region {
     pub prev: Snapshot,
     /// The new snapshot's cut.
     pub next: Snapshot,
-}
-
-impl Region {
-    /// Nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.prev.is_empty()
-            && self.next.is_empty()
-            && self.prev.edge_groups.is_empty()
-            && self.next.edge_groups.is_empty()
-    }
 }
 
 /// Adds to `out` the ids whose entries differ between `a` and `b` (present in one only, or not
@@ -113,8 +104,8 @@ fn is_full(prev: &Snapshot, next: &Snapshot, id: &str) -> bool {
 }
 
 /// Cuts both snapshots down to what differs between them (see the module's documentation), the
-/// groups in full with only the memberships that change (`whole`: with all of them). `None` when a plan on the change could not equal the whole plan: a source read that was
-/// incomplete.
+/// groups in full with only the memberships that change (`whole`: with all of them). `None` when
+/// a plan on the change could not equal the whole plan: a source read that was incomplete.
 pub fn region<'a>(
     prev: &'a Snapshot,
     next: &'a Snapshot,

@@ -228,12 +228,7 @@ pub fn picture_within(
     }
     let deactivated = policy.deprovision == Deprovision::Deactivate && caps.deactivate;
     for kind in Kind::ALL {
-        let all = state.owned.get(kind);
-        let within: Box<dyn Iterator<Item = (&String, &idsync_model::Owned)>> = match tids {
-            Some(t) => Box::new(t.get(kind).iter().filter_map(|t| all.get_key_value(t))),
-            None => Box::new(all.iter()),
-        };
-        for (tid, owned) in within {
+        for (tid, owned) in crate::plan::owned_within(state, kind, tids) {
             if o.get(kind, tid).is_none() {
                 let mut p = Principal::new(kind, owned.key.clone());
                 p.active = !(deactivated && kind != Kind::Group);

@@ -122,6 +122,19 @@ pub struct Window {
     pub missing: usize,
 }
 
+/// The principals of `kind` idsync owns, in id order: all of them, or those in `tids` (a window).
+pub(crate) fn owned_within<'a>(
+    state: &'a AgreementState,
+    kind: Kind,
+    tids: Option<&'a PerKind<BTreeSet<String>>>,
+) -> Box<dyn Iterator<Item = (&'a String, &'a idsync_model::Owned)> + 'a> {
+    let all = state.owned.get(kind);
+    match tids {
+        Some(t) => Box::new(t.get(kind).iter().filter_map(|t| all.get_key_value(t))),
+        None => Box::new(all.iter()),
+    }
+}
+
 /// Reverse lookups needed only when some principal did not resolve through its link.
 struct KeyIndex<'a> {
     /// Owned target id → the source id it was made for, per kind.
@@ -929,18 +942,8 @@ impl Ctx<'_> {
         let mut partial_kept = 0;
         let window = self.window;
         for kind in Kind::ALL {
-            let owned_here = self.state.owned.get(kind);
             // In a window, only the principals the change touches (in the same order).
-            let within: Box<dyn Iterator<Item = (&String, &idsync_model::Owned)>> = match window {
-                Some(w) => Box::new(
-                    w.tids
-                        .get(kind)
-                        .iter()
-                        .filter_map(|t| owned_here.get_key_value(t.as_str())),
-                ),
-                None => Box::new(owned_here.iter()),
-            };
-            for (tid, owned) in within {
+            for (tid, owned) in owned_within(self.state, kind, window.map(|w| &w.tids)) {
                 if claimed.contains(&(kind, tid.as_str())) {
                     continue;
                 }
