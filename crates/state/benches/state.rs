@@ -1,8 +1,9 @@
 //! State at issue #6's scale: 100k users, 2k service principals, 10k groups, 1M memberships (the
 //! emulators' large tenant as the last-applied snapshot, and an id map and owned set for every
 //! principal). Measures encode + save and load + decode through the local store (the time, and the
-//! memory each step adds at its peak), and the stored
-//! size. `cargo bench -p idsync-state --bench state`.
+//! memory each step adds at its peak), and the stored size, for three commits: the first (a
+//! base), one that changes no principal (the head alone) and one that changes 100 users (a
+//! delta). `cargo bench -p idsync-state --bench state`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use idsync_model::{AgreementState, Kind, Owned, Ownership};
@@ -44,7 +45,18 @@ fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
+    // The first round writes a base; the second commits the same principals (the journal of an
+    // apply, a run with no change: the head alone); the third changes 100 users (a delta).
     for round in 1..=3 {
+        if round == 3 {
+            let snap = std::sync::Arc::make_mut(st.last_applied.as_mut().unwrap());
+            let ids: Vec<String> = snap.users.keys().take(100).cloned().collect();
+            for id in ids {
+                let u = snap.users.get_mut(&id).unwrap();
+                u.display_name.push_str(" (renamed)");
+                st.links.users.insert(id, "renamed".into());
+            }
+        }
         let base = reset_peak();
         let t = Instant::now();
         st.version = rt.block_on(store.commit(&st)).unwrap();
@@ -57,9 +69,7 @@ fn main() {
         let load_peak = kib("VmHWM:") - base;
         assert_eq!(back.version, st.version);
         drop(back);
-        let size = std::fs::metadata(dir.path().join("bench.state"))
-            .unwrap()
-            .len();
+        let size = stored(dir.path());
         println!(
             "round {round}: {} memberships; save {:.2} s (peak +{} MiB), load {:.2} s (peak +{} MiB), stored {:.1} MB",
             memberships,
@@ -70,6 +80,16 @@ fn main() {
             size as f64 / 1e6
         );
     }
+}
+
+/// The bytes of every object in the folder: the head and its layers.
+fn stored(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// A field of /proc/self/status, in KiB (0 where there is none).

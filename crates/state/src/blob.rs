@@ -1,15 +1,21 @@
 //! The state rules, written once over any storage with conditional writes.
 //!
-//! Per agreement, two objects: `<agreement>.state` (the document, see [`crate::codec`]) and
-//! `<agreement>.lease` (JSON: holder, token, expiry). Every write is conditional on what was read —
-//! "only if it is still absent" or "only if it is still this version" — so of two runs racing,
-//! exactly one wins and the other learns it: a commit conflict, or a lease held.
+//! Per agreement: `<agreement>.state` (the head, see [`crate::codec`]), the layer objects it
+//! names (`<agreement>.state-<version>-<nonce>.base` and `.delta`, see [`crate::layers`]) and
+//! `<agreement>.lease` (JSON: holder, token, expiry). Every write of the head and the lease is
+//! conditional on what was read — "only if it is still absent" or "only if it is still this
+//! version" — so of two runs racing, exactly one wins and the other learns it: a commit
+//! conflict, or a lease held. Layers are written once, under names unique to their writer, before
+//! the head that names them.
 
-use crate::codec;
+use crate::codec::{self, Stored};
+use crate::layers::{self, Content, LayerKind, LayerRef};
 use crate::{Lease, StateError, StateStore, check_name};
 use async_trait::async_trait;
 use idsync_model::AgreementState;
 use idsync_model::state::STATE_FORMAT;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// An opaque version of a stored object: an ETag, a generation, a content hash.
@@ -60,9 +66,36 @@ pub trait Blobs: Send + Sync {
 }
 
 /// The state rules over a [`Blobs`] backend.
-#[derive(Debug)]
 pub struct BlobStore<B> {
     blobs: B,
+    /// Per agreement, what the layers of the version this store last loaded or committed hold:
+    /// what the next commit compares the state with, to write what changed.
+    memo: Mutex<HashMap<String, Memo>>,
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for BlobStore<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("blobs", &self.blobs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The big fields of an agreement's stored version `version`, which `layers` hold.
+struct Memo {
+    version: u64,
+    layers: Vec<LayerRef>,
+    content: Content,
+}
+
+/// What a commit writes besides the head.
+struct Written {
+    /// The layers the new head names.
+    layers: Vec<LayerRef>,
+    /// The new layer object, if any: its key and bytes.
+    object: Option<(String, Vec<u8>)>,
+    /// What the new layers hold.
+    content: Content,
 }
 
 fn now() -> u64 {
@@ -104,7 +137,169 @@ fn lease_key(agreement: &str) -> String {
 impl<B: Blobs> BlobStore<B> {
     /// The rules over `blobs`.
     pub fn new(blobs: B) -> Self {
-        BlobStore { blobs }
+        BlobStore {
+            blobs,
+            memo: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn memos(&self) -> std::sync::MutexGuard<'_, HashMap<String, Memo>> {
+        // A panic while the lock was held leaves a map of whole entries: each is replaced at once.
+        self.memo
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets what this store remembers of the layers it loaded and committed, as a new
+    /// process would start (the next commit of each agreement writes a new base).
+    pub fn forget(&self) {
+        self.memos().clear();
+    }
+
+    /// The layers of `agreement` a head of `version` names, read and applied in order; `Ok(Err(key))`
+    /// when one is missing (removed by a commit since the head was read).
+    async fn read_layers(
+        &self,
+        agreement: &str,
+        version: u64,
+        refs: &[LayerRef],
+        head: &str,
+    ) -> Result<Result<Content, String>, StateError> {
+        let mut content: Option<Content> = None;
+        for (i, r) in refs.iter().enumerate() {
+            let expected = if i == 0 {
+                LayerKind::Base
+            } else {
+                LayerKind::Delta
+            };
+            if r.kind != expected
+                || layers::layer_of(agreement, &r.key).map(|(_, k)| k) != Some(expected)
+            {
+                return Err(codec::corrupt(
+                    head,
+                    format!(
+                        "layer {} of the head is {:?}, not a {expected:?} layer of this agreement",
+                        i + 1,
+                        r.key
+                    ),
+                ));
+            }
+            let location = self.blobs.location(&r.key);
+            let Some((bytes, _)) = self.blobs.get(&r.key).await? else {
+                return Ok(Err(r.key.clone()));
+            };
+            match content.as_mut() {
+                None => {
+                    content = Some(layers::decode_base(&bytes, agreement, version, &location)?);
+                }
+                Some(c) => layers::apply(
+                    c,
+                    layers::decode_delta(&bytes, agreement, version, &location)?,
+                ),
+            }
+        }
+        match content {
+            Some(c) => Ok(Ok(c)),
+            None => Err(codec::corrupt(head, "a head that names no layers".into())),
+        }
+    }
+
+    /// What a commit of `state` as `version` writes besides the head, given the layers stored
+    /// now (`None`: a whole document, or nothing) and what this store remembers of them.
+    fn layers_for(
+        &self,
+        state: &AgreementState,
+        version: u64,
+        stored: Option<&Vec<LayerRef>>,
+        memo: Option<Memo>,
+    ) -> Result<Written, StateError> {
+        let a = &state.agreement;
+        let new_base = || -> Result<Written, StateError> {
+            let key = layers::layer_key(a, version, LayerKind::Base);
+            let bytes = layers::encode_base(state, version, &self.blobs.location(&key))?;
+            Ok(Written {
+                layers: vec![LayerRef {
+                    key: key.clone(),
+                    kind: LayerKind::Base,
+                    bytes: bytes.len() as u64,
+                }],
+                object: Some((key, bytes)),
+                content: Content::of(state),
+            })
+        };
+        // What this store remembers is of no use unless it is of the layers stored now.
+        let Some(mut m) = memo.filter(|m| Some(&m.layers) == stored) else {
+            return new_base();
+        };
+        let delta = layers::diff(&m.content, state);
+        if delta.is_empty() {
+            m.content.snapshot.clone_from(&state.last_applied);
+            return Ok(Written {
+                layers: m.layers,
+                object: None,
+                content: m.content,
+            });
+        }
+        let key = layers::layer_key(a, version, LayerKind::Delta);
+        let bytes = layers::encode_delta(a, version, &delta, &self.blobs.location(&key))?;
+        if layers::compact(&m.layers, bytes.len() as u64) {
+            // The copy a new base would make of the maps is made by applying the delta instead.
+            let key = layers::layer_key(a, version, LayerKind::Base);
+            let bytes = layers::encode_base(state, version, &self.blobs.location(&key))?;
+            layers::apply_maps(&mut m.content, delta);
+            m.content.snapshot.clone_from(&state.last_applied);
+            return Ok(Written {
+                layers: vec![LayerRef {
+                    key: key.clone(),
+                    kind: LayerKind::Base,
+                    bytes: bytes.len() as u64,
+                }],
+                object: Some((key, bytes)),
+                content: m.content,
+            });
+        }
+        layers::apply_maps(&mut m.content, delta);
+        m.content.snapshot.clone_from(&state.last_applied);
+        m.layers.push(LayerRef {
+            key: key.clone(),
+            kind: LayerKind::Delta,
+            bytes: bytes.len() as u64,
+        });
+        Ok(Written {
+            layers: m.layers,
+            object: Some((key, bytes)),
+            content: m.content,
+        })
+    }
+
+    /// Removes the layers of `agreement` no head names any more: those of the head a commit
+    /// replaced, and (after a new base) any left by a run that stopped between writing a layer
+    /// and its head, written at `read` or before (a run that read an older head can no longer
+    /// commit). Failures are logged: what is left is removed by a later commit.
+    async fn sweep(&self, agreement: &str, read: u64, old: &[LayerRef], kept: &[LayerRef]) {
+        let mut doomed: Vec<String> = old
+            .iter()
+            .filter(|l| !kept.contains(l))
+            .map(|l| l.key.clone())
+            .collect();
+        if kept.len() == 1 && old.first() != kept.first() {
+            match self.blobs.list().await {
+                Ok(keys) => doomed.extend(keys.into_iter().filter(|k| {
+                    layers::layer_of(agreement, k).is_some_and(|(v, _)| v <= read)
+                        && !kept.iter().any(|l| &l.key == k)
+                })),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not list the state's objects to remove stray layers")
+                }
+            }
+        }
+        doomed.sort();
+        doomed.dedup();
+        for key in doomed {
+            if let Err(e) = self.blobs.delete(&key).await {
+                tracing::warn!(error = %e, key = %key, "could not remove a layer the state no longer names");
+            }
+        }
     }
 
     /// The backend.
@@ -112,23 +307,69 @@ impl<B: Blobs> BlobStore<B> {
         &self.blobs
     }
 
-    async fn read_state(
-        &self,
-        agreement: &str,
-    ) -> Result<Option<(AgreementState, Tag)>, StateError> {
+    async fn read_state(&self, agreement: &str) -> Result<Option<AgreementState>, StateError> {
         let key = state_key(agreement);
-        match self.blobs.get(&key).await? {
-            None => Ok(None),
-            Some((bytes, tag)) => {
-                let st = codec::decode(&bytes, &self.blobs.location(&key))?;
-                if st.agreement != agreement {
-                    return Err(StateError::WrongAgreement {
-                        path: self.blobs.location(&key),
-                        agreement: agreement.to_owned(),
-                        holds: st.agreement,
-                    });
+        let location = self.blobs.location(&key);
+        let wrong = |holds: String| StateError::WrongAgreement {
+            path: location.clone(),
+            agreement: agreement.to_owned(),
+            holds,
+        };
+        let mut tries = 0;
+        loop {
+            let Some((bytes, tag)) = self.blobs.get(&key).await? else {
+                return Ok(None);
+            };
+            let (mut st, refs) = match codec::decode_stored(&bytes, &location)? {
+                Stored::Whole(st) => {
+                    if st.agreement != agreement {
+                        return Err(wrong(st.agreement));
+                    }
+                    self.memos().remove(agreement);
+                    return Ok(Some(st));
                 }
-                Ok(Some((st, tag)))
+                Stored::Head { state, layers } => (state, layers),
+            };
+            if st.agreement != agreement {
+                return Err(wrong(st.agreement));
+            }
+            match self
+                .read_layers(agreement, st.version, &refs, &location)
+                .await?
+            {
+                Ok(content) => {
+                    st.links.clone_from(&content.links);
+                    st.owned.clone_from(&content.owned);
+                    st.last_applied.clone_from(&content.snapshot);
+                    self.memos().insert(
+                        agreement.to_owned(),
+                        Memo {
+                            version: st.version,
+                            layers: refs,
+                            content,
+                        },
+                    );
+                    return Ok(Some(st));
+                }
+                Err(missing) => {
+                    // A commit since the head was read may have replaced it and removed its
+                    // layers: read the new head. The same head naming a missing layer is damage.
+                    tries += 1;
+                    let moved = self
+                        .blobs
+                        .get(&key)
+                        .await?
+                        .is_some_and(|(_, now)| now != tag);
+                    if !moved || tries >= 5 {
+                        return Err(codec::corrupt(
+                            &location,
+                            format!(
+                                "it names the layer {}, which is missing",
+                                self.blobs.location(&missing)
+                            ),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -154,40 +395,73 @@ impl<B: Blobs> BlobStore<B> {
 impl<B: Blobs> StateStore for BlobStore<B> {
     async fn load(&self, agreement: &str) -> Result<Option<AgreementState>, StateError> {
         check_name(agreement)?;
-        Ok(self.read_state(agreement).await?.map(|(s, _)| s))
+        self.read_state(agreement).await
     }
 
     async fn commit(&self, state: &AgreementState) -> Result<u64, StateError> {
         check_name(&state.agreement)?;
-        let key = state_key(&state.agreement);
+        let a = &state.agreement;
+        let key = state_key(a);
+        let location = self.blobs.location(&key);
         // Reading first also means a corrupted document is reported, never overwritten.
         let current = match self.blobs.get(&key).await? {
             None => None,
-            Some((bytes, tag)) => Some((
-                codec::decode_version(&bytes, &self.blobs.location(&key))?,
-                tag,
-            )),
+            Some((bytes, tag)) => Some((codec::decode_head(&bytes, &location)?, tag)),
         };
-        let found = current.as_ref().map_or(0, |(v, _)| *v);
+        let found = current.as_ref().map_or(0, |((v, _), _)| *v);
         if found != state.version {
             return Err(StateError::Conflict {
-                agreement: state.agreement.clone(),
+                agreement: a.clone(),
                 expected: state.version,
                 found,
             });
         }
-        let mut next = state.clone();
-        next.version = found + 1;
-        next.format = STATE_FORMAT;
-        let bytes = codec::encode(&next, &self.blobs.location(&key))?;
-        let cond = current.map_or(Cond::Absent, |(_, tag)| Cond::Match(tag));
-        if self.blobs.put(&key, bytes, cond).await? {
-            return Ok(next.version);
+        let version = found + 1;
+        let stored = current.as_ref().and_then(|((_, l), _)| l.as_ref());
+        // Taken out while the commit runs: put back only once the head names what it describes.
+        let memo = self
+            .memos()
+            .remove(a)
+            .filter(|m| m.version == found && current.is_some());
+        let written = self.layers_for(state, version, stored, memo)?;
+        if let Some((k, bytes)) = &written.object
+            && !self.blobs.put(k, bytes.clone(), Cond::Absent).await?
+        {
+            return Err(StateError::Backend {
+                action: "write",
+                location: self.blobs.location(k),
+                detail: "a new layer's name is taken (two writers drew the same nonce); run again"
+                    .into(),
+            });
         }
-        // Another run committed between our read and our write.
+        debug_assert_eq!(STATE_FORMAT, 1);
+        let head = codec::encode_head(state, version, &written.layers, &location)?;
+        let cond = current
+            .as_ref()
+            .map_or(Cond::Absent, |(_, tag)| Cond::Match(tag.clone()));
+        if self.blobs.put(&key, head, cond).await? {
+            if let Some(old) = stored {
+                self.sweep(a, found, old, &written.layers).await;
+            }
+            self.memos().insert(
+                a.clone(),
+                Memo {
+                    version,
+                    layers: written.layers,
+                    content: written.content,
+                },
+            );
+            return Ok(version);
+        }
+        // Another run committed between our read and our write: the layer is nobody's.
+        if let Some((k, _)) = &written.object
+            && let Err(e) = self.blobs.delete(k).await
+        {
+            tracing::warn!(error = %e, key = %k, "could not remove the layer of a commit that lost");
+        }
         let found = match self.blobs.get(&key).await? {
             None => 0,
-            Some((bytes, _)) => codec::decode_version(&bytes, &self.blobs.location(&key))?,
+            Some((bytes, _)) => codec::decode_version(&bytes, &location)?,
         };
         Err(StateError::Conflict {
             agreement: state.agreement.clone(),
@@ -313,7 +587,15 @@ impl<B: Blobs> StateStore for BlobStore<B> {
 
     async fn delete(&self, agreement: &str) -> Result<(), StateError> {
         check_name(agreement)?;
-        self.blobs.delete(&state_key(agreement)).await
+        // The head first: a reader never finds a head whose layers are gone for good.
+        self.blobs.delete(&state_key(agreement)).await?;
+        self.memos().remove(agreement);
+        for key in self.blobs.list().await? {
+            if layers::layer_of(agreement, &key).is_some() {
+                self.blobs.delete(&key).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn append_changes(

@@ -33,9 +33,19 @@ fn nonce() -> String {
     format!("idsync {} {t:x} {n:x}", std::process::id())
 }
 
-/// The stored bytes of `state`: its JSON, gzip-compressed. The JSON is compressed as it is
-/// written, never held whole (at 100k users it is ten times the stored size).
+/// The stored bytes of `state` as one whole document: its JSON, gzip-compressed. The JSON is
+/// compressed as it is written, never held whole (at 100k users it is ten times the stored size).
+/// The store itself keeps a state in layers (see [`crate::layers`]); a whole document is what
+/// `idsync state export` and `import` exchange, and what builds before the layers stored.
 pub fn encode(state: &AgreementState, location: &str) -> Result<Vec<u8>, StateError> {
+    to_gzip(state, location)
+}
+
+/// `value` as gzip-compressed JSON, compressed as it is written.
+pub(crate) fn to_gzip<T: serde::Serialize + ?Sized>(
+    value: &T,
+    location: &str,
+) -> Result<Vec<u8>, StateError> {
     // Level 3: within a few percent of the best size for this JSON, several times faster. The
     // gzip header's comment holds a nonce, so that no two commits store the same bytes (a writer
     // told its conditional write conflicted checks whether the stored bytes are its own).
@@ -43,7 +53,7 @@ pub fn encode(state: &AgreementState, location: &str) -> Result<Vec<u8>, StateEr
         .comment(nonce())
         .write(Vec::new(), Compression::new(3));
     let mut w = std::io::BufWriter::with_capacity(1 << 16, &mut gz);
-    serde_json::to_writer(&mut w, state)
+    serde_json::to_writer(&mut w, value)
         .map_err(|e| corrupt(location, format!("cannot encode: {e}")))?;
     w.flush()
         .map_err(|e| corrupt(location, format!("cannot compress: {e}")))?;
@@ -52,7 +62,26 @@ pub fn encode(state: &AgreementState, location: &str) -> Result<Vec<u8>, StateEr
         .map_err(|e| corrupt(location, format!("cannot compress: {e}")))
 }
 
-fn corrupt(location: &str, detail: String) -> StateError {
+/// A value read from gzip-compressed (or plain) JSON as it inflates; what is wrong said as
+/// [`decode`] says it.
+pub(crate) fn from_gzip<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    location: &str,
+) -> Result<T, StateError> {
+    if !bytes.starts_with(&GZIP) {
+        return serde_json::from_slice(bytes).map_err(|e| corrupt(location, e.to_string()));
+    }
+    let inflated = std::io::BufReader::with_capacity(1 << 16, GzDecoder::new(bytes));
+    serde_json::from_reader(inflated).map_err(|e| {
+        let mut buf = Vec::new();
+        match json_of(bytes, location, &mut buf) {
+            Err(first) => first,
+            Ok(_) => corrupt(location, e.to_string()),
+        }
+    })
+}
+
+pub(crate) fn corrupt(location: &str, detail: String) -> StateError {
     StateError::Corrupt {
         path: location.to_owned(),
         detail,
@@ -86,14 +115,31 @@ fn check_head(json: &[u8], location: &str) -> Result<Head, StateError> {
     // Fields other than these two are skipped, not built: cheap even for a large document, and
     // the whole text is still checked to be well-formed JSON.
     let head: Head = serde_json::from_slice(json).map_err(|e| corrupt(location, e.to_string()))?;
-    if head.format > STATE_FORMAT {
+    check_format(head.format, location)?;
+    Ok(head)
+}
+
+/// A format this build reads, or [`StateError::NewerFormat`].
+fn check_format(format: u32, location: &str) -> Result<(), StateError> {
+    if format > HEAD_FORMAT {
         return Err(StateError::NewerFormat {
             path: location.to_owned(),
-            found: head.format,
-            supported: STATE_FORMAT,
+            found: format,
+            supported: HEAD_FORMAT,
         });
     }
-    Ok(head)
+    Ok(())
+}
+
+/// The error for a head given where a whole document was expected (`idsync state import` of a
+/// file copied out of the store).
+fn a_head(location: &str) -> StateError {
+    corrupt(
+        location,
+        "this is the head of a stored state, whose principals are kept in separate layer objects \
+         beside it; `idsync state export` writes the whole document"
+            .into(),
+    )
 }
 
 /// Decodes a stored document (gzip or plain JSON), refusing newer formats and reporting a
@@ -101,16 +147,19 @@ fn check_head(json: &[u8], location: &str) -> Result<Head, StateError> {
 /// held whole as text.
 pub fn decode(bytes: &[u8], location: &str) -> Result<AgreementState, StateError> {
     if !bytes.starts_with(&GZIP) {
-        check_head(bytes, location)?;
+        if check_head(bytes, location)?.format == HEAD_FORMAT {
+            return Err(a_head(location));
+        }
         return serde_json::from_slice(bytes).map_err(|e| corrupt(location, e.to_string()));
     }
     let inflated = std::io::BufReader::with_capacity(1 << 16, GzDecoder::new(bytes));
     match serde_json::from_reader::<_, AgreementState>(inflated) {
         Ok(state) if state.format <= STATE_FORMAT => Ok(state),
+        Ok(state) if state.format == HEAD_FORMAT => Err(a_head(location)),
         Ok(state) => Err(StateError::NewerFormat {
             path: location.to_owned(),
             found: state.format,
-            supported: STATE_FORMAT,
+            supported: HEAD_FORMAT,
         }),
         Err(e) => Err(why(bytes, location, e)),
     }
@@ -134,13 +183,161 @@ pub fn decode_version(bytes: &[u8], location: &str) -> Result<u64, StateError> {
     }
     let inflated = std::io::BufReader::with_capacity(1 << 16, GzDecoder::new(bytes));
     match serde_json::from_reader::<_, Head>(inflated) {
-        Ok(head) if head.format <= STATE_FORMAT => Ok(head.version),
-        Ok(head) => Err(StateError::NewerFormat {
-            path: location.to_owned(),
-            found: head.format,
-            supported: STATE_FORMAT,
-        }),
+        Ok(head) => {
+            check_format(head.format, location)?;
+            Ok(head.version)
+        }
         Err(e) => Err(why(bytes, location, e)),
+    }
+}
+
+/// The format of a stored head: the agreement's small fields in the document itself, its id
+/// map, owned set and last applied snapshot in the layer objects it names
+/// ([`crate::layers`]). A whole document (format [`STATE_FORMAT`], as builds before the layers
+/// stored it) is read as well, and replaced by a head at its next commit; a build that knows only
+/// whole documents refuses a head as newer, never overwrites it.
+pub const HEAD_FORMAT: u32 = 2;
+
+/// What the document under `<agreement>.state` is.
+#[derive(Debug)]
+pub(crate) enum Stored {
+    /// A whole document (format 1): everything in it.
+    Whole(AgreementState),
+    /// A head: the state's small fields, and the layers that hold the rest.
+    Head {
+        /// The state, its id map, owned set and last applied snapshot left empty.
+        state: AgreementState,
+        /// The layers, the base first.
+        layers: Vec<crate::layers::LayerRef>,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct HeadOut<'a> {
+    format: u32,
+    agreement: &'a str,
+    version: u64,
+    layers: &'a [crate::layers::LayerRef],
+    state: &'a AgreementState,
+}
+
+#[derive(Deserialize)]
+struct HeadIn {
+    version: u64,
+    layers: Vec<crate::layers::LayerRef>,
+    state: AgreementState,
+}
+
+#[derive(Deserialize)]
+struct HeadLayers {
+    format: u32,
+    #[serde(default)]
+    version: u64,
+    #[serde(default)]
+    layers: Option<Vec<crate::layers::LayerRef>>,
+}
+
+/// The stored head of `state` at `version`: every field but the id map, the owned set and the
+/// last applied snapshot, which `layers` hold.
+pub(crate) fn encode_head(
+    state: &AgreementState,
+    version: u64,
+    layers: &[crate::layers::LayerRef],
+    location: &str,
+) -> Result<Vec<u8>, StateError> {
+    // Every field named, none by `..`: a field added to the state is a compile error here until
+    // it is decided whether it belongs in the head (small, rewritten at every commit) or a layer.
+    let AgreementState {
+        format: _,
+        agreement,
+        version: _,
+        status,
+        links: _,
+        owned: _,
+        last_applied: _,
+        cursors,
+        journal,
+        failing,
+        halted,
+        trust,
+        target_cursor,
+        cursors_at,
+        settled,
+    } = state;
+    let small = AgreementState {
+        format: STATE_FORMAT,
+        agreement: agreement.clone(),
+        version,
+        status: *status,
+        links: Default::default(),
+        owned: Default::default(),
+        last_applied: None,
+        cursors: cursors.clone(),
+        journal: journal.clone(),
+        failing: failing.clone(),
+        halted: halted.clone(),
+        trust: trust.clone(),
+        target_cursor: target_cursor.clone(),
+        cursors_at: *cursors_at,
+        settled: settled.clone(),
+    };
+    to_gzip(
+        &HeadOut {
+            format: HEAD_FORMAT,
+            agreement,
+            version,
+            layers,
+            state: &small,
+        },
+        location,
+    )
+}
+
+/// Reads the document under `<agreement>.state`: a head or a whole document.
+pub(crate) fn decode_stored(bytes: &[u8], location: &str) -> Result<Stored, StateError> {
+    let head = decode_head(bytes, location)?;
+    if head.1.is_none() {
+        return decode(bytes, location).map(Stored::Whole);
+    }
+    let h: HeadIn = from_gzip(bytes, location)?;
+    if h.state.version != h.version {
+        return Err(corrupt(
+            location,
+            format!(
+                "the head says version {} and its state version {}",
+                h.version, h.state.version
+            ),
+        ));
+    }
+    Ok(Stored::Head {
+        state: h.state,
+        layers: h.layers,
+    })
+}
+
+/// The version of the document under `<agreement>.state` and, for a head, its layers (`None`
+/// for a whole document), without building the rest: what a commit needs before replacing it.
+pub(crate) fn decode_head(
+    bytes: &[u8],
+    location: &str,
+) -> Result<(u64, Option<Vec<crate::layers::LayerRef>>), StateError> {
+    let h: HeadLayers = from_gzip(bytes, location).map_err(|e| match e {
+        // Say what a document of a newer format is before how it failed to read.
+        StateError::Corrupt { .. } => match decode_version(bytes, location) {
+            Err(newer @ StateError::NewerFormat { .. }) => newer,
+            _ => e,
+        },
+        e => e,
+    })?;
+    check_format(h.format, location)?;
+    match (h.format == HEAD_FORMAT, h.layers) {
+        (true, Some(layers)) if !layers.is_empty() => Ok((h.version, Some(layers))),
+        (true, _) => Err(corrupt(location, "a head that names no layers".into())),
+        (false, Some(_)) => Err(corrupt(
+            location,
+            format!("a document of format {} that names layers", h.format),
+        )),
+        (false, None) => Ok((h.version, None)),
     }
 }
 

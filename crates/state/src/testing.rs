@@ -1,7 +1,8 @@
 //! The conformance suite every state backend runs (the local folder in unit tests; S3, Azure Blob
 //! and GCS against real or emulated servers in `tests/`): round trip, compare-and-swap with
 //! concurrent writers, leases (exclusive, renewed, expired and taken over, released late),
-//! corrupted and newer documents refused and kept, the change log's objects.
+//! corrupted and newer documents refused and kept, the change log's objects, the state's layers
+//! (a commit writes what changed; missing layers refused) and the move from whole documents.
 
 use crate::blob::{BlobStore, Blobs, Cond};
 use crate::{StateError, StateStore};
@@ -19,6 +20,8 @@ pub async fn run<B: Blobs>(store: &BlobStore<B>, prefix: &str) -> Result<(), Str
     compare_and_swap(store, &format!("{prefix}-cas")).await?;
     leases(store, &format!("{prefix}-lease")).await?;
     corrupted(store, &format!("{prefix}-bad")).await?;
+    layered(store, &format!("{prefix}-layers")).await?;
+    migrated(store, &format!("{prefix}-old")).await?;
     change_log(store, &format!("{prefix}-log")).await?;
     Ok(())
 }
@@ -315,4 +318,214 @@ async fn corrupted<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
     }
     s.delete(a).await.map_err(e)?;
     s.delete(&other).await.map_err(e)
+}
+
+/// The layer objects of agreement `a` in the store.
+async fn layer_keys<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<Vec<String>, String> {
+    let mut keys: Vec<String> = s
+        .blobs()
+        .list()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|k| crate::layers::layer_of(a, k).is_some())
+        .collect();
+    keys.sort();
+    Ok(keys)
+}
+
+/// A state with an id map, owned principals and a last applied snapshot of `n` users and a group.
+fn big_state(a: &str, n: usize) -> AgreementState {
+    use idsync_model::source::{Group, Member, Snapshot, User};
+    use idsync_model::state::{Owned, Ownership};
+    let mut st = AgreementState::new(a);
+    let mut snap = Snapshot::default();
+    let mut members = std::collections::BTreeSet::new();
+    for i in 0..n {
+        let id = format!("u-{i:04}");
+        snap.users.insert(
+            id.clone(),
+            User {
+                id: id.clone(),
+                user_name: format!("user{i}@example.com"),
+                display_name: format!("User \"{i}\" Ünïcode"),
+                emails: vec![],
+                active: true,
+                user_type: Default::default(),
+                external_id: None,
+                attributes: Default::default(),
+            },
+        );
+        members.insert(Member::user(id.as_str()));
+        st.links.users.insert(id.clone(), format!("t-{i}"));
+        st.owned.users.insert(
+            format!("t-{i}"),
+            Owned {
+                key: format!("user{i}@example.com"),
+                how: Ownership::Created,
+                source: None,
+            },
+        );
+    }
+    snap.groups.insert(
+        "g-1".into(),
+        Group {
+            id: "g-1".into(),
+            display_name: "Everyone".into(),
+            description: None,
+            security_enabled: true,
+            mail_enabled: false,
+            members,
+        },
+    );
+    st.last_applied = Some(std::sync::Arc::new(snap));
+    st
+}
+
+/// A user renamed (snapshot, owned key) and its link moved: a small change.
+fn renamed(st: &mut AgreementState, i: usize, round: usize) {
+    let id = format!("u-{i:04}");
+    let snap = std::sync::Arc::make_mut(st.last_applied.get_or_insert_with(Default::default));
+    if let Some(u) = snap.users.get_mut(&id) {
+        u.user_name = format!("user{i}-r{round}@example.com");
+    }
+    st.links.users.insert(id, format!("t-{i}-r{round}"));
+}
+
+/// A commit writes what changed: the head alone when the id map, owned set and snapshot did not
+/// change; a delta beside the base when a few entries did; a new base (and the old layers gone)
+/// once the deltas add up. What a fresh process loads is what was committed, every time.
+async fn layered<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
+    let e = |e: StateError| e.to_string();
+    let _ = s.delete(a).await;
+    let mut st = big_state(a, 120);
+    st.version = s.commit(&st).await.map_err(e)?;
+    let first = layer_keys(s, a).await?;
+    assert_that(first.len() == 1, &format!("one base: {first:?}"))?;
+    // Nothing big changed (a journal written before an apply's first write): the head alone.
+    st.cursors.insert("graph.users".into(), "token-2".into());
+    st.journal = Some(Default::default());
+    st.version = s.commit(&st).await.map_err(e)?;
+    assert_that(
+        layer_keys(s, a).await? == first,
+        "a commit that changes no principal writes no layer",
+    )?;
+    assert_that(
+        s.load(a).await.map_err(e)?.as_ref() == Some(&st),
+        "the head round-trips",
+    )?;
+    // A few principals changed (renamed, gone, a group's read incomplete): a delta beside the
+    // base.
+    renamed(&mut st, 7, 1);
+    st.journal = None;
+    st.owned.users.remove("t-0");
+    let snap = std::sync::Arc::make_mut(st.last_applied.get_or_insert_with(Default::default));
+    snap.incomplete_groups.insert("g-1".into());
+    snap.users.remove("u-0001");
+    snap.groups
+        .get_mut("g-1")
+        .ok_or("group")?
+        .members
+        .remove(&idsync_model::source::Member::user("u-0001"));
+    st.version = s.commit(&st).await.map_err(e)?;
+    let second = layer_keys(s, a).await?;
+    assert_that(
+        second.len() == 2 && second.contains(&first[0]),
+        &format!("a delta beside the base: {second:?}"),
+    )?;
+    s.forget();
+    assert_that(
+        s.load(a).await.map_err(e)?.as_ref() == Some(&st),
+        "base and delta load as committed",
+    )?;
+    // Many small changes, each loaded afresh: the layers stay few, the state exact.
+    for round in 2..12 {
+        renamed(&mut st, round * 3, round);
+        if round == 6 {
+            std::sync::Arc::make_mut(st.last_applied.get_or_insert_with(Default::default))
+                .incomplete_groups
+                .clear();
+        }
+        st.version = s.commit(&st).await.map_err(e)?;
+        let keys = layer_keys(s, a).await?;
+        assert_that(
+            keys.len() <= 1 + crate::layers::MAX_DELTAS,
+            &format!("deltas are compacted: {} layers", keys.len()),
+        )?;
+        if round % 4 == 0 {
+            s.forget();
+        }
+        let back = s.load(a).await.map_err(e)?;
+        assert_that(
+            back.as_ref() == Some(&st),
+            &format!("round {round} loads as committed"),
+        )?;
+    }
+    // A process that remembers nothing writes a new base, and the layers it replaces are removed,
+    // with a layer a run left when it stopped before its head.
+    let stray = crate::layers::layer_key(a, st.version, crate::layers::LayerKind::Delta);
+    s.blobs()
+        .put(&stray, b"{}".to_vec(), Cond::Absent)
+        .await
+        .map_err(e)?;
+    s.forget();
+    st.version = s.commit(&st).await.map_err(e)?;
+    let keys = layer_keys(s, a).await?;
+    assert_that(
+        keys.len() == 1 && !keys.contains(&stray),
+        &format!("one base after a commit from scratch: {keys:?}"),
+    )?;
+    // A layer the head names that is missing is damage, said as such; nothing is overwritten.
+    renamed(&mut st, 5, 99);
+    st.version = s.commit(&st).await.map_err(e)?;
+    let keys = layer_keys(s, a).await?;
+    let delta = keys
+        .iter()
+        .find(|k| k.ends_with(".delta"))
+        .ok_or(format!("a delta: {keys:?}"))?;
+    s.blobs().delete(delta).await.map_err(e)?;
+    s.forget();
+    match s.load(a).await {
+        Err(StateError::Corrupt { detail, .. }) if detail.contains("missing") => {}
+        other => return Err(format!("a missing layer is refused: {other:?}")),
+    }
+    // Deleting the agreement removes its layers.
+    s.delete(a).await.map_err(e)?;
+    assert_that(
+        layer_keys(s, a).await?.is_empty(),
+        "no layer is left after a delete",
+    )?;
+    Ok(())
+}
+
+/// A whole document, as builds before the layers stored it, is loaded as it is and replaced by a
+/// head and a base at its next commit.
+async fn migrated<B: Blobs>(s: &BlobStore<B>, a: &str) -> Result<(), String> {
+    let e = |e: StateError| e.to_string();
+    let _ = s.delete(a).await;
+    let key = format!("{a}.state");
+    let mut st = big_state(a, 30);
+    st.version = 5;
+    st.cursors.insert("graph.groups".into(), "token".into());
+    let whole = crate::codec::encode(&st, &key).map_err(e)?;
+    s.blobs().put(&key, whole, Cond::Absent).await.map_err(e)?;
+    assert_that(
+        s.load(a).await.map_err(e)?.as_ref() == Some(&st),
+        "a whole document loads as it is",
+    )?;
+    renamed(&mut st, 3, 1);
+    st.version = s.commit(&st).await.map_err(e)?;
+    assert_that(st.version == 6, "its next commit is the next version")?;
+    let (bytes, _) = s.blobs().get(&key).await.map_err(e)?.ok_or("head")?;
+    let (_, layers) = crate::codec::decode_head(&bytes, &key).map_err(e)?;
+    assert_that(
+        layers.is_some_and(|l| l.len() == 1),
+        "the document is now a head and one base",
+    )?;
+    s.forget();
+    assert_that(
+        s.load(a).await.map_err(e)?.as_ref() == Some(&st),
+        "and loads as committed",
+    )?;
+    s.delete(a).await.map_err(e)
 }

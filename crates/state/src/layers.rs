@@ -1,0 +1,572 @@
+//! A stored state in layers, so that a commit costs what changed.
+//!
+//! The document `<agreement>.state` is a small head ([`crate::codec::HEAD_FORMAT`]): the
+//! agreement's cursors, journal, trust and the rest of its small fields, and the list of layer
+//! objects that hold the big ones (the id map, the owned set and the last applied snapshot):
+//!
+//! - one **base**, `<agreement>.state-<version>-<nonce>.base`: those three whole;
+//! - then zero or more **deltas**, `<agreement>.state-<version>-<nonce>.delta`: what one commit
+//!   changed in them (entries set or removed; a changed group whole).
+//!
+//! A commit whose big fields did not change (the journal written before an apply's first write;
+//! a run with no change) writes the head alone. One that changed a few writes a delta beside the
+//! ones before it. Once the deltas add up to a quarter of the base, or there are
+//! [`MAX_DELTAS`] of them, the commit writes a new base instead and removes the layers it
+//! replaces. Layer objects are written once, under a name no other writer uses, before the head
+//! that names them: the head's compare-and-swap stays the one commit point, and a reader sees
+//! either the old head and its layers or the new ones.
+
+use crate::StateError;
+use crate::codec::{corrupt, from_gzip, to_gzip};
+use idsync_model::source::{Group, ServicePrincipal, Snapshot, User};
+use idsync_model::state::{Owned, PerKind};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// How many deltas a head names at most before a commit writes a new base.
+pub const MAX_DELTAS: usize = 16;
+
+/// Which kind of layer an object is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LayerKind {
+    /// The big fields, whole.
+    Base,
+    /// What one commit changed in them.
+    Delta,
+}
+
+/// A layer as the head names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerRef {
+    /// The object's key, beside the head.
+    pub key: String,
+    /// Base or delta.
+    pub kind: LayerKind,
+    /// Its stored size, which decides when the deltas are compacted into a new base.
+    pub bytes: u64,
+}
+
+/// The big fields of a state: what the layers hold.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Content {
+    /// Source id → target id, per kind.
+    pub links: PerKind<BTreeMap<String, String>>,
+    /// Owned target principals, per kind.
+    pub owned: PerKind<BTreeMap<String, Owned>>,
+    /// The last applied snapshot.
+    pub snapshot: Option<Arc<Snapshot>>,
+}
+
+impl Content {
+    /// The big fields of `state`, copied.
+    pub(crate) fn of(state: &idsync_model::AgreementState) -> Self {
+        Content {
+            links: state.links.clone(),
+            owned: state.owned.clone(),
+            snapshot: state.last_applied.clone(),
+        }
+    }
+}
+
+/// The key of a new layer written by the commit of `version`: unique to its writer, so two runs
+/// racing never write the same object (only one of their heads then wins).
+pub(crate) fn layer_key(agreement: &str, version: u64, kind: LayerKind) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let ext = match kind {
+        LayerKind::Base => "base",
+        LayerKind::Delta => "delta",
+    };
+    format!(
+        "{agreement}.state-{version}-{:08x}{t:032x}{n:08x}.{ext}",
+        std::process::id()
+    )
+}
+
+/// The version that wrote `key` and its kind, when `key` is a layer of `agreement`.
+pub(crate) fn layer_of(agreement: &str, key: &str) -> Option<(u64, LayerKind)> {
+    let rest = key.strip_prefix(agreement)?.strip_prefix(".state-")?;
+    let (rest, kind) = if let Some(r) = rest.strip_suffix(".base") {
+        (r, LayerKind::Base)
+    } else {
+        (rest.strip_suffix(".delta")?, LayerKind::Delta)
+    };
+    let (version, nonce) = rest.split_once('-')?;
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) || !hex(nonce) {
+        return None;
+    }
+    Some((version.parse().ok()?, kind))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BaseOut<'a> {
+    agreement: &'a str,
+    version: u64,
+    links: &'a PerKind<BTreeMap<String, String>>,
+    owned: &'a PerKind<BTreeMap<String, Owned>>,
+    last_applied: Option<&'a Snapshot>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BaseIn {
+    agreement: String,
+    version: u64,
+    #[serde(default)]
+    links: PerKind<BTreeMap<String, String>>,
+    #[serde(default)]
+    owned: PerKind<BTreeMap<String, Owned>>,
+    #[serde(default)]
+    last_applied: Option<Snapshot>,
+}
+
+/// What one commit changed in the big fields: entries set (`Some`) or removed (`None`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Delta {
+    #[serde(default)]
+    links: PerKind<BTreeMap<String, Option<String>>>,
+    #[serde(default)]
+    owned: PerKind<BTreeMap<String, Option<Owned>>>,
+    /// `None`: the snapshot did not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<SnapshotDelta>,
+}
+
+/// What changed in the last applied snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SnapshotDelta {
+    /// `false`: there is no snapshot any more (the other fields are empty).
+    present: bool,
+    #[serde(default)]
+    users: BTreeMap<String, Option<User>>,
+    #[serde(default)]
+    service_principals: BTreeMap<String, Option<ServicePrincipal>>,
+    #[serde(default)]
+    groups: BTreeMap<String, Option<Group>>,
+    #[serde(default)]
+    edge_groups: BTreeMap<String, Option<Group>>,
+    /// The incompletely read groups, when they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incomplete_groups: Option<BTreeSet<String>>,
+}
+
+#[derive(Serialize)]
+struct DeltaOut<'a> {
+    agreement: &'a str,
+    version: u64,
+    delta: &'a Delta,
+}
+
+#[derive(Deserialize)]
+struct DeltaIn {
+    agreement: String,
+    version: u64,
+    delta: Delta,
+}
+
+impl Delta {
+    /// Whether nothing changed.
+    pub(crate) fn is_empty(&self) -> bool {
+        per_kind_empty(&self.links) && per_kind_empty(&self.owned) && self.snapshot.is_none()
+    }
+}
+
+fn per_kind_empty<V>(p: &PerKind<BTreeMap<String, V>>) -> bool {
+    p.users.is_empty() && p.service_principals.is_empty() && p.groups.is_empty()
+}
+
+/// The entries of `new` that differ from `old`'s (set), and the keys `old` has and `new` has not
+/// (removed): one walk of both, in order.
+fn diff_map<V: Clone + PartialEq>(
+    old: &BTreeMap<String, V>,
+    new: &BTreeMap<String, V>,
+) -> BTreeMap<String, Option<V>> {
+    use std::cmp::Ordering;
+    let mut out = BTreeMap::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.insert((*k).clone(), None);
+                a.next();
+            }
+            (None, Some((k, v))) => {
+                out.insert((*k).clone(), Some((*v).clone()));
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                Ordering::Less => {
+                    out.insert((*ka).clone(), None);
+                    a.next();
+                }
+                Ordering::Greater => {
+                    out.insert((*kb).clone(), Some((*vb).clone()));
+                    b.next();
+                }
+                Ordering::Equal => {
+                    if va != vb {
+                        out.insert((*kb).clone(), Some((*vb).clone()));
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    out
+}
+
+fn diff_per_kind<V: Clone + PartialEq>(
+    old: &PerKind<BTreeMap<String, V>>,
+    new: &PerKind<BTreeMap<String, V>>,
+) -> PerKind<BTreeMap<String, Option<V>>> {
+    PerKind {
+        users: diff_map(&old.users, &new.users),
+        service_principals: diff_map(&old.service_principals, &new.service_principals),
+        groups: diff_map(&old.groups, &new.groups),
+    }
+}
+
+fn diff_snapshot(
+    old: &Option<Arc<Snapshot>>,
+    new: &Option<Arc<Snapshot>>,
+) -> Option<SnapshotDelta> {
+    let new = match (old, new) {
+        (None, None) => return None,
+        (Some(a), Some(b)) if Arc::ptr_eq(a, b) => return None,
+        (_, None) => return Some(SnapshotDelta::default()),
+        (_, Some(b)) => b,
+    };
+    let empty = Snapshot::default();
+    let old_s = old.as_deref().unwrap_or(&empty);
+    let d = SnapshotDelta {
+        present: true,
+        users: diff_map(&old_s.users, &new.users),
+        service_principals: diff_map(&old_s.service_principals, &new.service_principals),
+        groups: diff_map(&old_s.groups, &new.groups),
+        edge_groups: diff_map(&old_s.edge_groups, &new.edge_groups),
+        incomplete_groups: (old_s.incomplete_groups != new.incomplete_groups)
+            .then(|| new.incomplete_groups.clone()),
+    };
+    let unchanged = old.is_some()
+        && d.users.is_empty()
+        && d.service_principals.is_empty()
+        && d.groups.is_empty()
+        && d.edge_groups.is_empty()
+        && d.incomplete_groups.is_none();
+    (!unchanged).then_some(d)
+}
+
+/// What changed from `old` to the big fields of `state`.
+pub(crate) fn diff(old: &Content, state: &idsync_model::AgreementState) -> Delta {
+    Delta {
+        links: diff_per_kind(&old.links, &state.links),
+        owned: diff_per_kind(&old.owned, &state.owned),
+        snapshot: diff_snapshot(&old.snapshot, &state.last_applied),
+    }
+}
+
+fn patch<V>(map: &mut BTreeMap<String, V>, changes: BTreeMap<String, Option<V>>) {
+    for (k, v) in changes {
+        match v {
+            Some(v) => {
+                map.insert(k, v);
+            }
+            None => {
+                map.remove(&k);
+            }
+        }
+    }
+}
+
+fn patch_per_kind<V>(
+    p: &mut PerKind<BTreeMap<String, V>>,
+    d: PerKind<BTreeMap<String, Option<V>>>,
+) {
+    patch(&mut p.users, d.users);
+    patch(&mut p.service_principals, d.service_principals);
+    patch(&mut p.groups, d.groups);
+}
+
+/// `content` with the id map and owned set of `delta` applied (its snapshot left as it is).
+pub(crate) fn apply_maps(content: &mut Content, delta: Delta) {
+    patch_per_kind(&mut content.links, delta.links);
+    patch_per_kind(&mut content.owned, delta.owned);
+}
+
+/// `content` with all of `delta` applied.
+pub(crate) fn apply(content: &mut Content, mut delta: Delta) {
+    if let Some(d) = delta.snapshot.take() {
+        if d.present {
+            let s = Arc::make_mut(content.snapshot.get_or_insert_with(Default::default));
+            patch(&mut s.users, d.users);
+            patch(&mut s.service_principals, d.service_principals);
+            patch(&mut s.groups, d.groups);
+            patch(&mut s.edge_groups, d.edge_groups);
+            if let Some(ig) = d.incomplete_groups {
+                s.incomplete_groups = ig;
+            }
+        } else {
+            content.snapshot = None;
+        }
+    }
+    apply_maps(content, delta);
+}
+
+/// The stored bytes of a base holding the big fields of `state`, written by the commit of
+/// `version`.
+pub(crate) fn encode_base(
+    state: &idsync_model::AgreementState,
+    version: u64,
+    location: &str,
+) -> Result<Vec<u8>, StateError> {
+    to_gzip(
+        &BaseOut {
+            agreement: &state.agreement,
+            version,
+            links: &state.links,
+            owned: &state.owned,
+            last_applied: state.last_applied.as_deref(),
+        },
+        location,
+    )
+}
+
+/// The stored bytes of `delta`, written by the commit of `version`.
+pub(crate) fn encode_delta(
+    agreement: &str,
+    version: u64,
+    delta: &Delta,
+    location: &str,
+) -> Result<Vec<u8>, StateError> {
+    to_gzip(
+        &DeltaOut {
+            agreement,
+            version,
+            delta,
+        },
+        location,
+    )
+}
+
+fn check_layer(
+    agreement: &str,
+    head_version: u64,
+    found: (&str, u64),
+    location: &str,
+) -> Result<(), StateError> {
+    if found.0 != agreement {
+        return Err(corrupt(
+            location,
+            format!(
+                "a layer of agreement {:?}, named by the head of {agreement:?}",
+                found.0
+            ),
+        ));
+    }
+    if found.1 > head_version {
+        return Err(corrupt(
+            location,
+            format!(
+                "a layer written at version {}, named by a head of version {head_version}",
+                found.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a base of `agreement` named by a head of `head_version`.
+pub(crate) fn decode_base(
+    bytes: &[u8],
+    agreement: &str,
+    head_version: u64,
+    location: &str,
+) -> Result<Content, StateError> {
+    let b: BaseIn = from_gzip(bytes, location)?;
+    check_layer(agreement, head_version, (&b.agreement, b.version), location)?;
+    Ok(Content {
+        links: b.links,
+        owned: b.owned,
+        snapshot: b.last_applied.map(Arc::new),
+    })
+}
+
+/// Reads a delta of `agreement` named by a head of `head_version`.
+pub(crate) fn decode_delta(
+    bytes: &[u8],
+    agreement: &str,
+    head_version: u64,
+    location: &str,
+) -> Result<Delta, StateError> {
+    let d: DeltaIn = from_gzip(bytes, location)?;
+    check_layer(agreement, head_version, (&d.agreement, d.version), location)?;
+    Ok(d.delta)
+}
+
+/// Whether a commit adding a delta of `new_bytes` to `layers` should write a new base instead.
+pub(crate) fn compact(layers: &[LayerRef], new_bytes: u64) -> bool {
+    let base = layers
+        .iter()
+        .find(|l| l.kind == LayerKind::Base)
+        .map_or(0, |l| l.bytes);
+    let deltas: Vec<&LayerRef> = layers
+        .iter()
+        .filter(|l| l.kind == LayerKind::Delta)
+        .collect();
+    deltas.len() >= MAX_DELTAS || deltas.iter().map(|l| l.bytes).sum::<u64>() + new_bytes > base / 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idsync_model::source::Member;
+
+    fn user(id: &str, name: &str) -> User {
+        User {
+            id: id.into(),
+            user_name: name.into(),
+            display_name: name.into(),
+            emails: vec![],
+            active: true,
+            user_type: Default::default(),
+            external_id: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    fn state() -> idsync_model::AgreementState {
+        let mut st = idsync_model::AgreementState::new("a");
+        let mut s = Snapshot::default();
+        for i in 0..5 {
+            s.users
+                .insert(format!("u{i}"), user(&format!("u{i}"), &format!("n{i}")));
+            st.links.users.insert(format!("u{i}"), format!("t{i}"));
+        }
+        s.groups.insert(
+            "g".into(),
+            Group {
+                id: "g".into(),
+                display_name: "G".into(),
+                description: None,
+                security_enabled: true,
+                mail_enabled: false,
+                members: [Member::user("u1"), Member::user("u2")].into(),
+            },
+        );
+        s.incomplete_groups.insert("g".into());
+        st.last_applied = Some(Arc::new(s));
+        st
+    }
+
+    #[test]
+    fn a_delta_applied_to_what_it_was_made_from_gives_the_new_content() {
+        let old = state();
+        let mut new = old.clone();
+        let s = Arc::make_mut(new.last_applied.as_mut().unwrap());
+        s.users.remove("u0");
+        s.users.insert("u9".into(), user("u9", "nine"));
+        s.users.get_mut("u3").unwrap().active = false;
+        s.groups
+            .get_mut("g")
+            .unwrap()
+            .members
+            .remove(&Member::user("u1"));
+        s.incomplete_groups.clear();
+        new.links.users.remove("u0");
+        new.links.users.insert("u9".into(), "t9".into());
+        new.links.users.insert("u4".into(), "t44".into());
+        new.owned.groups.insert(
+            "tg".into(),
+            Owned {
+                key: "G".into(),
+                how: idsync_model::state::Ownership::Created,
+                source: None,
+            },
+        );
+        let d = diff(&Content::of(&old), &new);
+        assert!(!d.is_empty());
+        // Only what changed is in it.
+        let sd = d.snapshot.as_ref().unwrap();
+        assert_eq!(sd.users.len(), 3, "{:?}", sd.users.keys());
+        assert_eq!(d.links.users.len(), 3);
+        // Through its stored form.
+        let bytes = encode_delta("a", 2, &d, "x").unwrap();
+        let back = decode_delta(&bytes, "a", 2, "x").unwrap();
+        assert_eq!(back, d);
+        let mut c = Content::of(&old);
+        apply(&mut c, back);
+        assert_eq!(c, Content::of(&new));
+        // Unchanged: empty, whether or not the snapshot is the same allocation.
+        assert!(diff(&Content::of(&new), &new).is_empty());
+        let mut copy = new.clone();
+        copy.last_applied = Some(Arc::new((**new.last_applied.as_ref().unwrap()).clone()));
+        assert!(diff(&Content::of(&new), &copy).is_empty());
+        // Cleared, and made again from nothing.
+        let mut cleared = new.clone();
+        cleared.last_applied = None;
+        let d = diff(&Content::of(&new), &cleared);
+        let mut c = Content::of(&new);
+        apply(&mut c, d);
+        assert_eq!(c.snapshot, None);
+        let mut empty = new.clone();
+        empty.last_applied = Some(Arc::default());
+        let d = diff(&c, &empty);
+        assert!(!d.is_empty(), "no snapshot and an empty one differ");
+        apply(&mut c, d);
+        assert_eq!(c.snapshot.as_deref(), Some(&Snapshot::default()));
+    }
+
+    #[test]
+    fn layer_names_belong_to_one_agreement() {
+        let k = layer_key("a.b", 7, LayerKind::Delta);
+        assert_eq!(layer_of("a.b", &k), Some((7, LayerKind::Delta)));
+        assert_eq!(layer_of("a", &k), None, "{k}");
+        let k = layer_key("a", 3, LayerKind::Base);
+        assert_eq!(layer_of("a", &k), Some((3, LayerKind::Base)));
+        for other in [
+            "a.state",
+            "a.lease",
+            "a.state-1-zz.base",
+            "a.state--ab.base",
+            "a.state-1-ab.base.state",
+            "a.state-x-ab.delta",
+        ] {
+            assert_eq!(layer_of("a", other), None, "{other}");
+        }
+        // An agreement whose name looks like a layer of another keeps its own objects.
+        assert_eq!(layer_of("a", &format!("{k}.state")), None);
+    }
+
+    #[test]
+    fn deltas_are_compacted_by_count_and_by_size() {
+        let base = LayerRef {
+            key: "b".into(),
+            kind: LayerKind::Base,
+            bytes: 4000,
+        };
+        let delta = |bytes| LayerRef {
+            key: "d".into(),
+            kind: LayerKind::Delta,
+            bytes,
+        };
+        assert!(!compact(std::slice::from_ref(&base), 100));
+        assert!(compact(std::slice::from_ref(&base), 1001));
+        let mut layers = vec![base];
+        layers.extend((0..MAX_DELTAS - 1).map(|_| delta(10)));
+        assert!(!compact(&layers, 10));
+        layers.push(delta(10));
+        assert!(compact(&layers, 10));
+    }
+}
