@@ -195,7 +195,8 @@ impl<B: Blobs> BlobStore<B> {
                 Some(c) => layers::apply(
                     c,
                     layers::decode_delta(&bytes, agreement, version, &location)?,
-                ),
+                )
+                .map_err(|e| codec::corrupt(&location, e))?,
             }
         }
         match content {
@@ -439,7 +440,18 @@ impl<B: Blobs> StateStore for BlobStore<B> {
         let cond = current
             .as_ref()
             .map_or(Cond::Absent, |(_, tag)| Cond::Match(tag.clone()));
+        let head_bytes = head.len();
         if self.blobs.put(&key, head, cond).await? {
+            match &written.object {
+                Some((k, bytes)) => tracing::debug!(
+                    agreement = %a, version, head_bytes, layer = %k, layer_bytes = bytes.len(),
+                    layers = written.layers.len(), "committed the state's head and a new layer"
+                ),
+                None => tracing::debug!(
+                    agreement = %a, version, head_bytes, layers = written.layers.len(),
+                    "committed the state's head alone (no principal changed)"
+                ),
+            }
             if let Some(old) = stored {
                 self.sweep(a, found, old, &written.layers).await;
             }

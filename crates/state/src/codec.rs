@@ -1,10 +1,13 @@
-//! The state document: one per agreement, named `<agreement>.state`, in every backend.
+//! The state documents: the head `<agreement>.state` in every backend, and the whole document
+//! `idsync state export` and `import` exchange.
 //!
-//! It is the JSON form of [`AgreementState`], gzip-compressed (RFC 1952). Its `format` field
-//! ([`STATE_FORMAT`]) says which layout it has: a newer format is refused, never overwritten, so an
-//! older idsync cannot damage what a newer one wrote. Its `version` counts commits; a commit must
-//! name the version it read (compare-and-swap). Plain, uncompressed JSON is read too (for
-//! `idsync state import`, and documents written by hand).
+//! Both are JSON, gzip-compressed (RFC 1952). Their `format` field says which layout they have:
+//! [`STATE_FORMAT`] a whole document (the JSON form of [`AgreementState`], as builds before the
+//! layers also stored it), [`HEAD_FORMAT`] a head whose big fields are in layer objects
+//! ([`crate::layers`]). A newer format is refused, never overwritten, so an older idsync cannot
+//! damage what a newer one wrote. The `version` counts commits; a commit must name the version it
+//! read (compare-and-swap). Plain, uncompressed JSON is read too (for `idsync state import`, and
+//! documents written by hand).
 //!
 //! What it holds: the id map and the owned set (which target principal is which source principal,
 //! and how idsync came to own it), a compact last-applied snapshot, the source's cursors (delta

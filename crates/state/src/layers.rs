@@ -18,7 +18,7 @@
 
 use crate::StateError;
 use crate::codec::{corrupt, from_gzip, to_gzip};
-use idsync_model::source::{Group, ServicePrincipal, Snapshot, User};
+use idsync_model::source::{Group, Member, ServicePrincipal, Snapshot, User};
 use idsync_model::state::{Owned, PerKind};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -151,13 +151,68 @@ struct SnapshotDelta {
     users: BTreeMap<String, Option<User>>,
     #[serde(default)]
     service_principals: BTreeMap<String, Option<ServicePrincipal>>,
+    /// Groups new (whole) or gone.
     #[serde(default)]
     groups: BTreeMap<String, Option<Group>>,
+    /// Groups in both that changed: their members added and removed (a group of 100k members
+    /// that lost one is one entry, not 100k), their other fields when those changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    group_changes: BTreeMap<String, GroupChange>,
     #[serde(default)]
     edge_groups: BTreeMap<String, Option<Group>>,
     /// The incompletely read groups, when they changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     incomplete_groups: Option<BTreeSet<String>>,
+}
+
+/// What changed in a group both snapshots hold.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupChange {
+    /// The group without its members, when a field other than its members changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fields: Option<Group>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    added: BTreeSet<Member>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    removed: BTreeSet<Member>,
+}
+
+/// The groups of `new` that `old` lacks (whole) and those it has that `new` lacks (`None`); and
+/// for those in both that differ, what changed.
+#[allow(clippy::type_complexity)]
+fn diff_groups(
+    old: &BTreeMap<String, Group>,
+    new: &BTreeMap<String, Group>,
+) -> (
+    BTreeMap<String, Option<Group>>,
+    BTreeMap<String, GroupChange>,
+) {
+    let mut whole = BTreeMap::new();
+    let mut changes = BTreeMap::new();
+    for (id, g) in diff_map(old, new) {
+        match (old.get(&id), g) {
+            (Some(before), Some(after)) => {
+                let bare = |g: &Group| Group {
+                    members: BTreeSet::new(),
+                    ..g.clone()
+                };
+                let fields = bare(&after);
+                changes.insert(
+                    id,
+                    GroupChange {
+                        fields: (bare(before) != fields).then_some(fields),
+                        added: after.members.difference(&before.members).cloned().collect(),
+                        removed: before.members.difference(&after.members).cloned().collect(),
+                    },
+                );
+            }
+            (_, g) => {
+                whole.insert(id, g);
+            }
+        }
+    }
+    (whole, changes)
 }
 
 #[derive(Serialize)]
@@ -250,11 +305,13 @@ fn diff_snapshot(
     };
     let empty = Snapshot::default();
     let old_s = old.as_deref().unwrap_or(&empty);
+    let (groups, group_changes) = diff_groups(&old_s.groups, &new.groups);
     let d = SnapshotDelta {
         present: true,
         users: diff_map(&old_s.users, &new.users),
         service_principals: diff_map(&old_s.service_principals, &new.service_principals),
-        groups: diff_map(&old_s.groups, &new.groups),
+        groups,
+        group_changes,
         edge_groups: diff_map(&old_s.edge_groups, &new.edge_groups),
         incomplete_groups: (old_s.incomplete_groups != new.incomplete_groups)
             .then(|| new.incomplete_groups.clone()),
@@ -263,6 +320,7 @@ fn diff_snapshot(
         && d.users.is_empty()
         && d.service_principals.is_empty()
         && d.groups.is_empty()
+        && d.group_changes.is_empty()
         && d.edge_groups.is_empty()
         && d.incomplete_groups.is_none();
     (!unchanged).then_some(d)
@@ -305,14 +363,28 @@ pub(crate) fn apply_maps(content: &mut Content, delta: Delta) {
     patch_per_kind(&mut content.owned, delta.owned);
 }
 
-/// `content` with all of `delta` applied.
-pub(crate) fn apply(content: &mut Content, mut delta: Delta) {
+/// `content` with all of `delta` applied, or what in it does not fit `content` (a change to a
+/// group it does not hold).
+pub(crate) fn apply(content: &mut Content, mut delta: Delta) -> Result<(), String> {
     if let Some(d) = delta.snapshot.take() {
         if d.present {
             let s = Arc::make_mut(content.snapshot.get_or_insert_with(Default::default));
             patch(&mut s.users, d.users);
             patch(&mut s.service_principals, d.service_principals);
             patch(&mut s.groups, d.groups);
+            for (id, c) in d.group_changes {
+                let g = s.groups.get_mut(&id).ok_or_else(|| {
+                    format!("it changes group {id:?}, which the layers before it do not hold")
+                })?;
+                if let Some(fields) = c.fields {
+                    let members = std::mem::take(&mut g.members);
+                    *g = Group { members, ..fields };
+                }
+                for m in &c.removed {
+                    g.members.remove(m);
+                }
+                g.members.extend(c.added);
+            }
             patch(&mut s.edge_groups, d.edge_groups);
             if let Some(ig) = d.incomplete_groups {
                 s.incomplete_groups = ig;
@@ -322,6 +394,7 @@ pub(crate) fn apply(content: &mut Content, mut delta: Delta) {
         }
     }
     apply_maps(content, delta);
+    Ok(())
 }
 
 /// The stored bytes of a base holding the big fields of `state`, written by the commit of
@@ -431,7 +504,6 @@ pub(crate) fn compact(layers: &[LayerRef], new_bytes: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idsync_model::source::Member;
 
     fn user(id: &str, name: &str) -> User {
         User {
@@ -478,11 +550,10 @@ mod tests {
         s.users.remove("u0");
         s.users.insert("u9".into(), user("u9", "nine"));
         s.users.get_mut("u3").unwrap().active = false;
-        s.groups
-            .get_mut("g")
-            .unwrap()
-            .members
-            .remove(&Member::user("u1"));
+        let g = s.groups.get_mut("g").unwrap();
+        g.members.remove(&Member::user("u1"));
+        g.members.insert(Member::user("u9"));
+        g.display_name = "G2".into();
         s.incomplete_groups.clear();
         new.links.users.remove("u0");
         new.links.users.insert("u9".into(), "t9".into());
@@ -505,9 +576,22 @@ mod tests {
         let bytes = encode_delta("a", 2, &d, "x").unwrap();
         let back = decode_delta(&bytes, "a", 2, "x").unwrap();
         assert_eq!(back, d);
+        // A group that lost a member and changed its name is one change, not its members whole.
+        let gc = &sd.group_changes["g"];
+        assert_eq!(gc.removed, [Member::user("u1")].into());
+        assert_eq!(gc.added, [Member::user("u9")].into());
+        assert!(gc.fields.as_ref().is_some_and(|f| f.members.is_empty()));
+        assert!(sd.groups.is_empty());
         let mut c = Content::of(&old);
-        apply(&mut c, back);
+        apply(&mut c, back.clone()).unwrap();
         assert_eq!(c, Content::of(&new));
+        // Applied to layers that lack the group, it is refused, not guessed.
+        let mut lacking = Content::of(&old);
+        Arc::make_mut(lacking.snapshot.as_mut().unwrap())
+            .groups
+            .clear();
+        let e = apply(&mut lacking, back).unwrap_err();
+        assert!(e.contains("\"g\""), "{e}");
         // Unchanged: empty, whether or not the snapshot is the same allocation.
         assert!(diff(&Content::of(&new), &new).is_empty());
         let mut copy = new.clone();
@@ -518,13 +602,13 @@ mod tests {
         cleared.last_applied = None;
         let d = diff(&Content::of(&new), &cleared);
         let mut c = Content::of(&new);
-        apply(&mut c, d);
+        apply(&mut c, d).unwrap();
         assert_eq!(c.snapshot, None);
         let mut empty = new.clone();
         empty.last_applied = Some(Arc::default());
         let d = diff(&c, &empty);
         assert!(!d.is_empty(), "no snapshot and an empty one differ");
-        apply(&mut c, d);
+        apply(&mut c, d).unwrap();
         assert_eq!(c.snapshot.as_deref(), Some(&Snapshot::default()));
     }
 

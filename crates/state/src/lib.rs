@@ -1,11 +1,12 @@
-//! idsync's state store: one versioned document per agreement, committed with compare-and-swap,
-//! and a lease so two runs of the same agreement never overlap.
+//! idsync's state store: one versioned head per agreement, committed with compare-and-swap, over
+//! layers that hold its big fields (so a commit writes what changed), and a lease so two runs of
+//! the same agreement never overlap.
 //!
 //! The rules (versions, leases, takeover) are written once, in [`blob::BlobStore`], over a
 //! minimal storage interface with conditional writes ([`blob::Blobs`]): a local folder
 //! ([`local::LocalBlobs`]: an OS lock, fsync and an atomic rename) or an object store
 //! ([`object`]: S3, Azure Blob / ADLS Gen2 and GCS with ETag or generation preconditions). The
-//! document format is in [`codec`].
+//! document formats are in [`codec`], the layers in [`layers`].
 
 pub mod blob;
 mod cache;
@@ -284,6 +285,45 @@ mod tests {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert_eq!(wins.iter().filter(|w| **w).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_folder_holds_the_head_its_layers_and_one_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(d.path().to_str().unwrap());
+        let mut st = AgreementState::new("a");
+        for round in 0..40 {
+            st.links
+                .users
+                .insert(format!("u{round}"), format!("t{round}"));
+            st.version = s.commit(&st).await.unwrap();
+            if round % 10 == 9 {
+                s.forget();
+            }
+        }
+        let mut names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let layers = names
+            .iter()
+            .filter(|n| layers::layer_of("a", n).is_some())
+            .count();
+        assert!((1..=1 + layers::MAX_DELTAS).contains(&layers), "{names:?}");
+        assert_eq!(names.len(), layers + 2, "{names:?}");
+        assert!(names.contains(&"a.state".to_owned()) && names.contains(&"a.lock".to_owned()));
+        assert_eq!(s.load("a").await.unwrap().unwrap(), st);
+        s.delete("a").await.unwrap();
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            ["a.lock"],
+            "the lock file outlives a reset, as before"
+        );
     }
 
     #[tokio::test]

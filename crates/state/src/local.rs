@@ -72,14 +72,20 @@ impl LocalBlobs {
         }
     }
 
-    /// Runs `f` holding the lock of `key`'s agreement (`a.state` and `a.lease` share `a.lock`).
+    /// Runs `f` holding the lock of `key`'s agreement (`a.state`, `a.lease` and the layers
+    /// `a.state-….base` and `.delta` share `a.lock`: one lock file per agreement, however many
+    /// layers come and go).
     fn locked<T>(
         &self,
         key: &str,
         f: impl FnOnce() -> Result<T, StateError>,
     ) -> Result<T, StateError> {
         fs::create_dir_all(&self.dir).map_err(io("create the state folder", &self.dir))?;
-        let stem = key.rsplit_once('.').map_or(key, |(s, _)| s);
+        let layer = key.ends_with(".base") || key.ends_with(".delta");
+        let stem = match key.rfind(".state-") {
+            Some(at) if layer => &key[..at],
+            _ => key.rsplit_once('.').map_or(key, |(s, _)| s),
+        };
         let path = self.path(&format!("{stem}.lock"));
         let file = OpenOptions::new()
             .create(true)
