@@ -7,7 +7,9 @@
 //! The promise, which `idsync_runner::testing::source_conformance` holds every source to: folding
 //! the changes since a full read into that read's snapshot equals a full read of the directory now.
 
-use crate::scope::{EdgeGroups, Scope, Selection, cycle_notes, depths, select, without_members};
+use crate::scope::{
+    EdgeGroups, Scope, Selection, cycle_notes, depths, select_owned, without_members,
+};
 use crate::source::SourceError;
 use async_trait::async_trait;
 use idsync_model::{Change, Group, Kind, Member, ServicePrincipal, Snapshot, User};
@@ -261,7 +263,7 @@ pub async fn fold(
         snapshot,
         depth,
         notes,
-    } = select(&snap, scope);
+    } = select_owned(snap, scope);
     Ok(Folded {
         snapshot: Arc::new(snapshot),
         depth,
@@ -366,6 +368,7 @@ impl Lookup for DirectoryLookup<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scope::select;
 
     fn user(id: &str) -> User {
         User {

@@ -3,7 +3,7 @@
 //! directory (a file, LDAP) select with [`select`]; sources with server-side queries (Graph) apply
 //! the same rules in their requests.
 
-use idsync_model::{Kind, Member, Snapshot};
+use idsync_model::{Kind, Snapshot};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The selection rules.
@@ -210,10 +210,9 @@ pub fn depths(dir: &Snapshot, scope: &Scope) -> (BTreeMap<String, u32>, Vec<Stri
 pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
     let (depth, mut notes) = depths(dir, scope);
     let mut out = Snapshot::default();
-    let mut reached: BTreeSet<&Member> = BTreeSet::new();
+    let (users, sps) = reached(dir, &depth);
     for gid in depth.keys() {
         if let Some(g) = dir.groups.get(gid) {
-            reached.extend(g.members.iter());
             out.groups.insert(gid.clone(), g.clone());
             if dir.incomplete_groups.contains(gid) {
                 out.incomplete_groups.insert(gid.clone());
@@ -221,12 +220,12 @@ pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
         }
     }
     for u in dir.users.values() {
-        if scope.all_users || reached.contains(&Member::user(u.id.as_str())) {
+        if scope.all_users || users.contains(u.id.as_str()) {
             out.users.insert(u.id.clone(), u.clone());
         }
     }
     for s in dir.service_principals.values() {
-        if reached.contains(&Member::service_principal(s.id.as_str())) {
+        if sps.contains(s.id.as_str()) {
             out.service_principals.insert(s.id.clone(), s.clone());
         }
     }
@@ -236,6 +235,64 @@ pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
     notes.extend(cycle_notes(&out));
     Selection {
         snapshot: out,
+        depth,
+        notes,
+    }
+}
+
+/// The ids of the users and service principals the groups in `depth` hold directly.
+fn reached<'a>(
+    dir: &'a Snapshot,
+    depth: &BTreeMap<String, u32>,
+) -> (BTreeSet<&'a str>, BTreeSet<&'a str>) {
+    let (mut users, mut sps) = (BTreeSet::new(), BTreeSet::new());
+    for g in depth.keys().filter_map(|gid| dir.groups.get(gid)) {
+        for m in &g.members {
+            match m.kind {
+                Kind::User => users.insert(m.id.as_str()),
+                Kind::ServicePrincipal => sps.insert(m.id.as_str()),
+                Kind::Group => false,
+            };
+        }
+    }
+    (users, sps)
+}
+
+/// [`select`] of a directory this run owns: what the scope does not reach is dropped and the
+/// rest kept where it is, not copied (a fold's snapshot, as big as the tenant).
+pub fn select_owned(mut dir: Snapshot, scope: &Scope) -> Selection {
+    let (depth, mut notes) = depths(&dir, scope);
+    let edge_groups = if scope.edge_groups == EdgeGroups::Empty {
+        edges(&dir, &depth, scope)
+    } else {
+        BTreeMap::new()
+    };
+    // Decided while the groups are there to say it, applied once they may be borrowed no more.
+    let (keep_users, keep_sps): (Vec<bool>, Vec<bool>) = {
+        let (users, sps) = reached(&dir, &depth);
+        (
+            dir.users
+                .keys()
+                .map(|id| scope.all_users || users.contains(id.as_str()))
+                .collect(),
+            dir.service_principals
+                .keys()
+                .map(|id| sps.contains(id.as_str()))
+                .collect(),
+        )
+    };
+    // `retain` visits in ascending key order, the order the flags were drawn in.
+    let mut keep = keep_users.into_iter();
+    dir.users.retain(|_, _| keep.next().unwrap_or(false));
+    let mut keep = keep_sps.into_iter();
+    dir.service_principals
+        .retain(|_, _| keep.next().unwrap_or(false));
+    dir.groups.retain(|gid, _| depth.contains_key(gid));
+    dir.incomplete_groups.retain(|gid| depth.contains_key(gid));
+    dir.edge_groups = edge_groups;
+    notes.extend(cycle_notes(&dir));
+    Selection {
+        snapshot: dir,
         depth,
         notes,
     }
@@ -456,7 +513,7 @@ fn class(p: &[char], start: usize, c: char) -> Option<(bool, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use idsync_model::{Directory, Group, User};
+    use idsync_model::{Directory, Group, Member, User};
 
     #[test]
     fn fnmatch_matches_like_python() {
@@ -519,6 +576,89 @@ mod tests {
         assert_eq!(cycle_notes(&chain).len(), 1);
         chain.groups.get_mut("g0").unwrap().members.clear();
         assert!(cycle_notes(&chain).is_empty());
+    }
+
+    /// `select_owned` keeps what `select` copies: the same selection, for every setting that
+    /// changes what is kept.
+    #[test]
+    fn selecting_an_owned_directory_equals_selecting_a_borrowed_one() {
+        let g = |id: &str, security: bool, members: Vec<Member>| Group {
+            id: id.into(),
+            display_name: id.to_uppercase(),
+            description: None,
+            security_enabled: security,
+            mail_enabled: false,
+            members: members.into_iter().collect(),
+        };
+        let mut d = Snapshot::default();
+        for i in 0..8 {
+            let id = format!("u{i}");
+            d.users.insert(
+                id.clone(),
+                User {
+                    id: id.clone(),
+                    user_name: format!("{id}@x"),
+                    display_name: id.clone(),
+                    emails: vec![],
+                    active: true,
+                    user_type: Default::default(),
+                    external_id: None,
+                    attributes: Default::default(),
+                },
+            );
+        }
+        d.service_principals.insert(
+            "s1".into(),
+            idsync_model::ServicePrincipal {
+                id: "s1".into(),
+                app_id: "a1".into(),
+                display_name: "S1".into(),
+                active: true,
+            },
+        );
+        for grp in [
+            g(
+                "top",
+                true,
+                vec![
+                    Member::user("u1"),
+                    Member::group("mid"),
+                    Member::service_principal("s1"),
+                ],
+            ),
+            g("mid", true, vec![Member::user("u2"), Member::group("deep")]),
+            g("deep", true, vec![Member::user("u3"), Member::group("top")]),
+            g("dist", false, vec![Member::user("u4")]),
+            g("other", true, vec![Member::user("u5")]),
+        ] {
+            d.groups.insert(grp.id.clone(), grp);
+        }
+        d.incomplete_groups.insert("mid".into());
+        d.incomplete_groups.insert("other".into());
+        for depth in 1..=3 {
+            for edge_groups in [EdgeGroups::Omit, EdgeGroups::Empty] {
+                for (names, all_users, include_non_security) in [
+                    (vec!["TOP"], false, false),
+                    (vec!["TOP", "DIST"], false, true),
+                    (vec!["MID", "NOPE"], true, false),
+                    (vec![], false, false),
+                ] {
+                    let scope = Scope {
+                        group_names: names.iter().map(|n| n.to_string()).collect(),
+                        search_depth: depth,
+                        edge_groups,
+                        all_users,
+                        include_non_security,
+                        ..Scope::default()
+                    };
+                    assert_eq!(
+                        select_owned(d.clone(), &scope),
+                        select(&d, &scope),
+                        "{scope:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
