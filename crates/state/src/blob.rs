@@ -13,7 +13,6 @@ use crate::layers::{self, Content, LayerKind, LayerRef};
 use crate::{Lease, StateError, StateStore, check_name};
 use async_trait::async_trait;
 use idsync_model::AgreementState;
-use idsync_model::state::STATE_FORMAT;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -188,15 +187,25 @@ impl<B: Blobs> BlobStore<B> {
             let Some((bytes, _)) = self.blobs.get(&r.key).await? else {
                 return Ok(Err(r.key.clone()));
             };
+            // Said of the head, which is what to restore or move away: a layer alone is nothing.
+            let of_head = |e: StateError| match e {
+                StateError::Corrupt { detail, .. } => {
+                    codec::corrupt(head, format!("its layer {location}: {detail}"))
+                }
+                e => e,
+            };
             match content.as_mut() {
                 None => {
-                    content = Some(layers::decode_base(&bytes, agreement, version, &location)?);
+                    content = Some(
+                        layers::decode_base(&bytes, agreement, version, &location)
+                            .map_err(of_head)?,
+                    );
                 }
                 Some(c) => layers::apply(
                     c,
-                    layers::decode_delta(&bytes, agreement, version, &location)?,
+                    layers::decode_delta(&bytes, agreement, version, &location).map_err(of_head)?,
                 )
-                .map_err(|e| codec::corrupt(&location, e))?,
+                .map_err(|e| codec::corrupt(head, format!("its layer {location}: {e}")))?,
             }
         }
         match content {
@@ -280,7 +289,7 @@ impl<B: Blobs> BlobStore<B> {
     async fn sweep(&self, agreement: &str, read: u64, old: &[LayerRef], kept: &[LayerRef]) {
         let mut doomed: Vec<String> = old
             .iter()
-            .filter(|l| !kept.contains(l))
+            .filter(|l| !kept.contains(l) && layers::layer_of(agreement, &l.key).is_some())
             .map(|l| l.key.clone())
             .collect();
         if kept.len() == 1 && old.first() != kept.first() {
@@ -354,21 +363,30 @@ impl<B: Blobs> BlobStore<B> {
                 }
                 Err(missing) => {
                     // A commit since the head was read may have replaced it and removed its
-                    // layers: read the new head. The same head naming a missing layer is damage.
+                    // layers, or a reset removed it: read the head again. The same head naming
+                    // a missing layer is damage.
                     tries += 1;
-                    let moved = self
-                        .blobs
-                        .get(&key)
-                        .await?
-                        .is_some_and(|(_, now)| now != tag);
-                    if !moved || tries >= 5 {
-                        return Err(codec::corrupt(
-                            &location,
-                            format!(
-                                "it names the layer {}, which is missing",
-                                self.blobs.location(&missing)
-                            ),
-                        ));
+                    match self.blobs.get(&key).await? {
+                        None => return Ok(None),
+                        Some((_, now)) if now == tag => {
+                            return Err(codec::corrupt(
+                                &location,
+                                format!(
+                                    "it names the layer {}, which is missing",
+                                    self.blobs.location(&missing)
+                                ),
+                            ));
+                        }
+                        Some(_) if tries >= 5 => {
+                            return Err(StateError::Backend {
+                                action: "load",
+                                location,
+                                detail: "other runs committed five times while this one read the \
+                                         state; run again"
+                                    .into(),
+                            });
+                        }
+                        Some(_) => {}
                     }
                 }
             }
@@ -419,32 +437,52 @@ impl<B: Blobs> StateStore for BlobStore<B> {
         }
         let version = found + 1;
         let stored = current.as_ref().and_then(|((_, l), _)| l.as_ref());
+        // A head naming objects that are not this agreement's layers is damage: never replaced,
+        // and nothing it names is removed.
+        if let Some(bad) = stored.and_then(|refs| {
+            refs.iter().enumerate().find(|(i, r)| {
+                let kind = if *i == 0 {
+                    LayerKind::Base
+                } else {
+                    LayerKind::Delta
+                };
+                r.kind != kind || layers::layer_of(a, &r.key).map(|(_, k)| k) != Some(kind)
+            })
+        }) {
+            return Err(codec::corrupt(
+                &location,
+                format!("it names {:?}, not a layer of this agreement", bad.1.key),
+            ));
+        }
         // Taken out while the commit runs: put back only once the head names what it describes.
         let memo = self
             .memos()
             .remove(a)
             .filter(|m| m.version == found && current.is_some());
-        let written = self.layers_for(state, version, stored, memo)?;
-        if let Some((k, bytes)) = &written.object
-            && !self.blobs.put(k, bytes.clone(), Cond::Absent).await?
-        {
-            return Err(StateError::Backend {
-                action: "write",
-                location: self.blobs.location(k),
-                detail: "a new layer's name is taken (two writers drew the same nonce); run again"
-                    .into(),
-            });
+        let mut written = self.layers_for(state, version, stored, memo)?;
+        let mut new_layer: Option<(String, usize)> = None;
+        if let Some((k, bytes)) = written.object.take() {
+            let len = bytes.len();
+            if !self.blobs.put(&k, bytes, Cond::Absent).await? {
+                return Err(StateError::Backend {
+                    action: "write",
+                    location: self.blobs.location(&k),
+                    detail:
+                        "a new layer's name is taken (two writers drew the same nonce); run again"
+                            .into(),
+                });
+            }
+            new_layer = Some((k, len));
         }
-        debug_assert_eq!(STATE_FORMAT, 1);
         let head = codec::encode_head(state, version, &written.layers, &location)?;
         let cond = current
             .as_ref()
             .map_or(Cond::Absent, |(_, tag)| Cond::Match(tag.clone()));
         let head_bytes = head.len();
         if self.blobs.put(&key, head, cond).await? {
-            match &written.object {
-                Some((k, bytes)) => tracing::debug!(
-                    agreement = %a, version, head_bytes, layer = %k, layer_bytes = bytes.len(),
+            match &new_layer {
+                Some((k, layer_bytes)) => tracing::debug!(
+                    agreement = %a, version, head_bytes, layer = %k, layer_bytes,
                     layers = written.layers.len(), "committed the state's head and a new layer"
                 ),
                 None => tracing::debug!(
@@ -466,7 +504,7 @@ impl<B: Blobs> StateStore for BlobStore<B> {
             return Ok(version);
         }
         // Another run committed between our read and our write: the layer is nobody's.
-        if let Some((k, _)) = &written.object
+        if let Some((k, _)) = &new_layer
             && let Err(e) = self.blobs.delete(k).await
         {
             tracing::warn!(error = %e, key = %k, "could not remove the layer of a commit that lost");
@@ -599,12 +637,22 @@ impl<B: Blobs> StateStore for BlobStore<B> {
 
     async fn delete(&self, agreement: &str) -> Result<(), StateError> {
         check_name(agreement)?;
+        let key = state_key(agreement);
+        // The layers written up to the head's version go; a later one may be a first commit
+        // racing this reset (a lease taken over), whose head would name it. A head that cannot
+        // be read takes all of them (no commit replaces it).
+        let up_to = match self.blobs.get(&key).await? {
+            None => 0,
+            Some((bytes, _)) => {
+                codec::decode_head(&bytes, &self.blobs.location(&key)).map_or(u64::MAX, |(v, _)| v)
+            }
+        };
         // The head first: a reader never finds a head whose layers are gone for good.
-        self.blobs.delete(&state_key(agreement)).await?;
+        self.blobs.delete(&key).await?;
         self.memos().remove(agreement);
-        for key in self.blobs.list().await? {
-            if layers::layer_of(agreement, &key).is_some() {
-                self.blobs.delete(&key).await?;
+        for k in self.blobs.list().await? {
+            if layers::layer_of(agreement, &k).is_some_and(|(v, _)| v <= up_to) {
+                self.blobs.delete(&k).await?;
             }
         }
         Ok(())
@@ -672,5 +720,171 @@ impl<B: Blobs> StateStore for BlobStore<B> {
 
     fn describe(&self) -> String {
         self.blobs.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryBlobs;
+
+    /// Memory whose head disappears when the first layer is read: a reset between a load's two
+    /// reads.
+    #[derive(Debug, Default)]
+    struct ResetMidLoad(MemoryBlobs);
+
+    #[async_trait]
+    impl Blobs for ResetMidLoad {
+        async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Tag)>, StateError> {
+            if layers::layer_of("a", key).is_some() {
+                self.0.delete("a.state").await?;
+                for k in self.0.list().await? {
+                    if layers::layer_of("a", &k).is_some() {
+                        self.0.delete(&k).await?;
+                    }
+                }
+            }
+            self.0.get(key).await
+        }
+        async fn put(&self, key: &str, bytes: Vec<u8>, cond: Cond) -> Result<bool, StateError> {
+            self.0.put(key, bytes, cond).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StateError> {
+            self.0.delete(key).await
+        }
+        async fn list(&self) -> Result<Vec<String>, StateError> {
+            self.0.list().await
+        }
+        async fn list_under(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+            self.0.list_under(prefix).await
+        }
+        fn location(&self, key: &str) -> String {
+            self.0.location(key)
+        }
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+    }
+
+    fn with_link(a: &str) -> AgreementState {
+        let mut st = AgreementState::new(a);
+        st.links.users.insert("u".into(), "t".into());
+        st
+    }
+
+    #[tokio::test]
+    async fn a_load_that_a_reset_overtakes_finds_no_state() {
+        let s = BlobStore::new(ResetMidLoad::default());
+        s.commit(&with_link("a")).await.unwrap();
+        assert_eq!(s.load("a").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_head_naming_what_is_not_its_layers_is_never_replaced_and_nothing_is_removed() {
+        let s = crate::MemoryStore::in_memory();
+        s.commit(&with_link("b")).await.unwrap();
+        let mut st = with_link("a");
+        st.version = s.commit(&st).await.unwrap();
+        // A head edited by hand to name another agreement's objects.
+        let forged = codec::encode_head(
+            &st,
+            st.version,
+            &[LayerRef {
+                key: "b.state".into(),
+                kind: LayerKind::Base,
+                bytes: 1,
+            }],
+            "a.state",
+        )
+        .unwrap();
+        let (_, tag) = s.blobs().get("a.state").await.unwrap().unwrap();
+        assert!(
+            s.blobs()
+                .put("a.state", forged, Cond::Match(tag))
+                .await
+                .unwrap()
+        );
+        s.forget();
+        let e = s.commit(&st).await.unwrap_err();
+        assert!(
+            matches!(&e, StateError::Corrupt { detail, .. } if detail.contains("\"b.state\"")),
+            "{e}"
+        );
+        let e = s.load("a").await.unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        assert_eq!(s.load("b").await.unwrap().unwrap().version, 1, "b is whole");
+    }
+
+    #[tokio::test]
+    async fn a_reset_leaves_the_layer_of_a_first_commit_racing_it() {
+        let s = crate::MemoryStore::in_memory();
+        let mut st = with_link("a");
+        for _ in 0..3 {
+            st.links
+                .users
+                .insert(format!("u{}", st.version), "t".into());
+            st.version = s.commit(&st).await.unwrap();
+        }
+        let racing = layers::layer_key("a", st.version + 1, LayerKind::Base);
+        s.blobs()
+            .put(&racing, b"{}".to_vec(), Cond::Absent)
+            .await
+            .unwrap();
+        s.delete("a").await.unwrap();
+        let left: Vec<String> = s
+            .blobs()
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.starts_with("a."))
+            .collect();
+        assert_eq!(left, [racing]);
+    }
+
+    #[tokio::test]
+    async fn a_layer_from_a_newer_build_is_refused_not_read_in_part() {
+        let s = crate::MemoryStore::in_memory();
+        let mut st = with_link("a");
+        // Big enough that one more link is a delta, not a new base.
+        for i in 0..300 {
+            st.links
+                .users
+                .insert(format!("user-{i}"), format!("target-{i}"));
+        }
+        st.version = s.commit(&st).await.unwrap();
+        st.links.users.insert("v".into(), "w".into());
+        st.version = s.commit(&st).await.unwrap();
+        let (bytes, _) = s.blobs().get("a.state").await.unwrap().unwrap();
+        let (_, refs) = codec::decode_head(&bytes, "a.state").unwrap();
+        let delta = &refs.unwrap()[1];
+        assert_eq!(delta.kind, LayerKind::Delta);
+        let newer = br#"{"agreement": "a", "version": 2, "delta": {"renames": {}}}"#;
+        s.blobs().delete(&delta.key).await.unwrap();
+        s.blobs()
+            .put(&delta.key, newer.to_vec(), Cond::Absent)
+            .await
+            .unwrap();
+        let e = s.load("a").await.unwrap_err();
+        match e {
+            StateError::Corrupt { path, detail } => {
+                assert_eq!(path, "memory:a.state", "said of the head");
+                assert!(
+                    detail.contains(&delta.key) && detail.contains("renames"),
+                    "{detail}"
+                );
+            }
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_head_without_a_version_is_refused() {
+        let e = codec::decode_head(
+            br#"{"format": 2, "layers": [{"key": "a.state-1-ab.base", "kind": "base", "bytes": 1}]}"#,
+            "a.state",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("without a version"), "{e}");
     }
 }

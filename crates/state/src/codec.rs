@@ -230,8 +230,7 @@ struct HeadIn {
 #[derive(Deserialize)]
 struct HeadLayers {
     format: u32,
-    #[serde(default)]
-    version: u64,
+    version: Option<u64>,
     #[serde(default)]
     layers: Option<Vec<crate::layers::LayerRef>>,
 }
@@ -330,13 +329,16 @@ pub(crate) fn decode_head(
     })?;
     check_format(h.format, location)?;
     match (h.format == HEAD_FORMAT, h.layers) {
-        (true, Some(layers)) if !layers.is_empty() => Ok((h.version, Some(layers))),
+        (true, _) if h.version.is_none() => {
+            Err(corrupt(location, "a head without a version".into()))
+        }
+        (true, Some(layers)) if !layers.is_empty() => Ok((h.version.unwrap_or(0), Some(layers))),
         (true, _) => Err(corrupt(location, "a head that names no layers".into())),
         (false, Some(_)) => Err(corrupt(
             location,
             format!("a document of format {} that names layers", h.format),
         )),
-        (false, None) => Ok((h.version, None)),
+        (false, None) => Ok((h.version.unwrap_or(0), None)),
     }
 }
 

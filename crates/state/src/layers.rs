@@ -115,8 +115,10 @@ struct BaseOut<'a> {
     last_applied: Option<&'a Snapshot>,
 }
 
+/// Every layer struct refuses fields it does not know: a layer written by a newer build is
+/// refused, never read with part of it dropped (and saved back that way by the next base).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct BaseIn {
     agreement: String,
     version: u64,
@@ -130,7 +132,7 @@ struct BaseIn {
 
 /// What one commit changed in the big fields: entries set (`Some`) or removed (`None`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct Delta {
     #[serde(default)]
     links: PerKind<BTreeMap<String, Option<String>>>,
@@ -143,7 +145,7 @@ pub(crate) struct Delta {
 
 /// What changed in the last applied snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct SnapshotDelta {
     /// `false`: there is no snapshot any more (the other fields are empty).
     present: bool,
@@ -167,7 +169,7 @@ struct SnapshotDelta {
 
 /// What changed in a group both snapshots hold.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct GroupChange {
     /// The group without its members, when a field other than its members changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,6 +225,7 @@ struct DeltaOut<'a> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DeltaIn {
     agreement: String,
     version: u64,
