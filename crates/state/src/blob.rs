@@ -164,25 +164,9 @@ impl<B: Blobs> BlobStore<B> {
         refs: &[LayerRef],
         head: &str,
     ) -> Result<Result<Content, String>, StateError> {
+        layers::check_refs(agreement, refs).map_err(|e| codec::corrupt(head, e))?;
         let mut content: Option<Content> = None;
-        for (i, r) in refs.iter().enumerate() {
-            let expected = if i == 0 {
-                LayerKind::Base
-            } else {
-                LayerKind::Delta
-            };
-            if r.kind != expected
-                || layers::layer_of(agreement, &r.key).map(|(_, k)| k) != Some(expected)
-            {
-                return Err(codec::corrupt(
-                    head,
-                    format!(
-                        "layer {} of the head is {:?}, not a {expected:?} layer of this agreement",
-                        i + 1,
-                        r.key
-                    ),
-                ));
-            }
+        for r in refs {
             let location = self.blobs.location(&r.key);
             let Some((bytes, _)) = self.blobs.get(&r.key).await? else {
                 return Ok(Err(r.key.clone()));
@@ -439,20 +423,8 @@ impl<B: Blobs> StateStore for BlobStore<B> {
         let stored = current.as_ref().and_then(|((_, l), _)| l.as_ref());
         // A head naming objects that are not this agreement's layers is damage: never replaced,
         // and nothing it names is removed.
-        if let Some(bad) = stored.and_then(|refs| {
-            refs.iter().enumerate().find(|(i, r)| {
-                let kind = if *i == 0 {
-                    LayerKind::Base
-                } else {
-                    LayerKind::Delta
-                };
-                r.kind != kind || layers::layer_of(a, &r.key).map(|(_, k)| k) != Some(kind)
-            })
-        }) {
-            return Err(codec::corrupt(
-                &location,
-                format!("it names {:?}, not a layer of this agreement", bad.1.key),
-            ));
+        if let Some(refs) = stored {
+            layers::check_refs(a, refs).map_err(|e| codec::corrupt(&location, e))?;
         }
         // Taken out while the commit runs: put back only once the head names what it describes.
         let memo = self

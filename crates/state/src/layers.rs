@@ -105,6 +105,26 @@ pub(crate) fn layer_of(agreement: &str, key: &str) -> Option<(u64, LayerKind)> {
     Some((version.parse().ok()?, kind))
 }
 
+/// Whether a head's layers are a base then deltas, each named as a layer of `agreement`: else
+/// what is wrong (a head edited or copied by hand), said for the head's error.
+pub(crate) fn check_refs(agreement: &str, refs: &[LayerRef]) -> Result<(), String> {
+    for (i, r) in refs.iter().enumerate() {
+        let expected = if i == 0 {
+            LayerKind::Base
+        } else {
+            LayerKind::Delta
+        };
+        if r.kind != expected || layer_of(agreement, &r.key).map(|(_, k)| k) != Some(expected) {
+            return Err(format!(
+                "it names {:?} as its layer {}, which is not a {expected:?} layer of this agreement",
+                r.key,
+                i + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct BaseOut<'a> {
