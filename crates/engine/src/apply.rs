@@ -3,6 +3,7 @@
 //! data: the report lists what succeeded, what failed and why, and what was skipped because
 //! something it depended on failed.
 
+use crate::schedule::{Task, Unit};
 pub use crate::target::{Outcome, Target, TargetError, TargetErrorKind};
 use futures::StreamExt;
 use idsync_model::{
@@ -263,14 +264,33 @@ pub async fn apply(
     };
 
     // Key changes run in waves: one that takes a key another frees waits for it (the plan orders
-    // them so); the others run together.
-    let batches = phases.into_iter().flat_map(|(phase, units)| {
-        if phase == idsync_model::plan::RENAME_PHASE {
-            waves(units, &caps)
-        } else {
-            vec![units]
+    // them so); the others run together. Creates, policies and member changes run as one batch,
+    // each as soon as what it names exists (`schedule`).
+    let mut batches: Vec<Vec<Unit<'_>>> = Vec::new();
+    let mut together = Vec::new();
+    for (phase, units) in phases {
+        if (idsync_model::plan::CREATE_PHASE..=idsync_model::plan::ADD_MEMBERS_PHASE)
+            .contains(&phase)
+        {
+            together.extend(units);
+            continue;
         }
-    });
+        if phase > idsync_model::plan::ADD_MEMBERS_PHASE && !together.is_empty() {
+            batches.push(std::mem::take(&mut together));
+        }
+        if phase == idsync_model::plan::RENAME_PHASE {
+            batches.extend(waves(units, &caps));
+        } else {
+            batches.push(units);
+        }
+    }
+    if !together.is_empty() {
+        batches.push(together);
+    }
+    let split = target
+        .parallel_member_writes()
+        .then_some(caps.max_members_per_write.max(1));
+
     for units in batches {
         let width = workers;
         // After a stop no write starts; state-only operations (adopting what an interrupted
@@ -285,32 +305,62 @@ pub async fn apply(
             }
             continue;
         }
-        // Each operation is resolved just before it runs, and a member or policy operation that
-        // succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
-        let created_now = &created;
+        // Each operation is resolved just before it starts, with the ids of the creates that
+        // finished by then (its own dependencies among them), and a member or policy operation
+        // that succeeded is not kept: at 1M memberships a resolved copy of every one is 100+ MB.
+        let mut schedule = crate::schedule::Schedule::new(units, split);
         let ctx = &ctx;
-        let mut results: Vec<Ran> = futures::stream::iter(units)
-            .map(|unit| async move {
-                match unit.then {
-                    None => vec![ctx.run(unit.first, created_now).await],
-                    Some(add) => ctx.run_pair(unit.first, add, created_now).await,
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut results: Vec<Ran> = Vec::new();
+        loop {
+            while running.len() < width {
+                let Some((t, task)) = schedule.next() else {
+                    break;
+                };
+                let job = ctx.prepare(&task, &created);
+                running.push(async move { (t, task, ctx.go(job).await) });
+            }
+            let Some((t, task, ran)) = running.next().await else {
+                break;
+            };
+            for r in &ran {
+                if let (Some(Op::Create { principal, .. }), Some(Ok((Outcome::Created(id), _)))) =
+                    (&r.op, &r.result)
+                {
+                    created.insert((principal.kind, principal.key.clone()), id.clone());
                 }
-            })
-            .buffer_unordered(width)
-            .inspect(|ran| {
-                crate::progress::add(crate::progress::Phase::Apply, ran.len());
-            })
-            .flat_map(futures::stream::iter)
-            .collect()
-            .await;
+            }
+            let done = schedule.finished(t, &task.unit, task.part.is_some());
+            crate::progress::add(crate::progress::Phase::Apply, done);
+            results.extend(ran);
+        }
+        debug_assert_eq!(schedule.left(), 0, "every task of the batch ran");
+        // Recorded in plan order, whatever order they finished in; the parts of a split addition
+        // as one operation.
         results.sort_by(|a, b| a.key.cmp(&b.key));
-        for ran in results {
+        for ran in merge_parts(results) {
             if ran.stopped {
                 report.pending += 1;
                 if opts.stopped() {
                     report.stopped += 1;
                 } else {
                     report.halted += 1;
+                }
+                // Parts of a split addition may have run before the stop.
+                report.skipped.extend(ran.skipped);
+                match (ran.result, ran.op) {
+                    (Some(Ok(_)), _) => report.ran.push(ran.key.1),
+                    (Some(Err(e)), Some(op)) => {
+                        if Failure::unknown(e.kind) {
+                            report.ran.push(ran.key.1);
+                        }
+                        report.failed.push(Failure {
+                            op,
+                            error: e.message,
+                            kind: Some(e.kind),
+                        });
+                    }
+                    _ => {}
                 }
                 continue;
             }
@@ -386,17 +436,17 @@ fn waves<'a>(units: Vec<Unit<'a>>, caps: &Capabilities) -> Vec<Vec<Unit<'a>>> {
     out
 }
 
-/// What the apply runs as one task: an operation, or a group's member removals followed by its
-/// member additions when the target sends both in one write.
-struct Unit<'a> {
-    first: (usize, &'a Op),
-    then: Option<(usize, &'a Op)>,
-}
-
-impl Unit<'_> {
-    fn len(&self) -> usize {
-        1 + usize::from(self.then.is_some())
+/// Folds the results of a split addition's parts (adjacent, sorted by key) into one: failed if a
+/// part failed (with the members of every failed part), stopped if a part did not start.
+fn merge_parts(results: Vec<Ran>) -> Vec<Ran> {
+    let mut out: Vec<Ran> = Vec::with_capacity(results.len());
+    for r in results {
+        match out.last_mut() {
+            Some(last) if last.key == r.key => last.absorb(r),
+            _ => out.push(r),
+        }
     }
+    out
 }
 
 /// Moves each group's member additions into the task of its member removals, where the target
@@ -463,68 +513,132 @@ impl Ctx<'_> {
         (self.opts.stopped() || self.halt()) && op.writes()
     }
 
-    /// Runs one operation.
-    async fn run(&self, (i, op): (usize, &Op), created: &BTreeMap<(Kind, String), String>) -> Ran {
+    /// What a task will do, resolved against the creates finished so far.
+    fn prepare(&self, task: &Task<'_>, created: &BTreeMap<(Kind, String), String>) -> Job {
+        let unit = &task.unit;
+        let Some((j, add)) = unit.then else {
+            return match &task.part {
+                Some(positions) => {
+                    let (i, op) = unit.first;
+                    let key = (op.sort_key(), i);
+                    if self.stop_writes(op) {
+                        return Job::Done(vec![Ran::stopped(key)]);
+                    }
+                    self.prepare_op(key, &crate::schedule::part_op(op, positions), created)
+                }
+                None => self.prepare_one(unit.first, created),
+            };
+        };
+        let (i, remove) = unit.first;
+        let keys = ((remove.sort_key(), i), (add.sort_key(), j));
+        if self.stop_writes(remove) {
+            return Job::Done(vec![Ran::stopped(keys.0), Ran::stopped(keys.1)]);
+        }
+        // A group's removals and additions as one write. When either cannot run (its group or
+        // every member it adds was not created), each runs on its own, removals first.
+        match (self.resolve(remove, created), self.resolve(add, created)) {
+            (Ok((r, skipped_r)), Ok((a, skipped_a)))
+                if matches!((&r, &a), (Op::RemoveMembers { .. }, Op::AddMembers { .. })) =>
+            {
+                Job::Pair(Box::new(Paired {
+                    keys,
+                    remove: r,
+                    add: a,
+                    skipped: (skipped_r, skipped_a),
+                }))
+            }
+            _ => Job::Each(vec![
+                self.prepare_one((i, remove), created),
+                self.prepare_one((j, add), created),
+            ]),
+        }
+    }
+
+    fn prepare_one(
+        &self,
+        (i, op): (usize, &Op),
+        created: &BTreeMap<(Kind, String), String>,
+    ) -> Job {
         let key = (op.sort_key(), i);
         if self.stop_writes(op) {
-            return Ran::stopped(key);
+            return Job::Done(vec![Ran::stopped(key)]);
         }
-        let (resolved, skipped) = match self.resolve(op, created) {
-            Ok(r) => r,
-            Err(skipped) => return Ran::skipped(key, skipped),
-        };
-        let r = if resolved.writes() {
-            execute(self.target, &resolved, self.caps)
+        self.prepare_op(key, op, created)
+    }
+
+    fn prepare_op(&self, key: RanKey, op: &Op, created: &BTreeMap<(Kind, String), String>) -> Job {
+        match self.resolve(op, created) {
+            Ok((resolved, skipped)) => Job::One {
+                key,
+                op: resolved,
+                skipped,
+            },
+            Err(skipped) => Job::Done(vec![Ran::skipped(key, skipped)]),
+        }
+    }
+
+    /// Runs what [`Ctx::prepare`] resolved.
+    async fn go(&self, job: Job) -> Vec<Ran> {
+        match job {
+            Job::Done(ran) => ran,
+            Job::One { key, op, skipped } => vec![self.run(key, op, skipped).await],
+            Job::Pair(pair) => {
+                let Paired {
+                    keys,
+                    remove,
+                    add,
+                    skipped,
+                } = *pair;
+                let (
+                    Op::RemoveMembers {
+                        group,
+                        members: gone,
+                    },
+                    Op::AddMembers { members: new, .. },
+                ) = (&remove, &add)
+                else {
+                    unreachable!("prepare pairs a removal with an addition")
+                };
+                let result = self
+                    .target
+                    .execute_members(group, gone, new)
+                    .await
+                    .map(|o| (o, true));
+                vec![
+                    self.finish(keys.0, remove, result.clone(), skipped.0),
+                    self.finish(keys.1, add, result, skipped.1),
+                ]
+            }
+            Job::Each(jobs) => {
+                let mut out = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    out.push(match job {
+                        Job::One { key, op, .. } if self.stop_writes(&op) => Ran::stopped(key),
+                        Job::One { key, op, skipped } => self.run(key, op, skipped).await,
+                        Job::Done(ran) => {
+                            out.extend(ran);
+                            continue;
+                        }
+                        Job::Pair(_) | Job::Each(_) => {
+                            unreachable!("a pair falls back to single operations")
+                        }
+                    });
+                }
+                out
+            }
+        }
+    }
+
+    /// Runs one resolved operation.
+    async fn run(&self, key: RanKey, op: Op, skipped: Vec<Failure>) -> Ran {
+        let r = if op.writes() {
+            execute(self.target, &op, self.caps)
                 .await
                 .map(|o| (o, true))
         } else {
             Ok((Outcome::Done, false))
         };
-        self.finish(key, resolved, r, skipped)
-    }
-
-    /// Runs a group's member removals and additions as one write. When either cannot run (its
-    /// group or every member it adds was not created), each runs on its own, removals first.
-    async fn run_pair(
-        &self,
-        (i, remove): (usize, &Op),
-        (j, add): (usize, &Op),
-        created: &BTreeMap<(Kind, String), String>,
-    ) -> Vec<Ran> {
-        let keys = ((remove.sort_key(), i), (add.sort_key(), j));
-        if self.stop_writes(remove) {
-            return vec![Ran::stopped(keys.0), Ran::stopped(keys.1)];
-        }
-        let (Ok((r, skipped_r)), Ok((a, skipped_a))) =
-            (self.resolve(remove, created), self.resolve(add, created))
-        else {
-            return vec![
-                self.run((i, remove), created).await,
-                self.run((j, add), created).await,
-            ];
-        };
-        let (
-            Op::RemoveMembers {
-                group,
-                members: gone,
-            },
-            Op::AddMembers { members: new, .. },
-        ) = (&r, &a)
-        else {
-            return vec![
-                self.run((i, remove), created).await,
-                self.run((j, add), created).await,
-            ];
-        };
-        let result = self
-            .target
-            .execute_members(group, gone, new)
-            .await
-            .map(|o| (o, true));
-        vec![
-            self.finish(keys.0, r, result.clone(), skipped_r),
-            self.finish(keys.1, a, result, skipped_a),
-        ]
+        self.finish(key, op, r, skipped)
     }
 
     /// Fills in the ids of principals created earlier in the apply: the operation, and what of
@@ -562,7 +676,7 @@ impl Ctx<'_> {
     /// The record of an operation that ran.
     fn finish(
         &self,
-        key: ((u8, u8, String), usize),
+        key: RanKey,
         resolved: Op,
         r: Result<(Outcome, bool), TargetError>,
         skipped: Vec<Failure>,
@@ -581,8 +695,56 @@ impl Ctx<'_> {
     }
 }
 
+/// Where a result is recorded: the operation's sort key, then its place in the plan.
+type RanKey = ((u8, u8, String), usize);
+
+/// A group's removals and additions, resolved, to send as one write.
+struct Paired {
+    keys: (RanKey, RanKey),
+    remove: Op,
+    add: Op,
+    skipped: (Vec<Failure>, Vec<Failure>),
+}
+
+/// What a task does once it starts.
+enum Job {
+    /// Nothing: it could not start (stopped, or what it names was not created).
+    Done(Vec<Ran>),
+    /// One operation, its ids filled in.
+    One {
+        key: RanKey,
+        op: Op,
+        skipped: Vec<Failure>,
+    },
+    /// A group's removals and additions in one write.
+    Pair(Box<Paired>),
+    /// Operations one after another (a pair that cannot run as one).
+    Each(Vec<Job>),
+}
+
 impl Ran {
-    fn stopped(key: ((u8, u8, String), usize)) -> Ran {
+    /// Takes in the result of another part of the same addition.
+    fn absorb(&mut self, other: Ran) {
+        self.stopped |= other.stopped;
+        self.skipped.extend(other.skipped);
+        self.result = match (self.result.take(), other.result) {
+            (Some(Err(e)), _) | (_, Some(Err(e))) => Some(Err(e)),
+            (Some(Ok((o, a))), Some(Ok((_, b)))) => Some(Ok((o, a || b))),
+            (a, b) => a.or(b),
+        };
+        self.op = match (self.op.take(), other.op) {
+            (
+                Some(Op::AddMembers { group, mut members }),
+                Some(Op::AddMembers { members: more, .. }),
+            ) => {
+                members.extend(more);
+                Some(Op::AddMembers { group, members })
+            }
+            (a, b) => a.or(b),
+        };
+    }
+
+    fn stopped(key: RanKey) -> Ran {
         Ran {
             key,
             op: None,
@@ -592,7 +754,7 @@ impl Ran {
         }
     }
 
-    fn skipped(key: ((u8, u8, String), usize), skipped: Vec<Failure>) -> Ran {
+    fn skipped(key: RanKey, skipped: Vec<Failure>) -> Ran {
         Ran {
             key,
             op: None,
@@ -663,7 +825,7 @@ async fn execute(
 struct Ran {
     /// The operation's sort key, then its place in the plan: the order results are recorded in,
     /// whatever order they finished in.
-    key: ((u8, u8, String), usize),
+    key: RanKey,
     op: Option<Op>,
     result: Option<Result<(Outcome, bool), TargetError>>,
     /// Not started: the apply was asked to stop.

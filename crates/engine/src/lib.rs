@@ -19,6 +19,7 @@ pub mod progress;
 pub mod quarantine;
 pub mod recheck;
 pub mod rollback;
+mod schedule;
 pub mod scope;
 pub mod source;
 pub mod target;

@@ -49,6 +49,7 @@ pub struct MemoryTarget {
     caps: Capabilities,
     inner: Mutex<Inner>,
     combine: bool,
+    parallel: bool,
 }
 
 fn err(kind: TargetErrorKind, msg: String) -> TargetError {
@@ -65,7 +66,15 @@ impl MemoryTarget {
                 ..Inner::default()
             }),
             combine: false,
+            parallel: false,
         }
+    }
+
+    /// Takes a group's member writes in parallel, as the Databricks target does
+    /// ([`Target::parallel_member_writes`]): the apply splits large additions.
+    pub fn writing_members_in_parallel(mut self) -> Self {
+        self.parallel = true;
+        self
     }
 
     /// Sends a group's member removals and additions together, as a SCIM target does
@@ -295,6 +304,10 @@ impl Target for MemoryTarget {
 
     fn combines_member_changes(&self) -> bool {
         self.combine
+    }
+
+    fn parallel_member_writes(&self) -> bool {
+        self.parallel
     }
 
     async fn execute_members(

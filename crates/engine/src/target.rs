@@ -111,6 +111,14 @@ pub trait Target: Send + Sync {
         false
     }
 
+    /// Whether a group's member writes may run at the same time: each adds or removes exactly the
+    /// members it names (a PATCH with no version to match, no read-modify-write, no `/Bulk`).
+    /// The apply then splits a large addition into writes of `max_members_per_write` members
+    /// that start as soon as their members exist, a few of one group at once.
+    fn parallel_member_writes(&self) -> bool {
+        false
+    }
+
     /// Removes `remove` from `group` and adds `add` to it, removals first. Every [`PRef`] carries
     /// its target id. By default two operations; targets that can send both together say so with
     /// [`Target::combines_member_changes`].

@@ -1602,3 +1602,140 @@ fn renames_run_together_unless_one_takes_a_key_another_frees() {
         assert!(keys.contains("c@x") && keys.contains("d@x") && keys.contains("z6@x"));
     });
 }
+
+/// Where the target takes a group's member writes in parallel, a first sync writes a group's
+/// members as soon as they exist, in parts, while it still creates (issue #17 item 4); a member
+/// whose create fails is reported, and the rest of the group is written.
+#[test]
+fn a_first_sync_writes_members_while_it_still_creates() {
+    use std::sync::Mutex;
+    /// Logs each write; refuses to create one user.
+    struct Logged<'a> {
+        inner: &'a MemoryTarget,
+        log: Mutex<Vec<String>>,
+        refuse: &'static str,
+    }
+    #[async_trait::async_trait]
+    impl idsync_engine::Target for Logged<'_> {
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        fn combines_member_changes(&self) -> bool {
+            self.inner.combines_member_changes()
+        }
+        fn parallel_member_writes(&self) -> bool {
+            self.inner.parallel_member_writes()
+        }
+        async fn observe(&self) -> Result<idsync_model::Observed, idsync_engine::TargetError> {
+            self.inner.observe().await
+        }
+        async fn execute(
+            &self,
+            op: &Op,
+        ) -> Result<idsync_engine::Outcome, idsync_engine::TargetError> {
+            let line = match op {
+                Op::Create { principal, .. } => format!("create {}", principal.key),
+                Op::AddMembers { group, members } => format!(
+                    "add {} {}",
+                    group.key,
+                    members
+                        .iter()
+                        .map(|m| m.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                other => format!("{other:?}"),
+            };
+            self.log.lock().unwrap().push(line);
+            if matches!(op, Op::Create { principal, .. } if principal.key == self.refuse) {
+                return Err(idsync_engine::TargetError::new(
+                    idsync_engine::TargetErrorKind::Invalid,
+                    "refused (injected)",
+                ));
+            }
+            self.inner.execute(op).await
+        }
+    }
+    block(async {
+        let users: Vec<_> = (1..=6)
+            .map(|i| user(&format!("u{i}"), &format!("user{i}@x")))
+            .collect();
+        let members: Vec<Member> = (1..=6)
+            .rev()
+            .map(|i| Member::user(format!("u{i}")))
+            .collect();
+        let s = snap(users, vec![], vec![group("g1", "TEAM", &members)]);
+        let caps = Capabilities {
+            max_members_per_write: 2,
+            ..Capabilities::full()
+        };
+        let inner = MemoryTarget::new(caps).writing_members_in_parallel();
+        let t = Logged {
+            inner: &inner,
+            log: Mutex::new(Vec::new()),
+            refuse: "user3@x",
+        };
+        let mut st = AgreementState::new("t");
+        // One worker: the order is deterministic.
+        let opts = idsync_runner::RunOptions {
+            workers: 1,
+            reconcile: None,
+            ..Default::default()
+        };
+        let out = idsync_runner::testing::run_seeded(
+            &t,
+            &s,
+            &Mapping::defaults(),
+            &Policy::default(),
+            &mut st,
+            &opts,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            *t.log.lock().unwrap(),
+            [
+                "create TEAM",
+                "create user1@x",
+                "create user2@x",
+                "add TEAM user1@x,user2@x",
+                "create user3@x",
+                "create user4@x",
+                "add TEAM user4@x",
+                "create user5@x",
+                "create user6@x",
+                "add TEAM user5@x,user6@x",
+            ]
+        );
+        let rep = out.report.unwrap();
+        // One addition in the plan, however many parts it ran in.
+        assert_eq!(rep.applied, 7, "{rep:?}");
+        assert_eq!(rep.failed.len(), 1, "{rep:?}");
+        assert!(
+            matches!(&rep.failed[0].op, Op::Create { principal, .. } if principal.key == "user3@x")
+        );
+        let skipped: Vec<&str> = rep.skipped.iter().map(|f| f.error.as_str()).collect();
+        assert_eq!(
+            skipped,
+            ["member user \"user3@x\" was not created, so it is not added"]
+        );
+        let held = inner.observe().await.unwrap();
+        let team = held
+            .principals
+            .groups
+            .values()
+            .find(|p| p.principal.key == "TEAM")
+            .unwrap();
+        assert_eq!(held.members[&team.id].len(), 5);
+        // The next run creates the refused user (the target takes it now) and adds it.
+        let again = sync(&s, &inner, &mut st, &Policy::default()).await;
+        assert_eq!(
+            ops(&again.plan),
+            [
+                "create user \"user3@x\"",
+                "addMembers group \"TEAM\" [\"user3@x\"]"
+            ]
+        );
+        assert!(again.report.unwrap().is_success());
+    })
+}

@@ -108,9 +108,10 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        1..4usize,
     )
         .prop_map(
-            |(nested, sps, sp_members, ci, rename_users, deactivate, rename_groups)| {
+            |(nested, sps, sp_members, ci, rename_users, deactivate, rename_groups, chunk)| {
                 let mut renamable: BTreeSet<Kind> = [Kind::ServicePrincipal].into();
                 if rename_users {
                     renamable.insert(Kind::User);
@@ -126,6 +127,8 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
                     case_insensitive_keys: ci,
                     renamable,
                     deactivate,
+                    // Small, so that additions are split where the target writes in parallel.
+                    max_members_per_write: chunk,
                     ..Capabilities::full()
                 }
             },
@@ -213,15 +216,18 @@ proptest! {
         outside in outsiders(),
         policy in policy(),
         combine in any::<bool>(),
+        parallel in any::<bool>(),
     ) {
         block(async {
             // Either way a target takes member changes: one operation each, or a group's
-            // removals and additions together.
+            // removals and additions together; a group's member writes one at a time, or in
+            // parallel (additions split).
             let t = if combine {
                 MemoryTarget::new(caps.clone()).combining_member_changes()
             } else {
                 MemoryTarget::new(caps.clone())
             };
+            let t = if parallel { t.writing_members_in_parallel() } else { t };
             let before = insert_outsiders(&t, &outside);
             let mut st = AgreementState::new("prop");
             let mapping = Mapping::defaults();

@@ -14,6 +14,9 @@ pub const PLAN_FORMAT: u32 = 1;
 /// plan orders them so); the others run concurrently.
 pub const RENAME_PHASE: u8 = 1;
 
+/// The phase of creates.
+pub const CREATE_PHASE: u8 = 3;
+
 /// The phase of member removals: before every addition, as removals break cycles of nested groups.
 pub const REMOVE_MEMBERS_PHASE: u8 = 5;
 
@@ -155,7 +158,7 @@ impl Op {
                 frees_key: true, ..
             } => RENAME_PHASE,
             Op::Update { .. } => 2,
-            Op::Create { .. } => 3,
+            Op::Create { .. } => CREATE_PHASE,
             Op::AttachPolicies { .. } | Op::DetachPolicies { .. } => 4,
             Op::RemoveMembers { .. } => REMOVE_MEMBERS_PHASE,
             Op::AddMembers { .. } => ADD_MEMBERS_PHASE,

@@ -1021,6 +1021,17 @@ impl Target for ScimTarget {
         true
     }
 
+    /// Where the dialect fixes PATCH without ETags and without `/Bulk` (Databricks): each PATCH
+    /// adds or removes only the members it names, so several of one group may run at once, as
+    /// Databricks' Terraform provider runs them (docs/apis/databricks-scim.md). Providers whose
+    /// features are discovered keep one member write per group at a time.
+    fn parallel_member_writes(&self) -> bool {
+        self.dialect
+            .features
+            .as_ref()
+            .is_some_and(|f| f.patch && !f.etag && f.bulk.is_none())
+    }
+
     async fn execute_members(
         &self,
         group: &PRef,
