@@ -180,8 +180,12 @@ impl<'a> Schedule<'a> {
             };
             if let Some((members, chunk)) = split_members {
                 let rank = |m: &PRef| made.get(&(m.kind, m.key.as_str())).map_or(0, |&(_, r)| r);
-                let mut positions: Vec<u32> = (0..members.len() as u32).collect();
-                positions.sort_by_key(|&k| rank(&members[k as usize]));
+                // Each member's rank looked up once (a group may hold 100,000).
+                let mut ranked: Vec<(u32, u32)> = (0..members.len() as u32)
+                    .map(|k| (rank(&members[k as usize]), k))
+                    .collect();
+                ranked.sort_unstable();
+                let positions: Vec<u32> = ranked.into_iter().map(|(_, k)| k).collect();
                 let lane = s.in_flight.len() as u32;
                 s.in_flight.push(0);
                 s.parked.push(VecDeque::new());
