@@ -181,7 +181,10 @@ async fn patch_members_deactivation_and_the_username_rule() {
     let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "add", "path": "members", "value": [{"value": b["id"]}, {"value": a["id"]}, {"value": a["id"]}]}])))).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let r = t.call(Method::GET, &gp, None).await.1;
-    assert_eq!(r["members"], json!([{"value": b["id"]}, {"value": a["id"]}]));
+    assert_eq!(
+        r["members"],
+        json!([{"value": b["id"]}, {"value": a["id"]}])
+    );
     let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "remove", "path": format!("members[value eq \"{}\"]", a["id"].as_str().unwrap())}])))).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     // Removing an absent member is a no-op.
