@@ -1,5 +1,7 @@
-//! Applying a plan: phase by phase in the plan's order, each phase with bounded concurrency,
-//! recording in the agreement state what each successful operation changed. Partial failure is
+//! Applying a plan: in batches of the plan's phases (adoptions, renames in waves, updates; then
+//! creates, policies and member changes together, each as soon as what it names exists
+//! (`schedule.rs`); then deactivations and deletions), with bounded concurrency, recording in
+//! the agreement state what each successful operation changed. Partial failure is
 //! data: the report lists what succeeded, what failed and why, and what was skipped because
 //! something it depended on failed.
 
@@ -321,6 +323,13 @@ pub async fn apply(
                 running.push(async move { (t, task, ctx.go(job).await) });
             }
             let Some((t, task, ran)) = running.next().await else {
+                // Nothing runs and nothing is ready. Every wait is for a create or a removal,
+                // which wait for creates only, so this is the end; were a task left waiting,
+                // it runs rather than going unreported.
+                if schedule.release_waiting() {
+                    tracing::error!("the apply's schedule left operations waiting; running them");
+                    continue;
+                }
                 break;
             };
             for r in &ran {
@@ -334,7 +343,6 @@ pub async fn apply(
             crate::progress::add(crate::progress::Phase::Apply, done);
             results.extend(ran);
         }
-        debug_assert_eq!(schedule.left(), 0, "every task of the batch ran");
         // Recorded in plan order, whatever order they finished in; the parts of a split addition
         // as one operation.
         results.sort_by(|a, b| a.key.cmp(&b.key));
@@ -347,31 +355,25 @@ pub async fn apply(
                     report.halted += 1;
                 }
                 // Parts of a split addition may have run before the stop.
+                if ran.may_have_run() {
+                    report.ran.push(ran.key.1);
+                }
                 report.skipped.extend(ran.skipped);
-                match (ran.result, ran.op) {
-                    (Some(Ok(_)), _) => report.ran.push(ran.key.1),
-                    (Some(Err(e)), Some(op)) => {
-                        if Failure::unknown(e.kind) {
-                            report.ran.push(ran.key.1);
-                        }
-                        report.failed.push(Failure {
-                            op,
-                            error: e.message,
-                            kind: Some(e.kind),
-                        });
-                    }
-                    _ => {}
+                if let (Some(Err(e)), Some(op)) = (ran.result, ran.op) {
+                    report.failed.push(Failure {
+                        op,
+                        error: e.message,
+                        kind: Some(e.kind),
+                    });
                 }
                 continue;
             }
-            report.skipped.extend(ran.skipped);
-            if match &ran.result {
-                Some(Ok(_)) => true,
-                Some(Err(e)) => Failure::unknown(e.kind),
-                None => false,
-            } {
+            // A split addition whose parts partly ran is in both lists: what a rollback undoes,
+            // and what failed.
+            if ran.may_have_run() {
                 report.ran.push(ran.key.1);
             }
+            report.skipped.extend(ran.skipped);
             match (ran.result, ran.op) {
                 (None, _) => {}
                 (Some(Ok((outcome, wrote))), op) => {
@@ -660,15 +662,27 @@ impl Ctx<'_> {
                     .collect();
                 Ok((resolved, skipped))
             }
-            Err(dep) => {
+            Err(unresolved) => {
                 if self.opts.rollback {
                     self.set_halt();
                 }
-                Err(vec![Failure {
-                    op: op.clone(),
-                    error: format!("{dep} was not created, so this was not attempted"),
-                    kind: None,
-                }])
+                Err(match unresolved {
+                    Unresolved::Subject(dep) => vec![Failure {
+                        op: op.clone(),
+                        error: format!("{dep} was not created, so this was not attempted"),
+                        kind: None,
+                    }],
+                    // Every member of it, each named (a part of a split addition may hold only
+                    // members whose creates failed).
+                    Unresolved::Members(dropped) => dropped
+                        .into_iter()
+                        .map(|d| Failure {
+                            op: op.clone(),
+                            error: format!("member {d} was not created, so it is not added"),
+                            kind: None,
+                        })
+                        .collect(),
+                })
             }
         }
     }
@@ -691,6 +705,7 @@ impl Ctx<'_> {
             result: Some(r),
             skipped,
             stopped: false,
+            partly_ran: false,
         }
     }
 }
@@ -723,11 +738,44 @@ enum Job {
 }
 
 impl Ran {
+    /// Whether it changed the target, or may have.
+    fn may_have_run(&self) -> bool {
+        self.partly_ran
+            || match &self.result {
+                Some(Ok(_)) => true,
+                Some(Err(e)) => Failure::unknown(e.kind),
+                None => false,
+            }
+    }
+
     /// Takes in the result of another part of the same addition.
     fn absorb(&mut self, other: Ran) {
+        self.partly_ran = self.may_have_run() || other.may_have_run();
         self.stopped |= other.stopped;
-        self.skipped.extend(other.skipped);
+        // One entry per reason: the parts of an addition to a group that was not created all
+        // say so, and are one operation.
+        for f in other.skipped {
+            match self.skipped.iter_mut().find(|s| s.error == f.error) {
+                Some(s) => {
+                    if let (Op::AddMembers { members, .. }, Op::AddMembers { members: more, .. }) =
+                        (&mut s.op, f.op)
+                    {
+                        members.extend(more);
+                    }
+                }
+                None => self.skipped.push(f),
+            }
+        }
+        // The error reported: one that says something about the operation (refused, not
+        // found) before one of the service or the network, whichever part finished first.
         self.result = match (self.result.take(), other.result) {
+            (Some(Err(a)), Some(Err(b))) => Some(Err(
+                if Failure::unknown(a.kind) && !Failure::unknown(b.kind) {
+                    b
+                } else {
+                    a
+                },
+            )),
             (Some(Err(e)), _) | (_, Some(Err(e))) => Some(Err(e)),
             (Some(Ok((o, a))), Some(Ok((_, b)))) => Some(Ok((o, a || b))),
             (a, b) => a.or(b),
@@ -751,6 +799,7 @@ impl Ran {
             result: None,
             skipped: Vec::new(),
             stopped: true,
+            partly_ran: false,
         }
     }
 
@@ -761,6 +810,7 @@ impl Ran {
             result: None,
             skipped,
             stopped: false,
+            partly_ran: false,
         }
     }
 }
@@ -831,6 +881,9 @@ struct Ran {
     /// Not started: the apply was asked to stop.
     stopped: bool,
     skipped: Vec<Failure>,
+    /// For a split addition: a part succeeded, or failed with its outcome unknown (so the
+    /// operation may have changed the target, whatever the error reported).
+    partly_ran: bool,
 }
 
 /// Whether a successful operation changes the state (links, ownership), so must be recorded.
@@ -844,9 +897,21 @@ fn records(op: &Op) -> bool {
     )
 }
 
+/// Why an operation cannot run at all.
+enum Unresolved {
+    /// Its subject (or group) was not created.
+    Subject(PRef),
+    /// None of its members was created.
+    Members(Vec<PRef>),
+}
+
 /// Fills in target ids of principals created earlier in this apply. Members whose create failed
 /// are dropped (and returned); a subject whose create failed makes the whole operation unrunnable.
-fn resolve(op: &Op, created: &BTreeMap<(Kind, String), String>) -> Result<(Op, Vec<PRef>), PRef> {
+fn resolve(
+    op: &Op,
+    created: &BTreeMap<(Kind, String), String>,
+) -> Result<(Op, Vec<PRef>), Unresolved> {
+    let missing = |r: &PRef| Unresolved::Subject(r.clone());
     let fill = |r: &PRef| -> Option<PRef> {
         if r.id.is_some() {
             return Some(r.clone());
@@ -864,12 +929,12 @@ fn resolve(op: &Op, created: &BTreeMap<(Kind, String), String>) -> Result<(Op, V
         | Op::Forget { target }
         | Op::Update { target, .. }
         | Op::Deactivate { target }
-        | Op::Delete { target, .. } => *target = fill(target).ok_or_else(|| target.clone())?,
+        | Op::Delete { target, .. } => *target = fill(target).ok_or_else(|| missing(target))?,
         Op::AttachPolicies { group, .. } | Op::DetachPolicies { group, .. } => {
-            *group = fill(group).ok_or_else(|| group.clone())?
+            *group = fill(group).ok_or_else(|| missing(group))?
         }
         Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
-            *group = fill(group).ok_or_else(|| group.clone())?;
+            *group = fill(group).ok_or_else(|| missing(group))?;
             let mut kept = Vec::with_capacity(members.len());
             for m in members.iter() {
                 match fill(m) {
@@ -878,7 +943,7 @@ fn resolve(op: &Op, created: &BTreeMap<(Kind, String), String>) -> Result<(Op, V
                 }
             }
             if kept.is_empty() {
-                return Err(dropped.swap_remove(0));
+                return Err(Unresolved::Members(dropped));
             }
             *members = kept;
         }

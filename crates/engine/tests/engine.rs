@@ -1739,3 +1739,124 @@ fn a_first_sync_writes_members_while_it_still_creates() {
         assert!(again.report.unwrap().is_success());
     })
 }
+
+/// A split addition reports as one operation: a part that failed fails it (with that part's
+/// members), yet it counts as run when another part succeeded, so that a rollback undoes it; a
+/// part whose members were all refused names each of them.
+#[test]
+fn a_split_addition_that_partly_failed_is_reported_and_counted_as_run() {
+    /// Refuses two creates, and an addition that holds user2@x.
+    struct Refusing<'a> {
+        inner: &'a MemoryTarget,
+    }
+    #[async_trait::async_trait]
+    impl idsync_engine::Target for Refusing<'_> {
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        fn parallel_member_writes(&self) -> bool {
+            true
+        }
+        async fn observe(&self) -> Result<idsync_model::Observed, idsync_engine::TargetError> {
+            self.inner.observe().await
+        }
+        async fn execute(
+            &self,
+            op: &Op,
+        ) -> Result<idsync_engine::Outcome, idsync_engine::TargetError> {
+            let refused = match op {
+                Op::Create { principal, .. } => {
+                    ["user3@x", "user4@x"].contains(&principal.key.as_str())
+                }
+                Op::AddMembers { members, .. } => members.iter().any(|m| m.key == "user2@x"),
+                _ => false,
+            };
+            if refused {
+                return Err(idsync_engine::TargetError::new(
+                    idsync_engine::TargetErrorKind::Invalid,
+                    "refused (injected)",
+                ));
+            }
+            self.inner.execute(op).await
+        }
+    }
+    block(async {
+        let users: Vec<_> = (1..=6)
+            .map(|i| user(&format!("u{i}"), &format!("user{i}@x")))
+            .collect();
+        let members: Vec<Member> = (1..=6).map(|i| Member::user(format!("u{i}"))).collect();
+        let s = snap(users, vec![], vec![group("g1", "TEAM", &members)]);
+        let inner = MemoryTarget::new(Capabilities {
+            max_members_per_write: 2,
+            ..Capabilities::full()
+        });
+        let t = Refusing { inner: &inner };
+        let mut st = AgreementState::new("t");
+        let opts = idsync_runner::RunOptions {
+            workers: 4,
+            reconcile: None,
+            ..Default::default()
+        };
+        let out = idsync_runner::testing::run_seeded(
+            &t,
+            &s,
+            &Mapping::defaults(),
+            &Policy::default(),
+            &mut st,
+            &opts,
+        )
+        .await
+        .unwrap();
+        let plan = out.file.unwrap().plan;
+        let add = plan
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::AddMembers { .. }))
+            .unwrap();
+        let rep = out.report.unwrap();
+        // Parts (created in this order): user1+user2 refused, user3+user4 never created,
+        // user5+user6 written.
+        let failed: Vec<String> = rep
+            .failed
+            .iter()
+            .map(|f| match &f.op {
+                Op::AddMembers { members, .. } => format!(
+                    "add {}",
+                    members
+                        .iter()
+                        .map(|m| m.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                other => format!("create {}", other.subject().1),
+            })
+            .collect();
+        assert_eq!(
+            failed,
+            ["create user3@x", "create user4@x", "add user1@x,user2@x"],
+            "{rep:?}"
+        );
+        let skipped: Vec<&str> = rep.skipped.iter().map(|f| f.error.as_str()).collect();
+        assert_eq!(
+            skipped,
+            [
+                "member user \"user3@x\" was not created, so it is not added",
+                "member user \"user4@x\" was not created, so it is not added"
+            ]
+        );
+        assert!(
+            rep.ran.contains(&add),
+            "the addition partly ran: {:?}",
+            rep.ran
+        );
+        assert_eq!(rep.ran.iter().filter(|&&i| i == add).count(), 1);
+        let held = inner.observe().await.unwrap();
+        let team = held
+            .principals
+            .groups
+            .values()
+            .find(|p| p.principal.key == "TEAM")
+            .unwrap();
+        assert_eq!(held.members[&team.id].len(), 2, "user5 and user6");
+    })
+}

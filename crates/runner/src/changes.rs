@@ -215,8 +215,18 @@ pub fn records(
     let mut failures: Vec<&idsync_engine::apply::Failure> = report.failed.iter().collect();
     for &i in &report.ran {
         let Some(op) = plan.ops.get(i) else { continue };
-        // An operation that ran and failed with an unknown outcome is in both lists.
-        if let Some(pos) = failures.iter().position(|f| f.op == *op) {
+        // An operation that ran and failed with an unknown outcome is in both lists, and so is
+        // a split addition a part of which failed. The failure holds the operation as it ran
+        // (ids filled in, an addition's failed parts only): matched by what it is and names.
+        let same = |f: &&idsync_engine::apply::Failure| {
+            std::mem::discriminant(&f.op) == std::mem::discriminant(op)
+                && f.op.subject() == op.subject()
+        };
+        if let Some(pos) = failures
+            .iter()
+            .position(|f| f.op == *op)
+            .or_else(|| failures.iter().position(same))
+        {
             let f = failures.remove(pos);
             let result = if f.outcome_unknown() {
                 "unknown"
