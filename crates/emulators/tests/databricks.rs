@@ -187,6 +187,11 @@ async fn patch_members_deactivation_and_the_username_rule() {
     );
     let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "remove", "path": format!("members[value eq \"{}\"]", a["id"].as_str().unwrap())}])))).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
+    // A group's removals and additions in one PATCH, removals first.
+    let (s, _) = t.call(Method::PATCH, &gp, Some(op(json!([{"op": "remove", "path": format!("members[value eq \"{}\"]", b["id"].as_str().unwrap())}, {"op": "add", "path": "members", "value": [{"value": a["id"]}, {"value": b["id"]}]}, {"op": "remove", "path": format!("members[value eq \"{}\"]", a["id"].as_str().unwrap())}])))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let r = t.call(Method::GET, &gp, None).await.1;
+    assert_eq!(r["members"], json!([{"value": b["id"]}]));
     // Removing an absent member is a no-op.
     let (s, _) = t
         .call(
