@@ -790,22 +790,26 @@ async fn run_agreements(
             failed.join(", ")
         );
     }
-    if let Some(path) = out {
-        for f in &mut files {
-            idsync_runner::saved::seal(f);
-        }
-        let bundle = PlanBundle {
-            format: idsync_model::plan::PLAN_FORMAT,
-            plans: files,
-        };
-        let json = serde_json::to_vec_pretty(&bundle)?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
-        printer.note(&format!(
-            "plan saved to {}; apply it with: idsync apply {}",
-            path.display(),
-            path.display()
-        ));
+    let Some(path) = out else {
+        // The plans and their snapshots: freed aside, not waited for.
+        idsync_runner::drop_aside((files, cache));
+        return Ok(worst);
+    };
+    for f in &mut files {
+        idsync_runner::saved::seal(f);
     }
+    let bundle = PlanBundle {
+        format: idsync_model::plan::PLAN_FORMAT,
+        plans: files,
+    };
+    let json = serde_json::to_vec_pretty(&bundle)?;
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    printer.note(&format!(
+        "plan saved to {}; apply it with: idsync apply {}",
+        path.display(),
+        path.display()
+    ));
+    idsync_runner::drop_aside((bundle, cache));
     Ok(worst)
 }
 

@@ -302,7 +302,9 @@ async fn plan_and_apply(
         ..a.policy.clone()
     };
     if let Some(plan) = settled::plan(a, &caps, &read, &state, &policy, opts) {
-        return settle(a, store, state, &read, plan, opts, lease, reporter).await;
+        let out = settle(a, store, state, &read, plan, opts, lease, reporter).await;
+        drop_aside(read);
+        return out;
     }
     let mut plan = observation::observe_and_plan(a, &caps, &read, &state, &policy, opts).await?;
     let own_notes = plan.notes.clone();
@@ -372,6 +374,7 @@ async fn plan_and_apply(
     } else {
         exit::OK
     };
+    drop_aside(read);
     Ok(Outcome {
         code,
         file: Some(file),
@@ -443,6 +446,7 @@ async fn settle(
         report.requests = Some(after - before);
     }
     reporter.report(&report);
+    drop_aside(state);
     Ok(Outcome {
         code: exit::OK,
         file: Some(file),
@@ -614,6 +618,7 @@ async fn apply_file(
             }
         }
     }
+    drop_aside(state);
     flushed.map_err(|error| RunError::Flush {
         agreement: a.name.to_owned(),
         error,
@@ -622,6 +627,16 @@ async fn apply_file(
         report.requests = Some(after - before);
     }
     Ok(report)
+}
+
+/// Frees a large value (a run's state, a source read) on a thread of its own. A state at 100k
+/// users holds millions of small allocations: freeing them took 0.1–0.2 s of an incremental run
+/// of 2 s, after its last commit, which the caller waited for and a one-shot run spends only to
+/// exit. A daemon's thread frees it meanwhile. Where no thread can be started, it is freed here.
+pub fn drop_aside<T: Send + 'static>(value: T) {
+    let _ = std::thread::Builder::new()
+        .name("idsync-free".into())
+        .spawn(move || drop(value));
 }
 
 /// The halt of an agreement a run halted (too many of its operations failed).
