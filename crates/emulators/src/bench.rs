@@ -5,8 +5,9 @@
 //! idsync process's peak RSS. `idsync-bench` prints the table and writes JSON; the CLI's tests run
 //! the small size as a smoke test (request counts and zero writes, never a timing).
 //!
-//! To see where a run's time goes: `IDSYNC_BENCH_DEBUG=1` runs idsync with `--debug`, and
-//! `IDSYNC_BENCH_OUTPUT=DIR` keeps what each run printed as `DIR/N.log` (N counts the runs).
+//! To see where a run's time goes: `IDSYNC_BENCH_DEBUG=1` runs idsync with `--debug` (`last`:
+//! only the last run), and `IDSYNC_BENCH_OUTPUT=DIR` keeps what each run printed as `DIR/N.log`
+//! (N counts the runs).
 
 use crate::databricks::{ACCOUNT_ID, TOKEN};
 use crate::generator::{Params, generate};
@@ -23,12 +24,19 @@ use std::time::{Duration, Instant};
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// `small`, `medium` or `large`.
+    /// `small`, `medium`, `large` or `xlarge`.
     pub size: String,
     /// The idsync binary.
     pub idsync: PathBuf,
     /// Added to every emulator request.
     pub latency_ms: u64,
+    /// Added to every emulator request of the first syncs, which only set up the runs after them
+    /// (`None`: `latency_ms`). At `xlarge` a first sync at 20 ms takes most of an hour.
+    pub setup_latency_ms: Option<u64>,
+    /// How many times the runs after the first syncs (no change, no change again, the changes
+    /// and the incremental run) are repeated: three rounds give three measures of each for one
+    /// first sync.
+    pub rounds: usize,
     /// Source changes between the no-change run and the incremental run.
     pub changes: usize,
     /// Concurrent requests per target (`--worker-threads`).
@@ -192,6 +200,9 @@ pub struct Report {
     pub tenant: BTreeMap<String, usize>,
     /// Latency per request (ms).
     pub latency_ms: u64,
+    /// Latency per request of the first syncs (ms), when it differs from `latency_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_latency_ms: Option<u64>,
     /// Whether the emulators were throttled ([`rate_limits`]).
     pub rate_limits: bool,
     /// Concurrent requests per target.
@@ -504,26 +515,49 @@ worker_threads = {w}
             ));
         }
     }
-    steps.push((format!("no change ({all})"), vec!["sync"]));
-    // The first run without change plans the tenant and records that it found nothing to do; the
-    // second takes that record instead of planning again (issue #17).
-    steps.push((format!("no change again ({all})"), vec!["sync"]));
-    steps.push(("changes".into(), vec![]));
-    steps.push((format!("incremental ({all})"), vec!["sync"]));
-    for (name, args) in steps {
+    let setup = steps.len();
+    for round in 1..=o.rounds.max(1) {
+        let tag = if o.rounds > 1 {
+            format!(", round {round}")
+        } else {
+            String::new()
+        };
+        steps.push((format!("no change ({all}{tag})"), vec!["sync"]));
+        // The first run without change plans the tenant and records that it found nothing to
+        // do; the second takes that record instead of planning again (issue #17).
+        steps.push((format!("no change again ({all}{tag})"), vec!["sync"]));
+        steps.push(("changes".into(), vec![]));
+        steps.push((format!("incremental ({all}{tag})"), vec!["sync"]));
+    }
+    let setup_latency = o.setup_latency_ms.filter(|l| *l != o.latency_ms);
+    let last = steps.len() - 1;
+    for (step, (name, args)) in steps.into_iter().enumerate() {
         if args.is_empty() {
             change_tenant(&mut graph.state.tenant_mut(), o.changes);
             continue;
         }
+        let latency_ms = match setup_latency {
+            Some(l) if step < setup => l,
+            _ => o.latency_ms,
+        };
         for (_, i) in &infras {
             i.accounting.reset();
+            i.set_faults(Faults {
+                latency_ms,
+                ..Faults::default()
+            });
         }
         let with_databricks = o.targets.iter().any(|t| t == "databricks");
         let before = with_databricks.then(|| picture(&dbx.state));
         let idsync = idsync.clone();
         let d = dir.clone();
-        // IDSYNC_BENCH_DEBUG=1 runs idsync with --debug (its timeline of requests and steps).
-        let debug = std::env::var_os("IDSYNC_BENCH_DEBUG").is_some();
+        // IDSYNC_BENCH_DEBUG=1 runs idsync with --debug (its timeline of requests and steps);
+        // IDSYNC_BENCH_DEBUG=last only the last run (a first sync's timeline at xlarge is large).
+        let debug = match std::env::var("IDSYNC_BENCH_DEBUG") {
+            Ok(v) if v == "last" => step == last,
+            Ok(_) => true,
+            Err(_) => false,
+        };
         let args: Vec<String> = debug
             .then(|| "--debug".to_owned())
             .into_iter()
@@ -569,6 +603,7 @@ worker_threads = {w}
         size: o.size.clone(),
         tenant: tenant_counts,
         latency_ms: o.latency_ms,
+        setup_latency_ms: setup_latency,
         rate_limits: o.rate_limits,
         workers: o.workers,
         databricks_write_floor: floor,
@@ -580,13 +615,16 @@ worker_threads = {w}
 /// The report as a Markdown table.
 pub fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "### {} ({} users, {} service principals, {} groups, {} memberships; {} ms per request; {} workers; {})\n\n| run | wall | peak RSS | Graph requests | Databricks requests (writes, floor) | lakeFS requests (writes) |{}\n|---|---|---|---|---|---|{}\n",
+        "### {} ({} users, {} service principals, {} groups, {} memberships; {} ms per request{}; {} workers; {})\n\n| run | wall | peak RSS | Graph requests | Databricks requests (writes, floor) | lakeFS requests (writes) |{}\n|---|---|---|---|---|---|{}\n",
         r.size,
         r.tenant["users"],
         r.tenant["servicePrincipals"],
         r.tenant["groups"],
         r.tenant["memberships"],
         r.latency_ms,
+        r.setup_latency_ms.map_or(String::new(), |l| format!(
+            " ({l} ms in the first syncs, which set up the runs after them)"
+        )),
         r.workers,
         if r.rate_limits {
             "rate limits on"

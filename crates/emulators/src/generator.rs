@@ -51,7 +51,8 @@ impl Default for Params {
 
 impl Params {
     /// The benchmark sizes of issue #7: `small` (1k users), `medium` (10k), `large` (100k users,
-    /// 2k service principals, 10k groups, 1M memberships, nesting depth 3).
+    /// 2k service principals, 10k groups, 1M memberships, nesting depth 3), and of issue #17:
+    /// `xlarge` (1M users, 20k service principals, 100k groups, 10M memberships).
     pub fn preset(name: &str) -> Option<Params> {
         let p = match name {
             "small" => Params {
@@ -73,6 +74,13 @@ impl Params {
                 service_principals: 2_000,
                 groups: 10_000,
                 memberships: 1_000_000,
+                ..Params::default()
+            },
+            "xlarge" => Params {
+                users: 1_000_000,
+                service_principals: 20_000,
+                groups: 100_000,
+                memberships: 10_000_000,
                 ..Params::default()
             },
             _ => return None,

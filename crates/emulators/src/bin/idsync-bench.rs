@@ -1,6 +1,6 @@
-//! The benchmark driver (issue #7): `idsync-bench --size small|medium|large --idsync PATH
-//! [--latency-ms 20] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--rate-limits]
-//! [--json FILE]`. Prints a Markdown table; see `idsync_emulators::bench`.
+//! The benchmark driver (issue #7): `idsync-bench --size small|medium|large|xlarge --idsync PATH
+//! [--latency-ms 20] [--setup-latency-ms N] [--rounds 1] [--changes 100] [--workers 10]
+//! [--targets databricks,lakefs] [--rate-limits] [--json FILE]`. Prints a Markdown table; see `idsync_emulators::bench`.
 
 use idsync_emulators::bench::{Options, markdown, run};
 use std::path::PathBuf;
@@ -28,6 +28,11 @@ async fn main() -> ExitCode {
                 arg(&args, "--idsync").unwrap_or_else(|| "target/release/idsync".into()),
             ),
             latency_ms: num("--latency-ms", 20)?,
+            setup_latency_ms: match arg(&args, "--setup-latency-ms") {
+                Some(_) => Some(num("--setup-latency-ms", 0)?),
+                None => None,
+            },
+            rounds: num("--rounds", 1)?.max(1) as usize,
             changes: num("--changes", 100)? as usize,
             workers: num("--workers", 10)? as usize,
             targets: arg(&args, "--targets")
@@ -43,7 +48,7 @@ async fn main() -> ExitCode {
         Ok(o) => o,
         Err(e) => {
             eprintln!(
-                "error: {e}\nusage: idsync-bench --size small|medium|large --idsync PATH [--latency-ms 20] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--rate-limits] [--json FILE]"
+                "error: {e}\nusage: idsync-bench --size small|medium|large|xlarge --idsync PATH [--latency-ms 20] [--setup-latency-ms N] [--rounds 1] [--changes 100] [--workers 10] [--targets databricks,lakefs] [--rate-limits] [--json FILE]"
             );
             return ExitCode::from(2);
         }
