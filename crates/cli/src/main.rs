@@ -791,8 +791,9 @@ async fn run_agreements(
         );
     }
     let Some(path) = out else {
-        // The plans and their snapshots: freed aside, not waited for.
-        idsync_runner::drop_aside((files, cache));
+        // The plans and their snapshots, and the store's memory of the layers it last read or
+        // wrote (a second copy of the id maps and the snapshot): freed aside, not waited for.
+        idsync_runner::drop_aside((files, cache, store));
         return Ok(worst);
     };
     for f in &mut files {
@@ -809,7 +810,7 @@ async fn run_agreements(
         path.display(),
         path.display()
     ));
-    idsync_runner::drop_aside((bundle, cache));
+    idsync_runner::drop_aside((bundle, cache, store));
     Ok(worst)
 }
 
