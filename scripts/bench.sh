@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks idsync against the emulators (issue #7): builds the release binaries, then runs the
-# driver at a size (small, medium, large, xlarge) with a latency per request (default 20 ms), and writes
-# bench/results-SIZE.json (results-SIZE-rate-limits.json with --rate-limits) beside the table it
-# prints. Options after the latency go to idsync-bench (--targets, --workers, --changes,
+# driver at a size (small, medium, large, xlarge) with a latency per request (default 20 ms), and
+# writes bench/results-SIZE.json (results-SIZE-rate-limits.json with --rate-limits) beside the
+# table it prints. Options after the latency go to idsync-bench (--targets, --workers, --changes,
 # --rate-limits, --rounds, --setup-latency-ms). Everything runs on 127.0.0.1.
 #
 #   scripts/bench.sh medium            # 10k users

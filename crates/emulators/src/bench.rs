@@ -421,11 +421,8 @@ pub async fn run(o: &Options) -> Result<Report, String> {
         ("databricks", &dbx.state.infra),
         ("lakefs", &lake.state.infra),
     ];
+    // The latency is set before each run (the first syncs may have their own).
     for (name, i) in &infras {
-        i.set_faults(Faults {
-            latency_ms: o.latency_ms,
-            ..Faults::default()
-        });
         if o.rate_limits {
             i.set_throttles(
                 rate_limits()

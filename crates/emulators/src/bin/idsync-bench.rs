@@ -1,6 +1,7 @@
 //! The benchmark driver (issue #7): `idsync-bench --size small|medium|large|xlarge --idsync PATH
 //! [--latency-ms 20] [--setup-latency-ms N] [--rounds 1] [--changes 100] [--workers 10]
-//! [--targets databricks,lakefs] [--rate-limits] [--json FILE]`. Prints a Markdown table; see `idsync_emulators::bench`.
+//! [--targets databricks,lakefs] [--rate-limits] [--json FILE]`. Prints a Markdown table; see
+//! `idsync_emulators::bench`.
 
 use idsync_emulators::bench::{Options, markdown, run};
 use std::path::PathBuf;
@@ -28,10 +29,9 @@ async fn main() -> ExitCode {
                 arg(&args, "--idsync").unwrap_or_else(|| "target/release/idsync".into()),
             ),
             latency_ms: num("--latency-ms", 20)?,
-            setup_latency_ms: match arg(&args, "--setup-latency-ms") {
-                Some(_) => Some(num("--setup-latency-ms", 0)?),
-                None => None,
-            },
+            setup_latency_ms: arg(&args, "--setup-latency-ms")
+                .map(|_| num("--setup-latency-ms", 0))
+                .transpose()?,
             rounds: num("--rounds", 1)?.max(1) as usize,
             changes: num("--changes", 100)? as usize,
             workers: num("--workers", 10)? as usize,
