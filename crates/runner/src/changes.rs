@@ -65,17 +65,47 @@ fn kind_key(kind: Kind, key: &str) -> String {
     format!("{kind}:{key}")
 }
 
+/// Target ids by key, for principals the apply created (their references carry none): drawn
+/// from the owned set the first time an operation needs one. An apply that created nothing never
+/// needs it, and the owned set holds every principal of the tenant.
+struct Ids<'a> {
+    state: &'a AgreementState,
+    index: std::cell::OnceCell<BTreeMap<(Kind, &'a str), &'a str>>,
+}
+
+impl<'a> Ids<'a> {
+    fn new(state: &'a AgreementState) -> Self {
+        Ids {
+            state,
+            index: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The target id of the principal of this kind and key, if idsync owns it.
+    fn get(&self, kind: Kind, key: &str) -> Option<String> {
+        let index: &BTreeMap<(Kind, &str), &str> = self.index.get_or_init(|| {
+            let mut ids = BTreeMap::new();
+            for kind in Kind::ALL {
+                for (id, o) in self.state.owned.get(kind) {
+                    ids.insert((kind, o.key.as_str()), id.as_str());
+                }
+            }
+            ids
+        });
+        index.get(&(kind, key)).map(|s| (*s).to_owned())
+    }
+}
+
 /// The target id of a reference: its own, or the one the state learnt during the apply.
-fn id_of(r: &PRef, ids: &BTreeMap<(Kind, &str), &str>) -> Option<String> {
-    r.id.clone()
-        .or_else(|| ids.get(&(r.kind, r.key.as_str())).map(|s| (*s).to_owned()))
+fn id_of(r: &PRef, ids: &Ids<'_>) -> Option<String> {
+    r.id.clone().or_else(|| ids.get(r.kind, &r.key))
 }
 
 /// The name, principal, target id, members and changes of an operation.
 fn describe(
     op: &Op,
     state: &AgreementState,
-    ids: &BTreeMap<(Kind, &str), &str>,
+    ids: &Ids<'_>,
 ) -> (
     &'static str,
     String,
@@ -124,10 +154,7 @@ fn describe(
                 .get(source.kind)
                 .get(&source.id)
                 .cloned()
-                .or_else(|| {
-                    ids.get(&(source.kind, principal.key.as_str()))
-                        .map(|s| (*s).to_owned())
-                }),
+                .or_else(|| ids.get(source.kind, &principal.key)),
             vec![],
             vec![],
         ),
@@ -187,13 +214,7 @@ pub fn records(
     state: &AgreementState,
 ) -> Vec<Change> {
     let (_, _, time) = day_time(now);
-    // Target ids by key, for principals the apply created (their references carry none).
-    let mut ids: BTreeMap<(Kind, &str), &str> = BTreeMap::new();
-    for kind in Kind::ALL {
-        for (id, o) in state.owned.get(kind) {
-            ids.insert((kind, o.key.as_str()), id.as_str());
-        }
-    }
+    let ids = Ids::new(state);
     let rolled_back = report.rollback.is_some();
     let record = |op: &Op, result: &str, error: Option<String>| {
         let (name, principal, target_id, members, changed) = describe(op, state, &ids);
@@ -279,4 +300,60 @@ pub fn parse(objects: &[(String, Vec<u8>)]) -> (Vec<Change>, usize) {
     }
     out.sort_by(|a, b| (&a.time, &a.run).cmp(&(&b.time, &b.run)));
     (out, unreadable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idsync_model::{Owned, Ownership};
+
+    fn owning(key: &str, id: &str) -> AgreementState {
+        let mut state = AgreementState::new("a");
+        state.owned.get_mut(Kind::Group).insert(
+            id.to_owned(),
+            Owned {
+                key: key.to_owned(),
+                how: Ownership::Created,
+                source: None,
+            },
+        );
+        state
+    }
+
+    #[test]
+    fn a_reference_without_an_id_takes_the_one_the_state_owns_under_its_key() {
+        let state = owning("data-eng", "g-17");
+        let ids = Ids::new(&state);
+        let op = Op::AddMembers {
+            group: PRef {
+                kind: Kind::Group,
+                key: "data-eng".into(),
+                id: None,
+            },
+            members: vec![],
+        };
+        let (name, principal, target_id, _, _) = describe(&op, &state, &ids);
+        assert_eq!(
+            (name, principal.as_str(), target_id.as_deref()),
+            ("addMembers", "group:data-eng", Some("g-17"))
+        );
+        assert_eq!(ids.get(Kind::User, "data-eng"), None, "keys are per kind");
+    }
+
+    #[test]
+    fn references_with_ids_never_draw_the_index_of_the_owned_set() {
+        let state = owning("data-eng", "g-17");
+        let ids = Ids::new(&state);
+        let op = Op::RemoveMembers {
+            group: PRef {
+                kind: Kind::Group,
+                key: "data-eng".into(),
+                id: Some("g-9".into()),
+            },
+            members: vec![],
+        };
+        let (_, _, target_id, _, _) = describe(&op, &state, &ids);
+        assert_eq!(target_id.as_deref(), Some("g-9"));
+        assert!(ids.index.get().is_none(), "the index was drawn");
+    }
 }
