@@ -31,7 +31,7 @@ pub fn draw(s: &Snapshot, depth: &BTreeMap<String, u32>, format: Format) -> Stri
     for (i, (id, g)) in s.groups.iter().enumerate() {
         let name = format!("n{i}");
         names.insert(id, name.clone());
-        let users = g.members.iter().filter(|m| m.kind == Kind::User).count();
+        let users = g.members.of_kind(Kind::User).count();
         let sps = g
             .members
             .iter()
@@ -51,7 +51,7 @@ pub fn draw(s: &Snapshot, depth: &BTreeMap<String, u32>, format: Format) -> Stri
     let mut edges: Vec<(String, String, Option<u32>)> = Vec::new();
     let mut unread = 0usize;
     for (id, g) in &s.groups {
-        for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+        for m in g.members.groups() {
             match names.get(m.id.as_str()) {
                 Some(child) => edges.push((
                     names[id.as_str()].clone(),

@@ -442,8 +442,8 @@ fn render(v: &View) -> String {
 pub fn nesting_svg(s: &Snapshot) -> String {
     fn nested<'s>(s: &'s Snapshot, g: &'s idsync_model::Group) -> Vec<&'s str> {
         g.members
-            .iter()
-            .filter(|m| m.kind == Kind::Group && s.groups.contains_key(&m.id))
+            .groups()
+            .filter(|m| s.groups.contains_key(&m.id))
             .map(|m| m.id.as_str())
             .collect()
     }
@@ -589,7 +589,7 @@ pub fn nesting_svg(s: &Snapshot) -> String {
     for id in &order {
         let (x, y, w) = place[id];
         let g = &s.groups[*id];
-        let users = g.members.iter().filter(|m| m.kind == Kind::User).count();
+        let users = g.members.of_kind(Kind::User).count();
         let sps = g
             .members
             .iter()

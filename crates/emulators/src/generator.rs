@@ -211,7 +211,7 @@ pub fn generate(p: &Params) -> Snapshot {
                 description: Some(format!("generated group {i}")),
                 security_enabled: true,
                 mail_enabled: false,
-                members,
+                members: members.into(),
             },
         );
     }

@@ -51,7 +51,7 @@ fn tenant(users: usize, groups: usize, per_group: usize) -> Snapshot {
                 description: None,
                 security_enabled: true,
                 mail_enabled: false,
-                members,
+                members: members.into(),
             },
         );
     }

@@ -91,11 +91,7 @@ fn differ<'a, V: PartialEq>(
 /// The direct members of a group that are groups (they sort last: [`Kind::Group`] is the
 /// greatest kind).
 fn nested(g: &Group) -> impl Iterator<Item = &Member> {
-    let first = Member {
-        kind: Kind::Group,
-        id: String::new(),
-    };
-    g.members.range(first..)
+    g.members.groups()
 }
 
 /// A group of either snapshot, in full (with its members).

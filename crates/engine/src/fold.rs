@@ -206,7 +206,7 @@ pub async fn fold(
             let Some(g) = snap.groups.get(p) else {
                 continue;
             };
-            for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+            for m in g.members.groups() {
                 if snap.groups.contains_key(&m.id) || attempted.contains(&m.id) {
                     continue;
                 }
@@ -243,7 +243,7 @@ pub async fn fold(
             let Some(g) = snap.groups.get(gid) else {
                 continue;
             };
-            for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+            for m in g.members.groups() {
                 if !now.contains_key(&m.id)
                     && !snap.groups.contains_key(&m.id)
                     && !snap.edge_groups.contains_key(&m.id)

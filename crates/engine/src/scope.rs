@@ -188,7 +188,7 @@ pub fn depths(dir: &Snapshot, scope: &Scope) -> (BTreeMap<String, u32>, Vec<Stri
             let Some(g) = dir.groups.get(gid) else {
                 continue;
             };
-            for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+            for m in g.members.groups() {
                 if let Some(child) = dir.groups.get(&m.id)
                     && eligible(child)
                     && !depth.contains_key(&m.id)
@@ -211,7 +211,7 @@ pub fn depths(dir: &Snapshot, scope: &Scope) -> (BTreeMap<String, u32>, Vec<Stri
 pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
     let (depth, mut notes) = depths(dir, scope);
     let mut out = Snapshot::default();
-    let (users, sps) = reached(dir, &depth);
+    let (users, sps) = reached(dir, &depth, scope.all_users);
     for gid in depth.keys() {
         if let Some(g) = dir.groups.get(gid) {
             out.groups.insert(gid.clone(), g.clone());
@@ -243,19 +243,24 @@ pub fn select(dir: &Snapshot, scope: &Scope) -> Selection {
 
 /// The ids of the users and service principals the groups in `depth` hold directly (hashed: at
 /// 1M memberships an ordered set spent most of a selection comparing ids).
+///
+/// Under `all_users` the scope keeps every user whatever holds it: the users are not collected,
+/// and only the service principals among the members are read.
 fn reached<'a>(
     dir: &'a Snapshot,
     depth: &BTreeMap<String, u32>,
+    all_users: bool,
 ) -> (FnvSet<&'a str>, FnvSet<&'a str>) {
     let (mut users, mut sps) = (FnvSet::default(), FnvSet::default());
     for g in depth.keys().filter_map(|gid| dir.groups.get(gid)) {
-        for m in &g.members {
-            match m.kind {
-                Kind::User => users.insert(m.id.as_str()),
-                Kind::ServicePrincipal => sps.insert(m.id.as_str()),
-                Kind::Group => false,
-            };
+        if !all_users {
+            users.extend(g.members.of_kind(Kind::User).map(|m| m.id.as_str()));
         }
+        sps.extend(
+            g.members
+                .of_kind(Kind::ServicePrincipal)
+                .map(|m| m.id.as_str()),
+        );
     }
     (users, sps)
 }
@@ -271,12 +276,16 @@ pub fn select_owned(mut dir: Snapshot, scope: &Scope) -> Selection {
     };
     // Decided while the groups are there to say it, applied once they may be borrowed no more.
     let (keep_users, keep_sps): (Vec<bool>, Vec<bool>) = {
-        let (users, sps) = reached(&dir, &depth);
+        let (users, sps) = reached(&dir, &depth, scope.all_users);
         (
-            dir.users
-                .keys()
-                .map(|id| scope.all_users || users.contains(id.as_str()))
-                .collect(),
+            if scope.all_users {
+                Vec::new()
+            } else {
+                dir.users
+                    .keys()
+                    .map(|id| users.contains(id.as_str()))
+                    .collect()
+            },
             dir.service_principals
                 .keys()
                 .map(|id| sps.contains(id.as_str()))
@@ -284,8 +293,10 @@ pub fn select_owned(mut dir: Snapshot, scope: &Scope) -> Selection {
         )
     };
     // `retain` visits in ascending key order, the order the flags were drawn in.
-    let mut keep = keep_users.into_iter();
-    dir.users.retain(|_, _| keep.next().unwrap_or(false));
+    if !scope.all_users {
+        let mut keep = keep_users.into_iter();
+        dir.users.retain(|_, _| keep.next().unwrap_or(false));
+    }
     let mut keep = keep_sps.into_iter();
     dir.service_principals
         .retain(|_, _| keep.next().unwrap_or(false));
@@ -316,7 +327,7 @@ pub fn edges(
         let Some(g) = dir.groups.get(gid) else {
             continue;
         };
-        for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+        for m in g.members.groups() {
             if depth.contains_key(&m.id) || out.contains_key(&m.id) {
                 continue;
             }
@@ -339,7 +350,7 @@ pub fn without_members(g: &idsync_model::Group) -> idsync_model::Group {
         description: g.description.clone(),
         security_enabled: g.security_enabled,
         mail_enabled: g.mail_enabled,
-        members: BTreeSet::new(),
+        members: Default::default(),
     }
 }
 
@@ -355,8 +366,7 @@ pub fn cycle_notes(s: &Snapshot) -> Vec<String> {
         .values()
         .map(|g| {
             g.members
-                .iter()
-                .filter(|m| m.kind == Kind::Group)
+                .groups()
                 .filter_map(|m| index_of.get(m.id.as_str()).copied())
                 .collect()
         })

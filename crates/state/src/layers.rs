@@ -216,7 +216,7 @@ fn diff_groups(
         match (old.get(&id), g) {
             (Some(before), Some(after)) => {
                 let bare = |g: &Group| Group {
-                    members: BTreeSet::new(),
+                    members: Default::default(),
                     ..g.clone()
                 };
                 let fields = bare(&after);

@@ -375,7 +375,7 @@ fn big_state(a: &str, n: usize) -> AgreementState {
             description: None,
             security_enabled: true,
             mail_enabled: false,
-            members,
+            members: members.into(),
         },
     );
     st.last_applied = Some(std::sync::Arc::new(snap));

@@ -24,7 +24,7 @@ use idsync_model::{
 };
 use reqwest::Method;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Where and how to read Entra ID.
 #[derive(Clone, Debug)]
@@ -151,7 +151,7 @@ fn group_of(v: &Value) -> Option<Group> {
             .get("mailEnabled")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        members: BTreeSet::new(),
+        members: Default::default(),
     })
 }
 

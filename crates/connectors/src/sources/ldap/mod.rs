@@ -1946,7 +1946,7 @@ impl Lookup for LdapLookup {
             let (read, _, _) = c.groups_of(entries, &mut index, &mut found, true).await?;
             let mut next = Vec::new();
             for g in read {
-                for m in g.members.iter().filter(|m| m.kind == Kind::Group) {
+                for m in g.members.groups() {
                     if at < scope.search_depth
                         && !snap.groups.contains_key(&m.id)
                         && !pool.groups.contains_key(&m.id)
