@@ -8,7 +8,7 @@
 pub mod apply;
 pub mod delta;
 pub mod flatten;
-pub mod fnv;
+pub use idsync_model::fnv;
 pub mod fold;
 pub mod mapping;
 pub mod memory;

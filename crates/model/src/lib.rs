@@ -1,6 +1,7 @@
 //! idsync's identity model: what sources say ([`source`]), what targets hold ([`target`]), plans
 //! ([`plan`]) and what idsync remembers per agreement ([`state`]). Plain data with serde; no IO.
 
+pub mod fnv;
 pub mod plan;
 pub mod secret;
 pub mod source;

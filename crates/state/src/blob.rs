@@ -850,6 +850,69 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_state_of_head_format_2_is_read_and_committed_on() {
+        use idsync_model::{Group, Snapshot, User};
+        let s = crate::MemoryStore::in_memory();
+        let mut st = with_link("a");
+        let mut snap = Snapshot::default();
+        for id in ["u1", "u2"] {
+            let u: User = serde_json::from_value(serde_json::json!({
+                "id": id, "userName": format!("{id}@example.com"), "displayName": "Zoë \"Z\""
+            }))
+            .unwrap();
+            snap.users.insert(id.into(), u);
+        }
+        let g: Group = serde_json::from_value(serde_json::json!({
+            "id": "g1", "displayName": "G",
+            "members": [{"type": "user", "id": "u2"}, {"type": "group", "id": "elsewhere"}]
+        }))
+        .unwrap();
+        snap.groups.insert("g1".into(), g);
+        st.last_applied = Some(std::sync::Arc::new(snap));
+        st.version = s.commit(&st).await.unwrap();
+        // What this build wrote: a head of format 3 and a base with the compact snapshot.
+        let (bytes, _) = s.blobs().get("a.state").await.unwrap().unwrap();
+        let mut head: serde_json::Value = codec::from_gzip(&bytes, "a.state").unwrap();
+        assert_eq!(head["format"], 3);
+        let key = head["layers"][0]["key"].as_str().unwrap().to_owned();
+        let (bytes, _) = s.blobs().get(&key).await.unwrap().unwrap();
+        let mut base: serde_json::Value = codec::from_gzip(&bytes, &key).unwrap();
+        assert_eq!(
+            base["snapshot"]["groups"][0]["members"],
+            serde_json::json!({"u": [1], "other": [{"type": "group", "id": "elsewhere"}]})
+        );
+        // Rewritten as a build of head format 2 wrote them: every member whole, under
+        // `lastApplied`.
+        head["format"] = 2.into();
+        let older = base.as_object_mut().unwrap();
+        older.remove("snapshot");
+        older.insert(
+            "lastApplied".into(),
+            serde_json::to_value(st.last_applied.as_deref()).unwrap(),
+        );
+        assert_eq!(older["lastApplied"]["groups"][0]["members"][0]["id"], "u2");
+        for (k, v) in [("a.state", head), (key.as_str(), base)] {
+            s.blobs().delete(k).await.unwrap();
+            s.blobs()
+                .put(k, serde_json::to_vec(&v).unwrap(), Cond::Absent)
+                .await
+                .unwrap();
+        }
+        s.forget();
+        let loaded = s.load("a").await.unwrap().unwrap();
+        assert_eq!(loaded, st);
+        // A commit on it: a delta over the older base, under a head of format 3.
+        let mut next = loaded;
+        next.links.users.insert("v".into(), "w".into());
+        next.version = s.commit(&next).await.unwrap();
+        let (bytes, _) = s.blobs().get("a.state").await.unwrap().unwrap();
+        let head: serde_json::Value = codec::from_gzip(&bytes, "a.state").unwrap();
+        assert_eq!(head["format"], 3);
+        s.forget();
+        assert_eq!(s.load("a").await.unwrap().unwrap(), next);
+    }
+
     #[test]
     fn a_head_without_a_version_is_refused() {
         let e = codec::decode_head(

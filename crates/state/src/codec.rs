@@ -96,7 +96,17 @@ fn json_of<'a>(
     if !bytes.starts_with(&GZIP) {
         return Ok(bytes);
     }
-    buf.reserve(bytes.len() * 8);
+    // The gzip trailer's last four bytes are the inflated size (modulo 2^32): the text is read
+    // into one allocation of its size, not grown by doubling to up to twice it (a 95 MB text
+    // at 100k users held 128 MiB). Bounded, as the trailer is not trusted: a stream inflates
+    // to at most about 1,000 times its size.
+    let said = bytes
+        .len()
+        .checked_sub(4)
+        .and_then(|at| bytes.get(at..))
+        .and_then(|t| <[u8; 4]>::try_from(t).ok())
+        .map_or(0, |t| u32::from_le_bytes(t) as usize);
+    buf.reserve(said.clamp(bytes.len(), bytes.len().saturating_mul(1032)) + 1);
     GzDecoder::new(bytes)
         .read_to_end(buf)
         .map_err(|e| corrupt(location, format!("not a complete gzip stream: {e}")))?;
@@ -146,7 +156,7 @@ fn a_head(location: &str) -> StateError {
 /// held whole as text.
 pub fn decode(bytes: &[u8], location: &str) -> Result<AgreementState, StateError> {
     if !bytes.starts_with(&GZIP) {
-        if check_head(bytes, location)?.format == HEAD_FORMAT {
+        if check_head(bytes, location)?.format > STATE_FORMAT {
             return Err(a_head(location));
         }
         return serde_json::from_slice(bytes).map_err(|e| corrupt(location, e.to_string()));
@@ -154,7 +164,7 @@ pub fn decode(bytes: &[u8], location: &str) -> Result<AgreementState, StateError
     let inflated = std::io::BufReader::with_capacity(1 << 16, GzDecoder::new(bytes));
     match serde_json::from_reader::<_, AgreementState>(inflated) {
         Ok(state) if state.format <= STATE_FORMAT => Ok(state),
-        Ok(state) if state.format == HEAD_FORMAT => Err(a_head(location)),
+        Ok(state) if state.format <= HEAD_FORMAT => Err(a_head(location)),
         Ok(state) => Err(StateError::NewerFormat {
             path: location.to_owned(),
             found: state.format,
@@ -195,7 +205,11 @@ pub fn decode_version(bytes: &[u8], location: &str) -> Result<u64, StateError> {
 /// ([`crate::layers`]). A whole document (format [`STATE_FORMAT`], as builds before the layers
 /// stored it) is read as well, and replaced by a head at its next commit; a build that knows only
 /// whole documents refuses a head as newer, never overwrites it.
-pub const HEAD_FORMAT: u32 = 2;
+///
+/// Format 3 heads may name bases that hold the last applied snapshot in the compact form
+/// (`crate::compact`: members as positions); a build that reads format 2 only refuses them as
+/// newer. Format 2 heads, and the bases they name, are read as they are.
+pub const HEAD_FORMAT: u32 = 3;
 
 /// What the document under `<agreement>.state` is.
 #[derive(Debug)]
@@ -328,7 +342,7 @@ pub(crate) fn decode_head(
         e => e,
     })?;
     check_format(h.format, location)?;
-    match (h.format == HEAD_FORMAT, h.layers) {
+    match (h.format > STATE_FORMAT, h.layers) {
         (true, _) if h.version.is_none() => {
             Err(corrupt(location, "a head without a version".into()))
         }

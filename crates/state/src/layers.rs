@@ -132,7 +132,8 @@ struct BaseOut<'a> {
     version: u64,
     links: &'a PerKind<BTreeMap<String, String>>,
     owned: &'a PerKind<BTreeMap<String, Owned>>,
-    last_applied: Option<&'a Snapshot>,
+    /// The last applied snapshot, its members as positions ([`crate::compact`]).
+    snapshot: Option<crate::compact::SnapshotOut<'a>>,
 }
 
 /// Every layer struct refuses fields it does not know: a layer written by a newer build is
@@ -146,8 +147,12 @@ struct BaseIn {
     links: PerKind<BTreeMap<String, String>>,
     #[serde(default)]
     owned: PerKind<BTreeMap<String, Owned>>,
+    /// The last applied snapshot as bases before head format 3 held it (every member whole).
     #[serde(default)]
     last_applied: Option<Snapshot>,
+    /// The last applied snapshot, its members as positions ([`crate::compact`]).
+    #[serde(default)]
+    snapshot: Option<crate::compact::SnapshotIn>,
 }
 
 /// What one commit changed in the big fields: entries set (`Some`) or removed (`None`).
@@ -433,7 +438,10 @@ pub(crate) fn encode_base(
             version,
             links: &state.links,
             owned: &state.owned,
-            last_applied: state.last_applied.as_deref(),
+            snapshot: state
+                .last_applied
+                .as_deref()
+                .map(crate::compact::SnapshotOut),
         },
         location,
     )
@@ -492,10 +500,24 @@ pub(crate) fn decode_base(
 ) -> Result<Content, StateError> {
     let b: BaseIn = from_gzip(bytes, location)?;
     check_layer(agreement, head_version, (&b.agreement, b.version), location)?;
+    let snapshot = match (b.snapshot, b.last_applied) {
+        (Some(_), Some(_)) => {
+            return Err(corrupt(
+                location,
+                "a base with two last applied snapshots".into(),
+            ));
+        }
+        (Some(compact), None) => Some(
+            compact
+                .into_snapshot()
+                .map_err(|e| corrupt(location, format!("the last applied snapshot: {e}")))?,
+        ),
+        (None, older) => older,
+    };
     Ok(Content {
         links: b.links,
         owned: b.owned,
-        snapshot: b.last_applied.map(Arc::new),
+        snapshot: snapshot.map(Arc::new),
     })
 }
 

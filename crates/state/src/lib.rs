@@ -11,6 +11,7 @@
 pub mod blob;
 mod cache;
 pub mod codec;
+mod compact;
 pub mod gcp_federation;
 pub mod layers;
 pub mod local;

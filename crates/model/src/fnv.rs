@@ -1,4 +1,4 @@
-//! FNV-1a, a fast hash for the engine's internal indexes of short strings (ids, keys). Not for
+//! FNV-1a, a fast hash for internal indexes of short strings (ids, keys). Not for
 //! anything an attacker controls the volume of in a way that matters here: the inputs are a
 //! directory's own ids, and the worst case of a collision is speed, never correctness.
 
