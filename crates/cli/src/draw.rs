@@ -56,7 +56,7 @@ pub fn draw(s: &Snapshot, depth: &BTreeMap<String, u32>, format: Format) -> Stri
                 Some(child) => edges.push((
                     names[id.as_str()].clone(),
                     child.clone(),
-                    depth.get(&m.id).copied(),
+                    depth.get(&*m.id).copied(),
                 )),
                 None => {
                     unread += 1;

@@ -443,7 +443,7 @@ pub fn nesting_svg(s: &Snapshot) -> String {
     fn nested<'s>(s: &'s Snapshot, g: &'s idsync_model::Group) -> Vec<&'s str> {
         g.members
             .groups()
-            .filter(|m| s.groups.contains_key(&m.id))
+            .filter(|m| s.groups.contains_key(&*m.id))
             .map(|m| m.id.as_str())
             .collect()
     }
@@ -630,7 +630,7 @@ mod tests {
     fn group(id: &str, name: &str, members: &[(Kind, &str)]) -> (String, Group) {
         let g: Group = serde_json::from_value(serde_json::json!({
             "id": id, "displayName": name,
-            "members": members.iter().map(|(k, m)| Member { kind: *k, id: (*m).to_owned() }).collect::<Vec<_>>(),
+            "members": members.iter().map(|(k, m)| Member { kind: *k, id: (*m).into() }).collect::<Vec<_>>(),
         }))
         .unwrap_or_else(|e| unreachable!("{e}"));
         (id.to_owned(), g)

@@ -1636,7 +1636,7 @@ async fn only_provisions_one_principal_now_and_leaves_the_change_feed_alone() {
             alpha,
             Member {
                 kind: Kind::User,
-                id: id.to_owned(),
+                id: id.into(),
             },
         );
     }

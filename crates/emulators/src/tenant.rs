@@ -172,9 +172,9 @@ impl Tenant {
         for g in snap.groups.values() {
             for m in &g.members {
                 let known = match m.kind {
-                    Kind::User => snap.users.contains_key(&m.id),
-                    Kind::ServicePrincipal => snap.service_principals.contains_key(&m.id),
-                    Kind::Group => snap.groups.contains_key(&m.id),
+                    Kind::User => snap.users.contains_key(&*m.id),
+                    Kind::ServicePrincipal => snap.service_principals.contains_key(&*m.id),
+                    Kind::Group => snap.groups.contains_key(&*m.id),
                 };
                 if !known {
                     return Err(format!(
@@ -257,7 +257,7 @@ impl Tenant {
         }
         let m = Member {
             kind,
-            id: id.to_owned(),
+            id: id.into(),
         };
         let holders: Vec<String> = self
             .groups
@@ -317,8 +317,8 @@ impl Tenant {
             };
             for m in &grp.members {
                 out.insert(m.clone());
-                if m.kind == Kind::Group && seen.insert(m.id.clone()) {
-                    stack.push(m.id.clone());
+                if m.kind == Kind::Group && seen.insert(m.id.to_string()) {
+                    stack.push(m.id.to_string());
                 }
             }
         }

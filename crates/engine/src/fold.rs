@@ -131,7 +131,7 @@ pub async fn fold(
                 if snap.groups.contains_key(group) {
                     if !snap.contains(member.kind, &member.id) {
                         if member.kind == Kind::Group {
-                            new_edges.insert((group.clone(), member.id.clone()));
+                            new_edges.insert((group.clone(), member.id.to_string()));
                         }
                         need.insert(member.clone());
                     }
@@ -145,7 +145,7 @@ pub async fn fold(
                     for m in members {
                         if !snap.contains(m.kind, &m.id) {
                             if m.kind == Kind::Group {
-                                new_edges.insert((group.clone(), m.id.clone()));
+                                new_edges.insert((group.clone(), m.id.to_string()));
                             }
                             need.insert(m.clone());
                         }
@@ -161,7 +161,7 @@ pub async fn fold(
     let ids = |k: Kind| {
         need.iter()
             .filter(|m| m.kind == k)
-            .map(|m| m.id.clone())
+            .map(|m| m.id.to_string())
             .collect::<Vec<_>>()
     };
     let users = ids(Kind::User);
@@ -207,11 +207,11 @@ pub async fn fold(
                 continue;
             };
             for m in g.members.groups() {
-                if snap.groups.contains_key(&m.id) || attempted.contains(&m.id) {
+                if snap.groups.contains_key(&*m.id) || attempted.contains(&*m.id) {
                     continue;
                 }
-                if moved_up || new_edges.contains(&(p.clone(), m.id.clone())) {
-                    let e = wanted.entry(m.id.clone()).or_insert(d + 1);
+                if moved_up || new_edges.contains(&(p.clone(), m.id.to_string())) {
+                    let e = wanted.entry(m.id.to_string()).or_insert(d + 1);
                     *e = (*e).min(d + 1);
                 }
             }
@@ -244,11 +244,11 @@ pub async fn fold(
                 continue;
             };
             for m in g.members.groups() {
-                if !now.contains_key(&m.id)
-                    && !snap.groups.contains_key(&m.id)
-                    && !snap.edge_groups.contains_key(&m.id)
+                if !now.contains_key(&*m.id)
+                    && !snap.groups.contains_key(&*m.id)
+                    && !snap.edge_groups.contains_key(&*m.id)
                 {
-                    missing.insert(m.id.clone());
+                    missing.insert(m.id.to_string());
                 }
             }
         }
@@ -328,29 +328,31 @@ impl Lookup for DirectoryLookup<'_> {
                 for m in &g.members {
                     match m.kind {
                         Kind::User => {
-                            if let Some(u) = dir.users.get(&m.id) {
-                                snap.users.entry(m.id.clone()).or_insert_with(|| u.clone());
+                            if let Some(u) = dir.users.get(&*m.id) {
+                                snap.users
+                                    .entry(m.id.to_string())
+                                    .or_insert_with(|| u.clone());
                             }
                         }
                         Kind::ServicePrincipal => {
-                            if let Some(sp) = dir.service_principals.get(&m.id) {
+                            if let Some(sp) = dir.service_principals.get(&*m.id) {
                                 snap.service_principals
-                                    .entry(m.id.clone())
+                                    .entry(m.id.to_string())
                                     .or_insert_with(|| sp.clone());
                             }
                         }
                         Kind::Group => {
                             let admitted = dir
                                 .groups
-                                .get(&m.id)
+                                .get(&*m.id)
                                 .is_some_and(|c| c.security_enabled || scope.include_non_security);
                             if level < scope.search_depth
                                 && admitted
-                                && !depth.contains_key(&m.id)
-                                && !snap.groups.contains_key(&m.id)
+                                && !depth.contains_key(&*m.id)
+                                && !snap.groups.contains_key(&*m.id)
                             {
-                                depth.insert(m.id.clone(), level + 1);
-                                next.push(m.id.clone());
+                                depth.insert(m.id.to_string(), level + 1);
+                                next.push(m.id.to_string());
                             }
                         }
                     }

@@ -316,7 +316,8 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
                 }
                 // Held back or unsupported: reported there.
                 None if snapshot.contains(*kind, id)
-                    || (*kind == Kind::Group && snapshot.edge_groups.contains_key(id)) => {}
+                    || (*kind == Kind::Group && snapshot.edge_groups.contains_key(id.as_str())) => {
+                }
                 // A nested group the scope did not select (beyond the depth, not security).
                 None if *kind == Kind::Group => b.desired.dangling_members += 1,
                 // Selected groups bring their users and service principals along: one that is

@@ -189,12 +189,12 @@ pub fn depths(dir: &Snapshot, scope: &Scope) -> (BTreeMap<String, u32>, Vec<Stri
                 continue;
             };
             for m in g.members.groups() {
-                if let Some(child) = dir.groups.get(&m.id)
+                if let Some(child) = dir.groups.get(&*m.id)
                     && eligible(child)
-                    && !depth.contains_key(&m.id)
+                    && !depth.contains_key(&*m.id)
                 {
-                    depth.insert(m.id.clone(), level);
-                    next.push(m.id.clone());
+                    depth.insert(m.id.to_string(), level);
+                    next.push(m.id.to_string());
                 }
             }
         }
@@ -328,14 +328,18 @@ pub fn edges(
             continue;
         };
         for m in g.members.groups() {
-            if depth.contains_key(&m.id) || out.contains_key(&m.id) {
+            if depth.contains_key(&*m.id) || out.contains_key(&*m.id) {
                 continue;
             }
-            let Some(child) = dir.groups.get(&m.id).or_else(|| dir.edge_groups.get(&m.id)) else {
+            let Some(child) = dir
+                .groups
+                .get(&*m.id)
+                .or_else(|| dir.edge_groups.get(&*m.id))
+            else {
                 continue;
             };
             if child.security_enabled || scope.include_non_security {
-                out.insert(m.id.clone(), without_members(child));
+                out.insert(m.id.to_string(), without_members(child));
             }
         }
     }

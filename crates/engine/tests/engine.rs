@@ -368,7 +368,7 @@ fn the_threshold_halts_before_any_write_and_approval_lets_it_through() {
                 .get_mut("g")
                 .unwrap()
                 .members
-                .retain(|m| s.users.contains_key(&m.id));
+                .retain(|m| s.users.contains_key(&*m.id));
             let policy = Policy {
                 deprovision: Deprovision::Delete,
                 max_deletions: max,

@@ -15,7 +15,8 @@ pub use plan::{
 };
 pub use secret::Secret;
 pub use source::{
-    Change, Directory, Group, Kind, Member, Members, ServicePrincipal, Snapshot, User, UserType,
+    Change, Directory, Group, Id, Ids, Kind, Member, Members, ServicePrincipal, Snapshot, User,
+    UserType,
 };
 pub use state::{
     AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind, Strikes, Totals, Trust,

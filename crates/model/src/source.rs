@@ -134,31 +134,150 @@ pub struct Member {
     /// What the member is.
     #[serde(rename = "type")]
     pub kind: Kind,
-    /// The member's stable source id.
-    pub id: String,
+    /// The member's stable source id. Shared: a snapshot read from the state holds each id once,
+    /// however many groups the principal is in (a 36-character id in ten groups was ten strings).
+    pub id: Id,
+}
+
+/// A principal's source id as a member holds it: shared, so that a snapshot read from the state
+/// holds each id once however many groups hold the principal (a 36-character id in ten groups
+/// was ten strings). Ordered, hashed and compared as the string it is.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Id(std::sync::Arc<str>);
+
+impl Id {
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// Whether `self` and `other` are one shared id (not only equal).
+    pub fn shares(&self, other: &Id) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// One shared [`Id`] per distinct id: a source read that builds members through it names each
+/// principal once, however many groups hold it.
+#[derive(Debug, Default)]
+pub struct Ids(crate::fnv::FnvSet<Id>);
+
+impl Ids {
+    /// The shared id for `id`.
+    pub fn get(&mut self, id: &str) -> Id {
+        if let Some(x) = self.0.get(id) {
+            return x.clone();
+        }
+        let x = Id::from(id);
+        self.0.insert(x.clone());
+        x
+    }
+}
+
+impl std::ops::Deref for Id {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Id {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Id {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Id {
+    fn from(s: &str) -> Self {
+        Id(s.into())
+    }
+}
+
+impl From<String> for Id {
+    fn from(s: String) -> Self {
+        Id(s.into())
+    }
+}
+
+impl From<&String> for Id {
+    fn from(s: &String) -> Self {
+        Id(s.as_str().into())
+    }
+}
+
+impl From<Id> for String {
+    fn from(id: Id) -> Self {
+        id.0.to_string()
+    }
+}
+
+impl PartialEq<str> for Id {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Id {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Id {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<Id> for String {
+    fn eq(&self, other: &Id) -> bool {
+        **self == *other.0
+    }
+}
+
+impl PartialEq<Id> for &str {
+    fn eq(&self, other: &Id) -> bool {
+        **self == *other.0
+    }
 }
 
 impl Member {
-    /// A user member.
-    pub fn user(id: impl Into<String>) -> Self {
+    /// A member of `kind`.
+    pub fn new(kind: Kind, id: impl AsRef<str>) -> Self {
         Member {
-            kind: Kind::User,
-            id: id.into(),
+            kind,
+            id: id.as_ref().into(),
         }
+    }
+    /// A user member.
+    pub fn user(id: impl AsRef<str>) -> Self {
+        Member::new(Kind::User, id)
     }
     /// A service principal member.
-    pub fn service_principal(id: impl Into<String>) -> Self {
-        Member {
-            kind: Kind::ServicePrincipal,
-            id: id.into(),
-        }
+    pub fn service_principal(id: impl AsRef<str>) -> Self {
+        Member::new(Kind::ServicePrincipal, id)
     }
     /// A nested group.
-    pub fn group(id: impl Into<String>) -> Self {
-        Member {
-            kind: Kind::Group,
-            id: id.into(),
-        }
+    pub fn group(id: impl AsRef<str>) -> Self {
+        Member::new(Kind::Group, id)
     }
 }
 
@@ -240,7 +359,7 @@ impl Members {
         use std::ops::Bound;
         let at = |kind| Member {
             kind,
-            id: String::new(),
+            id: "".into(),
         };
         let end = match kind {
             Kind::User => Bound::Excluded(at(Kind::ServicePrincipal)),
@@ -516,15 +635,15 @@ impl Snapshot {
             Change::Remove(m) => {
                 match m.kind {
                     Kind::User => {
-                        self.users.remove(&m.id);
+                        self.users.remove(&*m.id);
                     }
                     Kind::ServicePrincipal => {
-                        self.service_principals.remove(&m.id);
+                        self.service_principals.remove(&*m.id);
                     }
                     Kind::Group => {
-                        self.groups.remove(&m.id);
-                        self.incomplete_groups.remove(&m.id);
-                        self.edge_groups.remove(&m.id);
+                        self.groups.remove(&*m.id);
+                        self.incomplete_groups.remove(&*m.id);
+                        self.edge_groups.remove(&*m.id);
                     }
                 }
                 for g in self.groups.values_mut() {
@@ -719,6 +838,25 @@ mod members_tests {
         let again: Members = [Member::user("u2")].into();
         assert_eq!(copy.groups["g"].members, again);
         assert!(!copy.groups["g"].members.shares(&again));
+    }
+
+    #[test]
+    fn ids_are_shared_through_the_table_and_compare_as_strings() {
+        let mut ids = Ids::default();
+        let a = ids.get("0b5e-ü");
+        let b = ids.get(&String::from("0b5e-ü"));
+        assert!(a.shares(&b));
+        let c = Id::from("0b5e-ü");
+        assert!(!a.shares(&c));
+        assert_eq!(a, c);
+        assert_eq!(a, "0b5e-ü");
+        assert_eq!(a, String::from("0b5e-ü"));
+        assert!(ids.get("a") < ids.get("b"));
+        assert_eq!(serde_json::to_string(&a).unwrap(), r#""0b5e-ü""#);
+        assert_eq!(format!("{a} {a:?}"), r#"0b5e-ü "0b5e-ü""#);
+        let mut by_id = BTreeMap::new();
+        by_id.insert("0b5e-ü".to_owned(), 1);
+        assert_eq!(by_id.get(&*a), Some(&1));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! `lastApplied`; a base written before head format 3 is read as it was.
 
 use idsync_model::fnv::FnvMap;
-use idsync_model::{Directory, Group, Kind, Member, Members, ServicePrincipal, Snapshot, User};
+use idsync_model::{Directory, Group, Id, Kind, Member, Members, ServicePrincipal, Snapshot, User};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet};
@@ -202,13 +202,14 @@ impl SnapshotIn {
             edge_groups,
         } = self;
         let members: Vec<Members> = {
-            let ids = |kind: Kind| -> Vec<&str> {
+            // Each id once, shared by every member naming it.
+            let ids = |kind: Kind| -> Vec<Id> {
                 match kind {
-                    Kind::User => users.iter().map(|u| u.id.as_str()).collect(),
+                    Kind::User => users.iter().map(|u| Id::from(&u.id)).collect(),
                     Kind::ServicePrincipal => {
-                        service_principals.iter().map(|s| s.id.as_str()).collect()
+                        service_principals.iter().map(|s| Id::from(&s.id)).collect()
                     }
-                    Kind::Group => groups.iter().map(|g| g.id.as_str()).collect(),
+                    Kind::Group => groups.iter().map(|g| Id::from(&g.id)).collect(),
                 }
             };
             let tables = Kind::ALL.map(|k| (k, ids(k)));
@@ -239,7 +240,7 @@ impl SnapshotIn {
                             })?;
                             out.push(Member {
                                 kind: *kind,
-                                id: (*id).to_owned(),
+                                id: id.clone(),
                             });
                         }
                     }
@@ -348,7 +349,25 @@ mod tests {
         assert!(json.contains(r#""members":{"u":[1,1]}"#), "{json}");
         assert!(json.contains(r#""members":{}"#), "{json}");
         let back: SnapshotIn = serde_json::from_str(&json).unwrap();
-        assert_eq!(back.into_snapshot().unwrap(), s);
+        let back = back.into_snapshot().unwrap();
+        assert_eq!(back, s);
+        // A member names the id its principal's other memberships name.
+        let mut s2 = s.clone();
+        s2.groups
+            .get_mut("g2")
+            .unwrap()
+            .members
+            .insert(Member::user("u1"));
+        let json = serde_json::to_string(&SnapshotOut(&s2)).unwrap();
+        let back: Snapshot = serde_json::from_str::<SnapshotIn>(&json)
+            .unwrap()
+            .into_snapshot()
+            .unwrap();
+        let u1 = |g: &str| {
+            let m = back.groups[g].members.iter().find(|m| m.id == "u1");
+            m.unwrap().id.clone()
+        };
+        assert!(u1("g1").shares(&u1("g2")));
         let empty = serde_json::to_string(&SnapshotOut(&Snapshot::default())).unwrap();
         let back: SnapshotIn = serde_json::from_str(&empty).unwrap();
         assert_eq!(back.into_snapshot().unwrap(), Snapshot::default());

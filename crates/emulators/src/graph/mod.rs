@@ -576,7 +576,7 @@ async fn members(
         Some(Some(s)) => s.split_once('|').and_then(|(k, id)| {
             Some(Member {
                 kind: Kind::parse(k)?,
-                id: id.to_owned(),
+                id: id.into(),
             })
         }),
         Some(None) => return bad("Request_BadRequest", "The skip token is not valid."),
@@ -1124,7 +1124,7 @@ async fn admin_remove_member(
     Path((gid, kind, id)): Path<(String, String, String)>,
 ) -> StatusCode {
     match Kind::parse(&kind) {
-        Some(k) if st.tenant_mut().remove_member(&gid, &Member { kind: k, id }) => {
+        Some(k) if st.tenant_mut().remove_member(&gid, &Member::new(k, &id)) => {
             StatusCode::NO_CONTENT
         }
         _ => StatusCode::NOT_FOUND,

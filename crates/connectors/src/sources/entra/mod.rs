@@ -20,7 +20,7 @@ use idsync_engine::Lookup;
 use idsync_engine::scope::{EdgeGroups, Scope};
 use idsync_engine::{Changes, Read, Source, SourceError, SourceErrorKind};
 use idsync_model::{
-    Change, Group, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType,
+    Change, Group, Ids, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType,
 };
 use reqwest::Method;
 use serde_json::Value;
@@ -503,16 +503,23 @@ const SP_DELTA_SELECT: &str = "appId,displayName,accountEnabled";
 
 fn member_of(m: &Value) -> Option<Member> {
     let id = text(m, "id")?;
+    Some(Member::new(kind_of(m)?, id))
+}
+
+/// What a member is, by its `@odata.type`; `None` for what idsync does not sync (devices,
+/// contacts).
+fn kind_of(m: &Value) -> Option<Kind> {
     Some(match m.get("@odata.type").and_then(Value::as_str)? {
-        "#microsoft.graph.user" => Member::user(id),
-        "#microsoft.graph.servicePrincipal" => Member::service_principal(id),
-        "#microsoft.graph.group" => Member::group(id),
+        "#microsoft.graph.user" => Kind::User,
+        "#microsoft.graph.servicePrincipal" => Kind::ServicePrincipal,
+        "#microsoft.graph.group" => Kind::Group,
         _ => return None,
     })
 }
 
 /// Adds a batch of groups with the members read for them; nested groups still within the search
 /// depth go to `next`.
+#[allow(clippy::too_many_arguments)] // One caller: the walk's state, each borrowed apart.
 fn take_members(
     groups: Vec<Group>,
     reads: Vec<Vec<Value>>,
@@ -521,10 +528,18 @@ fn take_members(
     snap: &mut Snapshot,
     depth: &mut BTreeMap<String, u32>,
     next: &mut Vec<Group>,
+    ids: &mut Ids,
 ) {
     for (mut g, members) in groups.into_iter().zip(reads) {
         for m in &members {
-            let Some(member) = member_of(m) else { continue }; // devices, contacts
+            // Devices, contacts: not synced.
+            let (Some(kind), Some(id)) = (kind_of(m), text(m, "id")) else {
+                continue;
+            };
+            let member = Member {
+                kind,
+                id: ids.get(&id),
+            };
             match member.kind {
                 Kind::User => {
                     if let Some(u) = user_of(m) {
@@ -540,19 +555,19 @@ fn take_members(
                     let admitted =
                         || group_of(m).filter(|c| c.security_enabled || scope.include_non_security);
                     if level < scope.search_depth
-                        && !depth.contains_key(&member.id)
-                        && !snap.groups.contains_key(&member.id)
+                        && !depth.contains_key(&*member.id)
+                        && !snap.groups.contains_key(&*member.id)
                         && let Some(child) = admitted()
                     {
-                        depth.insert(member.id.clone(), level + 1);
+                        depth.insert(member.id.to_string(), level + 1);
                         next.push(child);
                     } else if level == scope.search_depth
                         && scope.edge_groups == EdgeGroups::Empty
-                        && !depth.contains_key(&member.id)
+                        && !depth.contains_key(&*member.id)
                         && let Some(edge) = admitted()
                     {
                         // One level beyond the depth: kept without members.
-                        snap.edge_groups.insert(member.id.clone(), edge);
+                        snap.edge_groups.insert(member.id.to_string(), edge);
                     }
                 }
             }
@@ -576,6 +591,8 @@ impl EntraSource {
         for g in &frontier {
             depth.insert(g.id.clone(), level);
         }
+        // Members name each principal through one shared id (a user is in about ten groups).
+        let mut ids = Ids::default();
         while !frontier.is_empty() {
             let mut next = Vec::new();
             // Each `$batch` of 20 groups is taken into the snapshot as soon as it is read, in
@@ -597,7 +614,9 @@ impl EntraSource {
             .buffer_unordered(workers);
             while let Some(read) = reads.next().await {
                 let (chunk, members) = read?;
-                take_members(chunk, members, level, scope, snap, depth, &mut next);
+                take_members(
+                    chunk, members, level, scope, snap, depth, &mut next, &mut ids,
+                );
             }
             frontier = next;
             level += 1;

@@ -1948,11 +1948,11 @@ impl Lookup for LdapLookup {
             for g in read {
                 for m in g.members.groups() {
                     if at < scope.search_depth
-                        && !snap.groups.contains_key(&m.id)
-                        && !pool.groups.contains_key(&m.id)
-                        && !frontier.contains(&m.id)
+                        && !snap.groups.contains_key(&*m.id)
+                        && !pool.groups.contains_key(&*m.id)
+                        && !frontier.iter().any(|f| *f == m.id)
                     {
-                        next.push(m.id.clone());
+                        next.push(m.id.to_string());
                     }
                 }
                 pool.groups.insert(g.id.clone(), g);
@@ -1967,8 +1967,8 @@ impl Lookup for LdapLookup {
             .groups
             .values()
             .flat_map(|g| &g.members)
-            .filter(|m| m.kind == Kind::User && !snap.users.contains_key(&m.id))
-            .map(|m| m.id.clone())
+            .filter(|m| m.kind == Kind::User && !snap.users.contains_key(&*m.id))
+            .map(|m| m.id.to_string())
             .collect();
         let missing: Vec<String> = named
             .iter()
