@@ -79,6 +79,7 @@ async fn nested_groups_service_principals_renames_and_deactivation() {
         .users
         .values_mut()
         .find(|u| u.user_name == "bob@company.com")
+        .map(std::sync::Arc::make_mut)
         .unwrap();
     bob.active = false;
     let bob_id = bob.id.clone();

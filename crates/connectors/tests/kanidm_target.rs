@@ -195,7 +195,7 @@ fn directory() -> Snapshot {
         user(BOB, "bob", "Bob Berg"),
         user(CAROL, "carol", "Carol Chen"),
     ] {
-        s.users.insert(u.id.clone(), u);
+        s.users.insert(u.id.clone(), std::sync::Arc::new(u));
     }
     for g in [
         group(DEVS, "devs", &[(Kind::User, ALICE), (Kind::User, BOB)]),
@@ -320,7 +320,7 @@ async fn flows(s: &Server) {
     assert_eq!(s.cookie().await, cookie);
 
     // An increment: bob's display name, carol joins devs. One request, with only what changed.
-    dir.users.get_mut(BOB).unwrap().display_name = "Bob B. Berg".into();
+    dir.user_mut(BOB).unwrap().display_name = "Bob B. Berg".into();
     dir.groups.get_mut(DEVS).unwrap().members.insert(Member {
         kind: Kind::User,
         id: CAROL.into(),
@@ -344,8 +344,8 @@ async fn flows(s: &Server) {
         "Not The Admin",
     );
     u.user_name = "idm_admin@example.com".into();
-    clash.users.insert(u.id.clone(), u);
-    clash.users.get_mut(BOB).unwrap().display_name = "Bob Again".into();
+    clash.users.insert(u.id.clone(), std::sync::Arc::new(u));
+    clash.user_mut(BOB).unwrap().display_name = "Bob Again".into();
     let (code, _, e) = sync(&t, &clash, &mut st, &keep).await;
     assert_eq!(code, exit::HALTED, "{e}");
     assert!(
@@ -369,8 +369,8 @@ async fn flows(s: &Server) {
     let mut odd = dir.clone();
     let mut u = user("0b6f1c2e-0000-4000-8000-0000000bad02", "dave", "Dave");
     u.user_name = "dave smith@example.com".into();
-    odd.users.insert(u.id.clone(), u);
-    odd.users.get_mut(CAROL).unwrap().display_name = "Carol Chen-Li".into();
+    odd.users.insert(u.id.clone(), std::sync::Arc::new(u));
+    odd.user_mut(CAROL).unwrap().display_name = "Carol Chen-Li".into();
     let (code, writes, e) = sync(&t, &odd, &mut st, &keep).await;
     assert_eq!((code, writes), (exit::ERROR, 1), "{e}");
     assert!(
@@ -380,7 +380,7 @@ async fn flows(s: &Server) {
     let e = s.entries().await;
     assert_eq!(e[&entry_uuid(CAROL)]["displayname"], "Carol Chen-Li");
     assert!(!names(&e).contains(&"dave smith".to_owned()));
-    dir.users.get_mut(CAROL).unwrap().display_name = "Carol Chen-Li".into();
+    dir.user_mut(CAROL).unwrap().display_name = "Carol Chen-Li".into();
 
     // deprovision = "none": bob leaves the source and stays in Kanidm.
     let none = policy(Deprovision::None);
@@ -427,7 +427,7 @@ async fn flows(s: &Server) {
     }))
     .await;
     assert!(names(&s.entries().await).contains(&"stray".to_owned()));
-    dir.users.get_mut(ALICE).unwrap().display_name = "Alice A.".into();
+    dir.user_mut(ALICE).unwrap().display_name = "Alice A.".into();
     let (code, writes, e) = sync(&t, &dir, &mut st, &keep).await;
     assert_eq!((code, writes), (exit::OK, 1), "{e}");
     let e = s.entries().await;
@@ -443,7 +443,7 @@ async fn flows(s: &Server) {
     // A yielded attribute: mail yielded to Kanidm. Sending it would be refused; with it in the
     // target's yield_attributes it is never sent, and Kanidm keeps its value.
     s.poke("/_idsync/yield", json!(["mail"])).await;
-    dir.users.get_mut(CAROL).unwrap().display_name = "Carol C.".into();
+    dir.user_mut(CAROL).unwrap().display_name = "Carol C.".into();
     let (code, _, e) = sync(&t, &dir, &mut st, &keep).await;
     assert_ne!(code, exit::OK, "Kanidm refuses a yielded attribute");
     assert!(e.contains("yield_attributes"), "{e}");
@@ -475,7 +475,7 @@ async fn parts(s: &Server) {
         let id = format!("0b6f1c2e-0000-4000-8000-{i:012}");
         dir.users.insert(
             id.clone(),
-            user(&id, &format!("user{i}"), &format!("User {i}")),
+            std::sync::Arc::new(user(&id, &format!("user{i}"), &format!("User {i}"))),
         );
         ids.push(id);
     }
@@ -532,8 +532,7 @@ async fn parts(s: &Server) {
     );
     // An increment in parts, with a deletion.
     for id in &ids[..20] {
-        dir.users
-            .get_mut(id)
+        dir.user_mut(id)
             .unwrap()
             .display_name
             .push_str(" (changed)");
@@ -623,7 +622,9 @@ async fn kanidm_at_scale() {
     for step in ["full", "100 changes", "no change"] {
         if step == "100 changes" {
             for u in dir.users.values_mut().take(100) {
-                u.display_name.push_str(" (changed)");
+                std::sync::Arc::make_mut(u)
+                    .display_name
+                    .push_str(" (changed)");
             }
         }
         let before = t.sync_requests();

@@ -53,7 +53,8 @@ fn group(id: &str, name: &str, members: &[Member]) -> Group {
 fn directory() -> Snapshot {
     let mut s = Snapshot::default();
     for (id, name) in [("u1", "ana"), ("u2", "bo"), ("u3", "cy"), ("u4", "di")] {
-        s.users.insert(id.into(), user(id, name));
+        s.users
+            .insert(id.into(), std::sync::Arc::new(user(id, name)));
     }
     let groups = [
         group(

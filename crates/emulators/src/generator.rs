@@ -153,7 +153,7 @@ pub fn generate(p: &Params) -> Snapshot {
         };
         s.users.insert(
             id.clone(),
-            User {
+            std::sync::Arc::new(User {
                 id: id.clone(),
                 user_name,
                 display_name: format!("User {i}"),
@@ -162,7 +162,7 @@ pub fn generate(p: &Params) -> Snapshot {
                 user_type,
                 external_id: None,
                 attributes: BTreeMap::new(),
-            },
+            }),
         );
         user_ids.push(id);
     }

@@ -123,7 +123,11 @@ impl Tenant {
                     public_client: false,
                 },
             ],
-            users: dir.users,
+            users: dir
+                .users
+                .into_iter()
+                .map(|(k, u)| (k, std::sync::Arc::unwrap_or_clone(u)))
+                .collect(),
             service_principals: dir.service_principals,
             groups: dir.groups,
             log: Vec::new(),
@@ -361,7 +365,11 @@ mod tests {
 
         // The same directory as JSON, without tenantId and apps: the defaults.
         let json = serde_json::to_string(&Directory::from(Snapshot {
-            users: t.users.clone(),
+            users: t
+                .users
+                .iter()
+                .map(|(k, u)| (k.clone(), std::sync::Arc::new(u.clone())))
+                .collect(),
             service_principals: t.service_principals.clone(),
             groups: t.groups.clone(),
             incomplete_groups: Default::default(),

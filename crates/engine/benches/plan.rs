@@ -17,7 +17,7 @@ fn tenant(users: usize, groups: usize, per_group: usize) -> Snapshot {
         let id = format!("u{i:07}");
         s.users.insert(
             id.clone(),
-            User {
+            std::sync::Arc::new(User {
                 id,
                 user_name: format!("user{i}@corp.example"),
                 display_name: format!("User {i}"),
@@ -26,7 +26,7 @@ fn tenant(users: usize, groups: usize, per_group: usize) -> Snapshot {
                 user_type: UserType::Member,
                 external_id: None,
                 attributes: BTreeMap::new(),
-            },
+            }),
         );
     }
     // Deterministic pseudo-random membership (an LCG), nesting every tenth group in the next.

@@ -167,7 +167,9 @@ pub async fn fold(
     let users = ids(Kind::User);
     if !users.is_empty() {
         for u in lookup.users(&users).await? {
-            snap.users.entry(u.id.clone()).or_insert(u);
+            snap.users
+                .entry(u.id.clone())
+                .or_insert(std::sync::Arc::new(u));
         }
     }
     let sps = ids(Kind::ServicePrincipal);
@@ -280,7 +282,7 @@ impl Lookup for DirectoryLookup<'_> {
     async fn users(&self, ids: &[String]) -> Result<Vec<User>, SourceError> {
         Ok(ids
             .iter()
-            .filter_map(|id| self.0.users.get(id).cloned())
+            .filter_map(|id| self.0.users.get(id).map(|u| User::clone(u)))
             .collect())
     }
 
@@ -387,7 +389,7 @@ mod tests {
 
     fn dir(security: bool) -> Snapshot {
         let mut s = Snapshot::default();
-        s.users.insert("u1".into(), user("u1"));
+        s.users.insert("u1".into(), std::sync::Arc::new(user("u1")));
         s.groups.insert(
             "g1".into(),
             Group {

@@ -611,7 +611,7 @@ mod tests {
             let id = format!("u{i}");
             d.users.insert(
                 id.clone(),
-                User {
+                std::sync::Arc::new(User {
                     id: id.clone(),
                     user_name: format!("{id}@x"),
                     display_name: id.clone(),
@@ -620,7 +620,7 @@ mod tests {
                     user_type: Default::default(),
                     external_id: None,
                     attributes: Default::default(),
-                },
+                }),
             );
         }
         d.service_principals.insert(

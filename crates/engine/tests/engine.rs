@@ -96,8 +96,8 @@ fn attribute_changes_renames_and_reactivation() {
         let mut st = AgreementState::new("t");
         sync(&base(), &t, &mut st, &Policy::default()).await;
         let mut s = base();
-        s.users.get_mut("u1").unwrap().display_name = "Alice Liddell".into();
-        s.users.get_mut("u2").unwrap().user_name = "robert@x".into();
+        s.user_mut("u1").unwrap().display_name = "Alice Liddell".into();
+        s.user_mut("u2").unwrap().user_name = "robert@x".into();
         s.groups.get_mut("g3").unwrap().display_name = "TEAM_ZETA_2".into();
         let r = sync(&s, &t, &mut st, &Policy::default()).await;
         assert_eq!(
@@ -136,7 +136,7 @@ fn a_rename_on_a_target_that_cannot_rename_is_create_plus_deprovision() {
         let mut st = AgreementState::new("t");
         sync(&base(), &t, &mut st, &Policy::default()).await;
         let mut s = base();
-        s.users.get_mut("u2").unwrap().user_name = "robert@x".into();
+        s.user_mut("u2").unwrap().user_name = "robert@x".into();
         let policy = Policy {
             deprovision: Deprovision::Deactivate,
             ..Policy::default()
@@ -228,7 +228,7 @@ fn a_user_disabled_in_the_source_is_deactivated_and_counts_as_destructive() {
         let mut st = AgreementState::new("t");
         sync(&base(), &t, &mut st, &Policy::default()).await;
         let mut s = base();
-        s.users.get_mut("u1").unwrap().active = false;
+        s.user_mut("u1").unwrap().active = false;
         let r = sync(&s, &t, &mut st, &Policy::default()).await;
         assert_eq!(ops(&r.plan), ["update user \"alice@x\""]);
         assert_eq!(r.plan.summary.destructive, 1);
@@ -634,7 +634,7 @@ fn yielded_attributes_and_members_are_left_to_the_target() {
         let mut st = AgreementState::new("t");
         sync(&base(), &t, &mut st, &Policy::default()).await;
         let mut s = base();
-        s.users.get_mut("u1").unwrap().display_name = "changed".into();
+        s.user_mut("u1").unwrap().display_name = "changed".into();
         s.groups.get_mut("g3").unwrap().members.clear();
         let policy = Policy {
             yield_attributes: [idsync_model::Attr::DisplayName].into(),
@@ -710,7 +710,7 @@ fn guests_map_by_mail_and_unmappable_principals_are_held_back_not_deprovisioned(
         let t = MemoryTarget::new(Capabilities::full());
         let mut st = AgreementState::new("t");
         let mut s = base();
-        let g = s.users.get_mut("u2").unwrap();
+        let g = s.user_mut("u2").unwrap();
         g.user_type = UserType::Guest;
         g.user_name = "bob_ext#EXT#@corp.onmicrosoft.com".into();
         g.emails = vec!["bob@partner.example".into()];
@@ -721,7 +721,7 @@ fn guests_map_by_mail_and_unmappable_principals_are_held_back_not_deprovisioned(
         let r = sync(&s, &t, &mut st, &policy).await;
         assert!(ops(&r.plan).contains(&"create user \"bob@partner.example\"".to_string()));
         // The guest's mail disappears: the user cannot be mapped, so it is held back, not deleted.
-        s.users.get_mut("u2").unwrap().emails.clear();
+        s.user_mut("u2").unwrap().emails.clear();
         let r = sync(&s, &t, &mut st, &policy).await;
         assert!(
             !ops(&r.plan).iter().any(|o| o.starts_with("delete")),
@@ -822,8 +822,9 @@ fn a_key_freed_by_a_user_who_cannot_be_renamed_is_not_handed_to_a_new_hire() {
         sync(&base(), &t, &mut st, &Policy::default()).await;
         let old_alice = st.link(Kind::User, "u1").unwrap().to_owned();
         let mut s = base();
-        s.users.get_mut("u1").unwrap().user_name = "alice.smith@x".into();
-        s.users.insert("u9".into(), user("u9", "alice@x")); // the new hire gets the old name
+        s.user_mut("u1").unwrap().user_name = "alice.smith@x".into();
+        s.users
+            .insert("u9".into(), std::sync::Arc::new(user("u9", "alice@x"))); // the new hire gets the old name
         s.groups
             .get_mut("g3")
             .unwrap()
@@ -855,12 +856,12 @@ fn held_back_principals_keep_their_memberships() {
         let t = MemoryTarget::new(Capabilities::full());
         let mut st = AgreementState::new("t");
         let mut s = base();
-        let g = s.users.get_mut("u2").unwrap();
+        let g = s.user_mut("u2").unwrap();
         g.user_type = UserType::Guest;
         g.emails = vec!["bob@partner".into()];
         sync(&s, &t, &mut st, &Policy::default()).await;
         // The guest's mail goes away: it cannot be mapped, and must not be removed from groups.
-        s.users.get_mut("u2").unwrap().emails.clear();
+        s.user_mut("u2").unwrap().emails.clear();
         let r = sync(&s, &t, &mut st, &Policy::default()).await;
         assert!(r.plan.ops.is_empty(), "{:?}", ops(&r.plan));
     })

@@ -69,7 +69,7 @@ fn directory() -> impl Strategy<Value = Snapshot> {
                     vec![]
                 };
             }
-            s.users.insert(u.id.clone(), u);
+            s.users.insert(u.id.clone(), std::sync::Arc::new(u));
         }
         for (i, (present, app, active)) in sps.into_iter().enumerate() {
             if present {
@@ -497,13 +497,14 @@ fn edited(s: &Snapshot, edits: &[(u8, usize, usize)]) -> Snapshot {
         match what {
             0 => {
                 let name = USER_NAMES[b % USER_NAMES.len()];
-                match s.users.get_mut(&uid) {
+                match s.user_mut(&uid) {
                     Some(u) => {
                         u.user_name = name.into();
                         u.emails = vec![name.into()];
                     }
                     None => {
-                        s.users.insert(uid.clone(), user(&uid, name));
+                        s.users
+                            .insert(uid.clone(), std::sync::Arc::new(user(&uid, name)));
                     }
                 }
             }
@@ -511,7 +512,7 @@ fn edited(s: &Snapshot, edits: &[(u8, usize, usize)]) -> Snapshot {
                 s.users.remove(&uid);
             }
             2 => {
-                if let Some(u) = s.users.get_mut(&uid) {
+                if let Some(u) = s.user_mut(&uid) {
                     u.active = !u.active;
                 }
             }
@@ -723,7 +724,8 @@ fn an_owned_principal_found_outside_the_change_is_left_to_the_whole_plan() {
         p.principal.key = "bob@x".into();
         let t = MemoryTarget::from_data(caps, data);
         let mut s2 = s1.clone();
-        s2.users.insert("u2".into(), user("u2", "bob@x"));
+        s2.users
+            .insert("u2".into(), std::sync::Arc::new(user("u2", "bob@x")));
         assert!(delta_plan(&s2, &s1, &t, &st, &policy).await.is_none());
         // Without the hand rename, the same change is planned on the change.
         let t = MemoryTarget::new(Capabilities {

@@ -145,7 +145,7 @@ fn a_run_in_which_most_operations_fail_halts_the_agreement_until_it_is_resumed()
         let mut dir = directory();
         for i in 0..5 {
             let u = user(&format!("x{i}"), &format!("extra{i}@x"));
-            dir.users.insert(u.id.clone(), u);
+            dir.users.insert(u.id.clone(), std::sync::Arc::new(u));
         }
         let out = run_at(&refusing, &dir, &mut st, &policy, T0).await;
         assert_eq!(out.code, exit::HALTED);
@@ -214,7 +214,7 @@ fn a_few_failures_in_a_small_run_do_not_halt_and_100_percent_never_halts() {
         let mut dir = directory();
         for i in 0..8 {
             let u = user(&format!("x{i}"), &format!("extra{i}@x"));
-            dir.users.insert(u.id.clone(), u);
+            dir.users.insert(u.id.clone(), std::sync::Arc::new(u));
         }
         let never = Policy {
             max_failed_percent: Some(100),

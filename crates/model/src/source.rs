@@ -483,8 +483,9 @@ pub struct Directory {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Directory", try_from = "Directory")]
 pub struct Snapshot {
-    /// Users by source id.
-    pub users: BTreeMap<String, User>,
+    /// Users by source id. Shared, as group members are ([`Members`]): a copy of the snapshot
+    /// copies a pointer per user, and an unchanged user compares equal without reading it.
+    pub users: BTreeMap<String, std::sync::Arc<User>>,
     /// Service principals by source id.
     pub service_principals: BTreeMap<String, ServicePrincipal>,
     /// Groups by source id.
@@ -541,7 +542,11 @@ impl TryFrom<Directory> for Snapshot {
             )));
         }
         Ok(Snapshot {
-            users: by_id(d.users, |u| &u.id, "user")?,
+            users: by_id(
+                d.users.into_iter().map(std::sync::Arc::new).collect(),
+                |u| &u.id,
+                "user",
+            )?,
             service_principals: by_id(d.service_principals, |s| &s.id, "service principal")?,
             groups,
             incomplete_groups: d.incomplete_groups,
@@ -553,7 +558,11 @@ impl TryFrom<Directory> for Snapshot {
 impl From<Snapshot> for Directory {
     fn from(s: Snapshot) -> Self {
         Directory {
-            users: s.users.into_values().collect(),
+            users: s
+                .users
+                .into_values()
+                .map(std::sync::Arc::unwrap_or_clone)
+                .collect(),
             service_principals: s.service_principals.into_values().collect(),
             groups: s.groups.into_values().collect(),
             incomplete_groups: s.incomplete_groups,
@@ -593,7 +602,10 @@ impl Snapshot {
     pub fn apply_change(&mut self, change: &Change) {
         match change {
             Change::UpsertUser(u) => {
-                self.users.insert(u.id.clone(), u.clone());
+                if self.users.get(&u.id).is_none_or(|was| **was != *u) {
+                    self.users
+                        .insert(u.id.clone(), std::sync::Arc::new(u.clone()));
+                }
             }
             Change::UpsertServicePrincipal(sp) => {
                 self.service_principals.insert(sp.id.clone(), sp.clone());
@@ -662,6 +674,11 @@ impl Snapshot {
             }
             Change::Touched { .. } => {}
         }
+    }
+
+    /// A user to change, copied first if another snapshot shares it.
+    pub fn user_mut(&mut self, id: &str) -> Option<&mut User> {
+        self.users.get_mut(id).map(std::sync::Arc::make_mut)
     }
 
     /// Drops users and service principals that no group of the snapshot reaches any more (they left
@@ -838,6 +855,36 @@ mod members_tests {
         let again: Members = [Member::user("u2")].into();
         assert_eq!(copy.groups["g"].members, again);
         assert!(!copy.groups["g"].members.shares(&again));
+    }
+
+    #[test]
+    fn a_copied_snapshot_shares_its_users_until_one_changes() {
+        let u: User =
+            serde_json::from_str(r#"{"id":"u1","userName":"a@x","displayName":"A"}"#).unwrap();
+        let mut base = Snapshot::default();
+        base.users
+            .insert("u1".into(), std::sync::Arc::new(u.clone()));
+        let mut copy = base.clone();
+        let shared =
+            |a: &Snapshot, b: &Snapshot| std::sync::Arc::ptr_eq(&a.users["u1"], &b.users["u1"]);
+        assert!(shared(&base, &copy));
+        // The same user again (a change feed repeats what did not change): still shared.
+        copy.apply_change(&Change::UpsertUser(u.clone()));
+        assert!(shared(&base, &copy));
+        let mut renamed = u;
+        renamed.display_name = "B".into();
+        copy.apply_change(&Change::UpsertUser(renamed));
+        assert!(!shared(&base, &copy));
+        assert_eq!(base.users["u1"].display_name, "A");
+        copy.user_mut("u1").unwrap().display_name = "C".into();
+        assert_eq!(
+            (
+                copy.users["u1"].display_name.as_str(),
+                base.users["u1"].display_name.as_str()
+            ),
+            ("C", "A")
+        );
+        assert!(copy.user_mut("nobody").is_none());
     }
 
     #[test]

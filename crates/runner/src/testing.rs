@@ -559,14 +559,20 @@ pub async fn conformance(s: Subject<'_>, mut dir: Snapshot) -> Result<(), String
         format!("nothing changed, yet {read} read: {:?}", same.ops),
     )?;
     let zed = {
-        let mut u = dir.users.values().next().cloned().ok_or("a user")?;
+        let mut u = dir
+            .users
+            .values()
+            .next()
+            .map(|u| (**u).clone())
+            .ok_or("a user")?;
         u.id = "zed-source-id".into();
         u.user_name = "zed@company.com".into();
         u.display_name = "Zed \"the new one\" Ünal".into();
         u.emails = vec!["zed@company.com".into()];
         u
     };
-    dir.users.insert(zed.id.clone(), zed.clone());
+    dir.users
+        .insert(zed.id.clone(), std::sync::Arc::new(zed.clone()));
     for g in dir.groups.values_mut() {
         if g.display_name == "TEAM_ALPHA" {
             g.members.insert(Member::user(zed.id.clone()));
@@ -633,12 +639,18 @@ async fn rollback(
     };
     // Changes of every kind: a user and a group created, members added and removed, a group
     // renamed where the target renames, a display name changed where the target keeps it.
-    let mut rollie = dir.users.values().next().cloned().ok_or("a user")?;
+    let mut rollie = dir
+        .users
+        .values()
+        .next()
+        .map(|u| (**u).clone())
+        .ok_or("a user")?;
     rollie.id = "rollie-source-id".into();
     rollie.user_name = "rollie@company.com".into();
     rollie.display_name = "Rollie Back".into();
     rollie.emails = vec!["rollie@company.com".into()];
-    dir.users.insert(rollie.id.clone(), rollie.clone());
+    dir.users
+        .insert(rollie.id.clone(), std::sync::Arc::new(rollie.clone()));
     let alice = id_by_name(dir, "alice@company.com");
     let zed = id_by_name(dir, "zed@company.com");
     for g in dir.groups.values_mut() {
@@ -657,7 +669,7 @@ async fn rollback(
     fresh.display_name = "TEAM_ROLLBACK".into();
     fresh.members = [Member::user(rollie.id.clone()), Member::user(alice.clone())].into();
     dir.groups.insert(fresh.id.clone(), fresh);
-    if let Some(u) = dir.users.get_mut(&alice) {
+    if let Some(u) = dir.users.get_mut(&alice).map(std::sync::Arc::make_mut) {
         u.display_name = "Alice Renamed".into();
     }
 
@@ -785,7 +797,9 @@ async fn rollback(
     second.user_name = "midway2@company.com".into();
     second.emails = vec!["midway2@company.com".into()];
     for u in [&extra, &second] {
-        later.users.insert(u.id.clone(), u.clone());
+        later
+            .users
+            .insert(u.id.clone(), std::sync::Arc::new(u.clone()));
         for g in later.groups.values_mut() {
             if g.display_name == "TEAM_ALPHA" || g.display_name == "TEAM_ROLLBACK" {
                 g.members.insert(Member::user(u.id.clone()));
@@ -857,7 +871,9 @@ async fn rollback(
     extra.id = "crash-source-id".into();
     extra.user_name = "crash@company.com".into();
     extra.emails = vec!["crash@company.com".into()];
-    later.users.insert(extra.id.clone(), extra.clone());
+    later
+        .users
+        .insert(extra.id.clone(), std::sync::Arc::new(extra.clone()));
     for g in later.groups.values_mut() {
         if g.display_name == "TEAM_ALPHA" {
             g.members.insert(Member::user(extra.id.clone()));

@@ -52,7 +52,7 @@ fn main() {
             let snap = std::sync::Arc::make_mut(st.last_applied.as_mut().unwrap());
             let ids: Vec<String> = snap.users.keys().take(100).cloned().collect();
             for id in ids {
-                let u = snap.users.get_mut(&id).unwrap();
+                let u = std::sync::Arc::make_mut(snap.users.get_mut(&id).unwrap());
                 u.display_name.push_str(" (renamed)");
                 st.links.users.insert(id, "renamed".into());
             }

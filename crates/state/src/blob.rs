@@ -861,7 +861,7 @@ mod tests {
                 "id": id, "userName": format!("{id}@example.com"), "displayName": "Zoë \"Z\""
             }))
             .unwrap();
-            snap.users.insert(id.into(), u);
+            snap.users.insert(id.into(), std::sync::Arc::new(u));
         }
         let g: Group = serde_json::from_value(serde_json::json!({
             "id": "g1", "displayName": "G",

@@ -304,7 +304,7 @@ mod tests {
     fn snapshot() -> Snapshot {
         let mut s = Snapshot::default();
         for id in ["u1", "u2", "u3", "u4"] {
-            s.users.insert(id.into(), user(id));
+            s.users.insert(id.into(), std::sync::Arc::new(user(id)));
         }
         s.service_principals.insert(
             "sp1".into(),

@@ -175,7 +175,7 @@ struct SnapshotDelta {
     /// `false`: there is no snapshot any more (the other fields are empty).
     present: bool,
     #[serde(default)]
-    users: BTreeMap<String, Option<User>>,
+    users: BTreeMap<String, Option<Arc<User>>>,
     #[serde(default)]
     service_principals: BTreeMap<String, Option<ServicePrincipal>>,
     /// Groups new (whole) or gone.
@@ -567,8 +567,10 @@ mod tests {
         let mut st = idsync_model::AgreementState::new("a");
         let mut s = Snapshot::default();
         for i in 0..5 {
-            s.users
-                .insert(format!("u{i}"), user(&format!("u{i}"), &format!("n{i}")));
+            s.users.insert(
+                format!("u{i}"),
+                std::sync::Arc::new(user(&format!("u{i}"), &format!("n{i}"))),
+            );
             st.links.users.insert(format!("u{i}"), format!("t{i}"));
         }
         s.groups.insert(
@@ -593,8 +595,9 @@ mod tests {
         let mut new = old.clone();
         let s = Arc::make_mut(new.last_applied.as_mut().unwrap());
         s.users.remove("u0");
-        s.users.insert("u9".into(), user("u9", "nine"));
-        s.users.get_mut("u3").unwrap().active = false;
+        s.users
+            .insert("u9".into(), std::sync::Arc::new(user("u9", "nine")));
+        s.user_mut("u3").unwrap().active = false;
         let g = s.groups.get_mut("g").unwrap();
         g.members.remove(&Member::user("u1"));
         g.members.insert(Member::user("u9"));

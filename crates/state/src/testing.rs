@@ -345,7 +345,7 @@ fn big_state(a: &str, n: usize) -> AgreementState {
         let id = format!("u-{i:04}");
         snap.users.insert(
             id.clone(),
-            User {
+            std::sync::Arc::new(User {
                 id: id.clone(),
                 user_name: format!("user{i}@example.com"),
                 display_name: format!("User \"{i}\" Ünïcode"),
@@ -354,7 +354,7 @@ fn big_state(a: &str, n: usize) -> AgreementState {
                 user_type: Default::default(),
                 external_id: None,
                 attributes: Default::default(),
-            },
+            }),
         );
         members.insert(Member::user(id.as_str()));
         st.links.users.insert(id.clone(), format!("t-{i}"));
@@ -386,7 +386,7 @@ fn big_state(a: &str, n: usize) -> AgreementState {
 fn renamed(st: &mut AgreementState, i: usize, round: usize) {
     let id = format!("u-{i:04}");
     let snap = std::sync::Arc::make_mut(st.last_applied.get_or_insert_with(Default::default));
-    if let Some(u) = snap.users.get_mut(&id) {
+    if let Some(u) = snap.users.get_mut(&id).map(std::sync::Arc::make_mut) {
         u.user_name = format!("user{i}-r{round}@example.com");
     }
     st.links.users.insert(id, format!("t-{i}-r{round}"));

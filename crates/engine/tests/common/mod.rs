@@ -45,7 +45,7 @@ pub fn group(id: &str, name: &str, members: &[Member]) -> Group {
 pub fn snap(users: Vec<User>, sps: Vec<ServicePrincipal>, groups: Vec<Group>) -> Snapshot {
     let mut s = Snapshot::default();
     for u in users {
-        s.users.insert(u.id.clone(), u);
+        s.users.insert(u.id.clone(), std::sync::Arc::new(u));
     }
     for p in sps {
         s.service_principals.insert(p.id.clone(), p);

@@ -543,7 +543,9 @@ fn take_members(
             match member.kind {
                 Kind::User => {
                     if let Some(u) = user_of(m) {
-                        snap.users.entry(u.id.clone()).or_insert(u);
+                        snap.users
+                            .entry(u.id.clone())
+                            .or_insert(std::sync::Arc::new(u));
                     }
                 }
                 Kind::ServicePrincipal => {
@@ -835,7 +837,9 @@ impl Source for EntraSource {
                 self.root()
             );
             for u in self.all(url).await?.iter().filter_map(user_of) {
-                snap.users.entry(u.id.clone()).or_insert(u);
+                snap.users
+                    .entry(u.id.clone())
+                    .or_insert(std::sync::Arc::new(u));
             }
         }
         // Beyond the depth means the scope does not reach it by any path (as `select` draws it).

@@ -1548,7 +1548,7 @@ impl LdapSource {
             match c.user(e) {
                 Ok(u) => {
                     index.add_user(&u);
-                    if let Some(old) = snap.users.insert(u.id.clone(), u) {
+                    if let Some(old) = snap.users.insert(u.id.clone(), std::sync::Arc::new(u)) {
                         return Err(err(
                             SourceErrorKind::Protocol,
                             format!("two user entries share the id {}", old.id),
@@ -1935,7 +1935,7 @@ impl Lookup for LdapLookup {
         let mut c = self.conn.lock().await;
         let mut index = Index::default();
         let mut found = self.found.clone();
-        for u in snap.users.values().chain(found.values()) {
+        for u in snap.users.values().map(|u| &**u).chain(found.values()) {
             index.add_user(u);
         }
         let mut pool = Snapshot::default();
@@ -1980,7 +1980,7 @@ impl Lookup for LdapLookup {
         }
         for id in named {
             if let Some(u) = found.remove(&id) {
-                pool.users.insert(id, u);
+                pool.users.insert(id, std::sync::Arc::new(u));
             }
         }
         DirectoryLookup(&pool)
