@@ -4,7 +4,8 @@
 //! agreement's cursors, journal, trust and the rest of its small fields, and the list of layer
 //! objects that hold the big ones (the id map, the owned set and the last applied snapshot):
 //!
-//! - one **base**, `<agreement>.state-<version>-<nonce>.base`: those three whole;
+//! - one **base**, `<agreement>.state-<version>-<nonce>.base`: those three whole (the snapshot's
+//!   memberships as positions in its own lists since head format 3, `crate::compact`);
 //! - then zero or more **deltas**, `<agreement>.state-<version>-<nonce>.delta`: what one commit
 //!   changed in them (entries set or removed; a changed group whole).
 //!
