@@ -68,14 +68,14 @@ fn kind_key(kind: Kind, key: &str) -> String {
 /// Target ids by key, for principals the apply created (their references carry none): drawn
 /// from the owned set the first time an operation needs one. An apply that created nothing never
 /// needs it, and the owned set holds every principal of the tenant.
-struct Ids<'a> {
+struct OwnedIds<'a> {
     state: &'a AgreementState,
     index: std::cell::OnceCell<BTreeMap<(Kind, &'a str), &'a str>>,
 }
 
-impl<'a> Ids<'a> {
+impl<'a> OwnedIds<'a> {
     fn new(state: &'a AgreementState) -> Self {
-        Ids {
+        OwnedIds {
             state,
             index: std::cell::OnceCell::new(),
         }
@@ -97,7 +97,7 @@ impl<'a> Ids<'a> {
 }
 
 /// The target id of a reference: its own, or the one the state learnt during the apply.
-fn id_of(r: &PRef, ids: &Ids<'_>) -> Option<String> {
+fn id_of(r: &PRef, ids: &OwnedIds<'_>) -> Option<String> {
     r.id.clone().or_else(|| ids.get(r.kind, &r.key))
 }
 
@@ -105,7 +105,7 @@ fn id_of(r: &PRef, ids: &Ids<'_>) -> Option<String> {
 fn describe(
     op: &Op,
     state: &AgreementState,
-    ids: &Ids<'_>,
+    ids: &OwnedIds<'_>,
 ) -> (
     &'static str,
     String,
@@ -214,7 +214,7 @@ pub fn records(
     state: &AgreementState,
 ) -> Vec<Change> {
     let (_, _, time) = day_time(now);
-    let ids = Ids::new(state);
+    let ids = OwnedIds::new(state);
     let rolled_back = report.rollback.is_some();
     let record = |op: &Op, result: &str, error: Option<String>| {
         let (name, principal, target_id, members, changed) = describe(op, state, &ids);
@@ -323,7 +323,7 @@ mod tests {
     #[test]
     fn a_reference_without_an_id_takes_the_one_the_state_owns_under_its_key() {
         let state = owning("data-eng", "g-17");
-        let ids = Ids::new(&state);
+        let ids = OwnedIds::new(&state);
         let op = Op::AddMembers {
             group: PRef {
                 kind: Kind::Group,
@@ -343,7 +343,7 @@ mod tests {
     #[test]
     fn references_with_ids_never_draw_the_index_of_the_owned_set() {
         let state = owning("data-eng", "g-17");
-        let ids = Ids::new(&state);
+        let ids = OwnedIds::new(&state);
         let op = Op::RemoveMembers {
             group: PRef {
                 kind: Kind::Group,

@@ -505,7 +505,9 @@ pub(crate) fn decode_base(
         (Some(_), Some(_)) => {
             return Err(corrupt(
                 location,
-                "a base with two last applied snapshots".into(),
+                "a base holds the last applied snapshot twice, as `lastApplied` and as \
+                 `snapshot`: idsync writes one or the other"
+                    .into(),
             ));
         }
         (Some(compact), None) => Some(
@@ -658,6 +660,19 @@ mod tests {
         let d = diff(&c, &empty);
         assert!(!d.is_empty(), "no snapshot and an empty one differ");
         apply(&mut c, d).unwrap();
+        assert_eq!(c.snapshot.as_deref(), Some(&Snapshot::default()));
+    }
+
+    #[test]
+    fn a_base_holding_two_snapshots_is_refused() {
+        let base = br#"{"agreement": "a", "version": 1, "lastApplied": {}, "snapshot": {}}"#;
+        let e = decode_base(base, "a", 1, "a.base").unwrap_err();
+        assert!(
+            e.to_string().contains("`lastApplied` and as `snapshot`"),
+            "{e}"
+        );
+        let one = br#"{"agreement": "a", "version": 1, "snapshot": {}}"#;
+        let c = decode_base(one, "a", 1, "a.base").unwrap();
         assert_eq!(c.snapshot.as_deref(), Some(&Snapshot::default()));
     }
 

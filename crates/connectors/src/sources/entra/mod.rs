@@ -501,13 +501,18 @@ const USER_DELTA_SELECT: &str =
     "displayName,userPrincipalName,mail,otherMails,accountEnabled,userType,onPremisesImmutableId";
 const SP_DELTA_SELECT: &str = "appId,displayName,accountEnabled";
 
-fn member_of(m: &Value) -> Option<Member> {
-    let id = text(m, "id")?;
-    Some(Member::new(kind_of(m)?, id))
+/// A member from its directory object, its id shared through `ids`; `None` for what idsync does
+/// not sync (devices, contacts).
+fn member_of(m: &Value, ids: &mut Ids) -> Option<Member> {
+    let kind = kind_of(m)?;
+    let id = m.get("id").and_then(Value::as_str)?;
+    Some(Member {
+        kind,
+        id: ids.get(id),
+    })
 }
 
-/// What a member is, by its `@odata.type`; `None` for what idsync does not sync (devices,
-/// contacts).
+/// What a member is, by its `@odata.type`.
 fn kind_of(m: &Value) -> Option<Kind> {
     Some(match m.get("@odata.type").and_then(Value::as_str)? {
         "#microsoft.graph.user" => Kind::User,
@@ -532,13 +537,8 @@ fn take_members(
 ) {
     for (mut g, members) in groups.into_iter().zip(reads) {
         for m in &members {
-            // Devices, contacts: not synced.
-            let (Some(kind), Some(id)) = (kind_of(m), text(m, "id")) else {
+            let Some(member) = member_of(m, ids) else {
                 continue;
-            };
-            let member = Member {
-                kind,
-                id: ids.get(&id),
             };
             match member.kind {
                 Kind::User => {
@@ -716,6 +716,7 @@ impl EntraSource {
 /// so a group's attributes count only when its name came with it.
 fn delta_changes(groups: &[Value], users: &[Value], sps: &[Value]) -> Vec<Change> {
     let mut out = Vec::new();
+    let mut ids = Ids::default();
     for item in groups {
         let Some(id) = text(item, "id") else { continue };
         if item.get("@removed").is_some() {
@@ -739,7 +740,9 @@ fn delta_changes(groups: &[Value], users: &[Value], sps: &[Value]) -> Vec<Change
             .into_iter()
             .flatten()
         {
-            let Some(member) = member_of(m) else { continue };
+            let Some(member) = member_of(m, &mut ids) else {
+                continue;
+            };
             let group = id.clone();
             out.push(if m.get("@removed").is_some() {
                 Change::RemoveMember { group, member }
