@@ -19,7 +19,8 @@ pub use source::{
     UserType,
 };
 pub use state::{
-    AgreementState, AgreementStatus, Journal, Owned, Ownership, PerKind, Strikes, Totals, Trust,
+    AgreementState, AgreementStatus, Journal, Links, Owned, OwnedMaps, Ownership, PerKind, Shared,
+    Strikes, Totals, Trust,
 };
 pub use target::{
     Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, MemberIds, Observed,

@@ -43,6 +43,107 @@ impl<T> PerKind<T> {
     }
 }
 
+/// A value shared between copies until one of them changes it: cloning copies a pointer, and the
+/// first write through a copy that is shared copies the value (`Arc::make_mut`), so every copy
+/// keeps value semantics. A state's id maps are held this way: the store's memory of the loaded
+/// state, the state a run works on and the copy an apply keeps to go back to are one map until
+/// the apply writes to it, and maps no write touched compare equal without being read.
+#[derive(Default)]
+pub struct Shared<T>(std::sync::Arc<T>);
+
+impl<T> Shared<T> {
+    /// Wraps a value.
+    pub fn new(value: T) -> Self {
+        Shared(std::sync::Arc::new(value))
+    }
+
+    /// Whether two copies are still one value (no write since one was cloned from the other).
+    pub fn shares(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<T: Clone> Shared<T> {
+    /// The value, mutably: copied first if another copy shares it.
+    pub fn make_mut(&mut self) -> &mut T {
+        std::sync::Arc::make_mut(&mut self.0)
+    }
+
+    /// The value, copied if another copy shares it.
+    pub fn into_inner(self) -> T {
+        std::sync::Arc::unwrap_or_clone(self.0)
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(std::sync::Arc::clone(&self.0))
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Writing through a shared copy copies the value first (see [`Shared`]).
+impl<T: Clone> std::ops::DerefMut for Shared<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.make_mut()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Shared<T>
+where
+    &'a T: IntoIterator,
+{
+    type Item = <&'a T as IntoIterator>::Item;
+    type IntoIter = <&'a T as IntoIterator>::IntoIter;
+    fn into_iter(self) -> Self::IntoIter {
+        (&*self.0).into_iter()
+    }
+}
+
+impl<T> From<T> for Shared<T> {
+    fn from(value: T) -> Self {
+        Shared::new(value)
+    }
+}
+
+impl<T: PartialEq> PartialEq for Shared<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.shares(other) || *self.0 == *other.0
+    }
+}
+
+impl<T: Eq> Eq for Shared<T> {}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<T: Serialize> Serialize for Shared<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shared<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(Shared::new)
+    }
+}
+
+/// Source id → target id, per kind (see [`AgreementState::links`]).
+pub type Links = PerKind<Shared<BTreeMap<String, String>>>;
+
+/// Owned target principals by target id, per kind (see [`AgreementState::owned`]).
+pub type OwnedMaps = PerKind<Shared<BTreeMap<String, Owned>>>;
+
 /// How idsync came to own a target principal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -134,10 +235,10 @@ pub struct AgreementState {
     pub status: AgreementStatus,
     /// Source id → target id, per kind.
     #[serde(default)]
-    pub links: PerKind<BTreeMap<String, String>>,
+    pub links: Links,
     /// Target principals idsync created or adopted, by target id, per kind.
     #[serde(default)]
-    pub owned: PerKind<BTreeMap<String, Owned>>,
+    pub owned: OwnedMaps,
     /// The source snapshot last applied in full (the base for change feeds).
     #[serde(default)]
     pub last_applied: Option<std::sync::Arc<Snapshot>>,
@@ -278,5 +379,62 @@ impl AgreementState {
         self.journal
             .as_ref()
             .is_some_and(|j| j.pending_creates.contains(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AgreementState {
+        let mut st = AgreementState::new("a");
+        st.links.users.insert("u1".into(), "t1".into());
+        st.owned.users.insert(
+            "t1".into(),
+            Owned {
+                key: "ada".into(),
+                how: Ownership::Created,
+                source: Some("u1".into()),
+            },
+        );
+        st
+    }
+
+    #[test]
+    fn a_copy_shares_its_maps_until_one_side_writes() {
+        let st = state();
+        let mut copy = st.clone();
+        assert!(copy.links.users.shares(&st.links.users));
+        assert!(copy.owned.users.shares(&st.owned.users));
+
+        // Reads leave them shared.
+        assert_eq!(copy.link(Kind::User, "u1"), Some("t1"));
+        assert!(copy.owns(Kind::User, "t1"));
+        assert!(copy.links.users.shares(&st.links.users));
+
+        // A write copies the one map it writes to; the original keeps its value.
+        copy.links.users.insert("u2".into(), "t2".into());
+        assert!(!copy.links.users.shares(&st.links.users));
+        assert!(copy.owned.users.shares(&st.owned.users));
+        assert!(copy.links.groups.shares(&st.links.groups));
+        assert_eq!(st.link(Kind::User, "u2"), None);
+        assert_eq!(copy.link(Kind::User, "u2"), Some("t2"));
+        assert_ne!(copy, st);
+
+        // Two maps that are no longer one still compare by value.
+        copy.links.users.remove("u2");
+        assert!(!copy.links.users.shares(&st.links.users));
+        assert_eq!(copy, st);
+    }
+
+    #[test]
+    fn shared_maps_are_stored_as_the_plain_maps() {
+        let st = state();
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["links"]["users"], serde_json::json!({"u1": "t1"}));
+        assert_eq!(json["owned"]["users"]["t1"]["key"], "ada");
+        let back: AgreementState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, st);
+        assert!(!back.links.users.shares(&st.links.users));
     }
 }

@@ -20,7 +20,7 @@
 use crate::StateError;
 use crate::codec::{corrupt, from_gzip, to_gzip};
 use idsync_model::source::{Group, Member, ServicePrincipal, Snapshot, User};
-use idsync_model::state::{Owned, PerKind};
+use idsync_model::state::{Owned, PerKind, Shared};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -54,9 +54,9 @@ pub struct LayerRef {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Content {
     /// Source id → target id, per kind.
-    pub links: PerKind<BTreeMap<String, String>>,
+    pub links: idsync_model::Links,
     /// Owned target principals, per kind.
-    pub owned: PerKind<BTreeMap<String, Owned>>,
+    pub owned: idsync_model::OwnedMaps,
     /// The last applied snapshot.
     pub snapshot: Option<Arc<Snapshot>>,
 }
@@ -131,8 +131,8 @@ pub(crate) fn check_refs(agreement: &str, refs: &[LayerRef]) -> Result<(), Strin
 struct BaseOut<'a> {
     agreement: &'a str,
     version: u64,
-    links: &'a PerKind<BTreeMap<String, String>>,
-    owned: &'a PerKind<BTreeMap<String, Owned>>,
+    links: &'a idsync_model::Links,
+    owned: &'a idsync_model::OwnedMaps,
     /// The last applied snapshot, its members as positions ([`crate::compact`]).
     snapshot: Option<crate::compact::SnapshotOut<'a>>,
 }
@@ -145,9 +145,9 @@ struct BaseIn {
     agreement: String,
     version: u64,
     #[serde(default)]
-    links: PerKind<BTreeMap<String, String>>,
+    links: idsync_model::Links,
     #[serde(default)]
-    owned: PerKind<BTreeMap<String, Owned>>,
+    owned: idsync_model::OwnedMaps,
     /// The last applied snapshot as bases before head format 3 held it (every member whole).
     #[serde(default)]
     last_applied: Option<Snapshot>,
@@ -312,13 +312,21 @@ fn diff_map<V: Clone + PartialEq>(
 }
 
 fn diff_per_kind<V: Clone + PartialEq>(
-    old: &PerKind<BTreeMap<String, V>>,
-    new: &PerKind<BTreeMap<String, V>>,
+    old: &PerKind<Shared<BTreeMap<String, V>>>,
+    new: &PerKind<Shared<BTreeMap<String, V>>>,
 ) -> PerKind<BTreeMap<String, Option<V>>> {
+    // A map no write touched is still the loaded one: nothing to compare.
+    let diff = |a: &Shared<BTreeMap<String, V>>, b: &Shared<BTreeMap<String, V>>| {
+        if a.shares(b) {
+            BTreeMap::new()
+        } else {
+            diff_map(a, b)
+        }
+    };
     PerKind {
-        users: diff_map(&old.users, &new.users),
-        service_principals: diff_map(&old.service_principals, &new.service_principals),
-        groups: diff_map(&old.groups, &new.groups),
+        users: diff(&old.users, &new.users),
+        service_principals: diff(&old.service_principals, &new.service_principals),
+        groups: diff(&old.groups, &new.groups),
     }
 }
 
@@ -364,6 +372,16 @@ pub(crate) fn diff(old: &Content, state: &idsync_model::AgreementState) -> Delta
     }
 }
 
+/// `patch` on a shared map, which stays shared with every copy of it when nothing changes.
+fn patch_shared<V: Clone>(
+    map: &mut Shared<BTreeMap<String, V>>,
+    changes: BTreeMap<String, Option<V>>,
+) {
+    if !changes.is_empty() {
+        patch(map.make_mut(), changes);
+    }
+}
+
 fn patch<V>(map: &mut BTreeMap<String, V>, changes: BTreeMap<String, Option<V>>) {
     for (k, v) in changes {
         match v {
@@ -377,13 +395,13 @@ fn patch<V>(map: &mut BTreeMap<String, V>, changes: BTreeMap<String, Option<V>>)
     }
 }
 
-fn patch_per_kind<V>(
-    p: &mut PerKind<BTreeMap<String, V>>,
+fn patch_per_kind<V: Clone>(
+    p: &mut PerKind<Shared<BTreeMap<String, V>>>,
     d: PerKind<BTreeMap<String, Option<V>>>,
 ) {
-    patch(&mut p.users, d.users);
-    patch(&mut p.service_principals, d.service_principals);
-    patch(&mut p.groups, d.groups);
+    patch_shared(&mut p.users, d.users);
+    patch_shared(&mut p.service_principals, d.service_principals);
+    patch_shared(&mut p.groups, d.groups);
 }
 
 /// `content` with the id map and owned set of `delta` applied (its snapshot left as it is).
@@ -661,6 +679,31 @@ mod tests {
         assert!(!d.is_empty(), "no snapshot and an empty one differ");
         apply(&mut c, d).unwrap();
         assert_eq!(c.snapshot.as_deref(), Some(&Snapshot::default()));
+    }
+
+    #[test]
+    fn maps_a_commit_did_not_write_stay_shared_with_the_loaded_ones() {
+        let old = state();
+        let loaded = Content::of(&old);
+        let mut new = old.clone();
+        new.links.groups.insert("g".into(), "tg".into());
+        // The users' maps are the loaded ones: the delta holds the groups' link alone.
+        assert!(new.links.users.shares(&loaded.links.users));
+        let d = diff(&loaded, &new);
+        assert_eq!(d.links.groups.len(), 1);
+        assert!(d.links.users.is_empty() && d.owned.users.is_empty());
+        // Applying it copies the one map it changes.
+        let mut c = loaded.clone();
+        apply_maps(&mut c, d);
+        assert!(c.links.users.shares(&loaded.links.users));
+        assert!(c.owned.groups.shares(&loaded.owned.groups));
+        assert!(!c.links.groups.shares(&loaded.links.groups));
+        assert_eq!(c.links, new.links);
+        // Unchanged maps that are not shared are still compared entry by entry.
+        let mut copy = new.clone();
+        copy.links.users = Shared::new((*new.links.users).clone());
+        copy.links.users.insert("u9".into(), "t9".into());
+        assert_eq!(diff(&Content::of(&new), &copy).links.users.len(), 1);
     }
 
     #[test]
