@@ -217,6 +217,17 @@ impl EntraSource {
 
     /// Every item of a collection, following nextLinks.
     async fn all(&self, first: String) -> Result<Vec<Value>, SourceError> {
+        self.all_of(first, Some).await
+    }
+
+    /// Every item of a collection, following nextLinks, each made into what `of` makes of it as
+    /// soon as its page is read (items it makes nothing of are left out): the parsed JSON of a
+    /// page is dropped before the next one is read.
+    async fn all_of<T>(
+        &self,
+        first: String,
+        of: impl Fn(Value) -> Option<T>,
+    ) -> Result<Vec<T>, SourceError> {
         let mut out = Vec::new();
         let mut url = first;
         let mut seen = std::collections::HashSet::new();
@@ -245,7 +256,7 @@ impl EntraSource {
                 .await?;
             let got = items(&mut page, "a page")?;
             idsync_engine::progress::add(idsync_engine::progress::Phase::Read, got.len());
-            out.extend(got);
+            out.extend(got.into_iter().filter_map(&of));
             match follow(text(&page, "@odata.nextLink"), &self.cfg.graph, &mut seen)? {
                 Some(next) => url = next,
                 None => return Ok(out),
@@ -370,19 +381,19 @@ impl EntraSource {
     }
 
     /// One group's members, page by page.
-    async fn members(&self, gid: &str) -> Result<Vec<Value>, SourceError> {
+    async fn members(&self, gid: &str) -> Result<Vec<Obj>, SourceError> {
         let url = format!(
             "{}/beta/groups/{}/members?$select={MEMBER_SELECT}&$top=999",
             self.root(),
             percent_encode(gid, b"")
         );
-        self.all(url).await
+        self.all_of(url, |m| Obj::of(&m)).await
     }
 
     /// One `$batch` of member reads. A group with more members than one page continues with its
     /// nextLink; an item that failed inside the batch (429, 5xx, a body that is not a page) is
     /// read again on its own, after the item's `Retry-After`, with the client's retries.
-    async fn members_batch(&self, gids: Vec<String>) -> Result<Vec<Vec<Value>>, SourceError> {
+    async fn members_batch(&self, gids: Vec<String>) -> Result<Vec<Vec<Obj>>, SourceError> {
         if gids.len() == 1 {
             return Ok(vec![self.members(&gids[0]).await?]);
         }
@@ -427,7 +438,8 @@ impl EntraSource {
             .collect();
         // Items that failed inside the batch wait once, for the longest Retry-After among them,
         // then are read on their own, concurrently, with the client's retries.
-        let mut out: Vec<Option<Vec<Value>>> = Vec::with_capacity(gids.len());
+        let mut out: Vec<Option<Vec<Obj>>> = Vec::with_capacity(gids.len());
+        let mut nexts: Vec<(usize, String)> = Vec::new();
         let mut failed: Vec<usize> = Vec::new();
         let mut wait = 0u64;
         for (i, gid) in gids.iter().enumerate() {
@@ -457,7 +469,7 @@ impl EntraSource {
                 out.push(None);
                 continue;
             };
-            let mut items = match page.get_mut("body") {
+            let items = match page.get_mut("body") {
                 Some(body) => items(body, "a member page in a $batch")?,
                 None => items(&mut Value::Null, "a $batch item")?,
             };
@@ -467,9 +479,17 @@ impl EntraSource {
                 .map(str::to_owned);
             idsync_engine::progress::add(idsync_engine::progress::Phase::Read, items.len());
             if let Some(next) = follow(next, &self.cfg.graph, &mut Default::default())? {
-                items.extend(self.all(next).await?);
+                nexts.push((i, next));
             }
-            out.push(Some(items));
+            out.push(Some(items.iter().filter_map(Obj::of).collect()));
+        }
+        // The batch's JSON is dropped before a large group's further pages are read.
+        drop(answers);
+        for (i, next) in nexts {
+            let more = self.all_of(next, |m| Obj::of(&m)).await?;
+            if let Some(items) = out[i].as_mut() {
+                items.extend(more);
+            }
         }
         if !failed.is_empty() {
             let wait = wait.min(self.cfg.http.max_backoff.as_secs());
@@ -522,12 +542,57 @@ fn kind_of(m: &Value) -> Option<Kind> {
     })
 }
 
+/// A member as Graph lists it, reduced to what a snapshot keeps of it as soon as its page is
+/// read: a page of 999 members is a megabyte of text and several once parsed, and a group of
+/// 100,000 members is a hundred pages.
+enum Obj {
+    User(User),
+    /// A service principal; `sp` is `None` when Graph's object lacks what one needs (its
+    /// `appId`): it is still a member.
+    Sp {
+        id: String,
+        sp: Option<ServicePrincipal>,
+    },
+    /// A group, without its members.
+    Group(Group),
+}
+
+impl Obj {
+    /// What idsync syncs of a directory object (not devices or contacts), `None` without an id.
+    fn of(m: &Value) -> Option<Obj> {
+        Some(match kind_of(m)? {
+            Kind::User => Obj::User(user_of(m)?),
+            Kind::ServicePrincipal => Obj::Sp {
+                id: text(m, "id")?,
+                sp: sp_of(m),
+            },
+            Kind::Group => Obj::Group(group_of(m)?),
+        })
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Obj::User(_) => Kind::User,
+            Obj::Sp { .. } => Kind::ServicePrincipal,
+            Obj::Group(_) => Kind::Group,
+        }
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Obj::User(u) => &u.id,
+            Obj::Sp { id, .. } => id,
+            Obj::Group(g) => &g.id,
+        }
+    }
+}
+
 /// Adds a batch of groups with the members read for them; nested groups still within the search
 /// depth go to `next`.
 #[allow(clippy::too_many_arguments)] // One caller: the walk's state, each borrowed apart.
 fn take_members(
     groups: Vec<Group>,
-    reads: Vec<Vec<Value>>,
+    reads: Vec<Vec<Obj>>,
     level: u32,
     scope: &Scope,
     snap: &mut Snapshot,
@@ -536,26 +601,27 @@ fn take_members(
     ids: &mut Ids,
 ) {
     for (mut g, members) in groups.into_iter().zip(reads) {
-        for m in &members {
-            let Some(member) = member_of(m, ids) else {
-                continue;
+        for m in members {
+            let member = Member {
+                kind: m.kind(),
+                id: ids.get(m.id()),
             };
-            match member.kind {
-                Kind::User => {
-                    if let Some(u) = user_of(m) {
-                        snap.users
-                            .entry(u.id.clone())
-                            .or_insert(std::sync::Arc::new(u));
+            match m {
+                Obj::User(u) => {
+                    if !snap.users.contains_key(&u.id) {
+                        snap.users.insert(u.id.clone(), std::sync::Arc::new(u));
                     }
                 }
-                Kind::ServicePrincipal => {
-                    if let Some(sp) = sp_of(m) {
+                Obj::Sp { sp, .. } => {
+                    if let Some(sp) = sp {
                         snap.service_principals.entry(sp.id.clone()).or_insert(sp);
                     }
                 }
-                Kind::Group => {
-                    let admitted =
-                        || group_of(m).filter(|c| c.security_enabled || scope.include_non_security);
+                Obj::Group(child) => {
+                    let admitted = || {
+                        Some(child.clone())
+                            .filter(|c| c.security_enabled || scope.include_non_security)
+                    };
                     if level < scope.search_depth
                         && !depth.contains_key(&*member.id)
                         && !snap.groups.contains_key(&*member.id)
@@ -947,6 +1013,49 @@ mod tests {
                 ))
             );
         }
+    }
+
+    #[test]
+    fn members_are_kept_as_what_the_snapshot_needs() {
+        use super::{Kind, Obj};
+        let of = |v: serde_json::Value| Obj::of(&v).map(|o| (o.kind(), o.id().to_owned()));
+        let user = serde_json::json!({
+            "@odata.type": "#microsoft.graph.user", "id": "u1",
+            "userPrincipalName": "ada@example.com", "accountEnabled": false,
+        });
+        match Obj::of(&user) {
+            Some(Obj::User(u)) => {
+                assert_eq!(
+                    (u.id.as_str(), u.user_name.as_str()),
+                    ("u1", "ada@example.com")
+                );
+                assert!(!u.active);
+            }
+            _ => panic!("a user"),
+        }
+        // A service principal without its appId is still a member, kept out of the principals.
+        let sp =
+            serde_json::json!({"@odata.type": "#microsoft.graph.servicePrincipal", "id": "s1"});
+        assert!(matches!(Obj::of(&sp), Some(Obj::Sp { sp: None, .. })));
+        assert_eq!(of(sp), Some((Kind::ServicePrincipal, "s1".into())));
+        let group = serde_json::json!({
+            "@odata.type": "#microsoft.graph.group", "id": "g1", "displayName": "G",
+            "securityEnabled": false,
+        });
+        match Obj::of(&group) {
+            Some(Obj::Group(g)) => assert!(!g.security_enabled && g.members.is_empty()),
+            _ => panic!("a group"),
+        }
+        // What idsync does not sync, and objects without an id, are left out.
+        assert_eq!(
+            of(serde_json::json!({"@odata.type": "#microsoft.graph.device", "id": "d"})),
+            None
+        );
+        assert_eq!(
+            of(serde_json::json!({"@odata.type": "#microsoft.graph.user"})),
+            None
+        );
+        assert_eq!(of(serde_json::json!({"id": "x"})), None);
     }
 
     #[test]
