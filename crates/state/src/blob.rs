@@ -234,26 +234,21 @@ impl<B: Blobs> BlobStore<B> {
                 content: m.content,
             });
         }
+        let many = delta.entries();
+        if many > layers::DELTA_ENTRIES_FOR_A_BASE && many > layers::entries(state) / 4 {
+            drop(delta);
+            return new_base();
+        }
         let key = layers::layer_key(a, version, LayerKind::Delta);
         let bytes = layers::encode_delta(a, version, &delta, &self.blobs.location(&key))?;
+        drop(delta);
         if layers::compact(&m.layers, bytes.len() as u64) {
-            // The copy a new base would make of the maps is made by applying the delta instead.
-            let key = layers::layer_key(a, version, LayerKind::Base);
-            let bytes = layers::encode_base(state, version, &self.blobs.location(&key))?;
-            layers::apply_maps(&mut m.content, delta);
-            m.content.snapshot.clone_from(&state.last_applied);
-            return Ok(Written {
-                layers: vec![LayerRef {
-                    key: key.clone(),
-                    kind: LayerKind::Base,
-                    bytes: bytes.len() as u64,
-                }],
-                object: Some((key, bytes)),
-                content: m.content,
-            });
+            drop(bytes);
+            return new_base();
         }
-        layers::apply_maps(&mut m.content, delta);
-        m.content.snapshot.clone_from(&state.last_applied);
+        // What the layers now hold is the state's big fields, which share their maps and
+        // snapshot with the state: one copy, not a second one patched with the delta.
+        m.content = Content::of(state);
         m.layers.push(LayerRef {
             key: key.clone(),
             kind: LayerKind::Delta,
@@ -812,6 +807,37 @@ mod tests {
             .filter(|k| k.starts_with("a."))
             .collect();
         assert_eq!(left, [racing]);
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_changes_most_of_a_large_state_writes_a_base_and_loads_back() {
+        let s = crate::MemoryStore::in_memory();
+        async fn kinds(s: &crate::MemoryStore) -> Vec<LayerKind> {
+            let (bytes, _) = s.blobs().get("a.state").await.unwrap().unwrap();
+            let (_, refs) = codec::decode_head(&bytes, "a.state").unwrap();
+            refs.unwrap().iter().map(|l| l.kind).collect()
+        }
+        // A first sync: the journal's commit of an empty state, then every link at once.
+        let mut st = AgreementState::new("a");
+        st.version = s.commit(&st).await.unwrap();
+        for i in 0..(layers::DELTA_ENTRIES_FOR_A_BASE + 1) {
+            st.links.users.insert(format!("u{i}"), format!("t{i}"));
+        }
+        st.version = s.commit(&st).await.unwrap();
+        assert_eq!(kinds(&s).await, [LayerKind::Base]);
+        // One more link after that is a delta, and what the store remembers of the layers (the
+        // state's own maps, shared) is what it then writes the next delta against.
+        st.links.users.insert("v".into(), "w".into());
+        st.version = s.commit(&st).await.unwrap();
+        assert_eq!(kinds(&s).await, [LayerKind::Base, LayerKind::Delta]);
+        st.links.users.remove("u0");
+        st.version = s.commit(&st).await.unwrap();
+        assert_eq!(
+            kinds(&s).await,
+            [LayerKind::Base, LayerKind::Delta, LayerKind::Delta]
+        );
+        s.forget();
+        assert_eq!(s.load("a").await.unwrap().unwrap(), st);
     }
 
     #[tokio::test]

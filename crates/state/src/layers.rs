@@ -19,7 +19,7 @@
 
 use crate::StateError;
 use crate::codec::{corrupt, from_gzip, to_gzip};
-use idsync_model::source::{Group, Member, ServicePrincipal, Snapshot, User};
+use idsync_model::source::{Group, Kind, Member, ServicePrincipal, Snapshot, User};
 use idsync_model::state::{Owned, PerKind, Shared};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -263,7 +263,56 @@ impl Delta {
     pub(crate) fn is_empty(&self) -> bool {
         per_kind_empty(&self.links) && per_kind_empty(&self.owned) && self.snapshot.is_none()
     }
+
+    /// How many entries it sets or removes (a group whole counts its members).
+    pub(crate) fn entries(&self) -> usize {
+        let maps = |p: &PerKind<BTreeMap<String, Option<String>>>| {
+            p.users.len() + p.service_principals.len() + p.groups.len()
+        };
+        let owned =
+            self.owned.users.len() + self.owned.service_principals.len() + self.owned.groups.len();
+        let snapshot = self.snapshot.as_ref().map_or(0, |d| {
+            let groups = |m: &BTreeMap<String, Option<Group>>| {
+                m.values()
+                    .map(|g| 1 + g.as_ref().map_or(0, |g| g.members.len()))
+                    .sum::<usize>()
+            };
+            d.users.len()
+                + d.service_principals.len()
+                + groups(&d.groups)
+                + groups(&d.edge_groups)
+                + d.group_changes
+                    .values()
+                    .map(|c| 1 + c.added.len() + c.removed.len())
+                    .sum::<usize>()
+        });
+        maps(&self.links) + owned + snapshot
+    }
 }
+
+/// How many entries the big fields of `state` hold (a group counts its members), to weigh a
+/// delta against.
+pub(crate) fn entries(state: &idsync_model::AgreementState) -> usize {
+    let links = Kind::ALL
+        .iter()
+        .map(|k| state.links.get(*k).len())
+        .sum::<usize>();
+    let snapshot = state.last_applied.as_ref().map_or(0, |s| {
+        s.users.len()
+            + s.service_principals.len()
+            + s.groups
+                .values()
+                .map(|g| 1 + g.members.len())
+                .sum::<usize>()
+            + s.edge_groups.len()
+    });
+    links + state.owned_count() + snapshot
+}
+
+/// A delta of more entries than this, and more than a quarter of the state's, is not encoded: the
+/// commit writes a new base instead (the delta's stored size would call for one anyway, and at
+/// the first sync of a large tenant its encoding is the largest allocation of the run).
+pub(crate) const DELTA_ENTRIES_FOR_A_BASE: usize = 10_000;
 
 fn per_kind_empty<V>(p: &PerKind<BTreeMap<String, V>>) -> bool {
     p.users.is_empty() && p.service_principals.is_empty() && p.groups.is_empty()
