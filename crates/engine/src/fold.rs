@@ -169,7 +169,7 @@ pub async fn fold(
         for u in lookup.users(&users).await? {
             snap.users
                 .entry(u.id.clone())
-                .or_insert(std::sync::Arc::new(u));
+                .or_insert_with(|| std::sync::Arc::new(u));
         }
     }
     let sps = ids(Kind::ServicePrincipal);

@@ -68,11 +68,6 @@ impl<T: Clone> Shared<T> {
     pub fn make_mut(&mut self) -> &mut T {
         std::sync::Arc::make_mut(&mut self.0)
     }
-
-    /// The value, copied if another copy shares it.
-    pub fn into_inner(self) -> T {
-        std::sync::Arc::unwrap_or_clone(self.0)
-    }
 }
 
 impl<T> Clone for Shared<T> {

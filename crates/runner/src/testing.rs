@@ -263,6 +263,26 @@ fn no_duplicates(o: &Observed, caps: &Capabilities) -> Result<(), String> {
     Ok(())
 }
 
+/// A user new to `dir`: a copy of one of its users under another id, name and mail.
+fn new_user(
+    dir: &Snapshot,
+    id: &str,
+    user_name: &str,
+    display_name: &str,
+) -> Result<idsync_model::User, String> {
+    let mut u = dir
+        .users
+        .values()
+        .next()
+        .map(|u| idsync_model::User::clone(u))
+        .ok_or("the directory has no user to copy")?;
+    u.id = id.into();
+    u.user_name = user_name.into();
+    u.display_name = display_name.into();
+    u.emails = vec![user_name.into()];
+    Ok(u)
+}
+
 fn id_by_name(dir: &Snapshot, user: &str) -> String {
     dir.users
         .values()
@@ -558,19 +578,12 @@ pub async fn conformance(s: Subject<'_>, mut dir: Snapshot) -> Result<(), String
         read == 0 && same.ops.is_empty(),
         format!("nothing changed, yet {read} read: {:?}", same.ops),
     )?;
-    let zed = {
-        let mut u = dir
-            .users
-            .values()
-            .next()
-            .map(|u| (**u).clone())
-            .ok_or("a user")?;
-        u.id = "zed-source-id".into();
-        u.user_name = "zed@company.com".into();
-        u.display_name = "Zed \"the new one\" Ünal".into();
-        u.emails = vec!["zed@company.com".into()];
-        u
-    };
+    let zed = new_user(
+        &dir,
+        "zed-source-id",
+        "zed@company.com",
+        "Zed \"the new one\" Ünal",
+    )?;
     dir.users
         .insert(zed.id.clone(), std::sync::Arc::new(zed.clone()));
     for g in dir.groups.values_mut() {
@@ -639,16 +652,7 @@ async fn rollback(
     };
     // Changes of every kind: a user and a group created, members added and removed, a group
     // renamed where the target renames, a display name changed where the target keeps it.
-    let mut rollie = dir
-        .users
-        .values()
-        .next()
-        .map(|u| (**u).clone())
-        .ok_or("a user")?;
-    rollie.id = "rollie-source-id".into();
-    rollie.user_name = "rollie@company.com".into();
-    rollie.display_name = "Rollie Back".into();
-    rollie.emails = vec!["rollie@company.com".into()];
+    let rollie = new_user(dir, "rollie-source-id", "rollie@company.com", "Rollie Back")?;
     dir.users
         .insert(rollie.id.clone(), std::sync::Arc::new(rollie.clone()));
     let alice = id_by_name(dir, "alice@company.com");
@@ -669,7 +673,7 @@ async fn rollback(
     fresh.display_name = "TEAM_ROLLBACK".into();
     fresh.members = [Member::user(rollie.id.clone()), Member::user(alice.clone())].into();
     dir.groups.insert(fresh.id.clone(), fresh);
-    if let Some(u) = dir.users.get_mut(&alice).map(std::sync::Arc::make_mut) {
+    if let Some(u) = dir.user_mut(&alice) {
         u.display_name = "Alice Renamed".into();
     }
 

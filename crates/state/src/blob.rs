@@ -227,11 +227,10 @@ impl<B: Blobs> BlobStore<B> {
         };
         let delta = layers::diff(&m.content, state);
         if delta.is_empty() {
-            m.content.snapshot.clone_from(&state.last_applied);
             return Ok(Written {
                 layers: m.layers,
                 object: None,
-                content: m.content,
+                content: Content::of(state),
             });
         }
         let many = delta.entries();

@@ -266,11 +266,6 @@ impl Delta {
 
     /// How many entries it sets or removes (a group whole counts its members).
     pub(crate) fn entries(&self) -> usize {
-        let maps = |p: &PerKind<BTreeMap<String, Option<String>>>| {
-            p.users.len() + p.service_principals.len() + p.groups.len()
-        };
-        let owned =
-            self.owned.users.len() + self.owned.service_principals.len() + self.owned.groups.len();
         let snapshot = self.snapshot.as_ref().map_or(0, |d| {
             let groups = |m: &BTreeMap<String, Option<Group>>| {
                 m.values()
@@ -286,7 +281,7 @@ impl Delta {
                     .map(|c| 1 + c.added.len() + c.removed.len())
                     .sum::<usize>()
         });
-        maps(&self.links) + owned + snapshot
+        per_kind_len(&self.links) + per_kind_len(&self.owned) + snapshot
     }
 }
 
@@ -315,7 +310,11 @@ pub(crate) fn entries(state: &idsync_model::AgreementState) -> usize {
 pub(crate) const DELTA_ENTRIES_FOR_A_BASE: usize = 10_000;
 
 fn per_kind_empty<V>(p: &PerKind<BTreeMap<String, V>>) -> bool {
-    p.users.is_empty() && p.service_principals.is_empty() && p.groups.is_empty()
+    per_kind_len(p) == 0
+}
+
+fn per_kind_len<V>(p: &PerKind<BTreeMap<String, V>>) -> usize {
+    p.users.len() + p.service_principals.len() + p.groups.len()
 }
 
 /// The entries of `new` that differ from `old`'s (set), and the keys `old` has and `new` has not

@@ -386,7 +386,7 @@ fn big_state(a: &str, n: usize) -> AgreementState {
 fn renamed(st: &mut AgreementState, i: usize, round: usize) {
     let id = format!("u-{i:04}");
     let snap = std::sync::Arc::make_mut(st.last_applied.get_or_insert_with(Default::default));
-    if let Some(u) = snap.users.get_mut(&id).map(std::sync::Arc::make_mut) {
+    if let Some(u) = snap.user_mut(&id) {
         u.user_name = format!("user{i}-r{round}@example.com");
     }
     st.links.users.insert(id, format!("t-{i}-r{round}"));
