@@ -483,10 +483,16 @@ impl EntraSource {
             }
             out.push(Some(items.iter().filter_map(Obj::of).collect()));
         }
-        // The batch's JSON is dropped before a large group's further pages are read.
+        // The batch's JSON is dropped before a large group's further pages are read. Each
+        // group's pages follow one another (a nextLink is only known from the page before), but
+        // the groups' chains run together: one after another, the largest groups of a tenant
+        // (often in one batch) made the whole read wait for the sum of their pages.
         drop(answers);
-        for (i, next) in nexts {
-            let more = self.all_of(next, |m| Obj::of(&m)).await?;
+        let chains = futures::future::try_join_all(nexts.into_iter().map(|(i, next)| async move {
+            Ok::<_, SourceError>((i, self.all_of(next, |m| Obj::of(&m)).await?))
+        }))
+        .await?;
+        for (i, more) in chains {
             if let Some(items) = out[i].as_mut() {
                 items.extend(more);
             }
