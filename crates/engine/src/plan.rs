@@ -823,13 +823,12 @@ impl Ctx<'_> {
     }
 
     /// A reference to the target principal a desired key resolves to, for membership operations.
-    fn member_ref(&self, key: &PKey, res: &HashMap<PKey, Res>) -> Option<PRef> {
-        let dp = self.desired.principals.get(key)?;
-        match res.get(key)? {
-            Res::Existing(tid) | Res::Skipped(Some(tid)) => {
-                Some(pref(key.kind, &dp.principal.key, Some(tid)))
-            }
-            Res::New => Some(pref(key.kind, &dp.principal.key, None)),
+    /// A member as an operation names it: the key it is written with, and its id when it exists.
+    fn member_ref(key: &PKey, r: &Res, written: &HashMap<&PKey, &str>) -> Option<PRef> {
+        let k = written.get(key)?;
+        match r {
+            Res::Existing(tid) | Res::Skipped(Some(tid)) => Some(pref(key.kind, k, Some(tid))),
+            Res::New => Some(pref(key.kind, k, None)),
             Res::Skipped(None) => None,
         }
     }
@@ -856,6 +855,15 @@ impl Ctx<'_> {
             .keys()
             .filter_map(|s| self.state.link(s.kind, &s.id).map(|t| (s.kind, t)))
             .collect();
+        // The key each principal is written with, by its folded key: a membership costs a hash
+        // lookup, not a walk down the ordered map of every principal (a million of them at a
+        // first sync of 100k users).
+        let desired = self.desired;
+        let written: HashMap<&PKey, &str> = desired
+            .principals
+            .iter()
+            .map(|(k, dp)| (k, dp.principal.key.as_str()))
+            .collect();
         for (gkey, wanted) in members {
             let Some(dp) = self.desired.principals.get(gkey) else {
                 continue;
@@ -877,15 +885,15 @@ impl Ctx<'_> {
                     continue;
                 }
                 match res.get(m) {
-                    Some(Res::Existing(tid) | Res::Skipped(Some(tid))) => {
+                    Some(r @ (Res::Existing(tid) | Res::Skipped(Some(tid)))) => {
                         want.push((m.kind, tid.as_str()));
                         if have.contains(m.kind, tid) {
                             found += 1;
                         } else {
-                            add.extend(self.member_ref(m, res));
+                            add.extend(Self::member_ref(m, r, &written));
                         }
                     }
-                    Some(Res::New) => add.extend(self.member_ref(m, res)),
+                    Some(r @ Res::New) => add.extend(Self::member_ref(m, r, &written)),
                     _ => {}
                 }
             }
