@@ -10,7 +10,7 @@ pub use crate::target::{Outcome, Target, TargetError, TargetErrorKind};
 use futures::StreamExt;
 use idsync_model::{
     AgreementState, Attr, AttrValue, Capabilities, Journal, Kind, Op, Owned, Ownership, PKey, PRef,
-    Plan, PlanFile, Principal, Stage,
+    PerKind, Plan, PlanFile, Principal, Stage,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -249,7 +249,7 @@ pub async fn apply(
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
     let caps = target.capabilities();
-    let mut created: BTreeMap<(Kind, String), String> = BTreeMap::new();
+    let mut created = Created::default();
     let mut links = Links::default();
     let workers = opts.workers.max(1);
 
@@ -347,7 +347,9 @@ pub async fn apply(
                 if let (Some(Op::Create { principal, .. }), Some(Ok((Outcome::Created(id), _)))) =
                     (&r.op, &r.result)
                 {
-                    created.insert((principal.kind, principal.key.clone()), id.clone());
+                    created
+                        .get_mut(principal.kind)
+                        .insert(principal.key.clone(), id.clone());
                 }
             }
             let done = schedule.finished(t, &task.unit, task.part.is_some());
@@ -527,7 +529,7 @@ impl Ctx<'_> {
     }
 
     /// What a task will do, resolved against the creates finished so far.
-    fn prepare(&self, task: &Task<'_>, created: &BTreeMap<(Kind, String), String>) -> Job {
+    fn prepare(&self, task: &Task<'_>, created: &Created) -> Job {
         let unit = &task.unit;
         let Some((j, add)) = unit.then else {
             return match &task.part {
@@ -567,11 +569,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn prepare_one(
-        &self,
-        (i, op): (usize, &Op),
-        created: &BTreeMap<(Kind, String), String>,
-    ) -> Job {
+    fn prepare_one(&self, (i, op): (usize, &Op), created: &Created) -> Job {
         let key = (op.sort_key(), i);
         if self.stop_writes(op) {
             return Job::Done(vec![Ran::stopped(key)]);
@@ -579,7 +577,7 @@ impl Ctx<'_> {
         self.prepare_op(key, op, created)
     }
 
-    fn prepare_op(&self, key: RanKey, op: &Op, created: &BTreeMap<(Kind, String), String>) -> Job {
+    fn prepare_op(&self, key: RanKey, op: &Op, created: &Created) -> Job {
         match self.resolve(op, created) {
             Ok((resolved, skipped)) => Job::One {
                 key,
@@ -656,11 +654,7 @@ impl Ctx<'_> {
 
     /// Fills in the ids of principals created earlier in the apply: the operation, and what of
     /// it is skipped (members not created); or, when it cannot run at all, why.
-    fn resolve(
-        &self,
-        op: &Op,
-        created: &BTreeMap<(Kind, String), String>,
-    ) -> Result<(Op, Vec<Failure>), Vec<Failure>> {
+    fn resolve(&self, op: &Op, created: &Created) -> Result<(Op, Vec<Failure>), Vec<Failure>> {
         match resolve(op, created) {
             Ok((resolved, dropped)) => {
                 let skipped = dropped
@@ -916,24 +910,46 @@ enum Unresolved {
     Members(Vec<PRef>),
 }
 
+/// The target ids of the principals this apply created, by kind and key: looked up by `&str`
+/// for each member of each addition (a million at a first sync of 100k users).
+type Created = PerKind<crate::fnv::FnvMap<String, String>>;
+
 /// Fills in target ids of principals created earlier in this apply. Members whose create failed
 /// are dropped (and returned); a subject whose create failed makes the whole operation unrunnable.
-fn resolve(
-    op: &Op,
-    created: &BTreeMap<(Kind, String), String>,
-) -> Result<(Op, Vec<PRef>), Unresolved> {
+fn resolve(op: &Op, created: &Created) -> Result<(Op, Vec<PRef>), Unresolved> {
     let missing = |r: &PRef| Unresolved::Subject(r.clone());
     let fill = |r: &PRef| -> Option<PRef> {
         if r.id.is_some() {
             return Some(r.clone());
         }
-        created.get(&(r.kind, r.key.clone())).map(|id| PRef {
+        created.get(r.kind).get(r.key.as_str()).map(|id| PRef {
             id: Some(id.clone()),
             ..r.clone()
         })
     };
+    // A member change is built from its parts: a copy of the whole operation first would copy
+    // every member twice.
+    if let Op::AddMembers { group, members } | Op::RemoveMembers { group, members } = op {
+        let group = fill(group).ok_or_else(|| missing(group))?;
+        let mut kept = Vec::with_capacity(members.len());
+        let mut dropped = Vec::new();
+        for m in members {
+            match fill(m) {
+                Some(m) => kept.push(m),
+                None => dropped.push(m.clone()),
+            }
+        }
+        if kept.is_empty() {
+            return Err(Unresolved::Members(dropped));
+        }
+        let members = kept;
+        let resolved = match op {
+            Op::AddMembers { .. } => Op::AddMembers { group, members },
+            _ => Op::RemoveMembers { group, members },
+        };
+        return Ok((resolved, dropped));
+    }
     let mut op = op.clone();
-    let mut dropped = Vec::new();
     match &mut op {
         Op::Create { .. } => {}
         Op::Adopt { target, .. }
@@ -944,22 +960,11 @@ fn resolve(
         Op::AttachPolicies { group, .. } | Op::DetachPolicies { group, .. } => {
             *group = fill(group).ok_or_else(|| missing(group))?
         }
-        Op::AddMembers { group, members } | Op::RemoveMembers { group, members } => {
-            *group = fill(group).ok_or_else(|| missing(group))?;
-            let mut kept = Vec::with_capacity(members.len());
-            for m in members.iter() {
-                match fill(m) {
-                    Some(m) => kept.push(m),
-                    None => dropped.push(m.clone()),
-                }
-            }
-            if kept.is_empty() {
-                return Err(Unresolved::Members(dropped));
-            }
-            *members = kept;
+        Op::AddMembers { .. } | Op::RemoveMembers { .. } => {
+            unreachable!("member changes are resolved above")
         }
     }
-    Ok((op, dropped))
+    Ok((op, Vec::new()))
 }
 
 /// The state's links (source id → target id) with their reverse, so that keeping them one to one
@@ -1027,12 +1032,14 @@ fn record(
     outcome: &Outcome,
     state: &mut AgreementState,
     links: &mut Links,
-    created: &mut BTreeMap<(Kind, String), String>,
+    created: &mut Created,
     caps: &Capabilities,
 ) {
     match (op, outcome) {
         (Op::Create { principal, source }, Outcome::Created(id)) => {
-            created.insert((principal.kind, principal.key.clone()), id.clone());
+            created
+                .get_mut(principal.kind)
+                .insert(principal.key.clone(), id.clone());
             links.link(state, principal.kind, &source.id, id);
             state.owned.get_mut(principal.kind).insert(
                 id.clone(),
