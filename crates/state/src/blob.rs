@@ -225,6 +225,12 @@ impl<B: Blobs> BlobStore<B> {
         let Some(mut m) = memo.filter(|m| Some(&m.layers) == stored) else {
             return new_base();
         };
+        // A state grown by enough to call for a base is not compared entry by entry first (the
+        // first sync's commit, against its journal's empty picture).
+        let total = layers::entries(state);
+        if layers::calls_for_a_base(total.saturating_sub(m.content.entries()), total) {
+            return new_base();
+        }
         let delta = layers::diff(&m.content, state);
         if delta.is_empty() {
             return Ok(Written {
@@ -233,8 +239,7 @@ impl<B: Blobs> BlobStore<B> {
                 content: Content::of(state),
             });
         }
-        let many = delta.entries();
-        if many > layers::DELTA_ENTRIES_FOR_A_BASE && many > layers::entries(state) / 4 {
+        if layers::calls_for_a_base(delta.entries(), total) {
             drop(delta);
             return new_base();
         }

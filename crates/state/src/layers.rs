@@ -62,6 +62,14 @@ pub(crate) struct Content {
 }
 
 impl Content {
+    /// How many entries it holds, counted as [`entries`] counts a state's. A state that holds
+    /// more has a delta from this of at least the difference: every entry a delta adds counts
+    /// (a group added whole with its members, a changed group with its added members), while
+    /// removals only make the state smaller.
+    pub(crate) fn entries(&self) -> usize {
+        count(&self.links, &self.owned, self.snapshot.as_deref())
+    }
+
     /// The big fields of `state`, copied.
     pub(crate) fn of(state: &idsync_model::AgreementState) -> Self {
         Content {
@@ -288,11 +296,15 @@ impl Delta {
 /// How many entries the big fields of `state` hold (a group counts its members), to weigh a
 /// delta against.
 pub(crate) fn entries(state: &idsync_model::AgreementState) -> usize {
-    let links = Kind::ALL
-        .iter()
-        .map(|k| state.links.get(*k).len())
-        .sum::<usize>();
-    let snapshot = state.last_applied.as_ref().map_or(0, |s| {
+    count(&state.links, &state.owned, state.last_applied.as_deref())
+}
+
+fn count(
+    links: &idsync_model::Links,
+    owned: &idsync_model::OwnedMaps,
+    snapshot: Option<&Snapshot>,
+) -> usize {
+    let snapshot = snapshot.map_or(0, |s| {
         s.users.len()
             + s.service_principals.len()
             + s.groups
@@ -301,7 +313,16 @@ pub(crate) fn entries(state: &idsync_model::AgreementState) -> usize {
                 .sum::<usize>()
             + s.edge_groups.len()
     });
-    links + state.owned_count() + snapshot
+    Kind::ALL
+        .iter()
+        .map(|k| links.get(*k).len() + owned.get(*k).len())
+        .sum::<usize>()
+        + snapshot
+}
+
+/// Whether a delta of `entries` entries, against a state of `total`, is written as a new base.
+pub(crate) fn calls_for_a_base(entries: usize, total: usize) -> bool {
+    entries > DELTA_ENTRIES_FOR_A_BASE && entries > total / 4
 }
 
 /// A delta of more entries than this, and more than a quarter of the state's, is not encoded: the
@@ -727,6 +748,51 @@ mod tests {
         assert!(!d.is_empty(), "no snapshot and an empty one differ");
         apply(&mut c, d).unwrap();
         assert_eq!(c.snapshot.as_deref(), Some(&Snapshot::default()));
+    }
+
+    #[test]
+    fn a_delta_holds_at_least_what_the_state_grew_by() {
+        // From nothing (a first sync's commit against its journal), from a smaller state, and
+        // with removals beside additions: the growth never exceeds the delta's entries, so a
+        // commit may skip the comparison when the growth alone calls for a base.
+        let empty = idsync_model::AgreementState::new("a");
+        let full = state();
+        let mut grown = full.clone();
+        let s = Arc::make_mut(grown.last_applied.as_mut().unwrap());
+        s.groups.remove("g");
+        for i in 0..40 {
+            let id = format!("g{i}");
+            s.groups.insert(
+                id.clone(),
+                Group {
+                    id,
+                    display_name: format!("G{i}"),
+                    description: None,
+                    security_enabled: true,
+                    mail_enabled: false,
+                    members: (0..5).map(|u| Member::user(format!("u{u}"))).collect(),
+                },
+            );
+        }
+        grown.links.users.remove("u0");
+        grown.links.groups.insert("g1".into(), "tg1".into());
+        for (old, new) in [(&empty, &full), (&empty, &grown), (&full, &grown)] {
+            let before = Content::of(old);
+            let growth = entries(new) - before.entries();
+            assert!(growth > 0);
+            assert!(
+                diff(&before, new).entries() >= growth,
+                "{} < {growth}",
+                diff(&before, new).entries()
+            );
+        }
+        assert_eq!(Content::of(&full).entries(), entries(&full));
+        assert!(calls_for_a_base(DELTA_ENTRIES_FOR_A_BASE + 1, 0));
+        assert!(!calls_for_a_base(
+            DELTA_ENTRIES_FOR_A_BASE + 1,
+            4 * DELTA_ENTRIES_FOR_A_BASE + 8
+        ));
+        assert!(!calls_for_a_base(DELTA_ENTRIES_FOR_A_BASE, 0));
     }
 
     #[test]
