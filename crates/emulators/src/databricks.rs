@@ -81,6 +81,23 @@ struct KeyIndex {
     ids: std::collections::HashMap<(Type, String), Vec<String>>,
 }
 
+impl KeyIndex {
+    /// Records `id` under `key` ASCII-lowercased, and also under its full lowercase when that
+    /// is ASCII and differs (the Kelvin sign lowercases to `k`), so that a filter's ASCII values,
+    /// compared by full lowercase, find every resource a scan would.
+    fn add(&mut self, t: Type, key: &str, id: &str) {
+        let ascii = key.to_ascii_lowercase();
+        let full = key.to_lowercase();
+        let extra = (full != ascii && full.is_ascii()).then_some(full);
+        for k in std::iter::once(ascii).chain(extra) {
+            let ids = self.ids.entry((t, k)).or_default();
+            if !ids.iter().any(|i| i == id) {
+                ids.push(id.to_owned());
+            }
+        }
+    }
+}
+
 /// The emulator's state.
 pub struct DatabricksState {
     data: RwLock<BTreeMap<Type, BTreeMap<String, Value>>>,
@@ -157,19 +174,7 @@ impl DatabricksState {
         except: Option<&str>,
     ) -> Option<String> {
         let (attr, _) = t.unique();
-        let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if k.stale {
-            k.ids.clear();
-            for (ty, m) in d {
-                for (id, v) in m {
-                    if let Some(name) = v[ty.unique().0].as_str() {
-                        let e = k.ids.entry((*ty, name.to_ascii_lowercase()));
-                        e.or_default().push(id.clone());
-                    }
-                }
-            }
-            k.stale = false;
-        }
+        let k = self.keys(d);
         let ids = k.ids.get(&(t, key.to_ascii_lowercase()))?;
         ids.iter()
             .find(|id| {
@@ -181,12 +186,75 @@ impl DatabricksState {
             .cloned()
     }
 
+    /// The key index, rebuilt from `d` first if the data was changed from outside.
+    fn keys(
+        &self,
+        d: &BTreeMap<Type, BTreeMap<String, Value>>,
+    ) -> std::sync::MutexGuard<'_, KeyIndex> {
+        let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if k.stale {
+            k.ids.clear();
+            for (ty, m) in d {
+                for (id, v) in m {
+                    if let Some(name) = v[ty.unique().0].as_str() {
+                        k.add(*ty, name, id);
+                    }
+                }
+            }
+            k.stale = false;
+        }
+        k
+    }
+
     /// Records that resource `id` of type `t` now holds `key`.
     fn took(&self, t: Type, key: &str, id: &str) {
-        let mut k = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let ids = k.ids.entry((t, key.to_ascii_lowercase())).or_default();
-        if !ids.iter().any(|i| i == id) {
-            ids.push(id.to_owned());
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(t, key, id);
+    }
+
+    /// The resources of type `t` a filter selects, in id order. A filter on the unique key alone
+    /// with ASCII values (`userName eq "a" or userName eq "b"`: how idsync looks principals up) is
+    /// answered from the key index, as the service's own index would; any other scans (at a
+    /// million users a scan took a second of every incremental run).
+    fn select<'d>(
+        &self,
+        d: &'d BTreeMap<Type, BTreeMap<String, Value>>,
+        t: Type,
+        filter: Option<&Filter>,
+    ) -> Vec<&'d Value> {
+        let Some(m) = d.get(&t) else {
+            return Vec::new();
+        };
+        let any_of = filter.and_then(Filter::eq_any);
+        let wanted = |v: &Value| match (&any_of, filter) {
+            (Some((attr, values)), _) => attr_values(v, attr)
+                .iter()
+                .any(|s| values.contains(&s.to_lowercase())),
+            (None, f) => f.is_none_or(|f| f.matches(v)),
+        };
+        match &any_of {
+            Some((attr, values))
+                if attr.eq_ignore_ascii_case(t.unique().0)
+                    && values.iter().all(|v| v.is_ascii()) =>
+            {
+                // Candidates only: an entry may be stale (renamed, deleted), so each is checked.
+                let ids: BTreeSet<String> = {
+                    let k = self.keys(d);
+                    values
+                        .iter()
+                        .filter_map(|v| k.ids.get(&(t, v.clone())))
+                        .flatten()
+                        .cloned()
+                        .collect()
+                };
+                ids.iter()
+                    .filter_map(|id| m.get(id))
+                    .filter(|v| wanted(v))
+                    .collect()
+            }
+            _ => m.values().filter(|v| wanted(v)).collect(),
         }
     }
 
@@ -518,20 +586,7 @@ async fn list(
         .get("attributes")
         .map(|a| a.split(',').map(|s| s.trim().to_owned()).collect());
     let d = st.data();
-    let any_of = filter.as_ref().and_then(Filter::eq_any);
-    let all: Vec<&Value> = d
-        .get(&t)
-        .map(|m| {
-            m.values()
-                .filter(|v| match (&any_of, &filter) {
-                    (Some((attr, values)), _) => attr_values(v, attr)
-                        .iter()
-                        .any(|s| values.contains(&s.to_lowercase())),
-                    (None, f) => f.as_ref().is_none_or(|f| f.matches(v)),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let all = st.select(&d, t, filter.as_ref());
     let page: Vec<Value> = all
         .iter()
         .skip(start - 1)
@@ -1071,6 +1126,55 @@ mod tests {
                 .contains("not supported")
         );
         assert!(parse_filter("userName eq \"open").is_err());
+    }
+
+    #[test]
+    fn a_filter_on_the_key_finds_what_a_scan_finds() {
+        let st = DatabricksState::new(None);
+        let names = [
+            "Jane@corp.example",
+            "jane@CORP.example",
+            "\u{212A}im@corp.example",
+            "Émile@corp.example",
+            "bob@corp.example",
+        ];
+        for n in names {
+            let id = st.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+            st.took(Type::Users, n, &id);
+            st.write()
+                .entry(Type::Users)
+                .or_default()
+                .insert(id.clone(), json!({"id": id, "userName": n}));
+        }
+        // A rename the index has not seen, and an edit from outside (the index is rebuilt).
+        let renamed = st.select(&st.data(), Type::Users, None)[4]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        st.write()
+            .get_mut(&Type::Users)
+            .unwrap()
+            .get_mut(&renamed)
+            .unwrap()["userName"] = json!("robert@corp.example");
+        for f in [
+            "userName eq \"jane@corp.example\"",
+            "userName eq \"kim@corp.example\" or userName eq \"nobody\"",
+            "userName eq \"émile@corp.example\"",
+            "userName eq \"bob@corp.example\" or userName eq \"JANE@corp.example\"",
+            "displayName eq \"jane@corp.example\"",
+        ] {
+            let f = parse_filter(f).unwrap();
+            let d = st.data();
+            let scan: Vec<&Value> = d[&Type::Users].values().filter(|v| f.matches(v)).collect();
+            assert_eq!(st.select(&d, Type::Users, Some(&f)), scan, "{f:?}");
+        }
+        let kim = parse_filter("userName eq \"kim@corp.example\"").unwrap();
+        assert_eq!(st.select(&st.data(), Type::Users, Some(&kim)).len(), 1);
+        let bob = parse_filter("userName eq \"bob@corp.example\"").unwrap();
+        assert!(st.select(&st.data(), Type::Users, Some(&bob)).is_empty());
+        drop(st.data_mut());
+        let jane = parse_filter("userName eq \"jane@corp.example\"").unwrap();
+        assert_eq!(st.select(&st.data(), Type::Users, Some(&jane)).len(), 2);
     }
 }
 
