@@ -74,7 +74,8 @@ impl Type {
     }
 }
 
-/// Unique keys (ASCII-lowercased) → the ids that took them; `stale` after outside changes.
+/// Unique keys (ASCII-lowercased, and fully lowercased where that is ASCII: [`KeyIndex::add`]) →
+/// the ids that took them; `stale` after outside changes.
 #[derive(Debug, Default)]
 struct KeyIndex {
     stale: bool,

@@ -822,8 +822,8 @@ impl Ctx<'_> {
         rank
     }
 
-    /// A reference to the target principal a desired key resolves to, for membership operations.
-    /// A member as an operation names it: the key it is written with, and its id when it exists.
+    /// A member as a membership operation names it: the key it is written with (`written`), and
+    /// its target id when it exists (`r`, what the key resolved to).
     fn member_ref(key: &PKey, r: &Res, written: &HashMap<&PKey, &str>) -> Option<PRef> {
         let k = written.get(key)?;
         match r {
