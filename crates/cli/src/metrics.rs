@@ -218,7 +218,7 @@ impl Metrics {
             return;
         };
         let empty = idsync_model::AgreementState::new(name);
-        for c in idsync_runner::changes::records(name, "", 0, &file.plan, report, &empty) {
+        idsync_runner::changes::each_record(name, "", 0, &file.plan, report, &empty, |c| {
             self.operations
                 .get_or_create(&OpLabels {
                     agreement: name.to_owned(),
@@ -226,7 +226,7 @@ impl Metrics {
                     result: c.result,
                 })
                 .inc();
-        }
+        });
         for (kind, n) in idsync_model::Kind::ALL.iter().zip(report.owned_after) {
             self.owned
                 .get_or_create(&KindLabels {

@@ -129,21 +129,25 @@ impl Summary {
             s.failed = r.failed.len();
             if let Some(file) = &o.file {
                 let empty = idsync_model::AgreementState::new(agreement);
-                let mut ops: Vec<_> =
-                    idsync_runner::changes::records(agreement, "", 0, &file.plan, r, &empty)
-                        .into_iter()
-                        .map(|c| {
-                            let failed = c.result != "applied";
-                            let error = c.error.map(|e| format!(" ({e})")).unwrap_or_default();
-                            (
-                                !failed,
-                                format!("{} {}: {}{error}", c.op, c.principal, c.result),
-                            )
-                        })
-                        .collect();
-                ops.sort_by_key(|(ok, _)| *ok);
-                s.more = ops.len().saturating_sub(10);
-                s.operations = ops.into_iter().take(10).map(|(_, l)| shorten(&l)).collect();
+                // The first ten lines, those that did not apply first; a first sync has a
+                // million records, counted and dropped one by one.
+                let (mut failed, mut applied, mut total) = (Vec::new(), Vec::new(), 0_usize);
+                idsync_runner::changes::each_record(agreement, "", 0, &file.plan, r, &empty, |c| {
+                    total += 1;
+                    let ok = c.result == "applied";
+                    let keep = if ok { &mut applied } else { &mut failed };
+                    if keep.len() < 10 {
+                        let error = c.error.map(|e| format!(" ({e})")).unwrap_or_default();
+                        keep.push(format!("{} {}: {}{error}", c.op, c.principal, c.result));
+                    }
+                });
+                s.more = total.saturating_sub(10);
+                s.operations = failed
+                    .into_iter()
+                    .chain(applied)
+                    .take(10)
+                    .map(|l| shorten(&l))
+                    .collect();
             }
         }
         let halt = o.file.as_ref().and_then(|f| f.plan.halt.as_ref());

@@ -1532,8 +1532,18 @@ fn the_change_log_holds_exactly_the_applied_operations() {
     let day = chloe["time"].as_str().unwrap()[..10].to_owned();
     let stored: Vec<_> = std::fs::read_dir(s.path(&format!("state/changes/dbx/{day}")))
         .unwrap()
+        .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(stored.len(), 1);
+    assert!(
+        stored[0].to_string_lossy().ends_with(".jsonl.gz"),
+        "{stored:?}"
+    );
+    let gz = std::fs::read(&stored[0]).unwrap();
+    let mut lines = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut lines)
+        .unwrap();
+    assert_eq!(lines.lines().count(), applied, "zcat reads the object");
 
     // By principal: bob's create and the membership that names him.
     let bob = s.run(&["log", "--principal", "bob@corp.example"]);

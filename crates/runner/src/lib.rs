@@ -606,14 +606,16 @@ async fn apply_file(
         // The change log, after the commit: it never records what the state does not hold.
         let now = run.now.unwrap_or_else(unix_now);
         let run_id = changes::run_id(unix_now());
-        let records = changes::records(a.name, &run_id, now, &file.plan, &report, &state);
-        if !records.is_empty() {
-            let (day, hms, _) = changes::day_time(now);
-            let name = format!("{hms}-{run_id}");
-            if let Err(e) = store
-                .append_changes(a.name, &day, &name, changes::to_lines(&records))
-                .await
-            {
+        match changes::log_object(a.name, &run_id, now, &file.plan, &report, &state) {
+            Ok(None) => {}
+            Ok(Some((_, object))) => {
+                let (day, hms, _) = changes::day_time(now);
+                let name = format!("{hms}-{run_id}");
+                if let Err(e) = store.append_changes(a.name, &day, &name, object).await {
+                    tracing::warn!(error = %e, "the change log of this run could not be written");
+                }
+            }
+            Err(e) => {
                 tracing::warn!(error = %e, "the change log of this run could not be written");
             }
         }

@@ -646,7 +646,7 @@ impl<B: Blobs> StateStore for BlobStore<B> {
             });
         }
         self.blobs
-            .create(&format!("changes/{agreement}/{day}/{name}.jsonl"), lines)
+            .create(&format!("changes/{agreement}/{day}/{name}.jsonl.gz"), lines)
             .await
     }
 
@@ -664,9 +664,12 @@ impl<B: Blobs> StateStore for BlobStore<B> {
         };
         let mut out = Vec::new();
         for key in self.blobs.list_under(&prefix).await? {
-            // changes/<agreement>/<day>/<name>.jsonl
+            // changes/<agreement>/<day>/<name>.jsonl.gz (`.jsonl`: written before the log was
+            // compressed)
             let day = key.split('/').nth(2).unwrap_or_default();
-            if !key.ends_with(".jsonl") || since_day.is_some_and(|s| day < s) {
+            if !(key.ends_with(".jsonl.gz") || key.ends_with(".jsonl"))
+                || since_day.is_some_and(|s| day < s)
+            {
                 continue;
             }
             if let Some((bytes, _)) = self.blobs.get(&key).await? {

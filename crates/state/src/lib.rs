@@ -184,9 +184,9 @@ pub trait StateStore: Send + Sync {
     /// The names of agreements with state.
     async fn list(&self) -> Result<Vec<String>, StateError>;
 
-    /// Records a run's changes (JSON lines) as a new object,
-    /// `changes/<agreement>/<day>/<name>.jsonl` beside the state: appended by new objects, never
-    /// by rewriting one. `day` is `YYYY-MM-DD`; `name` is unique to the run.
+    /// Records a run's changes (gzip'd JSON lines, as they are stored) as a new object,
+    /// `changes/<agreement>/<day>/<name>.jsonl.gz` beside the state: appended by new objects,
+    /// never by rewriting one. `day` is `YYYY-MM-DD`; `name` is unique to the run.
     async fn append_changes(
         &self,
         agreement: &str,
@@ -196,7 +196,8 @@ pub trait StateStore: Send + Sync {
     ) -> Result<(), StateError>;
 
     /// The change log's objects of `agreement` (every agreement's when `None`) from `since_day`
-    /// on, as (key, bytes), ordered by key: by agreement, then day, then name.
+    /// on, as (key, bytes as stored: `.jsonl.gz`, or `.jsonl` from before the log was
+    /// compressed), ordered by key: by agreement, then day, then name.
     async fn changes(
         &self,
         agreement: Option<&str>,
