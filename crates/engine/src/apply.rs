@@ -344,8 +344,10 @@ pub async fn apply(
                 break;
             };
             for r in &ran {
+                // A create that succeeded keeps no copy of itself: the plan holds it.
+                let op = r.op.as_ref().or_else(|| plan.ops.get(r.key.1));
                 if let (Some(Op::Create { principal, .. }), Some(Ok((Outcome::Created(id), _)))) =
-                    (&r.op, &r.result)
+                    (op, &r.result)
                 {
                     created
                         .get_mut(principal.kind)
@@ -354,12 +356,16 @@ pub async fn apply(
             }
             let done = schedule.finished(t, &task.unit, task.part.is_some());
             crate::progress::add(crate::progress::Phase::Apply, done);
-            results.extend(ran);
+            for mut r in ran {
+                r.seq = results.len();
+                results.push(r);
+            }
         }
         // Recorded in plan order, whatever order they finished in; the parts of a split addition
         // as one operation.
-        results.sort_by(|a, b| a.key.cmp(&b.key));
-        for ran in merge_parts(results) {
+        results.sort_unstable_by(|a, b| (&a.key, a.seq).cmp(&(&b.key, b.seq)));
+        merge_parts(&mut results);
+        for ran in results {
             if ran.stopped {
                 report.pending += 1;
                 if opts.stopped() {
@@ -394,8 +400,13 @@ pub async fn apply(
                     if wrote {
                         report.writes += 1;
                     }
-                    if let Some(op) = op {
-                        record(&op, &outcome, state, &mut links, &mut created, &caps);
+                    let planned = || {
+                        plan.ops
+                            .get(ran.key.1)
+                            .filter(|o| matches!(o, Op::Create { .. }))
+                    };
+                    if let Some(op) = op.as_ref().or_else(planned) {
+                        record(op, &outcome, state, &mut links, &mut created, &caps);
                     }
                 }
                 (Some(Err(e)), Some(op)) => {
@@ -451,17 +462,17 @@ fn waves<'a>(units: Vec<Unit<'a>>, caps: &Capabilities) -> Vec<Vec<Unit<'a>>> {
     out
 }
 
-/// Folds the results of a split addition's parts (adjacent, sorted by key) into one: failed if a
-/// part failed (with the members of every failed part), stopped if a part did not start.
-fn merge_parts(results: Vec<Ran>) -> Vec<Ran> {
-    let mut out: Vec<Ran> = Vec::with_capacity(results.len());
-    for r in results {
-        match out.last_mut() {
-            Some(last) if last.key == r.key => last.absorb(r),
-            _ => out.push(r),
+/// Folds the results of a split addition's parts (adjacent, sorted by key, in the order they
+/// finished) into one, in place: failed if a part failed (with the members of every failed part),
+/// stopped if a part did not start.
+fn merge_parts(results: &mut Vec<Ran>) {
+    results.dedup_by(|part, first| {
+        if part.key != first.key {
+            return false;
         }
-    }
-    out
+        first.absorb(Ran::taken(part));
+        true
+    });
 }
 
 /// Moves each group's member additions into the task of its member removals, where the target
@@ -703,9 +714,13 @@ impl Ctx<'_> {
         if self.opts.rollback && (r.is_err() || !skipped.is_empty()) {
             self.set_halt();
         }
-        let keep = r.is_err() || records(&resolved);
+        // A create that succeeded is recorded from the plan's own operation (resolving changes
+        // nothing in a create): a copy of each of a first sync's 112,000 creates, with its
+        // attributes, would wait here for the end of the apply.
+        let keep = r.is_err() || (records(&resolved) && !matches!(resolved, Op::Create { .. }));
         Ran {
             key,
+            seq: 0,
             op: keep.then_some(resolved),
             result: Some(r),
             skipped,
@@ -797,9 +812,26 @@ impl Ran {
         };
     }
 
+    /// Takes what `r` holds, leaving it empty (its key stays: the place it is sorted by).
+    fn taken(r: &mut Ran) -> Ran {
+        Ran {
+            key: (
+                (r.key.0.0, r.key.0.1, std::mem::take(&mut r.key.0.2)),
+                r.key.1,
+            ),
+            seq: r.seq,
+            op: r.op.take(),
+            result: r.result.take(),
+            stopped: r.stopped,
+            skipped: std::mem::take(&mut r.skipped),
+            partly_ran: r.partly_ran,
+        }
+    }
+
     fn stopped(key: RanKey) -> Ran {
         Ran {
             key,
+            seq: 0,
             op: None,
             result: None,
             skipped: Vec::new(),
@@ -811,6 +843,7 @@ impl Ran {
     fn skipped(key: RanKey, skipped: Vec<Failure>) -> Ran {
         Ran {
             key,
+            seq: 0,
             op: None,
             result: None,
             skipped,
@@ -881,6 +914,8 @@ struct Ran {
     /// The operation's sort key, then its place in the plan: the order results are recorded in,
     /// whatever order they finished in.
     key: RanKey,
+    /// When it finished, in its batch: the parts of a split addition are merged in that order.
+    seq: usize,
     op: Option<Op>,
     result: Option<Result<(Outcome, bool), TargetError>>,
     /// Not started: the apply was asked to stop.
@@ -969,36 +1004,87 @@ fn resolve(op: &Op, created: &Created) -> Result<(Op, Vec<PRef>), Unresolved> {
 
 /// The state's links (source id → target id) with their reverse, so that keeping them one to one
 /// costs a lookup per write instead of a scan of every link (quadratic at 100k creates). The
-/// reverse is built on the first write that changes a link.
+/// reverse is built on the first write that changes a link. It holds each target id once, with
+/// the one source that links to it (more only in a state written before links were kept one to
+/// one): a first sync links 112,000 principals, and a set per target id was 50 MB of its peak.
 #[derive(Default)]
 struct Links {
-    reverse: Option<BTreeMap<(Kind, String), BTreeSet<String>>>,
+    reverse: Option<Reverse>,
 }
 
+/// The sources linked to one target id: almost always one.
+#[derive(Clone, Debug, PartialEq)]
+enum Sources {
+    One(Box<str>),
+    Many(Vec<Box<str>>),
+}
+
+impl Sources {
+    fn add(&mut self, source: &str) {
+        match self {
+            Sources::One(s) if &**s == source => {}
+            Sources::One(s) => {
+                let first = std::mem::take(s);
+                *self = Sources::Many(vec![first, source.into()]);
+            }
+            Sources::Many(v) => {
+                if !v.iter().any(|s| &**s == source) {
+                    v.push(source.into());
+                }
+            }
+        }
+    }
+
+    /// Drops `source`; true when none is left.
+    fn remove(&mut self, source: &str) -> bool {
+        match self {
+            Sources::One(s) => &**s == source,
+            Sources::Many(v) => {
+                v.retain(|s| &**s != source);
+                v.is_empty()
+            }
+        }
+    }
+
+    fn into_vec(self) -> Vec<Box<str>> {
+        match self {
+            Sources::One(s) => vec![s],
+            Sources::Many(v) => v,
+        }
+    }
+}
+
+/// Target id → the sources linked to it, per kind.
+type Reverse = PerKind<crate::fnv::FnvMap<Box<str>, Sources>>;
+
 impl Links {
-    fn reverse(
-        &mut self,
-        state: &AgreementState,
-    ) -> &mut BTreeMap<(Kind, String), BTreeSet<String>> {
+    fn reverse(&mut self, state: &AgreementState) -> &mut Reverse {
         self.reverse.get_or_insert_with(|| {
-            let mut reverse: BTreeMap<(Kind, String), BTreeSet<String>> = BTreeMap::new();
+            let mut reverse = Reverse::default();
             for kind in Kind::ALL {
                 for (source, tid) in state.links.get(kind) {
-                    reverse
-                        .entry((kind, tid.clone()))
-                        .or_default()
-                        .insert(source.clone());
+                    Links::add(&mut reverse, kind, tid, source);
                 }
             }
             reverse
         })
     }
 
+    fn add(reverse: &mut Reverse, kind: Kind, tid: &str, source: &str) {
+        let by_tid = reverse.get_mut(kind);
+        match by_tid.get_mut(tid) {
+            Some(sources) => sources.add(source),
+            None => {
+                by_tid.insert(tid.into(), Sources::One(source.into()));
+            }
+        }
+    }
+
     /// Drops every link to `tid`.
     fn unlink_target(&mut self, state: &mut AgreementState, kind: Kind, tid: &str) {
-        let sources = self.reverse(state).remove(&(kind, tid.to_owned()));
-        for source in sources.unwrap_or_default() {
-            state.links.get_mut(kind).remove(&source);
+        let sources = self.reverse(state).get_mut(kind).remove(tid);
+        for source in sources.map(Sources::into_vec).unwrap_or_default() {
+            state.links.get_mut(kind).remove(&*source);
         }
     }
 
@@ -1015,15 +1101,13 @@ impl Links {
             .get_mut(kind)
             .insert(source.to_owned(), tid.to_owned());
         let reverse = self.reverse(state);
-        if let Some(old) = before
-            && let Some(set) = reverse.get_mut(&(kind, old))
-        {
-            set.remove(source);
+        if let Some(old) = before {
+            let by_tid = reverse.get_mut(kind);
+            if by_tid.get_mut(&*old).is_some_and(|s| s.remove(source)) {
+                by_tid.remove(&*old);
+            }
         }
-        reverse
-            .entry((kind, tid.to_owned()))
-            .or_default()
-            .insert(source.to_owned());
+        Links::add(reverse, kind, tid, source);
     }
 }
 
@@ -1122,6 +1206,73 @@ pub fn check(plan: &Plan) -> Result<(), idsync_model::Halt> {
 mod tests {
     use super::*;
     use std::hash::Hasher;
+
+    #[test]
+    fn links_stay_one_to_one_and_their_reverse_follows_them() {
+        let mut state = AgreementState::new("a");
+        // A state written before links were kept one to one: two sources on one target id.
+        let users = state.links.get_mut(Kind::User);
+        users.insert("s1".into(), "t1".into());
+        users.insert("s2".into(), "t1".into());
+        users.insert("s3".into(), "t3".into());
+        let mut links = Links::default();
+        // s4 takes t1: both of its sources lose their link.
+        links.link(&mut state, Kind::User, "s4", "t1");
+        // s3 moves to t5: nothing links to t3 any more, and s6 takes it.
+        links.link(&mut state, Kind::User, "s3", "t5");
+        links.link(&mut state, Kind::User, "s6", "t3");
+        // Another kind is another map: the same ids there touch nothing here.
+        links.link(&mut state, Kind::Group, "s4", "t5");
+        // Already so: nothing changes.
+        links.link(&mut state, Kind::User, "s4", "t1");
+        let pairs = |k: Kind| -> Vec<(String, String)> {
+            state
+                .links
+                .get(k)
+                .iter()
+                .map(|(a, b)| (a.clone(), b.clone()))
+                .collect()
+        };
+        let own = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+        };
+        assert_eq!(
+            pairs(Kind::User),
+            own(&[("s3", "t5"), ("s4", "t1"), ("s6", "t3")])
+        );
+        assert_eq!(pairs(Kind::Group), own(&[("s4", "t5")]));
+        // The reverse kept along is the one the links make afresh.
+        let kept = links.reverse.take().unwrap();
+        let fresh = Links::default().reverse(&state).clone();
+        assert_eq!(kept, fresh);
+        assert_eq!(
+            fresh.users.get("t1"),
+            Some(&Sources::One("s4".into())),
+            "{fresh:?}"
+        );
+        // A state's many-to-one links are held as they are until a link changes them.
+        let mut legacy = AgreementState::new("b");
+        legacy
+            .links
+            .get_mut(Kind::User)
+            .insert("x".into(), "t".into());
+        legacy
+            .links
+            .get_mut(Kind::User)
+            .insert("y".into(), "t".into());
+        let mut links = Links::default();
+        assert_eq!(
+            links.reverse(&legacy).users.get("t"),
+            Some(&Sources::Many(vec!["x".into(), "y".into()]))
+        );
+        links.link(&mut legacy, Kind::User, "x", "u");
+        assert_eq!(
+            links.reverse(&legacy).users.get("t"),
+            Some(&Sources::Many(vec!["y".into()]))
+        );
+        links.link(&mut legacy, Kind::User, "y", "v");
+        assert_eq!(links.reverse(&legacy).users.get("t"), None);
+    }
 
     #[test]
     fn a_plan_id_is_the_hash_of_the_plan_as_json_however_it_is_written() {
