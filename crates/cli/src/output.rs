@@ -452,7 +452,7 @@ mod tests {
         let evil = "evil\u{1b}[2J\u{1b}[8m\n    - delete user \"ceo\"\u{202e}";
         let r = |kind, id: &str| PRef {
             kind,
-            key: evil.to_owned(),
+            key: evil.into(),
             id: Some(id.to_owned()),
         };
         let plan = Plan {

@@ -1153,7 +1153,7 @@ fn record(
                 .get_mut(target.kind)
                 .entry(id.clone())
                 .or_insert(Owned {
-                    key: target.key.clone(),
+                    key: target.key.to_string(),
                     how,
                     source: None,
                 });

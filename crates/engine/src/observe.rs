@@ -64,7 +64,7 @@ impl Interest {
                 // Claimed by its key: every holder of that key must be seen.
                 Op::Adopt { target, .. } => {
                     i.id(target);
-                    i.keys.insert((target.kind, target.key.clone()));
+                    i.keys.insert((target.kind, target.key.to_string()));
                 }
                 Op::Update {
                     target, changes, ..
@@ -98,7 +98,7 @@ impl Interest {
     fn id(&mut self, r: &idsync_model::PRef) {
         if let Some(t) = &r.id {
             self.ids.insert((r.kind, t.clone()));
-            self.hints.insert(t.clone(), r.key.clone());
+            self.hints.insert(t.clone(), r.key.to_string());
         }
     }
 

@@ -146,7 +146,8 @@ pub fn restrict(plan: &mut Plan, only: &[Only]) -> usize {
         .into_iter()
         .filter_map(|(_, mut op)| {
             if let Op::AddMembers { members, .. } = &mut op {
-                members.retain(|m| m.id.is_some() || created.contains(&(m.kind, m.key.clone())));
+                members
+                    .retain(|m| m.id.is_some() || created.contains(&(m.kind, m.key.to_string())));
                 if members.is_empty() {
                     return None;
                 }

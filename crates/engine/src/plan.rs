@@ -3,7 +3,7 @@
 use crate::fnv::{FnvMap as HashMap, FnvSet};
 use idsync_model::{
     AgreementState, Attr, AttrChange, Capabilities, Conflict, Desired, DesiredPrincipal, Halt,
-    HaltReason, Kind, Observed, Op, PKey, PRef, PerKind, Plan, ReadMode, SourceRef, Summary,
+    HaltReason, Key, Kind, Observed, Op, PKey, PRef, PerKind, Plan, ReadMode, SourceRef, Summary,
     plan::PLAN_FORMAT,
 };
 use serde::{Deserialize, Serialize};
@@ -303,7 +303,7 @@ pub fn plan_within(
 fn pref(kind: Kind, key: &str, id: Option<&str>) -> PRef {
     PRef {
         kind,
-        key: key.to_owned(),
+        key: key.into(),
         id: id.map(str::to_owned),
     }
 }
@@ -717,7 +717,7 @@ impl Ctx<'_> {
             match verdict {
                 Ok(()) => {
                     if let Op::Update { target, .. } = &self.ops[*i] {
-                        rank.insert((target.kind, target.key.clone()), chain.len());
+                        rank.insert((target.kind, target.key.to_string()), chain.len());
                     }
                 }
                 Err(reason) => {
@@ -755,7 +755,7 @@ impl Ctx<'_> {
         for &i in &early_deletes {
             if let Op::Delete { target, frees_key } = &mut self.ops[i] {
                 *frees_key = true;
-                rank.insert((target.kind, target.key.clone()), 0);
+                rank.insert((target.kind, target.key.to_string()), 0);
             }
         }
         // Keys that stay taken after the rename phase: held by a principal that is not renamed.
@@ -784,7 +784,7 @@ impl Ctx<'_> {
                     target_id: target.id.clone(),
                     reason,
                 });
-                rank.remove(&(target.kind, target.key.clone()));
+                rank.remove(&(target.kind, target.key.to_string()));
                 if changes.is_empty() {
                     self.ops.remove(i);
                 }
@@ -824,13 +824,18 @@ impl Ctx<'_> {
 
     /// A member as a membership operation names it: the key it is written with (`written`), and
     /// its target id when it exists (`r`, what the key resolved to).
-    fn member_ref(key: &PKey, r: &Res, written: &HashMap<&PKey, &str>) -> Option<PRef> {
+    fn member_ref(key: &PKey, r: &Res, written: &HashMap<&PKey, Key>) -> Option<PRef> {
         let k = written.get(key)?;
-        match r {
-            Res::Existing(tid) | Res::Skipped(Some(tid)) => Some(pref(key.kind, k, Some(tid))),
-            Res::New => Some(pref(key.kind, k, None)),
-            Res::Skipped(None) => None,
-        }
+        let id = match r {
+            Res::Existing(tid) | Res::Skipped(Some(tid)) => Some(tid.clone()),
+            Res::New => None,
+            Res::Skipped(None) => return None,
+        };
+        Some(PRef {
+            kind: key.kind,
+            key: k.clone(),
+            id,
+        })
     }
 
     fn memberships(&mut self, res: &HashMap<PKey, Res>) {
@@ -857,12 +862,20 @@ impl Ctx<'_> {
             .collect();
         // The key each principal is written with, by its folded key: a membership costs a hash
         // lookup, not a walk down the ordered map of every principal (a million of them at a
-        // first sync of 100k users).
+        // first sync of 100k users), and names its member with a pointer to the one key, not a
+        // copy of it (the folded key itself where folding changed nothing).
         let desired = self.desired;
-        let written: HashMap<&PKey, &str> = desired
+        let written: HashMap<&PKey, Key> = desired
             .principals
             .iter()
-            .map(|(k, dp)| (k, dp.principal.key.as_str()))
+            .map(|(k, dp)| {
+                let w = if *k.key == *dp.principal.key {
+                    k.key.clone()
+                } else {
+                    Key::from(dp.principal.key.as_str())
+                };
+                (k, w)
+            })
             .collect();
         for (gkey, wanted) in members {
             let Some(dp) = self.desired.principals.get(gkey) else {

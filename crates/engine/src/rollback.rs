@@ -55,7 +55,7 @@ pub fn inverse(
             });
             Some(Op::Update {
                 target: PRef {
-                    key: renamed.unwrap_or_else(|| target.key.clone()),
+                    key: renamed.map_or_else(|| target.key.clone(), Into::into),
                     ..target.clone()
                 },
                 source: source.clone(),
@@ -72,7 +72,7 @@ pub fn inverse(
         Op::Create { principal, .. } => Some(Op::Delete {
             target: PRef {
                 kind: principal.kind,
-                key: principal.key.clone(),
+                key: principal.key.as_str().into(),
                 id: None,
             },
             frees_key: false,

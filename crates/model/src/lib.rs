@@ -23,7 +23,7 @@ pub use state::{
     Strikes, Totals, Trust,
 };
 pub use target::{
-    Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, MemberIds, Observed,
+    Attr, AttrValue, Capabilities, Desired, DesiredPrincipal, HeldBack, Key, MemberIds, Observed,
     ObservedPrincipal, PKey, Principal, SourceRef,
 };
 pub use time::{civil, parse_rfc3339, unix_of};

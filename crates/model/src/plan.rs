@@ -30,7 +30,7 @@ pub struct PRef {
     /// Kind.
     pub kind: Kind,
     /// The natural key as written to the target.
-    pub key: String,
+    pub key: crate::target::Key,
     /// The target id, when the principal already exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,

@@ -141,7 +141,8 @@ pub struct Member {
 
 /// A principal's source id as a member holds it: shared, so that a snapshot read from the state
 /// holds each id once however many groups hold the principal (a 36-character id in ten groups
-/// was ten strings). Ordered, hashed and compared as the string it is.
+/// was ten strings). Ordered, hashed and compared as the string it is. A target key is one too
+/// ([`crate::target::Key`]).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Id(std::sync::Arc<str>);

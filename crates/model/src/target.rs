@@ -15,12 +15,18 @@ pub struct PKey {
     /// The principal's kind.
     pub kind: Kind,
     /// The folded key.
-    pub key: String,
+    pub key: Key,
 }
+
+/// A principal's key, shared: the desired state names a user once per group that holds it, and
+/// a plan once per membership it adds (a million at a first sync of 100k users), each a pointer
+/// to the one string rather than a copy of it. Ordered, hashed, compared and serialised as the
+/// string it is.
+pub type Key = crate::source::Id;
 
 impl PKey {
     /// A key of this kind.
-    pub fn new(kind: Kind, key: impl Into<String>) -> Self {
+    pub fn new(kind: Kind, key: impl Into<Key>) -> Self {
         PKey {
             kind,
             key: key.into(),
