@@ -345,7 +345,7 @@ pub async fn apply(
             };
             for r in &ran {
                 // A create that succeeded keeps no copy of itself: the plan holds it.
-                let op = r.op.as_ref().or_else(|| plan.ops.get(r.key.1));
+                let op = r.op.as_deref().or_else(|| plan.ops.get(r.key.1));
                 if let (Some(Op::Create { principal, .. }), Some(Ok((Outcome::Created(id), _)))) =
                     (op, &r.result)
                 {
@@ -380,7 +380,7 @@ pub async fn apply(
                 report.skipped.extend(ran.skipped);
                 if let (Some(Err(e)), Some(op)) = (ran.result, ran.op) {
                     report.failed.push(Failure {
-                        op,
+                        op: *op,
                         error: e.message,
                         kind: Some(e.kind),
                     });
@@ -405,14 +405,14 @@ pub async fn apply(
                             .get(ran.key.1)
                             .filter(|o| matches!(o, Op::Create { .. }))
                     };
-                    if let Some(op) = op.as_ref().or_else(planned) {
+                    if let Some(op) = op.as_deref().or_else(planned) {
                         record(op, &outcome, state, &mut links, &mut created, &caps);
                     }
                 }
                 (Some(Err(e)), Some(op)) => {
                     tracing::warn!(op = ?op.subject(), error = %e, "operation failed");
                     report.failed.push(Failure {
-                        op,
+                        op: *op,
                         error: e.message,
                         kind: Some(e.kind),
                     });
@@ -721,7 +721,7 @@ impl Ctx<'_> {
         Ran {
             key,
             seq: 0,
-            op: keep.then_some(resolved),
+            op: keep.then(|| Box::new(resolved)),
             result: Some(r),
             skipped,
             stopped: false,
@@ -801,12 +801,13 @@ impl Ran {
             (a, b) => a.or(b),
         };
         self.op = match (self.op.take(), other.op) {
-            (
-                Some(Op::AddMembers { group, mut members }),
-                Some(Op::AddMembers { members: more, .. }),
-            ) => {
-                members.extend(more);
-                Some(Op::AddMembers { group, members })
+            (Some(mut mine), Some(theirs)) => {
+                if let (Op::AddMembers { members, .. }, Op::AddMembers { members: more, .. }) =
+                    (&mut *mine, *theirs)
+                {
+                    members.extend(more);
+                }
+                Some(mine)
             }
             (a, b) => a.or(b),
         };
@@ -916,7 +917,9 @@ struct Ran {
     key: RanKey,
     /// When it finished, in its batch: the parts of a split addition are merged in that order.
     seq: usize,
-    op: Option<Op>,
+    /// The operation as it ran, kept only when it failed or changes the state beyond a create:
+    /// boxed, so that the result of each of a million member writes is small while it waits.
+    op: Option<Box<Op>>,
     result: Option<Result<(Outcome, bool), TargetError>>,
     /// Not started: the apply was asked to stop.
     stopped: bool,
