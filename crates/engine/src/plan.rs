@@ -937,6 +937,9 @@ impl Ctx<'_> {
             }
             if !add.is_empty() {
                 add.sort();
+                // Grown by doubling: up to twice the room its members take, kept as long as the
+                // plan is (a third more than the million members of a first sync took).
+                add.shrink_to_fit();
                 self.ops.push(Op::AddMembers {
                     group: group(),
                     members: add,
