@@ -204,13 +204,22 @@ impl Answer {
         service: &str,
         what: &str,
     ) -> Result<T, HttpError> {
-        serde_json::from_slice(&self.body).map_err(|e| HttpError {
+        serde_json::from_slice(&self.body).map_err(|e| self.not_json(service, what, &e))
+    }
+
+    /// The error of an answer whose body is not the JSON expected (`e`: why), with the start
+    /// of the body.
+    pub fn not_json(&self, service: &str, what: &str, e: &serde_json::Error) -> HttpError {
+        HttpError {
             kind: ErrorKind::Protocol,
             status: Some(self.status.as_u16()),
             code: None,
             request_id: request_id(&self.headers),
-            message: format!("{service}: the answer to {what} is not the JSON expected ({e}); it began with {:?}", preview(&self.body)),
-        })
+            message: format!(
+                "{service}: the answer to {what} is not the JSON expected ({e}); it began with {:?}",
+                preview(&self.body)
+            ),
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use idsync_engine::Lookup;
 use idsync_engine::scope::{EdgeGroups, Scope};
 use idsync_engine::{Changes, Read, Source, SourceError, SourceErrorKind};
 use idsync_model::{
-    Change, Group, Ids, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType,
+    Change, Group, Id, Ids, Kind, Member, ReadMode, ServicePrincipal, Snapshot, User, UserType,
 };
 use reqwest::Method;
 use serde_json::Value;
@@ -381,21 +381,25 @@ impl EntraSource {
     }
 
     /// One group's members, page by page.
-    async fn members(&self, gid: &str) -> Result<Vec<Obj>, SourceError> {
+    async fn members(&self, gid: &str, seen: &Seen) -> Result<Vec<Obj>, SourceError> {
         let url = format!(
             "{}/beta/groups/{}/members?$select={MEMBER_SELECT}&$top=999",
             self.root(),
             percent_encode(gid, b"")
         );
-        self.all_of(url, |m| Obj::of(&m)).await
+        self.all_of(url, |m| Obj::read(&m, seen)).await
     }
 
     /// One `$batch` of member reads. A group with more members than one page continues with its
     /// nextLink; an item that failed inside the batch (429, 5xx, a body that is not a page) is
     /// read again on its own, after the item's `Retry-After`, with the client's retries.
-    async fn members_batch(&self, gids: Vec<String>) -> Result<Vec<Vec<Obj>>, SourceError> {
+    async fn members_batch(
+        &self,
+        gids: Vec<String>,
+        seen: &Seen,
+    ) -> Result<Vec<Vec<Obj>>, SourceError> {
         if gids.len() == 1 {
-            return Ok(vec![self.members(&gids[0]).await?]);
+            return Ok(vec![self.members(&gids[0], seen).await?]);
         }
         let requests: Vec<Value> = gids
             .iter()
@@ -422,20 +426,12 @@ impl EntraSource {
             )
             .await
             .map_err(source_error)?;
-        let mut v: Value = a
-            .json("Microsoft Graph", "a $batch request")
-            .map_err(source_error)?;
-        let responses = match v.get_mut("responses").map(Value::take) {
-            Some(Value::Array(rs)) => rs,
-            _ => Vec::new(),
-        };
-        let mut answers: BTreeMap<usize, Value> = responses
-            .into_iter()
-            .filter_map(|r| {
-                let i = r.get("id")?.as_str()?.parse().ok()?;
-                Some((i, r))
-            })
-            .collect();
+        // Each item is taken in as it is parsed: the answer's text stays, but never more than one
+        // member page of it as JSON values (up to 20 of them were 20-30 MB at once).
+        let answers = batch_answers(&a.body, seen)
+            .map_err(|e| source_error(a.not_json("Microsoft Graph", "a $batch request", &e)))?;
+        drop(a);
+        let mut answers: BTreeMap<usize, BatchItem> = answers.0.into_iter().collect();
         // Items that failed inside the batch wait once, for the longest Retry-After among them,
         // then are read on their own, concurrently, with the client's retries.
         let mut out: Vec<Option<Vec<Obj>>> = Vec::with_capacity(gids.len());
@@ -443,53 +439,31 @@ impl EntraSource {
         let mut failed: Vec<usize> = Vec::new();
         let mut wait = 0u64;
         for (i, gid) in gids.iter().enumerate() {
-            let mut answer = answers.remove(&i);
-            let page = answer.as_mut().filter(|r| {
-                r.get("status").and_then(Value::as_u64) == Some(200)
-                    && r.pointer("/body/value").is_some_and(Value::is_array)
-            });
-            let Some(page) = page else {
-                let status = answer
-                    .as_ref()
-                    .and_then(|r| r.get("status"))
-                    .and_then(Value::as_u64);
-                let after = answer
-                    .as_ref()
-                    .and_then(|r| r.get("headers"))
-                    .and_then(|h| {
-                        h.as_object()?
-                            .iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
-                            .and_then(|(_, v)| v.as_str()?.trim().parse::<u64>().ok())
-                    })
-                    .unwrap_or(0);
-                tracing::debug!(group = %gid, ?status, after, "a $batch item failed; reading it alone");
-                wait = wait.max(after);
-                failed.push(i);
-                out.push(None);
-                continue;
-            };
-            let items = match page.get_mut("body") {
-                Some(body) => items(body, "a member page in a $batch")?,
-                None => items(&mut Value::Null, "a $batch item")?,
-            };
-            let next = page
-                .pointer("/body/@odata.nextLink")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            idsync_engine::progress::add(idsync_engine::progress::Phase::Read, items.len());
-            if let Some(next) = follow(next, &self.cfg.graph, &mut Default::default())? {
-                nexts.push((i, next));
+            match answers.remove(&i) {
+                Some(BatchItem::Page { objs, next }) => {
+                    if let Some(next) = follow(next, &self.cfg.graph, &mut Default::default())? {
+                        nexts.push((i, next));
+                    }
+                    out.push(Some(objs));
+                }
+                answer => {
+                    let (status, after) = match answer {
+                        Some(BatchItem::Failed { status, after }) => (status, after),
+                        _ => (None, 0),
+                    };
+                    tracing::debug!(group = %gid, ?status, after, "a $batch item failed; reading it alone");
+                    wait = wait.max(after);
+                    failed.push(i);
+                    out.push(None);
+                }
             }
-            out.push(Some(items.iter().filter_map(Obj::of).collect()));
         }
-        // The batch's JSON is dropped before a large group's further pages are read. Each
+        // The batch's answer is dropped before a large group's further pages are read. Each
         // group's pages follow one another (a nextLink is only known from the page before), but
         // the groups' chains run together: one after another, the largest groups of a tenant
         // (often in one batch) made the whole read wait for the sum of their pages.
-        drop(answers);
         let chains = futures::future::try_join_all(nexts.into_iter().map(|(i, next)| async move {
-            Ok::<_, SourceError>((i, self.all_of(next, |m| Obj::of(&m)).await?))
+            Ok::<_, SourceError>((i, self.all_of(next, |m| Obj::read(&m, seen)).await?))
         }))
         .await?;
         for (i, more) in chains {
@@ -503,13 +477,147 @@ impl EntraSource {
                 tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
             }
             let reads =
-                futures::future::join_all(failed.iter().map(|&i| self.members(&gids[i]))).await;
+                futures::future::join_all(failed.iter().map(|&i| self.members(&gids[i], seen)))
+                    .await;
             for (&i, r) in failed.iter().zip(reads) {
                 out[i] = Some(r?);
             }
         }
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
+}
+
+/// One item of a `$batch` of member reads, as the read keeps it.
+enum BatchItem {
+    /// A member page: what the snapshot keeps of its members, and the link to the next page.
+    Page {
+        objs: Vec<Obj>,
+        next: Option<String>,
+    },
+    /// Anything else (a 429 or 5xx inside the batch, a body that is not a page): read again
+    /// alone, after `after` seconds.
+    Failed { status: Option<u64>, after: u64 },
+}
+
+impl BatchItem {
+    /// An item from its JSON, by its id (the group's place in the batch); `None` without one.
+    fn of(mut r: Value, seen: &Seen) -> Option<(usize, BatchItem)> {
+        let i = r.get("id")?.as_str()?.parse().ok()?;
+        let page = r.get("status").and_then(Value::as_u64) == Some(200)
+            && r.pointer("/body/value").is_some_and(Value::is_array);
+        if !page {
+            let status = r.get("status").and_then(Value::as_u64);
+            let after = r
+                .get("headers")
+                .and_then(|h| {
+                    h.as_object()?
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                        .and_then(|(_, v)| v.as_str()?.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            return Some((i, BatchItem::Failed { status, after }));
+        }
+        let body = r.get_mut("body")?;
+        let next = body
+            .get("@odata.nextLink")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let items = match body.get_mut("value").map(Value::take) {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        };
+        idsync_engine::progress::add(idsync_engine::progress::Phase::Read, items.len());
+        let objs = items.iter().filter_map(|m| Obj::read(m, seen)).collect();
+        Some((i, BatchItem::Page { objs, next }))
+    }
+}
+
+/// A `$batch` answer's items, each turned into a [`BatchItem`] as soon as it is parsed. A
+/// `responses` that is not a list holds no item (each group is then read alone).
+struct BatchAnswers(Vec<(usize, BatchItem)>);
+
+/// Reads a `$batch` answer into [`BatchAnswers`] for a read that has `seen` so far.
+struct BatchSeed<'a>(&'a Seen);
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchSeed<'_> {
+    type Value = BatchAnswers;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<BatchAnswers, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Items<'a>(&'a Seen);
+        impl<'de> Visitor<'de> for Items<'_> {
+            type Value = Vec<(usize, BatchItem)>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the list of a $batch's responses")
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                let mut out = Vec::new();
+                while let Some(r) = seq.next_element::<Value>()? {
+                    out.extend(BatchItem::of(r, self.0));
+                }
+                Ok(out)
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Vec::new())
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+        }
+        impl<'de> serde::de::DeserializeSeed<'de> for Items<'_> {
+            type Value = Vec<(usize, BatchItem)>;
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        struct Answer<'a>(&'a Seen);
+        impl<'de> Visitor<'de> for Answer<'_> {
+            type Value = BatchAnswers;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a $batch answer (an object with `responses`)")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<BatchAnswers, M::Error> {
+                let mut out = Vec::new();
+                while let Some(key) = m.next_key::<String>()? {
+                    if key == "responses" {
+                        out = m.next_value_seed(Items(self.0))?;
+                    } else {
+                        m.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(BatchAnswers(out))
+            }
+        }
+        d.deserialize_map(Answer(self.0))
+    }
+}
+
+/// A `$batch` answer's text as [`BatchAnswers`] (the whole text: nothing may follow the answer).
+fn batch_answers(text: &[u8], seen: &Seen) -> Result<BatchAnswers, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let answers = serde::de::DeserializeSeed::deserialize(BatchSeed(seen), &mut de)?;
+    de.end()?;
+    Ok(answers)
 }
 
 /// Requests in one `$batch`: Graph's limit.
@@ -552,33 +660,79 @@ fn kind_of(m: &Value) -> Option<Kind> {
 /// read: a page of 999 members is a megabyte of text and several once parsed, and a group of
 /// 100,000 members is a hundred pages.
 enum Obj {
-    User(User),
+    User(Box<User>),
+    /// A user this read already has in full (from another group's page): its id alone. A user
+    /// is in about ten groups, and the largest groups' pages wait together for their last one:
+    /// 420,000 full copies of users at once at 100k users.
+    Known(Id),
     /// A service principal; `sp` is `None` when Graph's object lacks what one needs (its
     /// `appId`): it is still a member.
     Sp {
         id: String,
-        sp: Option<ServicePrincipal>,
+        sp: Option<Box<ServicePrincipal>>,
     },
     /// A group, without its members.
-    Group(Group),
+    Group(Box<Group>),
+}
+
+/// What one read has taken in so far, shared by its pages read at once: one shared id per
+/// principal, and the users already read in full.
+#[derive(Default)]
+struct Seen(std::sync::Mutex<SeenIds>);
+
+#[derive(Default)]
+struct SeenIds {
+    ids: Ids,
+    users: idsync_model::fnv::FnvSet<Id>,
+}
+
+impl Seen {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeenIds> {
+        // Nothing panics while holding it; a poisoned set is still a set.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The shared id of `id`.
+    fn id(&self, id: &str) -> Id {
+        self.lock().ids.get(id)
+    }
 }
 
 impl Obj {
     /// What idsync syncs of a directory object (not devices or contacts), `None` without an id.
     fn of(m: &Value) -> Option<Obj> {
         Some(match kind_of(m)? {
-            Kind::User => Obj::User(user_of(m)?),
+            Kind::User => Obj::User(Box::new(user_of(m)?)),
             Kind::ServicePrincipal => Obj::Sp {
                 id: text(m, "id")?,
-                sp: sp_of(m),
+                sp: sp_of(m).map(Box::new),
             },
-            Kind::Group => Obj::Group(group_of(m)?),
+            Kind::Group => Obj::Group(Box::new(group_of(m)?)),
         })
+    }
+
+    /// [`Obj::of`], for a read that has `seen` so far: a user it has in full is its id alone.
+    /// A user is marked only once it is read in full.
+    fn read(m: &Value, seen: &Seen) -> Option<Obj> {
+        if kind_of(m)? == Kind::User {
+            let id = m.get("id").and_then(Value::as_str)?;
+            if let Some(known) = seen.lock().users.get(id) {
+                return Some(Obj::Known(known.clone()));
+            }
+            let u = user_of(m)?;
+            let mut s = seen.lock();
+            let shared = s.ids.get(&u.id);
+            s.users.insert(shared);
+            return Some(Obj::User(Box::new(u)));
+        }
+        Obj::of(m)
     }
 
     fn kind(&self) -> Kind {
         match self {
-            Obj::User(_) => Kind::User,
+            Obj::User(_) | Obj::Known(_) => Kind::User,
             Obj::Sp { .. } => Kind::ServicePrincipal,
             Obj::Group(_) => Kind::Group,
         }
@@ -587,6 +741,7 @@ impl Obj {
     fn id(&self) -> &str {
         match self {
             Obj::User(u) => &u.id,
+            Obj::Known(id) => id,
             Obj::Sp { id, .. } => id,
             Obj::Group(g) => &g.id,
         }
@@ -604,28 +759,32 @@ fn take_members(
     snap: &mut Snapshot,
     depth: &mut BTreeMap<String, u32>,
     next: &mut Vec<Group>,
-    ids: &mut Ids,
+    seen: &Seen,
 ) {
     for (mut g, members) in groups.into_iter().zip(reads) {
         for m in members {
             let member = Member {
                 kind: m.kind(),
-                id: ids.get(m.id()),
+                id: match &m {
+                    Obj::Known(id) => id.clone(),
+                    _ => seen.id(m.id()),
+                },
             };
             match m {
                 Obj::User(u) => {
                     if !snap.users.contains_key(&u.id) {
-                        snap.users.insert(u.id.clone(), std::sync::Arc::new(u));
+                        snap.users.insert(u.id.clone(), std::sync::Arc::new(*u));
                     }
                 }
+                Obj::Known(_) => {}
                 Obj::Sp { sp, .. } => {
                     if let Some(sp) = sp {
-                        snap.service_principals.entry(sp.id.clone()).or_insert(sp);
+                        snap.service_principals.entry(sp.id.clone()).or_insert(*sp);
                     }
                 }
                 Obj::Group(child) => {
                     let admitted = || {
-                        Some(child.clone())
+                        Some((*child).clone())
                             .filter(|c| c.security_enabled || scope.include_non_security)
                     };
                     if level < scope.search_depth
@@ -665,8 +824,10 @@ impl EntraSource {
         for g in &frontier {
             depth.insert(g.id.clone(), level);
         }
-        // Members name each principal through one shared id (a user is in about ten groups).
-        let mut ids = Ids::default();
+        // Members name each principal through one shared id (a user is in about ten groups),
+        // and a user read in full once is its id alone on the pages after.
+        let seen = Seen::default();
+        let seen = &seen;
         while !frontier.is_empty() {
             let mut next = Vec::new();
             // Each `$batch` of 20 groups is taken into the snapshot as soon as it is read, in
@@ -682,15 +843,13 @@ impl EntraSource {
             }
             let mut reads = futures::stream::iter(chunks.into_iter().map(|chunk| async move {
                 let ids: Vec<String> = chunk.iter().map(|g| g.id.clone()).collect();
-                let members = self.members_batch(ids).await?;
+                let members = self.members_batch(ids, seen).await?;
                 Ok::<_, SourceError>((chunk, members))
             }))
             .buffer_unordered(workers);
             while let Some(read) = reads.next().await {
                 let (chunk, members) = read?;
-                take_members(
-                    chunk, members, level, scope, snap, depth, &mut next, &mut ids,
-                );
+                take_members(chunk, members, level, scope, snap, depth, &mut next, seen);
             }
             frontier = next;
             level += 1;
@@ -1018,6 +1177,104 @@ mod tests {
                     serde_json::Value::String(s.clone())
                 ))
             );
+        }
+    }
+
+    #[test]
+    fn a_user_read_in_full_once_is_its_shared_id_on_the_pages_after() {
+        use super::{Obj, Seen};
+        let seen = Seen::default();
+        let ada = serde_json::json!({
+            "@odata.type": "#microsoft.graph.user", "id": "u1",
+            "userPrincipalName": "ada@example.com", "accountEnabled": true,
+        });
+        assert!(matches!(Obj::read(&ada, &seen), Some(Obj::User(u)) if u.id == "u1"));
+        let again = Obj::read(&ada, &seen);
+        let Some(Obj::Known(id)) = &again else {
+            panic!("the second time, the id alone");
+        };
+        assert!(id.shares(&seen.id("u1")), "the one shared id");
+        assert_eq!(
+            again.as_ref().map(|o| (o.kind(), o.id())),
+            Some((super::Kind::User, "u1"))
+        );
+        // A user without an id is left out, every time.
+        let idless = serde_json::json!({"@odata.type": "#microsoft.graph.user", "userPrincipalName": "x@example.com"});
+        assert!(Obj::read(&idless, &seen).is_none());
+        assert!(Obj::read(&idless, &seen).is_none());
+        // Groups and service principals are read in full every time.
+        let g = serde_json::json!({"@odata.type": "#microsoft.graph.group", "id": "g1", "displayName": "G"});
+        assert!(matches!(Obj::read(&g, &seen), Some(Obj::Group(_))));
+        assert!(matches!(Obj::read(&g, &seen), Some(Obj::Group(_))));
+    }
+
+    #[test]
+    fn a_batch_answer_is_taken_item_by_item_and_failures_are_kept_apart() {
+        use super::{BatchItem, Obj, Seen, batch_answers};
+        let seen = Seen::default();
+        let text = r##"{
+            "nextLink": null,
+            "responses": [
+                {"id": "1", "status": 429, "headers": {"Retry-After": " 7 "}, "body": {}},
+                {"id": "0", "status": 200, "body": {
+                    "@odata.nextLink": "https://graph.example/beta/groups/g/members?$skiptoken=x",
+                    "value": [
+                        {"@odata.type": "#microsoft.graph.user", "id": "u1",
+                         "userPrincipalName": "zoë@example.com", "accountEnabled": true},
+                        {"@odata.type": "#microsoft.graph.device", "id": "d1"},
+                        {"@odata.type": "#microsoft.graph.group", "id": "g2", "displayName": "\"x\""}
+                    ]}},
+                {"id": "2", "status": 200, "body": {"error": {"message": "no"}}},
+                {"status": 200, "body": {"value": []}},
+                {"id": "3", "status": 200, "body": {"value": []}}
+            ]
+        }"##;
+        let answers = batch_answers(text.as_bytes(), &seen).unwrap();
+        let by_id: std::collections::BTreeMap<usize, BatchItem> = answers.0.into_iter().collect();
+        assert_eq!(by_id.keys().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
+        match &by_id[&0] {
+            BatchItem::Page { objs, next } => {
+                let ids: Vec<&str> = objs.iter().map(Obj::id).collect();
+                assert_eq!(ids, ["u1", "g2"], "the device is not synced");
+                assert!(next.as_deref().is_some_and(|n| n.ends_with("skiptoken=x")));
+            }
+            BatchItem::Failed { .. } => panic!("a page"),
+        }
+        assert!(matches!(
+            by_id[&1],
+            BatchItem::Failed {
+                status: Some(429),
+                after: 7
+            }
+        ));
+        assert!(
+            matches!(
+                by_id[&2],
+                BatchItem::Failed {
+                    status: Some(200),
+                    after: 0
+                }
+            ),
+            "a body that is not a page is read again alone"
+        );
+        assert!(matches!(&by_id[&3], BatchItem::Page { objs, next: None } if objs.is_empty()));
+        // A `responses` that is not a list holds no item; an answer that is not an object, or
+        // is cut short, is an error.
+        for odd in [
+            r#"{"responses": null}"#,
+            r#"{"responses": {"a": 1}}"#,
+            r#"{}"#,
+        ] {
+            let a = batch_answers(odd.as_bytes(), &seen).unwrap();
+            assert!(a.0.is_empty(), "{odd}");
+        }
+        for bad in [
+            "<html>",
+            r#"{"responses": [{"id": "0", "status": 200"#,
+            "[]",
+            r#"{"responses": []} <html>"#,
+        ] {
+            assert!(batch_answers(bad.as_bytes(), &seen).is_err(), "{bad}");
         }
     }
 
