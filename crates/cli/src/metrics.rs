@@ -218,7 +218,15 @@ impl Metrics {
             return;
         };
         let empty = idsync_model::AgreementState::new(name);
-        idsync_runner::changes::each_record(name, "", 0, &file.plan, report, &empty, |c| {
+        let applied = idsync_runner::changes::Applied {
+            agreement: name,
+            run: "",
+            now: 0,
+            plan: &file.plan,
+            report,
+            state: &empty,
+        };
+        applied.each_record(|c| {
             self.operations
                 .get_or_create(&OpLabels {
                     agreement: name.to_owned(),

@@ -132,7 +132,15 @@ impl Summary {
                 // The first ten lines, those that did not apply first; a first sync has a
                 // million records, counted and dropped one by one.
                 let (mut failed, mut applied, mut total) = (Vec::new(), Vec::new(), 0_usize);
-                idsync_runner::changes::each_record(agreement, "", 0, &file.plan, r, &empty, |c| {
+                let apply = idsync_runner::changes::Applied {
+                    agreement,
+                    run: "",
+                    now: 0,
+                    plan: &file.plan,
+                    report: r,
+                    state: &empty,
+                };
+                apply.each_record(|c| {
                     total += 1;
                     let ok = c.result == "applied";
                     let keep = if ok { &mut applied } else { &mut failed };

@@ -206,18 +206,75 @@ fn describe(
     }
 }
 
-/// Calls `f` with each record of an apply, one at a time: what ran (applied, or of unknown
-/// outcome), what failed, what was skipped, in that order. A first sync's records name every
-/// membership of the tenant: they are made and handed on one by one, never held together.
-pub fn each_record(
-    agreement: &str,
-    run: &str,
-    now: u64,
-    plan: &Plan,
-    report: &ApplyReport,
-    state: &AgreementState,
-    mut f: impl FnMut(Change),
-) {
+/// An apply as the change log records it.
+pub struct Applied<'a> {
+    /// The agreement.
+    pub agreement: &'a str,
+    /// The apply's id (`run_id`).
+    pub run: &'a str,
+    /// When it ended (unix seconds).
+    pub now: u64,
+    /// The plan it applied.
+    pub plan: &'a Plan,
+    /// What it did.
+    pub report: &'a ApplyReport,
+    /// The state after it (the ids of what it created).
+    pub state: &'a AgreementState,
+}
+
+impl Applied<'_> {
+    /// Calls `f` with each record of the apply, one at a time: what ran (applied, or of unknown
+    /// outcome), what failed, what was skipped, in that order. A first sync's records name every
+    /// membership of the tenant: they are made and handed on one by one, never held together.
+    pub fn each_record(&self, f: impl FnMut(Change)) {
+        each_record(self, f);
+    }
+
+    /// The records of the apply, together (see [`Applied::each_record`], which does not hold
+    /// them).
+    pub fn records(&self) -> Vec<Change> {
+        let mut out = Vec::new();
+        each_record(self, |c| out.push(c));
+        out
+    }
+
+    /// The change log's object of the apply: its records as JSON lines, gzip'd as each is made
+    /// (a first sync at 100k users records a million memberships, 94 MB as text), and how many
+    /// there are. `None` when there is no record.
+    pub fn log_object(&self) -> std::io::Result<Option<(usize, Vec<u8>)>> {
+        use std::io::Write;
+        let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+        let mut n = 0;
+        let mut failed: Option<std::io::Error> = None;
+        each_record(self, |c| {
+            if failed.is_some() {
+                return;
+            }
+            let written = serde_json::to_writer(&mut gz, &c)
+                .map_err(std::io::Error::from)
+                .and_then(|()| gz.write_all(b"\n"));
+            match written {
+                Ok(()) => n += 1,
+                Err(e) => failed = Some(e),
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let bytes = gz.finish()?;
+        Ok((n > 0).then_some((n, bytes)))
+    }
+}
+
+fn each_record(a: &Applied<'_>, mut f: impl FnMut(Change)) {
+    let Applied {
+        agreement,
+        run,
+        now,
+        plan,
+        report,
+        state,
+    } = *a;
     let (_, _, time) = day_time(now);
     let ids = OwnedIds::new(state);
     let rolled_back = report.rollback.is_some();
@@ -274,54 +331,6 @@ pub fn each_record(
     for skipped in &report.skipped {
         f(record(&skipped.op, "skipped", Some(skipped.error.clone())));
     }
-}
-
-/// The records of an apply, together (see [`each_record`], which does not hold them).
-pub fn records(
-    agreement: &str,
-    run: &str,
-    now: u64,
-    plan: &Plan,
-    report: &ApplyReport,
-    state: &AgreementState,
-) -> Vec<Change> {
-    let mut out = Vec::new();
-    each_record(agreement, run, now, plan, report, state, |c| out.push(c));
-    out
-}
-
-/// The change log's object of an apply: its records as JSON lines, gzip'd as each is made (a
-/// first sync at 100k users writes a million memberships: about 90 MB of text, 10 MB stored),
-/// and how many there are. `None` when there is no record.
-pub fn log_object(
-    agreement: &str,
-    run: &str,
-    now: u64,
-    plan: &Plan,
-    report: &ApplyReport,
-    state: &AgreementState,
-) -> std::io::Result<Option<(usize, Vec<u8>)>> {
-    use std::io::Write;
-    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-    let mut n = 0;
-    let mut failed: Option<std::io::Error> = None;
-    each_record(agreement, run, now, plan, report, state, |c| {
-        if failed.is_some() {
-            return;
-        }
-        let written = serde_json::to_writer(&mut gz, &c)
-            .map_err(std::io::Error::from)
-            .and_then(|()| gz.write_all(b"\n"));
-        match written {
-            Ok(()) => n += 1,
-            Err(e) => failed = Some(e),
-        }
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    let bytes = gz.finish()?;
-    Ok((n > 0).then_some((n, bytes)))
 }
 
 /// Reads records back from the change log's objects (`.jsonl.gz`, and the plain `.jsonl` objects
@@ -460,7 +469,15 @@ mod tests {
             }],
             ..ApplyReport::default()
         };
-        let expected = records("a", "r1", 86_400, &plan, &report, &state);
+        let applied = Applied {
+            agreement: "a",
+            run: "r1",
+            now: 86_400,
+            plan: &plan,
+            report: &report,
+            state: &state,
+        };
+        let expected = applied.records();
         assert_eq!(
             expected
                 .iter()
@@ -472,9 +489,7 @@ mod tests {
                 ("group:sales", "skipped")
             ]
         );
-        let (n, object) = log_object("a", "r1", 86_400, &plan, &report, &state)
-            .unwrap()
-            .unwrap();
+        let (n, object) = applied.log_object().unwrap().unwrap();
         assert_eq!(n, 3);
         assert_eq!(&object[..2], &[0x1f, 0x8b], "a gzip member");
         let mut text = String::new();
@@ -516,11 +531,15 @@ mod tests {
         let state = AgreementState::new("a");
         let plan = plan_of(vec![]);
         let report = ApplyReport::default();
-        assert!(
-            log_object("a", "r", 0, &plan, &report, &state)
-                .unwrap()
-                .is_none()
-        );
+        let applied = Applied {
+            agreement: "a",
+            run: "r",
+            now: 0,
+            plan: &plan,
+            report: &report,
+            state: &state,
+        };
+        assert!(applied.log_object().unwrap().is_none());
     }
 
     #[test]

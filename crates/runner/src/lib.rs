@@ -606,7 +606,15 @@ async fn apply_file(
         // The change log, after the commit: it never records what the state does not hold.
         let now = run.now.unwrap_or_else(unix_now);
         let run_id = changes::run_id(unix_now());
-        match changes::log_object(a.name, &run_id, now, &file.plan, &report, &state) {
+        let applied = changes::Applied {
+            agreement: a.name,
+            run: &run_id,
+            now,
+            plan: &file.plan,
+            report: &report,
+            state: &state,
+        };
+        match applied.log_object() {
             Ok(None) => {}
             Ok(Some((_, object))) => {
                 let (day, hms, _) = changes::day_time(now);
