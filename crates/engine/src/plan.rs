@@ -938,7 +938,7 @@ impl Ctx<'_> {
             if !add.is_empty() {
                 add.sort();
                 // Grown by doubling: up to twice the room its members take, kept as long as the
-                // plan is (a third more than the million members of a first sync took).
+                // plan is (69 MB of room for the 48 MB of a first sync's million members).
                 add.shrink_to_fit();
                 self.ops.push(Op::AddMembers {
                     group: group(),
