@@ -616,16 +616,14 @@ async fn apply_file(
         };
         match applied.log_object() {
             Ok(None) => {}
-            Ok(Some((_, object))) => {
+            Ok(Some(object)) => {
                 let (day, hms, _) = changes::day_time(now);
                 let name = format!("{hms}-{run_id}");
                 if let Err(e) = store.append_changes(a.name, &day, &name, object).await {
-                    tracing::warn!(error = %e, "the change log of this run could not be written");
+                    tracing::warn!(error = %e, "{CHANGE_LOG_LOST}");
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "the change log of this run could not be written");
-            }
+            Err(e) => tracing::warn!(error = %e, "{CHANGE_LOG_LOST}"),
         }
     }
     drop_aside(state);
@@ -638,6 +636,9 @@ async fn apply_file(
     }
     Ok(report)
 }
+
+/// What a run says when its change log cannot be written: the apply itself is saved.
+const CHANGE_LOG_LOST: &str = "the change log of this run could not be written; the apply and its state are saved, only `idsync log` will not show this run's operations";
 
 /// Frees a large value (a run's state, a source read) on a thread of its own. A state at 100k
 /// users holds millions of small allocations: freeing them took 0.1–0.2 s of an incremental run

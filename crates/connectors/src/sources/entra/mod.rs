@@ -718,11 +718,11 @@ impl Obj {
     fn read(m: &Value, seen: &Seen) -> Option<Obj> {
         if kind_of(m)? == Kind::User {
             let id = m.get("id").and_then(Value::as_str)?;
-            if let Some(known) = seen.lock().users.get(id) {
+            let mut s = seen.lock();
+            if let Some(known) = s.users.get(id) {
                 return Some(Obj::Known(known.clone()));
             }
             let u = user_of(m)?;
-            let mut s = seen.lock();
             let shared = s.ids.get(&u.id);
             s.users.insert(shared);
             return Some(Obj::User(Box::new(u)));
