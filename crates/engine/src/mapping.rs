@@ -143,8 +143,9 @@ struct Builder<'c, 's> {
     desired: Desired,
     /// Source id → key, per kind, borrowing the snapshot's ids (no allocation per member lookup).
     by_source: PerKind<HashMap<&'s str, PKey>>,
-    /// Keys more than one source principal maps to (rare: only these are tracked).
-    dupes: BTreeMap<PKey, Vec<SourceRef>>,
+    /// The principals mapped, in the order they were, built into the ordered map at once (one
+    /// sort, one bulk build): inserted one by one, the map's nodes are left part empty.
+    principals: Vec<(PKey, DesiredPrincipal)>,
 }
 
 impl<'s> Builder<'_, 's> {
@@ -157,18 +158,36 @@ impl<'s> Builder<'_, 's> {
     ) {
         let key = self.caps.pkey(&principal);
         self.by_source.get_mut(source.kind).insert(id, key.clone());
-        let mine = source.clone();
         let dp = DesiredPrincipal {
             source,
             principal,
             policies,
         };
-        if let Some(prev) = self.desired.principals.insert(key.clone(), dp) {
-            self.dupes
-                .entry(key)
-                .or_insert_with(|| vec![prev.source])
-                .push(mine);
+        self.principals.push((key, dp));
+    }
+
+    /// The principals mapped, into the desired state, but for keys more than one source
+    /// principal maps to: returned with those principals, in the order they were mapped.
+    fn principals(&mut self) -> BTreeMap<PKey, Vec<SourceRef>> {
+        let mut all = std::mem::take(&mut self.principals);
+        // Stable: the principals of one key stay in the order they were mapped.
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut dupes: BTreeMap<PKey, Vec<SourceRef>> = BTreeMap::new();
+        let mut kept = Vec::with_capacity(all.len());
+        let mut all = all.into_iter().peekable();
+        while let Some((key, dp)) = all.next() {
+            if all.peek().is_some_and(|(next, _)| *next == key) {
+                let mut sources = vec![dp.source];
+                while let Some((_, dp)) = all.next_if(|(next, _)| *next == key) {
+                    sources.push(dp.source);
+                }
+                dupes.insert(key, sources);
+            } else {
+                kept.push((key, dp));
+            }
         }
+        self.desired.principals = kept.into_iter().collect();
+        dupes
     }
 
     fn hold(&mut self, source: SourceRef, key: Option<PKey>, reason: String) {
@@ -186,7 +205,12 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
         caps,
         desired: Desired::default(),
         by_source: PerKind::default(),
-        dupes: BTreeMap::new(),
+        principals: Vec::with_capacity(
+            snapshot.users.len()
+                + snapshot.service_principals.len()
+                + snapshot.groups.len()
+                + snapshot.edge_groups.len(),
+        ),
     };
 
     for u in snapshot.users.values() {
@@ -289,9 +313,7 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
     }
 
     // Keys claimed by more than one source principal: hold all of them back.
-    let dupes = std::mem::take(&mut b.dupes);
-    for (key, sources) in dupes {
-        b.desired.principals.remove(&key);
+    for (key, sources) in b.principals() {
         let names: Vec<String> = sources.iter().map(|s| s.id.clone()).collect();
         for s in sources {
             b.by_source.get_mut(s.kind).remove(s.id.as_str());
@@ -308,12 +330,12 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
         let Some(gkey) = b.by_source.groups.get(g.id.as_str()).cloned() else {
             continue;
         };
-        let mut members = BTreeSet::new();
+        // Built into the set at once (one sort, one bulk build): inserted one by one, a set's
+        // nodes are left part empty.
+        let mut members = Vec::with_capacity(g.members.len());
         for Member { kind, id } in &g.members {
             match b.by_source.get(*kind).get(id.as_str()) {
-                Some(k) => {
-                    members.insert(k.clone());
-                }
+                Some(k) => members.push(k.clone()),
                 // Held back or unsupported: reported there.
                 None if snapshot.contains(*kind, id)
                     || (*kind == Kind::Group && snapshot.edge_groups.contains_key(id.as_str())) => {
@@ -328,7 +350,9 @@ pub fn map_snapshot(snapshot: &Snapshot, mapping: &Mapping, caps: &Capabilities)
         if snapshot.incomplete_groups.contains(&g.id) {
             b.desired.incomplete_groups.insert(gkey.clone());
         }
-        b.desired.members.insert(gkey, members);
+        b.desired
+            .members
+            .insert(gkey, members.into_iter().collect());
     }
     // Groups beyond the search depth: their members were never read, so none is added and none
     // removed.

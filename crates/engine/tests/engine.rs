@@ -523,6 +523,53 @@ fn duplicate_keys_are_conflicts_for_every_claimant() {
 }
 
 #[test]
+fn a_key_three_principals_map_to_holds_back_all_three_and_their_memberships() {
+    let caps = Capabilities {
+        case_insensitive_keys: true,
+        ..Capabilities::full()
+    };
+    let s = snap(
+        vec![
+            user("u1", "Dup@x"),
+            user("u2", "alice@x"),
+            user("u3", "DUP@x"),
+            user("u4", "dup@x"),
+        ],
+        vec![],
+        vec![group(
+            "g1",
+            "TEAM",
+            &[Member::user("u1"), Member::user("u2"), Member::user("u4")],
+        )],
+    );
+    let d = idsync_engine::map_snapshot(&s, &Mapping::defaults(), &caps);
+    let keys: Vec<String> = d.principals.keys().map(ToString::to_string).collect();
+    assert_eq!(keys, [r#"user "alice@x""#, r#"group "team""#]);
+    let held: Vec<(&str, Option<String>)> = d
+        .held_back
+        .iter()
+        .map(|(s, h)| (s.id.as_str(), h.key.as_ref().map(ToString::to_string)))
+        .collect();
+    let dup = Some(r#"user "dup@x""#.to_owned());
+    assert_eq!(
+        held,
+        [("u1", dup.clone()), ("u3", dup.clone()), ("u4", dup)]
+    );
+    // The claimants in the order they were mapped (the snapshot's).
+    assert!(
+        d.held_back.values().all(|h| h.reason
+            == r#"3 source principals map to user "dup@x" (source ids u1, u3, u4); rename one in the source or change the mapping"#),
+        "{:?}",
+        d.held_back
+    );
+    // Their memberships are neither synced nor counted as missing.
+    let team = PKey::new(Kind::Group, "team");
+    let members: Vec<String> = d.members[&team].iter().map(ToString::to_string).collect();
+    assert_eq!(members, [r#"user "alice@x""#]);
+    assert_eq!((d.missing_members, d.dangling_members), (0, 0));
+}
+
+#[test]
 fn stale_links_and_vanished_principals_heal() {
     block(async {
         let t = MemoryTarget::new(Capabilities::full());

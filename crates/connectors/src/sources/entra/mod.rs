@@ -762,6 +762,9 @@ fn take_members(
     seen: &Seen,
 ) {
     for (mut g, members) in groups.into_iter().zip(reads) {
+        // Built into the set at once (one sort, one bulk build): inserted one by one, a set's
+        // nodes are left part empty.
+        let mut list = Vec::with_capacity(members.len());
         for m in members {
             let member = Member {
                 kind: m.kind(),
@@ -804,7 +807,12 @@ fn take_members(
                     }
                 }
             }
-            g.members.insert(member);
+            list.push(member);
+        }
+        if g.members.is_empty() {
+            g.members = list.into_iter().collect();
+        } else {
+            g.members.extend(list);
         }
         snap.incomplete_groups.remove(&g.id);
         snap.groups.insert(g.id.clone(), g);
