@@ -361,6 +361,10 @@ pub async fn apply(
                 results.push(r);
             }
         }
+        // The schedule's tasks and dependencies (21 MB at a first sync of 100k users) are not
+        // needed to record the results.
+        drop(running);
+        drop(schedule);
         // Recorded in plan order, whatever order they finished in; the parts of a split addition
         // as one operation.
         results.sort_unstable_by(|a, b| (&a.key, a.seq).cmp(&(&b.key, b.seq)));
