@@ -8,6 +8,7 @@ use idsync_emulators::{Databricks, Graph, Tls};
 use idsync_model::Secret;
 use reqwest::Method;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 fn cfg() -> HttpConfig {
@@ -308,6 +309,12 @@ async fn a_custom_ca_bundle_is_trusted_and_nothing_else_is() {
         .send(Method::GET, &url, &auth, &[], None, true)
         .await
         .unwrap();
+    // Its connections closed, the next one trusts the bundle too.
+    trusted.close_idle();
+    trusted
+        .send(Method::GET, &url, &auth, &[], None, true)
+        .await
+        .unwrap();
     let untrusted = Http::new(HttpConfig {
         max_attempts: 1,
         ..cfg()
@@ -326,5 +333,84 @@ async fn a_custom_ca_bundle_is_trusted_and_nothing_else_is() {
             ..cfg()
         })
         .is_err()
+    );
+}
+
+/// A server on 127.0.0.1 that keeps connections open (HTTP/1.1 keep-alive) and answers every
+/// request with `{}`: counts the connections it accepted and those the client closed.
+fn keep_alive_server() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (o, c) = (opened.clone(), closed.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            o.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let mut length = 0;
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    let _ = reader.read_exact(&mut body);
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+                    );
+                }
+            });
+        }
+    });
+    (base, opened, closed)
+}
+
+/// A burst's connections are kept for the requests to come until `close_idle`: then they are
+/// closed (the server sees them end), and the next request opens a new one.
+#[tokio::test]
+async fn idle_connections_are_closed_on_request_and_the_next_request_opens_one() {
+    let (base, opened, closed) = keep_alive_server();
+    let http = Http::new(cfg()).unwrap();
+    let url = format!("{base}/x");
+    for _ in 0..3 {
+        http.send(Method::GET, &url, &Auth::None, &[], None, true)
+            .await
+            .unwrap();
+    }
+    assert_eq!(opened.load(Ordering::SeqCst), 1, "one connection, kept");
+    assert_eq!(closed.load(Ordering::SeqCst), 0);
+    http.close_idle();
+    let mut waited = 0;
+    while closed.load(Ordering::SeqCst) == 0 && waited < 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    assert_eq!(
+        closed.load(Ordering::SeqCst),
+        1,
+        "the idle connection was closed"
+    );
+    http.send(Method::GET, &url, &Auth::None, &[], None, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        2,
+        "the next request opened a new one"
     );
 }

@@ -1048,9 +1048,9 @@ impl Lookup for EntraSource {
     }
 }
 
-#[async_trait]
-impl Source for EntraSource {
-    async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError> {
+impl EntraSource {
+    /// A full read of the scope.
+    async fn read_all(&self, scope: &Scope) -> Result<Read, SourceError> {
         // Cursors first: a change made while the scope is read is replayed next time, not lost.
         let cursors = BTreeMap::from([
             (
@@ -1095,6 +1095,17 @@ impl Source for EntraSource {
             notes,
             unchanged: false,
         })
+    }
+}
+
+#[async_trait]
+impl Source for EntraSource {
+    async fn read_full(&self, scope: &Scope) -> Result<Read, SourceError> {
+        let read = self.read_all(scope).await;
+        // The read's connections are not needed until the next run's (their buffers would be
+        // kept through the plan and the apply).
+        self.http.close_idle();
+        read
     }
 
     async fn read_changes(
