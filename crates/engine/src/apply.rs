@@ -345,7 +345,7 @@ pub async fn apply(
             };
             for r in &ran {
                 // A create that succeeded keeps no copy of itself: the plan holds it.
-                let op = r.op.as_deref().or_else(|| plan.ops.get(r.key.1));
+                let op = r.op.as_deref().or_else(|| plan.ops.get(r.key));
                 if let (Some(Op::Create { principal, .. }), Some(Ok((Outcome::Created(id), _)))) =
                     (op, &r.result)
                 {
@@ -367,7 +367,7 @@ pub async fn apply(
         drop(schedule);
         // Recorded in plan order, whatever order they finished in; the parts of a split addition
         // as one operation.
-        results.sort_unstable_by(|a, b| (&a.key, a.seq).cmp(&(&b.key, b.seq)));
+        results.sort_unstable_by_key(|r| (r.key, r.seq));
         merge_parts(&mut results);
         for ran in results {
             if ran.stopped {
@@ -379,7 +379,7 @@ pub async fn apply(
                 }
                 // Parts of a split addition may have run before the stop.
                 if ran.may_have_run() {
-                    report.ran.push(ran.key.1);
+                    report.ran.push(ran.key);
                 }
                 report.skipped.extend(ran.skipped);
                 if let (Some(Err(e)), Some(op)) = (ran.result, ran.op) {
@@ -394,7 +394,7 @@ pub async fn apply(
             // A split addition whose parts partly ran is in both lists: what a rollback undoes,
             // and what failed.
             if ran.may_have_run() {
-                report.ran.push(ran.key.1);
+                report.ran.push(ran.key);
             }
             report.skipped.extend(ran.skipped);
             match (ran.result, ran.op) {
@@ -406,7 +406,7 @@ pub async fn apply(
                     }
                     let planned = || {
                         plan.ops
-                            .get(ran.key.1)
+                            .get(ran.key)
                             .filter(|o| matches!(o, Op::Create { .. }))
                     };
                     if let Some(op) = op.as_deref().or_else(planned) {
@@ -550,7 +550,7 @@ impl Ctx<'_> {
             return match &task.part {
                 Some(positions) => {
                     let (i, op) = unit.first;
-                    let key = (op.sort_key(), i);
+                    let key = i;
                     if self.stop_writes(op) {
                         return Job::Done(vec![Ran::stopped(key)]);
                     }
@@ -560,7 +560,7 @@ impl Ctx<'_> {
             };
         };
         let (i, remove) = unit.first;
-        let keys = ((remove.sort_key(), i), (add.sort_key(), j));
+        let keys = (i, j);
         if self.stop_writes(remove) {
             return Job::Done(vec![Ran::stopped(keys.0), Ran::stopped(keys.1)]);
         }
@@ -585,7 +585,7 @@ impl Ctx<'_> {
     }
 
     fn prepare_one(&self, (i, op): (usize, &Op), created: &Created) -> Job {
-        let key = (op.sort_key(), i);
+        let key = i;
         if self.stop_writes(op) {
             return Job::Done(vec![Ran::stopped(key)]);
         }
@@ -735,7 +735,8 @@ impl Ctx<'_> {
 }
 
 /// Where a result is recorded: the operation's sort key, then its place in the plan.
-type RanKey = ((u8, u8, String), usize);
+/// An operation's place in the plan: the order results are recorded in.
+type RanKey = usize;
 
 /// A group's removals and additions, resolved, to send as one write.
 struct Paired {
@@ -820,10 +821,7 @@ impl Ran {
     /// Takes what `r` holds, leaving it empty (its key stays: the place it is sorted by).
     fn taken(r: &mut Ran) -> Ran {
         Ran {
-            key: (
-                (r.key.0.0, r.key.0.1, std::mem::take(&mut r.key.0.2)),
-                r.key.1,
-            ),
+            key: r.key,
             seq: r.seq,
             op: r.op.take(),
             result: r.result.take(),
@@ -916,8 +914,8 @@ async fn execute(
 /// One operation's run: its place in the plan, the operation (kept when it failed or changes the
 /// state), its result (none when it could not run), and what was skipped of it.
 struct Ran {
-    /// The operation's sort key, then its place in the plan: the order results are recorded in,
-    /// whatever order they finished in.
+    /// The operation's place in the plan: the order results are recorded in, whatever order they
+    /// finished in.
     key: RanKey,
     /// When it finished, in its batch: the parts of a split addition are merged in that order.
     seq: usize,
