@@ -29,7 +29,7 @@ pub use apply::{ApplyOptions, ApplyReport, apply};
 pub use fold::{Folded, Lookup, fold};
 pub use mapping::{Mapping, map_snapshot};
 pub use memory::MemoryTarget;
-pub use plan::{Deprovision, OnApplyError, OnConflict, Policy, plan};
+pub use plan::{Deprovision, OnApplyError, OnConflict, Policy, plan, plan_taking_members};
 pub use scope::Scope;
 pub use source::{Changes, Read, Source, SourceError, SourceErrorKind};
 pub use target::{

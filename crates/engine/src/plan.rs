@@ -210,6 +210,17 @@ struct Ctx<'a> {
     summary: Summary,
 }
 
+/// What every group's memberships are planned against.
+struct Wanting<'r, 'a> {
+    res: &'r HashMap<PKey, Res>,
+    /// The key each principal is written with, by its folded key.
+    written: &'r HashMap<&'a PKey, Key>,
+    /// Groups whose member lists are incomplete: members are added, never removed.
+    incomplete: &'r BTreeSet<PKey>,
+    /// Target principals held back: they keep their memberships.
+    held: &'r FnvSet<(Kind, &'a str)>,
+}
+
 /// Computes the operations that bring the target in line with `desired`, within `policy` and
 /// `caps`. Pure: the same inputs give the same plan, byte for byte.
 pub fn plan(
@@ -228,6 +239,45 @@ pub fn plan(
 /// nor counted one by one.
 pub fn plan_within(
     desired: &Desired,
+    observed: &Observed,
+    state: &AgreementState,
+    policy: &Policy,
+    caps: &Capabilities,
+    mode: ReadMode,
+    window: Option<&Window>,
+) -> Plan {
+    plan_with(desired, None, observed, state, policy, caps, mode, window)
+}
+
+/// [`plan()`], taking the desired state's direct members out of it (`desired.members` is left
+/// empty): each group's set is freed once its memberships are planned, so that the plan's
+/// member lists do not add to the sets they are made from (a million memberships at a first sync
+/// of 100k users). The same plan as [`plan()`].
+pub fn plan_taking_members(
+    desired: &mut Desired,
+    observed: &Observed,
+    state: &AgreementState,
+    policy: &Policy,
+    caps: &Capabilities,
+    mode: ReadMode,
+) -> Plan {
+    let taken = std::mem::take(&mut desired.members);
+    plan_with(
+        desired,
+        Some(taken),
+        observed,
+        state,
+        policy,
+        caps,
+        mode,
+        None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_with(
+    desired: &Desired,
+    taken: Option<BTreeMap<PKey, BTreeSet<PKey>>>,
     observed: &Observed,
     state: &AgreementState,
     policy: &Policy,
@@ -254,7 +304,7 @@ pub fn plan_within(
     cx.attributes(&res);
     cx.orphans(&res);
     let rename_order = cx.check_renames(&mut res);
-    cx.memberships(&res);
+    cx.memberships(&res, taken);
     cx.held_back();
     let (dangling, missing) = match window {
         Some(w) => (w.dangling, w.missing),
@@ -838,24 +888,24 @@ impl Ctx<'_> {
         })
     }
 
-    fn memberships(&mut self, res: &HashMap<PKey, Res>) {
-        let flattened;
-        let members = if self.caps.nested_groups {
-            &self.desired.members
-        } else {
-            flattened = crate::flatten::flatten(&self.desired.members);
-            &flattened
-        };
-        let none = idsync_model::MemberIds::default();
+    /// Each group's member additions and removals. `taken`: the desired state's direct members,
+    /// taken out of it to be freed group by group as they are planned ([`plan_taking_members`]).
+    fn memberships(
+        &mut self,
+        res: &HashMap<PKey, Res>,
+        taken: Option<BTreeMap<PKey, BTreeSet<PKey>>>,
+    ) {
+        let desired = self.desired;
+        let direct = taken.as_ref().unwrap_or(&desired.members);
+        let flattened = (!self.caps.nested_groups).then(|| crate::flatten::flatten(direct));
         // A flattened group is only as complete as every group nested in it.
         let incomplete = if self.caps.nested_groups {
-            self.desired.incomplete_groups.clone()
+            desired.incomplete_groups.clone()
         } else {
-            incomplete_closure(&self.desired.members, &self.desired.incomplete_groups)
+            incomplete_closure(direct, &desired.incomplete_groups)
         };
         // Principals held back keep whatever memberships they have: they are not gone.
-        let held: FnvSet<(Kind, &str)> = self
-            .desired
+        let held: FnvSet<(Kind, &str)> = desired
             .held_back
             .keys()
             .filter_map(|s| self.state.link(s.kind, &s.id).map(|t| (s.kind, t)))
@@ -864,7 +914,6 @@ impl Ctx<'_> {
         // lookup, not a walk down the ordered map of every principal (a million of them at a
         // first sync of 100k users), and names its member with a pointer to the one key, not a
         // copy of it (the folded key itself where folding changed nothing).
-        let desired = self.desired;
         let written: HashMap<&PKey, Key> = desired
             .principals
             .iter()
@@ -877,74 +926,103 @@ impl Ctx<'_> {
                 (k, w)
             })
             .collect();
-        for (gkey, wanted) in members {
-            let Some(dp) = self.desired.principals.get(gkey) else {
+        let wanting = Wanting {
+            res,
+            written: &written,
+            incomplete: &incomplete,
+            held: &held,
+        };
+        // Sets planned by value are freed as soon as their group is planned: the plan's member
+        // lists grow as the desired state's sets go.
+        match (flattened, taken) {
+            (Some(flat), taken) => {
+                drop(taken);
+                for (gkey, wanted) in flat {
+                    self.group_members(&gkey, &wanted, &wanting);
+                }
+            }
+            (None, Some(direct)) => {
+                for (gkey, wanted) in direct {
+                    self.group_members(&gkey, &wanted, &wanting);
+                }
+            }
+            (None, None) => {
+                for (gkey, wanted) in &desired.members {
+                    self.group_members(gkey, wanted, &wanting);
+                }
+            }
+        }
+    }
+
+    /// One group's member additions and removals.
+    fn group_members(&mut self, gkey: &PKey, wanted: &BTreeSet<PKey>, w: &Wanting<'_, '_>) {
+        let Some(dp) = self.desired.principals.get(gkey) else {
+            return;
+        };
+        let gid = match w.res.get(gkey) {
+            Some(Res::Existing(tid)) => Some(tid.as_str()),
+            Some(Res::New) => None,
+            _ => return,
+        };
+        let none = idsync_model::MemberIds::default();
+        let have = gid
+            .and_then(|g| self.observed.members.get(g))
+            .unwrap_or(&none);
+        // Only additions and removals allocate; members already there are looked up by &str.
+        let mut want: Vec<(Kind, &str)> = Vec::with_capacity(wanted.len());
+        let mut found = 0usize;
+        let mut add = Vec::new();
+        for m in wanted {
+            if !self.caps.member_allowed(m.kind) || m == gkey {
                 continue;
-            };
-            let gid = match res.get(gkey) {
-                Some(Res::Existing(tid)) => Some(tid.as_str()),
-                Some(Res::New) => None,
-                _ => continue,
-            };
-            let have = gid
-                .and_then(|g| self.observed.members.get(g))
-                .unwrap_or(&none);
-            // Only additions and removals allocate; members already there are looked up by &str.
-            let mut want: Vec<(Kind, &str)> = Vec::with_capacity(wanted.len());
-            let mut found = 0usize;
-            let mut add = Vec::new();
-            for m in wanted {
-                if !self.caps.member_allowed(m.kind) || m == gkey {
-                    continue;
-                }
-                match res.get(m) {
-                    Some(r @ (Res::Existing(tid) | Res::Skipped(Some(tid)))) => {
-                        want.push((m.kind, tid.as_str()));
-                        if have.contains(m.kind, tid) {
-                            found += 1;
-                        } else {
-                            add.extend(Self::member_ref(m, r, &written));
-                        }
-                    }
-                    Some(r @ Res::New) => add.extend(Self::member_ref(m, r, &written)),
-                    _ => {}
-                }
             }
-            let keep_all = self.policy.yield_members
-                || incomplete.contains(gkey)
-                || self.desired.edge_groups.contains(gkey);
-            let mut remove = Vec::new();
-            // Every member there is wanted when all of them were found: nothing to remove.
-            if !keep_all && found < have.len() {
-                let want: FnvSet<(Kind, &str)> = want.into_iter().collect();
-                for (mk, mid) in have.iter() {
-                    if !want.contains(&(mk, mid)) && !held.contains(&(mk, mid)) {
-                        let key = self
-                            .observed
-                            .get(mk, mid)
-                            .map_or(mid, |o| o.principal.key.as_str());
-                        remove.push(pref(mk, key, Some(mid)));
+            match w.res.get(m) {
+                Some(r @ (Res::Existing(tid) | Res::Skipped(Some(tid)))) => {
+                    want.push((m.kind, tid.as_str()));
+                    if have.contains(m.kind, tid) {
+                        found += 1;
+                    } else {
+                        add.extend(Self::member_ref(m, r, w.written));
                     }
                 }
+                Some(r @ Res::New) => add.extend(Self::member_ref(m, r, w.written)),
+                _ => {}
             }
-            let group = || pref(Kind::Group, &dp.principal.key, gid);
-            if !remove.is_empty() {
-                remove.sort();
-                self.ops.push(Op::RemoveMembers {
-                    group: group(),
-                    members: remove,
-                });
+        }
+        let keep_all = self.policy.yield_members
+            || w.incomplete.contains(gkey)
+            || self.desired.edge_groups.contains(gkey);
+        let mut remove = Vec::new();
+        // Every member there is wanted when all of them were found: nothing to remove.
+        if !keep_all && found < have.len() {
+            let want: FnvSet<(Kind, &str)> = want.into_iter().collect();
+            for (mk, mid) in have.iter() {
+                if !want.contains(&(mk, mid)) && !w.held.contains(&(mk, mid)) {
+                    let key = self
+                        .observed
+                        .get(mk, mid)
+                        .map_or(mid, |o| o.principal.key.as_str());
+                    remove.push(pref(mk, key, Some(mid)));
+                }
             }
-            if !add.is_empty() {
-                add.sort();
-                // Grown by doubling: up to twice the room its members take, kept as long as the
-                // plan is (69 MB of room for the 48 MB of a first sync's million members).
-                add.shrink_to_fit();
-                self.ops.push(Op::AddMembers {
-                    group: group(),
-                    members: add,
-                });
-            }
+        }
+        let group = || pref(Kind::Group, &dp.principal.key, gid);
+        if !remove.is_empty() {
+            remove.sort();
+            self.ops.push(Op::RemoveMembers {
+                group: group(),
+                members: remove,
+            });
+        }
+        if !add.is_empty() {
+            add.sort();
+            // Grown by doubling: up to twice the room its members take, kept as long as the
+            // plan is (69 MB of room for the 48 MB of a first sync's million members).
+            add.shrink_to_fit();
+            self.ops.push(Op::AddMembers {
+                group: group(),
+                members: add,
+            });
         }
     }
 

@@ -383,6 +383,16 @@ async fn compare_rounds(
             insert_outsiders(&t, outside);
         }
         let full = plan_only(s, &t, &st, policy, &mapping).await;
+        // Planned taking the desired state's member sets (freed group by group), the same plan
+        // as planned by reference, nested and flattened.
+        let observed = t.observe().await.unwrap();
+        let mut desired = map_snapshot(s, &mapping, caps);
+        let mode = idsync_model::ReadMode::Full;
+        let by_ref = idsync_engine::plan(&desired, &observed, &st, policy, caps, mode);
+        let taking =
+            idsync_engine::plan_taking_members(&mut desired, &observed, &st, policy, caps, mode);
+        prop_assert_eq!(&taking, &by_ref);
+        prop_assert!(desired.members.is_empty(), "the members were taken");
         if trusted {
             let bulk = t.reads().0;
             let inc = incremental_plan(s, &prev, &t, &st, policy).await;

@@ -91,10 +91,13 @@ pub(crate) async fn observe_and_plan(
         });
         return Ok(plan);
     }
-    let desired = &map_snapshot(&read.snapshot, a.mapping, caps);
+    // Planned whole, the desired state's member sets are freed as the plan is made: what follows
+    // the plan reads the desired state's principals and counts, not its members.
+    let mut desired = map_snapshot(&read.snapshot, a.mapping, caps);
     if !a.target.readable() {
         let (pictured, since) = sight(a, caps, state, policy, opts).await?;
-        let mut plan = idsync_engine::plan(desired, &pictured, state, policy, caps, mode);
+        let mut plan =
+            idsync_engine::plan_taking_members(&mut desired, &pictured, state, policy, caps, mode);
         if let Some(since) = since {
             plan.observation = idsync_model::Observation::Incremental {
                 read: 0,
@@ -102,7 +105,7 @@ pub(crate) async fn observe_and_plan(
                 touched: None,
             };
         }
-        plan.trust = observe::leaves_a_faithful_picture(&plan, desired).then_some(Trust {
+        plan.trust = observe::leaves_a_faithful_picture(&plan, &desired).then_some(Trust {
             observed_at: since.unwrap_or(now),
             fingerprint,
             totals: None,
@@ -116,14 +119,14 @@ pub(crate) async fn observe_and_plan(
         // mapping and the capabilities, all the same), so the tenant is not mapped twice.
         let mapped;
         let prev = if std::ptr::eq(prev, &*read.snapshot) {
-            desired
+            &desired
         } else {
             mapped = map_snapshot(prev, a.mapping, caps);
             &mapped
         };
         incremental = observe::plan_incrementally(
             a.target,
-            desired,
+            &desired,
             prev,
             state,
             policy,
@@ -140,14 +143,21 @@ pub(crate) async fn observe_and_plan(
         Some(done) => done,
         None => {
             let observed = a.target.observe().await.map_err(failed)?;
-            let plan = idsync_engine::plan(desired, &observed, state, policy, caps, mode);
+            let plan = idsync_engine::plan_taking_members(
+                &mut desired,
+                &observed,
+                state,
+                policy,
+                caps,
+                mode,
+            );
             (plan, now)
         }
     };
-    plan.trust = observe::leaves_a_faithful_picture(&plan, desired).then_some(Trust {
+    plan.trust = observe::leaves_a_faithful_picture(&plan, &desired).then_some(Trust {
         observed_at,
         fingerprint,
-        totals: Some(idsync_engine::delta::totals(desired, &plan)),
+        totals: Some(idsync_engine::delta::totals(&desired, &plan)),
     });
     Ok(plan)
 }
