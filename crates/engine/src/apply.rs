@@ -304,7 +304,8 @@ pub async fn apply(
         .parallel_member_writes()
         .then_some(caps.max_members_per_write.max(1));
 
-    for units in batches {
+    let last = batches.len().saturating_sub(1);
+    for (b, units) in batches.into_iter().enumerate() {
         let width = workers;
         // After a stop no write starts; state-only operations (adopting what an interrupted
         // apply created, forgetting what is gone) still run, so the journal is never lost.
@@ -365,6 +366,11 @@ pub async fn apply(
         // needed to record the results.
         drop(running);
         drop(schedule);
+        // Nor are the ids of what was created, once no batch is left to resolve against them
+        // (10 MB at a first sync of 100k users).
+        if b == last {
+            drop(std::mem::take(&mut created));
+        }
         // Recorded in plan order, whatever order they finished in; the parts of a split addition
         // as one operation.
         results.sort_unstable_by_key(|r| (r.key, r.seq));
@@ -410,7 +416,7 @@ pub async fn apply(
                             .filter(|o| matches!(o, Op::Create { .. }))
                     };
                     if let Some(op) = op.as_deref().or_else(planned) {
-                        record(op, &outcome, state, &mut links, &mut created, &caps);
+                        record(op, &outcome, state, &mut links, &caps);
                     }
                 }
                 (Some(Err(e)), Some(op)) => {
@@ -1156,14 +1162,11 @@ fn record(
     outcome: &Outcome,
     state: &mut AgreementState,
     links: &mut Links,
-    created: &mut Created,
     caps: &Capabilities,
 ) {
     match (op, outcome) {
+        // Its id is in the apply's map of what it created since it finished.
         (Op::Create { principal, source }, Outcome::Created(id)) => {
-            created
-                .get_mut(principal.kind)
-                .insert(principal.key.clone(), id.clone());
             links.link(state, principal.kind, &source.id, id);
             state.owned.get_mut(principal.kind).insert(
                 id.clone(),
