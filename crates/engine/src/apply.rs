@@ -249,7 +249,18 @@ pub async fn apply(
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
     let caps = target.capabilities();
+    // Sized once for the creates planned: grown by doubling alongside the writes' buffers, the
+    // map left its old tables as holes the process kept.
     let mut created = Created::default();
+    let mut creates = PerKind::<usize>::default();
+    for op in &plan.ops {
+        if let Op::Create { principal, .. } = op {
+            *creates.get_mut(principal.kind) += 1;
+        }
+    }
+    for kind in Kind::ALL {
+        created.get_mut(kind).reserve(*creates.get(kind));
+    }
     let mut links = Links::default();
     let workers = opts.workers.max(1);
 
@@ -325,7 +336,8 @@ pub async fn apply(
         let mut schedule = crate::schedule::Schedule::new(units, split);
         let ctx = &ctx;
         let mut running = futures::stream::FuturesUnordered::new();
-        let mut results: Vec<Ran> = Vec::new();
+        // A result per task (two for a removal sent with its group's additions).
+        let mut results: Vec<Ran> = Vec::with_capacity(schedule.tasks());
         loop {
             while running.len() < width {
                 let Some((t, task)) = schedule.next() else {

@@ -125,6 +125,11 @@ pub struct Schedule<'a> {
 }
 
 impl<'a> Schedule<'a> {
+    /// How many tasks it holds.
+    pub fn tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
     /// Plans a batch. `split`: the member count of a part, when the target takes a group's member
     /// writes in parallel.
     pub fn new(units: Vec<Unit<'a>>, split: Option<usize>) -> Self {
