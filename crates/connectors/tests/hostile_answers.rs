@@ -6,6 +6,8 @@
 //! for gone; none loops forever; the token never leaves for another host.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod common;
+
 use idsync_connectors::entra_auth::EntraCredential;
 use idsync_connectors::http::HttpConfig;
 use idsync_connectors::sources::entra::{EntraSource, EntraSourceConfig};
@@ -13,7 +15,7 @@ use idsync_connectors::targets::lakefs::{LakefsConfig, LakefsTarget};
 use idsync_connectors::targets::scim::{ScimConfig, ScimTarget};
 use idsync_engine::{Scope, Source, Target};
 use idsync_model::{Kind, Secret};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,25 +42,9 @@ fn serve(answer: Arc<Answer>) -> Canned {
             let (answer, b, n) = (answer.clone(), b.clone(), n.clone());
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                let Some((method, path, _)) = common::read_request(&mut reader) else {
                     return;
-                }
-                let mut parts = line.split_whitespace();
-                let method = parts.next().unwrap_or_default().to_owned();
-                let path = parts.next().unwrap_or_default().to_owned();
-                let mut length = 0;
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0; length];
-                let _ = reader.read_exact(&mut body);
+                };
                 n.fetch_add(1, Ordering::SeqCst);
                 let (status, kind, text) = answer(&method, &path, &b);
                 let _ = write!(

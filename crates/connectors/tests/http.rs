@@ -1,6 +1,8 @@
 //! The shared HTTP client against the emulators' fault injection and throttling, on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use idsync_connectors::http::{Auth, ErrorKind, Http, HttpConfig};
 use idsync_emulators::infra::{Faults, ThrottleConfig};
 use idsync_emulators::tenant::Tenant;
@@ -339,7 +341,7 @@ async fn a_custom_ca_bundle_is_trusted_and_nothing_else_is() {
 /// A server on 127.0.0.1 that keeps connections open (HTTP/1.1 keep-alive) and answers every
 /// request with `{}`: counts the connections it accepted and those the client closed.
 fn keep_alive_server() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -351,29 +353,13 @@ fn keep_alive_server() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
             let c = c.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        c.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    let mut length = 0;
-                    loop {
-                        let mut h = String::new();
-                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    let _ = reader.read_exact(&mut body);
+                while common::read_request(&mut reader).is_some() {
                     let _ = write!(
                         stream,
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
                     );
                 }
+                c.fetch_add(1, Ordering::SeqCst);
             });
         }
     });

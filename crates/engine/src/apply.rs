@@ -1262,6 +1262,20 @@ mod tests {
     use super::*;
     use std::hash::Hasher;
 
+    /// A kind's links, as (source, target) pairs in source order.
+    fn link_pairs(state: &AgreementState, k: Kind) -> Vec<(String, String)> {
+        state
+            .links
+            .get(k)
+            .iter()
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .collect()
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+    }
+
     #[test]
     fn links_stay_one_to_one_and_their_reverse_follows_them() {
         let mut state = AgreementState::new("a");
@@ -1280,22 +1294,11 @@ mod tests {
         links.link(&mut state, Kind::Group, "s4", "t5");
         // Already so: nothing changes.
         links.link(&mut state, Kind::User, "s4", "t1");
-        let pairs = |k: Kind| -> Vec<(String, String)> {
-            state
-                .links
-                .get(k)
-                .iter()
-                .map(|(a, b)| (a.clone(), b.clone()))
-                .collect()
-        };
-        let own = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
-        };
         assert_eq!(
-            pairs(Kind::User),
-            own(&[("s3", "t5"), ("s4", "t1"), ("s6", "t3")])
+            link_pairs(&state, Kind::User),
+            pairs(&[("s3", "t5"), ("s4", "t1"), ("s6", "t3")])
         );
-        assert_eq!(pairs(Kind::Group), own(&[("s4", "t5")]));
+        assert_eq!(link_pairs(&state, Kind::Group), pairs(&[("s4", "t5")]));
         // The reverse kept along is the one the links make afresh.
         let kept = links.reverse.take().unwrap();
         let fresh = Links::default().reverse(&state).clone();
@@ -1348,22 +1351,11 @@ mod tests {
         assert!(links.reverse.is_some() && links.linked.is_none());
         // t1, linked before the apply: s1 loses it to s5.
         links.link(&mut state, Kind::User, "s5", "t1");
-        let pairs = |state: &AgreementState, k: Kind| -> Vec<(String, String)> {
-            state
-                .links
-                .get(k)
-                .iter()
-                .map(|(a, b)| (a.clone(), b.clone()))
-                .collect()
-        };
-        let own = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
-        };
         assert_eq!(
-            pairs(&state, Kind::User),
-            own(&[("s2", "t3"), ("s4", "t2"), ("s5", "t1")])
+            link_pairs(&state, Kind::User),
+            pairs(&[("s2", "t3"), ("s4", "t2"), ("s5", "t1")])
         );
-        assert_eq!(pairs(&state, Kind::Group), own(&[("s1", "t1")]));
+        assert_eq!(link_pairs(&state, Kind::Group), pairs(&[("s1", "t1")]));
         let kept = links.reverse.take().unwrap();
         assert_eq!(kept, Links::default().reverse(&state).clone());
         // Without the reverse, a target id linked before the apply is found by its hash: the
@@ -1371,8 +1363,8 @@ mod tests {
         let mut links = Links::default();
         links.link(&mut state, Kind::User, "s6", "t3");
         assert_eq!(
-            pairs(&state, Kind::User),
-            own(&[("s4", "t2"), ("s5", "t1"), ("s6", "t3")])
+            link_pairs(&state, Kind::User),
+            pairs(&[("s4", "t2"), ("s5", "t1"), ("s6", "t3")])
         );
     }
 

@@ -1,4 +1,5 @@
-//! Shared by the target tests: the demo directory, and one sync cycle through the real engine.
+//! Shared by the connectors' tests: the demo directory, one sync cycle through the real engine,
+//! and reading a request off a raw HTTP/1.1 connection (the canned servers on 127.0.0.1).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use idsync_emulators::infra::{Infra, ThrottleConfig};
@@ -58,4 +59,32 @@ pub async fn sync_policy(
     let plan = out.file.unwrap().plan;
     assert!(plan.halt.is_none(), "{:?}", plan.halt);
     (plan, out.report.unwrap())
+}
+
+/// The next request on an HTTP/1.1 connection: method, path (with its query) and body; `None`
+/// when the client closed the connection.
+pub fn read_request(
+    reader: &mut std::io::BufReader<std::net::TcpStream>,
+) -> Option<(String, String, Vec<u8>)> {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let path = parts.next().unwrap_or_default().to_owned();
+    let mut length = 0;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    Some((method, path, body))
 }
